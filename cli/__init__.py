@@ -1,0 +1,1 @@
+"""Thin Typer command-line skins over the embedcache and probes Python APIs."""

@@ -1,0 +1,149 @@
+"""``embedcache``: models, extract, info, demo — thin skins over the Python API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cache frozen foundation-model embeddings of single cells.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """List the backbone registry: names, hub ids, widths, input, gated or not."""
+    from embedcache.registry import list_models
+
+    specs = list_models()
+    if as_json:
+        console.print_json(json.dumps([{"name": s.name, "arch": s.arch, "hub_id": s.hub_id, "width": s.width, "input_size": s.input_size, "interpolation": s.interpolation, "default_pool": list(s.default_pool), "gated": s.gated, "licence": s.licence} for s in specs]))
+        return
+    t = Table(title="embedcache backbones (also: timm:<name>, --weights PATH)")
+    for col in ("name", "hub id", "timm arch", "width", "input", "pool", "gated", "licence"):
+        t.add_column(col)
+    for s in specs:
+        t.add_row(s.name, s.hub_id or "-", s.arch, str(s.width), f"{s.input_size} {s.interpolation}", ",".join(s.default_pool), "yes" if s.gated else "no", s.licence)
+    console.print(t)
+
+
+@app.command()
+def extract(
+    model: str = typer.Option(..., "--model", "-m", help="registry name (embedcache models) or timm:<name>"),
+    data: Path = typer.Option(..., "--data", "-d", help="ImageFolder, .csv/.parquet manifest, or .npz"),
+    out: str = typer.Option(..., "--out", "-o", help="store path or fsspec URL, e.g. cache.zarr"),
+    dataset: Optional[str] = typer.Option(None, help="dataset name inside the store (default: from the data path)"),
+    weights: Optional[str] = typer.Option(None, help="local .safetensors / torch checkpoint, or 'random' (tests and demos)"),
+    revision: Optional[str] = typer.Option(None, help="hub revision (branch, tag or commit)"),
+    pool: Optional[str] = typer.Option(None, help="cls, mean or cls,mean (default: the backbone's)"),
+    input_size: Optional[int] = typer.Option(None, help="model input size (default: the backbone's)"),
+    interpolation: Optional[str] = typer.Option(None, help="bicubic or bilinear (default: the backbone's)"),
+    fit: str = typer.Option("squash", help="non-square cells: squash, crop (shorter side + centre crop) or pad"),
+    batch_size: int = typer.Option(64, help="cells per forward pass"),
+    workers: Optional[int] = typer.Option(None, help="decode workers (default: by device)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("auto", help="compute dtype: auto (fp16 on CUDA, fp32 on CPU), bfloat16, float32, float16"),
+    store_dtype: str = typer.Option("float16", help="stored feature dtype: float16 or float32"),
+    chunk_size: int = typer.Option(1024, help="cells per stored row-chunk (the unit of resume)"),
+    on_error: str = typer.Option("fail", help="unreadable image: fail (stop, naming it) or skip (record and go on)"),
+    label_column: str = typer.Option("label", help="manifest column holding the labels"),
+    no_labels: bool = typer.Option(False, "--no-labels", help="the manifest has no labels"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Extract pooled features of every cell into a resumable Zarr store."""
+    from embedcache import extract as run_extract
+
+    try:
+        r = run_extract(
+            model, data, out, dataset=dataset, weights=weights, revision=revision, pool=pool, input_size=input_size,
+            interpolation=interpolation, fit=fit, batch_size=batch_size, num_workers=workers, device=device, dtype=dtype,
+            store_dtype=store_dtype, chunk_size=chunk_size, on_error=on_error,
+            label_column=None if no_labels else label_column, progress=not quiet,
+        )
+    except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
+        _fail(e)
+    if r.cache_hit:
+        console.print(f"cache hit: [bold]{r.dataset}/{r.key}[/] is complete in {r.store} ({r.n_cells} cells); nothing to do")
+        return
+    console.print(
+        f"wrote [bold]{r.dataset}/{r.key}[/]: {r.cells_computed} cells in {r.chunks_written} chunks, "
+        f"{r.seconds:.1f} s ({r.cells_per_second:,.0f} cells/s)"
+    )
+    if r.skipped:
+        console.print(f"[yellow]skipped {len(r.skipped)} unreadable cells[/] (recorded as not ok):")
+        for cid, reason in r.skipped[:10]:
+            console.print(f"  {cid}: {reason}")
+        if len(r.skipped) > 10:
+            console.print(f"  ... and {len(r.skipped) - 10} more (embedcache info)")
+
+
+@app.command()
+def info(
+    store: str = typer.Argument(..., help="store path or URL"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Show datasets, feature sets, shapes, status, skipped cells and provenance."""
+    from embedcache import open_store
+
+    try:
+        summary = open_store(store).info()
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    if as_json:
+        console.print_json(json.dumps(summary, default=str))
+        return
+    console.print(f"[bold]{summary['url']}[/] (schema {summary['schema_version']})")
+    for name, ds in summary["datasets"].items():
+        classes = f", {ds['classes']} classes" if "classes" in ds else ""
+        console.print(f"dataset [bold]{name}[/]: {ds['n']} cells{classes}, from {ds['source']['kind']} {ds['source']['origin']}")
+        t = Table()
+        for col in ("feature set", "status", "shape", "dtype", "pools", "skipped", "weights"):
+            t.add_column(col)
+        for key, fs in ds["feature_sets"].items():
+            w = fs["weights"]
+            wdesc = f"{w.get('source', '?')} {w.get('hub_id') or w.get('path') or ''} sha256:{str(w.get('sha256', ''))[:12]}"
+            pools = ", ".join(f"{p} {v}" for p, v in fs["pools"].items())
+            t.add_row(key, fs["status"], "×".join(map(str, fs["shape"])), fs["dtype"], pools, str(fs["skipped_cells"]), wdesc)
+        console.print(t)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), help="folder for the synthetic cells and the store"),
+    model: str = typer.Option("timm:test_vit", help="backbone to extract with"),
+    weights: Optional[str] = typer.Option("random", help="'random' (no download needed) or a local weights file; '' for the hub"),
+    n_per_class: int = typer.Option(60, help="synthetic cells per class"),
+) -> None:
+    """Run the main job on bundled synthetic cells: generate, extract, show the store."""
+    from embedcache import extract as run_extract
+    from embedcache.demo import make_synthetic_cells
+
+    cells = make_synthetic_cells(out / "cells", n_per_class=n_per_class)
+    console.print(f"synthetic cells in {cells}")
+    if weights == "random":
+        console.print("[yellow]note:[/] random-init weights (hubs are unreachable offline): features show the pipeline, not a pretrained model")
+    store = str(out / "cache.zarr")
+    try:
+        r = run_extract(model, cells, store, weights=weights or None, chunk_size=64)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    console.print(f"{'cache hit' if r.cache_hit else 'wrote'} {r.dataset}/{r.key} ({r.n_cells} cells)")
+    info(store, as_json=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

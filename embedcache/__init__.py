@@ -1,0 +1,48 @@
+"""embedcache: cache frozen foundation-model embeddings of single cells, then study them.
+
+Python API (the CLI ``embedcache`` is a thin skin over these):
+
+* :func:`extract` — images in, a resumable, chunked Zarr feature set out;
+* :func:`open_store` — read a store: datasets, the cell table, features as numpy / dask;
+* :func:`list_models` / :func:`load_backbone` — the backbone registry.
+
+Names load lazily, so reading a store does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "extract": "pipeline",
+    "ExtractResult": "pipeline",
+    "ExtractionError": "pipeline",
+    "open_store": "store",
+    "Store": "store",
+    "Dataset": "store",
+    "FeatureSet": "store",
+    "StoreError": "store",
+    "StoreBusyError": "store",
+    "FeatureSetConflict": "store",
+    "open_source": "sources",
+    "CellSource": "sources",
+    "SourceError": "sources",
+    "list_models": "registry",
+    "get_spec": "registry",
+    "register": "registry",
+    "BackboneSpec": "registry",
+    "load_backbone": "loading",
+    "LoadedBackbone": "loading",
+    "WeightsUnavailable": "loading",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'embedcache' has no attribute {name!r}")

@@ -1,0 +1,225 @@
+"""Image sources: where cells come from, one row per cell with a stable id.
+
+Three kinds, all giving a :class:`CellSource` whose ``table`` has the columns
+``id, path, label, split, domain, group`` (strings, ``""`` where absent) and whose
+``load(i)`` returns cell ``i`` as an (H, W, 3) uint8 array:
+
+* an ImageFolder tree (one sub-folder per class; a flat folder is an unlabelled set);
+* a CSV or Parquet manifest (``path`` plus ``label`` and optional ``id, split, domain,
+  group`` columns; paths absolute or relative to the manifest);
+* arrays of images, in memory or in a ``.npz`` file (N, H, W[, C], as MedMNIST ships).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .images import ImageDecodeError, read_image, to_rgb_uint8
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+OBS_COLUMNS = ("id", "path", "label", "split", "domain", "group")
+OPTIONAL_COLUMNS = ("split", "domain", "group")
+
+
+class SourceError(ValueError):
+    """The input data cannot be used as given (bad manifest, no images, ...)."""
+
+
+@dataclass
+class CellSource:
+    """Cells to extract: a table of metadata plus a way to load each image."""
+
+    name: str
+    kind: str  # "imagefolder" | "manifest" | "arrays"
+    origin: str
+    table: pd.DataFrame
+    images: np.ndarray | None = field(default=None, repr=False)  # for kind == "arrays"
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def load(self, i: int) -> np.ndarray:
+        """Cell ``i`` as (H, W, 3) uint8; raises :class:`ImageDecodeError`."""
+        if self.images is not None:
+            return to_rgb_uint8(np.asarray(self.images[i]))
+        return read_image(self.table["path"].iat[i])
+
+    def digest(self) -> str:
+        """Digest of the cell list (ids and image paths), not of the labels.
+
+        Labels are metadata that may be corrected later; the cell list decides
+        whether stored features still belong to these cells.
+        """
+        h = hashlib.sha256()
+        for col in ("id", "path"):
+            h.update("\x1f".join(self.table[col].tolist()).encode())
+            h.update(b"\x1e")
+        return h.hexdigest()
+
+
+def open_source(
+    data: str | os.PathLike | np.ndarray,
+    *,
+    labels: Sequence[Any] | np.ndarray | None = None,
+    label_column: str | None = "label",
+    name: str | None = None,
+) -> CellSource:
+    """Open an ImageFolder, a CSV/Parquet manifest, a ``.npz`` file or an image array.
+
+    ``label_column=None`` reads a manifest as unlabelled; ``labels`` gives the labels
+    of an in-memory array.
+    """
+    if isinstance(data, np.ndarray):
+        return _from_arrays(data, labels, name or "arrays", origin="<memory>")
+    path = Path(data)
+    if not path.exists():
+        raise SourceError(f"data not found: {path}")
+    if path.is_dir():
+        return _from_folder(path, name or path.resolve().name)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".parquet", ".pq"):
+        generic = path.stem.lower() in ("manifest", "metadata", "labels", "index", "cells")
+        return _from_manifest(path, label_column, name or (path.resolve().parent.name if generic else path.stem))
+    if suffix == ".npz":
+        return _from_npz(path, name or path.stem)
+    raise SourceError(
+        f"cannot tell what {path} is: give a folder of images, a .csv/.parquet manifest or a .npz file"
+    )
+
+
+def _table(ids, paths, labels, **optional) -> pd.DataFrame:
+    n = len(ids)
+    cols = {"id": list(ids), "path": list(paths), "label": list(labels)}
+    for c in OPTIONAL_COLUMNS:
+        cols[c] = list(optional.get(c) if optional.get(c) is not None else [""] * n)
+    table = pd.DataFrame(cols, columns=list(OBS_COLUMNS))
+    return table.astype(str)
+
+
+def _from_folder(root: Path, name: str) -> CellSource:
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    ids, paths, labels = [], [], []
+    if subdirs:
+        for d in subdirs:
+            for f in _image_files(d):
+                ids.append(f.relative_to(root).as_posix())
+                paths.append(str(f.resolve()))
+                labels.append(d.name)
+    else:
+        for f in _image_files(root):
+            ids.append(f.name)
+            paths.append(str(f.resolve()))
+            labels.append("")
+    if not ids:
+        raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+    return CellSource(name, "imagefolder", str(root), _table(ids, paths, labels))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _read_manifest(path: Path) -> pd.DataFrame:
+    if path.suffix.lower() == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = pd.read_parquet(path)
+    return df.astype(object).where(df.notna(), "").astype(str)
+
+
+def _from_manifest(path: Path, label_column: str | None, name: str) -> CellSource:
+    df = _read_manifest(path)
+    df.columns = [str(c).strip() for c in df.columns]
+    if "path" not in df.columns:
+        raise SourceError(f"{path}: no 'path' column (columns: {', '.join(df.columns)})")
+    if label_column is not None and label_column not in df.columns:
+        raise SourceError(
+            f"{path}: no '{label_column}' column (columns: {', '.join(df.columns)}); "
+            "name the label column with --label-column, or use --no-labels for an unlabelled set"
+        )
+    if len(df) == 0:
+        raise SourceError(f"{path}: the manifest has no rows")
+    line = lambda i: f"{path.name} row {i + 1} (line {i + 2})"  # noqa: E731  header is line 1
+    paths = df["path"].str.strip()
+    for i in np.flatnonzero(paths.eq("").to_numpy()):
+        raise SourceError(f"{line(i)}: empty path")
+    if label_column is not None:
+        labels = df[label_column].str.strip()
+        bad = labels.eq("") | labels.str.lower().isin(["nan", "none", "null", "na"])
+        for i in np.flatnonzero(bad.to_numpy()):
+            raise SourceError(
+                f"{line(i)}: label '{df[label_column].iat[i]}' is missing or malformed (path {paths.iat[i]})"
+            )
+    else:
+        labels = pd.Series([""] * len(df))
+    base = path.resolve().parent
+    abs_paths = [p if os.path.isabs(p) else str(base / p) for p in paths]
+    ids = df["id"].str.strip() if "id" in df.columns else paths
+    dup = ids.duplicated(keep=False)
+    if dup.any():
+        rows = np.flatnonzero(dup.to_numpy())[:5]
+        raise SourceError(
+            f"{path}: cell ids must be unique; '{ids.iat[rows[0]]}' repeats (rows {', '.join(str(r + 1) for r in rows)})"
+        )
+    optional = {c: df[c].str.strip().tolist() for c in OPTIONAL_COLUMNS if c in df.columns}
+    return CellSource(name, "manifest", str(path), _table(ids, abs_paths, labels, **optional))
+
+
+def _from_npz(path: Path, name: str) -> CellSource:
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        splits = [s for s in ("train", "val", "test") if f"{s}_images" in keys]
+        if splits:  # MedMNIST layout
+            images = np.concatenate([z[f"{s}_images"] for s in splits])
+            labels = (
+                np.concatenate([z[f"{s}_labels"].reshape(len(z[f"{s}_images"]), -1)[:, 0] for s in splits])
+                if all(f"{s}_labels" in keys for s in splits)
+                else None
+            )
+            split = [s for s in splits for _ in range(len(z[f"{s}_images"]))]
+            ids = [f"{s}/{i:06d}" for s in splits for i in range(len(z[f"{s}_images"]))]
+        elif "images" in keys:
+            images = z["images"]
+            labels = z["labels"].reshape(len(images), -1)[:, 0] if "labels" in keys else None
+            split, ids = None, None
+        else:
+            raise SourceError(f"{path}: expected 'images' or '<split>_images' arrays, found {sorted(keys)}")
+    src = _from_arrays(images, labels, name, origin=str(path), ids=ids, split=split)
+    return src
+
+
+def _from_arrays(
+    images: np.ndarray,
+    labels,
+    name: str,
+    *,
+    origin: str,
+    ids: Sequence[str] | None = None,
+    split: Sequence[str] | None = None,
+) -> CellSource:
+    if images.ndim not in (3, 4) or len(images) == 0:
+        raise SourceError(f"images must be (N, H, W) or (N, H, W, C) with N > 0, got shape {images.shape}")
+    n = len(images)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if len(labels) != n:
+            raise SourceError(f"{n} images but {len(labels)} labels")
+        labels = [str(v) for v in labels.tolist()]
+    ids = list(ids) if ids is not None else [f"{i:06d}" for i in range(n)]
+    table = _table(ids, [""] * n, labels if labels is not None else [""] * n, split=split)
+    return CellSource(name, "arrays", origin, table, images=images)
+
+
+__all__ = ["CellSource", "SourceError", "open_source", "ImageDecodeError", "OBS_COLUMNS"]

@@ -1,0 +1,52 @@
+"""Shared fixtures: real cells from ../shared/data, tiny random-init backbones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EMBEDCACHE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared(name: str) -> Path:
+    """A dataset folder under ../shared/data; skip (with the reason) when it is absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"real cell data not found at {path} (set EMBEDCACHE_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chula_manifest() -> pd.DataFrame:
+    """The Chula RBC-12 manifest with absolute paths (22,106 cells, 13 classes, smear groups)."""
+    root = shared("chula_rbc12")
+    df = pd.read_csv(root / "manifest.csv", dtype=str)
+    df["path"] = [str(root / p) for p in df["path"]]
+    return df
+
+
+@pytest.fixture
+def chula_subset(tmp_path, chula_manifest):
+    """Write a manifest of the first ``n`` Chula cells (with smear as group); returns its path."""
+
+    def make(n: int = 200, name: str = "chula.csv", **extra) -> Path:
+        df = chula_manifest.iloc[:n].copy()
+        df["group"] = df["smear"]
+        for k, v in extra.items():
+            df[k] = v
+        path = tmp_path / name
+        df.to_csv(path, index=False)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    from embedcache.loading import load_backbone
+
+    return load_backbone("timm:test_vit", weights="random")
