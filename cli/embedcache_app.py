@@ -58,6 +58,9 @@ def extract(
     on_error: str = typer.Option("fail", help="unreadable image: fail (stop, naming it) or skip (record and go on)"),
     label_column: str = typer.Option("label", help="manifest column holding the labels"),
     no_labels: bool = typer.Option(False, "--no-labels", help="the manifest has no labels"),
+    working_size: Optional[int] = typer.Option(None, help="resize every cell to S×S first (the small-patch protocol uses 40)"),
+    perturb: Optional[list[str]] = typer.Option(None, help="kind:values, repeatable, e.g. blur-post:0.4,0.8 (kinds: blur-pre, blur-post, jpeg, noise)"),
+    perturb_rows: str = typer.Option("test", help="perturb the test split's cells (test; all cells when there is no split) or all"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Extract pooled features of every cell into a resumable Zarr store."""
@@ -68,10 +71,16 @@ def extract(
             model, data, out, dataset=dataset, weights=weights, revision=revision, pool=pool, input_size=input_size,
             interpolation=interpolation, fit=fit, batch_size=batch_size, num_workers=workers, device=device, dtype=dtype,
             store_dtype=store_dtype, chunk_size=chunk_size, on_error=on_error,
-            label_column=None if no_labels else label_column, progress=not quiet,
+            label_column=None if no_labels else label_column, working_size=working_size, perturb=perturb,
+            perturb_rows=perturb_rows, progress=not quiet,
         )
     except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
         _fail(e)
+    for v in [r, *r.variants]:
+        _report(v)
+
+
+def _report(r) -> None:
     if r.cache_hit:
         console.print(f"cache hit: [bold]{r.dataset}/{r.key}[/] is complete in {r.store} ({r.n_cells} cells); nothing to do")
         return

@@ -21,10 +21,12 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from .images import ImageDecodeError
 from .loading import LoadedBackbone, load_backbone
+from .perturb import Perturbation, parse_perturbations
+from .perturb import apply as perturb_apply
 from .pooling import check_pools, embed, parse_pools
 from .preprocess import Preprocessing, to_model_input
 from .sources import CellSource, open_source
-from .store import FeatureSet, open_store, safe_key
+from .store import OUTSIDE_SUBSET, FeatureSet, open_store, safe_key
 
 ON_ERROR = ("fail", "skip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -48,6 +50,7 @@ class ExtractResult:
     cells_computed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (cell id, reason), this run
     seconds: float = 0.0
+    variants: list["ExtractResult"] = field(default_factory=list)  # perturbed feature sets
 
     @property
     def cells_per_second(self) -> float:
@@ -75,14 +78,21 @@ def extract(
     on_error: str = "fail",
     label_column: str | None = "label",
     labels: Sequence[Any] | None = None,
+    working_size: int | None = None,
+    perturb: str | Sequence[str] | None = None,
+    perturb_rows: str = "test",
     progress: bool = True,
     backbone: LoadedBackbone | None = None,
 ) -> ExtractResult:
     """Extract pooled features of ``data`` with backbone ``model`` into the store ``out``.
 
     Rerunning the same call is a cache hit; a killed run resumes where it stopped.
-    ``backbone`` may pass an already loaded backbone (the ``model`` name is then only
-    checked against it).
+    ``working_size`` resizes every cell to S×S first; each ``perturb`` value (e.g.
+    ``"blur-post:0.4,0.8"``) becomes its own feature set beside the clean one, computed
+    for the cells of the test split (``perturb_rows="test"``, or all cells when the data
+    has no split column — reported) or for all cells (``"all"``). ``backbone`` may pass an
+    already loaded backbone. Returns the clean feature set's result; perturbed ones are in
+    ``result.variants``.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -102,31 +112,60 @@ def extract(
         std=tuple(spec.std),
         fit=fit,
     )
-    key = f"{safe_key(bb.key_name)}/{prep.tag()}/clean"
+    if working_size is not None and working_size < 4:
+        raise ValueError(f"working size {working_size} is too small")
+    perturbations = parse_perturbations(perturb)
+    if perturb_rows not in ("test", "all"):
+        raise ValueError(f"perturb_rows must be 'test' or 'all', got {perturb_rows!r}")
+    prep_tag = prep.tag() + (f"-ws{working_size}" if working_size else "")
     store = open_store(out, mode="a")
     ds = store.require_dataset(source, name=dataset)
+    subset_rule, subset = "all", None
+    if perturbations and perturb_rows == "test":
+        test = source.table["split"].to_numpy() == "test"
+        if test.any():
+            subset_rule, subset = "split == test", test
+        else:
+            subset_rule = "all (the data has no split column with 'test' cells)"
+    common = dict(
+        source=source, bb=bb, ds=ds, store=store, pools=pools, prep=prep, working_size=working_size, dev=dev,
+        compute_dtype=compute_dtype, store_dtype=store_dtype, chunk_size=chunk_size, batch_size=batch_size,
+        num_workers=num_workers, on_error=on_error, progress=progress,
+    )
+    result = _extract_variant(key=f"{safe_key(bb.key_name)}/{prep_tag}/clean", perturbation=None, subset=None, subset_rule="all", **common)
+    for p in perturbations:
+        key = f"{safe_key(bb.key_name)}/{prep_tag}/{p.name}"
+        result.variants.append(_extract_variant(key=key, perturbation=p, subset=subset, subset_rule=subset_rule, **common))
+    return result
+
+
+def _extract_variant(*, source, bb, ds, store, key, pools, prep, working_size, perturbation, subset, subset_rule, dev, compute_dtype, store_dtype, chunk_size, batch_size, num_workers, on_error, progress) -> ExtractResult:
     with store.lock(f"features::{ds.name}::{key}"):
         fs = ds.require_feature_set(
             key,
-            width=int(spec.width),
+            width=int(bb.spec.width),
             pools=pools,
             chunk_size=chunk_size,
             dtype=store_dtype,
-            provenance=_provenance(bb, prep, pools, dev, compute_dtype, store_dtype),
+            provenance=_provenance(bb, prep, pools, dev, compute_dtype, store_dtype, working_size, perturbation, subset_rule),
             fingerprint={
                 "backbone": bb.key_name,
                 "weights_sha256": bb.weights.get("sha256"),
                 "preprocessing": prep.as_dict(),
+                "working_size": working_size,
+                "perturbation": perturbation.name if perturbation else None,
+                "rows": subset_rule,
                 "store_dtype": store_dtype,
                 "compute_dtype": str(compute_dtype).replace("torch.", ""),
             },
         )
         pending = fs.pending_chunks(pools)
-        result = ExtractResult(str(out), ds.name, key, ds.n, cache_hit=not pending)
+        result = ExtractResult(store.url, ds.name, key, ds.n, cache_hit=not pending)
         if not pending:
             return result
         start = time.perf_counter()
-        _run(source, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, batch_size, num_workers, on_error, progress, result)
+        cells = _Cells(source, working_size=working_size, perturbation=perturbation, subset=subset)
+        _run(cells, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, batch_size, num_workers, on_error, progress, result)
         result.seconds = time.perf_counter() - start
     return result
 
@@ -154,19 +193,25 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 # -- decoding -----------------------------------------------------------------------------------
 
 
-class _Cells(TorchDataset):
-    """Decodes cells in DataLoader workers; an unreadable one comes back as its error."""
+OUTSIDE = OUTSIDE_SUBSET
 
-    def __init__(self, source: CellSource, rows: np.ndarray):
-        self.source, self.rows = source, rows
+
+class _Cells(TorchDataset):
+    """Decodes (and perturbs) cells in DataLoader workers; an unreadable one comes back as its error."""
+
+    def __init__(self, source: CellSource, working_size: int | None = None, perturbation: Perturbation | None = None, subset: np.ndarray | None = None):
+        self.source, self.working_size, self.perturbation, self.subset = source, working_size, perturbation, subset
+        self.rows = np.arange(0)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, j: int) -> tuple[int, np.ndarray | None, str]:
         i = int(self.rows[j])
+        if self.subset is not None and not self.subset[i]:
+            return i, None, OUTSIDE
         try:
-            return i, self.source.load(i), ""
+            return i, perturb_apply(self.source.load(i), self.working_size, self.perturbation, row=i), ""
         except ImageDecodeError as e:
             return i, None, e.reason
         except Exception as e:  # noqa: BLE001  anything a decoder throws is recorded, never swallowed
@@ -261,11 +306,13 @@ class _ChunkAssembler:
 # -- the loop -----------------------------------------------------------------------------------
 
 
-def _run(source, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, batch_size, num_workers, on_error, progress, result):
-    rows = np.concatenate([np.arange(fs.chunk_rows(c).start, fs.chunk_rows(c).stop) for c in pending])
+def _run(cells, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, batch_size, num_workers, on_error, progress, result):
+    source = cells.source
+    cells.rows = np.concatenate([np.arange(fs.chunk_rows(c).start, fs.chunk_rows(c).stop) for c in pending])
+    rows = cells.rows
     workers = default_workers(dev) if num_workers is None else num_workers
     loader = DataLoader(
-        _Cells(source, rows),
+        cells,
         batch_sampler=_chunk_aligned_batches(fs, pending, batch_size),
         num_workers=workers,
         collate_fn=_collate,
@@ -285,8 +332,9 @@ def _run(source, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, 
             rows_b = batch["rows"].numpy()
             errors = batch["errors"]
             ok = np.array([e == "" for e in errors])
-            if on_error == "fail" and not ok.all():
-                j = int(np.flatnonzero(~ok)[0])
+            outside = np.array([e == OUTSIDE for e in errors])
+            if on_error == "fail" and not (ok | outside).all():
+                j = int(np.flatnonzero(~ok & ~outside)[0])
                 where = source.table["path"].iat[rows_b[j]] or ids[rows_b[j]]
                 raise ExtractionError(f"cannot read cell {ids[rows_b[j]]} ({where}): {errors[j]}; use --on-error skip to record it and go on")
             feats = {p: np.zeros((len(rows_b), bb.spec.width), dtype=store_dtype) for p in pools}
@@ -304,10 +352,10 @@ def _run(source, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, 
                             "try --dtype float32 and --store-dtype float32"
                         )
                     feats[p][order] = values
-            for j in np.flatnonzero(~ok):
+            for j in np.flatnonzero(~ok & ~outside):
                 result.skipped.append((str(ids[rows_b[j]]), errors[j]))
             assembler.add(rows_b, feats, ok, errors)
-            result.cells_computed += len(rows_b)
+            result.cells_computed += int((~outside).sum())
             bar.advance(len(rows_b))
     finally:
         bar.close()
@@ -332,7 +380,7 @@ def default_workers(device: torch.device) -> int:
     return min(8, max(1, cpus - 1)) if device.type == "cuda" else min(2, max(1, cpus // 4))
 
 
-def _provenance(bb: LoadedBackbone, prep: Preprocessing, pools, dev, compute_dtype, store_dtype) -> dict[str, Any]:
+def _provenance(bb: LoadedBackbone, prep: Preprocessing, pools, dev, compute_dtype, store_dtype, working_size=None, perturbation=None, subset_rule="all") -> dict[str, Any]:
     import timm
 
     from . import __version__
@@ -350,7 +398,8 @@ def _provenance(bb: LoadedBackbone, prep: Preprocessing, pools, dev, compute_dty
         },
         "weights": dict(bb.weights),
         "preprocessing": prep.as_dict(),
-        "perturbation": None,
+        "working_size": working_size,
+        "perturbation": None if perturbation is None else {"kind": perturbation.kind, "param": perturbation.param, "rows": subset_rule},
         "pools": list(pools),
         "compute": {
             "device": dev.type,

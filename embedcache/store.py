@@ -42,6 +42,7 @@ from .sources import OBS_COLUMNS, CellSource
 SCHEMA_VERSION = 1
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 _LOCKS_DIR = ".locks"
+OUTSIDE_SUBSET = "outside the perturbed subset"  # error text of rows a perturbed set leaves out
 _memory_locks: dict[str, threading.Lock] = {}
 _memory_locks_guard = threading.Lock()
 
@@ -402,7 +403,8 @@ class FeatureSet:
             "shape": [self.n, int(self.attrs["width"])],
             "dtype": self.attrs["dtype"],
             "written_cells": int(sum(self.chunk_rows(c).stop - self.chunk_rows(c).start for c in np.flatnonzero(self.done(self.pools[0])))) if self.pools else 0,
-            "skipped_cells": int((~ok & self._written_rows()).sum()),
+            "skipped_cells": int((~ok & self._written_rows() & (self.errors().to_numpy() != OUTSIDE_SUBSET)).sum()),
+            "rows": (prov.get("perturbation") or {}).get("rows", "all"),
             "backbone": prov.get("backbone", {}).get("name"),
             "weights": prov.get("weights", {}),
         }

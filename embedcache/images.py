@@ -1,0 +1,141 @@
+"""Decode microscopy images of any common mode/dtype to ``(H, W, 3)`` uint8 RGB.
+
+Conventions (the cache depends on them, so they are fixed here):
+
+* Alpha (RGBA / LA / PA / palette transparency) is composited over a **white**
+  background, because the background of bright-field microscopy is white.
+* 16-bit integers are scaled by their dtype range (``round(v / 257)``), never
+  clipped at 255 as ``PIL.Image.convert("L")`` would do. 32-bit integers
+  (mode ``I``) whose values fit in ``[0, 65535]`` are treated as 16-bit data
+  (older Pillow opens 16-bit PNGs as mode ``I``); otherwise they are scaled by
+  ``[0, 2**31 - 1]`` with negatives clipped to 0.
+* Floats: if ``max <= 1`` the range is ``[0, 1]``, else values are clipped to
+  ``[0, 255]``; NaN becomes 0.
+* EXIF orientation is applied (``ImageOps.exif_transpose``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["ImageDecodeError", "to_rgb_uint8", "read_image"]
+
+
+class ImageDecodeError(Exception):
+    """An image could not be decoded; ``.reason`` says why, ``.path`` where."""
+
+    def __init__(self, reason: str, path: str | os.PathLike | None = None) -> None:
+        path = None if path is None else os.fspath(path)
+        super().__init__(reason, path)  # args kept so the error pickles intact
+        self.reason = reason
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.path}" if self.path else self.reason
+
+
+def _composite_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Alpha-composite uint8 ``rgb`` (H,W,3) with uint8 ``alpha`` (H,W) over white."""
+    a = alpha.astype(np.uint32)[..., None]
+    out = (rgb.astype(np.uint32) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale a bool/uint8/uint16/int32/uint32/float array to uint8 (see module doc)."""
+    kind, dt = arr.dtype.kind, arr.dtype
+    if dt == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if kind == "u" and dt.itemsize == 1:
+        return arr.astype(np.uint8, copy=False)
+    if kind == "u" and dt.itemsize == 2:
+        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if kind == "u" and dt.itemsize == 4:
+        return np.rint(arr.astype(np.float64) * (255.0 / 0xFFFFFFFF)).astype(np.uint8)
+    if kind == "i" and dt.itemsize == 4:
+        if arr.size and arr.min() >= 0 and arr.max() <= 0xFFFF:
+            return _scale_to_uint8(arr.astype(np.uint16))
+        scaled = np.clip(arr.astype(np.float64), 0, None) * (255.0 / 0x7FFFFFFF)
+        return np.rint(scaled).astype(np.uint8)
+    if kind == "f":
+        f = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if f.size and f.max() <= 1.0:
+            f = f * 255.0
+        return np.rint(np.clip(f, 0.0, 255.0)).astype(np.uint8)
+    raise ImageDecodeError(f"unsupported array shape/dtype {arr.shape} {dt}")
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """Numpy (H,W), (H,W,1), (H,W,3) or (H,W,4) array of a supported dtype -> RGB uint8."""
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise ImageDecodeError(f"unsupported array shape/dtype {arr.shape} {arr.dtype}")
+    u8 = _scale_to_uint8(arr)
+    if u8.ndim == 2:
+        u8 = u8[..., None]
+    if u8.shape[2] == 1:
+        u8 = np.repeat(u8, 3, axis=2)
+    elif u8.shape[2] == 4:
+        u8 = _composite_white(u8[..., :3], u8[..., 3])
+    return np.ascontiguousarray(u8)
+
+
+def to_rgb_uint8(img: Image.Image | np.ndarray) -> np.ndarray:
+    """Convert a PIL image or numpy array to a C-contiguous ``(H, W, 3)`` uint8 array.
+
+    Alpha is composited over white; 16/32-bit and float data are range-scaled
+    (module docstring). PIL images get their EXIF orientation applied. A numpy
+    input that is already RGB uint8 and C-contiguous is returned without a copy.
+    """
+    if isinstance(img, np.ndarray):
+        return _array_to_rgb(img)
+    if not isinstance(img, Image.Image):
+        raise ImageDecodeError(f"unsupported input type {type(img).__name__}")
+    img = ImageOps.exif_transpose(img) or img
+    mode = img.mode
+    if mode == "1":
+        img, mode = img.convert("L"), "L"
+    if mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"  # palette / colour-key transparency
+    if mode in ("LA", "La"):
+        la = np.array(img.convert("LA") if mode == "La" else img)
+        return _composite_white(np.repeat(la[..., :1], 3, axis=2), la[..., 1])
+    if mode in ("RGBA", "RGBa", "PA"):
+        rgba = np.array(img.convert("RGBA") if mode != "RGBA" else img)
+        return _composite_white(rgba[..., :3], rgba[..., 3])
+    if mode.startswith("I;16"):
+        return _array_to_rgb(np.asarray(img).astype(np.uint16))  # native byte order
+    if mode not in ("RGB", "L", "I", "F"):  # P, CMYK, YCbCr, LAB, HSV, RGBX, ...
+        try:
+            img = img.convert("RGB")
+        except (ValueError, OSError) as e:
+            raise ImageDecodeError(f"unsupported image mode {mode}: {e}") from e
+    return _array_to_rgb(np.array(img))
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file fully and return ``(H, W, 3)`` uint8 RGB (see :func:`to_rgb_uint8`).
+
+    Raises :class:`ImageDecodeError` (with ``.path``) for a missing, zero-byte,
+    truncated or unreadable file. Truncation is detected because the pixels are
+    loaded eagerly and ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False.
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise ImageDecodeError("missing file", p)
+    if os.path.isdir(p):
+        raise ImageDecodeError("unreadable image: is a directory", p)
+    if os.path.getsize(p) == 0:
+        raise ImageDecodeError("zero-byte file", p)
+    try:
+        with Image.open(p) as img:
+            img.load()
+            return to_rgb_uint8(img)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(e.reason, p) from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
+        msg = (str(e) or type(e).__name__).replace(f" {p!r}", "")  # the path is in .path
+        reason = "truncated image" if "truncated" in msg.lower() else f"unreadable image: {msg}"
+        raise ImageDecodeError(reason, p) from e

@@ -1,0 +1,107 @@
+"""embedcache.demo: deterministic, decodable, separable synthetic cells."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from embedcache.demo import DEMO_CLASSES, make_synthetic_cells, synthetic_cell
+from embedcache.images import read_image
+
+
+def _load(root, n: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.stack([read_image(root / k / f"{k}_{i:04d}.png") for k in DEMO_CLASSES for i in range(n)])
+    y = np.repeat(np.arange(len(DEMO_CLASSES)), n)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def demo60(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo60")
+    t0 = time.perf_counter()
+    out = make_synthetic_cells(root, n_per_class=60, size=64, seed=0)
+    elapsed = time.perf_counter() - t0
+    assert out == root
+    return root, elapsed
+
+
+def test_classes():
+    assert len(DEMO_CLASSES) == 4 and len(set(DEMO_CLASSES)) == 4
+    assert all(isinstance(c, str) and c.isidentifier() for c in DEMO_CLASSES)
+
+
+def test_layout_counts_and_decoding(demo60):
+    root, _ = demo60
+    assert sorted(p.name for p in root.iterdir()) == sorted(DEMO_CLASSES)
+    for k in DEMO_CLASSES:
+        names = sorted(p.name for p in (root / k).iterdir())
+        assert names == [f"{k}_{i:04d}.png" for i in range(60)]
+    x, _ = _load(root, 60)
+    assert x.shape == (240, 64, 64, 3) and x.dtype == np.uint8
+
+
+def test_fast(demo60):
+    _, elapsed = demo60
+    assert elapsed < 15, f"make_synthetic_cells took {elapsed:.1f}s for 4 x 60 (target < 3s)"
+
+
+def test_deterministic_under_seed(tmp_path, demo60):
+    root, _ = demo60
+    again = make_synthetic_cells(tmp_path / "a", n_per_class=60, seed=0)
+    np.testing.assert_array_equal(_load(again, 60)[0], _load(root, 60)[0])
+    prefix = make_synthetic_cells(tmp_path / "b", n_per_class=5, seed=0)  # image i depends on (seed, class, i)
+    np.testing.assert_array_equal(_load(prefix, 5)[0], _load(root, 5)[0])
+    other = make_synthetic_cells(tmp_path / "c", n_per_class=5, seed=1)
+    assert not np.array_equal(_load(other, 5)[0], _load(root, 5)[0])
+
+
+def test_within_class_variation(demo60):
+    x, y = _load(demo60[0], 60)
+    for c in range(len(DEMO_CLASSES)):
+        imgs = x[y == c].astype(np.float32)
+        assert imgs.std(axis=0).mean() > 5  # images of one class differ from each other
+
+
+def test_synthetic_cell_api():
+    a = synthetic_cell("nucleated", 48, np.random.default_rng(7))
+    b = synthetic_cell("nucleated", 48, np.random.default_rng(7))
+    assert a.shape == (48, 48, 3) and a.dtype == np.uint8 and a.flags.c_contiguous
+    np.testing.assert_array_equal(a, b)
+    assert synthetic_cell("small", 96, np.random.default_rng(0)).shape == (96, 96, 3)
+    with pytest.raises(ValueError):
+        synthetic_cell("banana", 64, np.random.default_rng(0))
+
+
+def test_background_is_pinkish_white(demo60):
+    x, _ = _load(demo60[0], 10)
+    corners = np.concatenate([x[:, :4, :4].reshape(-1, 3), x[:, -4:, -4:].reshape(-1, 3)]).astype(float)
+    r, g, b = np.median(corners, axis=0)
+    assert min(r, g, b) > 200 and r >= g  # bright, tinted towards red
+
+
+def _features(x: np.ndarray) -> np.ndarray:
+    """Simple pixel statistics: 8x8 downsampled grayscale + a grayscale histogram + mean colour."""
+    gray = x.astype(np.float32).mean(axis=3)
+    n, h, w = gray.shape
+    down = gray.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4)).reshape(n, -1)
+    hist = np.stack([np.histogram(g, bins=16, range=(0, 256))[0] for g in gray]).astype(np.float32)
+    colour = x.reshape(n, -1, 3).astype(np.float32).mean(axis=1)
+    return np.concatenate([down, hist, colour], axis=1)
+
+
+def test_classes_separable_by_simple_pixel_statistics(demo60):
+    x, y = _load(demo60[0], 60)
+    f = _features(x)
+    rng = np.random.default_rng(0)
+    train = np.zeros(len(y), bool)
+    for c in np.unique(y):  # stratified half / half split
+        idx = rng.permutation(np.flatnonzero(y == c))
+        train[idx[: len(idx) // 2]] = True
+    mu, sd = f[train].mean(0), f[train].std(0) + 1e-6
+    z = (f - mu) / sd
+    centroids = np.stack([z[train & (y == c)].mean(0) for c in np.unique(y)])
+    pred = np.argmin(((z[~train, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    acc = (pred == y[~train]).mean()
+    assert acc > 0.6, f"nearest-centroid accuracy {acc:.2f} (chance 0.25)"
