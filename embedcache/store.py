@@ -73,6 +73,8 @@ class Store:
     def __init__(self, url: str, mode: str = "r"):
         self.url = url
         self.mode = mode
+        if url.startswith("file://"):
+            url = url[len("file://") :]  # a local store: atomic writes and flock locking
         try:
             self.root = zarr.open_group(url, mode="r" if mode == "r" else "a")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:

@@ -1,0 +1,159 @@
+"""Reading cells and features for probe studies, through the embedcache store API only.
+
+:func:`open_cells` opens one or more backbones' feature sets of one dataset and keeps the
+cells every study may use: the image was readable for *every* backbone (``ok``) and the cell
+has a label. Features are read later, only for the rows a study samples
+(:meth:`Cells.features`), as float32, and checked to be finite.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+
+class ProbeError(ValueError):
+    """A probe study cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class Cells:
+    """The usable cells of one dataset and the feature sets (one per backbone) to read.
+
+    ``obs`` holds only usable cells, in store order, with the store row in column ``row``.
+    ``excluded`` counts the cells left out and why (per backbone for ``not_ok``).
+    """
+
+    store_url: str
+    dataset: str
+    pool: str
+    backbones: list[str]
+    feature_sets: dict[str, Any]  # backbone name -> embedcache FeatureSet
+    obs: pd.DataFrame
+    n_total: int
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.obs["label"].to_numpy(dtype=str)
+
+    def feature_key(self, backbone: str) -> str:
+        return self.feature_sets[backbone].key
+
+    def features(self, backbone: str, positions: np.ndarray) -> np.ndarray:
+        """Float32 features of the usable cells at ``positions`` (indices into ``obs``).
+
+        Only those rows are read from the store. Non-finite values raise :class:`ProbeError`
+        naming the cells.
+        """
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = self.obs["row"].to_numpy()[positions]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        fs = self.feature_sets[backbone]
+        try:
+            x = fs.to_numpy(self.pool, rows=uniq)
+        except Exception as e:  # StoreError (incomplete set, missing pool) and I/O errors
+            raise ProbeError(f"cannot read '{fs.key}/{self.pool}' features: {e}") from e
+        x = x[inverse]
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            ids = self.obs["id"].to_numpy()[positions[bad]]
+            shown = ", ".join(map(str, ids[:5])) + (" ..." if len(ids) > 5 else "")
+            raise ProbeError(
+                f"{int(bad.sum())} cell(s) have NaN or inf '{self.pool}' features in '{fs.key}' "
+                f"(e.g. {shown}); re-extract them (embedcache extract ... --store-dtype float32 if they "
+                "overflowed float16) or drop them from the manifest"
+            )
+        return x
+
+    def exclusion_lines(self) -> list[str]:
+        """Human-readable lines on what was left out."""
+        out = []
+        for k, v in self.excluded.items():
+            if v:
+                what = k.replace("not_ok:", "unreadable for ") if k.startswith("not_ok:") else k.replace("_", " ")
+                out.append(f"{v} of {self.n_total} cells excluded: {what}")
+        return out
+
+
+def parse_names(value: str | Sequence[str]) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (stripped, order kept, duplicates dropped)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        item = str(item).strip()
+        if item and item not in out:
+            out.append(item)
+    return out
+
+
+def open_cells(
+    store: str | os.PathLike | Any,
+    model: str | Sequence[str],
+    *,
+    dataset: str | None = None,
+    pool: str = "cls",
+) -> Cells:
+    """Open the feature sets of ``model`` (one name, a comma list or a list) in ``store``.
+
+    ``model`` takes the names ``embedcache extract --model`` took (``uni``, ``timm:vit_small``)
+    or full feature keys (``uni/224-bicubic/clean``). Reads the cell table and the ``ok``
+    flags, never the features.
+    """
+    import embedcache
+    from embedcache.store import Store
+
+    backbones = parse_names(model)
+    if not backbones:
+        raise ProbeError("no model given: name at least one backbone, e.g. --model uni")
+    try:
+        st = store if isinstance(store, Store) else embedcache.open_store(store)
+        ds = st.dataset(dataset)
+    except Exception as e:
+        raise ProbeError(str(e)) from e
+    feature_sets = {}
+    for name in backbones:
+        try:
+            fs = ds.find_feature_set(name)
+        except Exception as e:
+            raise ProbeError(str(e)) from e
+        if pool not in fs.pools:
+            raise ProbeError(
+                f"'{fs.key}' has no '{pool}' features (has: {', '.join(fs.pools)}); "
+                f"use --pool {fs.pools[0] if fs.pools else 'cls'} or re-extract with --pool {pool}"
+            )
+        if fs.pending_chunks([pool]):
+            raise ProbeError(
+                f"'{fs.key}/{pool}' is incomplete ({len(fs.pending_chunks([pool]))} of {fs.n_chunks} chunks "
+                "not written); rerun the same embedcache extract command to finish it"
+            )
+        feature_sets[name] = fs
+    obs = ds.obs
+    n = len(obs)
+    keep = np.ones(n, dtype=bool)
+    excluded: dict[str, int] = {}
+    for name, fs in feature_sets.items():
+        ok = fs.ok()
+        excluded[f"not_ok:{name}"] = int((~ok).sum())
+        keep &= ok
+    labelled = obs["label"].str.strip().ne("").to_numpy()
+    if not labelled.any():
+        raise ProbeError(
+            f"dataset '{ds.name}' has no labels (obs.label is empty for all {n} cells); "
+            "re-extract from a manifest with a label column (embedcache extract --label-column NAME)"
+        )
+    excluded["no_label"] = int((keep & ~labelled).sum())
+    keep &= labelled
+    if not keep.any():
+        raise ProbeError(f"no usable cells in dataset '{ds.name}': every cell is unreadable or unlabelled")
+    table = obs.loc[keep].copy()
+    table.insert(0, "row", np.flatnonzero(keep))
+    table = table.reset_index(drop=True)
+    return Cells(
+        store_url=st.url, dataset=ds.name, pool=pool, backbones=backbones, feature_sets=feature_sets,
+        obs=table, n_total=n, excluded=excluded,
+    )
