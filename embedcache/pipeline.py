@@ -340,11 +340,9 @@ def _run(cells, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, b
             feats = {p: np.zeros((len(rows_b), bb.spec.width), dtype=store_dtype) for p in pools}
             if batch["groups"]:
                 order = torch.cat([js for js, _ in batch["groups"]]).numpy()
-                x = to_model_input([g for _, g in batch["groups"]], prep, dev)
-                with torch.autocast(dev.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                    out = embed(model, x, pools, bb.num_prefix_tokens)
+                out = compute_batch(model, [g for _, g in batch["groups"]], prep, dev, compute_dtype, pools, bb.num_prefix_tokens)
                 for p in pools:
-                    values = out[p].float().cpu().numpy().astype(store_dtype)
+                    values = out[p].astype(store_dtype)
                     bad = ~np.isfinite(values).all(axis=1)
                     if bad.any():
                         raise ExtractionError(
@@ -361,6 +359,14 @@ def _run(cells, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, b
         bar.close()
         writer.close()
         result.chunks_written = writer.written
+
+
+def compute_batch(model, groups, prep: Preprocessing, dev: torch.device, compute_dtype: torch.dtype, pools, num_prefix_tokens: int) -> dict[str, np.ndarray]:
+    """Same-shape uint8 NHWC groups -> pooled float32 features (rows in group order)."""
+    x = to_model_input(groups, prep, dev)
+    with torch.autocast(dev.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        out = embed(model, x, pools, num_prefix_tokens)
+    return {p: v.float().cpu().numpy() for p, v in out.items()}
 
 
 def _chunk_aligned_batches(fs: FeatureSet, pending: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -202,9 +202,79 @@ class Dataset:
 
     @property
     def obs(self) -> pd.DataFrame:
-        """The cell table: id, path, label, split, domain, group."""
+        """The cell table: id, path, label (current, after corrections), split, domain, group,
+        and ``label_original`` (as extracted; never overwritten)."""
         g = self.group["obs"]
-        return pd.DataFrame({c: np.asarray(g[c][:], dtype=object).astype(str) for c in OBS_COLUMNS})
+        df = pd.DataFrame({c: _strings(g[c][:]) for c in OBS_COLUMNS})
+        df["label_original"] = df["label"]
+        if "labels" in self.group and "current" in self.group["labels"]:
+            df["label"] = _strings(self.group["labels"]["current"][:])
+        return df
+
+    def label_history(self) -> pd.DataFrame:
+        """Every applied label correction, oldest first: id, old, new, time, source, note."""
+        if "labels" not in self.group or "history" not in self.group["labels"]:
+            return pd.DataFrame(columns=list(_HISTORY_COLUMNS))
+        h = self.group["labels"]["history"]
+        return pd.DataFrame({c: _strings(h[c][:]) for c in _HISTORY_COLUMNS})
+
+    def apply_corrections(self, corrections: pd.DataFrame | str | os.PathLike, source: str | None = None) -> int:
+        """Apply reviewed label corrections (columns ``id`` and ``new_label``, optional ``note``).
+
+        The original labels stay in ``obs/label``; the current labels and an append-only
+        history live under ``labels/``. Unknown ids or empty labels are a clear error and
+        nothing is written. Returns the number of labels that changed.
+        """
+        if not isinstance(corrections, pd.DataFrame):
+            source = source or str(corrections)
+            corrections = pd.read_csv(corrections, dtype=str, keep_default_na=False)
+        missing = [c for c in ("id", "new_label") if c not in corrections.columns]
+        if missing:
+            raise StoreError(f"corrections need columns id and new_label (missing: {', '.join(missing)})")
+        corr = corrections.astype(str)
+        if self.store.mode == "r":
+            return open_store(self.store.url, "a").dataset(self.name).apply_corrections(corr, source=source)
+        with self.store.lock(f"labels-{self.name}"):
+            obs = self.obs
+            index = pd.Series(np.arange(len(obs)), index=obs["id"])
+            unknown = sorted(set(corr["id"]) - set(index.index))
+            if unknown:
+                raise StoreError(f"{len(unknown)} correction ids are not cells of '{self.name}': {', '.join(unknown[:5])}")
+            empty = corr["new_label"].str.strip() == ""
+            if empty.any():
+                raise StoreError(f"correction row {int(np.flatnonzero(empty.to_numpy())[0]) + 1}: new_label is empty")
+            current = obs["label"].to_numpy(dtype=object).copy()
+            rows = index[corr["id"]].to_numpy()
+            new = corr["new_label"].str.strip().to_numpy(dtype=object)
+            changed = current[rows] != new
+            if not changed.any():
+                return 0
+            old = current[rows][changed]
+            current[rows[changed]] = new[changed]
+            labels = self.group.require_group("labels")
+            if "current" not in labels:
+                labels.create_array("current", shape=(self.n,), dtype=str, chunks=(min(self.n, 65536),))
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            note = corr["note"].to_numpy(dtype=object)[changed] if "note" in corr.columns else np.full(int(changed.sum()), "")
+            entries = {
+                "id": corr["id"].to_numpy(dtype=object)[changed],
+                "old": old,
+                "new": new[changed],
+                "time": np.full(int(changed.sum()), stamp),
+                "source": np.full(int(changed.sum()), source or "python"),
+                "note": note,
+            }
+            hist = labels.require_group("history")
+            for col, values in entries.items():  # history first: a killed run leaves labels unchanged
+                values = np.asarray(values, dtype=str)
+                if col not in hist:
+                    hist.create_array(col, shape=(0,), dtype=str, chunks=(4096,))
+                a = hist[col]
+                start = a.shape[0]
+                a.resize((start + len(values),))
+                a[start:] = values
+            labels["current"][:] = current.astype(str)
+            return int(changed.sum())
 
     def feature_keys(self) -> list[str]:
         """Keys of all feature sets, e.g. ``uni/224-bicubic/clean``."""
@@ -422,6 +492,13 @@ class FeatureSet:
 def safe_key(name: str) -> str:
     """A backbone name or feature key as stored (``timm:vit_small`` -> ``timm-vit_small``)."""
     return name.replace(":", "-")
+
+
+_HISTORY_COLUMNS = ("id", "old", "new", "time", "source", "note")
+
+
+def _strings(values) -> np.ndarray:
+    return np.asarray(values, dtype=object).astype(str)
 
 
 def _digest(fields: dict[str, Any]) -> str:

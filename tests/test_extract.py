@@ -211,3 +211,58 @@ def test_cli_extract_and_info(tmp_path, chula_subset):
     assert res.returncode == 0 and "complete" in res.stdout and "40×64" in res.stdout
     res = subprocess.run(_cli("extract", "-m", "no-such-model", "-d", str(m), "-o", str(out)), cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 1 and "error" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_perturbed_feature_sets_cover_the_test_split_and_are_reused(tmp_path, chula_subset):
+    m = chula_subset(48, split=["train"] * 32 + ["test"] * 16)
+    out = tmp_path / "c.zarr"
+    r = _extract(m, out, chunk_size=16, working_size=40, perturb=["blur-post:0,1.6", "blur-pre:1.6"])
+    keys = [v.key for v in r.variants]
+    base = "timm-test_vit/160-bicubic-ws40"
+    assert r.key == f"{base}/clean" and keys == [f"{base}/blur-post-0", f"{base}/blur-post-1.6", f"{base}/blur-pre-1.6"]
+    ds = open_store(out).dataset()
+    clean = ds.feature_set(r.key).to_numpy()
+    test = ds.obs["split"].to_numpy() == "test"
+    for v in r.variants:
+        fs = ds.feature_set(v.key)
+        assert fs.is_complete() and (fs.ok() == test).all()
+        assert fs.info()["rows"] == "split == test" and fs.info()["skipped_cells"] == 0
+        assert v.cells_computed == 16
+    # σ = 0 is the identity: same features as clean on the test cells
+    np.testing.assert_array_equal(ds.feature_set(keys[0]).to_numpy()[test], clean[test])
+    blurred = ds.feature_set(keys[1]).to_numpy()[test]
+    assert np.abs(blurred - clean[test]).mean() > 1e-3
+    again = _extract(m, out, chunk_size=16, working_size=40, perturb=["blur-post:0,1.6", "blur-pre:1.6"])
+    assert again.cache_hit and all(v.cache_hit for v in again.variants)
+
+
+def test_label_corrections_keep_history_and_never_touch_the_original(tmp_path, chula_subset):
+    m = chula_subset(30)
+    out = tmp_path / "c.zarr"
+    _extract(m, out)
+    ds = open_store(out).dataset()
+    ids = ds.obs["id"].tolist()
+    orig = ds.obs["label"].tolist()
+    fixes = pd.DataFrame({"id": [ids[2], ids[5]], "new_label": ["7", orig[5]], "note": ["teardrop", "unchanged"]})
+    fixes.to_csv(tmp_path / "fixes.csv", index=False)
+    assert ds.apply_corrections(tmp_path / "fixes.csv") == 1  # the second row changes nothing
+    obs = open_store(out).dataset().obs
+    assert obs["label"].iat[2] == "7" and obs["label_original"].tolist() == orig
+    hist = open_store(out).dataset().label_history()
+    assert hist[["id", "old", "new", "note"]].values.tolist() == [[ids[2], orig[2], "7", "teardrop"]]
+    assert hist["source"].iat[0].endswith("fixes.csv")
+    with pytest.raises(StoreError, match="not cells of"):
+        ds.apply_corrections(pd.DataFrame({"id": ["nope"], "new_label": ["1"]}))
+    assert len(open_store(out).dataset().label_history()) == 1  # a refused batch writes nothing
+
+
+def test_embed_images_matches_stored_features(tmp_path, chula_subset):
+    from embedcache.query import embed_images
+
+    m = chula_subset(20)
+    out = tmp_path / "c.zarr"
+    _extract(m, out, working_size=40)
+    ds = open_store(out).dataset()
+    fs = ds.find_feature_set("timm:test_vit")
+    q = embed_images(fs, [ds.obs["path"].iat[3], ds.obs["path"].iat[11]])
+    np.testing.assert_array_equal(q, fs.to_numpy()[[3, 11]])

@@ -1,0 +1,66 @@
+"""Embed new images exactly as a stored feature set was made (for neighbour look-ups)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .images import read_image
+from .loading import LoadedBackbone, load_backbone
+from .perturb import apply as perturb_apply
+from .pipeline import compute_batch, resolve_device
+from .preprocess import Preprocessing
+from .store import FeatureSet, StoreError
+
+
+def backbone_for(fs: FeatureSet) -> LoadedBackbone:
+    """Reload the backbone a feature set was made with, and check its weights digest."""
+    prov = fs.attrs["provenance"]
+    name, w = prov["backbone"]["name"], prov["weights"]
+    if w.get("source") == "file":
+        bb = load_backbone(name, weights=w["path"])
+    elif w.get("source") == "random":
+        bb = load_backbone(name, weights="random")
+    else:
+        bb = load_backbone(name, revision=w.get("revision"))
+    if bb.weights.get("sha256") != w.get("sha256"):
+        raise StoreError(
+            f"the weights of '{name}' found now (sha256 {str(bb.weights.get('sha256'))[:12]}) are not the ones "
+            f"'{fs.key}' was made with (sha256 {str(w.get('sha256'))[:12]})"
+        )
+    return bb
+
+
+def embed_images(
+    fs: FeatureSet,
+    images: Sequence[np.ndarray | str | os.PathLike],
+    pool: str = "cls",
+    *,
+    device: str = "auto",
+    backbone: LoadedBackbone | None = None,
+) -> np.ndarray:
+    """Features of new images with the feature set's backbone, preprocessing and working size.
+
+    Returns float32 (n, D), rounded through the store's dtype so they compare exactly like
+    stored features.
+    """
+    prov = fs.attrs["provenance"]
+    if prov.get("perturbation"):
+        raise StoreError(f"'{fs.key}' is a perturbed feature set; query against the clean one")
+    bb = backbone or backbone_for(fs)
+    p = prov["preprocessing"]
+    prep = Preprocessing(size=p["size"], interpolation=p["interpolation"], mean=tuple(p["mean"]), std=tuple(p["std"]), fit=p["fit"])
+    dev = resolve_device(device)
+    stored = prov["compute"]["dtype"]
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(stored, torch.float32) if dev.type == "cuda" else (torch.bfloat16 if stored == "bfloat16" else torch.float32)
+    arrays = [read_image(im) if not isinstance(im, np.ndarray) else im for im in images]
+    arrays = [perturb_apply(a, prov.get("working_size"), None) for a in arrays]
+    model = bb.model.to(dev).eval()
+    out = []
+    for a in arrays:
+        feats = compute_batch(model, [torch.from_numpy(np.array(a, dtype=np.uint8))[None]], prep, dev, dtype, (pool,), bb.num_prefix_tokens)
+        out.append(feats[pool].astype(fs.attrs["dtype"]).astype(np.float32))
+    return np.concatenate(out)
