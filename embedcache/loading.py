@@ -101,7 +101,8 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, revision:
             torch.manual_seed(RANDOM_SEED)
             model = build_model(spec)
         prov = _provenance("random", sha256=state_dict_sha256(model.state_dict()), seed=RANDOM_SEED)
-        return LoadedBackbone(model, spec, prov, spec.name, num_prefix_tokens(model))
+        # random features never share a key with pretrained ones
+        return LoadedBackbone(model, spec, prov, f"{spec.name}@random", num_prefix_tokens(model))
     if weights is None:
         path, prov = _hub_file(spec, revision)
         key_name = spec.name
@@ -227,13 +228,21 @@ def read_state_dict(path: str | os.PathLike) -> dict:
 
         return load_file(str(path), device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if blocked is None:
+            raise WeightsUnavailable(f"{path.name} is neither a safetensors file nor a torch checkpoint") from e
         raise WeightsUnavailable(
             f"refusing to load {path.name}: it holds Python objects beyond tensors and plain containers, which "
             f"torch.load(weights_only=True) does not unpickle (unpickling them could run code). Re-save just the "
             f"state dict (torch.save(model.state_dict(), ...)) or convert it to .safetensors. "
-            f"torch said: {str(e).splitlines()[0]}") from e
+            f"weights_only said: {blocked[:300]}") from e
+    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise WeightsUnavailable(f"{path.name} is neither a safetensors file nor a torch checkpoint: {e!r}") from e
+    if not isinstance(obj, Mapping):
+        raise WeightsUnavailable(f"{path.name} holds a {type(obj).__name__}, not a state dict")
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------

@@ -299,7 +299,7 @@ class Dataset:
         backbone = safe_key(backbone)
         if backbone in keys:
             return FeatureSet(self, backbone)
-        matches = [k for k in keys if k.split("/")[0] == backbone]
+        matches = [k for k in keys if k.split("/")[0] == backbone or k.split("/")[0].split("@")[0] == backbone]
         clean = [k for k in matches if k.endswith("/clean")]
         if len(clean) == 1:
             return FeatureSet(self, clean[0])

@@ -22,7 +22,7 @@ from embedcache.store import FeatureSetConflict
 
 from .conftest import REPO, shared
 
-KEY = "timm-test_vit/160-bicubic/clean"
+KEY = "timm-test_vit@random/160-bicubic/clean"
 
 
 def _extract(data, out, **kw):
@@ -91,7 +91,7 @@ def test_rerun_is_a_cache_hit_and_new_pooling_or_preprocessing_sits_beside(tmp_p
     assert fs.pools == ["cls", "mean"] and fs.is_complete()
     # another interpolation is another feature set beside the first
     _extract(tmp_path / "m.csv", out, chunk_size=32, interpolation="bilinear")
-    assert open_store(out).dataset().feature_keys() == [KEY, "timm-test_vit/160-bilinear/clean"]
+    assert open_store(out).dataset().feature_keys() == [KEY, "timm-test_vit@random/160-bilinear/clean"]
     assert first.key == KEY
 
 
@@ -218,7 +218,7 @@ def test_perturbed_feature_sets_cover_the_test_split_and_are_reused(tmp_path, ch
     out = tmp_path / "c.zarr"
     r = _extract(m, out, chunk_size=16, working_size=40, perturb=["blur-post:0,1.6", "blur-pre:1.6"])
     keys = [v.key for v in r.variants]
-    base = "timm-test_vit/160-bicubic-ws40"
+    base = "timm-test_vit@random/160-bicubic-ws40"
     assert r.key == f"{base}/clean" and keys == [f"{base}/blur-post-0", f"{base}/blur-post-1.6", f"{base}/blur-pre-1.6"]
     ds = open_store(out).dataset()
     clean = ds.feature_set(r.key).to_numpy()

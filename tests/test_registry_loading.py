@@ -285,6 +285,45 @@ def test_local_dino_teacher_checkpoint(tmp_path, tiny):
     assert bb.key_name.startswith("tiny-teacher@")
 
 
+def test_pos_embed_resampled_from_other_size(tmp_path, tiny):
+    """As for DINOv2 (518 px weights run at 224): timm's checkpoint_filter_fn resamples pos_embed."""
+    torch.manual_seed(3)
+    big = timm.create_model("test_vit", img_size=2 * IMG, num_classes=0).state_dict()
+    assert big["pos_embed"].shape[1] == 1 + 16
+    save_file(big, str(tmp_path / "big.safetensors"))
+    bb = load_backbone(tiny("tiny-resample"), weights=tmp_path / "big.safetensors")
+    assert bb.model.pos_embed.shape[1] == 1 + 4
+    assert torch.equal(bb.model.blocks[0].attn.qkv.weight, big["blocks.0.attn.qkv.weight"])
+
+
+def test_raw_dinov2_checkpoint_keys(tmp_path):
+    """Raw DINOv2 training keys: mask_token, SwiGLU w12/w3 (giant) and chunked blocks are mapped."""
+    spec = BackboneSpec("tiny-swiglu", "test_vit", None, (), {"img_size": IMG, "init_values": 1e-5, "mlp_ratio": 4},
+                        {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}, IMG, "bicubic", IN_MEAN, IN_STD, 64,
+                        ("cls",), False, "test")
+    register(spec, overwrite=True)
+    try:
+        ref = load_backbone("tiny-swiglu", weights="random").model
+        sd = jitter(ref).state_dict()
+        raw = {"mask_token": torch.zeros(1, 64)}
+        for k, v in sd.items():
+            k = k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3")
+            k = re.sub(r"^blocks\.(\d+)\.", lambda m: f"blocks.{int(m.group(1)) // 3}.{m.group(1)}.", k)
+            raw[k] = v
+        assert "blocks.1.4.mlp.w12.weight" in raw
+        torch.save({"teacher": {f"backbone.{k}": v for k, v in raw.items()}}, tmp_path / "raw.pth")
+        assert_weights(load_backbone("tiny-swiglu", weights=tmp_path / "raw.pth").model, sd)
+    finally:
+        registry._REGISTRY.pop("tiny-swiglu", None)
+
+
+def test_not_a_checkpoint(tmp_path, tiny):
+    path = tmp_path / "notes.txt"
+    path.write_text("not weights " * 20)
+    with pytest.raises(WeightsUnavailable, match="neither a safetensors file nor a torch checkpoint"):
+        load_backbone(tiny("tiny-garbage"), weights=path)
+
+
 def test_mismatched_checkpoint_names_keys(tmp_path, tiny):
     sd = seeded_state()
     sd.pop("blocks.0.norm1.weight")
@@ -378,7 +417,7 @@ def test_random_weights_are_deterministic():
     a = load_backbone("timm:test_vit", weights="random")
     b = load_backbone("timm:test_vit", weights="random")
     assert a.weights["source"] == "random" and a.weights["sha256"] == b.weights["sha256"]
-    assert a.key_name == "timm:test_vit" and a.num_prefix_tokens == 1
+    assert a.key_name == "timm:test_vit@random" and a.num_prefix_tokens == 1
     assert_weights(b.model, a.model.state_dict())
     r = load_backbone("timm:test_resnet", weights="random")
     assert r.num_prefix_tokens == 0 and r.spec.default_pool == ("mean",)
