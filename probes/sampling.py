@@ -284,6 +284,9 @@ def _cap(idx: np.ndarray, limit: int | None, seed: int, label: str) -> np.ndarra
 
 
 def _check_classes(kept, labels, limit, fm, largest, excluded) -> list[str]:
+    ordered = {c: excluded[c] for c in sort_labels(excluded)}  # natural order, in place
+    excluded.clear()
+    excluded.update(ordered)
     scored = sort_labels({labels[k[0]] for k in kept}) if kept else []
     if len(scored) < 2:
         where = f"at limit {limit} (FlagMin {fm})" if limit is not None else ""

@@ -61,6 +61,7 @@ def scale(
     test_size: float = TEST_SIZE,
     fraction: float = 0.95,
     quiet: bool = False,
+    show: bool | None = None,
 ) -> StudyResult:
     """Macro-F1 (and the rest) against cells per class, for each backbone x probe.
 
@@ -69,7 +70,8 @@ def scale(
     ``column`` or ``group`` (see :mod:`probes.sampling`). Writes ``results.csv/.parquet``,
     ``curves.csv``, ``summary.csv`` (smallest limit reaching ``fraction`` of each curve's best
     mean), ``exclusions.csv``, ``confusion.csv/.json``, ``scaling.png`` and ``study.json`` to
-    ``out`` (default ``scale-<models>-<date>``); prints a summary unless ``quiet``.
+    ``out`` (default ``scale-<models>-<date>``). ``quiet`` hides the progress bar and the printed
+    summary; ``show`` prints the summary regardless (the CLI's ``--quiet`` keeps it).
     """
     limit_list = parse_limits(limits)
     seed_list = parse_seeds(seeds)
@@ -81,7 +83,8 @@ def scale(
         probes=probe_list, seeds=seed_list, split=split, val=val, pool=pool, device=device,
         test_size=test_size, fraction=fraction,
     )
-    return _study("scale", name, params, cells, limit_list, seed_list, probe_list, split, val, test_size, device, out, quiet)
+    return _study("scale", name, params, cells, limit_list, seed_list, probe_list, split, val, test_size, device, out, quiet,
+                  show)
 
 
 def evaluate(
@@ -98,6 +101,7 @@ def evaluate(
     device: str = "auto",
     test_size: float = TEST_SIZE,
     quiet: bool = False,
+    show: bool | None = None,
 ) -> StudyResult:
     """One fit per backbone x probe x seed on the full training split (no cap, no FlagMin).
 
@@ -112,11 +116,13 @@ def evaluate(
         store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, probe=probe_list,
         seeds=seed_list, split=split, val=val, pool=pool, device=device, test_size=test_size,
     )
-    return _study("evaluate", name, params, cells, [None], seed_list, probe_list, split, val, test_size, device, out, quiet)
+    return _study("evaluate", name, params, cells, [None], seed_list, probe_list, split, val, test_size, device, out, quiet,
+                  show)
 
 
 # -- the shared loop ----------------------------------------------------------------------------
-def _study(kind, name, params, cells: Cells, limits, seeds, probe_list, split, val, test_size, device, out, quiet):
+def _study(kind, name, params, cells: Cells, limits, seeds, probe_list, split, val, test_size, device, out, quiet,
+                  show):
     from . import report
 
     sampler = Sampler(
@@ -162,7 +168,7 @@ def _study(kind, name, params, cells: Cells, limits, seeds, probe_list, split, v
     )
     result.out = Path(out) if out is not None else Path(name)
     result.files = report.write_outputs(result)
-    if not quiet:
+    if show or (show is None and not quiet):
         report.print_result(result)
     return result
 
@@ -234,7 +240,8 @@ def _notes(cells: Cells, sampler: Sampler, splits: dict) -> list[str]:
 def _exclusions(cells: Cells, sampler: Sampler, splits: dict) -> pd.DataFrame:
     rows = []
     for key, n in cells.excluded.items():
-        rows.append(dict(limit=None, seed=None, **{"class": ""}, cells=n, reason=key.replace("not_ok:", "unreadable for ")))
+        rows.append(dict(limit=None, seed=None, **{"class": ""}, cells=n,
+                         reason=key.replace("not_ok:", "unreadable for ").replace("no_label", "no label")))
     if sampler.mode == "column":
         rows.append(dict(limit=None, seed=None, **{"class": ""}, cells=sampler.unassigned, reason="split column neither train nor test"))
     counts = pd.Series(cells.labels).value_counts()

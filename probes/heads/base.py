@@ -1,0 +1,166 @@
+"""Shared pieces of the probe heads: device choice, input checks, label coding, standardisation,
+the seeded stratified hold-out split and the estimator base class."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+from types import ModuleType
+from typing import Iterator
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+CHUNK = 4096  # rows per query / prediction batch
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when torch sees one, else CPU; ``"cpu"``; ``"cuda[:N]"`` (error if absent)."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        name = str(device).strip().lower()
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(name)
+        except RuntimeError as e:
+            raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device={str(device)!r} asks for CUDA, but torch {torch.__version__} sees no CUDA "
+                "device on this machine; use device='auto' (CUDA when present, else CPU) or 'cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported; use 'auto', 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def require(module: str, what: str) -> ModuleType:
+    """Import an optional GPU library or fail with a message naming the ``gpu`` extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"{what} needs {module.split('.')[0]!r}, which is not importable here ({e}); "
+            "install the GPU extra (pip install 'embedcache[gpu]') on a CUDA machine, "
+            "or use the default torch backend"
+        ) from e
+
+
+def importable(module: str) -> bool:
+    """True when ``module`` imports (used only to pick a backend under ``backend='auto'``)."""
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # noqa: BLE001 - a broken optional install counts as absent
+        return False
+
+
+def check_X(X, n_features: int | None = None) -> np.ndarray:
+    """Float32, C-contiguous, 2-D and finite; ``n_features`` checks the width at predict time."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n_cells, n_features), got shape {X.shape}")
+    if n_features is not None and X.shape[1] != n_features:
+        raise ValueError(f"X has {X.shape[1]} features, the probe was fitted on {n_features}")
+    if X.shape[0] == 0:
+        raise ValueError("X has no rows")
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"X has {int(bad.sum())} of {len(X)} rows with NaN or inf values "
+            f"(first at row {int(np.flatnonzero(bad)[0])}); drop or impute them before probing"
+        )
+    return X
+
+
+def encode_labels(y, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(classes_, codes)``: sorted unique labels and each row's code 0..K-1 (needs K >= 2)."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.ravel()
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"y must be 1-D with one label per row of X ({n}), got shape {y.shape}")
+    classes, codes = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"a probe needs at least 2 classes, y has {len(classes)}: {classes.tolist()}")
+    return classes, codes.astype(np.int64)
+
+
+def stratified_holdout(codes: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split ``(fit_idx, val_idx)``: ceil(fraction * n_c) of each class to validation, but
+    every class keeps at least one training row (a single-sample class stays in training)."""
+    rng = np.random.default_rng(seed)
+    fit, val = [], []
+    for c in range(int(codes.max()) + 1):
+        idx = rng.permutation(np.flatnonzero(codes == c))
+        n_val = min(math.ceil(fraction * len(idx)), len(idx) - 1) if fraction > 0 else 0
+        val.append(idx[:n_val])
+        fit.append(idx[n_val:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
+
+
+def standardize(Xt: torch.Tensor, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Xs, mean, scale)``: statistics of all of ``Xt``; ``Xs`` holds ``rows`` (all when None),
+    in that order, standardised into one fresh tensor. Constant features get scale 1."""
+    var, mean = torch.var_mean(Xt, dim=0, correction=0)
+    scale = var.sqrt()
+    scale = torch.where(scale > 1e-12 * mean.abs().clamp_min(1.0), scale, torch.ones_like(scale))
+    Xs = Xt.index_select(0, torch.as_tensor(rows, device=Xt.device)) if rows is not None else Xt.clone()
+    return Xs.sub_(mean).div_(scale), mean, scale
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's global RNGs seeded, restoring them afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class ProbeBase(ClassifierMixin, BaseEstimator):
+    """Estimator shape shared by every head: subclasses set ``classes_``/``n_features_in_`` in
+    ``fit`` and implement ``_proba(X) -> (n, K)`` on checked float32 input."""
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "classes_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit(X, y) first")
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (n, K), columns in the order of ``classes_``."""
+        self._check_fitted()
+        return self._proba(check_X(X, self.n_features_in_))
+
+    def predict(self, X) -> np.ndarray:
+        """The most probable class of each row (ties -> the first in ``classes_``)."""
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def _start_fit(self, X, y) -> tuple[np.ndarray, np.ndarray, torch.device]:
+        """Check and code the training data; set ``classes_``, ``n_features_in_``, ``device_``."""
+        X = check_X(X)
+        self.classes_, codes = encode_labels(y, len(X))
+        self.n_features_in_ = X.shape[1]
+        self.device_ = resolve_device(self.device)
+        return X, codes, self.device_
+
+
+def softmax_rows(scores: torch.Tensor) -> np.ndarray:
+    """Row softmax of decision scores as float32 numpy."""
+    return torch.softmax(scores.float(), dim=1).cpu().numpy()
+
+
+def decision_to_2d(d: np.ndarray) -> np.ndarray:
+    """Binary ``decision_function`` (n,) -> (n, 2) scores ``[0, d]``; (n, K) passes through."""
+    d = np.asarray(d, dtype=np.float32)
+    return np.stack([np.zeros_like(d), d], axis=1) if d.ndim == 1 else d

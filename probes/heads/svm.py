@@ -1,0 +1,130 @@
+"""``svm`` (linear, one-vs-rest, squared hinge + L2) and ``svm-rbf`` (kernel SVC) probes.
+
+``predict_proba`` of both is the softmax of the decision scores: a ranking score that sums to
+one, **not** a calibrated probability.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import ProbeBase, check_X, decision_to_2d, importable, require, softmax_rows, standardize
+from .lbfgs import LinearFit, fit_linear, linear_scores, targets
+
+
+class _StandardisedScores(ProbeBase):
+    """Standardise with train statistics; subclasses give ``_scores(Xs) -> (n, K)`` tensors."""
+
+    def _standardise_fit(self, X: np.ndarray, dev: torch.device) -> torch.Tensor:
+        Xs, self.mean_, self.scale_ = standardize(torch.from_numpy(X).to(dev))
+        return Xs
+
+    def decision_function(self, X) -> np.ndarray:
+        """Decision scores (n, K), one column per class of ``classes_``."""
+        self._check_fitted()
+        return self._scores_raw(check_X(X, self.n_features_in_)).cpu().numpy()
+
+    def _scores_raw(self, X: np.ndarray) -> torch.Tensor:
+        Xt = torch.from_numpy(X).to(self.device_)
+        return self._scores((Xt - self.mean_) / self.scale_)
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        return softmax_rows(self._scores_raw(X))
+
+
+def _external_scores(model, Xs: torch.Tensor, on_device: bool) -> torch.Tensor:
+    """Decision scores of a scikit-learn (CPU) / cuML (device) model as a (n, K) tensor."""
+    data = Xs if on_device else Xs.cpu().numpy()
+    d = model.decision_function(data)
+    d = d.get() if hasattr(d, "get") else np.asarray(d)  # cupy -> numpy
+    return torch.from_numpy(decision_to_2d(d)).to(Xs.device)
+
+
+class LinearSVMProbe(_StandardisedScores):
+    """What ``LinearSVC(C)`` optimises (one-vs-rest squared hinge + L2, C=1 by default), on
+    standardised features. ``backend="torch"`` (default): full-batch L-BFGS over all K classes at
+    once on the device (intercept not penalised, unlike liblinear); ``"sklearn"``:
+    ``sklearn.svm.LinearSVC``; ``"cuml"``: ``cuml.svm.LinearSVC`` (ImportError naming the ``gpu``
+    extra when missing). ``predict_proba`` = softmax of the scores (not calibrated)."""
+
+    def __init__(
+        self,
+        C: float = 1.0,
+        max_iter: int = 100,
+        tol: float = 1e-4,
+        backend: str = "torch",
+        seed: int = 0,
+        device: str = "auto",
+    ):
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.backend = backend
+        self.seed = seed
+        self.device = device
+
+    def fit(self, X, y) -> "LinearSVMProbe":
+        """Standardise, then fit all K one-vs-rest classifiers."""
+        X, codes, dev = self._start_fit(X, y)
+        if self.backend not in ("torch", "sklearn", "cuml"):
+            raise ValueError(f"backend={self.backend!r}; one of ('torch', 'sklearn', 'cuml')")
+        if self.backend == "cuml":
+            require("cuml.svm", "LinearSVMProbe(backend='cuml')")
+        Xs = self._standardise_fit(X, dev)
+        K = len(self.classes_)
+        if self.backend == "torch":
+            yt = torch.from_numpy(codes).to(dev)
+            self.coef_: LinearFit = fit_linear(
+                Xs, targets(yt, K, "squared_hinge"), K, "squared_hinge", self.C, None, self.max_iter, self.tol
+            )
+            self.n_iter_ = self.coef_.n_iter
+        elif self.backend == "sklearn":
+            from sklearn.svm import LinearSVC
+
+            self.model_ = LinearSVC(C=self.C, random_state=self.seed).fit(Xs.cpu().numpy(), codes)
+        else:
+            from cuml.svm import LinearSVC
+
+            self.model_ = LinearSVC(C=self.C, loss="squared_hinge", penalty="l2").fit(Xs, codes)
+        return self
+
+    def _scores(self, Xs: torch.Tensor) -> torch.Tensor:
+        if self.backend == "torch":
+            return linear_scores(Xs, self.coef_)
+        return _external_scores(self.model_, Xs, self.backend == "cuml")
+
+
+class RBFSVMProbe(_StandardisedScores):
+    """Kernel SVM (RBF) on standardised features: ``sklearn.svm.SVC(kernel="rbf")`` on CPU,
+    ``cuml.svm.SVC`` on CUDA (``backend="auto"`` picks cuML when the device is CUDA and cuML
+    imports; ``"cuml"`` insists, ImportError naming the ``gpu`` extra). ``predict_proba`` = softmax
+    of the one-vs-rest decision scores (not calibrated; no Platt scaling is fitted)."""
+
+    def __init__(self, C: float = 1.0, gamma: str | float = "scale", backend: str = "auto", seed: int = 0, device: str = "auto"):
+        self.C = C
+        self.gamma = gamma
+        self.backend = backend
+        self.seed = seed
+        self.device = device
+
+    def fit(self, X, y) -> "RBFSVMProbe":
+        """Standardise, then fit the kernel SVM."""
+        X, codes, dev = self._start_fit(X, y)
+        if self.backend not in ("auto", "sklearn", "cuml"):
+            raise ValueError(f"backend={self.backend!r}; one of ('auto', 'sklearn', 'cuml')")
+        use_cuml = self.backend == "cuml" or (self.backend == "auto" and dev.type == "cuda" and importable("cuml"))
+        Xs = self._standardise_fit(X, dev)
+        if use_cuml:
+            SVC = require("cuml.svm", "RBFSVMProbe(backend='cuml')").SVC
+            self.model_ = SVC(kernel="rbf", C=self.C, gamma=self.gamma, probability=False).fit(Xs, codes)
+        else:
+            from sklearn.svm import SVC
+
+            self.model_ = SVC(kernel="rbf", C=self.C, gamma=self.gamma, probability=False, random_state=self.seed)
+            self.model_.fit(Xs.cpu().numpy(), codes)
+        self.backend_ = "cuml" if use_cuml else "sklearn"
+        return self
+
+    def _scores(self, Xs: torch.Tensor) -> torch.Tensor:
+        return _external_scores(self.model_, Xs, self.backend_ == "cuml")
