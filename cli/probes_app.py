@@ -37,6 +37,8 @@ def scale(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder (default: scale-<models>-<date>)"),
     device: str = typer.Option("auto", help="device for the probes: auto, cpu, cuda"),
     test_size: float = typer.Option(0.2, help="test fraction (the protocol: 0.2)"),
+    train_domain: Optional[str] = typer.Option(None, help="train (and in-domain test) on these domain(s) of the store's domain column, comma separated"),
+    test_domain: Optional[str] = typer.Option(None, help="score on every cell of these unseen domain(s) (default with --train-domain: all others)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Macro-F1 against cells per class (FlagLimit), per backbone x probe, over seeds."""
@@ -44,7 +46,8 @@ def scale(
 
     try:
         run(store, model, limits=limits, probes=probes, seeds=seeds, split=split, val=val, dataset=dataset,
-            pool=pool, out=out, device=device, test_size=test_size, quiet=quiet, show=True)
+            pool=pool, out=out, device=device, test_size=test_size, train_domain=train_domain,
+            test_domain=test_domain, quiet=quiet, show=True)
     except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
         _fail(e)
 
@@ -62,6 +65,8 @@ def eval_(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder (default: eval-<models>-<probe>-<date>)"),
     device: str = typer.Option("auto", help="device for the probes: auto, cpu, cuda"),
     test_size: float = typer.Option(0.2, help="test fraction (the protocol: 0.2)"),
+    train_domain: Optional[str] = typer.Option(None, help="train (and in-domain test) on these domain(s) of the store's domain column, comma separated"),
+    test_domain: Optional[str] = typer.Option(None, help="score on every cell of these unseen domain(s) (default with --train-domain: all others)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """One fit on the full training split: all metrics, per-class F1, confusion matrix."""
@@ -69,7 +74,8 @@ def eval_(
 
     try:
         run(store, model, probe=probe, seeds=seeds, split=split, val=val, dataset=dataset, pool=pool, out=out,
-            device=device, test_size=test_size, quiet=quiet, show=True)
+            device=device, test_size=test_size, train_domain=train_domain, test_domain=test_domain, quiet=quiet,
+            show=True)
     except Exception as e:  # noqa: BLE001
         _fail(e)
 

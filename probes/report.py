@@ -14,7 +14,7 @@ import pandas as pd
 from .metrics import CLASS_METRIC, MAIN_METRIC
 
 _METRIC_NAMES = {"macro_f1": "macro-F1", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
-CURVE_KEYS = ["backbone", "feature_key", "pool", "probe"]
+CURVE_KEYS = ["backbone", "feature_key", "pool", "probe", "test_domain", "in_domain"]
 _PRINTED = [("accuracy", "acc"), ("balanced_accuracy", "bal. acc"), ("macro_precision", "macro P"),
             ("macro_recall", "macro R"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
 
@@ -60,6 +60,23 @@ def eval_summary(curves: pd.DataFrame) -> pd.DataFrame:
     return wide.join(extra).reset_index()
 
 
+def domain_gaps(curves: pd.DataFrame, metric: str = MAIN_METRIC) -> pd.DataFrame:
+    """Domain studies: per backbone x probe x limit x out-of-domain test set, the in-domain and
+    out-of-domain mean ``metric`` side by side and ``gap = in_domain - out_of_domain``."""
+    main = curves[(curves["metric"] == metric) & (curves["class"] == "")]
+    keys = ["backbone", "feature_key", "pool", "probe", "limit"]
+    cols = keys + ["mean", "std", "n_test"]
+    ind = main[main["in_domain"]][cols + ["test_domain"]].rename(
+        columns={"mean": "in_domain_mean", "std": "in_domain_std", "n_test": "in_domain_n_test",
+                 "test_domain": "train_domain"})
+    ood = main[~main["in_domain"]][cols + ["test_domain"]].rename(
+        columns={"mean": "out_of_domain_mean", "std": "out_of_domain_std", "n_test": "out_of_domain_n_test"})
+    both = ind.merge(ood, on=keys, how="inner")
+    both["gap"] = both["in_domain_mean"] - both["out_of_domain_mean"]
+    both.insert(len(keys), "metric", metric)
+    return both.reset_index(drop=True)
+
+
 # -- files --------------------------------------------------------------------------------------
 def write_outputs(result) -> dict[str, Path]:
     """Write every table, the plots and ``study.json`` under ``result.out``; returns the paths."""
@@ -78,6 +95,9 @@ def write_outputs(result) -> dict[str, Path]:
     result.exclusions.to_csv(files["exclusions.csv"], index=False)
     result.confusion.to_csv(files["confusion.csv"], index=False)
     files["confusion.json"].write_text(json.dumps(confusion_matrices(result.confusion), indent=1))
+    if getattr(result, "domains", None) is not None:
+        files["domains.csv"] = out / "domains.csv"
+        result.domains.to_csv(files["domains.csv"], index=False)
     files["study.json"].write_text(json.dumps({
         "kind": result.kind, "name": result.name, "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "params": result.params, "notes": result.notes, "files": sorted(files),
@@ -86,20 +106,21 @@ def write_outputs(result) -> dict[str, Path]:
         files["scaling.png"] = plot_scaling(result.curves, out / "scaling.png", result.summary,
                                             title=f"{result.params['dataset']} · {result.params['split']} split")
     else:
-        for (backbone, probe), conf in result.confusion.groupby(["backbone", "probe"], sort=False):
-            name = f"confusion-{_slug(backbone)}-{_slug(probe)}.png"
-            files[name] = plot_confusion(conf, out / name, title=f"{backbone} · {probe}")
+        for (backbone, probe, dom), conf in result.confusion.groupby(["backbone", "probe", "test_domain"], sort=False):
+            name = f"confusion-{_slug(backbone)}-{_slug(probe)}{'-' + _slug(dom) if dom else ''}.png"
+            files[name] = plot_confusion(conf, out / name, title=f"{backbone} · {probe}" + (f" · tested on {dom}" if dom else ""))
     return files
 
 
 def confusion_matrices(confusion: pd.DataFrame) -> list[dict]:
     """The long confusion table as one matrix per fit (rows: true class, columns: predicted)."""
     out = []
-    for (b, p, lim, s), c in confusion.groupby(["backbone", "probe", "limit", "seed"], sort=False, dropna=False):
+    keys = ["backbone", "probe", "limit", "seed", "test_domain"]
+    for (b, p, lim, s, dom), c in confusion.groupby(keys, sort=False, dropna=False):
         labels = list(dict.fromkeys(c["true"]))
         m = c.pivot(index="true", columns="pred", values="count").reindex(index=labels, columns=labels)
         out.append({"backbone": b, "probe": p, "limit": None if pd.isna(lim) else int(lim), "seed": int(s),
-                    "labels": labels, "matrix": m.to_numpy().astype(int).tolist()})
+                    "test_domain": dom, "labels": labels, "matrix": m.to_numpy().astype(int).tolist()})
     return out
 
 
@@ -118,14 +139,15 @@ def plot_scaling(curves: pd.DataFrame, path: Path, summary: pd.DataFrame | None 
     styles = ["-", "--", ":", "-."]
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for k, ((b, p), c) in enumerate(main.groupby(["backbone", "probe"], sort=False)):
+    for k, ((b, p, dom), c) in enumerate(main.groupby(["backbone", "probe", "test_domain"], sort=False)):
         j = probes.index(p)  # colour per curve, line style and marker per probe
         x, y, s = c["limit"].to_numpy(float), c["mean"].to_numpy(float), c["std"].to_numpy(float)
         color = colors(k % 10)
-        ax.plot(x, y, styles[j % 4], marker=markers[j % 7], color=color, lw=1.8, ms=5, label=f"{b} · {p}")
+        label = f"{b} · {p}" + (f" · on {dom}" if dom else "")
+        ax.plot(x, y, styles[j % 4], marker=markers[j % 7], color=color, lw=1.8, ms=5, label=label)
         ax.fill_between(x, y - s, y + s, color=color, alpha=0.15, lw=0)
         if summary is not None and len(summary):
-            r = summary[(summary["backbone"] == b) & (summary["probe"] == p)]
+            r = summary[(summary["backbone"] == b) & (summary["probe"] == p) & (summary["test_domain"] == dom)]
             if len(r):
                 lim = r["limit_reaching"].iat[0]
                 ax.plot([lim], [r["mean_at_limit_reaching"].iat[0]], marker="*", ms=13, color=color,
@@ -240,20 +262,26 @@ def _print_scale(result, console) -> None:
                     f"{p['dataset']} ({p['pool']})")
     t.add_column("backbone", no_wrap=True)
     t.add_column("probe", no_wrap=True)
+    domains = bool((main["test_domain"] != "").any())
+    if domains:
+        t.add_column("tested on", no_wrap=True)
     for lim in limits:
         t.add_column(f"{lim}{'*' if lim in over else ''}", justify="right")
     t.add_column(f"{result.params.get('fraction', 0.95):.0%} at", justify="right", style="bold")
-    for (b, pr), g in main.groupby(["backbone", "probe"], sort=False):
+    for (b, pr, dom), g in main.groupby(["backbone", "probe", "test_domain"], sort=False):
         by = {int(r.limit): r for r in g.itertuples()}
-        s = result.summary[(result.summary["backbone"] == b) & (result.summary["probe"] == pr)]
+        s = result.summary[(result.summary["backbone"] == b) & (result.summary["probe"] == pr)
+                           & (result.summary["test_domain"] == dom)]
         best = int(s["best_limit"].iat[0]) if len(s) else None
         cells = []
         for lim in limits:
             r = by.get(lim)
             txt = "-" if r is None else f"{r.mean:.3f}±{r.std:.3f}"
             cells.append(f"[bold]{txt}[/]" if lim == best else txt)
-        t.add_row(b, pr, *cells, str(int(s["limit_reaching"].iat[0])) if len(s) else "-")
+        where = [f"{dom} ({'in' if g['in_domain'].iat[0] else 'out of'} domain)"] if domains else []
+        t.add_row(b, pr, *where, *cells, str(int(s["limit_reaching"].iat[0])) if len(s) else "-")
     console.print(t)
+    _print_domains(result, console)
     if over:
         console.print(f"* limit ≥ the largest class: the set is the full data (not capped)")
 
@@ -266,17 +294,20 @@ def _print_evaluate(result, console) -> None:
     t = Table(title=f"{result.name}: one fit on the full training split, {result.params['split']} split, "
                     f"{result.params['dataset']} ({result.params['pool']})"
                     + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else ""))
-    for col in ("backbone", "probe", "train", "test", "classes"):
+    domains = bool((s["test_domain"] != "").any())
+    for col in ("backbone", "probe", *(["tested on"] if domains else []), "train", "test", "classes"):
         t.add_column(col, justify="left" if col in ("backbone", "probe") else "right", no_wrap=col in ("backbone", "probe"))
     for _, label in _PRINTED:
         t.add_column(label, justify="right")
     t.add_column("s/fit", justify="right")
     for r in s.to_dict("records"):
         vals = [f"{r[f'{m}_mean']:.3f}" + (f"±{r[f'{m}_std']:.3f}" if n_seeds > 1 else "") for m, _ in _PRINTED]
-        t.add_row(r["backbone"], r["probe"], f"{r['n_train']:.0f}", f"{r['n_test']:.0f}", f"{r['n_classes']:.0f}",
+        where = [f"{r['test_domain']} ({'in' if r['in_domain'] else 'out of'} domain)"] if domains else []
+        t.add_row(r["backbone"], r["probe"], *where, f"{r['n_train']:.0f}", f"{r['n_test']:.0f}", f"{r['n_classes']:.0f}",
                   *vals, f"{r['seconds']:.2f}")
     console.print(t)
-    pc = result.curves[result.curves["metric"] == CLASS_METRIC]
+    _print_domains(result, console)
+    pc = result.curves[(result.curves["metric"] == CLASS_METRIC) & result.curves["in_domain"]]
     if len(pc):
         wide = pc.pivot_table(index="class", columns=["backbone", "probe"], values="mean", sort=False)
         t2 = Table(title="per-class F1")
@@ -286,6 +317,21 @@ def _print_evaluate(result, console) -> None:
         for cls, row in wide.iterrows():
             t2.add_row(str(cls), *[f"{v:.3f}" for v in row])
         console.print(t2)
+
+
+def _print_domains(result, console) -> None:
+    d = getattr(result, "domains", None)
+    if d is None or not len(d):
+        return
+    from rich.table import Table
+
+    t = Table(title="domain shift: macro-F1 in the training domain vs unseen domains (mean over seeds)")
+    for col in ("backbone", "probe", "limit", "trained on", "in-domain", "tested on", "out-of-domain", "gap"):
+        t.add_column(col, justify="left" if col in ("backbone", "probe", "trained on", "tested on") else "right")
+    for r in d.itertuples():
+        t.add_row(r.backbone, r.probe, "all" if pd.isna(r.limit) else str(int(r.limit)), r.train_domain,
+                  f"{r.in_domain_mean:.3f}", r.test_domain, f"{r.out_of_domain_mean:.3f}", f"{r.gap:+.3f}")
+    console.print(t)
 
 
 def _slug(s: str) -> str:

@@ -20,10 +20,11 @@ import pandas as pd
 
 from .data import Cells, ProbeError, open_cells, parse_names
 from .metrics import CLASS_METRIC, score
-from .sampling import TEST_SIZE, Sampler, Split, flag_min, parse_limits, parse_seeds
+from .sampling import TEST_SIZE, Sampler, Split, flag_min, parse_limits, parse_seeds, sort_labels
 
 RESULT_COLUMNS = [
     "study", "dataset", "backbone", "feature_key", "pool", "probe", "limit", "seed", "split",
+    "train_domain", "test_domain", "in_domain",
     "n_train", "n_test", "n_classes", "metric", "class", "value", "seconds", "exceeds_data",
 ]
 
@@ -39,8 +40,11 @@ class StudyResult:
     curves: pd.DataFrame  # mean / std over seeds per backbone x probe x limit x metric
     summary: pd.DataFrame  # scale: one row per curve with the 95% limit; evaluate: one row per fit group
     exclusions: pd.DataFrame  # cells and classes left out, and why
-    confusion: pd.DataFrame  # long: one row per fit x true class x predicted class
+    confusion: pd.DataFrame  # long: one row per fit x test domain x true class x predicted class
     notes: list[str] = field(default_factory=list)
+    domains: pd.DataFrame | None = None  # domain studies: in- vs out-of-domain macro-F1 and the gap
+    splits: dict = field(default_factory=dict)  # (limit, seed) -> Split (positions into the usable cells)
+    evaluations: dict = field(default_factory=dict)  # (limit, seed) -> [(test_domain, in_domain, positions, classes)]
     out: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -60,6 +64,8 @@ def scale(
     device: str = "auto",
     test_size: float = TEST_SIZE,
     fraction: float = 0.95,
+    train_domain: str | Sequence[str] | None = None,
+    test_domain: str | Sequence[str] | None = None,
     quiet: bool = False,
     show: bool | None = None,
 ) -> StudyResult:
@@ -83,8 +89,11 @@ def scale(
         probes=probe_list, seeds=seed_list, split=split, val=val, pool=pool, device=device,
         test_size=test_size, fraction=fraction,
     )
+    plan = DomainPlan.make(cells, train_domain, test_domain)
+    if plan is not None:
+        params.update(train_domain=plan.train, test_domain=plan.test)
     return _study("scale", name, params, cells, limit_list, seed_list, probe_list, split, val, test_size, device, out, quiet,
-                  show)
+                  show, plan)
 
 
 def evaluate(
@@ -100,6 +109,8 @@ def evaluate(
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
+    train_domain: str | Sequence[str] | None = None,
+    test_domain: str | Sequence[str] | None = None,
     quiet: bool = False,
     show: bool | None = None,
 ) -> StudyResult:
@@ -107,6 +118,7 @@ def evaluate(
 
     Same splits and outputs as :func:`scale` (``limit`` is empty), plus a confusion-matrix
     PNG per backbone x probe; default ``out`` is ``eval-<models>-<probe>-<date>``.
+    ``train_domain`` / ``test_domain``: as in :func:`scale`.
     """
     seed_list = parse_seeds(seeds)
     cells = open_cells(store, model, dataset=dataset, pool=pool)
@@ -116,55 +128,132 @@ def evaluate(
         store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, probe=probe_list,
         seeds=seed_list, split=split, val=val, pool=pool, device=device, test_size=test_size,
     )
+    plan = DomainPlan.make(cells, train_domain, test_domain)
+    if plan is not None:
+        params.update(train_domain=plan.train, test_domain=plan.test)
     return _study("evaluate", name, params, cells, [None], seed_list, probe_list, split, val, test_size, device, out, quiet,
-                  show)
+                  show, plan)
 
 
 # -- the shared loop ----------------------------------------------------------------------------
+@dataclass
+class DomainPlan:
+    """Which cells train (and give the in-domain test split) and which form each out-of-domain test set."""
+
+    train: list[str]
+    test: list[str]
+    train_mask: np.ndarray  # over the usable cells
+    test_masks: dict[str, np.ndarray]
+
+    @property
+    def train_name(self) -> str:
+        return "+".join(self.train)
+
+    @classmethod
+    def make(cls, cells: Cells, train_domain, test_domain) -> "DomainPlan | None":
+        """Check the names against the store's ``domain`` column; None when no domain is asked for."""
+        train, test = parse_names(train_domain or []), parse_names(test_domain or [])
+        if not train:
+            if test:
+                raise ProbeError("--test-domain needs --train-domain (the domain(s) the probes are trained on)")
+            return None
+        dom = cells.obs["domain"].to_numpy(dtype=str)
+        present = sort_labels(set(dom) - {""})
+        if not present:
+            raise ProbeError(
+                f"dataset '{cells.dataset}' has no domain column (obs.domain is empty for every cell); "
+                "give the manifest a 'domain' column (e.g. the site or scanner) and extract again"
+            )
+        unknown = [d for d in train + test if d not in present]
+        if unknown:
+            raise ProbeError(f"unknown domain(s) {', '.join(unknown)}; the store has: {', '.join(present)}")
+        both = sorted(set(train) & set(test))
+        if both:
+            raise ProbeError(f"domain(s) {', '.join(both)} are both training and test domains; a domain is one or the other")
+        if not test:
+            test = [d for d in present if d not in train]
+            if not test:
+                raise ProbeError(f"every domain ({', '.join(present)}) is a training domain: nothing is left to test on")
+        return cls(train, test, np.isin(dom, train), {d: dom == d for d in test})
+
+
+def _evaluations(sp: Split, plan: DomainPlan | None, labels: np.ndarray, notes: list[str]):
+    """``[(test_domain, in_domain, positions, classes)]`` for one split: the split's own test cells,
+    then, in a domain study, every cell of each test domain whose class the probes were trained on."""
+    if plan is None:
+        return [("", True, sp.test, sp.classes)]
+    out = [(plan.train_name, True, sp.test, sp.classes)]
+    for d, mask in plan.test_masks.items():
+        pos = np.flatnonzero(mask & np.isin(labels, sp.classes))
+        present = set(labels[pos])
+        classes = [c for c in sp.classes if c in present]
+        unseen = sorted(set(labels[mask]) - set(sp.classes))
+        if unseen:
+            notes.append(f"domain {d}: {int(np.isin(labels[mask], unseen).sum())} cells of class(es) "
+                         f"{', '.join(unseen)} not scored (no training cells of that class in {plan.train_name})")
+        if len(classes) < 1:
+            notes.append(f"domain {d}: no cell of a trained class; not scored")
+            continue
+        out.append((d, False, pos, classes))
+    return out
+
+
 def _study(kind, name, params, cells: Cells, limits, seeds, probe_list, split, val, test_size, device, out, quiet,
-                  show):
+           show, plan: DomainPlan | None = None):
     from . import report
 
+    inside = np.flatnonzero(plan.train_mask) if plan is not None else np.arange(len(cells.obs))
+    if len(inside) == 0:
+        raise ProbeError(f"no usable cell in training domain(s) {plan.train_name}")
     sampler = Sampler(
-        cells.labels, split, groups=cells.obs["group"].to_numpy(), split_column=cells.obs["split"].to_numpy(),
-        val=val, test_size=test_size,
+        cells.labels[inside], split, groups=cells.obs["group"].to_numpy()[inside],
+        split_column=cells.obs["split"].to_numpy()[inside], val=val, test_size=test_size,
     )
-    splits = sampler.check_limits(limits, seeds)  # every bad limit fails here, before any fit
+    splits = {k: _lift(sp, inside) for k, sp in sampler.check_limits(limits, seeds).items()}  # bad limits fail here
     notes = _notes(cells, sampler, splits)
+    evals = {k: _evaluations(sp, plan, cells.labels, notes) for k, sp in splits.items()}
+    notes[:] = list(dict.fromkeys(notes))
     rows: list[dict] = []
     confusion: list[dict] = []
-    needed = np.unique(np.concatenate([np.concatenate([s.train, s.test]) for s in splits.values()]))
+    needed = np.unique(np.concatenate([sp.train for sp in splits.values()]
+                                      + [e[2] for ev in evals.values() for e in ev]))
     n_fits = len(cells.backbones) * len(splits) * len(probe_list)
+    train_domain = plan.train_name if plan is not None else ""
     with report.progress(n_fits, quiet) as advance:
         for backbone in cells.backbones:
             x_all = cells.features(backbone, needed)  # only the rows some split uses
+            rows_of = lambda pos: x_all[np.searchsorted(needed, pos)]  # noqa: E731
             for (limit, seed), sp in splits.items():
-                x_tr, x_te = x_all[np.searchsorted(needed, sp.train)], x_all[np.searchsorted(needed, sp.test)]
-                y_tr, y_te = cells.labels[sp.train], cells.labels[sp.test]
+                x_tr, y_tr = rows_of(sp.train), cells.labels[sp.train]
                 for probe in probe_list:
                     advance(f"{backbone} · {probe} · {'all' if limit is None else limit} · seed {seed}")
-                    pred, seconds = _fit_predict(probe, seed, device, x_tr, y_tr, x_te, backbone, sp)
-                    sc = score(y_te, pred, sp.classes)
-                    base = dict(
-                        study=name, dataset=cells.dataset, backbone=backbone, feature_key=cells.feature_key(backbone),
-                        pool=cells.pool, probe=probe, limit=limit, seed=seed, split=split, n_train=len(sp.train),
-                        n_test=len(sp.test), n_classes=len(sp.classes),
-                    )
-                    extra = dict(seconds=seconds, exceeds_data=sp.exceeds_data)
-                    rows += [{**base, "metric": m, "class": "", "value": v, **extra} for m, v in sc.values.items()]
-                    rows += [{**base, "metric": CLASS_METRIC, "class": c, "value": v, **extra} for c, v in sc.class_f1.items()]
-                    for i, t in enumerate(sc.classes):
-                        for j, p in enumerate(sc.classes):
-                            confusion.append({**{k: base[k] for k in ("backbone", "probe", "limit", "seed")},
-                                              "true": t, "pred": p, "count": int(sc.confusion[i, j])})
+                    tests = [(rows_of(pos), pos) for _, _, pos, _ in evals[(limit, seed)]]
+                    preds, seconds = _fit_predict(probe, seed, device, x_tr, y_tr, [x for x, _ in tests], backbone, sp)
+                    for (test_domain, in_domain, pos, classes), pred in zip(evals[(limit, seed)], preds):
+                        sc = score(cells.labels[pos], pred, classes)
+                        base = dict(
+                            study=name, dataset=cells.dataset, backbone=backbone,
+                            feature_key=cells.feature_key(backbone), pool=cells.pool, probe=probe, limit=limit,
+                            seed=seed, split=split, train_domain=train_domain, test_domain=test_domain,
+                            in_domain=in_domain, n_train=len(sp.train), n_test=len(pos), n_classes=len(classes),
+                        )
+                        extra = dict(seconds=seconds, exceeds_data=sp.exceeds_data)
+                        rows += [{**base, "metric": m, "class": "", "value": v, **extra} for m, v in sc.values.items()]
+                        rows += [{**base, "metric": CLASS_METRIC, "class": c, "value": v, **extra}
+                                 for c, v in sc.class_f1.items()]
+                        keys = {k: base[k] for k in ("backbone", "probe", "limit", "seed", "test_domain")}
+                        for i, t in enumerate(sc.classes):
+                            for j, p in enumerate(sc.classes):
+                                confusion.append({**keys, "true": t, "pred": p, "count": int(sc.confusion[i, j])})
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     results["limit"] = results["limit"].astype("Int64")
-    conf = pd.DataFrame(confusion, columns=["backbone", "probe", "limit", "seed", "true", "pred", "count"])
+    conf = pd.DataFrame(confusion, columns=["backbone", "probe", "limit", "seed", "test_domain", "true", "pred", "count"])
     conf["limit"] = conf["limit"].astype("Int64")
     curves = report.summarize(results)
     summary = report.limit_reaching(curves, params.get("fraction", 0.95)) if kind == "scale" else report.eval_summary(curves)
     result = StudyResult(
         kind, name, params, results, curves, summary, _exclusions(cells, sampler, splits), conf, notes,
+        domains=report.domain_gaps(curves) if plan is not None else None, splits=splits, evaluations=evals,
     )
     result.out = Path(out) if out is not None else Path(name)
     result.files = report.write_outputs(result)
@@ -173,7 +262,14 @@ def _study(kind, name, params, cells: Cells, limits, seeds, probe_list, split, v
     return result
 
 
-def _fit_predict(probe, seed, device, x_tr, y_tr, x_te, backbone, sp: Split):
+def _lift(sp: Split, inside: np.ndarray) -> Split:
+    """A split made over a subset of the cells, with positions mapped back to all usable cells."""
+    sp.train, sp.test = inside[sp.train], inside[sp.test]
+    return sp
+
+
+def _fit_predict(probe, seed, device, x_tr, y_tr, x_tests, backbone, sp: Split):
+    """Fit one probe and predict each test matrix; seconds cover the fit and every prediction."""
     from .heads import make_probe
 
     where = f"probe '{probe}' on {backbone}" + (f" at limit {sp.limit}" if sp.limit is not None else "") + f", seed {seed}"
@@ -181,14 +277,14 @@ def _fit_predict(probe, seed, device, x_tr, y_tr, x_te, backbone, sp: Split):
         est = make_probe(probe, seed=seed, device=device)
         t0 = time.perf_counter()
         est.fit(x_tr, y_tr)
-        pred = np.asarray(est.predict(x_te)).astype(str)
+        preds = [np.asarray(est.predict(x)).astype(str) for x in x_tests]
         seconds = time.perf_counter() - t0
     except ProbeError:
         raise
     except Exception as e:  # a library failing deep inside: say where, keep the cause
         raise ProbeError(f"{where} failed ({len(y_tr)} training cells, {len(sp.classes)} classes): "
                          f"{type(e).__name__}: {e}") from e
-    return pred, seconds
+    return preds, seconds
 
 
 def _check_probes(probes) -> list[str]:

@@ -33,6 +33,7 @@ def store(tmp_path_factory, chula_manifest):
     df["group"] = df["smear"]
     smear = df["smear"].astype(int)
     df["split"] = np.where(smear % 5 == 0, "test", np.where(smear % 5 == 1, "val", "train"))
+    df["domain"] = np.array(["siteA", "siteB", "siteC"])[smear % 3]  # three "sites", whole smears each
     manifest = root / "chula.csv"
     df.to_csv(manifest, index=False)
     out = root / "cache.zarr"
@@ -214,3 +215,42 @@ def test_cli_end_to_end(store, keys, tmp_path):
                        timeout=120)
     assert p.returncode == 0, p.stderr
     assert "per-class F1" in p.stdout and (tmp_path / "ev" / "results.csv").is_file()
+
+
+def test_domain_study_never_mixes_domains(store, keys, tmp_path):
+    res = scale(store, keys[0], limits="32,64", probes="logistic", seeds=2, train_domain="siteA",
+                test_domain="siteB,siteC", out=tmp_path / "dom", quiet=True)
+    domain = res_domain = open_cells(store, keys[0]).obs["domain"].to_numpy()
+    for key, sp in res.splits.items():
+        assert set(domain[sp.train]) == {"siteA"}  # training cells only from the training domain
+        evals = {d: (ind, pos, classes) for d, ind, pos, classes in res.evaluations[key]}
+        assert set(evals) == {"siteA", "siteB", "siteC"}
+        assert evals["siteA"][0] and set(domain[evals["siteA"][1]]) == {"siteA"}
+        assert not set(evals["siteA"][1]) & set(sp.train)  # in-domain test cells are held out
+        for d in ("siteB", "siteC"):
+            ind, pos, classes = evals[d]
+            assert not ind and set(res_domain[pos]) == {d}
+            # every cell of the unseen domain whose class was trained on is scored
+            labels = open_cells(store, keys[0]).labels
+            assert len(pos) == int(((domain == d) & np.isin(labels, sp.classes)).sum())
+    r = res.results
+    assert set(r["test_domain"]) == {"siteA", "siteB", "siteC"} and (r["train_domain"] == "siteA").all()
+    assert (r.loc[r["test_domain"] == "siteA", "in_domain"]).all() and not r.loc[r["test_domain"] != "siteA", "in_domain"].any()
+    gaps = pd.read_csv(res.out / "domains.csv")
+    assert len(gaps) == 2 * 2  # 2 limits x 2 unseen domains
+    main = res.curves[(res.curves.metric == "macro_f1") & (res.curves["class"] == "")]
+    for g in gaps.itertuples():
+        ind = main[(main.limit == g.limit) & main.in_domain]["mean"].iat[0]
+        ood = main[(main.limit == g.limit) & (main.test_domain == g.test_domain)]["mean"].iat[0]
+        assert g.in_domain_mean == pytest.approx(ind) and g.gap == pytest.approx(ind - ood)
+
+
+def test_domain_defaults_and_errors(store, keys, tmp_path):
+    res = evaluate(store, keys[0], probe="knn", train_domain="siteB,siteC", out=tmp_path / "d2", quiet=True)
+    assert set(res.results["test_domain"]) == {"siteB+siteC", "siteA"}  # default test domains: all others
+    with pytest.raises(ProbeError, match="unknown domain.*siteZ.*siteA, siteB, siteC"):
+        scale(store, keys[0], limits="32", train_domain="siteZ", out=tmp_path / "e1", quiet=True)
+    with pytest.raises(ProbeError, match="both training and test"):
+        scale(store, keys[0], limits="32", train_domain="siteA", test_domain="siteA", out=tmp_path / "e2", quiet=True)
+    with pytest.raises(ProbeError, match="needs --train-domain"):
+        scale(store, keys[0], limits="32", test_domain="siteB", out=tmp_path / "e3", quiet=True)
