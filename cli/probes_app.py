@@ -80,6 +80,30 @@ def eval_(
         _fail(e)
 
 
+@app.command()
+def robustness(
+    store: str = typer.Option(..., "--store", "-s", help="store path or fsspec URL, e.g. cache.zarr"),
+    model: str = typer.Option(..., "--model", "-m", help="backbone name(s) as given to embedcache extract, comma separated"),
+    perturb: str = typer.Option("blur-pre,blur-post", help="perturbation families extracted with embedcache extract --perturb"),
+    probe: str = typer.Option("logistic", help="probe (or comma list): logistic, knn, knn1, svm, svm-rbf, mlp, cosine"),
+    seeds: str = typer.Option("1", help="a count N (seeds 42..42+N-1) or a comma list of seeds"),
+    split: str = typer.Option("auto", help="auto (the split column when it has test cells, else stratified), column, stratified"),
+    dataset: Optional[str] = typer.Option(None, help="dataset in the store (default: the only one)"),
+    pool: str = typer.Option("cls", help="cls or mean"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder (default: robustness-<models>-<date>)"),
+    device: str = typer.Option("auto", help="device for the probes: auto, cpu, cuda"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Train on clean features; macro-F1, Δ and drop slope on every perturbed version of the test cells."""
+    from probes.robustness import robustness as run
+
+    try:
+        run(store, model, perturb=perturb, probe=probe, seeds=seeds, split=split, dataset=dataset, pool=pool,
+            out=out, device=device, quiet=quiet, show=True)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+
+
 def main() -> None:
     app()
 

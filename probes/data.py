@@ -44,16 +44,17 @@ class Cells:
     def feature_key(self, backbone: str) -> str:
         return self.feature_sets[backbone].key
 
-    def features(self, backbone: str, positions: np.ndarray) -> np.ndarray:
+    def features(self, backbone: str, positions: np.ndarray, feature_set: Any | None = None) -> np.ndarray:
         """Float32 features of the usable cells at ``positions`` (indices into ``obs``).
 
-        Only those rows are read from the store. Non-finite values raise :class:`ProbeError`
-        naming the cells.
+        Only those rows are read from the store, from ``backbone``'s feature set or from
+        ``feature_set`` (e.g. a perturbed one of the same dataset). Non-finite values raise
+        :class:`ProbeError` naming the cells.
         """
         positions = np.asarray(positions, dtype=np.int64)
         rows = self.obs["row"].to_numpy()[positions]
         uniq, inverse = np.unique(rows, return_inverse=True)
-        fs = self.feature_sets[backbone]
+        fs = feature_set if feature_set is not None else self.feature_sets[backbone]
         try:
             x = fs.to_numpy(self.pool, rows=uniq)
         except Exception as e:  # StoreError (incomplete set, missing pool) and I/O errors
