@@ -132,8 +132,9 @@ def demo(
     model: str = typer.Option("timm:test_vit", help="backbone to extract with"),
     weights: Optional[str] = typer.Option("random", help="'random' (no download needed) or a local weights file; '' for the hub"),
     n_per_class: int = typer.Option(60, help="synthetic cells per class"),
+    probe: bool = typer.Option(True, help="then fit logistic and kNN probes on the cache (probes eval)"),
 ) -> None:
-    """Run the main job on bundled synthetic cells: generate, extract, show the store."""
+    """Run the main job on bundled synthetic cells: generate, extract, show the store, probe it."""
     from embedcache import extract as run_extract
     from embedcache.demo import make_synthetic_cells
 
@@ -148,6 +149,13 @@ def demo(
         _fail(e)
     console.print(f"{'cache hit' if r.cache_hit else 'wrote'} {r.dataset}/{r.key} ({r.n_cells} cells)")
     info(store, as_json=False)
+    if probe:
+        from probes.study import evaluate
+
+        try:
+            evaluate(store, r.key, probe="logistic,knn", out=out / "eval", show=True)
+        except Exception as e:  # noqa: BLE001
+            _fail(e)
 
 
 def main() -> None:

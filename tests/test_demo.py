@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -20,11 +19,9 @@ def _load(root, n: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def demo60(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo60")
-    t0 = time.perf_counter()
     out = make_synthetic_cells(root, n_per_class=60, size=64, seed=0)
-    elapsed = time.perf_counter() - t0
     assert out == root
-    return root, elapsed
+    return root, None
 
 
 def test_classes():
@@ -40,11 +37,6 @@ def test_layout_counts_and_decoding(demo60):
         assert names == [f"{k}_{i:04d}.png" for i in range(60)]
     x, _ = _load(root, 60)
     assert x.shape == (240, 64, 64, 3) and x.dtype == np.uint8
-
-
-def test_fast(demo60):
-    _, elapsed = demo60
-    assert elapsed < 15, f"make_synthetic_cells took {elapsed:.1f}s for 4 x 60 (target < 3s)"
 
 
 def test_deterministic_under_seed(tmp_path, demo60):
@@ -105,3 +97,25 @@ def test_classes_separable_by_simple_pixel_statistics(demo60):
     pred = np.argmin(((z[~train, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
     acc = (pred == y[~train]).mean()
     assert acc > 0.6, f"nearest-centroid accuracy {acc:.2f} (chance 0.25)"
+
+
+def test_demo_command_extracts_and_probes(tmp_path):
+    """README's first quickstart command: synthetic cells -> store -> probe table, on a fresh folder."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    import embedcache
+    from cli.embedcache_app import app
+
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-per-class", "25"])
+    assert res.exit_code == 0, res.output
+    fs = embedcache.open_store(out / "cache.zarr").dataset().find_feature_set("timm:test_vit")
+    assert fs.to_numpy("cls").shape == (100, 64) and fs.ok().all()
+    results = pd.read_csv(out / "eval" / "results.csv")
+    assert set(results["probe"]) == {"logistic", "knn"}
+    # the synthetic classes are separable: even random-init features beat chance (0.25) clearly
+    f1 = results[results["metric"] == "macro_f1"].set_index("probe")["value"]
+    assert (f1 > 0.5).all(), f1
+    again = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-per-class", "25", "--no-probe"])
+    assert again.exit_code == 0 and "cache hit" in again.output
