@@ -50,3 +50,26 @@ def tiny_vit():
     from embedcache.loading import load_backbone
 
     return load_backbone("timm:test_vit", weights="random")
+
+
+@pytest.fixture(scope="session")
+def chula_features(tmp_path_factory, chula_manifest):
+    """Real features for the probe heads: up to 100 Chula cells per class (1,300 cells, 13 classes,
+    class names as labels), extracted once into a store with a tiny random-init ViT at 64 px.
+
+    Returns ``(X float32 (n, 64), y str (n,))`` read back through the store API."""
+    import numpy as np
+
+    import embedcache
+
+    root = tmp_path_factory.mktemp("heads")
+    df = pd.concat([g.sample(min(len(g), 100), random_state=0) for _, g in chula_manifest.groupby("label")])
+    manifest = root / "chula_heads.csv"
+    df.to_csv(manifest, index=False)
+    out = root / "cache.zarr"
+    embedcache.extract("timm:test_vit", manifest, out, weights="random", input_size=64, label_column="label_name",
+                       progress=False, num_workers=2, chunk_size=512, batch_size=128)
+    ds = embedcache.open_store(out).dataset()
+    fs = ds.find_feature_set("timm:test_vit")
+    assert fs.ok().all()
+    return fs.to_numpy("cls"), ds.obs["label"].to_numpy(dtype=str)

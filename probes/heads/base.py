@@ -110,11 +110,46 @@ def stratified_holdout(codes: np.ndarray, fraction: float, seed: int) -> tuple[n
 def standardize(Xt: torch.Tensor, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(Xs, mean, scale)``: statistics of all of ``Xt``; ``Xs`` holds ``rows`` (all when None),
     in that order, standardised into one fresh tensor. Constant features get scale 1."""
-    var, mean = torch.var_mean(Xt, dim=0, correction=0)
+    n = len(Xt)
+    Xs = Xt.index_select(0, torch.as_tensor(rows, device=Xt.device)) if rows is not None else Xt.clone()
+    if Xt.device.type == "cpu":  # numpy's column reductions are several times faster than torch's
+        mean = torch.from_numpy(Xt.numpy().mean(axis=0))
+        Xs.sub_(mean)
+        if rows is None or (len(rows) == n and len(np.unique(rows)) == n):  # Xs: all rows, centred
+            Xc = Xs.numpy()
+            var = torch.from_numpy(np.einsum("ij,ij->j", Xc, Xc) / np.float32(n))
+        else:
+            var = torch.from_numpy(Xt.numpy().var(axis=0))
+    else:
+        var, mean = torch.var_mean(Xt, dim=0, correction=0)
+        Xs.sub_(mean)
     scale = var.sqrt()
     scale = torch.where(scale > 1e-12 * mean.abs().clamp_min(1.0), scale, torch.ones_like(scale))
-    Xs = Xt.index_select(0, torch.as_tensor(rows, device=Xt.device)) if rows is not None else Xt.clone()
-    return Xs.sub_(mean).div_(scale), mean, scale
+    return Xs.div_(scale), mean, scale
+
+
+def standardize_t(Xt: torch.Tensor, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like :func:`standardize`, but ``Xs`` comes transposed and contiguous, (d, len(rows)): the
+    layout the linear solvers are fast in (:mod:`probes.heads.lbfgs`). One copy of the data."""
+    n, d = Xt.shape
+    src = Xt if rows is None else Xt.index_select(0, torch.as_tensor(rows, device=Xt.device))
+    XT = torch.empty(d, len(src), dtype=Xt.dtype, device=Xt.device)
+    XT.copy_(src.T)
+    del src
+    full = rows is None or (len(rows) == n and len(np.unique(rows)) == n)  # XT holds every row
+    if full:
+        mean = XT.mean(dim=1)
+        XT.sub_(mean[:, None])
+        var = torch.linalg.vector_norm(XT, dim=1).square_().div_(n)
+    else:
+        if Xt.device.type == "cpu":
+            mean, var = torch.from_numpy(Xt.numpy().mean(axis=0)), torch.from_numpy(Xt.numpy().var(axis=0))
+        else:
+            var, mean = torch.var_mean(Xt, dim=0, correction=0)
+        XT.sub_(mean[:, None])
+    scale = var.sqrt()
+    scale = torch.where(scale > 1e-12 * mean.abs().clamp_min(1.0), scale, torch.ones_like(scale))
+    return XT.div_(scale[:, None]), mean, scale
 
 
 @contextlib.contextmanager
@@ -144,7 +179,8 @@ class ProbeBase(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """The most probable class of each row (ties -> the first in ``classes_``)."""
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        proba = self.predict_proba(X)  # first: it says so when the probe is not fitted
+        return self.classes_[np.argmax(proba, axis=1)]
 
     def _start_fit(self, X, y) -> tuple[np.ndarray, np.ndarray, torch.device]:
         """Check and code the training data; set ``classes_``, ``n_features_in_``, ``device_``."""

@@ -6,6 +6,19 @@ Objective, with ``lam = 1 / (C * n)`` so that ``C`` means what it means in sciki
 
 ``loss`` is ``"softmax"`` (multinomial cross-entropy: logistic regression) or
 ``"squared_hinge"`` (one-vs-rest, summed over classes: what ``LinearSVC`` optimises).
+
+The solver is L-BFGS (``history_size`` pairs, torch's strong-Wolfe line search) with
+scikit-learn's stopping rule: the largest gradient entry in ``(W, b)`` at most ``tol``.
+Two things make it fast without changing the objective or its minimiser:
+
+* **Layout.** The features come transposed and contiguous, ``X^T`` (d, n); scores are computed
+  as ``W^T X^T`` (K, n) and the weight gradient as ``G^T X`` (K, d): with K small, these are
+  2-3x faster in BLAS than ``X W`` and ``X^T G`` on a row-major ``X``.
+* **Preconditioning** (:class:`Preconditioner`). With the eigen-decomposition
+  ``X^T X / n = V diag(ev) V^T``, L-BFGS runs on ``Z`` with ``W = V diag((kappa ev + lam)^-1/2) Z``,
+  where the Hessian is close to the identity (``kappa``: the loss's curvature per unit of
+  feature variance). Correlated features (all foundation-model embeddings) otherwise make the
+  problem ill-conditioned and L-BFGS slow.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.optim.lbfgs import _strong_wolfe  # the line search torch.optim.LBFGS uses
 
 LOSSES = ("softmax", "squared_hinge")
 
@@ -26,6 +40,8 @@ class LinearFit:
     b: torch.Tensor
     n_iter: int
     n_evals: int
+    converged: bool = True
+    grad_max: float = float("nan")  # the largest gradient entry (W, b) at the end
 
 
 def targets(codes: torch.Tensor, n_classes: int, loss: str) -> torch.Tensor:
@@ -44,8 +60,62 @@ def data_loss(scores: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Te
     return (1 - target * scores).clamp_min_(0).square().sum(1).mean()
 
 
+# curvature of the loss per unit of feature variance, for the preconditioner: softmax
+# p (1 - p) at p = 1/K (None: computed from K); squared hinge 2 x a typical active fraction
+CURVATURE = {"softmax": None, "squared_hinge": 0.5}
+
+
+@dataclass
+class Preconditioner:
+    """``V`` (d, d), ``ev`` (d,): eigenvectors and eigenvalues of the feature covariance ``X^T X / n``
+    (estimated on at most ``max_rows`` rows: a preconditioner need not be exact)."""
+
+    V: torch.Tensor
+    ev: torch.Tensor
+
+    @classmethod
+    def of(cls, XT: torch.Tensor, max_rows: int = 8192, seed: int = 0) -> "Preconditioner":
+        """From the transposed features ``XT`` (d, n)."""
+        n = XT.shape[1]
+        if n > max_rows:
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            XT = XT.index_select(1, torch.randperm(n, generator=g)[:max_rows].to(XT.device))
+        gram = (XT @ XT.T).double().div_(XT.shape[1])
+        ev, V = torch.linalg.eigh(gram)
+        return cls(V.float(), ev.clamp_min(0).float())
+
+    def scales(self, kappa: float, lam: float) -> torch.Tensor:
+        """``s = (kappa * ev + lam)^-1/2`` (d,): ``W = V diag(s) Z``."""
+        return (kappa * self.ev + lam).rsqrt()
+
+
+def _objective(Xt, Wt, b, target_t, loss, lam, n, lam_b=0.0):
+    """Objective and its gradients ``(f, gWt (K, d), gb (K,))`` in the (K, n) layout.
+
+    ``Xt`` is ``X^T`` (d, n), ``target_t`` the codes (n,) for softmax or +-1 (K, n)."""
+    St = torch.addmm(b[:, None], Wt, Xt)  # (K, n) scores
+    if loss == "softmax":
+        lse = torch.logsumexp(St, dim=0)
+        rows = torch.arange(St.shape[1], device=St.device)
+        f = (lse - St[target_t, rows]).mean()
+        G = St.sub_(lse).exp_()  # softmax, in place of the scores
+        G[target_t, rows] -= 1
+    else:
+        M = (1 - target_t * St).clamp_min_(0)
+        f = M.square().sum() / n
+        G = M.mul_(target_t).mul_(-2)
+    G.div_(n)
+    f = f + 0.5 * lam * Wt.square().sum()
+    gWt = torch.addmm(Wt, G, Xt.T, beta=lam)  # G X + lam W^T, (K, d)
+    gb = G.sum(dim=1)
+    if lam_b:
+        f = f + 0.5 * lam_b * b.square().sum()
+        gb = gb + lam_b * b
+    return f, gWt, gb
+
+
 def fit_linear(
-    X: torch.Tensor,
+    XT: torch.Tensor,
     target: torch.Tensor,
     n_classes: int,
     loss: str,
@@ -53,40 +123,118 @@ def fit_linear(
     init: LinearFit | None = None,
     max_iter: int = 100,
     tol: float = 1e-4,
-    history_size: int = 10,
+    history_size: int = 30,
+    precond: Preconditioner | None = None,
+    intercept_scaling: float | None = None,
 ) -> LinearFit:
-    """Minimise the objective above with ``torch.optim.LBFGS`` (strong-Wolfe line search).
+    """Minimise the objective above by L-BFGS (strong-Wolfe line search, ``history_size`` pairs)
+    on the transposed features ``XT`` (d, n) (contiguous, or a column slice of a contiguous one).
 
-    Stops after ``max_iter`` iterations, when the largest gradient entry is below ``tol``, or
-    when the objective changes by less than ``tol * 1e-2`` between iterations. ``init`` warm-starts.
+    Stops, as scikit-learn's ``lbfgs`` solver does, when the largest entry of the gradient with
+    respect to ``(W, b)`` is at most ``tol``; or when an iteration lowers the objective by less
+    than ``1e-9`` relative; or after ``max_iter`` iterations (``converged`` False). ``init``
+    warm-starts; ``precond`` (None: plain L-BFGS on ``W``) preconditions. ``intercept_scaling``
+    ``s`` penalises the intercept as liblinear does (a constant feature ``s`` whose weight is in
+    the L2 term: ``+ lam / 2 * ||b / s||^2``); None leaves it free.
     """
-    n, d = X.shape
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
+    d, n = XT.shape
+    K = n_classes
     lam = 1.0 / (C * n)
-    W = (init.W.clone() if init is not None else torch.zeros(d, n_classes, device=X.device)).requires_grad_()
-    b = (init.b.clone() if init is not None else torch.zeros(n_classes, device=X.device)).requires_grad_()
-    opt = torch.optim.LBFGS(
-        [W, b],
-        lr=1.0,
-        max_iter=max_iter,
-        max_eval=int(max_iter * 1.5) + 5,
-        tolerance_grad=tol,
-        tolerance_change=tol * 1e-2,
-        history_size=history_size,
-        line_search_fn="strong_wolfe",
-    )
+    lam_b = 0.0 if intercept_scaling is None else lam / float(intercept_scaling) ** 2
+    Xt = XT
+    target_t = target if loss == "softmax" else target.T.contiguous()
+    dev = XT.device
+    if precond is not None:  # W = P Z with P = V diag(s)  <=>  W^T = Z^T (V diag(s))^T
+        kappa = CURVATURE[loss] or 1.0 / K
+        s = precond.scales(kappa, lam)
+        P = precond.V * s
+        Pt = P.T.contiguous()
+        sb = kappa**-0.5  # the intercept: b = sb * c
+    else:
+        P = Pt = s = None
+        sb = 1.0
+    if init is None:
+        Zt, c = torch.zeros(K, d, device=dev), torch.zeros(K, device=dev)
+    elif P is None:
+        Zt, c = init.W.T.clone(), init.b.clone()
+    else:  # Z = P^-1 W = diag(1/s) V^T W
+        Zt, c = (init.W.T @ precond.V) / s, init.b / sb
+    x = torch.cat([Zt.reshape(-1), c])
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad(set_to_none=False)
-        obj = data_loss(torch.addmm(b, X, W), target, loss) + 0.5 * lam * W.square().sum()
-        obj.backward()
-        return obj
+    def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        Zt, c = x[: K * d].view(K, d), x[K * d :]
+        return (Zt if Pt is None else Zt @ Pt), c * sb
 
-    opt.step(closure)
-    state = opt.state[W]
-    return LinearFit(W.detach(), b.detach(), int(state.get("n_iter", 0)), int(state.get("func_evals", 0)))
+    evals = 0
+
+    def fg(x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        nonlocal evals
+        evals += 1
+        Wt, b = unpack(x)
+        f, gWt, gb = _objective(Xt, Wt, b, target_t, loss, lam, n, lam_b)
+        gZt = gWt if P is None else gWt @ P  # chain rule through W^T = Z^T P^T
+        return float(f), torch.cat([gZt.reshape(-1), gb * sb])
+
+    def gmax(g: torch.Tensor) -> float:
+        """The largest gradient entry with respect to (W, b), from the one in the optimised coordinates."""
+        gZt, gc = g[: K * d].view(K, d), g[K * d :]
+        gWt = gZt if P is None else (gZt / s) @ precond.V.T
+        return float(torch.maximum(gWt.abs().max(), (gc / sb).abs().max()))
+
+    f, g = fg(x)
+    g_max = gmax(g)
+    n_iter, converged = 0, g_max <= tol
+    S: list[torch.Tensor] = []
+    Y: list[torch.Tensor] = []
+    rho: list[float] = []
+    while not converged and n_iter < max_iter:
+        n_iter += 1
+        # two-loop recursion: d = -H g
+        q = g.neg()
+        alphas = []
+        for s_i, y_i, r_i in zip(reversed(S), reversed(Y), reversed(rho)):
+            a = r_i * float(s_i.dot(q))
+            q.add_(y_i, alpha=-a)
+            alphas.append(a)
+        if S:
+            q.mul_(float(S[-1].dot(Y[-1]) / Y[-1].dot(Y[-1])))
+        for (s_i, y_i, r_i), a in zip(zip(S, Y, rho), reversed(alphas)):
+            q.add_(s_i, alpha=a - r_i * float(y_i.dot(q)))
+        direction = q
+        gtd = float(g.dot(direction))
+        if gtd > -1e-12:  # not a descent direction (round-off): restart from steepest descent
+            S.clear(), Y.clear(), rho.clear()
+            direction, gtd = g.neg(), -float(g.dot(g))
+        t0 = min(1.0, 1.0 / float(g.abs().sum())) if not S else 1.0
+        f_new, g_new, t, _ = _strong_wolfe(lambda x_, t_, d_: fg(x_ + t_ * d_), x, t0, direction, f, g, gtd)
+        step = direction.mul(t)
+        x = x + step
+        y_vec = g_new - g
+        ys = float(y_vec.dot(step))
+        if ys > 1e-10:
+            if len(S) == history_size:
+                S.pop(0), Y.pop(0), rho.pop(0)
+            S.append(step), Y.append(y_vec), rho.append(1.0 / ys)
+        f_old, f, g = f, f_new, g_new
+        g_max = gmax(g)
+        if g_max <= tol:
+            converged = True
+        elif f_old - f <= 1e-9 * max(abs(f_old), abs(f), 1.0):
+            break  # stalled (float32 round-off): stop, reported as not converged
+    Wt, b = unpack(x)
+    return LinearFit(Wt.T.contiguous(), b.clone(), n_iter, evals, converged, g_max)
+
+
+@torch.no_grad()
+def linear_scores_t(XT: torch.Tensor, fit: LinearFit) -> torch.Tensor:
+    """Decision scores (n, K) of transposed features ``XT`` (d, n)."""
+    return torch.addmm(fit.b[:, None], fit.W.T, XT).T
 
 
 @torch.no_grad()
 def linear_scores(X: torch.Tensor, fit: LinearFit, chunk: int = 65536) -> torch.Tensor:
-    """Decision scores ``X W + b`` (n, K), in row chunks."""
-    return torch.cat([torch.addmm(fit.b, X[i : i + chunk], fit.W) for i in range(0, len(X), chunk)])
+    """Decision scores ``X W + b`` (n, K), in row chunks (computed as ``W^T X^T``)."""
+    Wt = fit.W.T.contiguous()
+    return torch.cat([torch.addmm(fit.b[:, None], Wt, X[i : i + chunk].T).T for i in range(0, len(X), chunk)])
