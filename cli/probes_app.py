@@ -104,6 +104,13 @@ def robustness(
         _fail(e)
 
 
+from cli.probes_audit_cmds import audit_cmd, neighbors_cmd, relabel_cmd  # noqa: E402
+
+app.command("audit")(audit_cmd)
+app.command("neighbors")(neighbors_cmd)
+app.command("relabel")(relabel_cmd)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,317 @@
+"""Exact cosine nearest neighbours over a backbone's cached features (FAISS ``IndexFlatIP``).
+
+Features are L2-normalised float32, so inner product = cosine similarity and the search is
+exact (brute force, BLAS). :class:`NeighborIndex` is built once and answers batched queries:
+by cell position or id (the cell itself left out), by feature vectors, or by new images
+embedded exactly as the stored set was made (:func:`embedcache.query.embed_images`).
+:func:`neighbors` is the one-call form behind ``probes neighbors``.
+
+The index holds every readable cell of the feature set (``ok``), labelled or not: a store
+extracted with ``--no-labels`` can be searched too (the label column is then empty).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .data import ProbeError, parse_names
+
+NEIGHBOR_COLUMNS = ["query", "rank", "id", "label", "similarity", "path"]
+QUERY_BATCH = 4096  # query rows per FAISS call: bounds the (batch, k) answer and BLAS scratch memory
+ADD_BATCH = 65536  # rows normalised and added at a time while building
+# FAISS's exhaustive search: BLAS for every batch size, in (1024 query x 65536 database)-row blocks
+# (256 MiB scratch). Its defaults (no BLAS under 20 queries, 1024-row database blocks) make a
+# batch of 12-100 look-ups on 10^6 cells 10-20x slower on a small CPU.
+_FAISS_BLAS = {"distance_compute_blas_threshold": 1, "distance_compute_blas_query_bs": 1024,
+               "distance_compute_blas_database_bs": 65536}
+
+
+@contextlib.contextmanager
+def _faiss_blocks():
+    import faiss
+
+    before = {k: getattr(faiss.cvar, k) for k in _FAISS_BLAS}
+    try:
+        for k, v in _FAISS_BLAS.items():
+            setattr(faiss.cvar, k, v)
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(faiss.cvar, k, v)
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length as a new C-contiguous float32 array (zero rows stay zero)."""
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    if x.ndim != 2:
+        raise ProbeError(f"features must be 2-D (n, D), got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x /= np.maximum(norms, 1e-12)
+    return x
+
+
+class NeighborIndex:
+    """An exact cosine index over ``features`` (N, D); build once, query many times.
+
+    ``obs`` (optional) has one row per feature row with at least ``id`` (and ``label``,
+    ``path`` for the tables). ``feature_set`` and ``pool`` let :meth:`query_images` embed new
+    images exactly like the indexed ones.
+    """
+
+    def __init__(self, features: np.ndarray, obs: pd.DataFrame | None = None, *, feature_set: Any = None,
+                 pool: str = "cls"):
+        import faiss
+
+        x = np.asarray(features)
+        if x.ndim != 2 or len(x) == 0 or x.shape[1] == 0:
+            raise ProbeError(f"a neighbour index needs a non-empty (N, D) feature matrix, got shape {x.shape}")
+        self.n, self.dim = x.shape
+        self.index = faiss.IndexFlatIP(self.dim)
+        for start in range(0, self.n, ADD_BATCH):  # normalised block by block: no second full copy
+            block = l2_normalise(x[start:start + ADD_BATCH])
+            if not np.isfinite(block).all():
+                bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                raise ProbeError(f"feature row {bad} holds NaN or inf; a neighbour index needs finite features")
+            self.index.add(block)
+        if obs is None:
+            obs = pd.DataFrame({"id": np.arange(self.n).astype(str)})
+        if len(obs) != self.n:
+            raise ProbeError(f"obs has {len(obs)} rows but features have {self.n}")
+        self.obs = obs.reset_index(drop=True).copy()
+        for col in ("label", "path"):
+            if col not in self.obs.columns:
+                self.obs[col] = ""
+        ids = self.obs["id"].astype(str).to_numpy()
+        self._pos = pd.Series(np.arange(self.n), index=ids)
+        if not self._pos.index.is_unique:
+            dup = self._pos.index[self._pos.index.duplicated()].unique()[:5]
+            raise ProbeError(f"cell ids must be unique; repeated: {', '.join(map(str, dup))}")
+        self.feature_set, self.pool = feature_set, pool
+
+    @classmethod
+    def from_store(cls, store: Any, model: str, *, dataset: str | None = None, pool: str = "cls") -> "NeighborIndex":
+        """The index of one backbone's readable cells (``ok``; labelled or not) in ``store``."""
+        fs, obs = open_feature_set(store, model, dataset=dataset, pool=pool)
+        rows = obs["row"].to_numpy()
+        try:
+            # the stored dtype (float16 by default): converted to float32 block by block while indexing
+            x = fs.to_numpy(pool, rows=rows if len(rows) < fs.n else None, dtype=np.dtype(fs.array(pool).dtype))
+        except Exception as e:  # StoreError, I/O
+            raise ProbeError(f"cannot read '{fs.key}/{pool}' features: {e}") from e
+        return cls(x, obs, feature_set=fs, pool=pool)
+
+    # -- raw search ---------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (similarities, positions) per query row, best first; batched.
+
+        ``exclude[i]`` (a position, or -1 for none) is left out of query ``i``'s answer: the
+        query cell itself. Rows with fewer than ``k`` answers are padded with position -1 and
+        similarity NaN.
+        """
+        q = l2_normalise(np.atleast_2d(queries))
+        if q.shape[1] != self.dim:
+            raise ProbeError(f"queries have width {q.shape[1]}, the index {self.dim}")
+        k = int(k)
+        if k < 1:
+            raise ProbeError(f"k must be at least 1, got {k}")
+        if exclude is not None:
+            exclude = np.asarray(exclude, dtype=np.int64).reshape(-1)
+            if len(exclude) != len(q):
+                raise ProbeError(f"exclude has {len(exclude)} entries for {len(q)} queries")
+        sims_out = np.full((len(q), k), np.nan, dtype=np.float32)
+        idx_out = np.full((len(q), k), -1, dtype=np.int64)
+        kk = min(k + (exclude is not None), self.n)
+        for start in range(0, len(q), QUERY_BATCH):
+            stop = min(start + QUERY_BATCH, len(q))
+            with _faiss_blocks():
+                sims, idx = self.index.search(q[start:stop], kk)
+            if exclude is not None:
+                ex = exclude[start:stop]
+                keep = (idx != ex[:, None]) & (idx >= 0)
+                # keep the k best answers that are not the excluded cell (ties may push it out)
+                order = np.argsort(~keep, axis=1, kind="stable")
+                sims = np.take_along_axis(sims, order, 1)
+                idx = np.take_along_axis(idx, order, 1)
+                valid = np.take_along_axis(keep, order, 1)
+                idx = np.where(valid, idx, -1)
+                sims = np.where(valid, sims, np.nan)
+            w = min(k, idx.shape[1])
+            sims_out[start:stop, :w] = sims[:, :w]
+            idx_out[start:stop, :w] = idx[:, :w]
+        idx_out[idx_out < 0] = -1
+        sims_out[idx_out < 0] = np.nan
+        return sims_out, idx_out
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        """The indexed (unit-length) feature rows at ``positions``."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if len(positions) and np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions))):
+            return self.index.reconstruct_n(int(positions[0]), len(positions))
+        return np.stack([self.index.reconstruct(int(p)) for p in positions]) if len(positions) else np.zeros((0, self.dim), np.float32)
+
+    def all_neighbors(self, k: int, batch: int = QUERY_BATCH) -> tuple[np.ndarray, np.ndarray]:
+        """Every indexed cell's ``k`` nearest other cells (itself excluded): (sims, positions), each (N, k)."""
+        sims, idx = [], []
+        for start in range(0, self.n, batch):
+            pos = np.arange(start, min(start + batch, self.n))
+            s, i = self.search(self.vectors(pos), k, exclude=pos)
+            sims.append(s)
+            idx.append(i)
+        return np.concatenate(sims), np.concatenate(idx)
+
+    # -- tables -------------------------------------------------------------------------------
+    def positions(self, ids: Sequence[str]) -> np.ndarray:
+        """Positions of cell ids; unknown ids are a clear error."""
+        ids = [str(i) for i in ids]
+        missing = [i for i in ids if i not in self._pos.index]
+        if missing:
+            raise ProbeError(
+                f"unknown cell id(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+                + " (ids are obs.id of the dataset; unreadable cells are not indexed)"
+            )
+        return self._pos[ids].to_numpy()
+
+    def query_ids(self, ids: Sequence[str], k: int = 12) -> pd.DataFrame:
+        """Neighbours of stored cells (each cell itself left out), one table row per answer."""
+        pos = self.positions(ids)
+        sims, idx = self.search(self.vectors(pos), k, exclude=pos)
+        return self.table([str(i) for i in ids], sims, idx)
+
+    def query_features(self, queries: np.ndarray, k: int = 12, names: Sequence[str] | None = None) -> pd.DataFrame:
+        """Neighbours of arbitrary feature vectors (nothing left out)."""
+        sims, idx = self.search(queries, k)
+        names = list(names) if names is not None else [f"query-{i}" for i in range(len(sims))]
+        return self.table(names, sims, idx)
+
+    def embed(self, images: Sequence[Any], *, device: str = "auto") -> np.ndarray:
+        """Features of new images (paths or arrays) made like the indexed ones."""
+        if self.feature_set is None:
+            raise ProbeError("this index was built from bare features; build it with NeighborIndex.from_store to query images")
+        from embedcache.query import embed_images
+
+        try:
+            return embed_images(self.feature_set, list(images), pool=self.pool, device=device)
+        except ProbeError:
+            raise
+        except Exception as e:  # unreadable image, missing weights, perturbed set ...
+            raise ProbeError(f"cannot embed the query image(s) with '{self.feature_set.key}': {e}") from e
+
+    def query_images(self, images: Sequence[Any], k: int = 12, *, device: str = "auto") -> pd.DataFrame:
+        """Neighbours of new images (paths or arrays), embedded like the stored features."""
+        x = self.embed(images, device=device)
+        names = [str(im) if isinstance(im, (str, os.PathLike)) else f"image-{i}" for i, im in enumerate(images)]
+        return self.query_features(x, k, names)
+
+    def table(self, names: Sequence[str], sims: np.ndarray, idx: np.ndarray) -> pd.DataFrame:
+        """Tidy rows ``query, rank, id, label, similarity, path`` (padding left out)."""
+        q, r = np.nonzero(idx >= 0)
+        pos = idx[q, r]
+        return pd.DataFrame({
+            "query": np.asarray(list(names), dtype=object)[q] if len(q) else np.array([], dtype=object),
+            "rank": r + 1,
+            "id": self.obs["id"].astype(str).to_numpy()[pos],
+            "label": self.obs["label"].astype(str).to_numpy()[pos],
+            "similarity": sims[q, r].astype(float),
+            "path": self.obs["path"].astype(str).to_numpy()[pos],
+        }, columns=NEIGHBOR_COLUMNS)
+
+
+def open_feature_set(store: Any, model: str, *, dataset: str | None = None, pool: str = "cls") -> tuple[Any, pd.DataFrame]:
+    """``(feature set, obs of its readable cells with the store row in column 'row')`` of one backbone."""
+    import embedcache
+    from embedcache.store import Store
+
+    names = parse_names(model)
+    if len(names) != 1:
+        raise ProbeError(f"neighbours use one backbone at a time; got {len(names)}: {', '.join(names) or '(none)'}")
+    try:
+        st = store if isinstance(store, Store) else embedcache.open_store(store)
+        ds = st.dataset(dataset)
+        fs = ds.find_feature_set(names[0])
+    except Exception as e:
+        raise ProbeError(str(e)) from e
+    if pool not in fs.pools:
+        raise ProbeError(
+            f"'{fs.key}' has no '{pool}' features (has: {', '.join(fs.pools)}); "
+            f"use --pool {fs.pools[0] if fs.pools else 'cls'} or re-extract with --pool {pool}"
+        )
+    pending = fs.pending_chunks([pool])
+    if pending:
+        raise ProbeError(
+            f"'{fs.key}/{pool}' is incomplete ({len(pending)} of {fs.n_chunks} chunks not written); "
+            "rerun the same embedcache extract command to finish it"
+        )
+    ok = fs.ok()
+    if not ok.any():
+        raise ProbeError(f"no readable cells in '{fs.key}'")
+    obs = ds.obs.loc[ok].copy()
+    obs.insert(0, "row", np.flatnonzero(ok))
+    return fs, obs.reset_index(drop=True)
+
+
+@dataclass
+class NeighborResult:
+    """What :func:`neighbors` found; ``table`` has one row per query x answer."""
+
+    table: pd.DataFrame
+    queries: pd.DataFrame  # query, label, path of each query
+    index: NeighborIndex
+    out: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def neighbors(
+    store: Any,
+    model: str,
+    *,
+    id: str | Sequence[str] | None = None,  # noqa: A002 - the CLI's name
+    image: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    k: int = 12,
+    dataset: str | None = None,
+    pool: str = "cls",
+    out: str | os.PathLike | None = None,
+    device: str = "auto",
+    index: NeighborIndex | None = None,
+) -> NeighborResult:
+    """The ``k`` nearest cells (cosine, exact) of stored cells (``id``) and/or new images.
+
+    New images are embedded with the feature set's own backbone, weights and preprocessing.
+    Writes ``neighbors.csv`` and ``neighbors.png`` (a contact sheet: each query beside its
+    neighbours and their labels) to ``out`` when given. Pass ``index`` (a
+    :class:`NeighborIndex`) to reuse a built index for many interactive look-ups.
+    """
+    ids = [id] if isinstance(id, str) else [str(i) for i in (id or [])]
+    images = [image] if isinstance(image, (str, os.PathLike)) else list(image or [])
+    if not ids and not images:
+        raise ProbeError("give a cell id (--id) or an image (--image) to look up")
+    if int(k) < 1:
+        raise ProbeError(f"k must be at least 1, got {k}")
+    for im in images:
+        if not Path(im).is_file():
+            raise ProbeError(f"image not found: {im}")
+    idx = index or NeighborIndex.from_store(store, model, dataset=dataset, pool=pool)
+    tables, queries = [], []
+    if ids:
+        tables.append(idx.query_ids(ids, k))
+        o = idx.obs.iloc[idx.positions(ids)]
+        queries += [(str(i), str(lab), str(p)) for i, lab, p in zip(ids, o["label"], o["path"])]
+    if images:
+        tables.append(idx.query_images(images, k, device=device))
+        queries += [(str(im), "(new image)", str(im)) for im in images]
+    res = NeighborResult(pd.concat(tables, ignore_index=True), pd.DataFrame(queries, columns=["query", "label", "path"]), idx)
+    if out is not None:
+        from .contact import neighbor_sheet
+
+        res.out = Path(out)
+        res.out.mkdir(parents=True, exist_ok=True)
+        res.files["neighbors.csv"] = res.out / "neighbors.csv"
+        res.table.to_csv(res.files["neighbors.csv"], index=False)
+        res.files["neighbors.png"] = neighbor_sheet(res.table, res.queries, res.out / "neighbors.png")
+    return res
