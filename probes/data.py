@@ -81,6 +81,21 @@ class Cells:
         return out
 
 
+def require_complete(fs: Any, pool: str) -> None:
+    """Refuse a feature set that lacks ``pool`` or has unwritten chunks of it, saying what to run."""
+    if pool not in fs.pools:
+        raise ProbeError(
+            f"'{fs.key}' has no '{pool}' features (has: {', '.join(fs.pools)}); "
+            f"use --pool {fs.pools[0] if fs.pools else 'cls'} or re-extract with --pool {pool}"
+        )
+    pending = fs.pending_chunks([pool])
+    if pending:
+        raise ProbeError(
+            f"'{fs.key}/{pool}' is incomplete ({len(pending)} of {fs.n_chunks} chunks not written); "
+            "rerun the same embedcache extract command to finish it"
+        )
+
+
 def parse_names(value: str | Sequence[str]) -> list[str]:
     """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (stripped, order kept, duplicates dropped)."""
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -122,16 +137,7 @@ def open_cells(
             fs = ds.find_feature_set(name)
         except Exception as e:
             raise ProbeError(str(e)) from e
-        if pool not in fs.pools:
-            raise ProbeError(
-                f"'{fs.key}' has no '{pool}' features (has: {', '.join(fs.pools)}); "
-                f"use --pool {fs.pools[0] if fs.pools else 'cls'} or re-extract with --pool {pool}"
-            )
-        if fs.pending_chunks([pool]):
-            raise ProbeError(
-                f"'{fs.key}/{pool}' is incomplete ({len(fs.pending_chunks([pool]))} of {fs.n_chunks} chunks "
-                "not written); rerun the same embedcache extract command to finish it"
-            )
+        require_complete(fs, pool)
         feature_sets[name] = fs
     obs = ds.obs
     n = len(obs)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .data import ProbeError, parse_names
+from .data import ProbeError, parse_names, require_complete
 
 NEIGHBOR_COLUMNS = ["query", "rank", "id", "label", "similarity", "path"]
 QUERY_BATCH = 4096  # query rows per FAISS call: bounds the (batch, k) answer and BLAS scratch memory
@@ -237,17 +237,7 @@ def open_feature_set(store: Any, model: str, *, dataset: str | None = None, pool
         fs = ds.find_feature_set(names[0])
     except Exception as e:
         raise ProbeError(str(e)) from e
-    if pool not in fs.pools:
-        raise ProbeError(
-            f"'{fs.key}' has no '{pool}' features (has: {', '.join(fs.pools)}); "
-            f"use --pool {fs.pools[0] if fs.pools else 'cls'} or re-extract with --pool {pool}"
-        )
-    pending = fs.pending_chunks([pool])
-    if pending:
-        raise ProbeError(
-            f"'{fs.key}/{pool}' is incomplete ({len(pending)} of {fs.n_chunks} chunks not written); "
-            "rerun the same embedcache extract command to finish it"
-        )
+    require_complete(fs, pool)
     ok = fs.ok()
     if not ok.any():
         raise ProbeError(f"no readable cells in '{fs.key}'")

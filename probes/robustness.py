@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .data import Cells, ProbeError, open_cells, parse_names
+from .data import Cells, ProbeError, open_cells, parse_names, require_complete
 from .metrics import MAIN_METRIC, score
 from .sampling import TEST_SIZE, Sampler, parse_seeds
 
@@ -77,9 +77,7 @@ def perturbed_sets(cells: Cells, backbone: str, families: Sequence[str]) -> dict
         except ValueError:
             continue
         fs = ds.feature_set(key)
-        if cells.pool not in fs.pools or fs.pending_chunks([cells.pool]):
-            raise ProbeError(f"perturbed features '{key}/{cells.pool}' are missing or incomplete; "
-                             "rerun the same embedcache extract --perturb command to finish them")
+        require_complete(fs, cells.pool)
         found[kind].append((sigma, fs))
     for fam, sets in found.items():
         if not sets:
