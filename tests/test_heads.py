@@ -160,13 +160,66 @@ def test_logistic_matches_sklearn_logistic_regression(data, standardised):
     assert f_ours <= f_ref * (1 + 1e-3), (f_ours, f_ref)
 
 
+def softmax_gradient_max(W, b, X, codes, C) -> float:
+    """The largest entry of the float64 gradient of the objective above w.r.t. (W, b)."""
+    s = X @ W + b
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(codes)), codes] -= 1
+    gW = X.T @ p / len(codes) + W / (C * len(codes))
+    return float(max(np.abs(gW).max(), np.abs(p.mean(axis=0)).max()))
+
+
+def test_logistic_bfloat16_phase_meets_the_float32_stopping_rule_and_agrees(data, standardised):
+    """precision='bfloat16' (the default where bf16 is native) starts each fit on a bf16 copy; the
+    result must still meet sklearn's stopping rule in float32 arithmetic and agree with the
+    float32 fit and with sklearn at a C where the optimum is well determined."""
+    Xtr, ytr, Xte, yte = data
+    Str, Ste = standardised
+    codes = np.searchsorted(np.unique(ytr), ytr)
+    fits = {p: make_probe("logistic", seed=0, device="cpu", Cs=(0.1,), precision=p).fit(Xtr, ytr)
+            for p in ("float32", "bfloat16")}
+    assert fits["bfloat16"].precision_ == "bfloat16" and fits["float32"].precision_ == "float32"
+    low = fits["bfloat16"]
+    assert low.converged_
+    g = softmax_gradient_max(low.coef_.W.double().numpy(), low.coef_.b.double().numpy(), Str, codes, 0.1)
+    assert g <= 1.5e-4, g  # tol 1e-4, up to float32 vs float64 round-off in the check
+    ref = LogisticRegression(C=0.1, max_iter=5000, tol=1e-6).fit(Str, ytr)
+    f_low = softmax_objective(low.coef_.W.double().numpy(), low.coef_.b.double().numpy(), Str, codes, 0.1)
+    f_ref = softmax_objective(ref.coef_.T, ref.intercept_, Str, codes, 0.1)
+    assert f_low <= f_ref * (1 + 1e-3), (f_low, f_ref)
+    a, b, c = low.predict(Xte), fits["float32"].predict(Xte), ref.predict(Ste)
+    assert np.mean(a == b) >= 0.97 and np.mean(a == c) >= 0.97
+    with pytest.raises(ValueError, match="precision"):
+        make_probe("logistic", precision="fp8", device="cpu").fit(Xtr, ytr)
+
+
+def test_logistic_sweep_patience_stops_after_consecutive_drops(data):
+    Xtr, ytr, _, _ = data
+    Cs = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+    full = make_probe("logistic", seed=0, device="cpu", Cs=Cs, patience=None).fit(Xtr, ytr)
+    assert list(full.val_f1_) == list(Cs)
+    one = make_probe("logistic", seed=0, device="cpu", Cs=Cs, patience=1).fit(Xtr, ytr)
+    tried = list(one.val_f1_)
+    # the same warm-started path: identical scores until it stops, right after the first drop
+    assert tried == list(Cs[: len(tried)])
+    np.testing.assert_allclose([one.val_f1_[c] for c in tried], [full.val_f1_[c] for c in tried], atol=1e-12)
+    scores = [full.val_f1_[c] for c in Cs]
+    first_drop = next((i for i in range(1, len(Cs)) if scores[i] <= max(scores[:i])), len(Cs) - 1)
+    assert len(tried) == first_drop + 1
+    assert one.C_ == Cs[int(np.argmax(scores[: first_drop + 1]))]
+
+
 def test_logistic_sweep_picks_a_C_and_agrees_with_sklearn_at_that_C(fitted, data, standardised):
     Xtr, ytr, Xte, yte = data
     Str, Ste = standardised
     est = fitted["logistic"]
     Cs = sorted(float(c) for c in est.Cs)
-    assert list(est.val_f1_) == Cs and est.C_ in Cs
+    tried = list(est.val_f1_)
+    assert tried == Cs[: len(tried)] and est.C_ in tried
     assert est.val_f1_[est.C_] == max(est.val_f1_.values())
+    if len(tried) < len(Cs):  # stopped early: the last `patience` values all scored below the best
+        assert all(est.val_f1_[c] < est.val_f1_[est.C_] for c in tried[-est.patience :])
     ref = LogisticRegression(C=est.C_, max_iter=5000).fit(Str, ytr)
     a, b = est.predict(Xte), ref.predict(Ste)
     assert np.mean(a == b) >= 0.95, np.mean(a == b)
@@ -228,6 +281,24 @@ def test_knn_torch_and_faiss_backends_agree(data, precision, k):
     sb, ib = b.kneighbors(Xte)
     np.testing.assert_allclose(sa, sb, atol=1e-5)  # exact similarities either way
     assert (np.sort(ia[clear], axis=1) == np.sort(ib[clear], axis=1)).all()
+
+
+def test_knn_is_cosine_whatever_the_row_norms(data):
+    """Rows rescaled by wildly different factors (and an all-zero row) have the same neighbours
+    and exact cosine similarities in every search path: only directions count."""
+    Xtr, ytr, Xte, _ = data
+    scale = np.random.default_rng(1).choice([1e-3, 1.0, 1e3], size=(len(Xtr), 1)).astype(np.float32)
+    Xz = Xtr.copy()
+    Xz[0] = 0.0
+    Xs = Xz * scale
+    ref = make_probe("knn", device="cpu", backend="faiss").fit(Xz, ytr)
+    s_ref, _ = ref.kneighbors(Xte)
+    for kw in ({"backend": "faiss"}, {"backend": "torch", "precision": "float32"},
+               {"backend": "torch", "precision": "bfloat16"}):
+        est = make_probe("knn", device="cpu", **kw).fit(Xs, ytr)
+        s, i = est.kneighbors(Xte)
+        assert not (i == 0).any()  # the zero row has similarity 0 with everything
+        np.testing.assert_allclose(s, s_ref, atol=1e-5)
 
 
 def test_knn_bf16_rerank_without_faiss_matches(data, monkeypatch):

@@ -4,6 +4,7 @@ the seeded stratified hold-out split and the estimator base class."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 from types import ModuleType
@@ -60,6 +61,20 @@ def importable(module: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - a broken optional install counts as absent
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bfloat16 dot-product instructions (Linux: /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+    except OSError:
+        pass
+    return False
 
 
 def check_X(X, n_features: int | None = None) -> np.ndarray:

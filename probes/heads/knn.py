@@ -20,25 +20,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import CHUNK, ProbeBase, importable
+from .base import CHUNK, ProbeBase, cpu_has_native_bf16, importable
 
 BACKENDS = ("auto", "faiss", "torch")
 PRECISIONS = ("auto", "float32", "bfloat16")
 SCORE_BUDGET = 1 << 27  # similarity entries per query batch (bf16: 256 MiB)
 BF16_MIN_WORK = 1 << 22  # training rows x features from which precision="auto" searches in bf16
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bfloat16 dot-product instructions (Linux: /proc/cpuinfo flags)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
-    except OSError:
-        pass
-    return False
 
 
 def _exact_dots_torch(q: torch.Tensor, train: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
@@ -65,9 +52,18 @@ def n_candidates(k: int, n_train: int) -> int:
 
 
 def l2_normalize(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm (all-zero rows stay zero), float32."""
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return (X / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+    """Rows scaled to unit norm (all-zero rows stay zero), float32, in a new array."""
+    out = torch.from_numpy(np.array(X, dtype=np.float32, order="C", copy=True))
+    norms = torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min_(1e-12)
+    return out.div_(norms).numpy()
+
+
+def normalized_centred_bf16(raw: torch.Tensor, inv_norms: torch.Tensor, mu: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """``raw / |raw| - mu`` (rows) rounded to bfloat16, in row chunks (no float32 copy of the matrix)."""
+    out = torch.empty(raw.shape, dtype=torch.bfloat16, device=raw.device)
+    for i in range(0, len(raw), chunk):
+        out[i : i + chunk] = raw[i : i + chunk] * inv_norms[i : i + chunk, None] - mu
+    return out
 
 
 def vote(sims: torch.Tensor, labels: torch.Tensor, n_classes: int, temperature: float, weighted: bool) -> torch.Tensor:
@@ -116,13 +112,17 @@ class KNNProbe(ProbeBase):
         self.device = device
 
     def fit(self, X, y) -> "KNNProbe":
-        """Store the L2-normalised rows and their class codes (and build the index)."""
+        """Keep the rows (referenced, not copied, when already float32 and C-contiguous, as
+        scikit-learn's brute-force neighbours do: do not modify them in place afterwards), their
+        inverse norms and class codes; the index is built at the first query."""
         if self.k < 1 or self.temperature <= 0:
             raise ValueError(f"k must be >= 1 and temperature > 0 (got k={self.k}, T={self.temperature})")
         X, codes, dev = self._start_fit(X, y)
         self._n_train, self._n_features = X.shape
         self.backend_, self.precision_ = self._pick_backend(dev)
-        self.train_ = l2_normalize(X)
+        self.train_ = X
+        norms = torch.linalg.vector_norm(torch.from_numpy(X), dim=1)
+        self.inv_norms_ = 1.0 / norms.clamp_min_(1e-12)  # rows scaled by these are unit (zero rows stay 0)
         self.labels_ = torch.from_numpy(codes).to(dev)
         self.k_ = min(int(self.k), len(X))
         self._index = None
@@ -158,39 +158,40 @@ class KNNProbe(ProbeBase):
             if self.backend_ == "faiss":
                 import faiss
 
-                index = faiss.IndexFlatIP(self.train_.shape[1])
+                index = faiss.IndexFlatIP(self._n_features)
                 if dev.type == "cuda" and faiss.get_num_gpus() > 0:
                     self._gpu_res = faiss.StandardGpuResources()
                     index = faiss.index_cpu_to_gpu(self._gpu_res, dev.index or 0, index)
-                index.add(self.train_)
+                index.add(l2_normalize(self.train_))
 
                 def search(Q: np.ndarray):
                     D, I = index.search(Q, self.k_)
                     return torch.from_numpy(D).to(dev), torch.from_numpy(I).to(dev)
 
             elif self.precision_ == "float32":
-                train = torch.from_numpy(self.train_).to(dev)
+                train = torch.from_numpy(l2_normalize(self.train_)).to(dev)
 
                 def search(Q: np.ndarray):
                     return (torch.from_numpy(Q).to(dev) @ train.T).topk(self.k_, dim=1)
 
             else:  # bf16 candidates, exact float32 re-rank, exact search where that could differ
-                train = torch.from_numpy(self.train_).to(dev)
-                mu = train.mean(dim=0)
+                raw = torch.from_numpy(self.train_).to(dev)  # unnormalised: no normalised copy is kept
+                inv = self.inv_norms_.to(dev)
+                mu = (inv @ raw) / len(raw)  # the mean of the normalised rows
                 # centred: q . (x - mu) ranks the rows of one query as q . x does, and its smaller
                 # values keep more of their precision in the bf16 output of the matmul
-                train_bf16 = (train - mu).bfloat16()
-                m = n_candidates(self.k_, len(train))
+                train_bf16 = normalized_centred_bf16(raw, inv, mu)
+                m = n_candidates(self.k_, len(raw))
                 rerank = _exact_dots_faiss if dev.type == "cpu" and importable("faiss") else _exact_dots_torch
                 self.exact_fallbacks_ = 0
 
                 def search(Q: np.ndarray):
                     q = torch.from_numpy(Q).to(dev)
                     approx, cand = (q.bfloat16() @ train_bf16.T).topk(m, dim=1, sorted=False)  # (b, m)
-                    exact = rerank(q, train, cand)  # float32 q . x of the candidates
+                    exact = rerank(q, raw, cand) * inv[cand]  # float32 q . x / |x| of the candidates
                     sims, pos = exact.topk(self.k_, dim=1)
                     idx = cand.gather(1, pos)
-                    if m < len(train):
+                    if m < len(raw):
                         # a row outside the candidates scored at most the lowest candidate in bf16;
                         # it could still beat the k-th neighbour if bf16 errs by more than that gap.
                         # Bound the error by twice the largest one seen on this query's candidates.
@@ -200,7 +201,7 @@ class KNNProbe(ProbeBase):
                         unsure = approx.amin(dim=1) + 2 * err + 1e-6 >= sims[:, -1] - qmu
                         if unsure.any():
                             rows = unsure.nonzero()[:, 0]
-                            s_ex, i_ex = (q[rows] @ train.T).topk(self.k_, dim=1)
+                            s_ex, i_ex = ((q[rows] @ raw.T) * inv).topk(self.k_, dim=1)
                             sims[rows], idx[rows] = s_ex, i_ex
                             self.exact_fallbacks_ += len(rows)
                     return sims, idx

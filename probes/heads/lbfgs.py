@@ -92,8 +92,11 @@ class Preconditioner:
 def _objective(Xt, Wt, b, target_t, loss, lam, n, lam_b=0.0):
     """Objective and its gradients ``(f, gWt (K, d), gb (K,))`` in the (K, n) layout.
 
-    ``Xt`` is ``X^T`` (d, n), ``target_t`` the codes (n,) for softmax or +-1 (K, n)."""
-    St = torch.addmm(b[:, None], Wt, Xt)  # (K, n) scores
+    ``Xt`` is ``X^T`` (d, n), float32 or a low-precision copy (the weights and the loss's
+    gradient are then rounded to its dtype for the two matmuls, everything else stays float32);
+    ``target_t`` the codes (n,) for softmax or +-1 (K, n)."""
+    low = Xt.dtype != torch.float32
+    St = torch.mm(Wt.to(Xt.dtype), Xt).float().add_(b[:, None]) if low else torch.addmm(b[:, None], Wt, Xt)
     if loss == "softmax":
         lse = torch.logsumexp(St, dim=0)
         rows = torch.arange(St.shape[1], device=St.device)
@@ -106,7 +109,9 @@ def _objective(Xt, Wt, b, target_t, loss, lam, n, lam_b=0.0):
         G = M.mul_(target_t).mul_(-2)
     G.div_(n)
     f = f + 0.5 * lam * Wt.square().sum()
-    gWt = torch.addmm(Wt, G, Xt.T, beta=lam)  # G X + lam W^T, (K, d)
+    # G X + lam W^T as (X^T G^T)^T: an (d, n) x (n, K) product, faster in BLAS than G (X^T)^T
+    Gt = G.T.to(Xt.dtype, memory_format=torch.contiguous_format)
+    gWt = (torch.mm(Xt, Gt).float().T.add_(Wt, alpha=lam) if low else torch.addmm(Wt.T, Xt, Gt, beta=lam).T)
     gb = G.sum(dim=1)
     if lam_b:
         f = f + 0.5 * lam_b * b.square().sum()
@@ -114,76 +119,10 @@ def _objective(Xt, Wt, b, target_t, loss, lam, n, lam_b=0.0):
     return f, gWt, gb
 
 
-def fit_linear(
-    XT: torch.Tensor,
-    target: torch.Tensor,
-    n_classes: int,
-    loss: str,
-    C: float,
-    init: LinearFit | None = None,
-    max_iter: int = 100,
-    tol: float = 1e-4,
-    history_size: int = 30,
-    precond: Preconditioner | None = None,
-    intercept_scaling: float | None = None,
-) -> LinearFit:
-    """Minimise the objective above by L-BFGS (strong-Wolfe line search, ``history_size`` pairs)
-    on the transposed features ``XT`` (d, n) (contiguous, or a column slice of a contiguous one).
-
-    Stops, as scikit-learn's ``lbfgs`` solver does, when the largest entry of the gradient with
-    respect to ``(W, b)`` is at most ``tol``; or when an iteration lowers the objective by less
-    than ``1e-9`` relative; or after ``max_iter`` iterations (``converged`` False). ``init``
-    warm-starts; ``precond`` (None: plain L-BFGS on ``W``) preconditions. ``intercept_scaling``
-    ``s`` penalises the intercept as liblinear does (a constant feature ``s`` whose weight is in
-    the L2 term: ``+ lam / 2 * ||b / s||^2``); None leaves it free.
-    """
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
-    d, n = XT.shape
-    K = n_classes
-    lam = 1.0 / (C * n)
-    lam_b = 0.0 if intercept_scaling is None else lam / float(intercept_scaling) ** 2
-    Xt = XT
-    target_t = target if loss == "softmax" else target.T.contiguous()
-    dev = XT.device
-    if precond is not None:  # W = P Z with P = V diag(s)  <=>  W^T = Z^T (V diag(s))^T
-        kappa = CURVATURE[loss] or 1.0 / K
-        s = precond.scales(kappa, lam)
-        P = precond.V * s
-        Pt = P.T.contiguous()
-        sb = kappa**-0.5  # the intercept: b = sb * c
-    else:
-        P = Pt = s = None
-        sb = 1.0
-    if init is None:
-        Zt, c = torch.zeros(K, d, device=dev), torch.zeros(K, device=dev)
-    elif P is None:
-        Zt, c = init.W.T.clone(), init.b.clone()
-    else:  # Z = P^-1 W = diag(1/s) V^T W
-        Zt, c = (init.W.T @ precond.V) / s, init.b / sb
-    x = torch.cat([Zt.reshape(-1), c])
-
-    def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        Zt, c = x[: K * d].view(K, d), x[K * d :]
-        return (Zt if Pt is None else Zt @ Pt), c * sb
-
-    evals = 0
-
-    def fg(x: torch.Tensor) -> tuple[float, torch.Tensor]:
-        nonlocal evals
-        evals += 1
-        Wt, b = unpack(x)
-        f, gWt, gb = _objective(Xt, Wt, b, target_t, loss, lam, n, lam_b)
-        gZt = gWt if P is None else gWt @ P  # chain rule through W^T = Z^T P^T
-        return float(f), torch.cat([gZt.reshape(-1), gb * sb])
-
-    def gmax(g: torch.Tensor) -> float:
-        """The largest gradient entry with respect to (W, b), from the one in the optimised coordinates."""
-        gZt, gc = g[: K * d].view(K, d), g[K * d :]
-        gWt = gZt if P is None else (gZt / s) @ precond.V.T
-        return float(torch.maximum(gWt.abs().max(), (gc / sb).abs().max()))
-
-    f, g = fg(x)
+def _lbfgs(fg, gmax, x, f, g, tol: float, max_iter: int, history_size: int):
+    """L-BFGS iterations from ``x`` (objective ``f``, gradient ``g`` there) until ``gmax(g) <= tol``,
+    a stall (relative decrease below ``1e-9``) or ``max_iter``.
+    Returns ``(x, f, g, n_iter, converged, g_max)``."""
     g_max = gmax(g)
     n_iter, converged = 0, g_max <= tol
     S: list[torch.Tensor] = []
@@ -223,8 +162,99 @@ def fit_linear(
             converged = True
         elif f_old - f <= 1e-9 * max(abs(f_old), abs(f), 1.0):
             break  # stalled (float32 round-off): stop, reported as not converged
+    return x, f, g, n_iter, converged, g_max
+
+
+def fit_linear(
+    XT: torch.Tensor,
+    target: torch.Tensor,
+    n_classes: int,
+    loss: str,
+    C: float,
+    init: LinearFit | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    history_size: int = 30,
+    precond: Preconditioner | None = None,
+    intercept_scaling: float | None = None,
+    XT_low: torch.Tensor | None = None,
+    low_tol: float | None = None,
+) -> LinearFit:
+    """Minimise the objective above by L-BFGS (strong-Wolfe line search, ``history_size`` pairs)
+    on the transposed features ``XT`` (d, n) (contiguous, or a column slice of a contiguous one).
+
+    Stops, as scikit-learn's ``lbfgs`` solver does, when the largest entry of the gradient with
+    respect to ``(W, b)`` is at most ``tol``; or when an iteration lowers the objective by less
+    than ``1e-9`` relative; or after ``max_iter`` iterations (``converged`` False). ``init``
+    warm-starts; ``precond`` (None: plain L-BFGS on ``W``) preconditions. ``intercept_scaling``
+    ``s`` penalises the intercept as liblinear does (a constant feature ``s`` whose weight is in
+    the L2 term: ``+ lam / 2 * ||b / s||^2``); None leaves it free.
+
+    ``XT_low``, a low-precision copy of ``XT`` (``XT.bfloat16()`` where bf16 matmuls are native), runs a
+    cheap first phase on it, to a gradient of ``low_tol`` (default ``10 * tol``) or until
+    bfloat16 round-off stalls it; the float32 phase then continues from there to ``tol``, so the
+    result meets the same float32 stopping rule. ``n_iter`` counts the iterations of both phases.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; one of {LOSSES}")
+    d, n = XT.shape
+    K = n_classes
+    lam = 1.0 / (C * n)
+    lam_b = 0.0 if intercept_scaling is None else lam / float(intercept_scaling) ** 2
+    target_t = target if loss == "softmax" else target.T.contiguous()
+    dev = XT.device
+    if precond is not None:  # W = P Z with P = V diag(s)  <=>  W^T = Z^T (V diag(s))^T
+        kappa = CURVATURE[loss] or 1.0 / K
+        s = precond.scales(kappa, lam)
+        P = precond.V * s
+        Pt = P.T.contiguous()
+        sb = kappa**-0.5  # the intercept: b = sb * c
+    else:
+        P = Pt = s = None
+        sb = 1.0
+    if init is None:
+        Zt, c = torch.zeros(K, d, device=dev), torch.zeros(K, device=dev)
+    elif P is None:
+        Zt, c = init.W.T.clone(), init.b.clone()
+    else:  # Z = P^-1 W = diag(1/s) V^T W
+        Zt, c = (init.W.T @ precond.V) / s, init.b / sb
+    x = torch.cat([Zt.reshape(-1), c])
+
+    def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        Zt, c = x[: K * d].view(K, d), x[K * d :]
+        return (Zt if Pt is None else Zt @ Pt), c * sb
+
+    evals = 0
+
+    def objective_on(Xt: torch.Tensor):
+        def fg(x: torch.Tensor) -> tuple[float, torch.Tensor]:
+            nonlocal evals
+            evals += 1
+            Wt, b = unpack(x)
+            f, gWt, gb = _objective(Xt, Wt, b, target_t, loss, lam, n, lam_b)
+            gZt = gWt if P is None else gWt @ P  # chain rule through W^T = Z^T P^T
+            return float(f), torch.cat([gZt.reshape(-1), gb * sb])
+
+        return fg
+
+    def gmax(g: torch.Tensor) -> float:
+        """The largest gradient entry with respect to (W, b), from the one in the optimised coordinates."""
+        gZt, gc = g[: K * d].view(K, d), g[K * d :]
+        gWt = gZt if P is None else (gZt / s) @ precond.V.T
+        return float(torch.maximum(gWt.abs().max(), (gc / sb).abs().max()))
+
+    n_iter = 0
+    if XT_low is not None:
+        if XT_low.shape != XT.shape:
+            raise ValueError(f"XT_low has shape {tuple(XT_low.shape)}, XT {tuple(XT.shape)}")
+        fg_low = objective_on(XT_low)
+        f, g = fg_low(x)
+        x, f, g, n_iter, _, _ = _lbfgs(fg_low, gmax, x, f, g, low_tol or 10 * tol, max_iter, history_size)
+    fg = objective_on(XT)
+    f, g = fg(x)
+    x, f, g, more, converged, g_max = _lbfgs(fg, gmax, x, f, g, tol, max_iter - n_iter, history_size)
     Wt, b = unpack(x)
-    return LinearFit(Wt.T.contiguous(), b.clone(), n_iter, evals, converged, g_max)
+    return LinearFit(Wt.T.contiguous(), b.clone(), n_iter + more, evals, converged, g_max)
 
 
 @torch.no_grad()
