@@ -94,6 +94,9 @@ def write_outputs(result) -> dict[str, Path]:
     result.summary.to_csv(files["summary.csv"], index=False)
     result.exclusions.to_csv(files["exclusions.csv"], index=False)
     result.confusion.to_csv(files["confusion.csv"], index=False)
+    if getattr(result, "fits", None) is not None:
+        files["fits.csv"] = out / "fits.csv"
+        result.fits.to_csv(files["fits.csv"], index=False)
     files["confusion.json"].write_text(json.dumps(confusion_matrices(result.confusion), indent=1))
     if getattr(result, "domains", None) is not None:
         files["domains.csv"] = out / "domains.csv"

@@ -169,7 +169,7 @@ def robustness(
                 tests = [cells.features(b, sp.test, fs) for _, _, fs in variants]
                 for p in probe_list:
                     advance(f"{b} · {p} · seed {seed}")
-                    preds, _ = _fit_predict(p, seed, device, x_tr, cells.labels[sp.train], tests, b, sp)
+                    preds, _, _ = _fit_predict(p, seed, device, x_tr, cells.labels[sp.train], tests, b, sp)
                     for (fam, sigma, fs), pred in zip(variants, preds):
                         sc = score(cells.labels[sp.test], pred, sp.classes)
                         base = dict(study=name, dataset=cells.dataset, backbone=b, feature_key=fs.key, pool=pool,

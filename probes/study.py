@@ -8,6 +8,7 @@ heads of :mod:`probes.heads`, score with :mod:`probes.metrics` and write through
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 import time
@@ -21,6 +22,12 @@ import pandas as pd
 from .data import Cells, ProbeError, open_cells, parse_names
 from .metrics import CLASS_METRIC, score
 from .sampling import TEST_SIZE, Sampler, Split, flag_min, parse_limits, parse_seeds, sort_labels
+
+FIT_COLUMNS = [
+    "backbone", "probe", "limit", "seed", "n_train", "seconds",
+    "C", "val_f1", "n_iter", "converged", "precision", "backend", "exact_fallbacks",
+]
+FIT_ATTRS = ("C_", "val_f1_", "n_iter_", "converged_", "precision_", "backend_", "exact_fallbacks_")
 
 RESULT_COLUMNS = [
     "study", "dataset", "backbone", "feature_key", "pool", "probe", "limit", "seed", "split",
@@ -45,6 +52,7 @@ class StudyResult:
     domains: pd.DataFrame | None = None  # domain studies: in- vs out-of-domain macro-F1 and the gap
     splits: dict = field(default_factory=dict)  # (limit, seed) -> Split (positions into the usable cells)
     evaluations: dict = field(default_factory=dict)  # (limit, seed) -> [(test_domain, in_domain, positions, classes)]
+    fits: pd.DataFrame | None = None  # one row per fit: chosen C, solver iterations, convergence, precision...
     out: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -215,6 +223,7 @@ def _study(kind, name, params, cells: Cells, limits, seeds, probe_list, split, v
     notes[:] = list(dict.fromkeys(notes))
     rows: list[dict] = []
     confusion: list[dict] = []
+    fits: list[dict] = []
     needed = np.unique(np.concatenate([sp.train for sp in splits.values()]
                                       + [e[2] for ev in evals.values() for e in ev]))
     n_fits = len(cells.backbones) * len(splits) * len(probe_list)
@@ -228,7 +237,9 @@ def _study(kind, name, params, cells: Cells, limits, seeds, probe_list, split, v
                 for probe in probe_list:
                     advance(f"{backbone} · {probe} · {'all' if limit is None else limit} · seed {seed}")
                     tests = [(rows_of(pos), pos) for _, _, pos, _ in evals[(limit, seed)]]
-                    preds, seconds = _fit_predict(probe, seed, device, x_tr, y_tr, [x for x, _ in tests], backbone, sp)
+                    preds, seconds, info = _fit_predict(probe, seed, device, x_tr, y_tr, [x for x, _ in tests], backbone, sp)
+                    fits.append(dict(backbone=backbone, probe=probe, limit=limit, seed=seed, n_train=len(sp.train),
+                                     seconds=seconds, **info))
                     for (test_domain, in_domain, pos, classes), pred in zip(evals[(limit, seed)], preds):
                         sc = score(cells.labels[pos], pred, classes)
                         base = dict(
@@ -249,11 +260,20 @@ def _study(kind, name, params, cells: Cells, limits, seeds, probe_list, split, v
     results["limit"] = results["limit"].astype("Int64")
     conf = pd.DataFrame(confusion, columns=["backbone", "probe", "limit", "seed", "test_domain", "true", "pred", "count"])
     conf["limit"] = conf["limit"].astype("Int64")
+    fit_table = pd.DataFrame(fits, columns=FIT_COLUMNS)
+    for col in ("limit", "n_iter", "exact_fallbacks"):
+        fit_table[col] = fit_table[col].astype("Int64")
+    unconverged = fit_table[fit_table["converged"] == False]  # noqa: E712 - None (not an iterative probe) is not False
+    if len(unconverged):
+        notes.append(f"{len(unconverged)} of {len(fit_table)} fits stopped at their iteration limit before meeting "
+                     "the stopping rule (converged = False in fits.csv): "
+                     + ", ".join(sorted({f"{b} · {p}" for b, p in zip(unconverged["backbone"], unconverged["probe"])})))
     curves = report.summarize(results)
     summary = report.limit_reaching(curves, params.get("fraction", 0.95)) if kind == "scale" else report.eval_summary(curves)
     result = StudyResult(
         kind, name, params, results, curves, summary, _exclusions(cells, sampler, splits), conf, notes,
         domains=report.domain_gaps(curves) if plan is not None else None, splits=splits, evaluations=evals,
+        fits=fit_table,
     )
     result.out = Path(out) if out is not None else Path(name)
     result.files = report.write_outputs(result)
@@ -268,8 +288,24 @@ def _lift(sp: Split, inside: np.ndarray) -> Split:
     return sp
 
 
+def fit_info(est) -> dict:
+    """What a fitted probe chose and how its solver ended (None where the probe has no such thing):
+    ``C`` and ``val_f1`` (the sweep's hold-out macro-F1 per C, as JSON), ``n_iter``, ``converged``,
+    ``precision``, ``backend``, ``exact_fallbacks`` (kNN queries re-searched exactly)."""
+    info = {}
+    for attr in FIT_ATTRS:
+        v = getattr(est, attr, None)
+        if isinstance(v, dict):
+            v = json.dumps({str(k): round(float(x), 6) for k, x in v.items()})
+        elif hasattr(v, "item"):  # numpy scalar or 0-d torch tensor
+            v = v.item()
+        info[attr.rstrip("_")] = v
+    return info
+
+
 def _fit_predict(probe, seed, device, x_tr, y_tr, x_tests, backbone, sp: Split):
-    """Fit one probe and predict each test matrix; seconds cover the fit and every prediction."""
+    """Fit one probe and predict each test matrix; seconds cover the fit and every prediction.
+    Returns ``(predictions, seconds, fit_info(estimator))``."""
     from .heads import make_probe
 
     where = f"probe '{probe}' on {backbone}" + (f" at limit {sp.limit}" if sp.limit is not None else "") + f", seed {seed}"
@@ -279,12 +315,13 @@ def _fit_predict(probe, seed, device, x_tr, y_tr, x_tests, backbone, sp: Split):
         est.fit(x_tr, y_tr)
         preds = [np.asarray(est.predict(x)).astype(str) for x in x_tests]
         seconds = time.perf_counter() - t0
+        info = fit_info(est)
     except ProbeError:
         raise
     except Exception as e:  # a library failing deep inside: say where, keep the cause
         raise ProbeError(f"{where} failed ({len(y_tr)} training cells, {len(sp.classes)} classes): "
                          f"{type(e).__name__}: {e}") from e
-    return preds, seconds
+    return preds, seconds, info
 
 
 def _check_probes(probes) -> list[str]:

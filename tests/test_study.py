@@ -54,10 +54,43 @@ def study(store, keys, tmp_path_factory):
     return scale(store, keys[1], limits="16..64", probes="logistic,knn", seeds=2, out=out, quiet=True)
 
 
+def test_fits_table_records_each_fit_and_what_it_chose(study):
+    """fits.csv: one row per fit with the logistic sweep's chosen C (one of its scores' best) and
+    solver facts; kNN rows carry their search precision and no C."""
+    fits = pd.read_csv(study.out / "fits.csv", keep_default_na=False)
+    assert len(fits) == len(study.fits) == 2 * 3 * 2  # probes x limits x seeds
+    assert not fits.duplicated(["probe", "limit", "seed"]).any()
+    lr = fits[fits["probe"] == "logistic"]
+    for _, row in lr.iterrows():
+        scores = {float(c): f for c, f in json.loads(row["val_f1"]).items()}
+        assert float(row["C"]) in scores and scores[float(row["C"])] == max(scores.values())
+        assert str(row["converged"]) in ("True", "False") and int(row["n_iter"]) >= 0
+    stopped = lr[lr["converged"].astype(str) == "False"]
+    assert len(stopped) == 0 or any("fits stopped at their iteration limit" in n for n in study.notes)
+    knn = fits[fits["probe"] == "knn"]
+    assert (knn["C"] == "").all() and set(knn["precision"]) <= {"float32", "bfloat16"}
+    # n_train matches the results table for the same fit
+    res = study.results.drop_duplicates(["probe", "limit", "seed"]).set_index(["probe", "limit", "seed"])["n_train"]
+    for _, row in fits.iterrows():
+        assert res[(row["probe"], int(row["limit"]), int(row["seed"]))] == row["n_train"]
+
+
+def test_fits_that_hit_their_iteration_limit_are_reported(store, keys, tmp_path, monkeypatch):
+    from probes.heads import logistic
+
+    init = logistic.LogisticProbe.__init__
+    monkeypatch.setattr(logistic.LogisticProbe, "__init__",
+                        lambda self, **kw: init(self, **{**kw, "max_iter": 2}))
+    r = scale(store, keys[1], limits="32", probes="logistic", seeds=1, out=tmp_path / "s", quiet=True)
+    assert (r.fits["converged"] == False).all()  # noqa: E712
+    assert any("1 of 1 fits stopped at their iteration limit" in n for n in r.notes), r.notes
+    assert any("fits stopped" in n for n in json.loads((tmp_path / "s" / "study.json").read_text())["notes"])
+
+
 def test_outputs_are_well_formed(study, keys):
     out = study.out
     for name in ("results.csv", "results.parquet", "summary.csv", "curves.csv", "exclusions.csv",
-                 "confusion.csv", "confusion.json", "study.json", "scaling.png"):
+                 "confusion.csv", "confusion.json", "study.json", "scaling.png", "fits.csv"):
         assert (out / name).is_file(), name
     csv = pd.read_csv(out / "results.csv", keep_default_na=False)
     pq = pd.read_parquet(out / "results.parquet")

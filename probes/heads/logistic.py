@@ -49,7 +49,7 @@ class LogisticProbe(ProbeBase):
         self,
         Cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0),
         val_fraction: float = 0.1,
-        max_iter: int = 100,
+        max_iter: int = 300,
         tol: float = 1e-4,
         backend: str = "auto",
         precondition: bool = True,
