@@ -17,6 +17,8 @@ bf16 errs on some row by more than twice the worst error seen among that query's
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -152,7 +154,9 @@ class KNNProbe(ProbeBase):
         return ("torch", "bfloat16") if bf16 else ("faiss", "float32")
 
     def _searcher(self):
-        """A callable ``Q (q, d) normalised -> (sims, idx)`` torch tensors on the device, best first."""
+        """A callable ``(Q (q, d) normalised, scores) -> (sims, idx)`` torch tensors on the device,
+        best first; ``scores`` is a reusable (>= q, n_train) buffer for the similarity block
+        (torch backends; see :meth:`_search_batches`), None for faiss."""
         if self._index is None:
             dev = self.device_
             if self.backend_ == "faiss":
@@ -164,15 +168,16 @@ class KNNProbe(ProbeBase):
                     index = faiss.index_cpu_to_gpu(self._gpu_res, dev.index or 0, index)
                 index.add(l2_normalize(self.train_))
 
-                def search(Q: np.ndarray):
+                def search(Q: np.ndarray, scores=None):
                     D, I = index.search(Q, self.k_)
                     return torch.from_numpy(D).to(dev), torch.from_numpy(I).to(dev)
 
             elif self.precision_ == "float32":
                 train = torch.from_numpy(l2_normalize(self.train_)).to(dev)
 
-                def search(Q: np.ndarray):
-                    return (torch.from_numpy(Q).to(dev) @ train.T).topk(self.k_, dim=1)
+                def search(Q: np.ndarray, scores: torch.Tensor):
+                    q = torch.from_numpy(Q).to(dev)
+                    return torch.mm(q, train.T, out=scores[: len(q)]).topk(self.k_, dim=1)
 
             else:  # bf16 candidates, exact float32 re-rank, exact search where that could differ
                 raw = torch.from_numpy(self.train_).to(dev)  # unnormalised: no normalised copy is kept
@@ -185,9 +190,10 @@ class KNNProbe(ProbeBase):
                 rerank = _exact_dots_faiss if dev.type == "cpu" and importable("faiss") else _exact_dots_torch
                 self.exact_fallbacks_ = 0
 
-                def search(Q: np.ndarray):
+                def search(Q: np.ndarray, scores: torch.Tensor):
                     q = torch.from_numpy(Q).to(dev)
-                    approx, cand = (q.bfloat16() @ train_bf16.T).topk(m, dim=1, sorted=False)  # (b, m)
+                    block = torch.mm(q.bfloat16(), train_bf16.T, out=scores[: len(q)])
+                    approx, cand = block.topk(m, dim=1, sorted=False)  # (b, m)
                     exact = rerank(q, raw, cand) * inv[cand]  # float32 q . x / |x| of the candidates
                     sims, pos = exact.topk(self.k_, dim=1)
                     idx = cand.gather(1, pos)
@@ -209,9 +215,20 @@ class KNNProbe(ProbeBase):
             self._index = search
         return self._index
 
-    def _batches(self, n: int) -> tuple[range, int]:
-        step = max(1, min(int(self.batch_size), SCORE_BUDGET // max(1, len(self.train_))))
-        return range(0, n, step), step
+    def _search_batches(self, Q: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(sims, idx)`` for each batch of queries: at most ``batch_size`` queries, fewer when
+        the training set is large (the similarity block stays near 2^27 entries). The torch
+        searches write every batch's block into one buffer allocated once per call (a fresh
+        block per batch costs page faults that were ~20% of a 10,000-query search here)."""
+        search = self._searcher()
+        n = len(self.train_)
+        step = max(1, min(int(self.batch_size), SCORE_BUDGET // max(1, n), len(Q)))
+        scores = None
+        if self.backend_ == "torch":
+            dtype = torch.bfloat16 if self.precision_ == "bfloat16" else torch.float32
+            scores = torch.empty(step, n, dtype=dtype, device=self.device_)
+        for i in range(0, len(Q), step):
+            yield search(Q[i : i + step], scores)
 
     def kneighbors(self, X) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities and training-row indices of the ``k`` nearest rows, best first."""
@@ -219,17 +236,14 @@ class KNNProbe(ProbeBase):
 
         self._check_fitted()
         Q = l2_normalize(check_X(X, self.n_features_in_))
-        starts, step = self._batches(len(Q))
-        out = [self._searcher()(Q[i : i + step]) for i in starts]
+        out = list(self._search_batches(Q))
         return (torch.cat([s for s, _ in out]).cpu().numpy(), torch.cat([i for _, i in out]).cpu().numpy())
 
     @torch.no_grad()
     def _proba(self, X: np.ndarray) -> np.ndarray:
-        Q, search, K = l2_normalize(X), self._searcher(), len(self.classes_)
+        Q, K = l2_normalize(X), len(self.classes_)
         parts = []
-        starts, step = self._batches(len(Q))
-        for i in starts:
-            sims, idx = search(Q[i : i + step])
+        for sims, idx in self._search_batches(Q):
             parts.append(vote(sims, self.labels_[idx], K, self.temperature, self.weighted).cpu())
         return torch.cat(parts).numpy()
 
