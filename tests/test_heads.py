@@ -194,6 +194,51 @@ def test_logistic_bfloat16_phase_meets_the_float32_stopping_rule_and_agrees(data
         make_probe("logistic", precision="fp8", device="cpu").fit(Xtr, ytr)
 
 
+def test_curvature_shift_is_the_exact_change_of_a_diagonal_l2_term():
+    """y = (A + lam D) s for a quadratic: shifting pairs made at lam1 by (lam2 - lam1) D gives the
+    pairs at lam2; a pair that loses positive curvature is dropped."""
+    from probes.heads.lbfgs import Curvature
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    A, D = B @ B.T, torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    S = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(3)]
+    pairs = lambda lam: [(A + lam * torch.diag(D)) @ s for s in S]  # noqa: E731
+    cv = Curvature(S=list(S), Y=pairs(0.3), rho=[1.0 / float(y.dot(s)) for s, y in zip(S, pairs(0.3))], lam=0.3)
+    cv.shift((2.0 - 0.3) * D)
+    for y, y_ref in zip(cv.Y, pairs(2.0)):
+        torch.testing.assert_close(y, y_ref)
+    assert cv.rho == pytest.approx([1.0 / float(y.dot(s)) for s, y in zip(S, pairs(2.0))])
+    flat = Curvature(S=[torch.ones(2, dtype=torch.float64)], Y=[torch.full((2,), 0.1, dtype=torch.float64)], rho=[5.0])
+    flat.shift(torch.full((2,), -1.0, dtype=torch.float64))  # y . s = 0.2 - 2 < 0
+    assert flat.S == [] and flat.Y == [] and flat.rho == []
+
+
+def test_curvature_carried_along_a_sweep_still_reaches_each_optimum(standardised, data):
+    """Fits that share coordinates (a fixed precond_lam) and carry L-BFGS pairs from a fit at
+    another C must still meet the stopping rule at their own C (checked in float64) and reach
+    its optimum, whichever direction C moves."""
+    from probes.heads.lbfgs import Curvature, Preconditioner, fit_linear
+
+    Str, _ = standardised
+    _, ytr, _, _ = data
+    codes = np.searchsorted(np.unique(ytr), ytr)
+    XT = torch.from_numpy(np.ascontiguousarray(Str.T, dtype=np.float32))
+    yt = torch.from_numpy(codes)
+    pc = Preconditioner.of(XT)
+    for path in ((0.01, 0.1, 1.0), (1.0, 0.1)):
+        curvature, fit = Curvature(), None
+        for C in path:
+            fit = fit_linear(XT, yt, 13, "softmax", C, fit, max_iter=300, precond=pc, curvature=curvature,
+                             precond_lam=1.0 / (path[0] * len(codes)))
+            W, b = fit.W.double().numpy(), fit.b.double().numpy()
+            assert fit.converged and softmax_gradient_max(W, b, Str, codes, C) <= 1.5e-4
+            ref = LogisticRegression(C=C, max_iter=5000, tol=1e-6).fit(Str, ytr)
+            f_ref = softmax_objective(ref.coef_.T, ref.intercept_, Str, codes, C)
+            assert softmax_objective(W, b, Str, codes, C) <= f_ref * (1 + 1e-3), (path, C)
+        assert curvature.lam == pytest.approx(1.0 / (path[-1] * len(codes))) and len(curvature.S) > 0
+
+
 def test_logistic_sweep_patience_stops_after_consecutive_drops(data):
     Xtr, ytr, _, _ = data
     Cs = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)

@@ -12,7 +12,7 @@ from sklearn.metrics import f1_score
 from .base import (
     ProbeBase, cpu_has_native_bf16, importable, require, softmax_rows, standardize_t, stratified_holdout,
 )
-from .lbfgs import LinearFit, Preconditioner, fit_linear, linear_scores, linear_scores_t, targets
+from .lbfgs import Curvature, LinearFit, Preconditioner, fit_linear, linear_scores, linear_scores_t, targets
 
 BACKENDS = ("auto", "torch", "cuml")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -24,7 +24,8 @@ class LogisticProbe(ProbeBase):
     ``Cs`` (sklearn's inverse L2 strength; 1.0 is sklearn's default) are tried from strongest to
     weakest on a stratified ``val_fraction`` hold-out, each fit warm-started from the previous;
     the sweep stops early once ``patience`` consecutive values score below the best so far (None:
-    try them all). The best validation macro-F1 wins (ties -> stronger regularisation) and is
+    try them all). The sweep's fits and the refit share one set of preconditioned coordinates and
+    carry L-BFGS curvature pairs from fit to fit (later fits need a fraction of the iterations). The best validation macro-F1 wins (ties -> stronger regularisation) and is
     refitted on all rows, warm-started from its hold-out solution. When the hold-out has fewer than 2 rows (tiny
     data) the sweep is skipped and ``C=1`` (or the middle of ``Cs``) is used. ``C_`` is the choice,
     ``val_f1_`` the sweep's scores.
@@ -80,9 +81,11 @@ class LogisticProbe(ProbeBase):
         require("cuml.linear_model", "LogisticProbe(backend='cuml')")
         return self._fit_cuml
 
-    def _fit_torch(self, XT, codes, K, C, init, precond=None, XT_low=None):
+    def _fit_torch(self, XT, codes, K, C, init, precond=None, XT_low=None, path=None):
+        curvature, precond_lam = path if path is not None else (None, None)
         return fit_linear(XT, targets(codes, K, "softmax"), K, "softmax", C, init, self.max_iter, self.tol,
-                          precond=precond, XT_low=XT_low, low_tol=self.tol)
+                          precond=precond, XT_low=XT_low, low_tol=self.tol, curvature=curvature,
+                          precond_lam=precond_lam)
 
     def _low_precision(self, XT: torch.Tensor) -> torch.Tensor | None:
         """The bfloat16 copy of ``XT`` the fits start on, or None (see ``precision``)."""
@@ -93,7 +96,7 @@ class LogisticProbe(ProbeBase):
         )
         return XT.bfloat16() if bf16 else None
 
-    def _fit_cuml(self, XT, codes, K, C, init, precond=None, XT_low=None):
+    def _fit_cuml(self, XT, codes, K, C, init, precond=None, XT_low=None, path=None):
         from cuml.linear_model import LogisticRegression
 
         X = XT.T.contiguous()
@@ -128,11 +131,14 @@ class LogisticProbe(ProbeBase):
         self.precision_ = "float32" if XT_low is None else "bfloat16"
         self.val_f1_: dict[float, float] = {}
         chosen, start, best, worse = (1.0 if 1.0 in Cs else Cs[len(Cs) // 2]), None, -1.0, 0
+        # along the sweep and into the refit: one set of preconditioned coordinates (built for the
+        # strongest C) and the L-BFGS curvature pairs carried from fit to fit
+        path = (Curvature(), 1.0 / (Cs[0] * nf)) if sweep and pc is not None else None
         if len(val_idx) >= 2 and sweep:
             fit = None
             low_fit = None if XT_low is None else XT_low[:, :nf]
             for C in Cs:  # strongest first; each warm-starts the next
-                fit = solve(XT[:, :nf], yt[:nf], K, C, fit, pc, low_fit)
+                fit = solve(XT[:, :nf], yt[:nf], K, C, fit, pc, low_fit, path)
                 pred = linear_scores_t(XT[:, nf:], fit).argmax(1).cpu().numpy()
                 f1 = f1_score(codes[val_idx], pred, average="macro")
                 self.val_f1_[C] = float(f1)
@@ -143,7 +149,7 @@ class LogisticProbe(ProbeBase):
                     if self.patience is not None and worse >= self.patience:
                         break
         self.C_ = chosen
-        self.coef_ = solve(XT, yt, K, chosen, start, pc, XT_low)
+        self.coef_ = solve(XT, yt, K, chosen, start, pc, XT_low, path)
         self.n_iter_ = self.coef_.n_iter
         self.converged_ = self.coef_.converged
         return self
