@@ -9,11 +9,15 @@ Objective, with ``lam = 1 / (C * n)`` so that ``C`` means what it means in sciki
 
 The solver is L-BFGS (``history_size`` pairs, torch's strong-Wolfe line search) with
 scikit-learn's stopping rule: the largest gradient entry in ``(W, b)`` at most ``tol``.
-Two things make it fast without changing the objective or its minimiser:
+These make it fast without changing the objective or its minimiser:
 
 * **Layout.** The features come transposed and contiguous, ``X^T`` (d, n); scores are computed
-  as ``W^T X^T`` (K, n) and the weight gradient as ``G^T X`` (K, d): with K small, these are
-  2-3x faster in BLAS than ``X W`` and ``X^T G`` on a row-major ``X``.
+  as ``W^T X^T`` (K, n) and the weight gradient as ``X^T G^T`` (d, K), both plain products of
+  contiguous matrices (on a 2-core EPYC, 2-3x faster than ``X W`` and ``X^T G`` on a row-major
+  ``X``; on a 2-core Xeon, ``X^T G^T`` was ~2x faster than the ``G (X^T)^T`` used before).
+* **Low precision first** (``XT_low``): most iterations on a bfloat16 copy where bf16 matmuls are
+  native, the rest in float32 until the float32 gradient meets the rule.
+* **Curvature carried along a sweep** (:class:`Curvature`).
 * **Preconditioning** (:class:`Preconditioner`). With the eigen-decomposition
   ``X^T X / n = V diag(ev) V^T``, L-BFGS runs on ``Z`` with ``W = V diag((kappa ev + lam)^-1/2) Z``,
   where the Hessian is close to the identity (``kappa``: the loss's curvature per unit of
