@@ -15,6 +15,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 CHUNK = 4096  # rows per query / prediction batch
+BF16_MIN_WORK = 1 << 22  # matrix entries (rows x features) from which precision="auto" uses bf16
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

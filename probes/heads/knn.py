@@ -22,12 +22,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .base import CHUNK, ProbeBase, cpu_has_native_bf16, importable
+from .base import BF16_MIN_WORK, CHUNK, ProbeBase, cpu_has_native_bf16, importable
 
 BACKENDS = ("auto", "faiss", "torch")
 PRECISIONS = ("auto", "float32", "bfloat16")
 SCORE_BUDGET = 1 << 27  # similarity entries per query batch (bf16: 256 MiB)
-BF16_MIN_WORK = 1 << 22  # training rows x features from which precision="auto" searches in bf16
 
 
 def _exact_dots_torch(q: torch.Tensor, train: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ import torch
 from sklearn.metrics import f1_score
 
 from .base import (
-    ProbeBase, cpu_has_native_bf16, importable, require, softmax_rows, standardize_t, stratified_holdout,
+    BF16_MIN_WORK, ProbeBase, cpu_has_native_bf16, importable, require, softmax_rows, standardize_t,
+    stratified_holdout,
 )
 from .lbfgs import Curvature, LinearFit, Preconditioner, fit_linear, linear_scores, linear_scores_t, targets
 
@@ -25,8 +26,9 @@ class LogisticProbe(ProbeBase):
     weakest on a stratified ``val_fraction`` hold-out, each fit warm-started from the previous;
     the sweep stops early once ``patience`` consecutive values score below the best so far (None:
     try them all). The sweep's fits and the refit share one set of preconditioned coordinates and
-    carry L-BFGS curvature pairs from fit to fit (later fits need a fraction of the iterations). The best validation macro-F1 wins (ties -> stronger regularisation) and is
-    refitted on all rows, warm-started from its hold-out solution. When the hold-out has fewer than 2 rows (tiny
+    carry L-BFGS curvature pairs from fit to fit (later fits need a fraction of the iterations).
+    The best validation macro-F1 wins (ties -> stronger regularisation) and is refitted on all
+    rows, warm-started from its hold-out solution. When the hold-out has fewer than 2 rows (tiny
     data) the sweep is skipped and ``C=1`` (or the middle of ``Cs``) is used. ``C_`` is the choice,
     ``val_f1_`` the sweep's scores.
 
@@ -92,7 +94,8 @@ class LogisticProbe(ProbeBase):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; one of {PRECISIONS}")
         bf16 = self.precision == "bfloat16" or (
-            self.precision == "auto" and XT.device.type == "cpu" and XT.numel() >= 1 << 22 and cpu_has_native_bf16()
+            self.precision == "auto" and XT.device.type == "cpu" and XT.numel() >= BF16_MIN_WORK
+            and cpu_has_native_bf16()
         )
         return XT.bfloat16() if bf16 else None
 
