@@ -96,6 +96,39 @@ def _report(r) -> None:
             console.print(f"  ... and {len(r.skipped) - 10} more (embedcache info)")
 
 
+@app.command("import")
+def import_(
+    features: Path = typer.Option(..., "--features", "-f", help=".npy (N, D), or .npz with one (N, D) array per pool (cls, mean)"),
+    model: str = typer.Option(..., "--model", "-m", help="backbone name to file the features under (probes --model NAME)"),
+    out: str = typer.Option(..., "--out", "-o", help="store path or fsspec URL"),
+    cells: Optional[Path] = typer.Option(None, "--cells", help="CSV/Parquet, one row per feature row: id, label, split, domain, group, path"),
+    dataset: str = typer.Option("cells", help="dataset name inside the store"),
+    store_dtype: str = typer.Option("float16", help="stored feature dtype: float16 or float32"),
+    chunk_size: int = typer.Option(1024, help="cells per stored row-chunk (the unit of resume)"),
+) -> None:
+    """Write embeddings computed elsewhere into a store, beside extracted ones."""
+    import numpy as np
+
+    from embedcache import import_features
+
+    try:
+        if features.suffix.lower() == ".npz":
+            with np.load(features) as z:
+                feats = {k: z[k] for k in z.files}
+        else:
+            feats = np.load(features, mmap_mode="r")
+        r = import_features(out, feats, cells, backbone=model, dataset=dataset, store_dtype=store_dtype,
+                            chunk_size=chunk_size, source=str(features.resolve()))
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    if r.cache_hit:
+        console.print(f"cache hit: [bold]{r.dataset}/{r.key}[/] is complete in {r.store} ({r.n_cells} cells); nothing to do")
+    else:
+        console.print(f"wrote [bold]{r.dataset}/{r.key}[/]: {r.n_cells} cells in {r.chunks_written} chunks")
+    if r.not_ok:
+        console.print(f"[yellow]{r.not_ok} rows with NaN/inf values[/] recorded as not ok (studies exclude and count them)")
+
+
 @app.command()
 def info(
     store: str = typer.Argument(..., help="store path or URL"),

@@ -3,6 +3,7 @@
 Python API (the CLI ``embedcache`` is a thin skin over these):
 
 * :func:`extract` — images in, a resumable, chunked Zarr feature set out;
+* :func:`import_features` — embeddings computed elsewhere, written into a store beside extracted ones;
 * :func:`open_store` — read a store: datasets, the cell table, features as numpy / dask;
 * :func:`list_models` / :func:`load_backbone` — the backbone registry.
 
@@ -20,6 +21,8 @@ _EXPORTS = {
     "extract": "pipeline",
     "ExtractResult": "pipeline",
     "ExtractionError": "pipeline",
+    "import_features": "importing",
+    "ImportResult": "importing",
     "open_store": "store",
     "Store": "store",
     "Dataset": "store",

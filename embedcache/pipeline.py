@@ -26,11 +26,10 @@ from .perturb import apply as perturb_apply
 from .pooling import check_pools, embed, parse_pools
 from .preprocess import Preprocessing, to_model_input
 from .sources import CellSource, open_source
-from .store import OUTSIDE_SUBSET, FeatureSet, open_store, safe_key
+from .store import OUTSIDE_SUBSET, STORE_DTYPES, FeatureSet, open_store, safe_key
 
 ON_ERROR = ("fail", "skip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-STORE_DTYPES = ("float16", "float32")
 
 
 class ExtractionError(RuntimeError):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .images import read_image
+from .importing import check_embeddable
 from .loading import LoadedBackbone, load_backbone
 from .perturb import apply as perturb_apply
 from .pipeline import compute_batch, resolve_device
@@ -18,6 +19,7 @@ from .store import FeatureSet, StoreError
 
 def backbone_for(fs: FeatureSet) -> LoadedBackbone:
     """Reload the backbone a feature set was made with, and check its weights digest."""
+    check_embeddable(fs)
     prov = fs.attrs["provenance"]
     name, w = prov["backbone"]["name"], prov["weights"]
     if w.get("source") == "file":
@@ -47,6 +49,7 @@ def embed_images(
     Returns float32 (n, D), rounded through the store's dtype so they compare exactly like
     stored features.
     """
+    check_embeddable(fs)
     prov = fs.attrs["provenance"]
     if prov.get("perturbation"):
         raise StoreError(f"'{fs.key}' is a perturbed feature set; query against the clean one")

@@ -42,6 +42,7 @@ from .sources import OBS_COLUMNS, CellSource
 SCHEMA_VERSION = 1
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 _LOCKS_DIR = ".locks"
+STORE_DTYPES = ("float16", "float32")  # what feature arrays may be stored as
 OUTSIDE_SUBSET = "outside the perturbed subset"  # error text of rows a perturbed set leaves out
 _memory_locks: dict[str, threading.Lock] = {}
 _memory_locks_guard = threading.Lock()
