@@ -80,9 +80,15 @@ def extract(
         _report(v)
 
 
-def _report(r) -> None:
+def _cache_hit(r) -> bool:
+    """Say so when ``r`` (a write result) found its feature set complete."""
     if r.cache_hit:
         console.print(f"cache hit: [bold]{r.dataset}/{r.key}[/] is complete in {r.store} ({r.n_cells} cells); nothing to do")
+    return r.cache_hit
+
+
+def _report(r) -> None:
+    if _cache_hit(r):
         return
     console.print(
         f"wrote [bold]{r.dataset}/{r.key}[/]: {r.cells_computed} cells in {r.chunks_written} chunks, "
@@ -121,9 +127,7 @@ def import_(
                             chunk_size=chunk_size, source=str(features.resolve()))
     except Exception as e:  # noqa: BLE001
         _fail(e)
-    if r.cache_hit:
-        console.print(f"cache hit: [bold]{r.dataset}/{r.key}[/] is complete in {r.store} ({r.n_cells} cells); nothing to do")
-    else:
+    if not _cache_hit(r):
         console.print(f"wrote [bold]{r.dataset}/{r.key}[/]: {r.n_cells} cells in {r.chunks_written} chunks")
     if r.not_ok:
         console.print(f"[yellow]{r.not_ok} rows with NaN/inf values[/] recorded as not ok (studies exclude and count them)")

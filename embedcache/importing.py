@@ -20,21 +20,15 @@ import numpy as np
 import pandas as pd
 
 from .sources import OBS_COLUMNS, CellSource, SourceError, _table
-from .store import STORE_DTYPES, FeatureSet, StoreError, open_store, safe_key
+from .store import STORE_DTYPES, FeatureSet, StoreError, WriteResult, open_store, safe_key
 
 NON_FINITE = "non-finite feature values (NaN or inf)"
 
 
 @dataclass
-class ImportResult:
+class ImportResult(WriteResult):
     """What :func:`import_features` did."""
 
-    store: str
-    dataset: str
-    key: str
-    n_cells: int
-    cache_hit: bool
-    chunks_written: int = 0
     not_ok: int = 0  # rows recorded as not ok (non-finite values)
 
 

@@ -26,7 +26,7 @@ from .perturb import apply as perturb_apply
 from .pooling import check_pools, embed, parse_pools
 from .preprocess import Preprocessing, to_model_input
 from .sources import CellSource, open_source
-from .store import OUTSIDE_SUBSET, STORE_DTYPES, FeatureSet, open_store, safe_key
+from .store import OUTSIDE_SUBSET, STORE_DTYPES, FeatureSet, WriteResult, open_store, safe_key
 
 ON_ERROR = ("fail", "skip")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,15 +37,9 @@ class ExtractionError(RuntimeError):
 
 
 @dataclass
-class ExtractResult:
+class ExtractResult(WriteResult):
     """What one ``extract`` call did."""
 
-    store: str
-    dataset: str
-    key: str
-    n_cells: int
-    cache_hit: bool
-    chunks_written: int = 0
     cells_computed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (cell id, reason), this run
     seconds: float = 0.0

@@ -48,6 +48,18 @@ _memory_locks: dict[str, threading.Lock] = {}
 _memory_locks_guard = threading.Lock()
 
 
+@dataclass
+class WriteResult:
+    """What writing one feature set did (``extract``, ``import_features``)."""
+
+    store: str
+    dataset: str
+    key: str
+    n_cells: int
+    cache_hit: bool  # the set was complete already: nothing written
+    chunks_written: int = 0
+
+
 class StoreError(RuntimeError):
     """The store cannot be used as asked (missing, wrong schema, conflicting contents)."""
 
