@@ -8,6 +8,7 @@ has a label. Features are read later, only for the rows a study samples
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -37,9 +38,12 @@ class Cells:
     n_total: int
     excluded: dict[str, int] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def labels(self) -> np.ndarray:
-        return self.obs["label"].to_numpy(dtype=str)
+        """The usable cells' labels (str); read once (a study asks for them per split)."""
+        labels = self.obs["label"].to_numpy(dtype=str)
+        labels.flags.writeable = False  # shared by every caller
+        return labels
 
     def feature_key(self, backbone: str) -> str:
         return self.feature_sets[backbone].key
@@ -76,9 +80,15 @@ class Cells:
         out = []
         for k, v in self.excluded.items():
             if v:
-                what = k.replace("not_ok:", "unreadable for ") if k.startswith("not_ok:") else k.replace("_", " ")
-                out.append(f"{v} of {self.n_total} cells excluded: {what}")
+                out.append(f"{v} of {self.n_total} cells excluded: {exclusion_reason(k)}")
         return out
+
+
+def exclusion_reason(key: str) -> str:
+    """Words for a key of :attr:`Cells.excluded` (``not_ok:<backbone>``, ``no_label``)."""
+    if key.startswith("not_ok:"):
+        return f"not ok in {key[len('not_ok:'):]} (unreadable image or NaN/inf features; embedcache info)"
+    return key.replace("_", " ")
 
 
 def require_complete(fs: Any, pool: str) -> None:

@@ -35,28 +35,35 @@ def score(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) 
     """All metrics over ``classes`` (the classes of the split; each has test cells).
 
     Macro averages weigh every class of the split equally; a class never predicted scores
-    precision 0 (no warning). Predictions outside ``classes`` count as errors.
+    precision 0 (no warning). Predictions outside ``classes`` count as errors. Balanced accuracy
+    is scikit-learn's: the mean recall over the classes present in ``y_true``. Every value equals
+    scikit-learn's (``accuracy_score``, ``balanced_accuracy_score``,
+    ``precision_recall_fscore_support(labels=classes, zero_division=0)``, ``confusion_matrix``),
+    computed from one confusion matrix of integer codes (a study scores hundreds of fits).
     """
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        confusion_matrix,
-        precision_recall_fscore_support,
-    )
-
     y_true = np.asarray(y_true, dtype=str)
     y_pred = np.asarray(y_pred, dtype=str)
     labels = [str(c) for c in classes]
-    values = {"accuracy": float(accuracy_score(y_true, y_pred))}
-    # balanced accuracy = macro recall over the true classes (sklearn's definition)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # y_pred may hold labels absent from y_true
-        values["balanced_accuracy"] = float(balanced_accuracy_score(y_true, y_pred))
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
-        values.update({f"{avg}_precision": float(p), f"{avg}_recall": float(r), f"{avg}_f1": float(f)})
-    _, _, f_each, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
-    return Scores(values, dict(zip(labels, map(float, f_each))), labels, cm)
+    k = len(labels)
+    seen, codes = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
+    extra = [v for v in seen.tolist() if v not in set(labels)]  # labels outside the split's classes
+    position = {c: i for i, c in enumerate(labels + extra)}
+    codes = np.array([position[v] for v in seen.tolist()], dtype=np.int64)[codes]
+    n, m = len(y_true), len(position)
+    full = np.bincount(codes[:n] * m + codes[n:], minlength=m * m).reshape(m, m)
+    tp = np.diag(full).astype(np.float64)
+    support = full.sum(axis=1).astype(np.float64)  # true cells per label
+    present = support > 0
+    values = {
+        "accuracy": float(tp.sum() / n) if n else 0.0,
+        "balanced_accuracy": float(np.mean(tp[present] / support[present])) if present.any() else 0.0,
+    }
+    tp, true_k, pred_k = tp[:k], support[:k], full[:, :k].sum(axis=0).astype(np.float64)
+    precision = np.divide(tp, pred_k, out=np.zeros(k), where=pred_k > 0)
+    recall = np.divide(tp, true_k, out=np.zeros(k), where=true_k > 0)
+    f1 = np.divide(2 * tp, pred_k + true_k, out=np.zeros(k), where=(pred_k + true_k) > 0)
+    weights = true_k / true_k.sum() if true_k.sum() > 0 else np.zeros(k)
+    for name, v in (("precision", precision), ("recall", recall), ("f1", f1)):
+        values[f"macro_{name}"] = float(v.mean()) if k else 0.0
+        values[f"weighted_{name}"] = float(v @ weights)
+    return Scores(values, dict(zip(labels, map(float, f1))), labels, full[:k, :k])

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .data import Cells, ProbeError, open_cells, parse_names
+from .data import Cells, ProbeError, exclusion_reason, open_cells, parse_names
 from .metrics import CLASS_METRIC, score
 from .sampling import TEST_SIZE, Sampler, Split, flag_min, parse_limits, parse_seeds, sort_labels
 
@@ -234,10 +234,10 @@ def _study(kind, name, params, cells: Cells, limits, seeds, probe_list, split, v
             rows_of = lambda pos: x_all[np.searchsorted(needed, pos)]  # noqa: E731
             for (limit, seed), sp in splits.items():
                 x_tr, y_tr = rows_of(sp.train), cells.labels[sp.train]
+                x_tests = [rows_of(pos) for _, _, pos, _ in evals[(limit, seed)]]  # once per split, for every probe
                 for probe in probe_list:
                     advance(f"{backbone} · {probe} · {'all' if limit is None else limit} · seed {seed}")
-                    tests = [(rows_of(pos), pos) for _, _, pos, _ in evals[(limit, seed)]]
-                    preds, seconds, info = _fit_predict(probe, seed, device, x_tr, y_tr, [x for x, _ in tests], backbone, sp)
+                    preds, seconds, info = _fit_predict(probe, seed, device, x_tr, y_tr, x_tests, backbone, sp)
                     fits.append(dict(backbone=backbone, probe=probe, limit=limit, seed=seed, n_train=len(sp.train),
                                      seconds=seconds, **info))
                     for (test_domain, in_domain, pos, classes), pred in zip(evals[(limit, seed)], preds):
@@ -374,7 +374,7 @@ def _exclusions(cells: Cells, sampler: Sampler, splits: dict) -> pd.DataFrame:
     rows = []
     for key, n in cells.excluded.items():
         rows.append(dict(limit=None, seed=None, **{"class": ""}, cells=n,
-                         reason=key.replace("not_ok:", "unreadable for ").replace("no_label", "no label")))
+                         reason=exclusion_reason(key)))
     if sampler.mode == "column":
         rows.append(dict(limit=None, seed=None, **{"class": ""}, cells=sampler.unassigned, reason="split column neither train nor test"))
     counts = pd.Series(cells.labels).value_counts()

@@ -85,6 +85,7 @@ def test_nan_rows_are_recorded_not_ok_and_excluded_by_studies(extracted, tmp_pat
     assert set(fs.errors().iloc[[3, 70, 100]]) == {NON_FINITE}
     cells = open_cells(tmp_path / "s.zarr", "mine")
     assert cells.excluded["not_ok:mine"] == 3 and len(cells.obs) == 597
+    assert "3 of 600 cells excluded: not ok in mine (unreadable image or NaN/inf features" in cells.exclusion_lines()[0]
 
 
 def test_bad_imports_are_clear_errors(tmp_path):

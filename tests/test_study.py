@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 import subprocess
 import sys
 
@@ -287,3 +288,29 @@ def test_domain_defaults_and_errors(store, keys, tmp_path):
         scale(store, keys[0], limits="32", train_domain="siteA", test_domain="siteA", out=tmp_path / "e2", quiet=True)
     with pytest.raises(ProbeError, match="needs --train-domain"):
         scale(store, keys[0], limits="32", test_domain="siteB", out=tmp_path / "e3", quiet=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scores_equal_sklearns(seed):
+    """score() computes every metric from one confusion matrix; it must equal scikit-learn's
+    functions, including predictions outside the split's classes and classes never predicted."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    from probes.metrics import score
+
+    rng = np.random.default_rng(seed)
+    classes = [f"c{i}" for i in range(6)]
+    y_true = rng.choice(classes[:5] if seed % 2 else classes, 300)  # seed 1, 3: c5 has no test cell
+    y_pred = np.where(rng.random(300) < 0.6, y_true, rng.choice(classes[1:] + ["other", "zz"], 300))
+    s = score(y_true, y_pred, classes)
+    assert s.values["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true"
+        ref_bal = balanced_accuracy_score(y_true, y_pred)
+    assert s.values["balanced_accuracy"] == pytest.approx(ref_bal, abs=1e-12)
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, average=avg, zero_division=0)
+        assert [s.values[f"{avg}_{m}"] for m in ("precision", "recall", "f1")] == pytest.approx([p, r, f], abs=1e-12)
+    _, _, f_each, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, average=None, zero_division=0)
+    assert list(s.class_f1.values()) == pytest.approx(list(f_each), abs=1e-12)
+    assert np.array_equal(s.confusion, confusion_matrix(y_true, y_pred, labels=classes))
