@@ -266,6 +266,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_kind(dev) -> str:
+    """``cuda``, or ``cpu<cores>-bf16|fp32``: CPU results depend most on native bf16 matmuls
+    (avx512_bf16 / amx), so result files are named after them."""
+    from probes.heads.base import cpu_has_native_bf16
+
+    return dev.type if dev.type == "cuda" else f"cpu{os.cpu_count()}-{'bf16' if cpu_has_native_bf16() else 'fp32'}"
+
+
 def versions() -> dict:
     import sklearn
     import torch
@@ -419,8 +427,7 @@ def main() -> None:
         "rows": table,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    kind = dev.type if dev.type == "cuda" else f"cpu{os.cpu_count()}"
-    path = Path(args.out) if args.out else Path(__file__).parent / "results" / f"probe_speed-{kind}.json"
+    path = Path(args.out) if args.out else Path(__file__).parent / "results" / f"probe_speed-{machine_kind(dev)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"saved {path}")

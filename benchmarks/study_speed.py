@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probe_speed import cpu_model, synthetic, thread_info, versions  # noqa: E402
+from probe_speed import cpu_model, machine_kind, synthetic, thread_info, versions  # noqa: E402
 
 PROBES = ("logistic", "knn", "svm")
 
@@ -61,8 +61,9 @@ def sklearn_estimator(probe: str):
 
 
 def sklearn_worker(data: str, out: str, threads: int, budget: float) -> None:
-    """Child process: the planned fits in order until ``budget`` seconds are spent; one JSON
-    line per finished fit (fit + predict seconds, macro-F1 over the split's classes)."""
+    """Child process: the planned fits in order, each probe until it has spent its share of
+    ``budget`` seconds; one JSON line per finished fit (fit + predict seconds, macro-F1 over the
+    split's classes)."""
     import warnings
 
     from sklearn.metrics import f1_score
@@ -73,11 +74,12 @@ def sklearn_worker(data: str, out: str, threads: int, budget: float) -> None:
     z = np.load(data, allow_pickle=False)
     X, labels = z["X"], z["labels"]
     plan = json.loads(str(z["plan"]))
-    start = time.perf_counter()
+    share = budget / len({job["probe"] for job in plan})  # each probe's own share: LinearSVC alone would eat it all
+    spent: dict[str, float] = {}
     with open(out, "a") as f:
-        for i, job in enumerate(plan):
-            if time.perf_counter() - start >= budget:
-                break
+        for job in plan:
+            if spent.get(job["probe"], 0.0) >= share:
+                continue
             tr, te = z[f"train_{job['split']}"], z[f"test_{job['split']}"]
             est, standardise = sklearn_estimator(job["probe"])
             t = time.perf_counter()
@@ -90,6 +92,7 @@ def sklearn_worker(data: str, out: str, threads: int, budget: float) -> None:
                 est.fit(x_tr, labels[tr])
                 pred = est.predict(x_te)
             seconds = time.perf_counter() - t
+            spent[job["probe"]] = spent.get(job["probe"], 0.0) + seconds
             f1 = f1_score(labels[te], pred, average="macro", labels=job["classes"], zero_division=0)
             f.write(json.dumps({**job, "seconds": seconds, "macro_f1": float(f1)}) + "\n")
             f.flush()
@@ -151,8 +154,8 @@ def main() -> None:
     ap.add_argument("--probes", default=",".join(PROBES))
     ap.add_argument("--device", default="auto", help="device of our probes ('auto', 'cpu', 'cuda')")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ours and for scikit-learn")
-    ap.add_argument("--sklearn-budget", type=float, default=600, help="seconds of scikit-learn fits (0: none)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/study_speed-<device>.json)")
+    ap.add_argument("--sklearn-budget", type=float, default=600, help="seconds of scikit-learn fits, shared equally by the probes (0: none)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/study_speed-<cuda|cpuN-bf16|cpuN-fp32>.json)")
     ap.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_data", help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
@@ -204,12 +207,12 @@ def main() -> None:
         d = f"{r['mean_dF1_pts']:+.2f}" if r["mean_dF1_pts"] is not None else "-"
         print(f"{r['probe']:10} {r['fits']:>5} {r['ours_s']:>8.1f} | {r['sklearn_fits']:>7} {str(r['sklearn_max_limit'] or '-'):>6} "
               f"{r['ours_s_same_fits']:>8.1f} {r['sklearn_s_same_fits']:>8.1f} {ratio:>8} {d:>8}")
-    print("(sk fits: fits scikit-learn finished in its budget, smallest limits first; the ratio and dF1 (ours - sklearn,\n"
+    print("(sk fits: fits scikit-learn finished in its share of the budget, smallest limits first; the ratio and dF1 (ours - sklearn,\n"
           " mean over those fits) compare the same fits only)")
     print("\nour seconds per limit (fit + predict, summed over seeds):")
     print(per_limit.to_string())
 
-    out = Path(args.out or Path(__file__).parent / "results" / f"study_speed-{dev.type}.json")
+    out = Path(args.out or Path(__file__).parent / "results" / f"study_speed-{machine_kind(dev)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "study_speed",
