@@ -286,7 +286,7 @@ def _print_scale(result, console) -> None:
     console.print(t)
     _print_domains(result, console)
     if over:
-        console.print(f"* limit ≥ the largest class: the set is the full data (not capped)")
+        console.print("* limit ≥ the largest class: the set is the full data (not capped)")
 
 
 def _print_evaluate(result, console) -> None:

@@ -58,7 +58,6 @@ def chula_features(tmp_path_factory, chula_manifest):
     class names as labels), extracted once into a store with a tiny random-init ViT at 64 px.
 
     Returns ``(X float32 (n, 64), y str (n,))`` read back through the store API."""
-    import numpy as np
 
     import embedcache
 

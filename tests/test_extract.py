@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import embedcache
 from embedcache import ExtractionError, StoreBusyError, StoreError, open_store
