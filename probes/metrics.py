@@ -46,7 +46,8 @@ def score(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) 
     labels = [str(c) for c in classes]
     k = len(labels)
     seen, codes = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
-    extra = [v for v in seen.tolist() if v not in set(labels)]  # labels outside the split's classes
+    known = set(labels)
+    extra = [v for v in seen.tolist() if v not in known]  # labels outside the split's classes
     position = {c: i for i, c in enumerate(labels + extra)}
     codes = np.array([position[v] for v in seen.tolist()], dtype=np.int64)[codes]
     n, m = len(y_true), len(position)
