@@ -5,47 +5,58 @@ Layout (one store, many datasets, backbones and perturbations)::
     cache.zarr/                          attrs: schema_version
       <dataset>/                         attrs: kind=dataset, source, digest, n
         obs/  id path label split domain group      (1-D string arrays, one row per cell)
+        labels/                          corrections, one atomic pointer (see embedcache.labels)
         features/<backbone>/<prep>/<perturbation>/  attrs: kind=feature_set, provenance, fingerprint
           cls, mean        (N, D) float16, chunks (C, D)
           ok               (N,) bool      False where the image could not be read
           error            (N,) str       why not ok
+          crc_cls, ..., crc_rows  (ceil(N / C),) int64, CRC-32 of each written row-chunk
           done_cls, ...    (ceil(N / C),) bool, one stored object per row-chunk
+    cache.zarr.embedcache/               side data, outside the Zarr tree: locks/, probes/
 
-A row-chunk is written, read back and compared, and only then is its ``done_<pool>``
-flag set. Each flag is its own object, so a killed run leaves every unfinished chunk
-``False`` and a rerun redoes exactly those; writers of different chunks never touch
-the same object. Completion is derived from the flags, never stored separately.
+A row-chunk is written, read back and compared, its checksums recorded, and only then is its
+``done_<pool>`` flag set. Each flag is its own object, so a killed run leaves every unfinished
+chunk ``False`` and a rerun redoes exactly those; writers of different chunks never touch the
+same object. Completion is derived from the flags, never stored separately. Reading a done
+chunk checks its checksum (:mod:`embedcache.integrity`): damage is an error, never data.
+
+A group's attributes are written in one metadata write, last: a group without them is an
+interrupted creation, listed by :meth:`Store.incomplete_groups` and redone by the next writer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import time
 import hashlib
 import json
 import os
-import socket
-import threading
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
 
+from . import labels as _labels
+from .faults import checkpoint
+from .integrity import MISSING_CRC, crc_rows, crc_values
+from .locks import LockBusy, file_lock, memory_lock, remove_stale
 from .sources import OBS_COLUMNS, CellSource
 
 SCHEMA_VERSION = 1
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-_LOCKS_DIR = ".locks"
+LEGACY_SIDE_DIRS = (".locks", ".probes")  # side data that older versions kept inside the Zarr tree
+SIDE_SUFFIX = ".embedcache"  # side data (locks, probe caches) lives beside the store, outside its Zarr tree
 STORE_DTYPES = ("float16", "float32")  # what feature arrays may be stored as
 OUTSIDE_SUBSET = "outside the perturbed subset"  # error text of rows a perturbed set leaves out
-_memory_locks: dict[str, threading.Lock] = {}
-_memory_locks_guard = threading.Lock()
+DATASET_ATTRS = ("kind", "source", "digest", "n")
+FEATURE_SET_ATTRS = ("kind", "key", "chunk_size", "width", "dtype", "fingerprint", "fingerprint_fields", "provenance")
+CREATE_WAIT_S = 600.0  # how long a writer waits for another one creating the same dataset
 
 
 @dataclass
@@ -72,6 +83,10 @@ class FeatureSetConflict(StoreError):
     """A feature set of that key exists but was made differently."""
 
 
+class ChunkDamaged(StoreError):
+    """A written row-chunk is missing, truncated or altered (its checksum does not match)."""
+
+
 def open_store(url: str | os.PathLike, mode: str = "r") -> "Store":
     """Open a store at a local path or fsspec URL (``file://``, ``memory://``, ``s3://``...).
 
@@ -80,33 +95,74 @@ def open_store(url: str | os.PathLike, mode: str = "r") -> "Store":
     return Store(str(url), mode)
 
 
+def side_url(store_url: str | os.PathLike, *parts: str) -> str:
+    """Where a store keeps files that are not Zarr data (locks, the audit's out-of-fold cache).
+
+    They live in a sibling folder, ``<store>.embedcache/<parts...>``, so that plain zarr, xarray and
+    dask walk the store without meeting foreign objects. Works for local paths and fsspec URLs.
+    """
+    base = str(store_url).rstrip("/") + SIDE_SUFFIX
+    return "/".join([base, *parts])
+
+
 class Store:
     """A feature cache holding one or more datasets."""
 
     def __init__(self, url: str, mode: str = "r"):
         self.url = url
         self.mode = mode
-        if url.startswith("file://"):
-            url = url[len("file://") :]  # a local store: atomic writes and flock locking
+        path = url[len("file://") :] if url.startswith("file://") else url
+        self._path = path
+        local = None if "://" in path else Path(path)
         try:
-            self.root = zarr.open_group(url, mode="r" if mode == "r" else "a")
+            if local is not None and mode != "r" and not (local / "zarr.json").exists():
+                with self._lock("store-create", wait=CREATE_WAIT_S):  # two writers creating one store
+                    _refuse_foreign_folder(local)
+                    self.root = zarr.open_group(path, mode="a")
+                    self._check_schema()
+            else:
+                self.root = zarr.open_group(path, mode="r" if mode == "r" else "a")
+                self._check_schema()
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise StoreError(f"no embedcache store at {url}") from e
+        if local is not None and mode != "r":
+            self._move_legacy_side_data(local)
+
+    def _check_schema(self) -> None:
         version = self.root.attrs.get("schema_version")
         if version is None:
-            if mode == "r":
-                raise StoreError(f"{url} is a Zarr group but not an embedcache store (no schema_version)")
+            if self.mode == "r":
+                raise StoreError(f"{self.url} is a Zarr group but not an embedcache store (no schema_version)")
             if list(self.root.keys()):
-                raise StoreError(f"{url} holds other Zarr data; refusing to turn it into an embedcache store")
-            self.root.attrs.update({"schema_version": SCHEMA_VERSION, "created_by": "embedcache"})
+                raise StoreError(f"{self.url} holds other Zarr data; refusing to turn it into an embedcache store")
+            self.root.update_attributes({"schema_version": SCHEMA_VERSION, "created_by": "embedcache"})
         elif version != SCHEMA_VERSION:
-            raise StoreError(f"{url} has store schema {version}; this embedcache reads schema {SCHEMA_VERSION}")
+            raise StoreError(f"{self.url} has store schema {version}; this embedcache reads schema {SCHEMA_VERSION}")
 
     # -- datasets ---------------------------------------------------------------------------
     def datasets(self) -> list[str]:
-        """Names of the datasets in the store."""
+        """Names of the (completely written) datasets in the store."""
         with _quiet_zarr():
-            return sorted(k for k in self.root.group_keys() if self.root[k].attrs.get("kind") == "dataset")
+            return sorted(k for k in self.root.group_keys() if _complete(self.root[k].attrs, DATASET_ATTRS, "dataset"))
+
+    def incomplete_groups(self) -> list[str]:
+        """Datasets and feature sets whose creation was interrupted (attributes not written);
+        the next extract or import into them redoes the creation."""
+        out = []
+        with _quiet_zarr():
+            for name in sorted(self.root.group_keys()):
+                g = self.root[name]
+                if not _complete(g.attrs, DATASET_ATTRS, "dataset"):
+                    if g.attrs.get("kind") == "dataset" or "obs" in g:
+                        out.append(f"{name} (dataset)")
+                    continue
+                if "features" not in g:
+                    continue
+                for path, node in g["features"].members(max_depth=None):
+                    if isinstance(node, zarr.Group) and ("ok" in node or node.attrs.get("kind") == "feature_set"):
+                        if not _complete(node.attrs, FEATURE_SET_ATTRS, "feature_set"):
+                            out.append(f"{name}/{path} (feature set)")
+        return out
 
     def dataset(self, name: str | None = None) -> "Dataset":
         """A dataset by name (the only one when ``name`` is None)."""
@@ -120,72 +176,71 @@ class Store:
         return Dataset(self, name)
 
     def require_dataset(self, source: CellSource, name: str | None = None) -> "Dataset":
-        """The dataset for ``source``, written on first use; its cell list must match after."""
+        """The dataset for ``source``, written on first use; its cell list must match after.
+
+        Two writers starting together on a new dataset cooperate: the second waits for the
+        first to finish writing the cell table, then checks it like any later writer."""
         name = name or source.name
         _check_name(name)
         digest = source.digest()
-        with self.lock(f"dataset-{name}"):
+        if name in self.datasets():  # the common case, and the only one a read-only store allows
+            return self._matching(Dataset(self, name), source, digest)
+        with self.lock(f"dataset-{name}", wait=CREATE_WAIT_S):
             if name in self.datasets():
-                ds = Dataset(self, name)
-                if ds.attrs["digest"] != digest:
-                    raise StoreError(
-                        f"dataset '{name}' in {self.url} has a different cell list ({ds.n} cells) than "
-                        f"{source.origin} ({len(source)} cells); give another --dataset name to store it beside"
-                    )
-                return ds
-            g = self.root.require_group(name)
-            obs = g.require_group("obs")
+                return self._matching(Dataset(self, name), source, digest)
+            # absent, or an interrupted creation (no attributes): write it afresh
+            g = self.root.create_group(name, overwrite=True)
+            obs = g.create_group("obs")
             n = len(source)
             for col in OBS_COLUMNS:
-                a = obs.create_array(col, shape=(n,), dtype=str, chunks=(min(n, 65536),), overwrite=True)
+                a = obs.create_array(col, shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),),
+                                     dimension_names=("cell",))
                 a[:] = source.table[col].to_numpy(dtype=str)
-            g.require_group("features")
-            # attrs last: a dataset without them is an unfinished write and gets rewritten
-            g.attrs.update(
+            g.create_group("features")
+            checkpoint("dataset:obs-written")
+            # attributes last, in one write: a dataset without them is an unfinished creation
+            g.update_attributes(
                 {"kind": "dataset", "source": {"kind": source.kind, "origin": source.origin}, "digest": digest, "n": n}
             )
             return Dataset(self, name)
 
+    def _matching(self, ds: "Dataset", source: CellSource, digest: str) -> "Dataset":
+        if ds.attrs["digest"] != digest:
+            raise StoreError(
+                f"dataset '{ds.name}' in {self.url} has a different cell list ({ds.n} cells) than "
+                f"{source.origin} ({len(source)} cells); give another --dataset name to store it beside"
+            )
+        return ds
+
     # -- locking ----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Hold an exclusive, non-blocking lock called ``name`` on this store.
+    def lock(self, name: str, *, wait: float = 0.0) -> Iterator[None]:
+        """Hold the exclusive lock ``name`` on this store, waiting up to ``wait`` seconds
+        (0: refuse at once with the holder named).
 
-        Local stores use ``flock`` (released by the OS even on SIGKILL); ``memory://``
-        stores use an in-process lock. Other fsspec stores are not locked: concurrent
-        writers there only repeat identical chunk writes.
+        Local stores use ``flock`` in the side folder (released by the OS even on SIGKILL);
+        ``memory://`` stores use an in-process lock. Other fsspec stores are not locked:
+        concurrent writers there only repeat identical chunk writes.
         """
-        local = self.local_path()
-        if local is not None:
-            lock_dir = local / _LOCKS_DIR
-            lock_dir.mkdir(exist_ok=True)
-            path = lock_dir / (hashlib.sha1(name.encode()).hexdigest()[:16] + ".lock")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-                    raise StoreBusyError(
-                        f"another embedcache process is writing '{name}' in {self.url} ({holder}); "
-                        "wait for it to finish (a rerun then resumes or is a cache hit), or write elsewhere"
-                    ) from None
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode(), 0)
-                yield
-            finally:
-                os.close(fd)  # closing releases the flock
-        elif self.url.startswith("memory://"):
-            with _memory_locks_guard:
-                lk = _memory_locks.setdefault(f"{self.url}::{name}", threading.Lock())
-            if not lk.acquire(blocking=False):
-                raise StoreBusyError(f"'{name}' in {self.url} is being written by another thread")
-            try:
-                yield
-            finally:
-                lk.release()
-        else:
+        with self._lock(name, wait=wait):
             yield
+
+    @contextlib.contextmanager
+    def _lock(self, name: str, *, wait: float) -> Iterator[None]:
+        what = f"'{name}' in {self.url}"
+        try:
+            if "://" not in self._path:
+                with file_lock(Path(side_url(self._path, "locks")), name, wait=wait, what=what):
+                    yield
+            elif self._path.startswith("memory://"):
+                with memory_lock(f"{self._path}::{name}", wait=wait, what=what):
+                    yield
+            else:
+                yield
+        except LockBusy as e:
+            raise StoreBusyError(
+                f"{e}; wait for it to finish (a rerun then resumes or is a cache hit), or write elsewhere"
+            ) from None
 
     def local_path(self) -> Path | None:
         """The store's directory when it is on the local file system."""
@@ -194,13 +249,59 @@ class Store:
             return Path(store.root)
         return None
 
-    def info(self) -> dict[str, Any]:
-        """A summary of every dataset and feature set, for ``embedcache info``."""
+    def side_url(self, *parts: str) -> str:
+        """Where this store keeps side data (see :func:`side_url`)."""
+        return side_url(self._path, *parts)
+
+    def _move_legacy_side_data(self, local: Path) -> None:
+        """Older stores kept ``.locks`` and ``.probes`` inside the Zarr tree (zarr warns about
+        them); move them to the side folder. A read-only store is left as it is."""
+        for name in LEGACY_SIDE_DIRS:
+            old = local / name
+            if not old.is_dir():
+                continue
+            try:
+                if name == ".locks":
+                    remove_stale(old)
+                    continue
+                new = Path(side_url(local, name.lstrip(".")))
+                new.mkdir(parents=True, exist_ok=True)
+                for f in old.iterdir():
+                    if not (new / f.name).exists():
+                        f.replace(new / f.name)
+                with contextlib.suppress(OSError):
+                    old.rmdir()
+            except OSError:
+                pass  # read-only or busy: the compatible readers still find the old place
+
+    def info(self, verify: bool = False) -> dict[str, Any]:
+        """A summary of every dataset and feature set, for ``embedcache info`` (``verify``: check
+        every chunk's checksum too)."""
         out: dict[str, Any] = {"url": self.url, "schema_version": SCHEMA_VERSION, "datasets": {}}
+        incomplete = self.incomplete_groups()
+        if incomplete:
+            out["incomplete"] = incomplete
         for name in self.datasets():
-            ds = self.dataset(name)
-            out["datasets"][name] = ds.info()
+            out["datasets"][name] = self.dataset(name).info(verify=verify)
         return out
+
+
+def _complete(attrs, required: Sequence[str], kind: str) -> bool:
+    return attrs.get("kind") == kind and all(k in attrs for k in required)
+
+
+def _refuse_foreign_folder(path: Path) -> None:
+    """A folder that exists, is not empty and is no Zarr group is someone else's: never write into it."""
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} exists and is a file, not an embedcache store")
+    if path.is_dir() and not (path / "zarr.json").exists():
+        contents = sorted(p.name for p in path.iterdir())
+        if contents:
+            shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
+            raise StoreError(
+                f"{path} exists and is not a Zarr store (it holds {shown}); refusing to write a store into it: "
+                "give a new path, e.g. cache.zarr"
+            )
 
 
 class Dataset:
@@ -220,23 +321,23 @@ class Dataset:
         g = self.group["obs"]
         df = pd.DataFrame({c: _strings(g[c][:]) for c in OBS_COLUMNS})
         df["label_original"] = df["label"]
-        if "labels" in self.group and "current" in self.group["labels"]:
-            df["label"] = _strings(self.group["labels"]["current"][:])
+        current = _labels.read_current(self.group)
+        if current is not None:
+            df["label"] = current
         return df
 
     def label_history(self) -> pd.DataFrame:
         """Every applied label correction, oldest first: id, old, new, time, source, note."""
-        if "labels" not in self.group or "history" not in self.group["labels"]:
-            return pd.DataFrame(columns=list(_HISTORY_COLUMNS))
-        h = self.group["labels"]["history"]
-        return pd.DataFrame({c: _strings(h[c][:]) for c in _HISTORY_COLUMNS})
+        return _labels.read_history(self.group)
 
     def apply_corrections(self, corrections: pd.DataFrame | str | os.PathLike, source: str | None = None) -> int:
         """Apply reviewed label corrections (columns ``id`` and ``new_label``, optional ``note``).
 
         The original labels stay in ``obs/label``; the current labels and an append-only
-        history live under ``labels/``. Unknown ids or empty labels are a clear error and
-        nothing is written. Returns the number of labels that changed.
+        history live under ``labels/`` and change together in one atomic step
+        (:mod:`embedcache.labels`): a killed run leaves the old state or the new one, and
+        rerunning the same corrections converges. Unknown ids or empty labels are a clear
+        error and nothing is written. Returns the number of labels that changed.
         """
         if not isinstance(corrections, pd.DataFrame):
             source = source or str(corrections)
@@ -247,12 +348,14 @@ class Dataset:
         corr = corrections.astype(str)
         if self.store.mode == "r":
             return open_store(self.store.url, "a").dataset(self.name).apply_corrections(corr, source=source)
-        with self.store.lock(f"labels-{self.name}"):
+        with self.store.lock(f"labels-{self.name}", wait=60):
             obs = self.obs
             index = pd.Series(np.arange(len(obs)), index=obs["id"])
             unknown = sorted(set(corr["id"]) - set(index.index))
             if unknown:
-                raise StoreError(f"{len(unknown)} correction ids are not cells of '{self.name}': {', '.join(unknown[:5])}")
+                raise StoreError(
+                    f"{len(unknown)} correction ids are not cells of '{self.name}': {', '.join(map(repr, unknown[:5]))}"
+                )
             empty = corr["new_label"].str.strip() == ""
             if empty.any():
                 raise StoreError(f"correction row {int(np.flatnonzero(empty.to_numpy())[0]) + 1}: new_label is empty")
@@ -261,42 +364,32 @@ class Dataset:
             new = corr["new_label"].str.strip().to_numpy(dtype=object)
             changed = current[rows] != new
             if not changed.any():
+                _labels.remove_leftovers(self.group)  # a killed earlier commit may have left a version
                 return 0
             old = current[rows][changed]
             current[rows[changed]] = new[changed]
-            labels = self.group.require_group("labels")
-            if "current" not in labels:
-                labels.create_array("current", shape=(self.n,), dtype=str, chunks=(min(self.n, 65536),))
+            k = int(changed.sum())
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            note = corr["note"].to_numpy(dtype=object)[changed] if "note" in corr.columns else np.full(int(changed.sum()), "")
+            note = corr["note"].to_numpy(dtype=object)[changed] if "note" in corr.columns else np.full(k, "")
             entries = {
                 "id": corr["id"].to_numpy(dtype=object)[changed],
                 "old": old,
                 "new": new[changed],
-                "time": np.full(int(changed.sum()), stamp),
-                "source": np.full(int(changed.sum()), source or "python"),
+                "time": np.full(k, stamp),
+                "source": np.full(k, source or "python"),
                 "note": note,
             }
-            hist = labels.require_group("history")
-            for col, values in entries.items():  # history first: a killed run leaves labels unchanged
-                values = np.asarray(values, dtype=str)
-                if col not in hist:
-                    hist.create_array(col, shape=(0,), dtype=str, chunks=(4096,))
-                a = hist[col]
-                start = a.shape[0]
-                a.resize((start + len(values),))
-                a[start:] = values
-            labels["current"][:] = current.astype(str)
-            return int(changed.sum())
+            _labels.commit(self.group, current.astype(str), entries)
+            return k
 
     def feature_keys(self) -> list[str]:
-        """Keys of all feature sets, e.g. ``uni/224-bicubic/clean``."""
+        """Keys of all (completely created) feature sets, e.g. ``uni/224-bicubic/clean``."""
         feats = self.group["features"]
         with _quiet_zarr():
             return sorted(
                 path
                 for path, node in feats.members(max_depth=None)
-                if isinstance(node, zarr.Group) and node.attrs.get("kind") == "feature_set"
+                if isinstance(node, zarr.Group) and _complete(node.attrs, FEATURE_SET_ATTRS, "feature_set")
             )
 
     def feature_set(self, key: str) -> "FeatureSet":
@@ -335,8 +428,16 @@ class Dataset:
         dtype: str,
         provenance: dict[str, Any],
         fingerprint: dict[str, Any],
+        tokens: Mapping[str, tuple[int, ...]] | None = None,
     ) -> "FeatureSet":
-        """Create the feature set, or check that an existing one was made the same way."""
+        """Create the feature set, or check that an existing one was made the same way.
+
+        ``tokens`` maps ``tokens_k<k>`` to the shape of one cell's cached tail tokens, e.g.
+        ``(197, 1024)``; they are stored float16, in sub-chunks of a few cells (random minibatch
+        reads stay cheap) with a checksum per sub-chunk, and one done flag per row-chunk.
+
+        Call it holding the feature set's lock. A group left without attributes by a killed
+        creation is created afresh; its attributes are written last, in one step."""
         digest = _digest(fingerprint)
         feats = self.group["features"]
         if key in self.feature_keys():
@@ -348,25 +449,39 @@ class Dataset:
                     f"feature set '{key}' exists but was made differently: "
                     + "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
                 )
-            g = fs.group
-            if fs.chunk_size != chunk_size:
-                chunk_size = fs.chunk_size  # an existing set keeps its chunking
+            if all(p in fs.group.array_keys() for p in [*pools, *(tokens or {})]):
+                return fs  # nothing to create: a read-only store can still serve a cache hit
+            g, chunk_size, fresh = fs.group, fs.chunk_size, False  # an existing set keeps its chunking
         else:
-            # a group left without attrs by a killed run is an unfinished creation: start it afresh
-            g = feats.create_group(key, overwrite=True)
+            with self.store.lock(f"structure-{self.name}", wait=CREATE_WAIT_S):  # parent groups are shared
+                g = feats.create_group(key, overwrite=True)
+            fresh = True
         n = self.n
         n_chunks = -(-n // chunk_size)
         for pool in pools:
             if pool not in g.array_keys():
-                g.create_array(
-                    pool, shape=(n, width), dtype=dtype, chunks=(chunk_size, width), compressors=_COMPRESSOR, fill_value=0
-                )
-                g.create_array(f"done_{pool}", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False, compressors=None)
-        if "ok" not in g.array_keys():
-            g.create_array("ok", shape=(n,), dtype=bool, chunks=(chunk_size,), fill_value=False)
-            g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_size,))
-        if g.attrs.get("kind") != "feature_set":
-            g.attrs.update(
+                g.create_array(pool, shape=(n, width), dtype=dtype, chunks=(chunk_size, width), compressors=_COMPRESSOR,
+                               fill_value=0, dimension_names=("cell", "feature"))
+                g.create_array(f"crc_{pool}", shape=(n_chunks,), dtype="int64", chunks=(1,), fill_value=MISSING_CRC,
+                               compressors=None, dimension_names=("chunk",))
+                g.create_array(f"done_{pool}", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False,
+                               compressors=None, dimension_names=("chunk",))
+        for name, cell_shape in (tokens or {}).items():
+            if name not in g.array_keys():
+                sub = token_subchunk(chunk_size, cell_shape)
+                g.create_array(name, shape=(n, *cell_shape), dtype="float16", chunks=(sub, *cell_shape),
+                               compressors=_COMPRESSOR, fill_value=0, dimension_names=_token_dims(len(cell_shape)))
+                g.create_array(f"crc_{name}", shape=(-(-n // sub),), dtype="int64", chunks=(chunk_size // sub,),
+                               fill_value=MISSING_CRC, compressors=None, dimension_names=("subchunk",))
+                g.create_array(f"done_{name}", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False,
+                               compressors=None, dimension_names=("chunk",))
+        if fresh:
+            g.create_array("ok", shape=(n,), dtype=bool, chunks=(chunk_size,), fill_value=False, dimension_names=("cell",))
+            g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_size,), dimension_names=("cell",))
+            g.create_array("crc_rows", shape=(n_chunks,), dtype="int64", chunks=(1,), fill_value=MISSING_CRC,
+                           compressors=None, dimension_names=("chunk",))
+            checkpoint("feature-set:arrays-created")
+            g.update_attributes(
                 {
                     "kind": "feature_set",
                     "key": key,
@@ -380,13 +495,14 @@ class Dataset:
             )
         return FeatureSet(self, key)
 
-    def info(self) -> dict[str, Any]:
+    def info(self, verify: bool = False) -> dict[str, Any]:
         out = {"n": self.n, "source": self.attrs.get("source"), "feature_sets": {}}
         obs = self.obs
         if (obs["label"] != "").any():
             out["classes"] = int(obs.loc[obs["label"] != "", "label"].nunique())
+        out["label_corrections"] = len(self.label_history())
         for key in self.feature_keys():
-            out["feature_sets"][key] = FeatureSet(self, key).info()
+            out["feature_sets"][key] = FeatureSet(self, key).info(verify=verify)
         return out
 
 
@@ -404,7 +520,34 @@ class FeatureSet:
 
     @property
     def pools(self) -> list[str]:
-        return sorted(k for k in self.group.array_keys() if f"done_{k}" in self.group.array_keys())
+        """Pooled feature arrays (``cls``, ``mean``)."""
+        return [k for k in self._written_arrays() if not k.startswith(TOKENS_PREFIX)]
+
+    @property
+    def token_sets(self) -> list[str]:
+        """Cached tail-token arrays, ``tokens_k<k>``: the input of the last k blocks (or stages)."""
+        return [k for k in self._written_arrays() if k.startswith(TOKENS_PREFIX)]
+
+    def _written_arrays(self) -> list[str]:
+        keys = set(self.group.array_keys())
+        return sorted(k for k in keys if f"done_{k}" in keys)
+
+    def tokens(self, k: int) -> "TailTokens":
+        """A reader of the cached tokens entering the last ``k`` blocks (see :class:`TailTokens`)."""
+        name = tokens_name(k)
+        if name not in self.token_sets:
+            have = ", ".join(str(int(t[len(TOKENS_PREFIX):])) for t in self.token_sets) or "none"
+            raise StoreError(
+                f"'{self.key}' has no cached tail tokens for {k} block(s) (has: {have}); run the extract again with "
+                f"--tail-blocks {k} (only the tokens are added; cached features are kept)"
+            )
+        self._check_complete(name)
+        return TailTokens(self, name)
+
+    @property
+    def has_checksums(self) -> bool:
+        """False for sets written before chunk checksums existed (they cannot be verified)."""
+        return "crc_rows" in self.group.array_keys()
 
     def chunk_rows(self, c: int) -> slice:
         return slice(c * self.chunk_size, min((c + 1) * self.chunk_size, self.n))
@@ -412,6 +555,13 @@ class FeatureSet:
     def done(self, pool: str) -> np.ndarray:
         """Which row-chunks of ``pool`` are written and verified."""
         return np.asarray(self.group[f"done_{pool}"][:], dtype=bool)
+
+    def done_chunks(self) -> list[int]:
+        """Row-chunks that at least one pool has finished."""
+        done = np.zeros(self.n_chunks, dtype=bool)
+        for pool in self._written_arrays():
+            done |= self.done(pool)
+        return np.flatnonzero(done).tolist()
 
     def pending_chunks(self, pools: Sequence[str]) -> list[int]:
         """Row-chunks that some pool in ``pools`` still lacks."""
@@ -424,51 +574,168 @@ class FeatureSet:
         return not self.pending_chunks(pools or self.pools)
 
     def write_chunk(self, c: int, features: dict[str, np.ndarray], ok: np.ndarray, error: np.ndarray) -> None:
-        """Write row-chunk ``c``, read it back, and only then mark it done."""
+        """Write row-chunk ``c``, read it back and compare, record its checksums, and only then
+        mark it done."""
         rows = self.chunk_rows(c)
+        error = np.asarray(error).astype(str)
         self.group["ok"][rows] = ok
         self.group["error"][rows] = error
         for pool, values in features.items():
             self.group[pool][rows] = values
+        checkpoint("chunk:data-written")
         for pool, values in features.items():
             back = self.group[pool][rows]
             if not np.array_equal(back, values):
                 raise StoreError(f"verification failed for chunk {c} of '{self.key}/{pool}': the store returned other values")
-        if not np.array_equal(self.group["ok"][rows], ok):
+        if not np.array_equal(self.group["ok"][rows], ok) or not np.array_equal(_strings(self.group["error"][rows]), error):
             raise StoreError(f"verification failed for chunk {c} of '{self.key}/ok'")
+        if self.has_checksums:
+            self.group["crc_rows"][c] = crc_rows(ok, error)
+            for pool, values in features.items():
+                values = np.asarray(values, dtype=self.group[pool].dtype)
+                if pool.startswith(TOKENS_PREFIX):
+                    sub = self.group[pool].chunks[0]
+                    first = rows.start // sub
+                    crcs = [crc_values(values[j : j + sub]) for j in range(0, len(values), sub)]
+                    self.group[f"crc_{pool}"][first : first + len(crcs)] = np.asarray(crcs, dtype=np.int64)
+                else:
+                    self.group[f"crc_{pool}"][c] = crc_values(values)
+        checkpoint("chunk:checksums-written")
         for pool in features:
             self.group[f"done_{pool}"][c] = True
+        checkpoint("chunk:done")
+
+    def clear_done(self, chunks: Sequence[int]) -> None:
+        """Mark ``chunks`` unwritten in every pool (the next extract / import redoes them)."""
+        for pool in self._written_arrays():
+            flags = self.group[f"done_{pool}"]
+            for c in chunks:
+                flags[int(c)] = False
 
     def array(self, pool: str = "cls") -> zarr.Array:
         if pool not in self.pools:
             raise StoreError(f"'{self.key}' has no '{pool}' features (has: {', '.join(self.pools)})")
         return self.group[pool]
 
+    def chunk_problem(self, c: int, name: str) -> str:
+        """Why done row-chunk ``c`` of pool ``name`` (or ``"rows"``: ok/error) is damaged, or ''.
+
+        Sets with checksums compare the CRC of what the store returns with the recorded one (a
+        deleted chunk reads as fill values, so it is caught unless it held only fill values, in
+        which case nothing was lost). Older sets without checksums can only be checked for a
+        missing feature chunk among rows that have features."""
+        rows = self.chunk_rows(c)
+        if not self.has_checksums:
+            if name == "rows":
+                return ""
+            ok = np.asarray(self.group["ok"][rows], dtype=bool)
+            return "chunk object missing" if ok.any() and not _chunk_exists(self.group[name], c) else ""
+        if name.startswith(TOKENS_PREFIX):
+            arr = self.group[name]
+            sub = arr.chunks[0]
+            for j in range(rows.start // sub, -(-rows.stop // sub)):
+                span = slice(j * sub, min((j + 1) * sub, self.n))
+                reason = _crc_problem(int(self.group[f"crc_{name}"][j]), crc_values(arr[span]))
+                if reason:
+                    return f"cells {span.start}-{span.stop - 1}: {reason}"
+            return ""
+        if name == "rows":
+            stored = int(self.group["crc_rows"][c])
+            actual = crc_rows(np.asarray(self.group["ok"][rows], dtype=bool), _strings(self.group["error"][rows]))
+        else:
+            stored = int(self.group[f"crc_{name}"][c])
+            actual = crc_values(self.group[name][rows])
+        return _crc_problem(stored, actual)
+
+    def _damage_message(self, c: int, name: str, reason: str) -> str:
+        rows = self.chunk_rows(c)
+        return (
+            f"chunk {c} (rows {rows.start}-{rows.stop - 1}) of '{self.dataset.name}/{self.key}/{name}' is damaged: "
+            f"{reason}; run `embedcache verify {self.dataset.store.url} --repair`, then the same extract (or import) "
+            "command recomputes it"
+        )
+
     def ok(self) -> np.ndarray:
-        return np.asarray(self.group["ok"][:], dtype=bool)
+        """Which cells have features (False: unreadable image, non-finite values, or not written)."""
+        return self._rows()[0]
 
     def errors(self) -> pd.Series:
-        return pd.Series(np.asarray(self.group["error"][:], dtype=object).astype(str), name="error")
+        """Why each cell is not ok ('' where it is)."""
+        return pd.Series(self._rows()[1], name="error")
+
+    def _rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """``ok`` and ``error`` of every cell, each done chunk checked against its checksum."""
+        try:
+            ok = np.asarray(self.group["ok"][:], dtype=bool)
+            error = _strings(self.group["error"][:])
+        except Exception as e:  # noqa: BLE001
+            bad = next((c for c in range(self.n_chunks) if _undecodable(self, c)), None)
+            if bad is None:
+                raise
+            raise ChunkDamaged(self._damage_message(bad, "ok/error", f"cannot be decoded ({type(e).__name__}: {e})"))
+        if self.has_checksums:
+            crcs = np.asarray(self.group["crc_rows"][:])
+            for c in self.done_chunks():
+                r = self.chunk_rows(c)
+                reason = _crc_problem(int(crcs[c]), crc_rows(ok[r], error[r]))
+                if reason:
+                    raise ChunkDamaged(self._damage_message(c, "ok/error", reason))
+        return ok, error
 
     def to_numpy(self, pool: str = "cls", rows: np.ndarray | slice | None = None, dtype=np.float32) -> np.ndarray:
-        """Features as numpy (only ``rows`` are read when given); refuses unfinished chunks."""
+        """Features as numpy (only ``rows`` are read when given); refuses unfinished chunks and
+        damaged ones (every chunk read is checked against its checksum)."""
         self._check_complete(pool)
         arr = self.array(pool)
         if rows is None:
-            return np.asarray(arr[:], dtype=dtype)
+            try:
+                block = arr[:]
+            except Exception:  # noqa: BLE001  an undecodable chunk somewhere: find it and name it
+                block = np.concatenate([self._read_block(c, pool) for c in range(self.n_chunks)])
+            for c in range(self.n_chunks):
+                self._check_block(c, pool, block[self.chunk_rows(c)])
+            return np.asarray(block, dtype=dtype)
         if isinstance(rows, slice):
-            return np.asarray(arr[rows], dtype=dtype)
+            rows = np.arange(self.n)[rows]
         rows = np.asarray(rows)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
-        return np.asarray(arr.get_orthogonal_selection((rows, slice(None))), dtype=dtype)
+        out = np.empty((len(rows), arr.shape[1]), dtype=dtype)
+        chunk_of = rows // self.chunk_size
+        for c in np.unique(chunk_of):
+            span = self.chunk_rows(int(c))
+            block = self._read_block(int(c), pool)
+            self._check_block(int(c), pool, block)
+            sel = chunk_of == c
+            out[sel] = block[rows[sel] - span.start]
+        return out
+
+    def _read_block(self, c: int, pool: str) -> np.ndarray:
+        try:
+            return self.group[pool][self.chunk_rows(c)]
+        except Exception as e:  # noqa: BLE001  undecodable bytes: name the chunk, keep the cause
+            raise ChunkDamaged(self._damage_message(c, pool, f"cannot be decoded ({type(e).__name__}: {e})")) from e
+
+    def _check_block(self, c: int, pool: str, block: np.ndarray) -> None:
+        if self.has_checksums:
+            reason = _crc_problem(int(self.group[f"crc_{pool}"][c]), crc_values(block))
+        else:
+            reason = self.chunk_problem(c, pool)
+        if reason:
+            raise ChunkDamaged(self._damage_message(c, pool, reason))
 
     def to_dask(self, pool: str = "cls"):
-        """Features as a lazy dask array chunked like the store."""
+        """Features as a lazy dask array chunked like the store (each block checked on compute)."""
         import dask.array as da
 
         self._check_complete(pool)
-        return da.from_zarr(self.array(pool))
+        arr = self.array(pool)
+        blocks = [
+            da.from_delayed(_delayed_chunk(self, pool, c), shape=(self.chunk_rows(c).stop - self.chunk_rows(c).start,
+                                                                   arr.shape[1]), dtype=arr.dtype)
+            for c in range(self.n_chunks)
+        ]
+        return da.concatenate(blocks, axis=0) if blocks else da.from_zarr(arr)
 
     def _check_complete(self, pool: str) -> None:
         missing = int((~self.done(pool)).sum())
@@ -478,21 +745,58 @@ class FeatureSet:
                 "rerun the same extract command to finish it"
             )
 
-    def info(self) -> dict[str, Any]:
-        ok = self.ok()
+    def missing_chunks(self) -> list[str]:
+        """Done feature chunks whose stored objects are gone (a quick check that reads no data:
+        a chunk may be absent only when it held nothing but fill values)."""
+        out = []
+        width = int(self.attrs["width"])
+        for pool in self.pools:
+            done = self.done(pool)
+            crcs = np.asarray(self.group[f"crc_{pool}"][:]) if self.has_checksums else None
+            for c in np.flatnonzero(done):
+                if _chunk_exists(self.group[pool], int(c)):
+                    continue
+                r = self.chunk_rows(int(c))
+                if crcs is not None:
+                    empty = crc_values(np.zeros((r.stop - r.start, width), dtype=self.group[pool].dtype))
+                    if int(crcs[c]) != empty:
+                        out.append(f"{pool} chunk {c}")
+                elif np.asarray(self.group["ok"][r], dtype=bool).any():
+                    out.append(f"{pool} chunk {c}")
+        return out
+
+    def info(self, verify: bool = False) -> dict[str, Any]:
         prov = self.attrs.get("provenance", {})
         pools = {p: f"{int(self.done(p).sum())}/{self.n_chunks} chunks" for p in self.pools}
-        return {
-            "status": "complete" if self.is_complete() else "partial",
+        if verify:
+            from .integrity import check_chunk
+
+            damage = [str(d) for c in self.done_chunks() for d in check_chunk(self, c)]
+        else:
+            damage = [f"{m}: chunk object missing" for m in self.missing_chunks()]
+        out: dict[str, Any] = {
+            "status": "damaged" if damage else ("complete" if self.is_complete() else "partial"),
             "pools": pools,
             "shape": [self.n, int(self.attrs["width"])],
             "dtype": self.attrs["dtype"],
-            "written_cells": int(sum(self.chunk_rows(c).stop - self.chunk_rows(c).start for c in np.flatnonzero(self.done(self.pools[0])))) if self.pools else 0,
-            "skipped_cells": int((~ok & self._written_rows() & (self.errors().to_numpy() != OUTSIDE_SUBSET)).sum()),
-            "rows": (prov.get("perturbation") or {}).get("rows", "all"),
+            "checksums": "per chunk" if self.has_checksums else "none (written by an older embedcache)",
+            "tail_tokens": {
+                t: {"shape": list(self.group[t].shape), "chunks": f"{int(self.done(t).sum())}/{self.n_chunks} chunks",
+                    "bytes_per_cell": 2 * int(np.prod(self.group[t].shape[1:]))}
+                for t in self.token_sets
+            },
             "backbone": prov.get("backbone", {}).get("name"),
             "weights": prov.get("weights", {}),
         }
+        if damage:
+            out["damage"] = damage
+            return out
+        ok = self.ok()
+        written = self._written_rows()
+        out["written_cells"] = int(written.sum())
+        out["skipped_cells"] = int((~ok & written & (self.errors().to_numpy() != OUTSIDE_SUBSET)).sum())
+        out["rows"] = (prov.get("perturbation") or {}).get("rows", "all")
+        return out
 
     def _written_rows(self) -> np.ndarray:
         rows = np.zeros(self.n, dtype=bool)
@@ -502,12 +806,113 @@ class FeatureSet:
         return rows
 
 
+class TailTokens:
+    """Reads cached tail tokens by rows, each stored sub-chunk checked against its checksum.
+
+    The reader protocol of :mod:`probes.finetune` (``__len__``, ``read(rows)``, ``kind``,
+    ``digest``): minibatches are read from the store, so the tokens need not fit in memory."""
+
+    kind = "tokens"
+
+    def __init__(self, fs: FeatureSet, name: str):
+        self.fs, self.name = fs, name
+        self.array = fs.group[name]
+        self.sub = int(self.array.chunks[0])
+        self.k = int(name[len(TOKENS_PREFIX):])
+
+    def __len__(self) -> int:
+        return self.fs.n
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def digest(self) -> str:
+        """Names these tokens: the feature set's fingerprint, k, and the sub-chunk checksums."""
+        crcs = np.asarray(self.fs.group[f"crc_{self.name}"][:])
+        return hashlib.sha256(f"{self.fs.attrs['fingerprint']}|{self.name}|".encode() + crcs.tobytes()).hexdigest()
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Tokens of ``rows`` (float16, one per row asked for, in that order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        blocks = np.unique(rows // self.sub)
+        full = np.concatenate([np.arange(b * self.sub, min((b + 1) * self.sub, self.fs.n)) for b in blocks])
+        try:
+            data = self.array.get_orthogonal_selection((full,) + (slice(None),) * (self.array.ndim - 1))
+        except Exception as e:  # noqa: BLE001  undecodable bytes: name the row-chunk
+            c = int(blocks[0] * self.sub // self.fs.chunk_size)
+            raise ChunkDamaged(self.fs._damage_message(c, self.name, f"cannot be decoded ({type(e).__name__}: {e})"))
+        crcs = self.fs.group[f"crc_{self.name}"].get_orthogonal_selection((blocks,))
+        at = 0
+        for b, stored in zip(blocks, crcs):
+            m = min((b + 1) * self.sub, self.fs.n) - b * self.sub
+            reason = _crc_problem(int(stored), crc_values(data[at : at + m]))
+            if reason:
+                c = int(b * self.sub // self.fs.chunk_size)
+                raise ChunkDamaged(self.fs._damage_message(c, self.name, f"cells {b * self.sub}-: {reason}"))
+            at += m
+        pos = np.searchsorted(full, rows)
+        return data[pos]
+
+
+TOKENS_PREFIX = "tokens_k"
+TOKEN_SUBCHUNK_BYTES = 1 << 20  # ~1 MB per stored token object: random minibatches read little extra
+
+
+def tokens_name(k: int) -> str:
+    """The array name of the tokens entering the last ``k`` blocks."""
+    return f"{TOKENS_PREFIX}{int(k)}"
+
+
+def token_subchunk(chunk_size: int, cell_shape: Sequence[int]) -> int:
+    """Cells per stored token object: a divisor of ``chunk_size`` near 1 MB of float16."""
+    per_cell = 2 * int(np.prod(cell_shape))
+    target = max(1, min(chunk_size, TOKEN_SUBCHUNK_BYTES // max(per_cell, 1)))
+    return max(d for d in range(1, target + 1) if chunk_size % d == 0)
+
+
+def _token_dims(ndim: int) -> tuple[str, ...]:
+    return ("cell", "token", "feature") if ndim == 2 else ("cell", "channel", "y", "x")[: ndim + 1]
+
+
+def _delayed_chunk(fs: FeatureSet, pool: str, c: int):
+    import dask
+
+    @dask.delayed(pure=True)
+    def load() -> np.ndarray:
+        return fs.to_numpy(pool, rows=fs.chunk_rows(c), dtype=fs.group[pool].dtype)
+
+    return load()
+
+
+def _undecodable(fs: FeatureSet, c: int) -> bool:
+    try:
+        fs.group["ok"][fs.chunk_rows(c)]
+        fs.group["error"][fs.chunk_rows(c)]
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _crc_problem(stored: int, actual: int) -> str:
+    if stored == MISSING_CRC:
+        return "no checksum recorded for a chunk marked done"
+    if stored != actual:
+        return f"checksum mismatch (recorded {stored:08x}, read {actual:08x}): altered, truncated or deleted"
+    return ""
+
+
+def _chunk_exists(arr: zarr.Array, c: int) -> bool:
+    """Whether row-chunk ``c`` of ``arr`` has a stored object (Zarr serves missing ones as fill)."""
+    coords = (c,) + (0,) * (arr.ndim - 1)
+    key = arr.metadata.encode_chunk_key(coords)
+    return bool(sync(arr.store.exists(f"{arr.path}/{key}")))
+
+
 def safe_key(name: str) -> str:
     """A backbone name or feature key as stored (``timm:vit_small`` -> ``timm-vit_small``)."""
     return name.replace(":", "-")
-
-
-_HISTORY_COLUMNS = ("id", "old", "new", "time", "source", "note")
 
 
 def _strings(values) -> np.ndarray:
@@ -525,10 +930,14 @@ def _check_name(name: str) -> None:
 
 @contextlib.contextmanager
 def _quiet_zarr() -> Iterator[None]:
-    """Hide zarr's warning about our ``.locks`` folder when listing members."""
+    """Hide zarr's warning about side folders that stores of older versions kept inside the tree
+    (``.locks``, ``.probes``) while they are read without being migrated."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Object at .* is not recognized")
         yield
 
 
-__all__ = ["open_store", "Store", "Dataset", "FeatureSet", "StoreError", "StoreBusyError", "FeatureSetConflict", "safe_key"]
+__all__ = [
+    "open_store", "Store", "Dataset", "FeatureSet", "StoreError", "StoreBusyError", "FeatureSetConflict",
+    "ChunkDamaged", "TailTokens", "safe_key", "side_url", "tokens_name",
+]

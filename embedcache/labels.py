@@ -1,0 +1,120 @@
+"""Label corrections as transactions.
+
+Layout under a dataset::
+
+    labels/                      attrs: kind=labels, version=V   (the one pointer)
+      v<V>/current               (N,) str   every cell's current label
+      v<V>/history/<column>      (H,) str   id, old, new, time, source, note; oldest first
+
+A commit writes the whole new state as ``v<V+1>`` beside the old one, reads it back, and only
+then moves the pointer with one metadata write (atomic: a temporary file renamed over
+``zarr.json`` on local disk, one PUT on object stores). A process killed at any moment
+therefore leaves either the old labels and history or the new ones, never a mixture; leftover
+versions are garbage that the next commit deletes. Stores written before this layout
+(``labels/current`` and ``labels/history`` without a version) are read as they are and
+converted by their next commit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from .faults import checkpoint
+
+HISTORY_COLUMNS = ("id", "old", "new", "time", "source", "note")
+
+
+def _strings(values) -> np.ndarray:
+    return np.asarray(values, dtype=object).astype(str)
+
+
+def _labels_group(dataset_group: zarr.Group) -> zarr.Group | None:
+    return dataset_group["labels"] if "labels" in dataset_group else None
+
+
+def _state_group(labels: zarr.Group) -> zarr.Group | None:
+    """The group holding the committed state: ``v<version>``, or the old layout's root."""
+    version = labels.attrs.get("version")
+    if version is not None:
+        return labels[f"v{int(version)}"]
+    if "current" in labels:
+        return labels  # layout of stores written before transactions
+    return None
+
+
+def read_current(dataset_group: zarr.Group) -> np.ndarray | None:
+    """Current labels of every cell, or None when no correction was ever committed."""
+    labels = _labels_group(dataset_group)
+    state = None if labels is None else _state_group(labels)
+    if state is None:
+        return None
+    return _strings(state["current"][:])
+
+
+def read_history(dataset_group: zarr.Group) -> pd.DataFrame:
+    """Every committed correction, oldest first."""
+    labels = _labels_group(dataset_group)
+    state = None if labels is None else _state_group(labels)
+    if state is None or "history" not in state:
+        return pd.DataFrame(columns=list(HISTORY_COLUMNS))
+    h = state["history"]
+    cols = {c: _strings(h[c][:]) if c in h else np.array([], dtype=str) for c in HISTORY_COLUMNS}
+    lengths = {len(v) for v in cols.values()}
+    if len(lengths) > 1:  # only the old layout can get here: its history was appended column by column
+        n = min(lengths)
+        warnings.warn(
+            f"label history columns have different lengths {sorted(lengths)} (an interrupted write by an older "
+            f"embedcache); keeping the {n} complete entries",
+            stacklevel=2,
+        )
+        cols = {c: v[:n] for c, v in cols.items()}
+    return pd.DataFrame(cols)
+
+
+def commit(dataset_group: zarr.Group, current: np.ndarray, entries: Mapping[str, np.ndarray]) -> None:
+    """Write ``current`` labels and the history extended by ``entries`` as one transaction."""
+    n = len(current)
+    history = read_history(dataset_group)
+    new_history = {c: np.concatenate([history[c].to_numpy(dtype=str), _strings(entries[c])]) for c in HISTORY_COLUMNS}
+    labels = dataset_group.require_group("labels")
+    old_version = labels.attrs.get("version")
+    version = 1 + max([int(old_version or 0)] + [int(k[1:]) for k in labels.group_keys() if k[1:].isdigit()])
+    state = labels.create_group(f"v{version}", overwrite=True)
+    checkpoint("relabel:version-created")
+    cur = state.create_array("current", shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),),
+                             dimension_names=("cell",))
+    cur[:] = _strings(current)
+    checkpoint("relabel:current-written")
+    hist = state.require_group("history")
+    for col, values in new_history.items():
+        a = hist.create_array(col, shape=(len(values),), dtype=str, chunks=(max(1, min(len(values), 65536)),),
+                              dimension_names=("entry",))
+        if len(values):
+            a[:] = values
+        checkpoint("relabel:history-column")
+    if not np.array_equal(_strings(cur[:]), _strings(current)) or any(
+        not np.array_equal(_strings(hist[c][:]), v) for c, v in new_history.items()
+    ):
+        raise RuntimeError("label commit: the store returned other values than were written; nothing was switched")
+    checkpoint("relabel:before-switch")
+    labels.update_attributes({"kind": "labels", "version": version})  # the one atomic step
+    checkpoint("relabel:after-switch")
+    remove_leftovers(dataset_group)
+
+
+def remove_leftovers(dataset_group: zarr.Group) -> None:
+    """Delete versions other than the committed one (a killed commit's, or the one it replaced)."""
+    labels = _labels_group(dataset_group)
+    version = None if labels is None else labels.attrs.get("version")
+    if version is None:
+        return  # nothing committed in this layout yet: an old-layout state stays readable
+    for key in list(labels.group_keys()):
+        if key != f"v{int(version)}":
+            del labels[key]  # older versions and the old layout's history group
+    for key in list(labels.array_keys()):
+        del labels[key]  # the old layout's current labels
