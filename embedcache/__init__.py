@@ -4,7 +4,10 @@ Python API (the CLI ``embedcache`` is a thin skin over these):
 
 * :func:`extract` — images in, a resumable, chunked Zarr feature set out;
 * :func:`import_features` — embeddings computed elsewhere, written into a store beside extracted ones;
+  :func:`import_features_file` — the same from a ``.npy`` / ``.npz`` file (``embedcache import``);
+* :func:`embedcache.demo.demo` — the bundled demo (``embedcache demo``): synthetic cells, extract, probes;
 * :func:`open_store` — read a store: datasets, the cell table, features as numpy / dask;
+* :func:`verify` — check every written chunk against its checksum, and mark damaged ones for recompute;
 * :func:`list_models` / :func:`load_backbone` — the backbone registry.
 
 Names load lazily, so reading a store does not import torch.
@@ -23,6 +26,11 @@ _EXPORTS = {
     "ExtractionError": "pipeline",
     "import_features": "importing",
     "ImportResult": "importing",
+    "import_features_file": "import_files",
+    "load_features": "import_files",
+    "DemoResult": "demo",
+    "resolve_device": "devices",
+    "resolve_dtype": "devices",
     "open_store": "store",
     "Store": "store",
     "Dataset": "store",
@@ -30,6 +38,9 @@ _EXPORTS = {
     "StoreError": "store",
     "StoreBusyError": "store",
     "FeatureSetConflict": "store",
+    "ChunkDamaged": "store",
+    "verify": "integrity",
+    "VerifyReport": "integrity",
     "open_source": "sources",
     "CellSource": "sources",
     "SourceError": "sources",

@@ -1,4 +1,4 @@
-"""Synthetic single-cell blood-smear images for the bundled demo (real data cannot ship).
+"""The bundled demo (:func:`demo`) and its synthetic single-cell blood-smear images (real data cannot ship).
 
 Cells are rendered with a Beer-Lambert stain model (eosin pink, Giemsa/haematoxylin
 purple) on a pinkish-white smear background, so colours and textures resemble
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["DEMO_CLASSES", "synthetic_cell", "make_synthetic_cells"]
+__all__ = ["DEMO_CLASSES", "synthetic_cell", "make_synthetic_cells", "demo", "DemoResult"]
 
 DEMO_CLASSES: tuple[str, ...] = ("round", "elongated", "nucleated", "small")
 
@@ -76,7 +78,7 @@ def synthetic_cell(kind: str, size: int, rng: np.random.Generator) -> np.ndarray
         giemsa += mask * rng.uniform(0.06, 0.12)
         n_lobes = rng.integers(2, 5)
         arc = rng.uniform(0.6, 1.6)  # lobes sit along a curved band
-        for j, a in enumerate(np.linspace(-arc / 2, arc / 2, n_lobes) + theta):
+        for a in np.linspace(-arc / 2, arc / 2, n_lobes) + theta:
             ly, lx = cy + 0.35 * r * np.sin(a + np.pi / 2), cx + 0.35 * r * np.cos(a + np.pi / 2)
             lobe, _ = _blob(yy, xx, ly, lx, r * rng.uniform(0.28, 0.38), rng.uniform(0.7, 1.0),
                             rng.uniform(0, np.pi), 0.08, rng)
@@ -116,3 +118,60 @@ def make_synthetic_cells(
             rng = np.random.default_rng((seed, c, i))
             Image.fromarray(synthetic_cell(kind, size, rng)).save(folder / f"{kind}_{i:04d}.png")
     return root
+
+
+@dataclass
+class DemoResult:
+    """What :func:`demo` made: the cells, the store and its feature set, and the probe study (if run)."""
+
+    cells: pathlib.Path
+    store: str
+    extract: Any  # embedcache.ExtractResult
+    info: dict  # the store's info()
+    evaluation: Any | None = None  # probes' StudyResult of logistic + kNN, or None (probe=False)
+    eval_out: pathlib.Path | None = None
+    random_weights: bool = True
+
+
+def demo(
+    out: str | os.PathLike = "demo_out",
+    *,
+    model: str = "timm:test_vit",
+    weights: str | None = "random",
+    n_per_class: int = 60,
+    probe: bool = True,
+    progress: bool = True,
+    show: bool = False,
+    on_step: Callable[[str, Any], None] | None = None,
+) -> DemoResult:
+    """The main job on synthetic cells: generate ``n_per_class`` cells per class into ``out/cells``,
+    extract them with ``model`` into ``out/cache.zarr``, read the store's summary, and (``probe``)
+    fit logistic and kNN probes into ``out/eval`` (``show`` prints their summary).
+
+    ``weights="random"`` needs no download (features then show the pipeline, not a pretrained
+    model); ``None`` takes the hub's. ``on_step(step, value)`` is called after each step with
+    ``("cells", path)``, ``("extract", ExtractResult)``, ``("store", url)`` and ``("probes", result)``.
+    """
+    from .pipeline import extract
+    from .store import open_store
+
+    def step(name: str, value: Any) -> None:
+        if on_step is not None:
+            on_step(name, value)
+
+    root = pathlib.Path(out)
+    cells = make_synthetic_cells(root / "cells", n_per_class=n_per_class)
+    step("cells", cells)
+    store = str(root / "cache.zarr")
+    r = extract(model, cells, store, weights=weights, chunk_size=64, progress=progress)
+    step("extract", r)
+    result = DemoResult(cells, store, r, open_store(store).info(), random_weights=weights == "random")
+    step("store", store)
+    if probe:
+        from probes import evaluate  # probes builds on embedcache: imported only when the demo probes
+
+        result.eval_out = root / "eval"
+        result.evaluation = evaluate(store, r.key, probe="logistic,knn", out=result.eval_out, show=show,
+                                     quiet=not progress)
+        step("probes", result.evaluation)
+    return result

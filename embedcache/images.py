@@ -12,16 +12,24 @@ Conventions (the cache depends on them, so they are fixed here):
 * Floats: if ``max <= 1`` the range is ``[0, 1]``, else values are clipped to
   ``[0, 255]``; NaN becomes 0.
 * EXIF orientation is applied (``ImageOps.exif_transpose``).
+* An image over ``max_pixels`` (default :data:`DEFAULT_MAX_IMAGE_PIXELS`, 50 megapixels; a
+  single cell is far smaller) is refused from its header, before any pixel is decoded.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ImageDecodeError", "to_rgb_uint8", "read_image"]
+__all__ = ["ImageDecodeError", "to_rgb_uint8", "read_image", "DEFAULT_MAX_IMAGE_PIXELS"]
+
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class ImageDecodeError(Exception):
@@ -115,27 +123,59 @@ def to_rgb_uint8(img: Image.Image | np.ndarray) -> np.ndarray:
     return _array_to_rgb(np.array(img))
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read an image file fully and return ``(H, W, 3)`` uint8 RGB (see :func:`to_rgb_uint8`).
 
-    Raises :class:`ImageDecodeError` (with ``.path``) for a missing, zero-byte,
-    truncated or unreadable file. Truncation is detected because the pixels are
-    loaded eagerly and ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False.
+    Raises :class:`ImageDecodeError` (with ``.path``) for a missing, zero-byte, truncated or
+    unreadable file, a dangling symbolic link, or an image of more than ``max_pixels`` pixels
+    (read from the header, before decoding; ``None``: no limit). Truncation is detected because
+    the pixels are loaded eagerly and ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False.
     """
     p = os.fspath(path)
     if not os.path.exists(p):
+        if os.path.islink(p):
+            raise ImageDecodeError(f"dangling symbolic link (its target {os.readlink(p)!r} does not exist)", p)
         raise ImageDecodeError("missing file", p)
     if os.path.isdir(p):
         raise ImageDecodeError("unreadable image: is a directory", p)
     if os.path.getsize(p) == 0:
         raise ImageDecodeError("zero-byte file", p)
     try:
-        with Image.open(p) as img:
+        with _open(p, max_pixels) as img:
+            _check_size(img.size, max_pixels, p)
             img.load()
             return to_rgb_uint8(img)
     except ImageDecodeError as e:
         raise ImageDecodeError(e.reason, p) from e
+    except Image.DecompressionBombError as e:  # PIL's own, larger, limit fired while reading the header
+        raise ImageDecodeError(_too_big(str(e), max_pixels), p) from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
         msg = (str(e) or type(e).__name__).replace(f" {p!r}", "")  # the path is in .path
         reason = "truncated image" if "truncated" in msg.lower() else f"unreadable image: {msg}"
         raise ImageDecodeError(reason, p) from e
+
+
+def _open(p: str, max_pixels: int | None) -> Any:
+    """``Image.open`` under our limit instead of PIL's (which warns at 89 and fails at 179 megapixels)."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check follows
+        if pil_limit is None or (max_pixels is not None and max_pixels <= 2 * pil_limit):
+            return Image.open(p)
+        with _PIL_LIMIT_LOCK:  # the caller allows more than PIL does: lift PIL's limit for this header
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                return Image.open(p)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
+
+
+def _check_size(size: tuple[int, int], max_pixels: int | None, p: str) -> None:
+    w, h = size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageDecodeError(_too_big(f"{w}x{h} = {w * h / 1e6:,.1f} megapixels", max_pixels), p)
+
+
+def _too_big(what: str, max_pixels: int | None) -> str:
+    return (f"image too large to be a cell ({what}; the limit is {(max_pixels or 0) / 1e6:,.1f} megapixels, "
+            "checked before decoding); raise it with max_image_pixels= (--max-image-pixels) if it is meant")

@@ -13,11 +13,12 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from . import pooling
 from .registry import BackboneSpec, get_spec
 
 RANDOM_SEED = 0
@@ -45,6 +46,22 @@ class LoadedBackbone:
     key_name: str
     num_prefix_tokens: int
 
+    def embed(self, x: torch.Tensor, pools: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Pooled features of a model-ready batch: the spec's ``embed`` hook, else timm-style pooling.
+
+        Raises ``ValueError`` when a hook gives other pools than asked or vectors of the wrong width.
+        """
+        if self.spec.embed is None:
+            return pooling.embed(self.model, x, pools, self.num_prefix_tokens)
+        out = dict(self.spec.embed(self.model, x, tuple(pools), self.num_prefix_tokens))
+        if set(out) != set(pools):
+            raise ValueError(f"the embed hook of {self.spec.name!r} gave pools {sorted(out)}, asked for {list(pools)}")
+        for p, v in out.items():
+            if tuple(v.shape) != (x.shape[0], self.spec.width):
+                raise ValueError(f"the embed hook of {self.spec.name!r} gave '{p}' features of shape "
+                                 f"{tuple(v.shape)}, expected ({x.shape[0]}, {self.spec.width})")
+        return out
+
 
 # ---------------------------------------------------------------------------------------------
 # Building
@@ -70,7 +87,13 @@ def resolve_layers(layers: Mapping[str, str]) -> dict[str, Any]:
 
 
 def build_model(spec: BackboneSpec) -> nn.Module:
-    """The spec's timm model with ``pretrained=False``, no head, in ``eval()`` without grads."""
+    """The spec's model without weights, in ``eval()`` without grads: its ``build`` hook, else timm's
+    ``create_model(arch, pretrained=False)`` with no head."""
+    if spec.build is not None:
+        model = spec.build(spec)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the build hook of {spec.name!r} returned a {type(model).__name__}, not a torch nn.Module")
+        return model.eval().requires_grad_(False)
     import timm
 
     kwargs = {**dict(spec.kwargs), **resolve_layers(spec.layers), "num_classes": 0}
@@ -126,9 +149,14 @@ def _provenance(source: str, **kw: Any) -> dict:
 def _hub_file(spec: BackboneSpec, revision: str | None) -> tuple[Path, dict]:
     """Fetch the first of ``spec.filenames`` that the repo (or, offline, the cache) has."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if not spec.hub_id:
         raise WeightsUnavailable(
@@ -138,9 +166,10 @@ def _hub_file(spec: BackboneSpec, revision: str | None) -> tuple[Path, dict]:
               f"or pass --weights PATH to a local copy.")
     tried: list[str] = []
     offline: BaseException | None = None
+    local_only = bool(constants.HF_HUB_OFFLINE)
     for filename in spec.filenames:
         try:
-            path = hf_hub_download(hub, filename, revision=revision)
+            found = hf_hub_download(hub, filename, revision=revision, local_files_only=local_only)
             break
         except GatedRepoError as e:
             raise WeightsUnavailable(f"{hub} is a gated repository and this session has no access. {access}") from e
@@ -152,6 +181,7 @@ def _hub_file(spec: BackboneSpec, revision: str | None) -> tuple[Path, dict]:
         except LocalEntryNotFoundError as e:  # offline, or hub unreachable, and not cached
             tried.append(filename)
             offline = e
+            local_only = True  # the hub was not reached once: look for the other files in the cache only
         except EntryNotFoundError:  # the hub says the repo has no such file
             tried.append(filename)
         except HfHubHTTPError as e:
@@ -162,6 +192,7 @@ def _hub_file(spec: BackboneSpec, revision: str | None) -> tuple[Path, dict]:
         except OSError as e:  # connection problems that slipped past huggingface_hub
             tried.append(filename)
             offline = e
+            local_only = True
     else:
         at = f" at revision {revision!r}" if revision else ""
         if offline is not None:
@@ -170,10 +201,11 @@ def _hub_file(spec: BackboneSpec, revision: str | None) -> tuple[Path, dict]:
                 f"weights for {spec.name!r} ({hub}{at}; tried {', '.join(tried)}) are not in the local Hugging Face "
                 f"cache ({constants.HF_HUB_CACHE}) and {mode}. On a connected machine run "
                 f"`hf download {hub}` (then copy the cache here or point HF_HUB_CACHE at it), "
-                f"or pass --weights PATH to a local checkpoint.") from offline
+                f"or pass --weights PATH to a local checkpoint; to try the tool without any download, "
+                f"--weights random (random-init features).") from offline
         raise WeightsUnavailable(
             f"none of the weight files {', '.join(tried)} exists in {url}{at}; pass --weights PATH instead.")
-    path = Path(path)
+    path = Path(found)
     prov = _provenance("hub", hub_id=hub, revision=_snapshot_commit(path) or revision,
                        filename=spec.filenames[len(tried)], sha256=sha256_file(path))
     return path, prov
@@ -242,7 +274,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         raise WeightsUnavailable(f"{path.name} is neither a safetensors file nor a torch checkpoint: {e!r}") from e
     if not isinstance(obj, Mapping):
         raise WeightsUnavailable(f"{path.name} holds a {type(obj).__name__}, not a state dict")
-    return obj
+    return dict(obj)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +308,7 @@ def normalise_state_dict(sd: Mapping[str, Any], model: nn.Module) -> dict:
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if callable(filter_fn):
         sd = filter_fn(dict(sd), model)
-    return _drop_heads(sd, model, model_keys)
+    return _drop_heads(dict(sd), model, model_keys)
 
 
 def _unchunk_blocks(sd: dict, model_keys: set[str]) -> dict:
@@ -369,9 +401,10 @@ def hf_vit_to_timm(sd: Mapping[str, torch.Tensor], model: nn.Module | None = Non
             raise WeightsMismatch(f"unrecognised key in a Hugging Face ViT checkpoint: {k}")
     for i, entries in sorted(layers.items()):
         for param in ("weight", "bias"):
-            qkv = [next((entries.pop(f"{n}.{param}") for n in _HF_QKV[c] if f"{n}.{param}" in entries), None)
-                   for c in "qkv"]
-            if all(t is not None for t in qkv):
+            found_qkv = [next((entries.pop(f"{n}.{param}") for n in _HF_QKV[c] if f"{n}.{param}" in entries), None)
+                         for c in "qkv"]
+            qkv = [t for t in found_qkv if t is not None]
+            if len(qkv) == 3:
                 out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat(qkv, 0)
             gate, up = entries.pop(f"mlp.gate_proj.{param}", None), entries.pop(f"mlp.up_proj.{param}", None)
             if gate is not None and up is not None:
@@ -393,7 +426,7 @@ def _hf_pos_embed(out: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
     """HF pos embeddings (CLS + square grid) -> the model's grid, resized as HF does at run time."""
     pos = out["pos_embed"]
     cls_pos, grid = pos[:, :1], pos[:, 1:]
-    gh, gw = model.patch_embed.grid_size
+    gh, gw = model.patch_embed.grid_size  # type: ignore[union-attr,misc]  # a timm VisionTransformer
     n = int(round(grid.shape[1] ** 0.5))
     if (n, n) != (gh, gw) and n * n == grid.shape[1]:
         g = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()

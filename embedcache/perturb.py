@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -53,7 +53,7 @@ class Perturbation:
         return f"{self.kind}-{self.param:g}"
 
 
-def parse_perturbations(specs: str | list[str] | None) -> list[Perturbation]:
+def parse_perturbations(specs: str | Sequence[str] | None) -> list[Perturbation]:
     """``["blur-pre:0.1,0.2", "jpeg:50"]`` -> one :class:`Perturbation` per value."""
     if not specs:
         return []

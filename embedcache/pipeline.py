@@ -17,19 +17,33 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
-from .images import ImageDecodeError
+from .devices import DTYPES, resolve_device, resolve_dtype
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError
 from .loading import LoadedBackbone, load_backbone
 from .perturb import Perturbation, parse_perturbations
 from .perturb import apply as perturb_apply
 from .pooling import check_pools, embed, parse_pools
 from .preprocess import Preprocessing, to_model_input
-from .sources import CellSource, open_source
-from .store import OUTSIDE_SUBSET, STORE_DTYPES, FeatureSet, WriteResult, open_store, safe_key
+from .progress import progress as progress_bar
+from .sources import CellSource, label_collisions, open_source
+from .store import (
+    OUTSIDE_SUBSET,
+    STORE_DTYPES,
+    Dataset,
+    FeatureSet,
+    Store,
+    WriteResult,
+    open_store,
+    safe_key,
+    tokens_name,
+)
 
 ON_ERROR = ("fail", "skip")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["extract", "ExtractResult", "ExtractionError", "ExtractPlan", "Variant", "compute_batch",
+           "default_workers", "resolve_device", "resolve_dtype", "DTYPES", "ON_ERROR"]
 
 
 class ExtractionError(RuntimeError):
@@ -44,6 +58,7 @@ class ExtractResult(WriteResult):
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (cell id, reason), this run
     seconds: float = 0.0
     variants: list["ExtractResult"] = field(default_factory=list)  # perturbed feature sets
+    notes: list[str] = field(default_factory=list)  # things about the input worth a word (label spellings, ...)
 
     @property
     def cells_per_second(self) -> float:
@@ -76,6 +91,9 @@ def extract(
     perturb_rows: str = "test",
     progress: bool = True,
     backbone: LoadedBackbone | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    tail_blocks: int | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> ExtractResult:
     """Extract pooled features of ``data`` with backbone ``model`` into the store ``out``.
 
@@ -84,25 +102,51 @@ def extract(
     ``"blur-post:0.4,0.8"``) becomes its own feature set beside the clean one, computed
     for the cells of the test split (``perturb_rows="test"``, or all cells when the data
     has no split column — reported) or for all cells (``"all"``). ``backbone`` may pass an
-    already loaded backbone. Returns the clean feature set's result; perturbed ones are in
-    ``result.variants``.
+    already loaded backbone. ``max_image_pixels`` refuses larger images from their header,
+    before decoding (``None``: no limit); under ``on_error="skip"`` such a cell is a recorded
+    skip. Returns the clean feature set's result; perturbed ones are in ``result.variants``;
+    ``result.notes`` says what in the input deserves a look (e.g. labels ``1`` / ``01`` / ``1.0``,
+    kept as distinct classes).
+
+    ``tail_blocks=k`` also caches, beside the pooled features, the tokens entering the last ``k``
+    blocks (ViT / Eva: CLS, registers and patch tokens; CNNs: the input feature map of the last
+    ``k`` stages) as float16, chunk by chunk with the same guarantees: what fine-tunes of the tail
+    (``probes`` ``ft-last`` / ``lora``) train on. The store size they take is printed first.
+    ``adapter`` embeds with a fine-tuned model saved by ``probes ... --save-adapter DIR`` (its base
+    backbone is ``model``, loaded as usual, or the one named in the adapter): a new feature set
+    with its own key.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if store_dtype not in STORE_DTYPES:
         raise ValueError(f"store_dtype must be one of {STORE_DTYPES}, got {store_dtype!r}")
-    source = data if isinstance(data, CellSource) else open_source(data, labels=labels, label_column=label_column, name=dataset)
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be positive or None, got {max_image_pixels}")
+    if isinstance(data, CellSource):
+        source = data
+    else:
+        source = open_source(data, labels=labels, label_column=label_column, name=dataset)
     dev = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, dev)
     bb = backbone or load_backbone(model, weights=weights, revision=revision)
+    if adapter is not None:
+        from probes.finetune.adapter import load_adapter  # the format belongs with the fine-tunes that write it
+
+        bb = load_adapter(adapter, backbone=bb).backbone
     spec = bb.spec
+    token_shape = None
+    if tail_blocks is not None:
+        from .tail import check_k, tail_token_shape
+
+        check_k(bb, tail_blocks)  # beyond the depth: a clear error before anything is written
     pools = parse_pools(pool, spec.default_pool)
-    check_pools(pools, bb.num_prefix_tokens, spec.name)
+    if spec.embed is None:  # an embed hook says itself which pools it can give
+        check_pools(pools, bb.num_prefix_tokens, spec.name)
     prep = Preprocessing(
         size=input_size or spec.input_size,
         interpolation=interpolation or spec.interpolation,
-        mean=tuple(spec.mean),
-        std=tuple(spec.std),
+        mean=spec.mean,
+        std=spec.std,
         fit=fit,
     )
     if working_size is not None and working_size < 4:
@@ -111,6 +155,8 @@ def extract(
     if perturb_rows not in ("test", "all"):
         raise ValueError(f"perturb_rows must be 'test' or 'all', got {perturb_rows!r}")
     prep_tag = prep.tag() + (f"-ws{working_size}" if working_size else "")
+    if tail_blocks is not None:
+        token_shape = tail_token_shape(bb, tail_blocks, prep.size)
     store = open_store(out, mode="a")
     ds = store.require_dataset(source, name=dataset)
     subset_rule, subset = "all", None
@@ -120,67 +166,98 @@ def extract(
             subset_rule, subset = "split == test", test
         else:
             subset_rule = "all (the data has no split column with 'test' cells)"
-    common = dict(
-        source=source, bb=bb, ds=ds, store=store, pools=pools, prep=prep, working_size=working_size, dev=dev,
-        compute_dtype=compute_dtype, store_dtype=store_dtype, chunk_size=chunk_size, batch_size=batch_size,
-        num_workers=num_workers, on_error=on_error, progress=progress,
+    plan = ExtractPlan(
+        source=source, backbone=bb, store=store, dataset=ds, pools=pools, prep=prep, working_size=working_size,
+        device=dev, compute_dtype=compute_dtype, store_dtype=store_dtype, chunk_size=chunk_size,
+        batch_size=batch_size, num_workers=num_workers, on_error=on_error, progress=progress,
+        max_image_pixels=max_image_pixels, tail_blocks=tail_blocks, token_shape=token_shape,
     )
-    result = _extract_variant(key=f"{safe_key(bb.key_name)}/{prep_tag}/clean", perturbation=None, subset=None, subset_rule="all", **common)
+    base = f"{safe_key(bb.key_name)}/{prep_tag}"
+    result = _extract_variant(plan, Variant(key=f"{base}/clean"))
+    result.notes += label_collisions(source.table["label"])
     for p in perturbations:
-        key = f"{safe_key(bb.key_name)}/{prep_tag}/{p.name}"
-        result.variants.append(_extract_variant(key=key, perturbation=p, subset=subset, subset_rule=subset_rule, **common))
+        variant = Variant(key=f"{base}/{p.name}", perturbation=p, subset=subset, subset_rule=subset_rule)
+        result.variants.append(_extract_variant(plan, variant))
     return result
 
 
-def _extract_variant(*, source, bb, ds, store, key, pools, prep, working_size, perturbation, subset, subset_rule, dev, compute_dtype, store_dtype, chunk_size, batch_size, num_workers, on_error, progress) -> ExtractResult:
-    with store.lock(f"features::{ds.name}::{key}"):
+@dataclass(frozen=True)
+class ExtractPlan:
+    """What one ``extract`` call computes and where it writes: fixed before any cell is read."""
+
+    source: CellSource
+    backbone: LoadedBackbone
+    store: Store
+    dataset: Dataset
+    pools: tuple[str, ...]
+    prep: Preprocessing
+    device: torch.device
+    compute_dtype: torch.dtype
+    store_dtype: str
+    chunk_size: int
+    batch_size: int
+    num_workers: int | None
+    on_error: str
+    progress: bool
+    working_size: int | None = None
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    tail_blocks: int | None = None  # also cache the tokens entering the last k blocks
+    token_shape: tuple[int, ...] | None = None  # one cell's tail tokens
+
+    @property
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Every array a chunk of this plan writes: name -> (shape per cell, dtype)."""
+        out = {p: ((int(self.backbone.spec.width),), self.store_dtype) for p in self.pools}
+        if self.tail_blocks is not None and self.token_shape is not None:
+            out[tokens_name(self.tail_blocks)] = (self.token_shape, "float16")
+        return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One feature set of a plan: the clean cells, or one perturbation of the cells in ``subset``."""
+
+    key: str
+    perturbation: Perturbation | None = None
+    subset: np.ndarray | None = None  # rows to compute (None: all)
+    subset_rule: str = "all"
+
+
+def _extract_variant(plan: ExtractPlan, variant: Variant) -> ExtractResult:
+    """Compute the pending chunks of one feature set (none: a cache hit)."""
+    bb, ds, store = plan.backbone, plan.dataset, plan.store
+    with store.lock(f"features::{ds.name}::{variant.key}"):
         fs = ds.require_feature_set(
-            key,
+            variant.key,
             width=int(bb.spec.width),
-            pools=pools,
-            chunk_size=chunk_size,
-            dtype=store_dtype,
-            provenance=_provenance(bb, prep, pools, dev, compute_dtype, store_dtype, working_size, perturbation, subset_rule),
+            pools=plan.pools,
+            chunk_size=plan.chunk_size,
+            dtype=plan.store_dtype,
+            tokens={n: shape for n, (shape, _) in plan.arrays.items() if n not in plan.pools},
+            provenance=_provenance(plan, variant),
             fingerprint={
                 "backbone": bb.key_name,
                 "weights_sha256": bb.weights.get("sha256"),
-                "preprocessing": prep.as_dict(),
-                "working_size": working_size,
-                "perturbation": perturbation.name if perturbation else None,
-                "rows": subset_rule,
-                "store_dtype": store_dtype,
-                "compute_dtype": str(compute_dtype).replace("torch.", ""),
+                "preprocessing": plan.prep.as_dict(),
+                "working_size": plan.working_size,
+                "perturbation": variant.perturbation.name if variant.perturbation else None,
+                "rows": variant.subset_rule,
+                "store_dtype": plan.store_dtype,
+                "compute_dtype": str(plan.compute_dtype).replace("torch.", ""),
             },
         )
-        pending = fs.pending_chunks(pools)
-        result = ExtractResult(store.url, ds.name, key, ds.n, cache_hit=not pending)
+        pending = fs.pending_chunks(list(plan.arrays))
+        result = ExtractResult(store.url, ds.name, variant.key, ds.n, cache_hit=not pending)
         if not pending:
             return result
+        if plan.tail_blocks is not None and plan.progress:
+            _say_token_size(plan, fs, pending)
         start = time.perf_counter()
-        cells = _Cells(source, working_size=working_size, perturbation=perturbation, subset=subset)
-        _run(cells, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, batch_size, num_workers, on_error, progress, result)
+        cells = _Cells(plan.source, working_size=plan.working_size, perturbation=variant.perturbation,
+                       subset=variant.subset, max_image_pixels=plan.max_image_pixels)
+        _run(plan, cells, fs, pending, result)
         result.seconds = time.perf_counter() - start
     return result
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU here; use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """fp16 on CUDA by default, fp32 on the CPU (bf16 on request on either)."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    if device.type == "cpu" and dtype == "float16":
-        raise ValueError("float16 compute on the CPU is slow and poorly supported: use bfloat16 or float32")
-    return DTYPES[dtype]
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -192,8 +269,10 @@ OUTSIDE = OUTSIDE_SUBSET
 class _Cells(TorchDataset):
     """Decodes (and perturbs) cells in DataLoader workers; an unreadable one comes back as its error."""
 
-    def __init__(self, source: CellSource, working_size: int | None = None, perturbation: Perturbation | None = None, subset: np.ndarray | None = None):
+    def __init__(self, source: CellSource, working_size: int | None = None, perturbation: Perturbation | None = None,
+                 subset: np.ndarray | None = None, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.source, self.working_size, self.perturbation, self.subset = source, working_size, perturbation, subset
+        self.max_image_pixels = max_image_pixels
         self.rows = np.arange(0)
 
     def __len__(self) -> int:
@@ -204,7 +283,8 @@ class _Cells(TorchDataset):
         if self.subset is not None and not self.subset[i]:
             return i, None, OUTSIDE
         try:
-            return i, perturb_apply(self.source.load(i), self.working_size, self.perturbation, row=i), ""
+            image = self.source.load(i, max_pixels=self.max_image_pixels)
+            return i, perturb_apply(image, self.working_size, self.perturbation, row=i), ""
         except ImageDecodeError as e:
             return i, None, e.reason
         except Exception as e:  # noqa: BLE001  anything a decoder throws is recorded, never swallowed
@@ -219,7 +299,8 @@ def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict[str, Any]:
     for j, (_, img, _) in enumerate(items):
         if img is not None:
             by_shape.setdefault(img.shape, []).append(j)
-    groups = [(torch.tensor(js), torch.from_numpy(np.stack([items[j][1] for j in js]))) for js in by_shape.values()]
+    groups = [(torch.tensor(js), torch.from_numpy(np.stack([items[j][1] for j in js])))  # type: ignore[misc]
+              for js in by_shape.values()]  # (only readable images are grouped)
     return {"rows": rows, "errors": errors, "groups": groups}
 
 
@@ -266,8 +347,8 @@ class _ChunkWriter(threading.Thread):
 class _ChunkAssembler:
     """Collects rows of each pending chunk; hands a chunk on once all its rows are in."""
 
-    def __init__(self, fs: FeatureSet, pools: Sequence[str], width: int, store_dtype: str, emit: Callable):
-        self.fs, self.pools, self.width, self.dtype, self.emit = fs, pools, width, store_dtype, emit
+    def __init__(self, fs: FeatureSet, arrays: dict[str, tuple[tuple[int, ...], str]], emit: Callable):
+        self.fs, self.arrays, self.emit = fs, arrays, emit
         self.buffers: dict[int, dict[str, Any]] = {}
 
     def add(self, rows: np.ndarray, feats: dict[str, np.ndarray], ok: np.ndarray, errors: list[str]) -> None:
@@ -279,14 +360,14 @@ class _ChunkAssembler:
             if buf is None:
                 m = rng.stop - rng.start
                 buf = {
-                    "feats": {p: np.zeros((m, self.width), dtype=self.dtype) for p in self.pools},
+                    "feats": {p: np.zeros((m, *shape), dtype=dt) for p, (shape, dt) in self.arrays.items()},
                     "ok": np.zeros(m, dtype=bool),
                     "error": np.full(m, "", dtype=object),
                     "filled": 0,
                 }
                 self.buffers[int(c)] = buf
             pos = rows[sel] - rng.start
-            for p in self.pools:
+            for p in self.arrays:
                 buf["feats"][p][pos] = feats[p][sel]
             buf["ok"][pos] = ok[sel]
             buf["error"][pos] = np.asarray(errors, dtype=object)[sel]
@@ -299,14 +380,15 @@ class _ChunkAssembler:
 # -- the loop -----------------------------------------------------------------------------------
 
 
-def _run(cells, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, batch_size, num_workers, on_error, progress, result):
-    source = cells.source
+def _run(plan: ExtractPlan, cells: _Cells, fs: FeatureSet, pending: Sequence[int], result: ExtractResult) -> None:
+    """Decode, compute and write the ``pending`` chunks of ``fs``, counting into ``result``."""
+    source, bb, pools, dev = plan.source, plan.backbone, plan.pools, plan.device
     cells.rows = np.concatenate([np.arange(fs.chunk_rows(c).start, fs.chunk_rows(c).stop) for c in pending])
     rows = cells.rows
-    workers = default_workers(dev) if num_workers is None else num_workers
+    workers = default_workers(dev) if plan.num_workers is None else plan.num_workers
     loader = DataLoader(
         cells,
-        batch_sampler=_chunk_aligned_batches(fs, pending, batch_size),
+        batch_sampler=_chunk_aligned_batches(fs, pending, plan.batch_size),
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=dev.type == "cuda",
@@ -314,28 +396,43 @@ def _run(cells, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, b
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    model = bb.model.to(dev).eval()
+    bb.model.to(dev).eval()
     ids = source.table["id"].to_numpy()
     writer = _ChunkWriter(fs)
     writer.start()
-    assembler = _ChunkAssembler(fs, pools, int(bb.spec.width), store_dtype, writer.put)
-    bar = _progress(progress, len(rows), f"{bb.spec.name} → {fs.key}")
+    arrays = plan.arrays
+    assembler = _ChunkAssembler(fs, arrays, writer.put)
+    tail = None
+    if plan.tail_blocks is not None:
+        from .tail import TailModule
+
+        tail = TailModule(bb, plan.tail_blocks, pool=pools[0]).to(dev).eval()
+    bar = progress_bar(len(rows), f"extract {bb.spec.name} → {fs.key}", enabled=plan.progress)
     try:
         for batch in loader:
             rows_b = batch["rows"].numpy()
             errors = batch["errors"]
             ok = np.array([e == "" for e in errors])
             outside = np.array([e == OUTSIDE for e in errors])
-            if on_error == "fail" and not (ok | outside).all():
+            if plan.on_error == "fail" and not (ok | outside).all():
                 j = int(np.flatnonzero(~ok & ~outside)[0])
                 where = source.table["path"].iat[rows_b[j]] or ids[rows_b[j]]
-                raise ExtractionError(f"cannot read cell {ids[rows_b[j]]} ({where}): {errors[j]}; use --on-error skip to record it and go on")
-            feats = {p: np.zeros((len(rows_b), bb.spec.width), dtype=store_dtype) for p in pools}
+                raise ExtractionError(f"cannot read cell {ids[rows_b[j]]} ({where}): {errors[j]}; "
+                                      "use --on-error skip to record it and go on")
+            feats = {p: np.zeros((len(rows_b), *shape), dtype=dt) for p, (shape, dt) in arrays.items()}
             if batch["groups"]:
                 order = torch.cat([js for js, _ in batch["groups"]]).numpy()
-                out = compute_batch(model, [g for _, g in batch["groups"]], prep, dev, compute_dtype, pools, bb.num_prefix_tokens)
+                groups = [g for _, g in batch["groups"]]
+                if tail is None:
+                    out = compute_batch(bb.model, groups, plan.prep, dev, plan.compute_dtype, pools,
+                                        bb.num_prefix_tokens, embed_fn=bb.embed)
+                else:
+                    out = compute_batch_with_tokens(bb, tail, groups, plan, dev)
+                for name in arrays:
+                    if name not in pools:
+                        feats[name][order] = out[name]
                 for p in pools:
-                    values = out[p].astype(store_dtype)
+                    values = out[p].astype(plan.store_dtype)
                     bad = ~np.isfinite(values).all(axis=1)
                     if bad.any():
                         raise ExtractionError(
@@ -343,8 +440,8 @@ def _run(cells, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, b
                             "try --dtype float32 and --store-dtype float32"
                         )
                     feats[p][order] = values
-            for j in np.flatnonzero(~ok & ~outside):
-                result.skipped.append((str(ids[rows_b[j]]), errors[j]))
+            for bad_j in np.flatnonzero(~ok & ~outside):
+                result.skipped.append((str(ids[rows_b[bad_j]]), errors[bad_j]))
             assembler.add(rows_b, feats, ok, errors)
             result.cells_computed += int((~outside).sum())
             bar.advance(len(rows_b))
@@ -354,12 +451,55 @@ def _run(cells, bb, fs, pending, pools, prep, dev, compute_dtype, store_dtype, b
         result.chunks_written = writer.written
 
 
-def compute_batch(model, groups, prep: Preprocessing, dev: torch.device, compute_dtype: torch.dtype, pools, num_prefix_tokens: int) -> dict[str, np.ndarray]:
-    """Same-shape uint8 NHWC groups -> pooled float32 features (rows in group order)."""
+def compute_batch(model: torch.nn.Module, groups: Sequence[torch.Tensor], prep: Preprocessing, dev: torch.device,
+                  compute_dtype: torch.dtype, pools: Sequence[str], num_prefix_tokens: int,
+                  embed_fn: Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]] | None = None,
+                  ) -> dict[str, np.ndarray]:
+    """Same-shape uint8 NHWC groups -> pooled float32 features (rows in group order).
+
+    ``embed_fn(x, pools)`` (e.g. :meth:`LoadedBackbone.embed`, which honours a spec's ``embed`` hook)
+    replaces the default timm-style pooling of ``model``.
+    """
     x = to_model_input(groups, prep, dev)
     with torch.autocast(dev.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        out = embed(model, x, pools, num_prefix_tokens)
+        if embed_fn is None:
+            out = embed(model, x, pools, num_prefix_tokens)
+        else:
+            with torch.inference_mode():
+                out = embed_fn(x, pools)
     return {p: v.float().cpu().numpy() for p, v in out.items()}
+
+
+def compute_batch_with_tokens(bb: LoadedBackbone, tail: torch.nn.Module, groups: Sequence[torch.Tensor],
+                              plan: ExtractPlan, dev: torch.device) -> dict[str, np.ndarray]:
+    """Pooled features and the tokens entering the last k blocks, from one forward pass: the frozen
+    prefix gives the tokens, the backbone's own tail turns them into the pooled features."""
+    from .tail import tail_tokens
+
+    assert plan.tail_blocks is not None
+    x = to_model_input(groups, plan.prep, dev)
+    dt = plan.compute_dtype
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32):
+        tokens = tail_tokens(bb, x, plan.tail_blocks)
+        out = tail.embed(tokens, plan.pools)
+    result = {p: v.float().cpu().numpy() for p, v in out.items()}
+    values = tokens.float().cpu().numpy().astype(np.float16)
+    if not np.isfinite(values).all():
+        raise ExtractionError("non-finite tail tokens (float16 overflow?): try --dtype float32")
+    result[tokens_name(plan.tail_blocks)] = values
+    return result
+
+
+def _say_token_size(plan: ExtractPlan, fs: FeatureSet, pending: Sequence[int]) -> None:
+    """Print, before starting, what the tail tokens will take in the store."""
+    import sys
+
+    assert plan.token_shape is not None
+    per_cell = 2 * int(np.prod(plan.token_shape))
+    cells = sum(fs.chunk_rows(c).stop - fs.chunk_rows(c).start for c in pending)
+    shape = " x ".join(map(str, plan.token_shape))
+    print(f"tail tokens ({plan.tail_blocks} block(s)): {shape} float16 = {per_cell / 1024:,.1f} KB per cell; "
+          f"{cells:,} cells to write = {per_cell * cells / 2**30:,.2f} GiB before compression", file=sys.stderr)
 
 
 def _chunk_aligned_batches(fs: FeatureSet, pending: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -379,34 +519,43 @@ def default_workers(device: torch.device) -> int:
     return min(8, max(1, cpus - 1)) if device.type == "cuda" else min(2, max(1, cpus // 4))
 
 
-def _provenance(bb: LoadedBackbone, prep: Preprocessing, pools, dev, compute_dtype, store_dtype, working_size=None, perturbation=None, subset_rule="all") -> dict[str, Any]:
+def _provenance(plan: ExtractPlan, variant: Variant) -> dict[str, Any]:
     import timm
 
     from . import __version__
 
+    bb, dev = plan.backbone, plan.device
     spec = bb.spec
+    backbone: dict[str, Any] = {
+        "name": spec.name,
+        "arch": spec.arch,
+        "hub_id": spec.hub_id,
+        "kwargs": dict(spec.kwargs),
+        "layers": dict(spec.layers),
+        "width": spec.width,
+        "num_prefix_tokens": bb.num_prefix_tokens,
+    }
+    for hook in ("build", "embed"):  # a non-timm backbone: record which code built / pooled it
+        fn = getattr(spec, hook)
+        if fn is not None:
+            backbone[hook] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+    perturbation = variant.perturbation
     return {
-        "backbone": {
-            "name": spec.name,
-            "arch": spec.arch,
-            "hub_id": spec.hub_id,
-            "kwargs": dict(spec.kwargs),
-            "layers": dict(spec.layers),
-            "width": spec.width,
-            "num_prefix_tokens": bb.num_prefix_tokens,
-        },
+        "backbone": backbone,
         "weights": dict(bb.weights),
-        "preprocessing": prep.as_dict(),
-        "working_size": working_size,
-        "perturbation": None if perturbation is None else {"kind": perturbation.kind, "param": perturbation.param, "rows": subset_rule},
-        "pools": list(pools),
+        "preprocessing": plan.prep.as_dict(),
+        "working_size": plan.working_size,
+        "perturbation": None if perturbation is None else {
+            "kind": perturbation.kind, "param": perturbation.param, "rows": variant.subset_rule},
+        "pools": list(plan.pools),
         "compute": {
             "device": dev.type,
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-            "dtype": str(compute_dtype).replace("torch.", ""),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "dtype": str(plan.compute_dtype).replace("torch.", ""),
             "inference_mode": True,
         },
-        "store_dtype": store_dtype,
+        "store_dtype": plan.store_dtype,
         "versions": {
             "embedcache": __version__,
             "torch": torch.__version__,
@@ -415,41 +564,3 @@ def _provenance(bb: LoadedBackbone, prep: Preprocessing, pools, dev, compute_dty
         },
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-class _NoBar:
-    def advance(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _RichBar:
-    def __init__(self, total: int, description: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.p = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        self.p.start()
-        self.task = self.p.add_task(description, total=total, rate="")
-        self.t0 = time.perf_counter()
-        self.done = 0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        self.p.update(self.task, advance=n, rate=f"{rate:,.0f} cells/s")
-
-    def close(self) -> None:
-        self.p.stop()
-
-
-def _progress(enabled: bool, total: int, description: str):
-    return _RichBar(total, description) if enabled else _NoBar()

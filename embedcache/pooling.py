@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -30,14 +30,16 @@ def check_pools(pools: Sequence[str], num_prefix_tokens: int, name: str) -> None
 
 
 @torch.inference_mode()
-def embed(model: torch.nn.Module, x: torch.Tensor, pools: Sequence[str], num_prefix_tokens: int) -> dict[str, torch.Tensor]:
+def embed(model: torch.nn.Module, x: torch.Tensor, pools: Sequence[str],
+          num_prefix_tokens: int) -> dict[str, torch.Tensor]:
     """Run ``model.forward_features`` and pool.
 
     ``cls`` is the first token after the final norm; ``mean`` averages the patch tokens
     only (class and register tokens excluded). For CNN / Swin feature maps, ``mean`` is
     the model's own global average pool (``forward_head(pre_logits=True)``).
     """
-    feats = model.forward_features(x)
+    net: Any = model  # a timm model: forward_features / forward_head are methods, not submodules
+    feats = net.forward_features(x)
     out: dict[str, torch.Tensor] = {}
     if feats.ndim == 3:
         if "cls" in pools:
@@ -47,7 +49,7 @@ def embed(model: torch.nn.Module, x: torch.Tensor, pools: Sequence[str], num_pre
     elif feats.ndim == 4:
         if "cls" in pools:
             raise ValueError("this backbone gives a feature map, not tokens: use --pool mean")
-        out["mean"] = model.forward_head(feats, pre_logits=True)
+        out["mean"] = net.forward_head(feats, pre_logits=True)
     else:
         raise ValueError(f"unexpected forward_features output of shape {tuple(feats.shape)}")
     return out

@@ -1,4 +1,4 @@
-"""Backbone registry: short names -> how to build a frozen timm backbone and feed it.
+"""Backbone registry: short names -> how to build a frozen backbone (timm, or a ``build`` hook) and feed it.
 
 Entries follow /work/shared/REGISTRY_REFERENCE.md, checked against the installed timm. Any
 ``timm:<arch>[.<tag>]`` name also resolves, from timm's own ``pretrained_cfg``. Nothing here
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import functools
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 IN_MEAN = (0.485, 0.456, 0.406)
 IN_STD = (0.229, 0.224, 0.225)
@@ -21,25 +21,34 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 TIMM_PREFIX = "timm:"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BackboneSpec:
-    """How to build one backbone (timm, ``pretrained=False``), where its weights live, how to feed it."""
+    """How to build one backbone, where its weights live and how to feed it; every field is a keyword.
+
+    Like timm's ``pretrained_cfg``, a spec is data. By default the model is ``timm.create_model(arch,
+    pretrained=False, **kwargs, **layers)`` and pooled by :func:`embedcache.pooling.embed`; a backbone
+    timm cannot build gives ``build(spec) -> nn.Module`` (its module may set ``num_prefix_tokens``), and
+    one whose output is not timm-shaped gives ``embed(model, x, pools, num_prefix_tokens) -> {pool:
+    (N, width) tensor}``. Weights then load as for any entry (hub, ``--weights PATH`` or ``random``).
+    """
 
     name: str
-    arch: str
-    hub_id: str | None
-    filenames: tuple[str, ...]
-    kwargs: Mapping[str, Any]
-    layers: Mapping[str, str]
-    input_size: int
-    interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    width: int
-    default_pool: tuple[str, ...]
-    gated: bool
-    licence: str
+    arch: str  # the timm architecture; with ``build``, a free-form label of what is built
+    width: int  # pooled feature width
+    hub_id: str | None = None
+    filenames: tuple[str, ...] = ()  # weight files in ``hub_id``, tried in order
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # JSON-able keyword arguments of the builder
+    layers: Mapping[str, str] = field(default_factory=dict)  # kwarg -> timm.layers / torch.nn / ConvStem name
+    input_size: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IN_MEAN
+    std: tuple[float, float, float] = IN_STD
+    default_pool: tuple[str, ...] = ("cls",)
+    gated: bool = False
+    licence: str = "unspecified"
     notes: str = ""
+    build: Callable[["BackboneSpec"], Any] | None = None
+    embed: Callable[..., Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,6 +64,9 @@ class BackboneSpec:
             problems.append("width and input_size must be positive")
         if self.hub_id is not None and not self.filenames:
             problems.append("a hub_id needs at least one filename")
+        for hook in ("build", "embed"):
+            if getattr(self, hook) is not None and not callable(getattr(self, hook)):
+                problems.append(f"{hook} must be callable or None")
         if problems:
             raise ValueError(f"invalid BackboneSpec {self.name!r}: " + "; ".join(problems))
         for attr in ("filenames", "mean", "std", "default_pool"):
@@ -91,10 +103,22 @@ def get_spec(name: str) -> BackboneSpec:
     if key.startswith(TIMM_PREFIX):
         return _timm_spec(key[len(TIMM_PREFIX):])
     close = difflib.get_close_matches(key.lower(), list(lowered), n=5, cutoff=0.5)
+    if _is_timm_model(key):  # a bare timm name: the timm: form is the likeliest meaning
+        close.insert(0, TIMM_PREFIX + key)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ValueError(
         f"unknown backbone {name!r}.{hint} Known: {', '.join(_REGISTRY)}; any timm model also works as 'timm:<arch>'."
     )
+
+
+def _is_timm_model(name: str) -> bool:
+    """True when timm knows ``name`` (``arch`` or ``arch.tag``) as a model."""
+    import timm
+
+    try:
+        return bool(timm.is_model(timm.models.split_model_name_tag(name)[0]))
+    except Exception:  # noqa: BLE001  a name timm cannot even parse is not one of its models
+        return False
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,9 +133,11 @@ def _timm_spec(arch: str) -> BackboneSpec:
         raise ValueError(f"timm has no model {base!r}.{hint}")
     cfg_obj = timm.models.get_pretrained_cfg(arch)
     cfg = cfg_obj.to_dict() if cfg_obj is not None else {}
-    fixed = bool(cfg.get("fixed_input_size"))
-    size_t = (cfg.get("input_size") if fixed else None) or cfg.get("test_input_size") or cfg.get("input_size")
+    size_t = cfg.get("input_size")  # the training size; timm's larger test_input_size costs more, only on request
     input_size = int(size_t[-1]) if size_t else 224
+    test_t = cfg.get("test_input_size")
+    test_note = (f"; timm's test size is {int(test_t[-1])} (--input-size {int(test_t[-1])})"
+                 if test_t and int(test_t[-1]) != input_size else "")
     width, prefix, has_cls = _probe(lambda: timm.create_model(arch, pretrained=False, num_classes=0), input_size)
     interp = cfg.get("interpolation") or "bicubic"
     hub_id = cfg.get("hf_hub_id") or None
@@ -131,7 +157,8 @@ def _timm_spec(arch: str) -> BackboneSpec:
         default_pool=("cls",) if has_cls else ("mean",),
         gated=False,
         licence=str(cfg.get("license") or "see the model card"),
-        notes=f"resolved from timm {timm.__version__} pretrained_cfg; gating and licence not checked"
+        notes=f"resolved from timm {timm.__version__} pretrained_cfg; gating and licence not checked; "
+        f"input {input_size} px (its training size){test_note}"
         + ("" if hub_id else "; timm lists no Hugging Face weights for it: use --weights PATH"),
     )
 
@@ -144,7 +171,7 @@ def _probe(make: Any, input_size: int) -> tuple[int, int, bool]:
         model = make()
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
     has_cls = getattr(model, "cls_token", None) is not None
-    width = int(getattr(model, "num_features"))
+    width = int(model.num_features)
     try:
         with torch.no_grad():
             feats = model.forward_features(torch.empty(1, 3, input_size, input_size, device="meta"))
@@ -158,71 +185,83 @@ def _probe(make: Any, input_size: int) -> tuple[int, int, bool]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Built-in entries
+# Built-in entries: data, one keyword per field (defaults: 224 px, bilinear, ImageNet norm, CLS, not gated)
 # ---------------------------------------------------------------------------------------------
-
-def _add(name: str, arch: str, hub_id: str | None, filenames: tuple[str, ...], kwargs: dict, width: int, *,
-         layers: dict | None = None, input_size: int = 224, interpolation: str = "bilinear",
-         mean: tuple = IN_MEAN, std: tuple = IN_STD, pool: tuple = ("cls",), gated: bool = False,
-         licence: str, notes: str = "") -> None:
-    register(BackboneSpec(name, arch, hub_id, filenames, kwargs, layers or {}, input_size, interpolation,
-                          mean, std, width, pool, gated, licence, notes))
-
 
 _ST, _BIN = ("model.safetensors",), ("pytorch_model.bin",)
 _SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
-
-_add("uni", "vit_large_patch16_224", "MahmoodLab/UNI", _BIN,
-     dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True), 1024,
-     gated=True, licence="CC-BY-NC-ND-4.0",
-     notes="UNI card: Resize(224) bilinear (+CenterCrop), ImageNet norm, CLS token.")
-_add("uni2-h", "vit_giant_patch14_224", "MahmoodLab/UNI2-h", _BIN,
-     dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
-          mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8, dynamic_img_size=True),
-     1536, layers=_SWIGLU, gated=True, licence="CC-BY-NC-ND-4.0",
-     notes="1 CLS + 8 register tokens. Kwargs as in the UNI card, TRIDENT and eva.")
 _SIZES = {"s": ("small", 384), "b": ("base", 768), "l": ("large", 1024), "g": ("giant", 1536)}
-for _s, (_size, _w) in _SIZES.items():
-    _add(f"dinobloom-{_s}", f"vit_{_size}_patch14_dinov2", f"1aurent/vit_{_size}_patch14_224.dinobloom", _ST,
-         dict(img_size=224, num_classes=0), _w, licence="Apache-2.0",
-         notes="Community timm copy of DinoBloom (the 1aurent config.json was not read, loading it has not "
-               "been run). The official files (MarrLab/DinoBloom pytorch_model_*.bin, Zenodo "
-               "DinoBloom-*.pth) load with --weights PATH (raw DINOv2 keys are mapped).")
-for _s, (_size, _w) in _SIZES.items():
-    _add(f"dinov2-{_s}", f"vit_{_size}_patch14_dinov2", f"timm/vit_{_size}_patch14_dinov2.lvd142m", _ST,
-         dict(img_size=224, num_classes=0), _w, interpolation="bicubic", licence="Apache-2.0",
-         notes="Trained at 518 px; run at 224 with pos_embed resampled by timm's checkpoint_filter_fn.")
-_add("phikon", "vit_base_patch16_224", "owkin/phikon", _ST + _BIN,
-     dict(img_size=224, num_classes=0), 768, licence="Owkin non-commercial",
-     notes="Official HF transformers ViTModel weights, converted to timm keys on load. Unverified against "
-           "the real file; HF ViT LayerNorm eps may be 1e-12 where timm uses 1e-6.")
-_add("phikon-v2", "vit_large_patch16_224", "owkin/phikon-v2", _ST,
-     dict(img_size=224, init_values=1e-5, num_classes=0), 1024, licence="Owkin non-commercial (LICENSE.pdf)",
-     notes="HF transformers Dinov2Model (ViT-L/16) weights converted to timm keys on load; the conversion is "
-           "tested against transformers but unverified against the real file.")
-_add("ctranspath", "swin_tiny_patch4_window7_224", "1aurent/swin_tiny_patch4_window7_224.CTransPath", _ST,
-     dict(num_classes=0), 768, layers={"embed_layer": "ConvStem"}, pool=("mean",), licence="GPL-3.0",
-     notes="Swin-T with our ConvStem. Bilinear per TRIDENT (the card code uses bicubic). TRIDENT uses CHIEF's "
-           "CTransPath weights instead; loading the 1aurent file has not been run.")
-_add("resnet-rs50", "resnetrs50", "timm/resnetrs50.tf_in1k", _ST, dict(num_classes=0), 2048,
-     interpolation="bicubic", pool=("mean",), licence="Apache-2.0",
-     notes="ImageNet-1k baseline; 224 is timm's test size (trained at 160).")
-_add("h-optimus-0", "vit_giant_patch14_reg4_dinov2", "bioptimus/H-optimus-0", _BIN + _ST,
-     dict(img_size=224, init_values=1e-5, num_classes=0, global_pool="token", dynamic_img_size=False), 1536,
-     mean=HO_MEAN, std=HO_STD, gated=True, licence="Apache-2.0",
-     notes="1 CLS + 4 registers. Card: 224 px tiles at 0.5 um/px, no resize; bilinear is TRIDENT's. "
-           "Weight filename per TRIDENT (unverified).")
-_add("virchow2", "vit_huge_patch14_224", "paige-ai/Virchow2", _BIN + _ST,
-     dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375, global_pool="",
-          dynamic_img_size=True), 1280, layers=_SWIGLU, interpolation="bicubic", pool=("cls", "mean"),
-     gated=True, licence="CC-BY-NC-ND-4.0",
-     notes="Card embedding is concat(CLS, mean of patch tokens) = 2560; stored here as two 1280-d pools. "
-           "Registers (tokens 1-4) excluded from the mean.")
 
-# DINOv3 ViTs (timm >= 1.0.20, which pyproject requires)
-for _s in ("s", "b", "l"):
-    _size, _w = _SIZES[_s]
-    _add(f"dinov3-{_s}", f"vit_{_size}_patch16_dinov3", f"timm/vit_{_size}_patch16_dinov3.lvd1689m", _ST,
-         dict(num_classes=0), _w, input_size=256, interpolation="bicubic", licence="DINOv3 License",
-         notes="RoPE ViT with 1 CLS + 4 registers; dynamic input size (256 is timm's default). Whether the "
-               "timm copies are gated is unverified.")
+BUILTIN: tuple[BackboneSpec, ...] = (
+    BackboneSpec(
+        name="uni", arch="vit_large_patch16_224", hub_id="MahmoodLab/UNI", filenames=_BIN,
+        kwargs=dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
+        width=1024, gated=True, licence="CC-BY-NC-ND-4.0",
+        notes="UNI card: Resize(224) bilinear (+CenterCrop), ImageNet norm, CLS token."),
+    BackboneSpec(
+        name="uni2-h", arch="vit_giant_patch14_224", hub_id="MahmoodLab/UNI2-h", filenames=_BIN,
+        kwargs=dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+                    mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8, dynamic_img_size=True),
+        layers=_SWIGLU, width=1536, gated=True, licence="CC-BY-NC-ND-4.0",
+        notes="1 CLS + 8 register tokens. Kwargs as in the UNI card, TRIDENT and eva."),
+    *(BackboneSpec(
+        name=f"dinobloom-{s}", arch=f"vit_{size}_patch14_dinov2", hub_id=f"1aurent/vit_{size}_patch14_224.dinobloom",
+        filenames=_ST, kwargs=dict(img_size=224, num_classes=0), width=w, licence="Apache-2.0",
+        notes="Community timm copy of DinoBloom (the 1aurent config.json was not read, loading it has not "
+              "been run). The official files (MarrLab/DinoBloom pytorch_model_*.bin, Zenodo "
+              "DinoBloom-*.pth) load with --weights PATH (raw DINOv2 keys are mapped).")
+      for s, (size, w) in _SIZES.items()),
+    *(BackboneSpec(
+        name=f"dinov2-{s}", arch=f"vit_{size}_patch14_dinov2", hub_id=f"timm/vit_{size}_patch14_dinov2.lvd142m",
+        filenames=_ST, kwargs=dict(img_size=224, num_classes=0), width=w, interpolation="bicubic",
+        licence="Apache-2.0",
+        notes="Trained at 518 px; run at 224 with pos_embed resampled by timm's checkpoint_filter_fn.")
+      for s, (size, w) in _SIZES.items()),
+    BackboneSpec(
+        name="phikon", arch="vit_base_patch16_224", hub_id="owkin/phikon", filenames=_ST + _BIN,
+        kwargs=dict(img_size=224, num_classes=0), width=768, licence="Owkin non-commercial",
+        notes="Official HF transformers ViTModel weights, converted to timm keys on load. Unverified against "
+              "the real file; HF ViT LayerNorm eps may be 1e-12 where timm uses 1e-6."),
+    BackboneSpec(
+        name="phikon-v2", arch="vit_large_patch16_224", hub_id="owkin/phikon-v2", filenames=_ST,
+        kwargs=dict(img_size=224, init_values=1e-5, num_classes=0), width=1024,
+        licence="Owkin non-commercial (LICENSE.pdf)",
+        notes="HF transformers Dinov2Model (ViT-L/16) weights converted to timm keys on load; the conversion is "
+              "tested against transformers but unverified against the real file."),
+    BackboneSpec(
+        name="ctranspath", arch="swin_tiny_patch4_window7_224",
+        hub_id="1aurent/swin_tiny_patch4_window7_224.CTransPath",
+        filenames=_ST, kwargs=dict(num_classes=0), layers={"embed_layer": "ConvStem"}, width=768,
+        default_pool=("mean",), licence="GPL-3.0",
+        notes="Swin-T with our ConvStem. Bilinear per TRIDENT (the card code uses bicubic). TRIDENT uses CHIEF's "
+              "CTransPath weights instead; loading the 1aurent file has not been run."),
+    BackboneSpec(
+        name="resnet-rs50", arch="resnetrs50", hub_id="timm/resnetrs50.tf_in1k", filenames=_ST,
+        kwargs=dict(num_classes=0), width=2048, interpolation="bicubic", default_pool=("mean",), licence="Apache-2.0",
+        notes="ImageNet-1k baseline; 224 is timm's test size (trained at 160)."),
+    BackboneSpec(
+        name="h-optimus-0", arch="vit_giant_patch14_reg4_dinov2", hub_id="bioptimus/H-optimus-0", filenames=_BIN + _ST,
+        kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, global_pool="token", dynamic_img_size=False),
+        width=1536, mean=HO_MEAN, std=HO_STD, gated=True, licence="Apache-2.0",
+        notes="1 CLS + 4 registers. Card: 224 px tiles at 0.5 um/px, no resize; bilinear is TRIDENT's. "
+              "Weight filename per TRIDENT (unverified)."),
+    BackboneSpec(
+        name="virchow2", arch="vit_huge_patch14_224", hub_id="paige-ai/Virchow2", filenames=_BIN + _ST,
+        kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375, global_pool="",
+                    dynamic_img_size=True),
+        layers=_SWIGLU, width=1280, interpolation="bicubic", default_pool=("cls", "mean"), gated=True,
+        licence="CC-BY-NC-ND-4.0",
+        notes="Card embedding is concat(CLS, mean of patch tokens) = 2560; stored here as two 1280-d pools. "
+              "Registers (tokens 1-4) excluded from the mean."),
+    # DINOv3 ViTs (timm >= 1.0.20, which pyproject requires)
+    *(BackboneSpec(
+        name=f"dinov3-{s}", arch=f"vit_{_SIZES[s][0]}_patch16_dinov3",
+        hub_id=f"timm/vit_{_SIZES[s][0]}_patch16_dinov3.lvd1689m", filenames=_ST, kwargs=dict(num_classes=0),
+        width=_SIZES[s][1], input_size=256, interpolation="bicubic", licence="DINOv3 License",
+        notes="RoPE ViT with 1 CLS + 4 registers; dynamic input size (256 is timm's default). Whether the "
+              "timm copies are gated is unverified.")
+      for s in ("s", "b", "l")),
+)
+
+for _spec in BUILTIN:
+    register(_spec)

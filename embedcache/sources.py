@@ -13,15 +13,17 @@ Three kinds, all giving a :class:`CellSource` whose ``table`` has the columns
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .images import ImageDecodeError, read_image, to_rgb_uint8
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, read_image, to_rgb_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 OBS_COLUMNS = ("id", "path", "label", "split", "domain", "group")
@@ -30,6 +32,10 @@ OPTIONAL_COLUMNS = ("split", "domain", "group")
 
 class SourceError(ValueError):
     """The input data cannot be used as given (bad manifest, no images, ...)."""
+
+
+class LabelSpellingWarning(UserWarning):
+    """Label spellings that are one number (``1``, ``01``, ``1.0``) are kept as distinct classes."""
 
 
 @dataclass
@@ -45,11 +51,12 @@ class CellSource:
     def __len__(self) -> int:
         return len(self.table)
 
-    def load(self, i: int) -> np.ndarray:
-        """Cell ``i`` as (H, W, 3) uint8; raises :class:`ImageDecodeError`."""
+    def load(self, i: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+        """Cell ``i`` as (H, W, 3) uint8; raises :class:`ImageDecodeError` (also for a file over
+        ``max_pixels`` pixels, checked before decoding; in-memory arrays are already decoded)."""
         if self.images is not None:
             return to_rgb_uint8(np.asarray(self.images[i]))
-        return read_image(self.table["path"].iat[i])
+        return read_image(self.table["path"].iat[i], max_pixels=max_pixels)
 
     def digest(self) -> str:
         """Digest of the cell list (ids and image paths), not of the labels.
@@ -74,8 +81,36 @@ def open_source(
     """Open an ImageFolder, a CSV/Parquet manifest, a ``.npz`` file or an image array.
 
     ``label_column=None`` reads a manifest as unlabelled; ``labels`` gives the labels
-    of an in-memory array.
+    of an in-memory array. Label spellings of one number (``1``, ``01``, ``1.0``) stay distinct
+    classes and raise a :class:`LabelSpellingWarning` naming them. An ImageFolder's dangling
+    symbolic links are listed as cells (their path is the link), so that extraction fails
+    naming them or, with ``on_error="skip"``, records them as skipped.
     """
+    source = _open(data, labels=labels, label_column=label_column, name=name)
+    for note in label_collisions(source.table["label"]):
+        warnings.warn(note, LabelSpellingWarning, stacklevel=2)
+    return source
+
+
+def label_collisions(labels: Iterable[str]) -> list[str]:
+    """One note per number spelt several ways among ``labels`` (e.g. ``1``, ``01``, ``1.0``)."""
+    by_value: dict[float, set[str]] = {}
+    for label in set(labels):
+        try:
+            value = float(label)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            by_value.setdefault(value, set()).add(label)
+    return [
+        f"labels {', '.join(repr(v) for v in sorted(spellings))} are one number spelt {len(spellings)} ways; "
+        "they are kept as distinct classes (correct the labels if they mean one class)"
+        for _, spellings in sorted(by_value.items()) if len(spellings) > 1
+    ]
+
+
+def _open(data: str | os.PathLike | np.ndarray, *, labels: Sequence[Any] | np.ndarray | None,
+          label_column: str | None, name: str | None) -> CellSource:
     if isinstance(data, np.ndarray):
         return _from_arrays(data, labels, name or "arrays", origin="<memory>")
     path = Path(data)
@@ -98,7 +133,8 @@ def _table(ids, paths, labels, **optional) -> pd.DataFrame:
     n = len(ids)
     cols = {"id": list(ids), "path": list(paths), "label": list(labels)}
     for c in OPTIONAL_COLUMNS:
-        cols[c] = list(optional.get(c) if optional.get(c) is not None else [""] * n)
+        values = optional.get(c)
+        cols[c] = list(values) if values is not None else [""] * n
     table = pd.DataFrame(cols, columns=list(OBS_COLUMNS))
     return table.astype(str)
 
@@ -110,12 +146,12 @@ def _from_folder(root: Path, name: str) -> CellSource:
         for d in subdirs:
             for f in _image_files(d):
                 ids.append(f.relative_to(root).as_posix())
-                paths.append(str(f.resolve()))
+                paths.append(_cell_path(f))
                 labels.append(d.name)
     else:
         for f in _image_files(root):
             ids.append(f.name)
-            paths.append(str(f.resolve()))
+            paths.append(_cell_path(f))
             labels.append("")
     if not ids:
         raise SourceError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
@@ -123,13 +159,23 @@ def _from_folder(root: Path, name: str) -> CellSource:
 
 
 def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (not hidden), with dangling symbolic links among them."""
     return sorted(
         p
         for p in folder.rglob("*")
         if p.suffix.lower() in IMAGE_SUFFIXES
-        and p.is_file()
+        and (p.is_file() or _dangling(p))
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+
+
+def _dangling(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
+
+
+def _cell_path(f: Path) -> str:
+    """The resolved file; for a dangling link the link itself, so that its error names it."""
+    return str(f.absolute()) if _dangling(f) else str(f.resolve())
 
 
 def _read_manifest(path: Path) -> pd.DataFrame:
@@ -171,7 +217,8 @@ def _from_manifest(path: Path, label_column: str | None, name: str) -> CellSourc
     if dup.any():
         rows = np.flatnonzero(dup.to_numpy())[:5]
         raise SourceError(
-            f"{path}: cell ids must be unique; '{ids.iat[rows[0]]}' repeats (rows {', '.join(str(r + 1) for r in rows)})"
+            f"{path}: cell ids must be unique; '{ids.iat[rows[0]]}' repeats "
+            f"(rows {', '.join(str(r + 1) for r in rows)})"
         )
     optional = {c: df[c].str.strip().tolist() for c in OPTIONAL_COLUMNS if c in df.columns}
     return CellSource(name, "manifest", str(path), _table(ids, abs_paths, labels, **optional))
@@ -222,4 +269,5 @@ def _from_arrays(
     return CellSource(name, "arrays", origin, table, images=images)
 
 
-__all__ = ["CellSource", "SourceError", "open_source", "ImageDecodeError", "OBS_COLUMNS"]
+__all__ = ["CellSource", "SourceError", "LabelSpellingWarning", "open_source", "label_collisions", "ImageDecodeError",
+           "OBS_COLUMNS"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -24,9 +23,31 @@ def demo60(tmp_path_factory):
     return root, None
 
 
-def test_classes():
-    assert len(DEMO_CLASSES) == 4 and len(set(DEMO_CLASSES)) == 4
-    assert all(isinstance(c, str) and c.isidentifier() for c in DEMO_CLASSES)
+def _central_cell(img: np.ndarray) -> tuple[int, float, float]:
+    """(area in px, aspect ratio of its second moments, darkest grey level) of the stained blob at the
+    centre: pixels 20 grey levels darker than the border's background, the component nearest the centre."""
+    from scipy import ndimage
+
+    g = img.astype(np.float64).mean(axis=2)
+    border = np.concatenate([g[:3].ravel(), g[-3:].ravel(), g[:, :3].ravel(), g[:, -3:].ravel()])
+    lab, _ = ndimage.label(g < np.median(border) - 20)
+    h, w = g.shape
+    iy, ix = ndimage.distance_transform_edt(lab == 0, return_indices=True)[1]
+    blob = lab == lab[iy[h // 2, w // 2], ix[h // 2, w // 2]]
+    ev = np.linalg.eigvalsh(np.cov(np.stack(np.nonzero(blob)).astype(np.float64)))
+    return int(blob.sum()), float(np.sqrt(ev[1] / max(ev[0], 1e-9))), float(g[blob].min())
+
+
+def test_each_class_has_the_morphology_its_name_says(demo60):
+    """The four demo classes (README: 4 morphologies) look like their names: round discs, elongated
+    (elliptocyte-like) cells, nucleated cells with a dark nucleus, small platelet-like fragments."""
+    assert DEMO_CLASSES == ("round", "elongated", "nucleated", "small")
+    x, y = _load(demo60[0], 60)
+    med = {k: np.median([_central_cell(img) for img in x[y == c]], axis=0) for c, k in enumerate(DEMO_CLASSES)}
+    area, aspect, darkest = ({k: m[i] for k, m in med.items()} for i in range(3))
+    assert aspect["round"] < 1.2 and aspect["elongated"] > 1.6, aspect
+    assert area["small"] < 0.4 * area["round"] and area["nucleated"] > area["round"], area
+    assert darkest["nucleated"] < 100 and min(darkest["round"], darkest["elongated"]) > 140, darkest
 
 
 def test_layout_counts_and_decoding(demo60):

@@ -19,7 +19,7 @@ import embedcache
 from embedcache import ExtractionError, StoreBusyError, StoreError, open_store
 from embedcache.store import FeatureSetConflict
 
-from .conftest import REPO, shared
+from .conftest import REPO, bundled
 
 KEY = "timm-test_vit@random/160-bicubic/clean"
 
@@ -43,21 +43,21 @@ def _reference_cls(backbone, image: np.ndarray, size: int = 160) -> np.ndarray:
 
 def test_imagefolder_variable_sizes_end_to_end(tmp_path, tiny_vit, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_SeCrEt0123456789")
-    root = shared("bccd_wbc")
+    root = bundled("bccd_wbc")  # 19 white cells, 173-336 px
     out = tmp_path / "cache.zarr"
-    r = _extract(root, out, chunk_size=100, batch_size=32)
-    assert not r.cache_hit and r.cells_computed == 351 and r.chunks_written == 4
+    r = _extract(root, out, chunk_size=5, batch_size=4)
+    assert not r.cache_hit and r.cells_computed == 19 and r.chunks_written == 4
     ds = open_store(out).dataset("bccd_wbc")
     assert ds.feature_keys() == [KEY]
     obs = ds.obs
-    assert len(obs) == 351 and obs["label"].value_counts()["Basophil"] == 3
+    assert len(obs) == 19 and obs["label"].value_counts()["Basophil"] == 3
     fs = ds.feature_set(KEY)
     feats = fs.to_numpy("cls")
-    assert feats.shape == (351, 64) and np.isfinite(feats).all() and fs.ok().all()
+    assert feats.shape == (19, 64) and np.isfinite(feats).all() and fs.ok().all()
     assert fs.array("cls").dtype == np.float16
     # each stored vector matches an independent per-image computation (fp16 storage tolerance)
     src = embedcache.open_source(root)
-    for i in (0, 100, 350):
+    for i in (0, 9, 18):
         ref = _reference_cls(tiny_vit, src.load(i))
         np.testing.assert_allclose(feats[i], ref, rtol=2e-2, atol=2e-2)
     prov = fs.attrs["provenance"]
@@ -71,7 +71,7 @@ def test_imagefolder_variable_sizes_end_to_end(tmp_path, tiny_vit, monkeypatch):
 
 
 def test_rerun_is_a_cache_hit_and_new_pooling_or_preprocessing_sits_beside(tmp_path):
-    path = shared("chula_rbc12") / "manifest.csv"
+    path = bundled("chula_rbc12") / "manifest.csv"
     df = pd.read_csv(path).iloc[:96]
     df["path"] = [str(path.parent / p) for p in df["path"]]
     df.to_csv(tmp_path / "m.csv", index=False)
@@ -109,8 +109,8 @@ def test_other_weights_under_the_same_key_conflict(tmp_path, chula_subset):
         _extract(m, out, store_dtype="float32")
 
 
-def test_bad_images_fail_by_default_and_skip_is_recorded(tmp_path, chula_manifest):
-    good = chula_manifest["path"].iloc[:3].tolist()
+def test_bad_images_fail_by_default_and_skip_is_recorded(tmp_path, chula_cells):
+    good = chula_cells["path"].iloc[:3].tolist()
     (tmp_path / "zero.jpg").write_bytes(b"")
     data = Path(good[0]).read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
@@ -165,9 +165,9 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli.embedcache_app", *args]
 
 
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, chula_manifest):
-    n, chunk = 3000, 64
-    df = chula_manifest.iloc[:n]
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, chula_cells):
+    n, chunk = len(chula_cells), 16  # 832 bundled cells: 52 chunks, killed after the third
+    df = chula_cells
     df.to_csv(tmp_path / "m.csv", index=False)
     out = tmp_path / "killed.zarr"
     args = ["extract", "--model", "timm:test_vit", "--weights", "random", "--data", str(tmp_path / "m.csv"), "--out", str(out), "--chunk-size", str(chunk), "--batch-size", "32", "--workers", "0", "--quiet"]

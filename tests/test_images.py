@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -12,9 +11,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from embedcache.images import ImageDecodeError, read_image, to_rgb_uint8
 
-SHARED_DATA = Path(
-    os.environ.get("EMBEDCACHE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+from .conftest import bundled
 
 
 def _check(out: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -303,16 +300,9 @@ def test_accepts_str_and_pathlike(tmp_path):
 # -- real cells ------------------------------------------------------------------------------------------
 
 
-def _real(name: str) -> Path:
-    root = SHARED_DATA / name
-    if not root.exists():
-        pytest.skip(f"real cell data not found at {root} (set EMBEDCACHE_SHARED_DATA)")
-    return root
-
-
 def test_real_bccd_cells_variable_sizes():
-    files = sorted((_real("bccd_cells")).glob("*/*.jpg"))[::400][:5]
-    assert len(files) == 5
+    files = sorted(bundled("bccd_cells").glob("*/*.jpg"))  # 4 RBC, 4 WBC, 4 platelet crops, 35-230 px, not square
+    assert len(files) == 12
     for f in files:
         out = read_image(f)
         with Image.open(f) as ref:
@@ -321,7 +311,7 @@ def test_real_bccd_cells_variable_sizes():
 
 
 def test_real_chula_cells_64px():
-    files = sorted((_real("chula_rbc12") / "cells").glob("*.jpg"))[:5]
+    files = sorted((bundled("chula_rbc12") / "cells").glob("*.jpg"))[:5]
     assert len(files) == 5
     for f in files:
         _check(read_image(f), (64, 64))

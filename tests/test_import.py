@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,18 +16,20 @@ from typer.testing import CliRunner
 
 import embedcache
 from embedcache.importing import NON_FINITE
-from embedcache.store import FeatureSetConflict, StoreError
+from embedcache.store import FeatureSetConflict, StoreBusyError, StoreError
+from probes import evaluate
 from probes.data import open_cells
-from probes.study import evaluate
+
+from .conftest import REPO
 
 MODEL = "timm:test_vit"
 
 
 @pytest.fixture(scope="module")
-def extracted(tmp_path_factory, chula_manifest):
-    """600 real Chula cells extracted with a tiny random-init ViT: (store, features, obs)."""
+def extracted(tmp_path_factory, chula_cells):
+    """600 of the bundled real Chula cells extracted with a tiny random-init ViT: (store, features, obs)."""
     root = tmp_path_factory.mktemp("import")
-    df = chula_manifest.sample(600, random_state=1).copy()
+    df = chula_cells.sample(600, random_state=1).copy()
     df["group"] = df["smear"]
     manifest = root / "cells.csv"
     df.to_csv(manifest, index=False)
@@ -61,16 +70,69 @@ def test_same_import_is_a_cache_hit_other_features_conflict(extracted, tmp_path)
         embedcache.import_features(out, X[:500], obs.iloc[:500], backbone="third")
 
 
-def test_killed_import_resumes_only_missing_chunks(extracted, tmp_path):
+# A real import in a child process that stops half-way through writing chunk 2 (half its rows written,
+# with wrong values, its done flag unset) and waits there to be SIGKILLed.
+_PAUSED_IMPORT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    import embedcache
+    from embedcache.store import FeatureSet
+
+    features, cells, out, marker = sys.argv[1:5]
+    write = FeatureSet.write_chunk
+
+    def write_then_stall(self, c, values, ok, error):
+        if c == 2:
+            rows = self.chunk_rows(c)
+            half = slice(rows.start, rows.start + (rows.stop - rows.start) // 2)
+            for pool, v in values.items():
+                self.group[pool][half] = -v[: half.stop - half.start] - 1
+            Path(marker).touch()
+            time.sleep(600)
+        write(self, c, values, ok, error)
+
+    FeatureSet.write_chunk = write_then_stall
+    embedcache.import_features(out, np.load(features), cells, backbone="mine", chunk_size=128)
+""")
+
+
+def test_sigkilled_import_resumes_only_missing_chunks_and_equals_an_uninterrupted_one(extracted, tmp_path):
     _, X, obs = extracted
-    out = tmp_path / "s.zarr"
-    embedcache.import_features(out, X, obs, backbone="mine", chunk_size=128)
-    fs = embedcache.open_store(out, mode="a").dataset().find_feature_set("mine")
-    fs.group["done_cls"][2] = False  # as if killed while writing chunk 2
-    fs.group["cls"][256:384] = 0
-    r = embedcache.import_features(out, X, obs, backbone="mine", chunk_size=128)
-    assert (r.cache_hit, r.chunks_written) == (False, 1)
-    assert np.array_equal(embedcache.open_store(out).dataset().find_feature_set("mine").to_numpy("cls"), X)
+    np.save(tmp_path / "f.npy", X)
+    cells = tmp_path / "cells.csv"
+    obs.to_csv(cells, index=False)
+    out, marker = tmp_path / "killed.zarr", tmp_path / "stalled"
+    cmd = [sys.executable, "-c", _PAUSED_IMPORT, str(tmp_path / "f.npy"), str(cells), str(out), str(marker)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "the child import never reached chunk 2"
+            time.sleep(0.02)
+        # while it runs, a second writer of the same feature set is refused with a clear message
+        with pytest.raises(StoreBusyError, match="another embedcache process"):
+            embedcache.import_features(out, X, cells, backbone="mine", chunk_size=128)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    fs = embedcache.open_store(out).dataset().find_feature_set("mine")  # opens after SIGKILL
+    assert fs.n_chunks == 5 and fs.done("cls").tolist() == [True, True, False, False, False]
+    with pytest.raises(StoreError, match="incomplete"):
+        fs.to_numpy("cls")
+    r = embedcache.import_features(out, X, cells, backbone="mine", chunk_size=128)  # the flock died with the child
+    assert (r.cache_hit, r.chunks_written, r.n_cells) == (False, 3, 600)
+    clean = embedcache.import_features(tmp_path / "clean.zarr", X, cells, backbone="mine", chunk_size=128)
+    assert clean.chunks_written == 5
+    a = embedcache.open_store(out).dataset()
+    b = embedcache.open_store(tmp_path / "clean.zarr").dataset()
+    fa, fb = a.find_feature_set("mine"), b.find_feature_set("mine")
+    np.testing.assert_array_equal(fa.to_numpy("cls"), fb.to_numpy("cls"))
+    np.testing.assert_array_equal(fa.to_numpy("cls"), X.astype(np.float16).astype(np.float32))
+    assert fa.ok().all() and (fa.errors() == fb.errors()).all()
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    assert embedcache.import_features(out, X, cells, backbone="mine", chunk_size=128).cache_hit
 
 
 def test_nan_rows_are_recorded_not_ok_and_excluded_by_studies(extracted, tmp_path):

@@ -9,7 +9,7 @@ from PIL import Image
 from embedcache.images import read_image
 from embedcache.perturb import Perturbation, apply, parse_perturbations
 
-from .conftest import shared
+from .conftest import bundled
 
 
 def _smooth_image(size: int = 64, edge: float = 2.0) -> np.ndarray:
@@ -48,11 +48,20 @@ def test_blur_pre_and_post_mean_the_same_blur_on_the_working_grid(sigma):
     gap = np.abs(pre - post).mean()
     assert gap < 0.5, gap  # near-identical on the 40×40 grid (mean grey-level difference)
     assert np.abs(pre - post).max() <= 4
-    if sigma < 1.6:
-        return  # PIL's box approximation barely blurs a smooth 64-px cell at σ = 0.8 either way
-    # the σ·S0/S scaling matters: blurring the original by σ itself is clearly farther away
-    unscaled = np.asarray(Image.fromarray(apply(img, None, Perturbation("blur-post", sigma))).resize((40, 40), Image.Resampling.BICUBIC)).astype(float)
-    assert np.abs(unscaled - post).mean() > gap
+
+
+@pytest.mark.parametrize("sigma", [1.6, 3.2])
+@pytest.mark.parametrize("cell", ["smooth", "real"])
+def test_blur_pre_scales_sigma_to_the_working_grid(sigma, cell):
+    """blur-pre blurs the original by σ·S0/S, so σ means working-grid pixels: blurring the original by
+    σ itself (no scaling) lands much farther from blur-post. (At σ ≤ 0.8 PIL's box approximation barely
+    blurs a 64-px cell either way, so the comparison starts at 1.6.)"""
+    img = _smooth_image(64) if cell == "smooth" else read_image(bundled("chula_rbc12") / "cells" / "001_000.jpg")
+    pre = apply(img, 40, Perturbation("blur-pre", sigma)).astype(float)
+    post = apply(img, 40, Perturbation("blur-post", sigma)).astype(float)
+    blurred = Image.fromarray(apply(img, None, Perturbation("blur-post", sigma)))
+    unscaled = np.asarray(blurred.resize((40, 40), Image.Resampling.BICUBIC)).astype(float)
+    assert np.abs(pre - post).mean() < 0.5 * np.abs(unscaled - post).mean()
 
 
 def test_blur_changes_the_image_at_large_sigma():
@@ -63,13 +72,16 @@ def test_blur_changes_the_image_at_large_sigma():
     assert np.abs(post - clean).mean() > 1.0 and np.abs(pre - post).mean() < 0.25 * np.abs(post - clean).mean()
 
 
-def test_real_chula_cell_blur_is_monotone():
-    root = shared("chula_rbc12")
-    img = read_image(root / "cells" / "001_000.jpg")
-    clean = apply(img, 40, None).astype(float)
-    diffs = [np.abs(apply(img, 40, Perturbation("blur-post", s)).astype(float) - clean).mean() for s in (0.1, 0.8, 1.6, 3.2)]
-    # PIL's box-approximated Gaussian leaves a 40×40 cell unchanged at σ = 0.1 (as in the seed: stable for σ ≤ 0.4)
-    assert diffs[0] == 0.0 and diffs[1] < diffs[2] < diffs[3]
+def test_real_chula_cell_blur_is_monotone(chula_cells):
+    first = chula_cells.groupby("label_name")["path"].first()  # one bundled cell of each of the 13 classes
+    assert len(first) == 13
+    for path in first:
+        img = read_image(path)
+        clean = apply(img, 40, None).astype(float)
+        sigmas = (0.1, 0.8, 1.6, 3.2)
+        diffs = [np.abs(apply(img, 40, Perturbation("blur-post", s)).astype(float) - clean).mean() for s in sigmas]
+        # PIL's box-approximated Gaussian leaves a 40×40 cell unchanged at σ = 0.1 (as in the seed: stable for σ ≤ 0.4)
+        assert diffs[0] == 0.0 and diffs[1] < diffs[2] < diffs[3], (path, diffs)
 
 
 def test_noise_is_deterministic_per_cell_and_jpeg_degrades():

@@ -11,14 +11,24 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
 from embedcache import loading, registry
-from embedcache.loading import (LoadedBackbone, WeightsMismatch, WeightsUnavailable, build_model, hf_vit_to_timm,
-                                load_backbone, normalise_state_dict, sha256_file)
+from embedcache.loading import (
+    LoadedBackbone,
+    WeightsMismatch,
+    WeightsUnavailable,
+    build_model,
+    hf_vit_to_timm,
+    load_backbone,
+    normalise_state_dict,
+    sha256_file,
+)
 from embedcache.registry import IN_MEAN, IN_STD, BackboneSpec, get_spec, list_models, register
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +122,46 @@ def test_registry_has_required_entries():
     assert get_spec("ctranspath").default_pool == ("mean",) and get_spec("resnet-rs50").default_pool == ("mean",)
     assert get_spec("h-optimus-0").mean == registry.HO_MEAN
     assert get_spec("uni").gated and not get_spec("dinobloom-b").gated
-    for spec in list_models():
-        json.dumps(dict(spec.kwargs)), json.dumps(dict(spec.layers))  # JSON-able
+    for spec in list_models():  # the store's provenance records them as JSON: they must read back equal
+        for fields in (dict(spec.kwargs), dict(spec.layers)):
+            assert json.loads(json.dumps(fields)) == fields, (spec.name, fields)
+
+
+def test_entries_keep_the_reference_values():
+    """Fields as in ../shared/REGISTRY_REFERENCE.md (the builder kwargs that make the checkpoints load)."""
+    uni = get_spec("uni")
+    assert (uni.arch, uni.hub_id, uni.filenames, uni.width) == ("vit_large_patch16_224", "MahmoodLab/UNI",
+                                                                 ("pytorch_model.bin",), 1024)
+    assert uni.kwargs == dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True)
+    assert (uni.interpolation, uni.mean, uni.std, uni.licence) == ("bilinear", IN_MEAN, IN_STD, "CC-BY-NC-ND-4.0")
+    uni2 = get_spec("uni2-h")
+    assert uni2.arch == "vit_giant_patch14_224" and uni2.width == 1536 and uni2.gated
+    assert {k: uni2.kwargs[k] for k in ("depth", "num_heads", "embed_dim", "reg_tokens", "init_values")} == dict(
+        depth=24, num_heads=24, embed_dim=1536, reg_tokens=8, init_values=1e-5)
+    assert uni2.kwargs["mlp_ratio"] == pytest.approx(5.33334) and uni2.kwargs["no_embed_class"] is True
+    assert uni2.layers == {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
+    ho = get_spec("h-optimus-0")
+    assert ho.arch == "vit_giant_patch14_reg4_dinov2" and (ho.mean, ho.std) == (registry.HO_MEAN, registry.HO_STD)
+    assert ho.mean == (0.707223, 0.578729, 0.703617) and ho.kwargs["init_values"] == 1e-5
+    v2 = get_spec("virchow2")
+    assert (v2.width, v2.kwargs["reg_tokens"], v2.kwargs["mlp_ratio"], v2.interpolation) == (1280, 4, 5.3375, "bicubic")
+    ctp = get_spec("ctranspath")
+    assert ctp.layers == {"embed_layer": "ConvStem"} and ctp.licence == "GPL-3.0" and ctp.width == 768
+    assert [get_spec(f"dinobloom-{s}").width for s in "sblg"] == [384, 768, 1024, 1536]
+    assert get_spec("dinov2-l").hub_id == "timm/vit_large_patch14_dinov2.lvd142m"
+    assert get_spec("dinov3-b").input_size == 256 and get_spec("resnet-rs50").hub_id == "timm/resnetrs50.tf_in1k"
+    assert get_spec("phikon").filenames == ("model.safetensors", "pytorch_model.bin")
+
+
+def test_spec_fields_are_keywords_only():
+    """A spec is data: no positional construction, so a reordered field cannot shift every entry."""
+    with pytest.raises(TypeError):
+        BackboneSpec("x", "test_vit", 64)  # noqa  positional on purpose
+    spec = BackboneSpec(name="x", arch="test_vit", width=64)
+    assert (spec.input_size, spec.interpolation, spec.default_pool, spec.build, spec.embed) == (
+        224, "bilinear", ("cls",), None, None)
+    with pytest.raises(ValueError, match="build must be callable"):
+        BackboneSpec(name="x", arch="toy", width=8, build="not a function")
 
 
 @pytest.mark.parametrize("name", [s.name for s in list_models()])
@@ -160,7 +208,6 @@ def test_hub_load_from_offline_cache(tmp_path, offline_cache, tiny):
                           "filename": "model.safetensors", "path": None, "sha256": sha256_file(src)}
     assert bb.key_name == name and bb.num_prefix_tokens == 1
     assert not bb.model.training and not any(p.requires_grad for p in bb.model.parameters())
-    json.dumps(bb.weights)
     # pinning the commit gives the same snapshot; an unknown one is reported, not silently ignored
     assert load_backbone(name, revision=commit).weights["revision"] == commit
     with pytest.raises(WeightsUnavailable, match="embedcache-test/tiny-vit"):
@@ -185,7 +232,27 @@ def test_hub_offline_not_cached_names_repo(offline_cache, tiny):
         load_backbone(name)
     msg = str(err.value)
     assert "embedcache-test/absent" in msg and "hf download embedcache-test/absent" in msg
-    assert "--weights PATH" in msg and "HF_HUB_OFFLINE" in msg
+    assert "--weights PATH" in msg and "HF_HUB_OFFLINE" in msg and "--weights random" in msg
+
+
+def test_unreachable_hub_is_tried_once(monkeypatch, tiny):
+    """Not offline, but no network: one network attempt, the other files only from the cache, a fast clear error."""
+    import huggingface_hub
+    import huggingface_hub.constants as hc
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    name = tiny("tiny-unreachable", hub_id="org/unreachable")
+    calls = []
+
+    def unreachable(repo_id, filename, local_files_only=False, **k):
+        calls.append((filename, local_files_only))
+        raise LocalEntryNotFoundError("connection error and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(WeightsUnavailable, match="could not be reached.*--weights random"):
+        load_backbone(name)
+    assert calls == [("model.safetensors", False), ("pytorch_model.bin", True)]
 
 
 def test_hub_env_vars_in_fresh_process(tmp_path):
@@ -199,8 +266,9 @@ def test_hub_env_vars_in_fresh_process(tmp_path):
         import json
         from embedcache.registry import BackboneSpec, register, IN_MEAN, IN_STD
         from embedcache.loading import load_backbone
-        register(BackboneSpec("env-vit", "test_vit", "embedcache-test/env-vit", ("model.safetensors",),
-                              {{"img_size": {IMG}}}, {{}}, {IMG}, "bicubic", IN_MEAN, IN_STD, 64, ("cls",), False, "t"))
+        register(BackboneSpec(name="env-vit", arch="test_vit", hub_id="embedcache-test/env-vit",
+                              filenames=("model.safetensors",), kwargs={{"img_size": {IMG}}}, input_size={IMG},
+                              interpolation="bicubic", mean=IN_MEAN, std=IN_STD, width=64, licence="t"))
         bb = load_backbone("env-vit")
         print(json.dumps({{"weights": bb.weights, "key": bb.key_name}}))
     """)
@@ -298,9 +366,10 @@ def test_pos_embed_resampled_from_other_size(tmp_path, tiny):
 
 def test_raw_dinov2_checkpoint_keys(tmp_path):
     """Raw DINOv2 training keys: mask_token, SwiGLU w12/w3 (giant) and chunked blocks are mapped."""
-    spec = BackboneSpec("tiny-swiglu", "test_vit", None, (), {"img_size": IMG, "init_values": 1e-5, "mlp_ratio": 4},
-                        {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}, IMG, "bicubic", IN_MEAN, IN_STD, 64,
-                        ("cls",), False, "test")
+    spec = BackboneSpec(name="tiny-swiglu", arch="test_vit",
+                        kwargs={"img_size": IMG, "init_values": 1e-5, "mlp_ratio": 4},
+                        layers={"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}, input_size=IMG,
+                        interpolation="bicubic", width=64, licence="test")
     register(spec, overwrite=True)
     try:
         ref = load_backbone("tiny-swiglu", weights="random").model
@@ -372,9 +441,11 @@ def test_ctranspath_entry_has_convstem_keys():
 
 def test_convstem_swin_file_roundtrip(tmp_path):
     """A small Swin with the ConvStem: random weights, a real forward, and both Swin checkpoint layouts."""
-    spec = BackboneSpec("tiny-ctp", "swin_tiny_patch4_window7_224", None, (),
-                        dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),
-                        {"embed_layer": "ConvStem"}, 64, "bilinear", IN_MEAN, IN_STD, 128, ("mean",), False, "test")
+    spec = BackboneSpec(name="tiny-ctp", arch="swin_tiny_patch4_window7_224",
+                        kwargs=dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                                    window_size=4),
+                        layers={"embed_layer": "ConvStem"}, input_size=64, interpolation="bilinear", width=128,
+                        default_pool=("mean",), licence="test")
     register(spec, overwrite=True)
     try:
         bb = load_backbone("tiny-ctp", weights="random")
@@ -410,7 +481,16 @@ def test_timm_specs_from_pretrained_cfg():
     rcfg = timm.models.get_pretrained_cfg("test_resnet")
     assert res.default_pool == ("mean",) and res.width == timm.create_model("test_resnet", num_classes=0).num_features
     assert res.interpolation == rcfg.interpolation and res.mean == tuple(rcfg.mean)
-    assert get_spec("timm:resnetrs50").input_size == 224  # timm's test size, not the 160 train size
+    # timm's training input_size, not its larger test_input_size (which costs more and surprises users)
+    rs = get_spec("timm:resnetrs50")
+    assert rs.input_size == 160 and "test size is 224 (--input-size 224)" in rs.notes
+    assert get_spec("timm:resnet18").input_size == 224 == timm.models.get_pretrained_cfg("resnet18").input_size[-1]
+    assert get_spec("resnet-rs50").input_size == 224  # the registry entry states its own size
+
+
+def test_bare_timm_name_suggests_the_timm_form():
+    with pytest.raises(ValueError, match=r"Did you mean: timm:vit_tiny_patch16_224\?"):
+        get_spec("vit_tiny_patch16_224")
 
 
 def test_random_weights_are_deterministic():
@@ -548,3 +628,85 @@ def test_converter_matches_transformers(tmp_path, flavour, swiglu):
             x2 = torch.randn(2, 3, 2 * IMG, 2 * IMG)
             torch.testing.assert_close(big.forward_features(x2), hf(pixel_values=x2).last_hidden_state,
                                        rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. a backbone timm cannot build: build / embed hooks, extracted end to end into a store
+# ---------------------------------------------------------------------------------------------
+
+class ToyCNN(torch.nn.Module):
+    """Not a timm model: no forward_features, returns (N, 16) from its own forward."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.proj = torch.nn.Linear(8, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def build_toy(spec: BackboneSpec) -> torch.nn.Module:
+    return ToyCNN(spec.width)
+
+
+def embed_toy(model, x, pools, num_prefix_tokens):
+    return {"mean": model(x)}
+
+
+@pytest.fixture
+def toy():
+    spec = BackboneSpec(name="toy-cnn", arch="toy", width=16, build=build_toy, embed=embed_toy, input_size=24,
+                        default_pool=("mean",), licence="test")
+    register(spec, overwrite=True)
+    yield spec
+    registry._REGISTRY.pop("toy-cnn", None)
+
+
+def test_hook_backbone_extracts_end_to_end(tmp_path, toy, chula_subset):
+    import embedcache
+    from embedcache.images import read_image
+    from embedcache.pipeline import compute_batch
+    from embedcache.preprocess import Preprocessing
+
+    manifest = chula_subset(20)
+    out = tmp_path / "c.zarr"
+    r = embedcache.extract("toy-cnn", manifest, out, weights="random", progress=False, num_workers=0, chunk_size=8)
+    assert r.cells_computed == 20 and r.key == "toy-cnn@random/24-bilinear/clean"
+    fs = embedcache.open_store(out).dataset().feature_set(r.key)
+    feats = fs.to_numpy("mean")
+    assert feats.shape == (20, 16) and fs.ok().all() and np.abs(feats).sum() > 0
+    prov = fs.attrs["provenance"]["backbone"]
+    assert prov["build"].endswith("build_toy") and prov["embed"].endswith("embed_toy") and prov["arch"] == "toy"
+    # the stored rows are the hook's output for each cell, as one-cell batches compute it
+    bb = load_backbone("toy-cnn", weights="random")
+    assert isinstance(bb.model, ToyCNN) and not bb.model.training
+    prep = Preprocessing(size=24, interpolation="bilinear", mean=IN_MEAN, std=IN_STD, fit="squash")
+    paths = pd.read_csv(manifest)["path"]
+    for i in (0, 13):
+        one = compute_batch(bb.model, [torch.from_numpy(read_image(paths[i]))[None]], prep, torch.device("cpu"),
+                            torch.float32, ("mean",), 0, embed_fn=bb.embed)["mean"][0]
+        np.testing.assert_allclose(feats[i], one.astype(np.float16).astype(np.float32), rtol=1e-2, atol=1e-3)
+    # a local checkpoint of the toy module loads through the same path as any entry
+    sd = {k: v + 0.5 for k, v in bb.model.state_dict().items()}
+    save_file(sd, str(tmp_path / "toy.safetensors"))
+    mine = load_backbone("toy-cnn", weights=str(tmp_path / "toy.safetensors"))
+    assert_weights(mine.model, sd)
+    assert mine.key_name.startswith("toy-cnn@") and mine.key_name != "toy-cnn@random"
+
+
+def test_hook_output_is_checked(toy):
+    bad = BackboneSpec(name="toy-bad", arch="toy", width=16, build=build_toy, default_pool=("mean",),
+                       embed=lambda model, x, pools, n: {"mean": model(x)[:, :3]}, licence="test")
+    register(bad, overwrite=True)
+    try:
+        bb = load_backbone("toy-bad", weights="random")
+        with pytest.raises(ValueError, match=r"toy-bad.*shape \(2, 3\), expected \(2, 16\)"):
+            bb.embed(torch.zeros(2, 3, 24, 24), ("mean",))
+        with pytest.raises(ValueError, match="gave pools"):
+            load_backbone("toy-cnn", weights="random").embed(torch.zeros(2, 3, 24, 24), ("cls",))
+    finally:
+        registry._REGISTRY.pop("toy-bad", None)
+    not_a_module = BackboneSpec(name="toy-none", arch="toy", width=4, build=lambda spec: object(), licence="t")
+    with pytest.raises(TypeError, match="not a torch nn.Module"):
+        build_model(not_a_module)

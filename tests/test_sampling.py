@@ -12,8 +12,8 @@ from probes.sampling import Sampler, flag_min, parse_limits, parse_seeds, sort_l
 
 
 @pytest.fixture(scope="module")
-def chula(chula_manifest) -> pd.DataFrame:
-    df = chula_manifest[["label", "smear"]].copy()
+def chula(chula_labels) -> pd.DataFrame:
+    df = chula_labels[["label", "smear"]].copy()  # bundled: every cell's label and smear, no images
     # a fixed split column for the column mode: whole smears go to test / val / train
     smear = df["smear"].astype(int)
     df["split"] = np.where(smear % 5 == 0, "test", np.where(smear % 5 == 1, "val", "train"))

@@ -10,39 +10,39 @@ import pytest
 
 from embedcache.sources import SourceError, open_source
 
-from .conftest import shared
+from .conftest import bundled
 
 
 def test_imagefolder_real_cells_have_stable_ids_and_class_labels():
-    root = shared("bccd_wbc")
+    root = bundled("bccd_wbc")
     src = open_source(root)
-    assert len(src) == 351
+    assert len(src) == 19
     assert src.kind == "imagefolder" and src.name == "bccd_wbc"
     counts = src.table["label"].value_counts().to_dict()
-    assert counts == {"Neutrophil": 207, "Eosinophil": 88, "Lymphocyte": 33, "Monocyte": 20, "Basophil": 3}
+    assert counts == {"Neutrophil": 4, "Eosinophil": 4, "Lymphocyte": 4, "Monocyte": 4, "Basophil": 3}
     assert src.table["id"].iat[0] == "Basophil/" + sorted(p.name for p in (root / "Basophil").iterdir())[0]
     assert open_source(root).digest() == src.digest()  # stable across opens
     img = src.load(0)
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
 
 
-def test_manifest_relative_paths_and_optional_columns(chula_subset, chula_manifest):
-    root = shared("chula_rbc12")
+def test_manifest_relative_paths_and_optional_columns(chula_subset, chula_cells):
+    root = bundled("chula_rbc12")
     src = open_source(root / "manifest.csv")
-    assert len(src) == 22106 and src.table["label"].nunique() == 13
+    assert len(src) == 832 and src.table["label"].nunique() == 13
     # absolute, symlinks resolved (shared/ may be a link)
     assert Path(src.table["path"].iat[0]) == (root / "cells/001_000.jpg").resolve()
     assert src.table["id"].iat[0] == "cells/001_000.jpg"
     path = chula_subset(50, split=["train"] * 40 + ["test"] * 10)
     sub = open_source(path, label_column="label_name")
     assert set(sub.table["split"]) == {"train", "test"}
-    assert sub.table["group"].iat[0] == chula_manifest["smear"].iat[0]
+    assert sub.table["group"].iat[0] == chula_cells["smear"].iat[0]
     assert sub.table["label"].iat[0] == "normal"
     assert sub.load(3).shape == (64, 64, 3)
 
 
-def test_parquet_manifest(tmp_path, chula_manifest):
-    df = chula_manifest.iloc[:20][["path", "label"]].copy()
+def test_parquet_manifest(tmp_path, chula_cells):
+    df = chula_cells.iloc[:20][["path", "label"]].copy()
     df["id"] = [f"cell-{i}" for i in range(20)]
     df.to_parquet(tmp_path / "m.parquet")
     src = open_source(tmp_path / "m.parquet")

@@ -1,0 +1,86 @@
+"""What every CLI command shares: :func:`fail` (one clear error line) and the Typer options the
+probes commands repeat, declared once (``STORE``, ``MODEL``...). Each option's parameter name is
+the Python API's (``probes.scale(store, model, probes=..., seeds=...)``)."""
+
+from __future__ import annotations
+
+import os
+from typing import NoReturn
+
+import typer
+
+PROBE_NAMES = "logistic, knn, knn1, svm, svm-rbf, mlp, cosine"
+
+
+def fail(e: Exception) -> NoReturn:
+    """Print ``error: <message>`` on stderr and exit 1 (``PROBES_DEBUG=1``: raise, with the traceback)."""
+    if os.environ.get("PROBES_DEBUG"):
+        raise e
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True).print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def STORE() -> typer.models.OptionInfo:  # noqa: N802 - a declaration, read like a constant
+    return typer.Option(..., "--store", "-s", help="store path or fsspec URL, e.g. cache.zarr")
+
+
+def MODEL(help: str = "backbone name(s) as given to embedcache extract, comma separated") -> typer.models.OptionInfo:  # noqa: N802, A002
+    return typer.Option(..., "--model", "-m", help=help)
+
+
+def PROBES(default: str = "logistic") -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option(default, "--probes", "--probe", help=f"probe or comma list of probes: {PROBE_NAMES}")
+
+
+def SEEDS(default: str) -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option(default, help="a count N (seeds 42..42+N-1) or a comma list of seeds")
+
+
+def DATASET() -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option(None, help="dataset in the store (default: the only one)")
+
+
+def POOL() -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option("cls", help="cls or mean")
+
+
+def OUT(help: str) -> typer.models.OptionInfo:  # noqa: N802, A002
+    return typer.Option(None, "--out", "-o", help=help)
+
+
+def DEVICE(help: str = "device for the probes: auto, cpu, cuda") -> typer.models.OptionInfo:  # noqa: N802, A002
+    return typer.Option("auto", help=help)
+
+
+def QUIET() -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option(False, "--quiet", "-q", help="no progress bar (the summary is still printed)")
+
+
+def K(default: int, help: str) -> typer.models.OptionInfo:  # noqa: N802, A002
+    return typer.Option(default, "-k", "--k", help=help)
+
+
+def TEST_SIZE() -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option(0.2, help="test fraction (the protocol: 0.2)")
+
+
+def SPLIT(default: str, help: str) -> typer.models.OptionInfo:  # noqa: N802, A002
+    return typer.Option(default, help=help)
+
+
+def VAL() -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option("train", help="with --split column: 'train' counts val cells as training cells, "
+                                      "'exclude' leaves them out")
+
+
+def TRAIN_DOMAIN() -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option(None, help="train (and in-domain test) on these domain(s) of the store's domain column, "
+                                   "comma separated")
+
+
+def TEST_DOMAIN() -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option(None, help="score on every cell of these unseen domain(s) (default with --train-domain: "
+                                   "all others)")
