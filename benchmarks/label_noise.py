@@ -10,7 +10,7 @@ are reachable here). For each noise setting, a known fraction of the labels is f
   ovalocyte / elliptocyte / teardrop, central pallor target / hypochromia, irregular outline
   burr / schistocyte, stomatocyte / normal); only cells of a class with neighbours are flipped.
 
-Then ``probes.audit.audit_arrays`` computes out-of-fold probabilities (backbone × probe × seed,
+Then ``probes.audit_arrays`` computes out-of-fold probabilities (backbone × probe × seed,
 group-aware folds on smears) and the suspicion score. On the *same* out-of-fold probabilities
 (averaged over the same models), cleanlab ranks the cells: ``cleanlab.filter.find_label_issues``
 (confident learning, ``prune_by_noise_rate``; its flagged cells first, ranked by
@@ -49,7 +49,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import embedcache  # noqa: E402
-from probes.audit import WEIGHTS, audit_arrays, evidence, formula, neighbor_disagreement  # noqa: E402
+from probes.studies.audit import WEIGHTS, audit_arrays, evidence, formula, neighbor_disagreement  # noqa: E402
 
 SHARED = Path(os.environ.get("EMBEDCACHE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -5,14 +5,19 @@ The Python API has the CLI's names (the ``probes`` CLI is a thin skin over these
 * :func:`scale` — macro-F1 against cells per class (``probes scale``);
 * :func:`evaluate` — one fit on the full training split (``probes eval``);
 * :func:`robustness` — clean-trained probes on perturbed test cells (``probes robustness``);
+* :func:`ensemble` — per-class F1 of every head and the head-diverse ensembles (``probes ensemble``);
+* :func:`calibrate` — ECE / MCE / Brier / NLL before and after temperature scaling (``probes calibrate``);
+* :func:`selective` — risk-coverage, AURC, a threshold for a target accuracy (``probes selective``);
 * :func:`audit` — rank cells by how likely their label is wrong (``probes audit``);
 * :func:`neighbors` — exact cosine nearest cells of stored cells or new images (``probes neighbors``);
 * :func:`relabel` — apply reviewed label corrections, history kept (``probes relabel``);
 * :func:`make_probe` / :data:`PROBES` — the heads, scikit-learn shaped (imported lazily: torch).
 
-The functions are bound here after their submodules are imported, so ``probes.audit`` is the
-function even though ``probes/audit.py`` shares its name (the modules stay in ``sys.modules``:
-``from probes.audit import write_outputs`` works).
+Layout: :mod:`probes.heads` (the estimators), :mod:`probes.studies` (one module per study, each
+filling :mod:`probes.skeleton`), :mod:`probes.reporting` (files, plots, console, HTML, contact
+sheets); beside them the shared inputs: :mod:`probes.data` (cells), :mod:`probes.sampling`
+(splits), :mod:`probes.domains`, :mod:`probes.metrics`, :mod:`probes.neighbors` (the index),
+:mod:`probes.labels` (relabel). No function here shares its name with a module of this package.
 """
 
 from __future__ import annotations
@@ -20,20 +25,27 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .audit import AuditResult, audit, audit_arrays, relabel
 from .data import ProbeError
+from .labels import relabel
 from .neighbors import NeighborIndex, neighbors
-from .robustness import robustness
-from .study import evaluate, scale
+from .studies.audit import AuditResult, audit, audit_arrays
+from .studies.calibrate import calibrate
+from .studies.ensemble import ensemble
+from .studies.evaluate import evaluate
+from .studies.robustness import robustness
+from .studies.scale import scale
+from .studies.selective import selective
 
 _LAZY = {"make_probe": "probes.heads", "PROBES": "probes.heads"}
 
 
 def __getattr__(name: str) -> Any:
+    if name == "finetune":  # the fine-tune package, callable as the study: probes.finetune(store, model, ...)
+        return importlib.import_module("probes.finetune")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'probes' has no attribute {name!r}")
 
 
-__all__ = ["scale", "evaluate", "robustness", "audit", "audit_arrays", "AuditResult", "neighbors",
-           "NeighborIndex", "relabel", "ProbeError", "make_probe", "PROBES"]
+__all__ = ["scale", "evaluate", "robustness", "ensemble", "calibrate", "selective", "audit", "audit_arrays",
+           "AuditResult", "neighbors", "NeighborIndex", "relabel", "ProbeError", "make_probe", "PROBES"]

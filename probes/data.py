@@ -123,12 +123,15 @@ def open_cells(
     *,
     dataset: str | None = None,
     pool: str = "cls",
+    labelled: bool = True,
 ) -> Cells:
     """Open the feature sets of ``model`` (one name, a comma list or a list) in ``store``.
 
     ``model`` takes the names ``embedcache extract --model`` took (``uni``, ``timm:vit_small``)
     or full feature keys (``uni/224-bicubic/clean``). Reads the cell table and the ``ok``
-    flags, never the features.
+    flags, never the features. The cells kept were readable for every backbone and, with
+    ``labelled`` (studies), carry a label; ``labelled=False`` keeps unlabelled cells too
+    (neighbour search in a store extracted with ``--no-labels``).
     """
     import embedcache
     from embedcache.store import Store
@@ -157,16 +160,18 @@ def open_cells(
         ok = fs.ok()
         excluded[f"not_ok:{name}"] = int((~ok).sum())
         keep &= ok
-    labelled = obs["label"].str.strip().ne("").to_numpy()
-    if not labelled.any():
-        raise ProbeError(
-            f"dataset '{ds.name}' has no labels (obs.label is empty for all {n} cells); "
-            "re-extract from a manifest with a label column (embedcache extract --label-column NAME)"
-        )
-    excluded["no_label"] = int((keep & ~labelled).sum())
-    keep &= labelled
+    if labelled:
+        has_label = obs["label"].str.strip().ne("").to_numpy()
+        if not has_label.any():
+            raise ProbeError(
+                f"dataset '{ds.name}' has no labels (obs.label is empty for all {n} cells); "
+                "re-extract from a manifest with a label column (embedcache extract --label-column NAME)"
+            )
+        excluded["no_label"] = int((keep & ~has_label).sum())
+        keep &= has_label
     if not keep.any():
-        raise ProbeError(f"no usable cells in dataset '{ds.name}': every cell is unreadable or unlabelled")
+        what = "unreadable or unlabelled" if labelled else "unreadable"
+        raise ProbeError(f"no usable cells in dataset '{ds.name}' ({', '.join(backbones)}): every cell is {what}")
     table = obs.loc[keep].copy()
     table.insert(0, "row", np.flatnonzero(keep))
     table = table.reset_index(drop=True)

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .data import ProbeError, parse_names, require_complete
+from .data import ProbeError, open_cells, parse_names
+from .vectors import l2_normalize
 
 NEIGHBOR_COLUMNS = ["query", "rank", "id", "label", "similarity", "path"]
 QUERY_BATCH = 4096  # query rows per FAISS call: bounds the (batch, k) answer and BLAS scratch memory
@@ -47,16 +48,6 @@ def _faiss_blocks():
             setattr(faiss.cvar, k, v)
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length as a new C-contiguous float32 array (zero rows stay zero)."""
-    x = np.array(x, dtype=np.float32, order="C", copy=True)
-    if x.ndim != 2:
-        raise ProbeError(f"features must be 2-D (n, D), got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x /= np.maximum(norms, 1e-12)
-    return x
-
-
 class NeighborIndex:
     """An exact cosine index over ``features`` (N, D); build once, query many times.
 
@@ -75,7 +66,7 @@ class NeighborIndex:
         self.n, self.dim = x.shape
         self.index = faiss.IndexFlatIP(self.dim)
         for start in range(0, self.n, ADD_BATCH):  # normalised block by block: no second full copy
-            block = l2_normalise(x[start:start + ADD_BATCH])
+            block = l2_normalize(x[start:start + ADD_BATCH])
             if not np.isfinite(block).all():
                 bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
                 raise ProbeError(f"feature row {bad} holds NaN or inf; a neighbour index needs finite features")
@@ -98,7 +89,11 @@ class NeighborIndex:
     @classmethod
     def from_store(cls, store: Any, model: str, *, dataset: str | None = None, pool: str = "cls") -> "NeighborIndex":
         """The index of one backbone's readable cells (``ok``; labelled or not) in ``store``."""
-        fs, obs = open_feature_set(store, model, dataset=dataset, pool=pool)
+        names = parse_names(model)
+        if len(names) != 1:
+            raise ProbeError(f"neighbours use one backbone at a time; got {len(names)}: {', '.join(names) or '(none)'}")
+        cells = open_cells(store, names, dataset=dataset, pool=pool, labelled=False)
+        fs, obs = cells.feature_sets[names[0]], cells.obs
         rows = obs["row"].to_numpy()
         try:
             # the stored dtype (float16 by default): converted to float32 block by block while indexing
@@ -115,7 +110,7 @@ class NeighborIndex:
         query cell itself. Rows with fewer than ``k`` answers are padded with position -1 and
         similarity NaN.
         """
-        q = l2_normalise(np.atleast_2d(queries))
+        q = l2_normalize(np.atleast_2d(queries))
         if q.shape[1] != self.dim:
             raise ProbeError(f"queries have width {q.shape[1]}, the index {self.dim}")
         k = int(k)
@@ -223,29 +218,6 @@ class NeighborIndex:
         }, columns=NEIGHBOR_COLUMNS)
 
 
-def open_feature_set(store: Any, model: str, *, dataset: str | None = None, pool: str = "cls") -> tuple[Any, pd.DataFrame]:
-    """``(feature set, obs of its readable cells with the store row in column 'row')`` of one backbone."""
-    import embedcache
-    from embedcache.store import Store
-
-    names = parse_names(model)
-    if len(names) != 1:
-        raise ProbeError(f"neighbours use one backbone at a time; got {len(names)}: {', '.join(names) or '(none)'}")
-    try:
-        st = store if isinstance(store, Store) else embedcache.open_store(store)
-        ds = st.dataset(dataset)
-        fs = ds.find_feature_set(names[0])
-    except Exception as e:
-        raise ProbeError(str(e)) from e
-    require_complete(fs, pool)
-    ok = fs.ok()
-    if not ok.any():
-        raise ProbeError(f"no readable cells in '{fs.key}'")
-    obs = ds.obs.loc[ok].copy()
-    obs.insert(0, "row", np.flatnonzero(ok))
-    return fs, obs.reset_index(drop=True)
-
-
 @dataclass
 class NeighborResult:
     """What :func:`neighbors` found; ``table`` has one row per query x answer."""
@@ -269,13 +241,15 @@ def neighbors(
     out: str | os.PathLike | None = None,
     device: str = "auto",
     index: NeighborIndex | None = None,
+    show: bool = False,
 ) -> NeighborResult:
     """The ``k`` nearest cells (cosine, exact) of stored cells (``id``) and/or new images.
 
     New images are embedded with the feature set's own backbone, weights and preprocessing.
     Writes ``neighbors.csv`` and ``neighbors.png`` (a contact sheet: each query beside its
     neighbours and their labels) to ``out`` when given. Pass ``index`` (a
-    :class:`NeighborIndex`) to reuse a built index for many interactive look-ups.
+    :class:`NeighborIndex`) to reuse a built index for many interactive look-ups. ``show``
+    prints one table per query (the CLI's output).
     """
     ids = [id] if isinstance(id, str) else [str(i) for i in (id or [])]
     images = [image] if isinstance(image, (str, os.PathLike)) else list(image or [])
@@ -297,11 +271,25 @@ def neighbors(
         queries += [(str(im), "(new image)", str(im)) for im in images]
     res = NeighborResult(pd.concat(tables, ignore_index=True), pd.DataFrame(queries, columns=["query", "label", "path"]), idx)
     if out is not None:
-        from .contact import neighbor_sheet
+        from .reporting.contact import neighbor_sheet
+        from .reporting.tables import write_files
 
         res.out = Path(out)
-        res.out.mkdir(parents=True, exist_ok=True)
-        res.files["neighbors.csv"] = res.out / "neighbors.csv"
-        res.table.to_csv(res.files["neighbors.csv"], index=False)
-        res.files["neighbors.png"] = neighbor_sheet(res.table, res.queries, res.out / "neighbors.png")
+        res.files = write_files(res.out, tables={"neighbors.csv": res.table},
+                                plots={"neighbors.png": lambda p: neighbor_sheet(res.table, res.queries, p)})
+    if show:
+        print_neighbors(res)
     return res
+
+
+def print_neighbors(res: NeighborResult, console: Any = None) -> None:
+    """One table per query: rank, id, label, similarity and path of each neighbour."""
+    from .reporting.console import Col, Panel, print_report
+
+    panels = []
+    for q, g in res.table.groupby("query", sort=False):
+        rows = [[str(r.rank), r.id, r.label, f"{r.similarity:.4f}", r.path] for r in g.itertuples(index=False)]
+        panels.append(Panel(f"nearest cells of {q}", [Col(c, "left") for c in ("rank", "id", "label", "similarity",
+                                                                                  "path")], rows))
+    lines = [f"{name}: {path}" for name, path in res.files.items()]
+    print_report(panels, lines=lines, console=console)

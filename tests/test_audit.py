@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import embedcache
 import probes
-from probes.audit import (
+from probes.studies.audit import (
     EVIDENCE_COLUMNS, audit, audit_arrays, default_cache, evidence, make_folds, read_oof_cache, relabel,
 )
 from probes.data import ProbeError, open_cells
@@ -112,7 +112,7 @@ def test_injected_flips_rank_high_and_audit_reads_current_labels(store, tmp_path
 
 def test_evidence_pieces_and_score_formula():
     """Consensus, proposed label, self-confidence and the documented score, on a hand-made case."""
-    from probes.audit import OOF, WEIGHTS
+    from probes.studies.audit import OOF, WEIGHTS
 
     classes = ["a", "b", "c"]
     labels = np.array(["a", "a", "b"])
@@ -188,7 +188,10 @@ def test_second_audit_reuses_the_cache_and_refits_nothing(store, tmp_path):
                 make_probe=counting_probe(calls), quiet=True, threads=1)
     assert one.computed == 4 and one.reused == 0 and len(calls) == 4 * 3 == one.fits
     cache = default_cache(str(store), "chula")
-    assert one.files["oof"] == cache and (store / ".probes" / "audit-oof-chula.parquet").is_file()
+    # side data lives beside the store, outside its Zarr tree
+    assert one.files["oof"] == cache == f"{store}.embedcache/probes/audit-oof-chula.parquet"
+    assert (store.parent / "cache.zarr.embedcache" / "probes" / "audit-oof-chula.parquet").is_file()
+    assert not (store / ".probes").exists()
     assert embedcache.open_store(store).dataset().feature_keys()  # the store still opens and lists its sets
     calls.clear()
     two = audit(store, RESNET, pool="mean", probes="knn,logistic", seeds=2, folds=3, out=tmp_path / "two",
@@ -212,10 +215,31 @@ def test_second_audit_reuses_the_cache_and_refits_nothing(store, tmp_path):
     assert len(calls) == 3 and "oof" not in off.files
 
 
+def test_a_cache_left_inside_an_old_store_is_still_read(store, tmp_path):
+    calls: list = []
+    one = audit(store, RESNET, pool="mean", probes="knn", seeds=1, folds=3, out=tmp_path / "one",
+                make_probe=counting_probe(calls), quiet=True, threads=1)
+    assert one.computed == 1 and len(calls) == 3
+    legacy = store / ".probes" / "audit-oof-chula.parquet"  # where earlier versions kept it
+    legacy.parent.mkdir()
+    shutil.move(one.files["oof"], legacy)
+    calls.clear()
+    two = audit(store, RESNET, pool="mean", probes="knn", seeds=1, folds=3, out=tmp_path / "two",
+                make_probe=counting_probe(calls), quiet=True, threads=1)
+    assert calls == [] and two.reused == 1 and two.computed == 0
+    pd.testing.assert_frame_equal(one.table, two.table)
+    # a new model is written to the new place, the legacy file's models carried over with it
+    three = audit(store, RESNET, pool="mean", probes="knn", seeds=2, folds=3, out=tmp_path / "three",
+                  make_probe=counting_probe(calls), quiet=True, threads=1)
+    assert three.reused == 1 and three.computed == 1 and len(calls) == 3
+    assert three.files["oof"] == default_cache(str(store), "chula")
+    assert len(read_oof_cache(three.files["oof"], one.obs["id"])) == 2
+
+
 def test_cache_notices_changed_features(tmp_path, built):
     cells = open_cells(built, RESNET, pool="mean")
     x = cells.features(RESNET, np.arange(len(cells.obs)))
-    kw = dict(ids=cells.obs["id"], probes="knn", seeds=1, folds=3, split="stratified", cache=tmp_path / "oof.parquet",
+    kw = dict(ids=cells.obs["id"], probes="knn", seeds=1, folds=3, folds_by="stratified", cache=tmp_path / "oof.parquet",
               threads=1)
     calls: list = []
     audit_arrays({"r": x}, cells.labels, make_probe=counting_probe(calls), **kw)

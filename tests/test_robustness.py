@@ -11,17 +11,18 @@ from typer.testing import CliRunner
 import embedcache
 from cli.probes_app import app
 from probes.data import ProbeError
-from probes.robustness import drop_slope, robustness
+from probes import robustness
+from probes.studies.robustness import drop_slope
 
 MODEL = "timm:test_vit"
 SIGMAS = "0.4,1.6"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, chula_manifest):
-    """1,200 Chula cells, test split by smear, clean + blur-pre/blur-post at S = 40 for the test cells."""
+def store(tmp_path_factory, chula_cells):
+    """The 832 bundled Chula cells, test split by smear, clean + blur-pre/blur-post at S = 40 for the test cells."""
     root = tmp_path_factory.mktemp("robust")
-    df = chula_manifest.sample(1200, random_state=1).copy()
+    df = chula_cells.copy()
     df["split"] = np.where(df["smear"].astype(int) % 4 == 0, "test", "train")
     manifest = root / "chula.csv"
     df.to_csv(manifest, index=False)

@@ -1,7 +1,8 @@
 """Probe heads with scikit-learn's estimator shape (``fit``, ``predict``, ``predict_proba``).
 
 A registry in the manner of timm's: :data:`PROBES` maps each name the CLI accepts to a
-constructor, and :func:`make_probe` builds one with a seed and a device::
+constructor (filled by :func:`register_probe` on the head classes), and :func:`make_probe`
+builds one with a seed and a device::
 
     make_probe("logistic", seed=42, device="auto").fit(X, y).predict(X_test)
 
@@ -11,36 +12,30 @@ All heads take float32 features, refuse NaN/inf with a clear error, run on the t
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Callable
+from typing import Any
 
-from .base import ProbeBase, resolve_device
-from .knn import KNNProbe
-from .logistic import LogisticProbe
-from .nets import CosineProbe, MLPProbe
-from .svm import LinearSVMProbe, RBFSVMProbe
+from .base import ProbeBase, ScoresHead, resolve_device
+from .registry import PROBES, register_probe
 
-PROBES: dict[str, Callable[..., ProbeBase]] = {
-    "logistic": LogisticProbe,
-    "knn": KNNProbe,  # k = 20, similarity-weighted, T = 0.07
-    "knn1": partial(KNNProbe, k=1),
-    "svm": LinearSVMProbe,
-    "svm-rbf": RBFSVMProbe,
-    "mlp": MLPProbe,
-    "cosine": CosineProbe,
-}
+# importing the head modules registers them; this order is the order PROBES lists them in
+from .logistic import LogisticProbe  # noqa: E402, I001
+from .knn import KNNProbe  # noqa: E402
+from .svm import LinearSVMProbe, RBFSVMProbe  # noqa: E402
+from .nets import CosineProbe, MLPProbe  # noqa: E402
+from .ensemble import EnsembleProbe  # noqa: E402  parameterised names: ensemble:<head>+<head>+<head>
 
 
 def make_probe(name: str, *, seed: int = 0, device: str = "auto", **params: Any) -> ProbeBase:
-    """A fresh, unfitted probe ``name`` (one of :data:`PROBES`) with ``seed`` and ``device``."""
+    """A fresh, unfitted probe ``name`` (one of :data:`PROBES`, or a parameterised family name such as
+    ``ensemble:mlp+logistic+cosine``) with ``seed`` and ``device``."""
     try:
         ctor = PROBES[name]
     except KeyError:
-        raise ValueError(f"unknown probe {name!r}; choose from {', '.join(PROBES)}") from None
+        raise ValueError(f"unknown probe {name!r}; choose from {', '.join([*PROBES, *PROBES.patterns()])}") from None
     return ctor(seed=seed, device=device, **params)
 
 
 __all__ = [
-    "PROBES", "make_probe", "resolve_device", "ProbeBase", "LogisticProbe", "KNNProbe", "LinearSVMProbe",
-    "RBFSVMProbe", "MLPProbe", "CosineProbe",
+    "PROBES", "make_probe", "register_probe", "resolve_device", "ProbeBase", "ScoresHead", "LogisticProbe",
+    "KNNProbe", "LinearSVMProbe", "RBFSVMProbe", "MLPProbe", "CosineProbe", "EnsembleProbe",
 ]

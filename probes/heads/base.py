@@ -1,5 +1,7 @@
-"""Shared pieces of the probe heads: device choice, input checks, label coding, standardisation,
-the seeded stratified hold-out split and the estimator base class."""
+"""Shared pieces of the probe heads: device choice (:func:`embedcache.devices.resolve_device`, the
+project's one), input checks, label coding, standardisation, the seeded stratified hold-out split,
+the estimator base class and :class:`ScoresHead` (``decision_function`` and ``predict_proba`` from
+one ``_decision`` method)."""
 
 from __future__ import annotations
 
@@ -14,33 +16,10 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from embedcache.devices import resolve_device
+
 CHUNK = 4096  # rows per query / prediction batch
 BF16_MIN_WORK = 1 << 22  # matrix entries (rows x features) from which precision="auto" uses bf16
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when torch sees one, else CPU; ``"cpu"``; ``"cuda[:N]"`` (error if absent)."""
-    if isinstance(device, torch.device):
-        dev = device
-    else:
-        name = str(device).strip().lower()
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            dev = torch.device(name)
-        except RuntimeError as e:
-            raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device={str(device)!r} asks for CUDA, but torch {torch.__version__} sees no CUDA "
-                "device on this machine; use device='auto' (CUDA when present, else CPU) or 'cpu'"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type != "cpu":
-        raise ValueError(f"device {str(device)!r} is not supported; use 'auto', 'cpu' or 'cuda[:N]'")
-    return dev
 
 
 def require(module: str, what: str) -> ModuleType:
@@ -205,6 +184,22 @@ class ProbeBase(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         self.device_ = resolve_device(self.device)
         return X, codes, self.device_
+
+
+class ScoresHead(ProbeBase):
+    """A head with decision scores: subclasses give ``_decision(X) -> (n, K)`` torch scores on checked
+    float32 input; ``decision_function`` returns them and ``predict_proba`` is their row softmax."""
+
+    def _decision(self, X: np.ndarray) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decision_function(self, X) -> np.ndarray:
+        """Decision scores (logits) (n, K), one column per class of ``classes_``."""
+        self._check_fitted()
+        return self._decision(check_X(X, self.n_features_in_)).cpu().numpy()
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        return softmax_rows(self._decision(X))
 
 
 def softmax_rows(scores: torch.Tensor) -> np.ndarray:

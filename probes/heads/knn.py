@@ -22,7 +22,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..vectors import l2_normalize
 from .base import BF16_MIN_WORK, CHUNK, ProbeBase, cpu_has_native_bf16, importable
+from .registry import register_probe
 
 BACKENDS = ("auto", "faiss", "torch")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -52,13 +54,6 @@ def n_candidates(k: int, n_train: int) -> int:
     return min(n_train, max(2 * k, k + 32))
 
 
-def l2_normalize(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm (all-zero rows stay zero), float32, in a new array."""
-    out = torch.from_numpy(np.array(X, dtype=np.float32, order="C", copy=True))
-    norms = torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min_(1e-12)
-    return out.div_(norms).numpy()
-
-
 def normalized_centred_bf16(raw: torch.Tensor, inv_norms: torch.Tensor, mu: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """``raw / |raw| - mu`` (rows) rounded to bfloat16, in row chunks (no float32 copy of the matrix)."""
     out = torch.empty(raw.shape, dtype=torch.bfloat16, device=raw.device)
@@ -78,6 +73,8 @@ def vote(sims: torch.Tensor, labels: torch.Tensor, n_classes: int, temperature: 
     return scores / scores.sum(dim=1, keepdim=True)
 
 
+@register_probe("knn1", k=1)
+@register_probe("knn")  # k = 20, similarity-weighted, T = 0.07
 class KNNProbe(ProbeBase):
     """Similarity-weighted cosine kNN (``k=20``, ``temperature=0.07``; ``k=1`` for ``knn1``).
 

@@ -10,16 +10,18 @@ import torch
 from sklearn.metrics import f1_score
 
 from .base import (
-    BF16_MIN_WORK, ProbeBase, cpu_has_native_bf16, importable, require, softmax_rows, standardize_t,
+    BF16_MIN_WORK, ScoresHead, cpu_has_native_bf16, importable, require, standardize_t,
     stratified_holdout,
 )
+from .registry import register_probe
 from .lbfgs import Curvature, LinearFit, Preconditioner, fit_linear, linear_scores, linear_scores_t, targets
 
 BACKENDS = ("auto", "torch", "cuml")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-class LogisticProbe(ProbeBase):
+@register_probe("logistic")
+class LogisticProbe(ScoresHead):
     """Softmax regression, full-batch L-BFGS in torch (float32, on the device).
 
     ``Cs`` (sklearn's inverse L2 strength; 1.0 is sklearn's default) are tried from strongest to
@@ -157,16 +159,7 @@ class LogisticProbe(ProbeBase):
         self.converged_ = self.coef_.converged
         return self
 
-    def decision_function(self, X) -> np.ndarray:
+    def _decision(self, X: np.ndarray) -> torch.Tensor:
         """Logits (n, K) of the standardised rows."""
-        self._check_fitted()
-        from .base import check_X
-
-        return self._scores(check_X(X, self.n_features_in_)).cpu().numpy()
-
-    def _scores(self, X: np.ndarray) -> torch.Tensor:
         Xt = torch.from_numpy(X).to(self.device_)
         return linear_scores((Xt - self.mean_) / self.scale_, self.coef_)
-
-    def _proba(self, X: np.ndarray) -> np.ndarray:
-        return softmax_rows(self._scores(X))

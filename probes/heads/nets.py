@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
-from .base import CHUNK, ProbeBase, seeded, softmax_rows, standardize, stratified_holdout
+from .base import CHUNK, ScoresHead, seeded, standardize, stratified_holdout
+from .registry import register_probe
 
 
 class CosineLinear(nn.Module):
@@ -32,7 +33,7 @@ class CosineLinear(nn.Module):
         return self.log_scale.exp() * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
 
-class _TorchHead(ProbeBase):
+class _TorchHead(ScoresHead):
     """Shared mini-batch trainer; subclasses build the network in ``_network(d, K)``."""
 
     def _network(self, d: int, n_classes: int) -> nn.Module:  # pragma: no cover - abstract
@@ -86,19 +87,10 @@ class _TorchHead(ProbeBase):
     def _logits(net: nn.Module, Xs: torch.Tensor) -> torch.Tensor:
         return torch.cat([net(Xs[i : i + CHUNK]) for i in range(0, len(Xs), CHUNK)])
 
-    def decision_function(self, X) -> np.ndarray:
+    def _decision(self, X: np.ndarray) -> torch.Tensor:
         """Logits (n, K)."""
-        from .base import check_X
-
-        self._check_fitted()
-        return self._scores(check_X(X, self.n_features_in_)).cpu().numpy()
-
-    def _scores(self, X: np.ndarray) -> torch.Tensor:
         Xt = (torch.from_numpy(X).to(self.device_) - self.mean_) / self.scale_
         return self._logits(self.net_, Xt)
-
-    def _proba(self, X: np.ndarray) -> np.ndarray:
-        return softmax_rows(self._scores(X))
 
     def __init__(
         self,
@@ -119,6 +111,7 @@ class _TorchHead(ProbeBase):
         self.device = device
 
 
+@register_probe("mlp")
 class MLPProbe(_TorchHead):
     """One hidden layer (``hidden`` units, GELU, dropout ``dropout``) on standardised features."""
 
@@ -142,6 +135,7 @@ class MLPProbe(_TorchHead):
         return nn.Sequential(nn.Linear(d, self.hidden), nn.GELU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, n_classes))
 
 
+@register_probe("cosine")
 class CosineProbe(_TorchHead):
     """Cosine classifier: ``s * cos(x, w_k)`` with a learnable scale ``s`` (start 16)."""
 

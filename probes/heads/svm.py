@@ -9,28 +9,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import ProbeBase, check_X, decision_to_2d, importable, require, softmax_rows, standardize, standardize_t
+from .base import ScoresHead, decision_to_2d, importable, require, standardize, standardize_t
 from .lbfgs import LinearFit, Preconditioner, fit_linear, linear_scores, targets
+from .registry import register_probe
 
 
-class _StandardisedScores(ProbeBase):
+class _StandardisedScores(ScoresHead):
     """Standardise with train statistics; subclasses give ``_scores(Xs) -> (n, K)`` tensors."""
 
     def _standardise_fit(self, X: np.ndarray, dev: torch.device) -> torch.Tensor:
         Xs, self.mean_, self.scale_ = standardize(torch.from_numpy(X).to(dev))
         return Xs
 
-    def decision_function(self, X) -> np.ndarray:
-        """Decision scores (n, K), one column per class of ``classes_``."""
-        self._check_fitted()
-        return self._scores_raw(check_X(X, self.n_features_in_)).cpu().numpy()
-
-    def _scores_raw(self, X: np.ndarray) -> torch.Tensor:
+    def _decision(self, X: np.ndarray) -> torch.Tensor:
+        """Decision scores (n, K) of raw rows, one column per class of ``classes_``."""
         Xt = torch.from_numpy(X).to(self.device_)
         return self._scores((Xt - self.mean_) / self.scale_)
-
-    def _proba(self, X: np.ndarray) -> np.ndarray:
-        return softmax_rows(self._scores_raw(X))
 
 
 def _external_scores(model, Xs: torch.Tensor, on_device: bool) -> torch.Tensor:
@@ -41,6 +35,7 @@ def _external_scores(model, Xs: torch.Tensor, on_device: bool) -> torch.Tensor:
     return torch.from_numpy(decision_to_2d(d)).to(Xs.device)
 
 
+@register_probe("svm")
 class LinearSVMProbe(_StandardisedScores):
     """What ``LinearSVC(C)`` optimises (one-vs-rest squared hinge + L2, C=1 by default), on
     standardised features. ``backend="torch"`` (default): full-batch L-BFGS over all K classes at
@@ -114,6 +109,7 @@ class LinearSVMProbe(_StandardisedScores):
         return _external_scores(self.model_, Xs, self.backend == "cuml")
 
 
+@register_probe("svm-rbf")
 class RBFSVMProbe(_StandardisedScores):
     """Kernel SVM (RBF) on standardised features: ``sklearn.svm.SVC(kernel="rbf")`` on CPU,
     ``cuml.svm.SVC`` on CUDA (``backend="auto"`` picks cuML when the device is CUDA and cuML

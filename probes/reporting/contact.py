@@ -18,6 +18,8 @@ from typing import Sequence
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from .text import one_line
+
 TILE = 96
 CAPTION = 30
 PAD = 4
@@ -61,13 +63,27 @@ def thumbnail(path: str | os.PathLike, size: int = TILE) -> Image.Image:
     return canvas
 
 
-def _fit(text: str, width: int, draw: ImageDraw.ImageDraw) -> str:
-    font = _font()
-    if draw.textlength(text, font=font) <= width:
+def fit_caption(text: str, width: int, draw: ImageDraw.ImageDraw, size: int = 11) -> str:
+    """``text`` on one line, cut (with "…") to fit ``width`` pixels.
+
+    Control characters become escapes first (:func:`one_line`: a newline cannot make the caption
+    multi-line). The cut is a binary search on the length, each step one measurement of a prefix
+    no longer than ``width`` characters (no glyph is narrower than a pixel), so a 100,000-character
+    label costs about ten short measurements, not one per character.
+    """
+    font = _font(size)
+    text = one_line(text)
+    head = text[: max(width, 1) + 1]  # longer prefixes cannot fit
+    if len(head) == len(text) and draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+    lo, hi = 0, len(head)  # the longest prefix + "…" that fits has length in [lo, hi)
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if draw.textlength(head[:mid] + "…", font=font) <= width:
+            lo = mid
+        else:
+            hi = mid
+    return head[:lo] + "…"
 
 
 def render(rows: Sequence[Sequence[Tile]], path: str | os.PathLike | None = None, title: str = "", *,
@@ -79,15 +95,16 @@ def render(rows: Sequence[Sequence[Tile]], path: str | os.PathLike | None = None
     sheet = Image.new("RGB", (max(ncol * cw, 200), head + max(len(rows), 1) * ch), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     if title:
-        draw.text((PAD, 4), _fit(title, sheet.width - 2 * PAD, draw), fill=(0, 0, 0), font=_font(13))
+        draw.text((PAD, 4), fit_caption(title, sheet.width - 2 * PAD, draw, 13), fill=(0, 0, 0), font=_font(13))
     for r, row in enumerate(rows):
         for c, t in enumerate(row):
             x, y = c * cw + PAD, head + r * ch + PAD
             sheet.paste(thumbnail(t.path, tile), (x, y))
-            draw.rectangle((x - 2, y - 2, x + tile + 1, y + tile + 1), outline=t.colour, width=3 if t.colour != SAME_COLOUR else 1)
-            draw.text((x, y + tile + 2), _fit(t.top, tile, draw), fill=(0, 0, 0), font=_font())
+            draw.rectangle((x - 2, y - 2, x + tile + 1, y + tile + 1), outline=t.colour,
+                           width=3 if t.colour != SAME_COLOUR else 1)
+            draw.text((x, y + tile + 2), fit_caption(t.top, tile, draw), fill=(0, 0, 0), font=_font())
             if t.bottom:
-                draw.text((x, y + tile + 15), _fit(t.bottom, tile, draw), fill=(60, 60, 60), font=_font())
+                draw.text((x, y + tile + 15), fit_caption(t.bottom, tile, draw), fill=(60, 60, 60), font=_font())
     if path is not None:
         sheet.save(path, compress_level=3)
     return sheet
@@ -122,13 +139,15 @@ def suspect_rows(suspects: pd.DataFrame, neighbours: pd.DataFrame, n_neighbours:
     return rows
 
 
-def suspect_sheet(suspects: pd.DataFrame, neighbours: pd.DataFrame, path: str | os.PathLike, *, title: str = "", n_neighbours: int = 8) -> Path:
+def suspect_sheet(suspects: pd.DataFrame, neighbours: pd.DataFrame, path: str | os.PathLike, *, title: str = "",
+                  n_neighbours: int = 8) -> Path:
     """Contact sheet of the ranked suspects beside their nearest neighbours."""
     render(suspect_rows(suspects, neighbours, n_neighbours), path, title)
     return Path(path)
 
 
 def neighbor_rows(table: pd.DataFrame, queries: pd.DataFrame, k: int | None = None) -> list[list[Tile]]:
+    """One row per query (``query, label, path``) and its neighbours from ``table``, in rank order."""
     rows = []
     for q in queries.itertuples(index=False):
         given = str(q.label)
@@ -148,4 +167,5 @@ def neighbor_sheet(table: pd.DataFrame, queries: pd.DataFrame, path: str | os.Pa
 
 
 def _short(text: str) -> str:
-    return Path(text).name if os.sep in text else text
+    """A query's caption: the file name of an image path, else the id itself."""
+    return Path(text).name if os.sep in text and "\n" not in text else text

@@ -10,6 +10,9 @@ from typing import Any
 
 import pandas as pd
 
+from .contact import encode, render, suspect_rows
+from .text import one_line
+
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px;margin:0 0 6px} h2{font-size:17px;margin:22px 0 6px}
@@ -22,11 +25,13 @@ img.strip{display:block;image-rendering:auto} .note{color:#555;font-size:13px}
 
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:
+    """``data:`` URI of ``data`` (base64), for an image inlined in the page."""
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
 def _esc(v: Any) -> str:
-    return html.escape(str(v))
+    """Text for HTML: one line (control characters as escapes), then entity-escaped."""
+    return html.escape(one_line(v))
 
 
 def _meta(params: dict[str, Any], res: Any) -> str:
@@ -52,19 +57,17 @@ def _pairs(table: pd.DataFrame, top: int) -> str:
     return f"<table><tr><th>given</th><th>proposed</th><th>suspects</th></tr>{body}</table>"
 
 
-def audit_html(res: Any, path: str | os.PathLike, *, top: int = 50, neighbours: pd.DataFrame | None = None,
+def audit_html(res: Any, path: str | os.PathLike, *, neighbours: pd.DataFrame, top: int = 50,
                n_neighbours: int = 8, tile: int = 72) -> Path:
-    """Write the report of an :class:`probes.audit.AuditResult` to ``path``: parameters, the score
-    formula, given->proposed counts and the ranked table of the ``top`` suspects, each row with an
-    inline strip (JPEG, ``tile`` px per cell) of the cell (red) beside its nearest neighbours
-    (orange: another label)."""
-    from .audit import suspect_neighbors
-    from .contact import encode, render, suspect_rows
-
+    """Write the report of an audit result (:class:`probes.AuditResult`) to ``path``: parameters, the
+    score formula, given->proposed counts and the ranked table of the ``top`` suspects, each row with
+    an inline strip (JPEG, ``tile`` px per cell) of the cell (red) beside its nearest neighbours
+    (``neighbours``: ``query, rank, id, label, similarity, path`` rows; orange: another label)."""
     params = res.params
     sus = res.suspects(top)
-    nb = neighbours if neighbours is not None else suspect_neighbors(res, top)
-    strips = [data_uri(encode(render([row], tile=tile), "JPEG"), "image/jpeg") for row in suspect_rows(sus, nb, n_neighbours)]
+    nb = neighbours
+    strips = [data_uri(encode(render([row], tile=tile), "JPEG"), "image/jpeg")
+              for row in suspect_rows(sus, nb, n_neighbours)]
     w = params["weights"]
     per_bb = [c for c in sus.columns if c.startswith("neighbor_disagreement:")]
     head = ("<tr><th>rank</th><th>id</th><th>given</th><th>proposed</th><th>votes</th><th>consensus</th>"

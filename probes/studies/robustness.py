@@ -1,4 +1,4 @@
-"""Robustness study: probes trained on clean features, scored on perturbed versions of the same test cells.
+"""``robustness``: probes trained on clean features, scored on perturbed versions of the same test cells.
 
 For each backbone, the clean feature set (``<backbone>/<prep>/clean``) trains the probes; every
 perturbed set beside it (``<backbone>/<prep>/blur-post-0.8``...; made by ``embedcache extract
@@ -11,24 +11,27 @@ at σ = 0, as the seed protocol reports it.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .data import Cells, ProbeError, open_cells, parse_names, require_complete
-from .metrics import MAIN_METRIC, score
-from .sampling import TEST_SIZE, Sampler, parse_seeds
+from ..data import Cells, ProbeError, open_cells, parse_names, require_complete
+from ..metrics import MAIN_METRIC, score
+from ..reporting.console import Col, Panel
+from ..reporting.plots import plot_robustness
+from ..reporting.tables import prepare_out, study_document
+from ..sampling import TEST_SIZE, Sampler, Split, parse_seeds
+from ..skeleton import FitJob, check_probes, either, finish, run_plan, show_summary, study_name
 
 RESULT_COLUMNS = [
     "study", "dataset", "backbone", "feature_key", "pool", "probe", "seed", "perturbation", "sigma",
     "n_train", "n_test", "metric", "value",
 ]
+SLOPE_DEFINITION = "least-squares slope of mean macro-F1 against log2(1 + sigma), clean at sigma = 0"
 
 
 @dataclass
@@ -95,7 +98,7 @@ def robustness(
     model: str | Sequence[str],
     *,
     perturb: str | Sequence[str] = "blur-pre,blur-post",
-    probe: str | Sequence[str] = "logistic",
+    probes: str | Sequence[str] | None = None,
     seeds: int | str | Sequence[int] = 1,
     split: str = "auto",
     dataset: str | None = None,
@@ -105,44 +108,71 @@ def robustness(
     test_size: float = TEST_SIZE,
     quiet: bool = False,
     show: bool | None = None,
+    probe: str | Sequence[str] | None = None,
 ) -> RobustnessResult:
     """Train on clean features, score clean and every perturbed version of the same test cells.
 
+    ``probes``: one probe or a comma list (default ``logistic``; ``probe=`` is its older spelling).
     ``split``: ``auto`` (the store's ``split`` column when it has test cells, the cells the
     perturbed sets cover by default; else a stratified 80/20 split), ``column`` or
     ``stratified``. Writes ``results.csv/.parquet``, ``summary.csv``, ``slopes.csv``,
     ``robustness.png`` and ``study.json`` to ``out`` (default ``robustness-<models>-<date>``).
     """
-    from . import report
-    from .study import _check_probes, _fit_predict, _study_name
-
     families = parse_names(perturb)
     if not families:
         raise ProbeError("no perturbation given, e.g. --perturb blur-pre,blur-post")
     seed_list = parse_seeds(seeds)
     cells = open_cells(store, model, dataset=dataset, pool=pool)
-    probe_list = _check_probes(probe)
+    probe_list = check_probes(either(probes, probe, "logistic"))
     sets = {b: perturbed_sets(cells, b, families) for b in cells.backbones}
     has_test = (np.char.lower(cells.obs["split"].to_numpy(dtype=str)) == "test").any()
     if split == "auto":
         split = "column" if has_test else "stratified"
     if split not in ("column", "stratified"):
         raise ProbeError(f"unknown split '{split}' for a robustness study: use auto, column or stratified")
-    sampler = Sampler(cells.labels, split, split_column=cells.obs["split"].to_numpy(), test_size=test_size)
-    # the test cells every perturbed set of every backbone covers
-    rows = cells.obs["row"].to_numpy()
-    covered = np.ones(len(cells.obs), dtype=bool)
-    for b in cells.backbones:
-        for fam in families:
-            for _, fs in sets[b][fam]:
-                covered &= fs.ok()[rows]
-    name = _study_name("robustness", cells.backbones + families, out)
+    name = study_name("robustness", cells.backbones + families, out)
     params = dict(store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, perturb=families,
                   probe=probe_list, seeds=seed_list, split=split, pool=pool, device=device, test_size=test_size,
                   sigmas={b: {f: [s for s, _ in sets[b][f]] for f in families} for b in cells.backbones})
     notes = cells.exclusion_lines()
+    splits = covered_splits(cells, sets, Sampler(cells.labels, split, split_column=cells.obs["split"].to_numpy(),
+                                                 test_size=test_size), seed_list, notes)
+    folder = prepare_out(Path(out) if out is not None else Path(name))
+    rows: list[dict] = []
+    total = len(cells.backbones) * len(seed_list) * len(probe_list)
+    for done in run_plan(_jobs(cells, sets, families, splits, probe_list), total, device=device, quiet=quiet):
+        job = done.job
+        sp, variants = job.tag
+        for (fam, sigma, fs), pred in zip(variants, done.predictions):
+            sc = score(cells.labels[sp.test], pred, sp.classes)
+            base = dict(study=name, dataset=cells.dataset, backbone=job.backbone, feature_key=fs.key, pool=pool,
+                        probe=job.probe, seed=sp.seed, perturbation=fam, sigma=sigma, n_train=len(sp.train),
+                        n_test=len(sp.test))
+            rows += [{**base, "metric": m, "value": v} for m, v in sc.values.items()]
+    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    summary = summary_table(results, families)
+    res = RobustnessResult(name, params, results, summary, slope_table(summary), list(dict.fromkeys(notes)),
+                           out=folder)
+    title = f"{params['dataset']} · {params['split']} split"
+    finish(res, tables={"results.csv": results, "results.parquet": results, "summary.csv": summary,
+                        "slopes.csv": res.slopes},
+           plots={"robustness.png": lambda p: plot_robustness(summary, p, title=title)},
+           documents={"study.json": lambda names: study_document("robustness", name, params, res.notes, names,
+                                                                 slope_definition=SLOPE_DEFINITION)},
+           panels=panels(res), show=show_summary(quiet, show))
+    return res
+
+
+def covered_splits(cells: Cells, sets: dict, sampler: Sampler, seeds: Sequence[int], notes: list[str]) -> dict[int, Split]:
+    """One uncapped split per seed, its test side cut to the cells every perturbed set of every backbone covers."""
+    rows = cells.obs["row"].to_numpy()
+    covered = np.ones(len(cells.obs), dtype=bool)
+    for by_family in sets.values():
+        for family_sets in by_family.values():
+            for _, fs in family_sets:
+                covered &= fs.ok()[rows]
     splits = {}
-    for seed in seed_list:
+    for seed in seeds:
         sp = sampler.split(None, seed)
         keep = covered[sp.test]
         if not keep.any():
@@ -156,38 +186,23 @@ def robustness(
         sp.test = sp.test[keep]
         sp.classes = [c for c in sp.classes if c in set(cells.labels[sp.test])]
         splits[seed] = sp
-    notes = list(dict.fromkeys(notes))
-    out_rows: list[dict] = []
-    n_fits = len(cells.backbones) * len(seed_list) * len(probe_list)
-    with report.progress(n_fits, quiet) as advance:
-        for b in cells.backbones:
-            variants = [("clean", 0.0, cells.feature_sets[b])] + [
-                (fam, s, fs) for fam in families for s, fs in sets[b][fam]
-            ]
-            for seed, sp in splits.items():
-                x_tr = cells.features(b, sp.train)
-                tests = [cells.features(b, sp.test, fs) for _, _, fs in variants]
-                for p in probe_list:
-                    advance(f"{b} · {p} · seed {seed}")
-                    preds, _, _ = _fit_predict(p, seed, device, x_tr, cells.labels[sp.train], tests, b, sp)
-                    for (fam, sigma, fs), pred in zip(variants, preds):
-                        sc = score(cells.labels[sp.test], pred, sp.classes)
-                        base = dict(study=name, dataset=cells.dataset, backbone=b, feature_key=fs.key, pool=pool,
-                                    probe=p, seed=seed, perturbation=fam, sigma=sigma, n_train=len(sp.train),
-                                    n_test=len(sp.test))
-                        out_rows += [{**base, "metric": m, "value": v} for m, v in sc.values.items()]
-    results = pd.DataFrame(out_rows, columns=RESULT_COLUMNS)
-    summary = summarize(results, families)
-    slopes = slope_table(summary)
-    res = RobustnessResult(name, params, results, summary, slopes, notes)
-    res.out = Path(out) if out is not None else Path(name)
-    res.files = write_outputs(res)
-    if show or (show is None and not quiet):
-        print_result(res)
-    return res
+    return splits
 
 
-def summarize(results: pd.DataFrame, families: Sequence[str]) -> pd.DataFrame:
+def _jobs(cells: Cells, sets: dict, families: Sequence[str], splits: dict[int, Split],
+          probes: Sequence[str]) -> Iterator[FitJob]:
+    """Per backbone and seed: clean training features; the clean and every perturbed test matrix."""
+    for b in cells.backbones:
+        variants = [("clean", 0.0, cells.feature_sets[b])] + [(fam, s, fs) for fam in families for s, fs in sets[b][fam]]
+        for seed, sp in splits.items():
+            x_tr = cells.features(b, sp.train)
+            tests = [cells.features(b, sp.test, fs) for _, _, fs in variants]
+            for p in probes:
+                yield FitJob(b, p, seed, x_tr, cells.labels[sp.train], tests, n_classes=len(sp.classes),
+                             tag=(sp, variants))
+
+
+def summary_table(results: pd.DataFrame, families: Sequence[str]) -> pd.DataFrame:
     """Per backbone x probe x perturbation x σ: mean/std of macro-F1 and accuracy over seeds and
     Δ macro-F1 against clean. The clean row is repeated under each family at σ = 0."""
     keys = ["backbone", "probe", "perturbation", "sigma"]
@@ -219,77 +234,17 @@ def slope_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_outputs(res: RobustnessResult) -> dict[str, Path]:
-    out = Path(res.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {n: out / n for n in ("results.csv", "results.parquet", "summary.csv", "slopes.csv", "study.json")}
-    res.results.to_csv(files["results.csv"], index=False)
-    res.results.to_parquet(files["results.parquet"], index=False)
-    res.summary.to_csv(files["summary.csv"], index=False)
-    res.slopes.to_csv(files["slopes.csv"], index=False)
-    files["study.json"].write_text(json.dumps({
-        "kind": "robustness", "name": res.name, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "params": res.params, "notes": res.notes, "slope_definition": "least-squares slope of mean macro-F1 "
-        "against log2(1 + sigma), clean at sigma = 0", "files": sorted(files) + ["robustness.png"],
-    }, indent=2, default=str))
-    files["robustness.png"] = plot(res.summary, out / "robustness.png", title=f"{res.params['dataset']} · {res.params['split']} split")
-    return files
-
-
-def plot(summary: pd.DataFrame, path: Path, *, title: str = "") -> Path:
-    """Macro-F1 against σ (x at log2(1 + σ)), one panel per perturbation side by side, ± std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fams = list(dict.fromkeys(summary["perturbation"]))
-    fig, axes = plt.subplots(1, len(fams), figsize=(5.2 * len(fams), 4.2), dpi=120, sharey=True, squeeze=False)
-    colors = plt.get_cmap("tab10")
-    curves = list(dict.fromkeys(zip(summary["backbone"], summary["probe"])))
-    for ax, fam in zip(axes[0], fams):
-        d = summary[summary["perturbation"] == fam]
-        for k, (b, p) in enumerate(curves):
-            c = d[(d["backbone"] == b) & (d["probe"] == p)].sort_values("sigma")
-            x = np.log2(1 + c["sigma"].to_numpy(float))
-            y, s = c["macro_f1"].to_numpy(float), c["macro_f1_std"].to_numpy(float)
-            ax.plot(x, y, "-o", color=colors(k % 10), ms=4, lw=1.6, label=f"{b} · {p}")
-            ax.fill_between(x, y - s, y + s, color=colors(k % 10), alpha=0.15, lw=0)
-        sig = sorted(d["sigma"].unique())
-        ax.set_xticks(np.log2(1 + np.asarray(sig)), [f"{v:g}" for v in sig])
-        ax.set_xlabel("σ (axis: log2(1 + σ))")
-        ax.set_title(fam, fontsize=10)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("macro-F1 (mean ± std over seeds)")
-    axes[0][-1].legend(fontsize=8, loc="lower left", framealpha=0.9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
-
-
-def print_result(res: RobustnessResult, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
+def panels(res: RobustnessResult) -> list[Panel]:
+    """Macro-F1 (Δ vs clean) per σ and the drop slope, per backbone x probe x perturbation."""
     s = res.summary
-    t = Table(title=f"{res.name}: macro-F1 (Δ vs clean), probes trained on clean features")
-    for col in ("backbone", "probe", "perturbation"):
-        t.add_column(col, no_wrap=True)
     sigmas = sorted(s["sigma"].unique())
-    for v in sigmas:
-        t.add_column(f"σ={v:g}", justify="right")
-    t.add_column("slope / log2(1+σ)", justify="right", style="bold")
+    cols = [Col(c, "left", no_wrap=True) for c in ("backbone", "probe", "perturbation")]
+    cols += [Col(f"σ={v:g}") for v in sigmas] + [Col("slope / log2(1+σ)", style="bold")]
+    rows = []
     for (b, p, fam), g in s.groupby(["backbone", "probe", "perturbation"], sort=False):
         by = {r.sigma: r for r in g.itertuples()}
-        cells = [("-" if (r := by.get(v)) is None else f"{r.macro_f1:.3f}" + ("" if v == 0 else f" ({r.delta_macro_f1:+.3f})"))
-                 for v in sigmas]
+        cells = [("-" if (r := by.get(v)) is None
+                  else f"{r.macro_f1:.3f}" + ("" if v == 0 else f" ({r.delta_macro_f1:+.3f})")) for v in sigmas]
         sl = res.slopes[(res.slopes.backbone == b) & (res.slopes.probe == p) & (res.slopes.perturbation == fam)]
-        t.add_row(b, p, fam, *cells, f"{sl['slope'].iat[0]:+.3f}")
-    console.print(t)
-    for note in res.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    if res.out is not None:
-        console.print(f"wrote [bold]{res.out}/[/] ({', '.join(sorted(res.files))})")
+        rows.append([b, p, fam, *cells, f"{sl['slope'].iat[0]:+.3f}"])
+    return [Panel(f"{res.name}: macro-F1 (Δ vs clean), probes trained on clean features", cols, rows)]

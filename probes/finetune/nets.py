@@ -1,0 +1,135 @@
+"""The networks a fine-tune trains: trunk (tail on tokens, or frozen prefix + tail on images) + head, LoRA.
+
+``TailModule`` (:mod:`embedcache.tail`) runs the last ``k`` blocks on cached tokens;
+:class:`FullBackboneModule` runs the same tail after the frozen prefix on images, each step, so a
+fine-tune from images trains exactly the parameters a fine-tune from cached tokens trains.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from embedcache.tail import TailModule, tail_tokens
+
+LORA_TARGETS = ("qkv", "q_proj", "k_proj", "v_proj", "proj")
+
+
+class FullBackboneModule(nn.Module):
+    """Frozen prefix (blocks ``0..L-k-1``, run in eval without grads) + a trainable copy of the tail.
+
+    Only the tail is a registered submodule: ``parameters()`` / ``state_dict()`` are the tail's, the same
+    names as a ``TailModule``'s. ``k = L`` leaves only the patch embedding frozen (``--blocks all``).
+    The prefix runs on the device of the backbone's model (``.to()`` moves only the tail): move
+    ``bb.model`` to the GPU too for speed; tokens travel to the tail's device.
+    """
+
+    def __init__(self, bb, k: int, pool: str | None = None):
+        super().__init__()
+        self.tail = TailModule(bb, k, pool=pool, copy=True)
+        object.__setattr__(self, "_prefix", bb)  # not registered: frozen, never trained nor saved
+        self.k = self.tail.k
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.tail.num_prefix_tokens
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tail.forward_features(self.tail_input(images))
+
+    def pooled(self, feats: torch.Tensor, pools: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tail.pooled(feats, pools)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.tail_input(images))
+
+    def tail_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen prefix's tokens for ``images``, on the device ``images`` came on."""
+        model = self._prefix.model if hasattr(self._prefix, "model") else self._prefix
+        where = next(model.parameters()).device
+        with torch.no_grad():
+            return tail_tokens(self._prefix, images.to(where), self.k).to(images.device)
+
+
+class TunedNet(nn.Module):
+    """``trunk`` (a ``TailModule`` / ``FullBackboneModule``, or None for pooled features) + ``head``.
+
+    Pooled heads get the trunk's ``pool`` vector; token heads the final tokens. ``frozen_trunk`` runs
+    the trunk in eval without grads (``lp``).
+    """
+
+    def __init__(self, trunk: nn.Module | None, head: nn.Module, pool: str, frozen_trunk: bool):
+        super().__init__()
+        self.trunk, self.head, self.pool, self.frozen_trunk = trunk, head, pool, frozen_trunk
+
+    def train(self, mode: bool = True) -> TunedNet:
+        super().train(mode)
+        if self.trunk is not None and self.frozen_trunk:
+            self.trunk.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trunk is None:
+            return self.head(x.float())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_trunk):
+            feats = self.trunk.forward_features(x)
+            z = self.trunk.pooled(feats, (self.pool,))[self.pool] if self.head.input == "pooled" else feats
+        return self.head(z)
+
+
+def tail_of(trunk: nn.Module) -> TailModule:
+    return trunk.tail if isinstance(trunk, FullBackboneModule) else trunk
+
+
+def lora_target_names(tail: TailModule) -> list[str]:
+    """Names (inside ``tail``) of the attention linears LoRA adapts: qkv (or q/k/v) and the output proj."""
+    names = [n for n, m in tail.named_modules()
+             if isinstance(m, nn.Linear) and re.fullmatch(r"blocks\.\d+\.attn\.(" + "|".join(LORA_TARGETS) + ")", n)]
+    if not names:
+        raise ValueError(f"no attention linears ({', '.join(LORA_TARGETS)}) in the tail of this {tail.family} model: "
+                         "LoRA needs transformer blocks (use ft-last for CNN stages)")
+    return names
+
+
+def inject_lora(tail: TailModule, rank: int, alpha: float, dropout: float) -> list[str]:
+    """Add peft LoRA adapters to the tail's attention (in place); only they are left trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    names = lora_target_names(tail)
+    tail.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
+                                       target_modules=names, bias="none"), tail)
+    for n, p in tail.named_parameters():
+        p.requires_grad_(".lora_" in n)
+    return names
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Fold every peft LoRA layer in ``module`` into its base linear and put the plain linear back."""
+    from peft.tuners.lora import LoraLayer
+
+    found = [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]
+    for name, layer in found:
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, layer.get_base_layer())
+    return len(found)
+
+
+def tail_key_to_backbone(key: str, tail: TailModule) -> str:
+    """``blocks.i.*`` of a tail -> the backbone's own name (``blocks.{L-k+i}.*`` or ``layer{L-k+i+1}.*``)."""
+    m = re.match(r"^blocks\.(\d+)\.(.*)$", key)
+    if not m:
+        return key
+    j = tail.depth - tail.k + int(m.group(1))
+    return f"layer{j + 1}.{m.group(2)}" if tail.family == "resnet" else f"blocks.{j}.{m.group(2)}"
+
+
+__all__ = ["LORA_TARGETS", "FullBackboneModule", "TunedNet", "inject_lora", "lora_target_names", "merge_lora",
+           "tail_key_to_backbone", "tail_of"]

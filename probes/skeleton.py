@@ -1,0 +1,223 @@
+"""The shape every probe study follows, and the shared pieces that fill it.
+
+A study is one module in :mod:`probes.studies` with one public function (``scale``, ``robustness``...)
+that goes through six steps, each with its helper here or in :mod:`probes.reporting`:
+
+1. **inputs**: the usable cells of the store (:func:`probes.data.open_cells`), the probe names
+   (:func:`check_probes`), seeds (:func:`probes.sampling.parse_seeds`), the output folder
+   (:func:`probes.reporting.tables.prepare_out`, created before any fit) and its name (:func:`study_name`);
+2. **cells and splits**: a :class:`probes.sampling.Sampler` and, for domain studies, a
+   :class:`probes.domains.DomainPlan`; every split is made up front so bad input fails before a fit;
+3. **a plan of fits**: a generator of :class:`FitJob` (what to train on, what to predict), reading
+   features lazily, with the total count for the progress bar;
+4. **fit / predict**: :func:`run_plan` fits each job's probe (:func:`probes.heads.make_probe` or a given
+   ``make_probe``) under the one progress bar, names the failing fit in errors and times it;
+5. **tidy results**: the study turns each :class:`Fitted` into long rows (one per fit x test set x
+   metric, scored with :func:`probes.metrics.score`) and aggregates them (``summary`` tables);
+6. **outputs**: :func:`finish` writes the tables (CSV / Parquet), plots and JSON through the one
+   writer (:func:`probes.reporting.tables.write_files`) and prints :class:`probes.reporting.console.Panel`
+   objects through the one printer.
+
+A new study imports from here, :mod:`probes.data`, :mod:`probes.sampling`, :mod:`probes.metrics`
+and :mod:`probes.reporting`, never from another study.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .data import ProbeError, parse_names
+from .reporting.console import Panel, print_report, progress
+from .reporting.tables import write_files
+
+FIT_COLUMNS = [
+    "backbone", "probe", "limit", "seed", "n_train", "seconds",
+    "C", "val_f1", "n_iter", "converged", "precision", "backend", "exact_fallbacks",
+    "best_epoch", "epochs_run", "n_trainable",
+]
+FIT_ATTRS = ("C_", "val_f1_", "n_iter_", "converged_", "precision_", "backend_", "exact_fallbacks_",
+             "best_epoch_", "n_trainable_")
+EPOCH_COLUMNS = ["backbone", "probe", "limit", "seed", "epoch", "train_loss", "val_macro_f1", "best", "seconds"]
+
+
+# -- 1. inputs ----------------------------------------------------------------------------------
+def check_probes(probes: str | Sequence[str]) -> list[str]:
+    """The probe names of ``probes`` (comma list or list), each one of :data:`probes.heads.PROBES`."""
+    try:
+        from .heads import PROBES
+    except ImportError as e:
+        raise ProbeError(f"the probe heads (probes.heads) cannot be imported: {e}") from e
+    from .finetune.study_inputs import TUNE_PROBES
+
+    names = parse_names(probes)
+    known = [*PROBES, *TUNE_PROBES]
+    if not names:
+        raise ProbeError(f"no probe given; choose from {', '.join(known)}")
+    unknown = [p for p in names if p not in PROBES and p not in TUNE_PROBES]
+    if unknown:
+        raise ProbeError(f"unknown probe(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
+def either(probes: Any, probe: Any, default: str) -> Any:
+    """``probes=`` is the name; ``probe=`` (the older spelling) still works, never both."""
+    if probes is not None and probe is not None:
+        raise ProbeError("give probes= (or its older spelling probe=), not both")
+    return probes if probes is not None else probe if probe is not None else default
+
+
+def study_name(kind: str, parts: Sequence[str], out: Any = None) -> str:
+    """The study's name: the output folder's name, else ``<kind>-<parts joined by +>-<date-time>``."""
+    if out is not None:
+        return Path(out).name
+    slug = "+".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p).strip("-") for p in parts)
+    return f"{kind}-{slug}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+# -- 3. a plan of fits, 4. fit / predict --------------------------------------------------------
+@dataclass
+class FitJob:
+    """One fit: ``probe`` with ``seed`` on ``x_train`` / ``y_train``, predicting every ``x_tests`` matrix.
+
+    ``x_train`` / ``x_tests`` are feature matrices, or for fine-tunes token / image readers of the job's
+    cells (:class:`probes.finetune.study_inputs.RowsReader`); ``params`` are extra probe keywords (a
+    fine-tune's backbone and k). ``tag`` carries whatever the study needs to turn the predictions into
+    rows (its split, its test sets).
+    """
+
+    backbone: str
+    probe: str
+    seed: int
+    x_train: Any
+    y_train: np.ndarray
+    x_tests: list[Any]
+    limit: int | None = None
+    n_classes: int = 0
+    tag: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """What the progress bar shows while it runs."""
+        return f"{self.backbone} · {self.probe} · {'all' if self.limit is None else self.limit} · seed {self.seed}"
+
+
+@dataclass
+class Fitted:
+    """A job's predictions (one array of labels per test matrix), seconds, :func:`fit_info`, and for
+    probes trained by epochs their ``history`` (one dict per epoch: train_loss, val_macro_f1, best, seconds)."""
+
+    job: FitJob
+    predictions: list[np.ndarray]
+    seconds: float
+    info: dict[str, Any]
+    history: list[dict] | None = None
+
+    def fit_row(self) -> dict[str, Any]:
+        """The job's row of ``fits.csv`` (:data:`FIT_COLUMNS`)."""
+        j = self.job
+        return dict(backbone=j.backbone, probe=j.probe, limit=j.limit, seed=j.seed, n_train=len(j.y_train),
+                    seconds=self.seconds, epochs_run=len(self.history) if self.history is not None else None,
+                    **self.info)
+
+    def epoch_rows(self) -> list[dict[str, Any]]:
+        """The job's rows of ``epochs.csv`` (:data:`EPOCH_COLUMNS`); none for probes without epochs."""
+        j = self.job
+        return [dict(backbone=j.backbone, probe=j.probe, limit=j.limit, seed=j.seed,
+                     **{k: h.get(k) for k in EPOCH_COLUMNS[4:]}) for h in self.history or ()]
+
+
+def fit_info(est: Any) -> dict[str, Any]:
+    """What a fitted probe chose and how its solver ended (None where the probe has no such thing):
+    ``C`` and ``val_f1`` (the sweep's hold-out macro-F1 per C, as JSON), ``n_iter``, ``converged``,
+    ``precision``, ``backend``, ``exact_fallbacks`` (kNN queries re-searched exactly)."""
+    info = {}
+    for attr in FIT_ATTRS:
+        v = getattr(est, attr, None)
+        if isinstance(v, dict):
+            v = json.dumps({str(k): round(float(x), 6) for k, x in v.items()})
+        elif hasattr(v, "item"):  # numpy scalar or 0-d torch tensor
+            v = v.item()
+        info[attr.rstrip("_")] = v
+    return info
+
+
+def fit_predict(job: FitJob, device: str = "auto", make_probe: Callable[..., Any] | None = None) -> Fitted:
+    """Fit ``job``'s probe and predict each test matrix; seconds cover the fit and every prediction.
+
+    A failure deep inside a library becomes a :class:`ProbeError` naming the fit (cause kept).
+    """
+    if make_probe is None:  # the heads, and the fine-tunes (lp, ft-last, lora, scratch-vit)
+        from .finetune.study_inputs import make_tune_probe as make_probe
+    where = (f"probe '{job.probe}' on {job.backbone}" + (f" at limit {job.limit}" if job.limit is not None else "")
+             + f", seed {job.seed}")
+    try:
+        est = make_probe(job.probe, seed=job.seed, device=device, **job.params)
+        t0 = time.perf_counter()
+        est.fit(job.x_train, job.y_train)
+        preds = [np.asarray(est.predict(x)).astype(str) for x in job.x_tests]
+        seconds = time.perf_counter() - t0
+        info = fit_info(est)
+        history = getattr(est, "history_", None)
+    except ProbeError:
+        raise
+    except Exception as e:  # a library failing deep inside: say where, keep the cause
+        raise ProbeError(f"{where} failed ({len(job.y_train)} training cells, {job.n_classes} classes): "
+                         f"{type(e).__name__}: {e}") from e
+    return Fitted(job, preds, seconds, info, history)
+
+
+def run_plan(jobs: Iterable[FitJob], total: int, *, device: str = "auto", quiet: bool = False,
+             make_probe: Callable[..., Any] | None = None) -> Iterator[Fitted]:
+    """Fit every job in turn under one progress bar (``total`` fits; none shown when ``quiet``)."""
+    with progress(total, quiet) as advance:
+        for job in jobs:
+            advance(job.label)
+            yield fit_predict(job, device, make_probe)
+
+
+def fit_table(rows: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
+    """``fits.csv`` as a table, and a note when some fits stopped at their iteration limit."""
+    table = pd.DataFrame(list(rows), columns=FIT_COLUMNS)
+    for col in ("limit", "n_iter", "exact_fallbacks", "best_epoch", "epochs_run", "n_trainable"):
+        table[col] = table[col].astype("Int64")
+    stopped = table[table["converged"] == False]  # noqa: E712 - None (not an iterative probe) is not False
+    notes = []
+    if len(stopped):
+        notes.append(f"{len(stopped)} of {len(table)} fits stopped at their iteration limit before meeting "
+                     "the stopping rule (converged = False in fits.csv): "
+                     + ", ".join(sorted({f"{b} · {p}" for b, p in zip(stopped["backbone"], stopped["probe"])})))
+    return table, notes
+
+
+def epoch_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """``epochs.csv``: per fit trained by epochs, each epoch's training loss and hold-out macro-F1."""
+    table = pd.DataFrame(list(rows), columns=EPOCH_COLUMNS)
+    table["limit"] = table["limit"].astype("Int64")
+    return table
+
+
+# -- 6. outputs ---------------------------------------------------------------------------------
+def show_summary(quiet: bool, show: bool | None) -> bool:
+    """Print the summary? ``show`` decides when given; else unless ``quiet``."""
+    return bool(show) if show is not None else not quiet
+
+
+def finish(result: Any, *, tables: Mapping[str, pd.DataFrame], plots: Mapping[str, Callable[[Path], Any]] | None = None,
+           documents: Mapping[str, Any] | None = None, panels: Sequence[Panel] = (), lines: Sequence[str] = (),
+           show: bool = True) -> dict[str, Path]:
+    """Write a study's files under ``result.out`` (setting ``result.files``) and print its panels,
+    ``lines``, ``result.notes`` and where the files went."""
+    result.files = write_files(result.out, tables=tables, plots=plots, documents=documents)
+    if show:
+        print_report(panels, notes=getattr(result, "notes", ()), lines=lines, out=result.out, files=result.files)
+    return result.files

@@ -1,0 +1,252 @@
+"""Probes fitted on a study's splits and scored on every test set: the loop of ``scale`` and
+``evaluate`` (and of any study that reports the same results, fits and confusion tables).
+
+:func:`fit_splits` makes the splits (:class:`probes.sampling.Sampler`, over a domain plan's
+training cells when there is one), plans one :class:`probes.skeleton.FitJob` per backbone x split x
+probe (features read once per backbone, test matrices once per split), runs them
+(:func:`probes.skeleton.run_plan`) and returns tidy tables in a :class:`SplitFits`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .data import Cells, ProbeError, exclusion_reason
+from .domains import DomainPlan, TestSet, evaluations
+from .metrics import CLASS_METRIC, score
+from .sampling import Sampler, Split, flag_min
+from .skeleton import FitJob, epoch_table, fit_table, run_plan
+
+RESULT_COLUMNS = [
+    "study", "dataset", "backbone", "feature_key", "pool", "probe", "limit", "seed", "split",
+    "train_domain", "test_domain", "in_domain",
+    "n_train", "n_test", "n_classes", "metric", "class", "value", "seconds", "exceeds_data",
+]
+CONFUSION_COLUMNS = ["backbone", "probe", "limit", "seed", "test_domain", "true", "pred", "count"]
+CURVE_KEYS = ["backbone", "feature_key", "pool", "probe", "test_domain", "in_domain"]
+
+
+@dataclass
+class StudyResult:
+    """What a study produced; the tables are also written under ``out``."""
+
+    kind: str  # "scale" | "evaluate"
+    name: str
+    params: dict[str, Any]
+    results: pd.DataFrame  # tidy: one row per backbone x probe x limit x seed x metric (x class)
+    curves: pd.DataFrame  # mean / std over seeds per backbone x probe x limit x metric
+    summary: pd.DataFrame  # scale: one row per curve with the 95% limit; evaluate: one row per fit group
+    exclusions: pd.DataFrame  # cells and classes left out, and why
+    confusion: pd.DataFrame  # long: one row per fit x test domain x true class x predicted class
+    notes: list[str] = field(default_factory=list)
+    domains: pd.DataFrame | None = None  # domain studies: in- vs out-of-domain macro-F1 and the gap
+    splits: dict = field(default_factory=dict)  # (limit, seed) -> Split (positions into the usable cells)
+    evaluations: dict = field(default_factory=dict)  # (limit, seed) -> [(test_domain, in_domain, positions, classes)]
+    fits: pd.DataFrame | None = None  # one row per fit: chosen C, solver iterations, convergence, precision...
+    epochs: pd.DataFrame | None = None  # fine-tunes: one row per fit x epoch (loss, hold-out macro-F1)
+    out: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class SplitFits:
+    """The tidy outcome of :func:`fit_splits`."""
+
+    results: pd.DataFrame  # RESULT_COLUMNS
+    confusion: pd.DataFrame  # CONFUSION_COLUMNS
+    fits: pd.DataFrame  # probes.skeleton.FIT_COLUMNS
+    exclusions: pd.DataFrame
+    notes: list[str]
+    splits: dict[tuple[int | None, int], Split]
+    evaluations: dict[tuple[int | None, int], list[TestSet]]
+    epochs: pd.DataFrame | None = None  # probes.skeleton.EPOCH_COLUMNS
+
+
+def fit_splits(name: str, cells: Cells, limits: Sequence[int | None], seeds: Sequence[int], probes: Sequence[str], *,
+               split: str, val: str, test_size: float, device: str, quiet: bool, plan: DomainPlan | None = None,
+               make_probe: Callable[..., Any] | None = None, inputs: Any = None) -> SplitFits:
+    """Every probe on every backbone's (limit, seed) split, scored on the split's test sets.
+
+    ``inputs`` (a :class:`probes.finetune.study_inputs.TuneInputs`) gives the fine-tune probes their
+    token / image readers and backbones; checked before any fit."""
+    inside = np.flatnonzero(plan.train_mask) if plan is not None else np.arange(len(cells.obs))
+    if len(inside) == 0:
+        raise ProbeError(f"no usable cell in training domain(s) {plan.train_name if plan else ''}")
+    sampler = Sampler(
+        cells.labels[inside], split, groups=cells.obs["group"].to_numpy()[inside],
+        split_column=cells.obs["split"].to_numpy()[inside], val=val, test_size=test_size,
+    )
+    splits = {k: _lift(sp, inside) for k, sp in sampler.check_limits(limits, seeds).items()}  # bad limits fail here
+    notes = split_notes(cells, sampler, splits)
+    evals = {k: evaluations(sp, plan, cells.labels, notes) for k, sp in splits.items()}
+    notes[:] = list(dict.fromkeys(notes))
+    train_domain = plan.train_name if plan is not None else ""
+    rows: list[dict] = []
+    confusion: list[dict] = []
+    fit_rows: list[dict] = []
+    epoch_rows: list[dict] = []
+    from .finetune.study_inputs import TUNE_PROBES, TuneInputs, TuneOptions  # torch: imported when fitting
+
+    if inputs is None and any(p in TUNE_PROBES for p in probes):
+        inputs = TuneInputs(cells, TuneOptions())  # the fine-tunes' defaults (lp on pooled features)
+    if inputs is not None:
+        inputs.check(list(probes))
+    total = len(cells.backbones) * len(splits) * len(probes)
+    jobs = _jobs(cells, splits, evals, probes, inputs)
+    for done in run_plan(jobs, total, device=device, quiet=quiet, make_probe=make_probe):
+        job, (sp, tests) = done.job, done.job.tag
+        fit_rows.append(done.fit_row())
+        epoch_rows += done.epoch_rows()
+        for (test_domain, in_domain, pos, classes), pred in zip(tests, done.predictions):
+            sc = score(cells.labels[pos], pred, classes)
+            base = dict(
+                study=name, dataset=cells.dataset, backbone=job.backbone, feature_key=cells.feature_key(job.backbone),
+                pool=cells.pool, probe=job.probe, limit=sp.limit, seed=sp.seed, split=split,
+                train_domain=train_domain, test_domain=test_domain, in_domain=in_domain, n_train=len(sp.train),
+                n_test=len(pos), n_classes=len(classes),
+            )
+            extra = dict(seconds=done.seconds, exceeds_data=sp.exceeds_data)
+            rows += [{**base, "metric": m, "class": "", "value": v, **extra} for m, v in sc.values.items()]
+            rows += [{**base, "metric": CLASS_METRIC, "class": c, "value": v, **extra} for c, v in sc.class_f1.items()]
+            keys = {k: base[k] for k in ("backbone", "probe", "limit", "seed", "test_domain")}
+            for i, t in enumerate(sc.classes):
+                for j, p in enumerate(sc.classes):
+                    confusion.append({**keys, "true": t, "pred": p, "count": int(sc.confusion[i, j])})
+    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    results["limit"] = results["limit"].astype("Int64")
+    conf = pd.DataFrame(confusion, columns=CONFUSION_COLUMNS)
+    conf["limit"] = conf["limit"].astype("Int64")
+    fits, fit_notes = fit_table(fit_rows)
+    return SplitFits(results, conf, fits, split_exclusions(cells, sampler, splits), notes + fit_notes, splits, evals,
+                     epochs=epoch_table(epoch_rows) if epoch_rows else None)
+
+
+def _jobs(cells: Cells, splits: dict, evals: dict, probes: Sequence[str], inputs: Any = None) -> Iterator[FitJob]:
+    """The plan: per backbone, only the rows some split uses are read, once; test matrices once per split.
+    Fine-tunes get readers of their split's cells instead (tokens / images read in minibatches)."""
+    needed = np.unique(np.concatenate([sp.train for sp in splits.values()]
+                                      + [e[2] for ev in evals.values() for e in ev]))
+    pooled = [p for p in probes if inputs is None or inputs.source(p) == "features"]
+    for backbone in cells.backbones:
+        x_all = cells.features(backbone, needed) if pooled else None
+
+        def rows_of(pos: np.ndarray, x_all: np.ndarray = x_all) -> np.ndarray:
+            return x_all[np.searchsorted(needed, pos)]
+
+        for key, sp in splits.items():
+            y_tr = cells.labels[sp.train]
+            if pooled:
+                x_tr = rows_of(sp.train)
+                x_tests = [rows_of(pos) for _, _, pos, _ in evals[key]]  # once per split, for every probe
+            for probe in probes:
+                params: dict[str, Any] = {}
+                if inputs is not None:
+                    params = inputs.params(backbone, probe)
+                if probe in pooled:
+                    tr, tests = x_tr, x_tests
+                    if inputs is not None:
+                        tr, tests = inputs.pooled(probe, tr), [inputs.pooled(probe, x) for x in tests]
+                else:
+                    tr = inputs.reader(backbone, probe, sp.train, sp.seed)
+                    tests = [inputs.reader(backbone, probe, pos, sp.seed) for _, _, pos, _ in evals[key]]
+                yield FitJob(backbone, probe, sp.seed, tr, y_tr, tests, limit=sp.limit, n_classes=len(sp.classes),
+                             tag=(sp, evals[key]), params=params)
+
+
+def _lift(sp: Split, inside: np.ndarray) -> Split:
+    """A split made over a subset of the cells, with positions mapped back to all usable cells."""
+    sp.train, sp.test = inside[sp.train], inside[sp.test]
+    return sp
+
+
+# -- tables -------------------------------------------------------------------------------------
+def over_seeds(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std (sample std; 0 with one seed) over seeds per curve x limit x metric x class."""
+    keys = CURVE_KEYS + ["limit", "metric", "class"]
+    g = results.groupby(keys, dropna=False, sort=False)
+    out = g.agg(
+        mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"),
+        n_train=("n_train", "mean"), n_test=("n_test", "mean"), n_classes=("n_classes", "max"),
+        seconds=("seconds", "mean"), exceeds_data=("exceeds_data", "any"),
+    ).reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out
+
+
+def confusion_matrices(confusion: pd.DataFrame) -> list[dict]:
+    """The long confusion table as one matrix per fit (rows: true class, columns: predicted)."""
+    out = []
+    keys = ["backbone", "probe", "limit", "seed", "test_domain"]
+    for (b, p, lim, s, dom), c in confusion.groupby(keys, sort=False, dropna=False):
+        labels = list(dict.fromkeys(c["true"]))
+        m = c.pivot(index="true", columns="pred", values="count").reindex(index=labels, columns=labels)
+        out.append({"backbone": b, "probe": p, "limit": None if pd.isna(lim) else int(lim), "seed": int(s),
+                    "test_domain": dom, "labels": labels, "matrix": m.to_numpy().astype(int).tolist()})
+    return out
+
+
+def common_tables(res: StudyResult) -> dict[str, pd.DataFrame]:
+    """The tables every split study writes (file name -> table)."""
+    tables = {"results.csv": res.results, "results.parquet": res.results, "curves.csv": res.curves,
+              "summary.csv": res.summary, "exclusions.csv": res.exclusions, "confusion.csv": res.confusion}
+    if res.fits is not None:
+        tables["fits.csv"] = res.fits
+    if res.epochs is not None:
+        tables["epochs.csv"] = res.epochs
+    if res.domains is not None:
+        tables["domains.csv"] = res.domains
+    return tables
+
+
+def default_out(name: str, out: str | os.PathLike | None) -> Path:
+    return Path(out) if out is not None else Path(name)
+
+
+def split_notes(cells: Cells, sampler: Sampler, splits: dict) -> list[str]:
+    """What was left out, per limit: excluded cells, classes below FlagMin, limits beyond the data."""
+    notes = cells.exclusion_lines()
+    if sampler.mode == "column" and sampler.unassigned:
+        notes.append(f"{sampler.unassigned} cells excluded: split column neither train"
+                     f"{'/val' if sampler.val == 'train' else ''} nor test")
+    seen: set = set()
+    for (limit, _), sp in splits.items():
+        if limit is None:
+            for c, why in sp.excluded.items():
+                if (c, why) not in seen:
+                    seen.add((c, why))
+                    notes.append(f"class {c} excluded: {why}")
+            continue
+        key = (limit, tuple(sorted(sp.excluded.items())))
+        if sp.excluded and key not in seen:
+            seen.add(key)
+            notes.append(f"limit {limit} (FlagMin {flag_min(limit)}): class(es) excluded: "
+                         + "; ".join(f"{c} ({why})" for c, why in sp.excluded.items()))
+        if sp.exceeds_data and ("exceeds", limit) not in seen:
+            seen.add(("exceeds", limit))
+            notes.append(f"limit {limit} >= the largest class ({sp.largest_class} cells): no class is capped, "
+                         "the set is the full data")
+    return notes
+
+
+def split_exclusions(cells: Cells, sampler: Sampler, splits: dict) -> pd.DataFrame:
+    """``exclusions.csv``: cells and classes left out (per limit and seed) and why."""
+    rows = []
+    for key, n in cells.excluded.items():
+        rows.append(dict(limit=None, seed=None, **{"class": ""}, cells=n, reason=exclusion_reason(key)))
+    if sampler.mode == "column":
+        rows.append(dict(limit=None, seed=None, **{"class": ""}, cells=sampler.unassigned,
+                         reason="split column neither train nor test"))
+    counts = pd.Series(cells.labels).value_counts()
+    for (limit, seed), sp in splits.items():
+        for c, why in sp.excluded.items():
+            rows.append(dict(limit=limit, seed=seed, **{"class": c}, cells=int(counts.get(c, 0)), reason=why))
+    df = pd.DataFrame(rows, columns=["limit", "seed", "class", "cells", "reason"])
+    df["limit"] = df["limit"].astype("Int64")
+    df["seed"] = df["seed"].astype("Int64")
+    return df

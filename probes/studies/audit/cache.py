@@ -1,0 +1,183 @@
+"""The audit's out-of-fold cache: a Parquet file, one row per model x cell, keyed by
+:data:`KEY_COLUMNS`, read before and updated after an audit (beside the store by default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ...data import ProbeError
+from .folds import OOF
+
+KEY_COLUMNS = ["backbone", "feature_key", "feature_digest", "pool", "probe", "probe_impl", "seed", "folds", "scheme",
+               "label_digest"]
+LEGACY_DIR = ".probes"  # where stores made before side data moved out kept the cache (inside the Zarr tree)
+
+
+def _fs(path: str | os.PathLike):
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(str(path))
+
+
+def read_oof_cache(path: str | os.PathLike | None, ids: Sequence[str]) -> dict[tuple, OOF]:
+    """Every model in the cache file whose cells are exactly ``ids`` (in order), by key tuple."""
+    if path is None:
+        return {}
+    import pyarrow.parquet as pq
+
+    fs, p = _fs(path)
+    if not fs.isfile(p):
+        return {}
+    try:
+        with fs.open(p, "rb") as f:
+            table = pq.read_table(f)
+    except Exception as e:
+        raise ProbeError(f"the out-of-fold cache {path} cannot be read ({e}); delete it or pass another --cache") from e
+    if not set(KEY_COLUMNS) <= set(table.column_names):
+        return {}  # written by an older version: recomputed and replaced
+    keys = table.select(KEY_COLUMNS).to_pandas()
+    out: dict[tuple, OOF] = {}
+    ids = np.asarray(ids, dtype=str)
+    for key, rows in keys.groupby(KEY_COLUMNS, sort=False).indices.items():
+        if len(rows) != len(ids):
+            continue
+        sub = table.take(rows)
+        if not np.array_equal(sub.column("id").to_numpy(zero_copy_only=False).astype(str), ids):
+            continue
+        classes = json.loads(sub.column("classes")[0].as_py())
+        proba = sub.column("proba").combine_chunks().flatten().to_numpy().reshape(len(rows), len(classes))
+        k = {c: (v.item() if hasattr(v, "item") else v) for c, v in zip(KEY_COLUMNS, key)}
+        out[tuple(k[c] for c in KEY_COLUMNS)] = OOF(k, classes, proba.astype(np.float32),
+                                                   sub.column("fold").to_numpy())
+    return out
+
+
+def write_oof_cache(path: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[str]) -> str:
+    """Write ``oofs`` into the cache file (local path or fsspec URL), keeping every other model.
+
+    Earlier rows of the same model (same key but for ``label_digest``: e.g. before a relabel)
+    are replaced. Local files are replaced atomically.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, p = _fs(path)
+    model_cols = [c for c in KEY_COLUMNS if c != "label_digest"]
+    new = {tuple(str(o.key[c]) for c in model_cols) for o in oofs}
+    parts = []
+    if fs.isfile(p):
+        try:
+            with fs.open(p, "rb") as f:
+                old = pq.read_table(f)
+        except Exception:  # an unreadable cache is rebuilt (read_oof_cache already said so)
+            old = None
+        if old is not None and set(KEY_COLUMNS) <= set(old.column_names):
+            mk = old.select(model_cols).to_pandas().astype(str)
+            stale = np.array([tuple(r) in new for r in mk.itertuples(index=False)], dtype=bool)
+            if (~stale).any():
+                parts.append(old.filter(pa.array(~stale)))
+    ids = np.asarray(ids, dtype=str)
+    for o in oofs:
+        n, c = o.proba.shape
+        cols = {k: pa.array([o.key[k]] * n) for k in KEY_COLUMNS}
+        cols["seed"] = pa.array([int(o.key["seed"])] * n, pa.int64())
+        cols["folds"] = pa.array([int(o.key["folds"])] * n, pa.int64())
+        cols.update(
+            id=pa.array(ids), fold=pa.array(o.fold.astype(np.int64)), classes=pa.array([json.dumps(o.classes)] * n),
+            proba=pa.ListArray.from_arrays(pa.array(np.arange(0, n * c + 1, c, dtype=np.int32)),
+                                           pa.array(o.proba.astype(np.float32).ravel())),
+        )
+        parts.append(pa.table(cols))
+    schema = parts[-1].schema
+    table = pa.concat_tables([t.select(schema.names).cast(schema) for t in parts])
+    parent = p.rsplit("/", 1)[0] if "/" in p else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{p}.tmp-{os.getpid()}"
+        pq.write_table(table, tmp)
+        os.replace(tmp, p)
+    else:
+        with fs.open(p, "wb") as f:
+            pq.write_table(table, f)
+    return str(path)
+
+
+def write_cache(cache: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[str],
+                 lock: Callable[[], Any] | None = None) -> str:
+    """Write the cache, holding ``lock()`` when given (retried while another audit writes)."""
+    from embedcache.store import StoreBusyError
+
+    try:
+        if lock is None:
+            return write_oof_cache(cache, oofs, ids)
+        for attempt in range(120):
+            try:
+                with lock():
+                    return write_oof_cache(cache, oofs, ids)
+            except StoreBusyError:
+                if attempt == 119:
+                    raise
+                time.sleep(0.5)
+    except ProbeError:
+        raise
+    except Exception as e:
+        raise ProbeError(f"cannot write the out-of-fold cache {cache}: {e}; pass --cache FILE elsewhere") from e
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def check_writable(cache: str) -> None:
+    """Fail early, with what to do, when the out-of-fold cache cannot be written."""
+    fs, p = _fs(cache)
+    parent = p.rsplit("/", 1)[0] if "/" in p else "."
+    try:
+        fs.makedirs(parent, exist_ok=True)
+    except Exception as e:
+        raise ProbeError(f"cannot write the out-of-fold cache {cache} ({e}); pass --cache FILE elsewhere or --no-cache") from e
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem) and not os.access(parent, os.W_OK):
+        raise ProbeError(f"cannot write the out-of-fold cache {cache} (folder not writable); "
+                         "pass --cache FILE elsewhere or --no-cache")
+
+
+def default_cache(store_url: str, dataset: str) -> str:
+    """Where a store's audits keep out-of-fold probabilities: beside the store, outside its Zarr tree
+    (:func:`embedcache.store.side_url`: ``<store>.embedcache/probes/audit-oof-<dataset>.parquet``)."""
+    from embedcache.store import side_url
+
+    return side_url(store_url, "probes", f"audit-oof-{dataset}.parquet")
+
+
+def legacy_cache(store_url: str, dataset: str) -> str:
+    """Where stores made by earlier versions kept it: ``<store>/.probes/audit-oof-<dataset>.parquet``."""
+    return f"{str(store_url).rstrip('/')}/{LEGACY_DIR}/audit-oof-{dataset}.parquet"
+
+
+def cache_to_read(path: str, legacy: str | None) -> str:
+    """``path``, or the ``legacy`` file when only that one exists (it is read; new fits go to ``path``)."""
+    if legacy is None:
+        return path
+    fs, p = _fs(path)
+    if fs.isfile(p):
+        return path
+    lfs, lp = _fs(legacy)
+    return legacy if lfs.isfile(lp) else path
+
+
+def adopt_legacy(path: str, legacy: str) -> None:
+    """Copy the ``legacy`` cache to ``path`` (before new models are added there), so its models carry over."""
+    fs, p = _fs(path)
+    lfs, lp = _fs(legacy)
+    parent = p.rsplit("/", 1)[0] if "/" in p else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with lfs.open(lp, "rb") as src, fs.open(p, "wb") as dst:
+        dst.write(src.read())

@@ -1,0 +1,275 @@
+"""The label audit's orchestration: :func:`audit` (a store) and :func:`audit_arrays` (in-memory features).
+
+Skeleton steps: inputs (cells of every backbone, options) -> folds per seed (:mod:`.folds`) -> a plan
+of one out-of-fold model per backbone x probe x seed, each read from the cache (:mod:`.cache`) or
+fitted -> evidence and score per cell (:mod:`.evidence`) -> outputs and console (:mod:`.outputs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ...data import ProbeError, open_cells, parse_names
+from ...reporting.console import progress
+from ...reporting.tables import prepare_out
+from ...sampling import parse_seeds, sort_labels
+from ...skeleton import show_summary, study_name
+from ...threads import limit_threads
+from .cache import KEY_COLUMNS, adopt_legacy, cache_to_read, check_writable, default_cache, legacy_cache, read_oof_cache, write_cache
+from .evidence import evidence, formula, neighbor_disagreement, normalise_weights
+from .folds import OOF, SCHEMES, feature_digest, label_digest, make_folds, oof_proba, probe_signature
+
+DEFAULT_PROBES = "logistic,knn,mlp"
+
+
+@dataclass
+class AuditOptions:
+    """How an audit runs (the same names as :func:`audit`'s keywords).
+
+    ``folds_by``: fold scheme, ``auto`` (group-aware when the cells have groups), ``group`` or
+    ``stratified``. ``cache``: Parquet file of out-of-fold probabilities read first and updated
+    after (None: none); ``cache_lock()`` is held while it is written and ``cache_legacy`` is read
+    when ``cache`` does not exist yet. ``make_probe(name, seed=, device=)`` replaces
+    :func:`probes.heads.make_probe`; ``threads`` caps BLAS/OpenMP/torch threads during the fits.
+    """
+
+    probes: str | Sequence[str] = DEFAULT_PROBES
+    folds: int = 5
+    seeds: int | str | Sequence[int] = 3
+    folds_by: str = "auto"
+    k: int = 10
+    weights: dict[str, float] | None = None
+    pool: str = "cls"
+    cache: str | os.PathLike | None = None
+    cache_lock: Callable[[], Any] | None = None
+    cache_legacy: str | None = None
+    device: str = "auto"
+    make_probe: Callable[..., Any] | None = None
+    threads: int | None = None
+    quiet: bool = True
+
+
+@dataclass
+class AuditResult:
+    """What an audit found.
+
+    ``table``: every cell ranked by score (rank 1 = most suspicious); its index is the cell's
+    position in ``obs`` (the audited order, which the ``neighbors`` positions index).
+    """
+
+    table: pd.DataFrame
+    oofs: list[OOF]
+    classes: list[str]
+    params: dict[str, Any]
+    neighbors: dict[str, tuple[np.ndarray, np.ndarray]]  # backbone -> (positions (N, k), sims (N, k))
+    obs: pd.DataFrame  # the audited cells (id, path, label, group ...) in feature order
+    reused: int = 0  # models read from the cache
+    computed: int = 0  # models fitted now
+    fits: int = 0  # probe fits made now (computed x folds)
+    out: Path | None = None
+    files: dict[str, Any] = field(default_factory=dict)
+
+    def suspects(self, top: int = 50) -> pd.DataFrame:
+        """The ``top`` most suspicious cells."""
+        return self.table.head(top)
+
+    def proba(self) -> np.ndarray:
+        """(M, N, C) out-of-fold probabilities of every model, cells in ``obs`` order."""
+        return np.stack([o.proba for o in self.oofs])
+
+
+def audit_arrays(
+    features: dict[str, np.ndarray],
+    labels: Sequence[str],
+    *,
+    ids: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
+    paths: Sequence[str] | None = None,
+    feature_keys: dict[str, str] | None = None,
+    options: AuditOptions | None = None,
+    **overrides: Any,
+) -> AuditResult:
+    """The audit on in-memory features: ``features`` maps a backbone name to an (N, D) array.
+
+    ``options`` (an :class:`AuditOptions`), or its fields as keywords (``probes=``, ``folds=``,
+    ``seeds=``, ``folds_by=``, ``k=``, ``cache=``...), which override ``options``.
+    """
+    try:
+        opt = dataclasses.replace(options or AuditOptions(), **overrides)
+    except TypeError as e:
+        raise ProbeError(f"audit_arrays: {e}") from None
+    probes, folds, seeds, split, k, weights = opt.probes, opt.folds, opt.seeds, opt.folds_by, opt.k, opt.weights
+    pool, cache, cache_lock, device, make_probe = opt.pool, opt.cache, opt.cache_lock, opt.device, opt.make_probe
+    threads, quiet = opt.threads, opt.quiet
+    if split not in SCHEMES:
+        raise ProbeError(f"unknown fold scheme '{split}'; use one of {', '.join(SCHEMES)}")
+    from ...heads import PROBES
+    from ...heads import make_probe as heads_make_probe
+
+    labels = np.asarray(labels, dtype=object).astype(str)
+    n = len(labels)
+    ids = np.asarray(ids if ids is not None else np.arange(n), dtype=object).astype(str)
+    if len(ids) != n or (groups is not None and len(groups) != n) or (paths is not None and len(paths) != n):
+        raise ProbeError(f"ids, groups and paths need one entry per label ({n})")
+    if len(pd.unique(ids)) != n:
+        raise ProbeError("cell ids must be unique")
+    obs = pd.DataFrame({"id": ids, "path": list(paths) if paths is not None else [""] * n, "label": labels,
+                        "group": list(groups) if groups is not None else [""] * n})
+    if not features:
+        raise ProbeError("no features to audit: name at least one backbone")
+    for name, x in features.items():
+        if np.ndim(x) != 2 or len(x) != n:
+            raise ProbeError(f"features of '{name}' have shape {np.shape(x)}; need ({n}, D), one row per label")
+    classes = sort_labels(labels)
+    if len(classes) < 2:
+        raise ProbeError(f"an audit needs at least two classes; the cells carry only {classes}")
+    probe_list = parse_names(probes)
+    if not probe_list:
+        raise ProbeError("no probes given: e.g. --probes logistic,knn,mlp")
+    if make_probe is None:
+        unknown = [p for p in probe_list if p not in PROBES]
+        if unknown:
+            raise ProbeError(f"unknown probe(s) {', '.join(unknown)}; choose from {', '.join(PROBES)}")
+        make_probe = heads_make_probe
+    seed_list = parse_seeds(seeds)
+    if int(k) < 1:
+        raise ProbeError(f"k must be at least 1, got {k}")
+    w = normalise_weights(weights)
+    digest = label_digest(ids, labels, groups)
+    f_digest = {b: feature_digest(x) for b, x in features.items()}
+    impl = {p: probe_signature(p, make_probe) for p in probe_list}
+    read_from = cache_to_read(str(cache), opt.cache_legacy) if cache is not None else None
+    cached = read_oof_cache(read_from, ids)
+    fold_cache: dict[int, tuple[np.ndarray, str]] = {}
+    oofs: list[OOF] = []
+    reused = computed = fits = 0
+    keys = feature_keys or {}
+    todo = [(b, p, s) for b in features for p in probe_list for s in seed_list]
+    with progress(len(todo), quiet) as advance, limit_threads(threads):
+        for b, p, s in todo:
+            if s not in fold_cache:
+                fold_cache[s] = make_folds(labels, groups, folds, s, split)
+            fold, scheme = fold_cache[s]
+            key = dict(backbone=b, feature_key=keys.get(b, b), feature_digest=f_digest[b], pool=pool, probe=p,
+                       probe_impl=impl[p], seed=int(s), folds=int(folds), scheme=scheme, label_digest=digest)
+            hit = cached.get(tuple(key[c] for c in KEY_COLUMNS))
+            if hit is not None and hit.classes == classes and np.array_equal(hit.fold, fold):
+                oofs.append(hit)
+                reused += 1
+                continue
+            advance(f"{b} · {p} · seed {s}")
+            x = np.asarray(features[b], dtype=np.float32)
+            try:
+                proba = oof_proba(x, labels, fold, classes, lambda: make_probe(p, seed=int(s), device=device))
+            except ProbeError:
+                raise
+            except Exception as e:
+                raise ProbeError(f"probe '{p}' on {b}, seed {s} failed: {type(e).__name__}: {e}") from e
+            oofs.append(OOF(key, classes, proba, fold))
+            computed += 1
+            fits += len(np.unique(fold))
+    nbrs, dis = {}, {}
+    for b, x in features.items():
+        d, idx, sims = neighbor_disagreement(x, labels, k)
+        nbrs[b] = (idx, sims)
+        dis[b] = d
+    ev = evidence(oofs, labels, classes, np.mean(list(dis.values()), axis=0), w)
+    if len(dis) > 1:
+        for b, d in dis.items():
+            ev[f"neighbor_disagreement:{b}"] = d
+    ev.insert(0, "path", obs["path"].to_numpy())
+    ev.insert(0, "id", ids)
+    order = np.lexsort((np.arange(n), -ev["score"].to_numpy()))  # stable: ties keep cell order
+    table = ev.iloc[order].reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, n + 1))
+    table.index = order  # position of each row's cell in the audited order
+    params = dict(backbones=list(features), feature_keys={b: keys.get(b, b) for b in features}, pool=pool,
+                  probes=probe_list, probe_impl=impl, seeds=seed_list, folds=int(folds),
+                  scheme=fold_cache[seed_list[0]][1], k=int(k), weights=w, label_digest=digest, n_cells=n,
+                  n_classes=len(classes), n_models=len(oofs), formula=formula(w), cache=str(cache) if cache else None)
+    res = AuditResult(table, oofs, classes, params, nbrs, obs, reused, computed, fits)
+    if cache is not None and computed:
+        if read_from != str(cache) and read_from is not None:  # only the legacy file exists: carry it over
+            adopt_legacy(str(cache), read_from)
+        res.files["oof"] = write_cache(cache, oofs, ids, cache_lock)
+    return res
+
+
+
+
+def audit(
+    store: Any,
+    model: str | Sequence[str],
+    *,
+    probes: str | Sequence[str] = DEFAULT_PROBES,
+    folds: int = 5,
+    seeds: int | str | Sequence[int] = 3,
+    folds_by: str = "auto",
+    k: int = 10,
+    dataset: str | None = None,
+    pool: str = "cls",
+    out: str | os.PathLike | None = None,
+    cache: str | os.PathLike | bool | None = None,
+    top: int = 50,
+    weights: dict[str, float] | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    make_probe: Callable[..., Any] | None = None,
+    html: bool = True,
+    quiet: bool = False,
+    show: bool | None = None,
+) -> AuditResult:
+    """Audit the current labels of a store's cells with one or more backbones' features.
+
+    ``model``: backbone names (or feature keys), a comma list or a list; the cells audited are
+    those readable for every backbone and labelled. Writes to ``out`` (default
+    ``audit-<models>-<date>``): ``suspects.csv`` (every cell, ranked, with its evidence),
+    ``corrections-template.csv`` (the ``top`` suspects with their proposed labels, to review
+    and pass to :func:`relabel`), ``suspects.png`` (contact sheet: the top suspects beside their
+    nearest neighbours in the first backbone), ``report.html`` (self-contained) and
+    ``audit.json`` (parameters). Out-of-fold probabilities are cached in the store
+    (beside it: :func:`probes.studies.audit.cache.default_cache`; a cache an earlier version left
+    in ``<store>/.probes/`` is still read) or in ``cache`` (a file path or URL); ``cache=False``
+    turns the cache off. ``folds_by``: the fold scheme (see :class:`AuditOptions`). ``quiet``
+    hides the progress bar and the summary; ``show`` prints the summary regardless.
+    """
+    import embedcache
+
+    from .outputs import print_summary, write_outputs
+
+    cells = open_cells(store, model, dataset=dataset, pool=pool)
+    lock, legacy = None, None
+    if cache is None or cache is True:
+        cache_path: str | None = default_cache(cells.store_url, cells.dataset)
+        st = embedcache.open_store(cells.store_url)
+        lock = lambda: st.lock(f"audit-oof-{cells.dataset}")  # noqa: E731
+        legacy = legacy_cache(cells.store_url, cells.dataset)
+    elif cache is False:
+        cache_path = None
+    else:
+        cache_path = str(cache)
+    if cache_path is not None:
+        check_writable(cache_path)  # before any fit, not after
+    pos = np.arange(len(cells.obs))
+    feats = {b: cells.features(b, pos) for b in cells.backbones}
+    out = prepare_out(out if out is not None else study_name("audit", cells.backbones))
+    res = audit_arrays(
+        feats, cells.labels, ids=cells.obs["id"].to_numpy(), groups=cells.obs["group"].to_numpy(),
+        paths=cells.obs["path"].to_numpy(), feature_keys={b: cells.feature_key(b) for b in cells.backbones},
+        options=AuditOptions(probes=probes, folds=folds, seeds=seeds, folds_by=folds_by, k=k, weights=weights, pool=pool,
+                             cache=cache_path, cache_lock=lock, cache_legacy=legacy, device=device,
+                             make_probe=make_probe, threads=threads, quiet=quiet),
+    )
+    res.params.update(store=str(cells.store_url), dataset=cells.dataset, excluded=cells.exclusion_lines())
+    res.out = out
+    res.files.update(write_outputs(res, top=top, html=html))
+    if show_summary(quiet, show):
+        print_summary(res, top=min(top, 15))
+    return res

@@ -1,0 +1,164 @@
+"""``evaluate``: one fit per backbone x probe x seed on the full training split (no cap, no FlagMin).
+
+Skeleton steps: inputs -> the uncapped split per seed -> fits (:func:`probes.split_fits.fit_splits`)
+-> tidy results and the mean ± std of every metric -> the same tables as ``scale`` (``limit`` empty),
+a confusion-matrix PNG per backbone x probe (x test domain), a console table with per-class F1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from ..data import open_cells
+from ..domains import DomainPlan, domain_gaps, domain_panels
+from ..metrics import CLASS_METRIC
+from ..reporting.console import Col, Panel
+from ..reporting.plots import plot_confusion
+from ..reporting.training import training_plots
+from ..reporting.tables import prepare_out, study_document
+from ..sampling import TEST_SIZE, parse_seeds
+from ..skeleton import check_probes, either, finish, show_summary, study_name
+from ..split_fits import CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
+
+PRINTED = [("accuracy", "acc"), ("balanced_accuracy", "bal. acc"), ("macro_precision", "macro P"),
+           ("macro_recall", "macro R"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
+
+
+def evaluate(
+    store: str | os.PathLike | Any,
+    model: str | Sequence[str],
+    *,
+    probes: str | Sequence[str] | None = None,
+    seeds: int | str | Sequence[int] = 1,
+    split: str = "stratified",
+    val: str = "train",
+    dataset: str | None = None,
+    pool: str = "cls",
+    out: str | os.PathLike | None = None,
+    device: str = "auto",
+    test_size: float = TEST_SIZE,
+    train_domain: str | Sequence[str] | None = None,
+    test_domain: str | Sequence[str] | None = None,
+    tail_blocks: int | None = None,
+    head: str = "linear",
+    loss: str = "ce",
+    gamma: float | None = None,
+    hierarchy: str | os.PathLike | None = None,
+    epochs: int = 50,
+    batch_size: int = 256,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    val_fraction: float = 0.1,
+    patience: int | None = None,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    quiet: bool = False,
+    show: bool | None = None,
+    probe: str | Sequence[str] | None = None,
+    save_adapter: str | os.PathLike | None = None,
+) -> StudyResult:
+    """One fit per backbone x probe x seed on the full training split (no cap, no FlagMin).
+
+    ``probes``: one probe or a comma list (default ``logistic``; ``probe=`` is its older spelling).
+    Same splits and outputs as :func:`probes.scale` (``limit`` is empty), plus a confusion-matrix
+    PNG per backbone x probe; default ``out`` is ``eval-<models>-<probe>-<date>``.
+    ``train_domain`` / ``test_domain``: as in :func:`probes.scale`. ``save_adapter`` DIR: write each fitted
+    ``lp`` / ``ft-last`` / ``lora`` (adapter or unfrozen blocks and head, safetensors, with provenance: base
+    backbone, weights sha256, method, data digest) to DIR, or to DIR/<backbone>-<probe>-seed<seed> when
+    there are several fits; ``embedcache extract --adapter DIR`` embeds with it.
+    Fine-tune probes (``lp``, ``ft-last``, ``lora``, ``scratch-vit``; :mod:`probes.finetune.study_inputs`)
+    sit beside the others in every table: ``tail_blocks`` K trains the last K blocks on the tokens cached by
+    ``embedcache extract --tail-blocks K``; ``head`` (``linear``, ``linear-cls-mean``, ``mlp``, ``decoder``),
+    ``loss`` (``ce``, ``focal``, ``weighted-ce``, ``weighted-focal``, ``hierarchical-focal`` with ``gamma`` and a
+    ``hierarchy`` YAML), ``epochs``, ``batch_size``, ``lr`` / ``weight_decay`` (None: the method's), ``val_fraction``
+    (hold-out choosing the best epoch), ``patience`` (early stopping), ``lora_rank`` / ``lora_alpha`` /
+    ``lora_dropout``. Their per-epoch loss and hold-out macro-F1 go to ``epochs.csv`` and ``training_curves.png``.
+    """
+    seed_list = parse_seeds(seeds)
+    cells = open_cells(store, model, dataset=dataset, pool=pool)
+    probe_list = check_probes(either(probes, probe, "logistic"))
+    name = study_name("eval", cells.backbones + probe_list, out)
+    params: dict[str, Any] = dict(
+        store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, probe=probe_list,
+        seeds=seed_list, split=split, val=val, pool=pool, device=device, test_size=test_size,
+    )
+    from ..finetune.study_inputs import study_inputs
+
+    inputs, tune_params = study_inputs(
+        cells, probe_list, tail_blocks=tail_blocks, head=head, loss=loss, gamma=gamma, hierarchy=hierarchy,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction,
+        patience=patience, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    params.update(tune_params)
+    plan = DomainPlan.make(cells, train_domain, test_domain)
+    if plan is not None:
+        params.update(train_domain=plan.train, test_domain=plan.test)
+    folder = prepare_out(default_out(name, out))
+    from ..finetune.saving import AdapterKeeper  # torch: imported when fitting
+
+    keeper = AdapterKeeper(save_adapter, probe_list) if save_adapter is not None else None
+    fits = fit_splits(name, cells, [None], seed_list, probe_list, split=split, val=val, test_size=test_size,
+                      device=device, quiet=quiet, plan=plan, inputs=inputs, make_probe=keeper)
+    curves = over_seeds(fits.results)
+    res = StudyResult("evaluate", name, params, fits.results, curves, eval_summary(curves), fits.exclusions,
+                      fits.confusion, fits.notes, domains=domain_gaps(curves) if plan is not None else None,
+                      splits=fits.splits, evaluations=fits.evaluations, fits=fits.fits, epochs=fits.epochs,
+                      out=folder)
+    if keeper is not None:
+        res.notes.extend(keeper.save())
+    finish(res, tables=common_tables(res), plots={**confusion_plots(res.confusion), **training_plots(res.epochs)},
+           documents={"confusion.json": confusion_matrices(res.confusion),
+                      "study.json": lambda names: study_document("evaluate", name, params, res.notes, names)},
+           panels=panels(res), show=show_summary(quiet, show))
+    return res
+
+
+def eval_summary(curves: pd.DataFrame) -> pd.DataFrame:
+    """One row per backbone x probe: mean and std of every aggregate metric."""
+    main = curves[curves["class"] == ""]
+    wide = main.pivot_table(index=CURVE_KEYS, columns="metric", values=["mean", "std"], sort=False)
+    wide.columns = [f"{m}_{stat}" for stat, m in wide.columns]
+    extra = main.groupby(CURVE_KEYS, sort=False)[["n_seeds", "n_train", "n_test", "n_classes", "seconds"]].first()
+    return wide.join(extra).reset_index()
+
+
+def confusion_plots(confusion: pd.DataFrame) -> dict[str, Callable[[Any], Any]]:
+    """``confusion-<backbone>-<probe>[-<domain>].png`` per fit group (summed over seeds)."""
+    plots: dict[str, Callable[[Any], Any]] = {}
+    for (backbone, probe, dom), conf in confusion.groupby(["backbone", "probe", "test_domain"], sort=False):
+        name = f"confusion-{_slug(backbone)}-{_slug(probe)}{'-' + _slug(dom) if dom else ''}.png"
+        title = f"{backbone} · {probe}" + (f" · tested on {dom}" if dom else "")
+        plots[name] = lambda p, conf=conf, title=title: plot_confusion(conf, p, title=title)
+    return plots
+
+
+def panels(res: StudyResult) -> list[Panel]:
+    """Every aggregate metric per backbone x probe, the domain gaps, per-class F1."""
+    s = res.summary
+    n_seeds = int(s["n_seeds"].max())
+    domains = bool((s["test_domain"] != "").any())
+    title = (f"{res.name}: one fit on the full training split, {res.params['split']} split, "
+             f"{res.params['dataset']} ({res.params['pool']})" + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else ""))
+    cols = [Col("backbone", "left", no_wrap=True), Col("probe", "left", no_wrap=True)]
+    cols += [Col(c) for c in (*(["tested on"] if domains else []), "train", "test", "classes")]
+    cols += [Col(label) for _, label in PRINTED] + [Col("s/fit")]
+    rows = []
+    for r in s.to_dict("records"):
+        vals = [f"{r[f'{m}_mean']:.3f}" + (f"±{r[f'{m}_std']:.3f}" if n_seeds > 1 else "") for m, _ in PRINTED]
+        where = [f"{r['test_domain']} ({'in' if r['in_domain'] else 'out of'} domain)"] if domains else []
+        rows.append([r["backbone"], r["probe"], *where, f"{r['n_train']:.0f}", f"{r['n_test']:.0f}",
+                     f"{r['n_classes']:.0f}", *vals, f"{r['seconds']:.2f}"])
+    out = [Panel(title, cols, rows), *domain_panels(res.domains)]
+    pc = res.curves[(res.curves["metric"] == CLASS_METRIC) & res.curves["in_domain"]]
+    if len(pc):
+        wide = pc.pivot_table(index="class", columns=["backbone", "probe"], values="mean", sort=False)
+        out.append(Panel("per-class F1", [Col("class", "left")] + [Col(f"{b} · {pr}") for b, pr in wide.columns],
+                         [[str(cls), *[f"{v:.3f}" for v in row]] for cls, row in wide.iterrows()]))
+    return out
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in s)

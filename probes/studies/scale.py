@@ -1,0 +1,170 @@
+"""``scale``: macro-F1 (and the rest) against cells per class (FlagLimit curves), per backbone x probe.
+
+Skeleton steps: inputs (cells, probes, seeds, limits) -> splits at every limit and seed (same cells
+for every backbone) -> fits (:func:`probes.split_fits.fit_splits`) -> tidy results, curves over seeds
+and the smallest limit reaching a fraction of each curve's best -> ``results``, ``curves``,
+``summary``, ``exclusions``, ``confusion``, ``fits`` (+ ``domains``) tables, ``scaling.png``, a console table.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import pandas as pd
+
+from ..data import open_cells
+from ..domains import DomainPlan, domain_gaps, domain_panels
+from ..metrics import MAIN_METRIC
+from ..reporting.console import Bold, Col, Panel
+from ..reporting.plots import plot_scaling
+from ..reporting.training import training_plots
+from ..reporting.tables import prepare_out, study_document
+from ..sampling import TEST_SIZE, parse_limits, parse_seeds
+from ..skeleton import check_probes, finish, show_summary, study_name
+from ..split_fits import (CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits,
+                          over_seeds)
+
+
+def scale(
+    store: str | os.PathLike | Any,
+    model: str | Sequence[str],
+    *,
+    limits: str | int | Sequence[int] = "256..16384",
+    probes: str | Sequence[str] = "logistic",
+    seeds: int | str | Sequence[int] = 5,
+    split: str = "stratified",
+    val: str = "train",
+    dataset: str | None = None,
+    pool: str = "cls",
+    out: str | os.PathLike | None = None,
+    device: str = "auto",
+    test_size: float = TEST_SIZE,
+    fraction: float = 0.95,
+    train_domain: str | Sequence[str] | None = None,
+    test_domain: str | Sequence[str] | None = None,
+    tail_blocks: int | None = None,
+    head: str = "linear",
+    loss: str = "ce",
+    gamma: float | None = None,
+    hierarchy: str | os.PathLike | None = None,
+    epochs: int = 50,
+    batch_size: int = 256,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    val_fraction: float = 0.1,
+    patience: int | None = None,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    quiet: bool = False,
+    show: bool | None = None,
+) -> StudyResult:
+    """Macro-F1 (and the rest) against cells per class, for each backbone x probe.
+
+    ``limits``: ``"256..16384"`` (powers of two), a comma list or integers. ``seeds``: a count
+    N (seeds 42..42+N-1) or explicit seeds. ``split``: ``stratified`` (the protocol),
+    ``column`` or ``group`` (see :mod:`probes.sampling`). Writes ``results.csv/.parquet``,
+    ``curves.csv``, ``summary.csv`` (smallest limit reaching ``fraction`` of each curve's best
+    mean), ``exclusions.csv``, ``confusion.csv/.json``, ``fits.csv``, ``scaling.png`` and ``study.json``
+    to ``out`` (default ``scale-<models>-<date>``). ``quiet`` hides the progress bar and the printed
+    summary; ``show`` prints the summary regardless (the CLI's ``--quiet`` keeps it).
+    Fine-tune probes (``lp``, ``ft-last``, ``lora``, ``scratch-vit``; :mod:`probes.finetune.study_inputs`)
+    sit beside the others in every table: ``tail_blocks`` K trains the last K blocks on the tokens cached by
+    ``embedcache extract --tail-blocks K``; ``head`` (``linear``, ``linear-cls-mean``, ``mlp``, ``decoder``),
+    ``loss`` (``ce``, ``focal``, ``weighted-ce``, ``weighted-focal``, ``hierarchical-focal`` with ``gamma`` and a
+    ``hierarchy`` YAML), ``epochs``, ``batch_size``, ``lr`` / ``weight_decay`` (None: the method's), ``val_fraction``
+    (hold-out choosing the best epoch), ``patience`` (early stopping), ``lora_rank`` / ``lora_alpha`` /
+    ``lora_dropout``. Their per-epoch loss and hold-out macro-F1 go to ``epochs.csv`` and ``training_curves.png``.
+    """
+    limit_list = parse_limits(limits)
+    seed_list = parse_seeds(seeds)
+    cells = open_cells(store, model, dataset=dataset, pool=pool)
+    probe_list = check_probes(probes)
+    name = study_name("scale", cells.backbones, out)
+    params: dict[str, Any] = dict(
+        store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, limits=limit_list,
+        probes=probe_list, seeds=seed_list, split=split, val=val, pool=pool, device=device,
+        test_size=test_size, fraction=fraction,
+    )
+    from ..finetune.study_inputs import study_inputs
+
+    inputs, tune_params = study_inputs(
+        cells, probe_list, tail_blocks=tail_blocks, head=head, loss=loss, gamma=gamma, hierarchy=hierarchy,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction,
+        patience=patience, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    params.update(tune_params)
+    plan = DomainPlan.make(cells, train_domain, test_domain)
+    if plan is not None:
+        params.update(train_domain=plan.train, test_domain=plan.test)
+    folder = prepare_out(default_out(name, out))
+    fits = fit_splits(name, cells, limit_list, seed_list, probe_list, split=split, val=val, test_size=test_size,
+                      device=device, quiet=quiet, plan=plan, inputs=inputs)
+    curves = over_seeds(fits.results)
+    res = StudyResult("scale", name, params, fits.results, curves, limit_reaching(curves, fraction), fits.exclusions,
+                      fits.confusion, fits.notes, domains=domain_gaps(curves) if plan is not None else None,
+                      splits=fits.splits, evaluations=fits.evaluations, fits=fits.fits, epochs=fits.epochs,
+                      out=folder)
+    title = f"{params['dataset']} · {params['split']} split"
+    finish(res, tables=common_tables(res),
+           plots={"scaling.png": lambda p: plot_scaling(res.curves, p, res.summary, title=title),
+                  **training_plots(res.epochs, title)},
+           documents={"confusion.json": confusion_matrices(res.confusion),
+                      "study.json": lambda names: study_document("scale", name, params, res.notes, names)},
+           panels=panels(res), lines=footnotes(res), show=show_summary(quiet, show))
+    return res
+
+
+def limit_reaching(curves: pd.DataFrame, fraction: float = 0.95, metric: str = MAIN_METRIC) -> pd.DataFrame:
+    """Per curve: its best mean score and the smallest limit whose mean reaches ``fraction`` of it."""
+    rows = []
+    main = curves[(curves["metric"] == metric) & (curves["class"] == "")]
+    for key, c in main.groupby(CURVE_KEYS, sort=False):
+        c = c.sort_values("limit")
+        best = c.loc[c["mean"].idxmax()]
+        reach = c[c["mean"] >= fraction * best["mean"]].iloc[0]
+        rows.append({
+            **dict(zip(CURVE_KEYS, key)), "metric": metric, "best_limit": int(best["limit"]),
+            "best_mean": best["mean"], "best_std": best["std"], "fraction": fraction,
+            "threshold": fraction * best["mean"], "limit_reaching": int(reach["limit"]),
+            "mean_at_limit_reaching": reach["mean"], "std_at_limit_reaching": reach["std"],
+            "n_seeds": int(c["n_seeds"].max()),
+        })
+    return pd.DataFrame(rows)
+
+
+def panels(res: StudyResult) -> list[Panel]:
+    """The printed summary: mean ± std per limit (best in bold, the fraction's limit last), domain gaps."""
+    c = res.curves
+    main = c[(c["metric"] == MAIN_METRIC) & (c["class"] == "")]
+    limits = sorted(main["limit"].astype(int).unique())
+    over = set(main.loc[main["exceeds_data"], "limit"].astype(int))
+    p = res.params
+    domains = bool((main["test_domain"] != "").any())
+    cols = [Col("backbone", "left", no_wrap=True), Col("probe", "left", no_wrap=True)]
+    cols += [Col("tested on", "left", no_wrap=True)] if domains else []
+    cols += [Col(f"{lim}{'*' if lim in over else ''}") for lim in limits]
+    cols += [Col(f"{p.get('fraction', 0.95):.0%} at", style="bold")]
+    rows = []
+    for (b, pr, dom), g in main.groupby(["backbone", "probe", "test_domain"], sort=False):
+        by = {int(r.limit): r for r in g.itertuples()}
+        s = res.summary[(res.summary["backbone"] == b) & (res.summary["probe"] == pr)
+                        & (res.summary["test_domain"] == dom)]
+        best = int(s["best_limit"].iat[0]) if len(s) else None
+        cells: list[Any] = []
+        for lim in limits:
+            r = by.get(lim)
+            txt = "-" if r is None else f"{r.mean:.3f}±{r.std:.3f}"
+            cells.append(Bold(txt) if lim == best else txt)
+        where = [f"{dom} ({'in' if g['in_domain'].iat[0] else 'out of'} domain)"] if domains else []
+        rows.append([b, pr, *where, *cells, str(int(s["limit_reaching"].iat[0])) if len(s) else "-"])
+    title = (f"{res.name}: macro-F1, mean ± std over {int(main['n_seeds'].max())} seed(s), {p['split']} split, "
+             f"{p['dataset']} ({p['pool']})")
+    return [Panel(title, cols, rows), *domain_panels(res.domains)]
+
+
+def footnotes(res: StudyResult) -> list[str]:
+    main = res.curves[(res.curves["metric"] == MAIN_METRIC) & (res.curves["class"] == "")]
+    if main["exceeds_data"].any():
+        return ["* limit ≥ the largest class: the set is the full data (not capped)"]
+    return []
