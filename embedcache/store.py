@@ -310,8 +310,8 @@ class Dataset:
     def __init__(self, store: Store, name: str):
         self.store = store
         self.name = name
-        self.group = store.root[name]
-        self.attrs = self.group.attrs.asdict()
+        self.group: zarr.Group = _as_group(store.root[name])
+        self.attrs: dict[str, Any] = self.group.attrs.asdict()
         self.n: int = int(self.attrs["n"])
 
     @property
@@ -512,8 +512,8 @@ class FeatureSet:
     def __init__(self, dataset: Dataset, key: str):
         self.dataset = dataset
         self.key = key
-        self.group = dataset.group["features"][key]
-        self.attrs = self.group.attrs.asdict()
+        self.group: zarr.Group = _as_group(dataset.group["features"][key])
+        self.attrs: dict[str, Any] = self.group.attrs.asdict()
         self.chunk_size: int = int(self.attrs["chunk_size"])
         self.n = dataset.n
         self.n_chunks = -(-self.n // self.chunk_size)
@@ -584,8 +584,8 @@ class FeatureSet:
             self.group[pool][rows] = values
         checkpoint("chunk:data-written")
         for pool, values in features.items():
-            back = self.group[pool][rows]
-            if not np.array_equal(back, values):
+            back = np.asarray(self.group[pool][rows])
+            if not np.array_equal(back, values, equal_nan=back.dtype.kind == "f"):
                 raise StoreError(f"verification failed for chunk {c} of '{self.key}/{pool}': the store returned other values")
         if not np.array_equal(self.group["ok"][rows], ok) or not np.array_equal(_strings(self.group["error"][rows]), error):
             raise StoreError(f"verification failed for chunk {c} of '{self.key}/ok'")
@@ -884,6 +884,12 @@ def _delayed_chunk(fs: FeatureSet, pool: str, c: int):
         return fs.to_numpy(pool, rows=fs.chunk_rows(c), dtype=fs.group[pool].dtype)
 
     return load()
+
+
+def _as_group(node: Any) -> zarr.Group:
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"{getattr(node, 'path', node)} is a Zarr array where a group belongs")
+    return node
 
 
 def _undecodable(fs: FeatureSet, c: int) -> bool:
