@@ -8,7 +8,8 @@ Swin expects. State-dict keys: ``proj.{0,1,3,4,6}.*`` and ``norm.*``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

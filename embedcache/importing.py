@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -109,7 +110,10 @@ def _cells_table(cells, labels, n: int) -> pd.DataFrame:
         path = Path(cells)
         if not path.exists():
             raise SourceError(f"cell table not found: {path}")
-        cells = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else pd.read_csv(path, dtype=str, keep_default_na=False)
+        if path.suffix.lower() in (".parquet", ".pq"):
+            cells = pd.read_parquet(path)
+        else:
+            cells = pd.read_csv(path, dtype=str, keep_default_na=False)
     df = pd.DataFrame(index=range(n)) if cells is None else cells.reset_index(drop=True)
     if len(df) != n:
         raise SourceError(f"{n} feature rows but {len(df)} cells in the table")
@@ -132,8 +136,9 @@ def _cast(a: np.ndarray, dtype: str, pool: str) -> np.ndarray:
     overflow = np.isfinite(a) & ~np.isfinite(out)
     if overflow.any():
         row = int(np.flatnonzero(overflow.any(axis=1))[0])
+        biggest = float(np.abs(a[row][np.isfinite(a[row])]).max())
         raise ValueError(
-            f"pool '{pool}': row {row} has values beyond the {dtype} range (max |x| {float(np.abs(a[row][np.isfinite(a[row])]).max()):.3g}); "
+            f"pool '{pool}': row {row} has values beyond the {dtype} range (max |x| {biggest:.3g}); "
             f"import with store_dtype='float32'"
         )
     return out

@@ -32,7 +32,7 @@ def crc_values(values: np.ndarray) -> int:
     if a.dtype.kind in "OUS":
         return zlib.crc32("\x00".join(a.astype(str).tolist()).encode())
     a = np.ascontiguousarray(a)
-    return zlib.crc32(memoryview(a).cast("B")) if a.size else zlib.crc32(b"")
+    return zlib.crc32(a.data.cast("B")) if a.size else zlib.crc32(b"")  # a.data: memoryview of a
 
 
 def crc_rows(ok: np.ndarray, error: np.ndarray) -> int:
@@ -82,7 +82,7 @@ class VerifyReport:
         }
 
 
-def check_chunk(fs: "FeatureSet", c: int, arrays: list[str] | None = None) -> list[Damage]:
+def check_chunk(fs: FeatureSet, c: int, arrays: list[str] | None = None) -> list[Damage]:
     """Damage found in done row-chunk ``c`` of ``fs`` (each pool, then ok/error rows)."""
     found = []
     rows = fs.chunk_rows(c)

@@ -18,7 +18,8 @@ converted by their next commit.
 from __future__ import annotations
 
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,15 +34,28 @@ def _strings(values) -> np.ndarray:
     return np.asarray(values, dtype=object).astype(str)
 
 
+def _group(parent: zarr.Group, name: str) -> zarr.Group:
+    node = parent[name]
+    if not isinstance(node, zarr.Group):
+        raise RuntimeError(f"label store: '{node.path}' is a Zarr array where a group belongs")
+    return node
+
+
+def _version(labels: zarr.Group) -> int | None:
+    """The committed version number, or None when no transactional commit was made yet."""
+    version: Any = labels.attrs.get("version")  # JSON attribute; written as an int by ``commit``
+    return None if version is None else int(version)
+
+
 def _labels_group(dataset_group: zarr.Group) -> zarr.Group | None:
-    return dataset_group["labels"] if "labels" in dataset_group else None
+    return _group(dataset_group, "labels") if "labels" in dataset_group else None
 
 
 def _state_group(labels: zarr.Group) -> zarr.Group | None:
     """The group holding the committed state: ``v<version>``, or the old layout's root."""
-    version = labels.attrs.get("version")
+    version = _version(labels)
     if version is not None:
-        return labels[f"v{int(version)}"]
+        return _group(labels, f"v{version}")
     if "current" in labels:
         return labels  # layout of stores written before transactions
     return None
@@ -62,7 +76,7 @@ def read_history(dataset_group: zarr.Group) -> pd.DataFrame:
     state = None if labels is None else _state_group(labels)
     if state is None or "history" not in state:
         return pd.DataFrame(columns=list(HISTORY_COLUMNS))
-    h = state["history"]
+    h = _group(state, "history")
     cols = {c: _strings(h[c][:]) if c in h else np.array([], dtype=str) for c in HISTORY_COLUMNS}
     lengths = {len(v) for v in cols.values()}
     if len(lengths) > 1:  # only the old layout can get here: its history was appended column by column
@@ -82,8 +96,8 @@ def commit(dataset_group: zarr.Group, current: np.ndarray, entries: Mapping[str,
     history = read_history(dataset_group)
     new_history = {c: np.concatenate([history[c].to_numpy(dtype=str), _strings(entries[c])]) for c in HISTORY_COLUMNS}
     labels = dataset_group.require_group("labels")
-    old_version = labels.attrs.get("version")
-    version = 1 + max([int(old_version or 0)] + [int(k[1:]) for k in labels.group_keys() if k[1:].isdigit()])
+    old_version = _version(labels)
+    version = 1 + max([old_version or 0] + [int(k[1:]) for k in labels.group_keys() if k[1:].isdigit()])
     state = labels.create_group(f"v{version}", overwrite=True)
     checkpoint("relabel:version-created")
     cur = state.create_array("current", shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),),
@@ -110,11 +124,11 @@ def commit(dataset_group: zarr.Group, current: np.ndarray, entries: Mapping[str,
 def remove_leftovers(dataset_group: zarr.Group) -> None:
     """Delete versions other than the committed one (a killed commit's, or the one it replaced)."""
     labels = _labels_group(dataset_group)
-    version = None if labels is None else labels.attrs.get("version")
-    if version is None:
+    version = None if labels is None else _version(labels)
+    if labels is None or version is None:
         return  # nothing committed in this layout yet: an old-layout state stays readable
     for key in list(labels.group_keys()):
-        if key != f"v{int(version)}":
+        if key != f"v{version}":
             del labels[key]  # older versions and the old layout's history group
     for key in list(labels.array_keys()):
         del labels[key]  # the old layout's current labels

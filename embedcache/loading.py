@@ -11,9 +11,10 @@ import os
 import pickle
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -426,7 +427,8 @@ def _hf_pos_embed(out: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
     """HF pos embeddings (CLS + square grid) -> the model's grid, resized as HF does at run time."""
     pos = out["pos_embed"]
     cls_pos, grid = pos[:, :1], pos[:, 1:]
-    gh, gw = model.patch_embed.grid_size  # type: ignore[union-attr,misc]  # a timm VisionTransformer
+    vit: Any = model  # a timm VisionTransformer; nn.Module types its submodules as Tensor | Module
+    gh, gw = vit.patch_embed.grid_size
     n = int(round(grid.shape[1] ** 0.5))
     if (n, n) != (gh, gw) and n * n == grid.shape[1]:
         g = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()

@@ -19,8 +19,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 _memory_locks: dict[str, threading.Lock] = {}
 _memory_guard = threading.Lock()

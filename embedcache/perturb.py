@@ -17,8 +17,8 @@ New kinds register with :func:`register_perturbation` and need no change elsewhe
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter

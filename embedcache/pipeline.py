@@ -12,8 +12,9 @@ import platform
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from .store import (
     tokens_name,
 )
 
+if TYPE_CHECKING:
+    from .tail import TailModule
+
 ON_ERROR = ("fail", "skip")
 __all__ = ["extract", "ExtractResult", "ExtractionError", "ExtractPlan", "Variant", "compute_batch",
            "default_workers", "resolve_device", "resolve_dtype", "DTYPES", "ON_ERROR"]
@@ -57,7 +61,7 @@ class ExtractResult(WriteResult):
     cells_computed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (cell id, reason), this run
     seconds: float = 0.0
-    variants: list["ExtractResult"] = field(default_factory=list)  # perturbed feature sets
+    variants: list[ExtractResult] = field(default_factory=list)  # perturbed feature sets
     notes: list[str] = field(default_factory=list)  # things about the input worth a word (label spellings, ...)
 
     @property
@@ -132,7 +136,7 @@ def extract(
     if adapter is not None:
         from probes.finetune.adapter import load_adapter  # the format belongs with the fine-tunes that write it
 
-        bb = load_adapter(adapter, backbone=bb).backbone
+        bb = cast(LoadedBackbone, load_adapter(adapter, backbone=bb).backbone)  # Adapter.backbone is typed object
     spec = bb.spec
     token_shape = None
     if tail_blocks is not None:
@@ -207,7 +211,9 @@ class ExtractPlan:
     @property
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Every array a chunk of this plan writes: name -> (shape per cell, dtype)."""
-        out = {p: ((int(self.backbone.spec.width),), self.store_dtype) for p in self.pools}
+        out: dict[str, tuple[tuple[int, ...], str]] = {
+            p: ((int(self.backbone.spec.width),), self.store_dtype) for p in self.pools
+        }
         if self.tail_blocks is not None and self.token_shape is not None:
             out[tokens_name(self.tail_blocks)] = (self.token_shape, "float16")
         return out
@@ -470,7 +476,7 @@ def compute_batch(model: torch.nn.Module, groups: Sequence[torch.Tensor], prep: 
     return {p: v.float().cpu().numpy() for p, v in out.items()}
 
 
-def compute_batch_with_tokens(bb: LoadedBackbone, tail: torch.nn.Module, groups: Sequence[torch.Tensor],
+def compute_batch_with_tokens(bb: LoadedBackbone, tail: TailModule, groups: Sequence[torch.Tensor],
                               plan: ExtractPlan, dev: torch.device) -> dict[str, np.ndarray]:
     """Pooled features and the tokens entering the last k blocks, from one forward pass: the frozen
     prefix gives the tokens, the backbone's own tail turns them into the pooled features."""

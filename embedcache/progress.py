@@ -112,7 +112,7 @@ class Progress:
         elif self._last_step < self.steps or self.done != self.total:
             self._write_line(time.perf_counter())
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

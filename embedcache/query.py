@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -33,6 +34,14 @@ def backbone_for(fs: FeatureSet) -> LoadedBackbone:
             f"the weights of '{name}' found now (sha256 {str(bb.weights.get('sha256'))[:12]}) are not the ones "
             f"'{fs.key}' was made with (sha256 {str(w.get('sha256'))[:12]})"
         )
+    adapter = w.get("adapter")
+    if adapter:  # a feature set made with a fine-tuned model: apply the same adapter again
+        from probes.finetune.adapter import load_adapter  # the format belongs with the fine-tunes that write it
+
+        tuned = cast(LoadedBackbone, load_adapter(adapter["path"], backbone=bb).backbone)
+        if tuned.weights.get("adapter", {}).get("sha256") != adapter.get("sha256"):
+            raise StoreError(f"the adapter at {adapter['path']} is not the one '{fs.key}' was made with")
+        return tuned
     return bb
 
 
@@ -55,15 +64,20 @@ def embed_images(
         raise StoreError(f"'{fs.key}' is a perturbed feature set; query against the clean one")
     bb = backbone or backbone_for(fs)
     p = prov["preprocessing"]
-    prep = Preprocessing(size=p["size"], interpolation=p["interpolation"], mean=tuple(p["mean"]), std=tuple(p["std"]), fit=p["fit"])
+    prep = Preprocessing(size=p["size"], interpolation=p["interpolation"], mean=tuple(p["mean"]), std=tuple(p["std"]),
+                         fit=p["fit"])
     dev = resolve_device(device)
     stored = prov["compute"]["dtype"]
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(stored, torch.float32) if dev.type == "cuda" else (torch.bfloat16 if stored == "bfloat16" else torch.float32)
+    if dev.type == "cuda":
+        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(stored, torch.float32)
+    else:
+        dtype = torch.bfloat16 if stored == "bfloat16" else torch.float32
     arrays = [read_image(im) if not isinstance(im, np.ndarray) else im for im in images]
     arrays = [perturb_apply(a, prov.get("working_size"), None) for a in arrays]
     model = bb.model.to(dev).eval()
     out = []
     for a in arrays:
-        feats = compute_batch(model, [torch.from_numpy(np.array(a, dtype=np.uint8))[None]], prep, dev, dtype, (pool,), bb.num_prefix_tokens)
+        batch = [torch.from_numpy(np.array(a, dtype=np.uint8))[None]]
+        feats = compute_batch(model, batch, prep, dev, dtype, (pool,), bb.num_prefix_tokens, embed_fn=bb.embed)
         out.append(feats[pool].astype(fs.attrs["dtype"]).astype(np.float32))
     return np.concatenate(out)

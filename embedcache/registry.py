@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 IN_MEAN = (0.485, 0.456, 0.406)
 IN_STD = (0.229, 0.224, 0.225)
@@ -47,7 +48,7 @@ class BackboneSpec:
     gated: bool = False
     licence: str = "unspecified"
     notes: str = ""
-    build: Callable[["BackboneSpec"], Any] | None = None
+    build: Callable[[BackboneSpec], Any] | None = None
     embed: Callable[..., Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:

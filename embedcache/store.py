@@ -27,14 +27,15 @@ interrupted creation, listed by :meth:`Store.incomplete_groups` and redone by th
 from __future__ import annotations
 
 import contextlib
-import time
 import hashlib
 import json
 import os
+import time
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -87,7 +88,7 @@ class ChunkDamaged(StoreError):
     """A written row-chunk is missing, truncated or altered (its checksum does not match)."""
 
 
-def open_store(url: str | os.PathLike, mode: str = "r") -> "Store":
+def open_store(url: str | os.PathLike, mode: str = "r") -> Store:
     """Open a store at a local path or fsspec URL (``file://``, ``memory://``, ``s3://``...).
 
     ``mode="r"`` reads an existing store; ``mode="a"`` creates it when missing.
@@ -151,7 +152,7 @@ class Store:
         out = []
         with _quiet_zarr():
             for name in sorted(self.root.group_keys()):
-                g = self.root[name]
+                g = _as_group(self.root[name])
                 if not _complete(g.attrs, DATASET_ATTRS, "dataset"):
                     if g.attrs.get("kind") == "dataset" or "obs" in g:
                         out.append(f"{name} (dataset)")
@@ -164,7 +165,7 @@ class Store:
                             out.append(f"{name}/{path} (feature set)")
         return out
 
-    def dataset(self, name: str | None = None) -> "Dataset":
+    def dataset(self, name: str | None = None) -> Dataset:
         """A dataset by name (the only one when ``name`` is None)."""
         names = self.datasets()
         if name is None:
@@ -175,7 +176,7 @@ class Store:
             raise StoreError(f"no dataset '{name}' in {self.url} (has: {', '.join(names) or 'none'})")
         return Dataset(self, name)
 
-    def require_dataset(self, source: CellSource, name: str | None = None) -> "Dataset":
+    def require_dataset(self, source: CellSource, name: str | None = None) -> Dataset:
         """The dataset for ``source``, written on first use; its cell list must match after.
 
         Two writers starting together on a new dataset cooperate: the second waits for the
@@ -204,7 +205,7 @@ class Store:
             )
             return Dataset(self, name)
 
-    def _matching(self, ds: "Dataset", source: CellSource, digest: str) -> "Dataset":
+    def _matching(self, ds: Dataset, source: CellSource, digest: str) -> Dataset:
         if ds.attrs["digest"] != digest:
             raise StoreError(
                 f"dataset '{ds.name}' in {self.url} has a different cell list ({ds.n} cells) than "
@@ -311,7 +312,7 @@ class Dataset:
         self.store = store
         self.name = name
         self.group: zarr.Group = _as_group(store.root[name])
-        self.attrs: dict[str, Any] = self.group.attrs.asdict()
+        self.attrs = _attrs(self.group)
         self.n: int = int(self.attrs["n"])
 
     @property
@@ -392,14 +393,14 @@ class Dataset:
                 if isinstance(node, zarr.Group) and _complete(node.attrs, FEATURE_SET_ATTRS, "feature_set")
             )
 
-    def feature_set(self, key: str) -> "FeatureSet":
+    def feature_set(self, key: str) -> FeatureSet:
         if key not in self.feature_keys():
             raise StoreError(
                 f"no feature set '{key}' in dataset '{self.name}' (has: {', '.join(self.feature_keys()) or 'none'})"
             )
         return FeatureSet(self, key)
 
-    def find_feature_set(self, backbone: str) -> "FeatureSet":
+    def find_feature_set(self, backbone: str) -> FeatureSet:
         """The feature set for a backbone name or a full key (clean, if several)."""
         keys = self.feature_keys()
         backbone = safe_key(backbone)
@@ -429,7 +430,7 @@ class Dataset:
         provenance: dict[str, Any],
         fingerprint: dict[str, Any],
         tokens: Mapping[str, tuple[int, ...]] | None = None,
-    ) -> "FeatureSet":
+    ) -> FeatureSet:
         """Create the feature set, or check that an existing one was made the same way.
 
         ``tokens`` maps ``tokens_k<k>`` to the shape of one cell's cached tail tokens, e.g.
@@ -444,7 +445,8 @@ class Dataset:
             fs = FeatureSet(self, key)
             if fs.attrs["fingerprint"] != digest:
                 theirs, ours = fs.attrs.get("fingerprint_fields", {}), fingerprint
-                diff = {k: (theirs.get(k), ours.get(k)) for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
+                diff = {k: (theirs.get(k), ours.get(k)) for k in set(theirs) | set(ours)
+                        if theirs.get(k) != ours.get(k)}
                 raise FeatureSetConflict(
                     f"feature set '{key}' exists but was made differently: "
                     + "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -476,7 +478,8 @@ class Dataset:
                 g.create_array(f"done_{name}", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False,
                                compressors=None, dimension_names=("chunk",))
         if fresh:
-            g.create_array("ok", shape=(n,), dtype=bool, chunks=(chunk_size,), fill_value=False, dimension_names=("cell",))
+            g.create_array("ok", shape=(n,), dtype=bool, chunks=(chunk_size,), fill_value=False,
+                           dimension_names=("cell",))
             g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_size,), dimension_names=("cell",))
             g.create_array("crc_rows", shape=(n_chunks,), dtype="int64", chunks=(1,), fill_value=MISSING_CRC,
                            compressors=None, dimension_names=("chunk",))
@@ -496,7 +499,7 @@ class Dataset:
         return FeatureSet(self, key)
 
     def info(self, verify: bool = False) -> dict[str, Any]:
-        out = {"n": self.n, "source": self.attrs.get("source"), "feature_sets": {}}
+        out: dict[str, Any] = {"n": self.n, "source": self.attrs.get("source"), "feature_sets": {}}
         obs = self.obs
         if (obs["label"] != "").any():
             out["classes"] = int(obs.loc[obs["label"] != "", "label"].nunique())
@@ -513,7 +516,7 @@ class FeatureSet:
         self.dataset = dataset
         self.key = key
         self.group: zarr.Group = _as_group(dataset.group["features"][key])
-        self.attrs: dict[str, Any] = self.group.attrs.asdict()
+        self.attrs = _attrs(self.group)
         self.chunk_size: int = int(self.attrs["chunk_size"])
         self.n = dataset.n
         self.n_chunks = -(-self.n // self.chunk_size)
@@ -532,7 +535,7 @@ class FeatureSet:
         keys = set(self.group.array_keys())
         return sorted(k for k in keys if f"done_{k}" in keys)
 
-    def tokens(self, k: int) -> "TailTokens":
+    def tokens(self, k: int) -> TailTokens:
         """A reader of the cached tokens entering the last ``k`` blocks (see :class:`TailTokens`)."""
         name = tokens_name(k)
         if name not in self.token_sets:
@@ -586,8 +589,11 @@ class FeatureSet:
         for pool, values in features.items():
             back = np.asarray(self.group[pool][rows])
             if not np.array_equal(back, values, equal_nan=back.dtype.kind == "f"):
-                raise StoreError(f"verification failed for chunk {c} of '{self.key}/{pool}': the store returned other values")
-        if not np.array_equal(self.group["ok"][rows], ok) or not np.array_equal(_strings(self.group["error"][rows]), error):
+                raise StoreError(
+                    f"verification failed for chunk {c} of '{self.key}/{pool}': the store returned other values"
+                )
+        same = np.array_equal(self._read("ok", rows), ok) and np.array_equal(_strings(self._read("error", rows)), error)
+        if not same:
             raise StoreError(f"verification failed for chunk {c} of '{self.key}/ok'")
         if self.has_checksums:
             self.group["crc_rows"][c] = crc_rows(ok, error)
@@ -615,7 +621,15 @@ class FeatureSet:
     def array(self, pool: str = "cls") -> zarr.Array:
         if pool not in self.pools:
             raise StoreError(f"'{self.key}' has no '{pool}' features (has: {', '.join(self.pools)})")
-        return self.group[pool]
+        return self._array(pool)
+
+    def _array(self, name: str) -> zarr.Array:
+        """Member array ``name`` (zarr types a group's members as ``Array | Group``)."""
+        return _as_array(self.group[name])
+
+    def _read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
+        """``group[name][selection]`` as numpy (zarr types reads as a union of scalars and arrays)."""
+        return np.asarray(self.group[name][selection])
 
     def chunk_problem(self, c: int, name: str) -> str:
         """Why done row-chunk ``c`` of pool ``name`` (or ``"rows"``: ok/error) is damaged, or ''.
@@ -629,22 +643,22 @@ class FeatureSet:
             if name == "rows":
                 return ""
             ok = np.asarray(self.group["ok"][rows], dtype=bool)
-            return "chunk object missing" if ok.any() and not _chunk_exists(self.group[name], c) else ""
+            return "chunk object missing" if ok.any() and not _chunk_exists(self._array(name), c) else ""
         if name.startswith(TOKENS_PREFIX):
-            arr = self.group[name]
+            arr = self._array(name)
             sub = arr.chunks[0]
             for j in range(rows.start // sub, -(-rows.stop // sub)):
                 span = slice(j * sub, min((j + 1) * sub, self.n))
-                reason = _crc_problem(int(self.group[f"crc_{name}"][j]), crc_values(arr[span]))
+                reason = _crc_problem(int(self._read(f"crc_{name}", j)), crc_values(np.asarray(arr[span])))
                 if reason:
                     return f"cells {span.start}-{span.stop - 1}: {reason}"
             return ""
         if name == "rows":
-            stored = int(self.group["crc_rows"][c])
+            stored = int(self._read("crc_rows", c))
             actual = crc_rows(np.asarray(self.group["ok"][rows], dtype=bool), _strings(self.group["error"][rows]))
         else:
-            stored = int(self.group[f"crc_{name}"][c])
-            actual = crc_values(self.group[name][rows])
+            stored = int(self._read(f"crc_{name}", c))
+            actual = crc_values(self._read(name, rows))
         return _crc_problem(stored, actual)
 
     def _damage_message(self, c: int, name: str, reason: str) -> str:
@@ -672,7 +686,9 @@ class FeatureSet:
             bad = next((c for c in range(self.n_chunks) if _undecodable(self, c)), None)
             if bad is None:
                 raise
-            raise ChunkDamaged(self._damage_message(bad, "ok/error", f"cannot be decoded ({type(e).__name__}: {e})"))
+            raise ChunkDamaged(
+                self._damage_message(bad, "ok/error", f"cannot be decoded ({type(e).__name__}: {e})")
+            ) from e
         if self.has_checksums:
             crcs = np.asarray(self.group["crc_rows"][:])
             for c in self.done_chunks():
@@ -689,7 +705,7 @@ class FeatureSet:
         arr = self.array(pool)
         if rows is None:
             try:
-                block = arr[:]
+                block = np.asarray(arr[:])
             except Exception:  # noqa: BLE001  an undecodable chunk somewhere: find it and name it
                 block = np.concatenate([self._read_block(c, pool) for c in range(self.n_chunks)])
             for c in range(self.n_chunks):
@@ -712,13 +728,13 @@ class FeatureSet:
 
     def _read_block(self, c: int, pool: str) -> np.ndarray:
         try:
-            return self.group[pool][self.chunk_rows(c)]
+            return self._read(pool, self.chunk_rows(c))
         except Exception as e:  # noqa: BLE001  undecodable bytes: name the chunk, keep the cause
             raise ChunkDamaged(self._damage_message(c, pool, f"cannot be decoded ({type(e).__name__}: {e})")) from e
 
     def _check_block(self, c: int, pool: str, block: np.ndarray) -> None:
         if self.has_checksums:
-            reason = _crc_problem(int(self.group[f"crc_{pool}"][c]), crc_values(block))
+            reason = _crc_problem(int(self._read(f"crc_{pool}", c)), crc_values(block))
         else:
             reason = self.chunk_problem(c, pool)
         if reason:
@@ -754,7 +770,7 @@ class FeatureSet:
             done = self.done(pool)
             crcs = np.asarray(self.group[f"crc_{pool}"][:]) if self.has_checksums else None
             for c in np.flatnonzero(done):
-                if _chunk_exists(self.group[pool], int(c)):
+                if _chunk_exists(self._array(pool), int(c)):
                     continue
                 r = self.chunk_rows(int(c))
                 if crcs is not None:
@@ -802,7 +818,7 @@ class FeatureSet:
         rows = np.zeros(self.n, dtype=bool)
         if self.pools:
             for c in np.flatnonzero(self.done(self.pools[0])):
-                rows[self.chunk_rows(c)] = True
+                rows[self.chunk_rows(int(c))] = True
         return rows
 
 
@@ -816,7 +832,7 @@ class TailTokens:
 
     def __init__(self, fs: FeatureSet, name: str):
         self.fs, self.name = fs, name
-        self.array = fs.group[name]
+        self.array = fs._array(name)
         self.sub = int(self.array.chunks[0])
         self.k = int(name[len(TOKENS_PREFIX):])
 
@@ -839,11 +855,13 @@ class TailTokens:
         blocks = np.unique(rows // self.sub)
         full = np.concatenate([np.arange(b * self.sub, min((b + 1) * self.sub, self.fs.n)) for b in blocks])
         try:
-            data = self.array.get_orthogonal_selection((full,) + (slice(None),) * (self.array.ndim - 1))
+            data = np.asarray(self.array.get_orthogonal_selection((full,) + (slice(None),) * (self.array.ndim - 1)))
         except Exception as e:  # noqa: BLE001  undecodable bytes: name the row-chunk
             c = int(blocks[0] * self.sub // self.fs.chunk_size)
-            raise ChunkDamaged(self.fs._damage_message(c, self.name, f"cannot be decoded ({type(e).__name__}: {e})"))
-        crcs = self.fs.group[f"crc_{self.name}"].get_orthogonal_selection((blocks,))
+            raise ChunkDamaged(
+                self.fs._damage_message(c, self.name, f"cannot be decoded ({type(e).__name__}: {e})")
+            ) from e
+        crcs = np.asarray(self.fs._array(f"crc_{self.name}").get_orthogonal_selection((blocks,)))
         at = 0
         for b, stored in zip(blocks, crcs):
             m = min((b + 1) * self.sub, self.fs.n) - b * self.sub
@@ -890,6 +908,17 @@ def _as_group(node: Any) -> zarr.Group:
     if not isinstance(node, zarr.Group):
         raise StoreError(f"{getattr(node, 'path', node)} is a Zarr array where a group belongs")
     return node
+
+
+def _as_array(node: Any) -> zarr.Array:
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{getattr(node, 'path', node)} is a Zarr group where an array belongs")
+    return node
+
+
+def _attrs(group: zarr.Group) -> dict[str, Any]:
+    """A group's attributes as a plain dict (JSON values, typed Any so that each use need not narrow them)."""
+    return group.attrs.asdict()
 
 
 def _undecodable(fs: FeatureSet, c: int) -> bool:

@@ -23,6 +23,7 @@ import copy as _copy
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +37,12 @@ class TailError(ValueError):
     """The backbone cannot be split (unsupported architecture) or ``k`` does not fit it."""
 
 
-def _model_and_prefix(bb) -> tuple[nn.Module, int, str | None]:
-    """``(model, num_prefix_tokens, default pool)`` from a ``LoadedBackbone`` or a bare timm model."""
+def _model_and_prefix(bb) -> tuple[Any, int, str | None]:
+    """``(model, num_prefix_tokens, default pool)`` from a ``LoadedBackbone`` or a bare timm model.
+
+    The model is typed ``Any``: its timm submodules are read by attribute, which ``nn.Module`` types as
+    ``Tensor | Module``.
+    """
     if isinstance(bb, nn.Module):
         model = bb
         npt = int(getattr(model, "num_prefix_tokens", 0) or 0)
@@ -62,7 +67,7 @@ def _family(model: nn.Module) -> str:
                     f"supported: {SUPPORTED}")
 
 
-def _blocks(model: nn.Module, family: str) -> list[nn.Module]:
+def _blocks(model: Any, family: str) -> list[nn.Module]:
     if family == "resnet":
         return [model.layer1, model.layer2, model.layer3, model.layer4]
     return list(model.blocks)
@@ -87,7 +92,7 @@ def check_k(bb, k: int) -> int:
     return k
 
 
-def _rope(model: nn.Module, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+def _rope(model: Any, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
     """Eva's rotary embedding for a patch grid, as ``Eva._pos_embed`` computes it (eval mode, no augmentation)."""
     rope = getattr(model, "rope", None)
     if rope is None:
@@ -106,7 +111,7 @@ def _rope(model: nn.Module, grid: tuple[int, int], device: torch.device) -> torc
     return emb.to(device)
 
 
-def _grid_of(model: nn.Module, n_patches: int) -> tuple[int, int]:
+def _grid_of(model: Any, n_patches: int) -> tuple[int, int]:
     """The patch grid of ``n_patches`` tokens: the model's own grid if it matches, else a square one."""
     gh, gw = model.patch_embed.grid_size
     if gh * gw == n_patches:
@@ -135,7 +140,7 @@ def tail_tokens(bb, x: torch.Tensor, k: int) -> torch.Tensor:
         model.train(was)
 
 
-def _prefix_forward(model: nn.Module, family: str, x: torch.Tensor, stop: int) -> torch.Tensor:
+def _prefix_forward(model: Any, family: str, x: torch.Tensor, stop: int) -> torch.Tensor:
     blocks = _blocks(model, family)
     if family == "resnet":
         x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
@@ -174,9 +179,10 @@ class TailModule(nn.Module):
         self.k = check_k(bb, k)
         self.depth = len(_blocks(model, self.family))
         self.num_prefix_tokens = npt
-        self.pool = pool or default
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        chosen = pool or default
+        if chosen is None or chosen not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {chosen!r}")
+        self.pool: str = chosen
         if self.pool == "cls" and (self.family == "resnet" or npt == 0):
             raise ValueError(f"{type(model).__name__} has no class token: use pool='mean'")
         take = _copy.deepcopy if copy else (lambda m: m)
@@ -273,7 +279,7 @@ class TailModule(nn.Module):
 class _GridShim:
     """Just enough of an Eva for :func:`_rope` / :func:`_grid_of` (the tail keeps no patch embedding)."""
 
-    def __init__(self, grid: tuple[int, int], dynamic: bool, rope: nn.Module):
+    def __init__(self, grid: tuple[int, ...], dynamic: bool, rope: nn.Module):
         self.patch_embed = type("PE", (), {"grid_size": grid})()
         self.dynamic_img_size = dynamic
         self.rope = rope
