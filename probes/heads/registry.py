@@ -8,8 +8,9 @@ on demand, so ``name in PROBES`` and ``PROBES[name]`` accept them like plain nam
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

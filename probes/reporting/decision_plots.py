@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,7 @@ def plot_specialisation(table: pd.DataFrame, path: Path, *, title: str = "") -> 
     im = ax.imshow(m.to_numpy(float), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     best = table[table["best_head"]]
     for i, c in enumerate(classes):
-        for j, meth in enumerate(methods):
+        for j in range(len(methods)):
             v = m.iat[i, j]
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
@@ -44,7 +44,7 @@ def _reliability_panel(ax, bins: pd.DataFrame, name: str, ece: float, color) -> 
            lw=0.5, label="accuracy")
     low = np.minimum(bins["accuracy"], bins["confidence"])
     ax.bar(bins["lo"], (bins["confidence"] - bins["accuracy"]).abs(), bottom=low, width=width, align="edge",
-           color="red", alpha=0.25, edgecolor="red", lw=0.5, label="gap to confidence")
+           fill=False, hatch="//", edgecolor="red", lw=0.8, label="gap: |accuracy − mean confidence|")
     ax.plot([0, 1], [0, 1], "--", color="0.3", lw=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
