@@ -31,7 +31,8 @@ class Scores:
     confusion: np.ndarray
 
 
-def score(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> Scores:
+def score(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray,
+          classes: Sequence[str] | np.ndarray) -> Scores:
     """All metrics over ``classes`` (the classes of the split; each has test cells).
 
     Macro averages weigh every class of the split equally; a class never predicted scores
@@ -41,16 +42,16 @@ def score(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) 
     ``precision_recall_fscore_support(labels=classes, zero_division=0)``, ``confusion_matrix``),
     computed from one confusion matrix of integer codes (a study scores hundreds of fits).
     """
-    y_true = np.asarray(y_true, dtype=str)
-    y_pred = np.asarray(y_pred, dtype=str)
+    truth = np.asarray(y_true, dtype=str)
+    pred = np.asarray(y_pred, dtype=str)
     labels = [str(c) for c in classes]
     k = len(labels)
-    seen, codes = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
+    seen, codes = np.unique(np.concatenate([truth, pred]), return_inverse=True)
     known = set(labels)
     extra = [v for v in seen.tolist() if v not in known]  # labels outside the split's classes
     position = {c: i for i, c in enumerate(labels + extra)}
     codes = np.array([position[v] for v in seen.tolist()], dtype=np.int64)[codes]
-    n, m = len(y_true), len(position)
+    n, m = len(truth), len(position)
     full = np.bincount(codes[:n] * m + codes[n:], minlength=m * m).reshape(m, m)
     tp = np.diag(full).astype(np.float64)
     support = full.sum(axis=1).astype(np.float64)  # true cells per label

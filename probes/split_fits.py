@@ -147,7 +147,7 @@ def _jobs(cells: Cells, splits: dict, evals: dict, probes: Sequence[str], inputs
             for probe in probes:
                 params: dict[str, Any] = {}
                 if inputs is not None:
-                    params = inputs.params(backbone, probe)
+                    params = inputs.params(backbone, probe, sp.classes)
                 if probe in pooled:
                     tr, tests = x_tr, x_tests
                     if inputs is not None:

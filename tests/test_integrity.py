@@ -415,3 +415,19 @@ def test_tail_tokens_are_stored_in_checksummed_subchunks_and_read_by_random_rows
     assert np.array_equal(reader.read(np.array([0, 1])), tokens[[0, 1]])  # other objects still serve
     report = embedcache.verify(str(tmp_path / "cache.zarr"))
     assert [(d.array, d.chunk) for d in report.damaged] == [(tokens_name(1), 5 * sub // 32)]
+
+
+def test_a_damaged_imported_set_is_repaired_by_importing_again(tmp_path):
+    feats, _ = _import_store(tmp_path / "cache.zarr")
+    key = "toy/imported/clean"
+    path = tmp_path / "cache.zarr" / "cells" / "features" / key / "cls"
+    arr = zarr.open_array(path, mode="r")
+    _damage(path / arr.metadata.encode_chunk_key((2, 0)), "zero")
+    with pytest.raises(ChunkDamaged, match="chunk 2"):
+        open_store(tmp_path / "cache.zarr").dataset("cells").feature_set(key).to_numpy()
+    assert [d.chunk for d in embedcache.verify(str(tmp_path / "cache.zarr"), repair=True).damaged] == [2]
+    again = embedcache.import_features(tmp_path / "cache.zarr", feats, backbone="toy",
+                                       labels=[f"class{i % 3}" for i in range(300)], dataset="cells", chunk_size=64)
+    assert again.chunks_written == 1
+    fixed = open_store(tmp_path / "cache.zarr").dataset("cells").feature_set(key).to_numpy()
+    assert np.array_equal(fixed, feats.astype(np.float16).astype(np.float32))

@@ -98,3 +98,30 @@ def test_killed_tail_token_extraction_resumes_to_the_uninterrupted_result(tmp_pa
     assert np.array_equal(a.tokens(1).read(rows), b.tokens(1).read(rows))
     assert np.array_equal(a.to_numpy("cls", dtype=np.float16), b.to_numpy("cls", dtype=np.float16))
     assert embedcache.verify(str(tmp_path / "c.zarr")).ok
+
+
+def test_a_saved_adapter_embeds_new_images_into_its_own_feature_set_and_answers_image_queries(tmp_path, cells):
+    """The tuned model is usable: fine-tune on cached tokens, save the adapter, extract new cells with it,
+    and query the tuned feature set by image."""
+    from embedcache.query import embed_images
+    from probes.finetune import FineTuneProbe
+
+    r = embedcache.extract("timm:test_vit", cells, tmp_path / "c.zarr", tail_blocks=1, **KW)
+    ds = open_store(tmp_path / "c.zarr").dataset()
+    fs = ds.feature_set(r.key)
+    bb = embedcache.load_backbone("timm:test_vit", weights="random")
+    probe = FineTuneProbe(bb, method="ft-last", k=1, epochs=2, batch_size=16, lr=1e-2, device="cpu")
+    probe.fit(fs.tokens(1), ds.obs["label"].to_numpy(dtype=str))
+    probe.save_adapter(tmp_path / "run")
+    tuned = embedcache.extract("timm:test_vit", cells, tmp_path / "c.zarr", adapter=tmp_path / "run", **KW)
+    assert tuned.key != r.key and tuned.key.startswith("timm-test_vit@random+ft-last@")
+    ds = open_store(tmp_path / "c.zarr").dataset()
+    base, new = ds.feature_set(r.key).to_numpy("cls"), ds.feature_set(tuned.key).to_numpy("cls")
+    assert not np.allclose(base, new, atol=1e-2)  # the tuned model, not the base one
+    with torch.no_grad():  # the same as the in-memory tuned model on the same cached tokens
+        mem = probe.net_.trunk.embed(torch.from_numpy(fs.tokens(1).read(np.arange(48)).astype(np.float32)), ["cls"])
+    assert _cos(mem["cls"].numpy(), new).min() > 0.999
+    paths = ds.obs["path"].tolist()[:3]
+    queried = embed_images(ds.feature_set(tuned.key), paths, "cls", device="cpu")
+    np.testing.assert_allclose(queried, new[:3], atol=2e-3)  # the adapter is re-applied for queries
+    assert embedcache.extract("timm:test_vit", cells, tmp_path / "c.zarr", adapter=tmp_path / "run", **KW).cache_hit

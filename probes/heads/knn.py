@@ -17,7 +17,7 @@ bf16 errs on some row by more than twice the worst error seen among that query's
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -44,7 +44,8 @@ def _exact_dots_faiss(q: torch.Tensor, train: torch.Tensor, cand: torch.Tensor) 
     tn = train.numpy()
     ids = np.ascontiguousarray(cand.numpy(), dtype=np.int64)
     out = np.empty(ids.shape, dtype=np.float32)
-    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(qn), faiss.swig_ptr(tn), faiss.swig_ptr(ids),
+    fused = faiss.fvec_inner_products_by_idx  # type: ignore[attr-defined]  # a SWIG function: no stub
+    fused(faiss.swig_ptr(out), faiss.swig_ptr(qn), faiss.swig_ptr(tn), faiss.swig_ptr(ids),
                                      qn.shape[1], ids.shape[0], ids.shape[1])
     return torch.from_numpy(out)
 
@@ -164,14 +165,14 @@ class KNNProbe(ProbeBase):
                     index = faiss.index_cpu_to_gpu(self._gpu_res, dev.index or 0, index)
                 index.add(l2_normalize(self.train_))
 
-                def search(Q: np.ndarray, scores=None):
+                def search(Q: np.ndarray, scores: Any = None) -> Any:
                     D, I = index.search(Q, self.k_)
                     return torch.from_numpy(D).to(dev), torch.from_numpy(I).to(dev)
 
             elif self.precision_ == "float32":
                 train = torch.from_numpy(l2_normalize(self.train_)).to(dev)
 
-                def search(Q: np.ndarray, scores: torch.Tensor):
+                def search(Q: np.ndarray, scores: Any = None) -> Any:
                     q = torch.from_numpy(Q).to(dev)
                     return torch.mm(q, train.T, out=scores[: len(q)]).topk(self.k_, dim=1)
 
@@ -186,7 +187,7 @@ class KNNProbe(ProbeBase):
                 rerank = _exact_dots_faiss if dev.type == "cpu" and importable("faiss") else _exact_dots_torch
                 self.exact_fallbacks_ = 0
 
-                def search(Q: np.ndarray, scores: torch.Tensor):
+                def search(Q: np.ndarray, scores: Any = None) -> Any:
                     q = torch.from_numpy(Q).to(dev)
                     block = torch.mm(q.bfloat16(), train_bf16.T, out=scores[: len(q)])
                     approx, cand = block.topk(m, dim=1, sorted=False)  # (b, m)

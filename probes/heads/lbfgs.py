@@ -175,7 +175,9 @@ def _lbfgs(fg, gmax, x, f, g, tol: float, max_iter: int, history_size: int, curv
         direction = q
         gtd = float(g.dot(direction))
         if gtd > -1e-12:  # not a descent direction (round-off): restart from steepest descent
-            S.clear(), Y.clear(), rho.clear()
+            S.clear()
+            Y.clear()
+            rho.clear()
             direction, gtd = g.neg(), -float(g.dot(g))
         t0 = min(1.0, 1.0 / float(g.abs().sum())) if not S else 1.0
         f_new, g_new, t, _ = _strong_wolfe(lambda x_, t_, d_: fg(x_ + t_ * d_), x, t0, direction, f, g, gtd)
@@ -185,8 +187,12 @@ def _lbfgs(fg, gmax, x, f, g, tol: float, max_iter: int, history_size: int, curv
         ys = float(y_vec.dot(step))
         if ys > 1e-10:
             if len(S) == history_size:
-                S.pop(0), Y.pop(0), rho.pop(0)
-            S.append(step), Y.append(y_vec), rho.append(1.0 / ys)
+                S.pop(0)
+                Y.pop(0)
+                rho.pop(0)
+            S.append(step)
+            Y.append(y_vec)
+            rho.append(1.0 / ys)
         f_old, f, g = f, f_new, g_new
         g_max = gmax(g)
         if g_max <= tol:
@@ -241,6 +247,9 @@ def fit_linear(
     lam_b = 0.0 if intercept_scaling is None else lam / float(intercept_scaling) ** 2
     target_t = target if loss == "softmax" else target.T.contiguous()
     dev = XT.device
+    P: torch.Tensor | None
+    Pt: torch.Tensor | None
+    s: torch.Tensor | None
     if precond is not None:  # W = P Z with P = V diag(s)  <=>  W^T = Z^T (V diag(s))^T
         kappa = CURVATURE[loss] or 1.0 / K
         s = precond.scales(kappa, lam if precond_lam is None else precond_lam)
@@ -255,6 +264,7 @@ def fit_linear(
     elif P is None:
         Zt, c = init.W.T.clone(), init.b.clone()
     else:  # Z = P^-1 W = diag(1/s) V^T W
+        assert precond is not None and s is not None
         Zt, c = (init.W.T @ precond.V) / s, init.b / sb
     x = torch.cat([Zt.reshape(-1), c])
 
@@ -278,7 +288,11 @@ def fit_linear(
     def gmax(g: torch.Tensor) -> float:
         """The largest gradient entry with respect to (W, b), from the one in the optimised coordinates."""
         gZt, gc = g[: K * d].view(K, d), g[K * d :]
-        gWt = gZt if P is None else (gZt / s) @ precond.V.T
+        if P is None:
+            gWt = gZt
+        else:
+            assert precond is not None and s is not None
+            gWt = (gZt / s) @ precond.V.T
         return float(torch.maximum(gWt.abs().max(), (gc / sb).abs().max()))
 
     if curvature is not None and curvature.lam is not None and curvature.S:

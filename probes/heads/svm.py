@@ -133,8 +133,8 @@ class RBFSVMProbe(_StandardisedScores):
         use_cuml = self.backend == "cuml" or (self.backend == "auto" and dev.type == "cuda" and importable("cuml"))
         Xs = self._standardise_fit(X, dev)
         if use_cuml:
-            SVC = require("cuml.svm", "RBFSVMProbe(backend='cuml')").SVC
-            self.model_ = SVC(kernel="rbf", C=self.C, gamma=self.gamma, probability=False).fit(Xs, codes)
+            cuml_svc = require("cuml.svm", "RBFSVMProbe(backend='cuml')").SVC
+            self.model_ = cuml_svc(kernel="rbf", C=self.C, gamma=self.gamma, probability=False).fit(Xs, codes)
         else:
             from sklearn.svm import SVC
 

@@ -39,7 +39,7 @@ class Tile:
 
 
 @lru_cache(maxsize=4)
-def _font(size: int = 11) -> ImageFont.ImageFont:
+def _font(size: int = 11) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     try:
         return ImageFont.truetype("DejaVuSans.ttf", size)
     except OSError:
@@ -58,7 +58,7 @@ def thumbnail(path: str | os.PathLike, size: int = TILE) -> Image.Image:
         ImageDraw.Draw(canvas).text((6, size // 2 - 6), "no image", fill=(80, 80, 80), font=_font())
         return canvas
     scale = size / max(im.size)
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BICUBIC)
     canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
     return canvas
 

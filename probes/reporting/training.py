@@ -18,7 +18,7 @@ def plot_training_curves(epochs: pd.DataFrame, path: str | Path, *, title: str =
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=DPI)
     groups = list(dict.fromkeys(zip(epochs["backbone"], epochs["probe"])))
     labelled: set = set()
-    for (b, p, lim, seed), e in epochs.groupby(["backbone", "probe", "limit", "seed"], sort=False, dropna=False):
+    for (b, p, _lim, _seed), e in epochs.groupby(["backbone", "probe", "limit", "seed"], sort=False, dropna=False):
         e = e.sort_values("epoch")
         color = colors(groups.index((b, p)) % 10)
         label = f"{b} · {p}" if (b, p) not in labelled else None

@@ -17,8 +17,8 @@ from ..domains import DomainPlan, domain_gaps, domain_panels
 from ..metrics import CLASS_METRIC
 from ..reporting.console import Col, Panel
 from ..reporting.plots import plot_confusion
-from ..reporting.training import training_plots
 from ..reporting.tables import prepare_out, study_document
+from ..reporting.training import training_plots
 from ..sampling import TEST_SIZE, parse_seeds
 from ..skeleton import check_probes, either, finish, show_summary, study_name
 from ..split_fits import CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
@@ -89,7 +89,7 @@ def evaluate(
     from ..finetune.study_inputs import study_inputs
 
     inputs, tune_params = study_inputs(
-        cells, probe_list, tail_blocks=tail_blocks, head=head, loss=loss, gamma=gamma, hierarchy=hierarchy,
+        cells, probe_list, device, tail_blocks=tail_blocks, head=head, loss=loss, gamma=gamma, hierarchy=hierarchy,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction,
         patience=patience, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     params.update(tune_params)
@@ -109,7 +109,8 @@ def evaluate(
                       out=folder)
     if keeper is not None:
         res.notes.extend(keeper.save())
-    finish(res, tables=common_tables(res), plots={**confusion_plots(res.confusion), **training_plots(res.epochs)},
+    plots = {**confusion_plots(res.confusion), **training_plots(res.epochs)}
+    finish(res, tables=common_tables(res), plots=plots,
            documents={"confusion.json": confusion_matrices(res.confusion),
                       "study.json": lambda names: study_document("evaluate", name, params, res.notes, names)},
            panels=panels(res), show=show_summary(quiet, show))

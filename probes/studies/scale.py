@@ -18,8 +18,8 @@ from ..domains import DomainPlan, domain_gaps, domain_panels
 from ..metrics import MAIN_METRIC
 from ..reporting.console import Bold, Col, Panel
 from ..reporting.plots import plot_scaling
-from ..reporting.training import training_plots
 from ..reporting.tables import prepare_out, study_document
+from ..reporting.training import training_plots
 from ..sampling import TEST_SIZE, parse_limits, parse_seeds
 from ..skeleton import check_probes, finish, show_summary, study_name
 from ..split_fits import (CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits,
@@ -90,7 +90,7 @@ def scale(
     from ..finetune.study_inputs import study_inputs
 
     inputs, tune_params = study_inputs(
-        cells, probe_list, tail_blocks=tail_blocks, head=head, loss=loss, gamma=gamma, hierarchy=hierarchy,
+        cells, probe_list, device, tail_blocks=tail_blocks, head=head, loss=loss, gamma=gamma, hierarchy=hierarchy,
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction,
         patience=patience, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     params.update(tune_params)

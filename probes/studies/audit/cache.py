@@ -24,7 +24,7 @@ def _fs(path: str | os.PathLike):
     return fsspec.core.url_to_fs(str(path))
 
 
-def read_oof_cache(path: str | os.PathLike | None, ids: Sequence[str]) -> dict[tuple, OOF]:
+def read_oof_cache(path: str | os.PathLike | None, ids: Sequence[str] | np.ndarray) -> dict[tuple, OOF]:
     """Every model in the cache file whose cells are exactly ``ids`` (in order), by key tuple."""
     if path is None:
         return {}
@@ -57,7 +57,7 @@ def read_oof_cache(path: str | os.PathLike | None, ids: Sequence[str]) -> dict[t
     return out
 
 
-def write_oof_cache(path: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[str]) -> str:
+def write_oof_cache(path: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[str] | np.ndarray) -> str:
     """Write ``oofs`` into the cache file (local path or fsspec URL), keeping every other model.
 
     Earlier rows of the same model (same key but for ``label_digest``: e.g. before a relabel)
@@ -110,7 +110,7 @@ def write_oof_cache(path: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[
     return str(path)
 
 
-def write_cache(cache: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[str],
+def write_cache(cache: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[str] | np.ndarray,
                  lock: Callable[[], Any] | None = None) -> str:
     """Write the cache, holding ``lock()`` when given (retried while another audit writes)."""
     from embedcache.store import StoreBusyError

@@ -16,7 +16,7 @@ from ...data import ProbeError
 SCHEMES = ("auto", "group", "stratified")
 
 
-def label_digest(ids: Sequence[str], labels: Sequence[str], groups: Sequence[str] | None = None) -> str:
+def label_digest(ids: Sequence[str] | np.ndarray, labels: Sequence[str] | np.ndarray, groups: Sequence[str] | np.ndarray | None = None) -> str:
     """sha256 (16 hex) of the cell ids, labels and groups, in order: what the folds and fits depend on."""
     h = hashlib.sha256()
     for col in (ids, labels, groups if groups is not None else []):
@@ -29,18 +29,18 @@ def feature_digest(x: np.ndarray) -> str:
     """sha256 (16 hex) of a feature matrix as float32 (shape included)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     h = hashlib.sha256(repr(x.shape).encode())
-    h.update(memoryview(x).cast("B"))
+    h.update(x.data.cast("B"))
     return h.hexdigest()[:16]
 
 
-def _has_groups(groups: Sequence[str] | None) -> bool:
+def _has_groups(groups: Sequence[str] | np.ndarray | None) -> bool:
     if groups is None:
         return False
     g = pd.Series(np.asarray(groups, dtype=object)).fillna("").astype(str).str.strip()
     return bool((g != "").any())
 
 
-def make_folds(labels: Sequence[str], groups: Sequence[str] | None, n_folds: int, seed: int,
+def make_folds(labels: Sequence[str] | np.ndarray, groups: Sequence[str] | np.ndarray | None, n_folds: int, seed: int,
                scheme: str = "auto") -> tuple[np.ndarray, str]:
     """Fold number (0..n_folds-1) of every cell and the scheme used (``group`` or ``stratified``).
 

@@ -87,11 +87,11 @@ class AuditResult:
 
 def audit_arrays(
     features: dict[str, np.ndarray],
-    labels: Sequence[str],
+    labels: Sequence[str] | np.ndarray,
     *,
-    ids: Sequence[str] | None = None,
-    groups: Sequence[str] | None = None,
-    paths: Sequence[str] | None = None,
+    ids: Sequence[str] | np.ndarray | None = None,
+    groups: Sequence[str] | np.ndarray | None = None,
+    paths: Sequence[str] | np.ndarray | None = None,
     feature_keys: dict[str, str] | None = None,
     options: AuditOptions | None = None,
     **overrides: Any,

@@ -1,0 +1,359 @@
+"""Fine-tunes as study probes: what each fine-tune reads for a job, and the probe it builds.
+
+The study skeleton (:mod:`probes.split_fits`) fits ``lp``, ``ft-last``, ``lora`` and ``scratch-vit``
+like any probe; for them a :class:`~probes.skeleton.FitJob` carries, instead of a feature matrix, a
+:class:`RowsReader`: a view of a token / image reader restricted to the job's cells, read in minibatches.
+
+* ``lp`` with a pooled head (``linear`` / ``mlp``): the store's pooled features, no backbone;
+  with a token head (``linear-cls-mean`` / ``decoder``): the cached tail tokens through the frozen tail;
+* ``ft-last`` / ``lora``: the tokens cached by ``embedcache extract --tail-blocks K`` (``tail_blocks=K``),
+  or with ``blocks`` (``"all"`` or K) the images re-read from the store's paths through the full backbone;
+* ``scratch-vit``: the images at the working size (the store's, else 40 px).
+
+The backbone is rebuilt from the feature set's provenance (name, weights source) and refused when its
+weights' sha256 differs from the one the cache was made with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from ..data import Cells, ProbeError
+from .readers import reader_kind
+
+TUNE_PROBES = ("lp", "ft-last", "lora", "scratch-vit")
+POOLED_HEADS = ("linear", "mlp")
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # scratch-vit's normalisation
+
+
+@dataclass
+class TuneOptions:
+    """The fine-tunes' options, as the studies and the CLI name them (see :class:`FineTuneProbe`)."""
+
+    tail_blocks: int | None = None
+    blocks: int | str | None = None  # train from images through the backbone: "all" or K last blocks
+    head: str = "linear"
+    loss: str = "ce"
+    gamma: float | None = None
+    hierarchy: Any = None
+    epochs: int = 50
+    batch_size: int = 256
+    lr: float | None = None
+    weight_decay: float | None = None
+    val_fraction: float = 0.1
+    patience: int | None = None
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    augment: Any = None
+    scratch_size: int = 40
+
+    def __post_init__(self) -> None:
+        from ..heads.tokens import TOKEN_HEADS
+        from ..losses import LOSSES, load_hierarchy
+        from .augment import parse_augment
+
+        if self.head not in TOKEN_HEADS:
+            raise ProbeError(f"unknown head {self.head!r}; choose from {', '.join(TOKEN_HEADS)}")
+        if self.loss not in LOSSES:
+            raise ProbeError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if self.tail_blocks is not None and (isinstance(self.tail_blocks, bool) or int(self.tail_blocks) < 1):
+            raise ProbeError(f"--tail-blocks must be >= 1, got {self.tail_blocks!r}")
+        if self.blocks is not None and self.blocks != "all":
+            try:
+                self.blocks = int(self.blocks)
+            except (TypeError, ValueError):
+                raise ProbeError(f"--blocks must be 'all' or a number of last blocks, got {self.blocks!r}") from None
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ProbeError(f"epochs and batch size must be >= 1, got {self.epochs}, {self.batch_size}")
+        try:
+            self.augment = parse_augment(self.augment)
+            if self.hierarchy is not None and not hasattr(self.hierarchy, "matrices"):
+                self.hierarchy = load_hierarchy(self.hierarchy)  # a bad file fails before any fit
+        except ValueError as e:
+            raise ProbeError(str(e)) from e
+        if self.hierarchy is not None and self.loss != "hierarchical-focal":
+            raise ProbeError(f"--hierarchy applies to --loss hierarchical-focal only, not {self.loss!r}")
+        if self.loss == "hierarchical-focal" and self.hierarchy is None:
+            raise ProbeError("--loss hierarchical-focal needs --hierarchy FILE (lineages and penalties, YAML)")
+
+    def probe_params(self) -> dict[str, Any]:
+        """Keywords of :class:`FineTuneProbe` these options set."""
+        return dict(head=self.head, loss=self.loss, gamma=self.gamma, hierarchy=self.hierarchy, epochs=self.epochs,
+                    batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                    val_fraction=self.val_fraction, patience=self.patience, lora_rank=self.lora_rank,
+                    lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For ``study.json``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["hierarchy"] = getattr(self.hierarchy, "source", None) if self.hierarchy is not None else None
+        out["augment"] = list(self.augment)
+        return out
+
+
+def restrict_hierarchy(h: Any, classes: Any) -> Any:
+    """``h`` without the classes not in ``classes`` (lineage members and penalties that name them)."""
+    import dataclasses
+
+    keep = {str(c) for c in classes}
+    lineages = {k: [m for m in v if m in keep] for k, v in h.lineages.items()}
+    return dataclasses.replace(h, lineages=lineages,
+                               class_lines={c: n for c, n in h.class_lines.items() if c in keep},
+                               penalties=[p for p in h.penalties if p[0] in keep and p[1] in keep])
+
+
+class RowsReader:
+    """``base`` restricted to ``rows`` (any order, repeats allowed): row ``i`` here is ``base`` row ``rows[i]``.
+
+    Forwards ``kind``, ``read_train`` (augmenting readers) and a digest naming base and rows.
+    """
+
+    def __init__(self, base, rows: np.ndarray):
+        self.base = base
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.kind = reader_kind(base)
+        if hasattr(base, "read_train"):
+            self.read_train = lambda r: self._read(base.read_train, r)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _read(self, fn, rows: np.ndarray) -> np.ndarray:
+        idx = self.rows[np.asarray(rows, dtype=np.int64)]
+        order = np.argsort(idx, kind="stable")
+        data = np.asarray(fn(idx[order]))
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return data[back]
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return self._read(self.base.read, rows)
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256(str(getattr(self.base, "digest", None)).encode())
+        h.update(self.rows.tobytes())
+        return h.hexdigest()
+
+
+def backbone_from_provenance(fs) -> Any:
+    """The backbone ``fs`` (a FeatureSet) was extracted with, loaded afresh and checked against its sha256."""
+    from embedcache.loading import load_backbone
+
+    prov = fs.attrs.get("provenance") or {}
+    name = (prov.get("backbone") or {}).get("name")
+    w = prov.get("weights") or {}
+    if not name or not w:
+        raise ProbeError(f"'{fs.key}' records no backbone provenance (imported features?): a fine-tune needs the "
+                         "backbone the cache was extracted with")
+    try:
+        if w.get("source") == "random":
+            bb = load_backbone(name, weights="random")
+        elif w.get("source") == "file":
+            bb = load_backbone(name, weights=w["path"])
+        else:
+            bb = load_backbone(name, revision=w.get("revision"))
+    except Exception as e:  # noqa: BLE001  weights gone, offline, gated: say which feature set needed them
+        raise ProbeError(f"cannot load the backbone of '{fs.key}' ({name}, weights {w.get('source')}): {e}") from e
+    want, got = w.get("sha256"), bb.weights.get("sha256")
+    if want != got:
+        raise ProbeError(f"'{fs.key}' is a token cache made by other weights than the ones loaded: {name} weights "
+                         f"sha256 {got} now, {want} when extracted; restore those weights, or re-extract")
+    return bb
+
+
+class TuneInputs:
+    """Per backbone of ``cells``: the loaded backbone and base readers (by usable-cell position) the
+    fine-tune probes of a study read; everything checked up front by :meth:`check`."""
+
+    def __init__(self, cells: Cells, options: TuneOptions, device: str = "auto"):
+        self.cells, self.options, self.device = cells, options, device
+        self._backbones: dict[str, Any] = {}
+        self._readers: dict[tuple[str, str], Any] = {}
+
+    # -- what each probe reads ---------------------------------------------------------------
+    def source(self, probe: str) -> str:
+        """``features``, ``tokens`` or ``images``."""
+        o = self.options
+        if probe not in TUNE_PROBES:
+            return "features"
+        if probe == "scratch-vit":
+            return "images"
+        if o.blocks is not None:
+            return "images"
+        if probe == "lp" and o.head in POOLED_HEADS:
+            return "features"
+        return "tokens"
+
+    def k(self, backbone: str) -> int:
+        from embedcache.tail import tail_depth
+
+        o = self.options
+        if o.blocks == "all":
+            return tail_depth(self.backbone(backbone))
+        return int(o.blocks if o.blocks is not None else o.tail_blocks)
+
+    def backbone(self, name: str) -> Any:
+        if name not in self._backbones:
+            from ..heads.base import resolve_device
+
+            bb = backbone_from_provenance(self.cells.feature_sets[name])
+            bb.model.to(resolve_device(self.device))  # the frozen prefix of image fine-tunes runs there too
+            self._backbones[name] = bb
+        return self._backbones[name]
+
+    def check(self, probes: list[str]) -> None:
+        """Fail before any fit: tail depth, cached tokens, images present, heads that fit the input."""
+        from embedcache.tail import TailError, check_k
+
+        o = self.options
+        if o.hierarchy is not None:  # a class the file names but the data lacks: an error naming the line
+            try:
+                o.hierarchy.matrices(sorted(set(self.cells.labels)))
+            except ValueError as e:
+                raise ProbeError(str(e)) from e
+        for probe in (p for p in probes if p in TUNE_PROBES):
+            src = self.source(probe)
+            if probe == "scratch-vit" and o.head != "linear":
+                raise ProbeError(f"scratch-vit has its own class-token head; --head {o.head} does not apply")
+            if src == "tokens" and o.tail_blocks is None:
+                raise ProbeError(f"probe {probe!r} trains the last blocks from cached tail tokens: give "
+                                 "--tail-blocks K (tokens cached by embedcache extract --tail-blocks K), or train "
+                                 "from the images with probes finetune --blocks K|all")
+            for name in self.cells.backbones:
+                if src in ("tokens", "images") and probe != "scratch-vit":
+                    bb = self.backbone(name)
+                    try:
+                        check_k(bb, self.k(name))
+                    except TailError as e:
+                        raise ProbeError(f"--tail-blocks / --blocks for {name}: {e}") from e
+                if src != "features":
+                    self.base(name, probe)
+
+    # -- readers ------------------------------------------------------------------------------
+    def base(self, name: str, probe: str) -> Any:
+        """The reader over the usable cells (row i = usable cell i) that ``probe`` reads for backbone ``name``."""
+        src = self.source(probe)
+        key = (name, "scratch" if probe == "scratch-vit" else src)
+        if key in self._readers:
+            return self._readers[key]
+        fs = self.cells.feature_sets[name]
+        store_rows = self.cells.obs["row"].to_numpy()
+        if src == "tokens":
+            try:
+                reader = fs.tokens(self.k(name))
+            except Exception as e:  # StoreError: the message names the extract flag
+                raise ProbeError(str(e)) from e
+        else:
+            reader = self._images(name, probe, store_rows)
+            store_rows = np.arange(len(store_rows))
+        self._readers[key] = RowsReader(reader, store_rows)
+        return self._readers[key]
+
+    def _images(self, name: str, probe: str, store_rows: np.ndarray) -> Any:
+        from embedcache.preprocess import Preprocessing
+
+        prov = self.cells.feature_sets[name].attrs.get("provenance") or {}
+        paths = self.cells.obs["path"].astype(str).tolist()
+        if probe == "scratch-vit":
+            size = int(prov.get("working_size") or self.options.scratch_size)
+            prep, ws = Preprocessing(size, "bicubic", *IMAGENET), None
+            if prov.get("working_size"):
+                ws = int(prov["working_size"])
+        else:
+            p = dict(prov.get("preprocessing") or {})
+            if not p:
+                raise ProbeError(f"'{self.cells.feature_sets[name].key}' records no preprocessing: cannot re-read "
+                                 "its images as the backbone saw them")
+            prep = Preprocessing(int(p["size"]), p["interpolation"], tuple(p["mean"]), tuple(p["std"]),
+                                 p.get("fit", "squash"))
+            ws = prov.get("working_size")
+        try:
+            return _ImagesBySeed(paths, prep, ws, self.options.augment)
+        except FileNotFoundError as e:
+            raise ProbeError(f"{probe} on {name} re-reads the cell images from the paths in the store: {e}") from e
+
+    def reader(self, name: str, probe: str, positions: np.ndarray, seed: int) -> RowsReader:
+        """The job's reader: the usable cells at ``positions``; augmentations seeded with ``seed``."""
+        base = self.base(name, probe)
+        if isinstance(base.base, _ImagesBySeed):
+            base = RowsReader(base.base.seeded(seed), base.rows)
+        return RowsReader(base, positions)
+
+    def pooled(self, probe: str, x: np.ndarray) -> Any:
+        """Pooled features as a fine-tune reads them (``lp`` with a pooled head); other probes take ``x``."""
+        from .readers import ArrayTokens
+
+        return ArrayTokens(x) if probe in TUNE_PROBES else x
+
+    def params(self, name: str, probe: str, classes: Any = None) -> dict[str, Any]:
+        """The probe keywords a job of ``probe`` on ``name`` adds (its backbone and k; the hierarchy
+        restricted to the job's ``classes``: a class left out at a limit leaves its lineage)."""
+        if probe not in TUNE_PROBES:
+            return {}
+        out = self.options.probe_params()
+        if out["hierarchy"] is not None and classes is not None:
+            out["hierarchy"] = restrict_hierarchy(out["hierarchy"], classes)
+        if probe != "scratch-vit" and self.source(probe) != "features":
+            out.update(backbone=self.backbone(name), k=self.k(name))
+        return out
+
+
+class _ImagesBySeed:
+    """Image reader factory: the gone-files check once, a fresh seeded :class:`CellImages` per fit."""
+
+    kind = "images"
+
+    def __init__(self, paths, prep, working_size, augment):
+        from .augment import CellImages
+
+        self._first = CellImages(paths, prep, working_size, augment, seed=0, check=True)
+        self.paths, self.prep, self.working_size, self.augment = paths, prep, working_size, augment
+
+    def seeded(self, seed: int):
+        from .augment import CellImages
+
+        return CellImages(self.paths, self.prep, self.working_size, self.augment, seed=seed, check=False)
+
+    def __len__(self) -> int:
+        return len(self._first)
+
+    def read(self, rows):
+        return self._first.read(rows)
+
+    @property
+    def digest(self) -> str:
+        return self._first.digest
+
+
+def study_inputs(cells: Cells, probes: list[str], device: str = "auto",
+                 **options: Any) -> tuple[TuneInputs | None, dict[str, Any]]:
+    """A study's fine-tune inputs (None when it has no fine-tune probe) and the options for ``study.json``."""
+    opts = TuneOptions(**options)
+    if not any(p in TUNE_PROBES for p in probes):
+        return None, {}
+    return TuneInputs(cells, opts, device), {"finetune": opts.as_dict()}
+
+
+def make_tune_probe(name: str, *, seed: int = 0, device: str = "auto", **params: Any) -> Any:
+    """:func:`probes.heads.make_probe`, plus the fine-tunes (:data:`TUNE_PROBES`) with the job's keywords."""
+    if name == "scratch-vit":
+        from .scratch import ScratchViTProbe
+
+        return ScratchViTProbe(seed=seed, device=device, **params)
+    if name in TUNE_PROBES:
+        from .estimator import FineTuneProbe
+
+        return FineTuneProbe(method=name, seed=seed, device=device, **params)
+    from ..heads import make_probe
+
+    return make_probe(name, seed=seed, device=device, **params)
+
+
+__all__ = ["POOLED_HEADS", "TUNE_PROBES", "RowsReader", "TuneInputs", "TuneOptions", "backbone_from_provenance",
+           "make_tune_probe", "study_inputs"]

@@ -1,0 +1,129 @@
+"""``finetune``: the papers' fine-tunes from the images (LoRA on every block, FT_last, scratch-vit).
+
+Skeleton steps: inputs (cells, method, options; images, depth and hierarchy checked up front) -> the
+uncapped split per seed (or one ``limit``) -> fits (:func:`probes.split_fits.fit_splits` with the
+fine-tune's image readers: the images re-read from the store's paths, augmented when asked) -> the
+same results / fits / confusion tables as ``scale`` and ``evaluate``, ``epochs.csv``,
+``training_curves.png``, optionally the adapter -> a console table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ..data import ProbeError, open_cells
+from ..domains import DomainPlan, domain_gaps, domain_panels
+from ..metrics import MAIN_METRIC
+from ..reporting.console import Col, Panel
+from ..reporting.tables import prepare_out, study_document
+from ..reporting.training import training_plots
+from ..sampling import TEST_SIZE, parse_seeds
+from ..skeleton import finish, show_summary, study_name
+from ..split_fits import StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
+
+METHODS = ("lora", "ft-last", "lp", "scratch-vit")
+SHOWN = [("accuracy", "acc"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
+
+
+def finetune(
+    store: str | os.PathLike | Any,
+    model: str | Sequence[str],
+    *,
+    method: str = "lora",
+    blocks: int | str = "all",
+    augment: str | Sequence[str] | None = None,
+    head: str = "linear",
+    loss: str = "ce",
+    gamma: float | None = None,
+    hierarchy: str | os.PathLike | None = None,
+    epochs: int = 50,
+    batch_size: int = 256,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    val_fraction: float = 0.1,
+    patience: int | None = None,
+    lora_rank: int = 8,
+    lora_alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    limit: int | None = None,
+    seeds: int | str | Sequence[int] = 1,
+    split: str = "stratified",
+    val: str = "train",
+    dataset: str | None = None,
+    pool: str = "cls",
+    out: str | os.PathLike | None = None,
+    device: str = "auto",
+    test_size: float = TEST_SIZE,
+    train_domain: str | Sequence[str] | None = None,
+    test_domain: str | Sequence[str] | None = None,
+    save_adapter: str | os.PathLike | None = None,
+    quiet: bool = False,
+    show: bool | None = None,
+) -> StudyResult:
+    """Fine-tune ``model`` from the images recorded in the store, one fit per backbone x seed.
+
+    ``method``: ``lora`` (peft LoRA on the attention of the last ``blocks`` blocks; ``"all"``: every
+    block, the papers' protocol), ``ft-last`` (those blocks unfrozen), ``lp`` (frozen backbone) or
+    ``scratch-vit`` (the small-patch paper's 1.9 M-parameter ViT from scratch at the working size, 40 px
+    unless the store has one). ``augment``: ``flip,rot90,color,blur`` on the uint8 cells before
+    preprocessing, training batches only, seeded. Heads, losses and training options as in
+    :func:`probes.scale`. ``limit``: cap each class (FlagLimit) instead of the full training split.
+    Writes the tables of :func:`probes.evaluate` plus ``epochs.csv`` and ``training_curves.png`` to
+    ``out`` (default ``finetune-<models>-<method>-<date>``); ``save_adapter`` DIR as in :func:`probes.evaluate`.
+    """
+    from ..finetune.saving import AdapterKeeper
+    from ..finetune.study_inputs import TuneInputs, TuneOptions
+
+    if method not in METHODS:
+        raise ProbeError(f"unknown fine-tune method {method!r}; choose from {', '.join(METHODS)}")
+    seed_list = parse_seeds(seeds)
+    cells = open_cells(store, model, dataset=dataset, pool=pool)
+    options = TuneOptions(blocks=None if method == "scratch-vit" else blocks, augment=augment, head=head, loss=loss,
+                          gamma=gamma, hierarchy=hierarchy, epochs=epochs, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
+                          lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    inputs = TuneInputs(cells, options, device)
+    name = study_name("finetune", cells.backbones + [method], out)
+    params: dict[str, Any] = dict(
+        store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, method=method, limit=limit,
+        seeds=seed_list, split=split, val=val, pool=pool, device=device, test_size=test_size,
+        finetune=options.as_dict(),
+    )
+    plan = DomainPlan.make(cells, train_domain, test_domain)
+    if plan is not None:
+        params.update(train_domain=plan.train, test_domain=plan.test)
+    keeper = AdapterKeeper(save_adapter, [method]) if save_adapter is not None else None
+    inputs.check([method])  # images gone, depth, heads: before the output folder is made
+    folder = prepare_out(default_out(name, out))
+    fits = fit_splits(name, cells, [limit], seed_list, [method], split=split, val=val, test_size=test_size,
+                      device=device, quiet=quiet, plan=plan, inputs=inputs, make_probe=keeper)
+    curves = over_seeds(fits.results)
+    main = curves[(curves["metric"] == MAIN_METRIC) & (curves["class"] == "")]
+    res = StudyResult("finetune", name, params, fits.results, curves, main.reset_index(drop=True), fits.exclusions,
+                      fits.confusion, fits.notes, domains=domain_gaps(curves) if plan is not None else None,
+                      splits=fits.splits, evaluations=fits.evaluations, fits=fits.fits, epochs=fits.epochs,
+                      out=folder)
+    if keeper is not None:
+        res.notes.extend(keeper.save())
+    finish(res, tables=common_tables(res), plots=training_plots(res.epochs, f"{params['dataset']} · {method}"),
+           documents={"confusion.json": confusion_matrices(res.confusion),
+                      "study.json": lambda names: study_document("finetune", name, params, res.notes, names)},
+           panels=panels(res), show=show_summary(quiet, show))
+    return res
+
+
+def panels(res: StudyResult) -> list[Panel]:
+    """Accuracy and macro / weighted F1 (mean ± std over seeds) per backbone x method x test domain."""
+    c = res.curves[res.curves["class"] == ""]
+    cols = [Col("backbone", "left", no_wrap=True), Col("method", "left", no_wrap=True),
+            Col("tested on", "left", no_wrap=True), Col("train"), Col("test")] + [Col(lbl) for _, lbl in SHOWN]
+    rows = []
+    for (b, p, dom), g in c.groupby(["backbone", "probe", "test_domain"], sort=False):
+        by = {r.metric: r for r in g.itertuples()}
+        first = next(iter(by.values()))
+        vals = [f"{by[m].mean:.3f}±{by[m].std:.3f}" if m in by else "-" for m, _ in SHOWN]
+        rows.append([b, p, dom or "in domain", f"{first.n_train:.0f}", f"{first.n_test:.0f}", *vals])
+    title = f"{res.name}: {res.params['method']} from the images, {res.params['dataset']}"
+    return [Panel(title, cols, rows), *domain_panels(res.domains)]
