@@ -78,11 +78,24 @@ def ceiling(bb, n: int, batch: int, size: int, dev: torch.device, dtype: torch.d
     return steps * batch / (time.perf_counter() - t)
 
 
-def pipeline(bb, manifest: Path, workdir: Path, batch: int, device: str, dtype: str, workers: int | None, pools) -> float:
+def pipeline(
+    bb, manifest: Path, workdir: Path, batch: int, device: str, dtype: str, workers: int | None, pools
+) -> float:
     out = workdir / "bench.zarr"
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    r = embedcache.extract(bb.spec.name, manifest, out, backbone=bb, batch_size=batch, device=device, dtype=dtype, num_workers=workers, pool=",".join(pools), progress=False)
+    r = embedcache.extract(
+        bb.spec.name,
+        manifest,
+        out,
+        backbone=bb,
+        batch_size=batch,
+        device=device,
+        dtype=dtype,
+        num_workers=workers,
+        pool=",".join(pools),
+        progress=False,
+    )
     elapsed = time.perf_counter() - t
     assert r.cells_computed == r.n_cells and not r.skipped
     return r.n_cells / elapsed
@@ -132,7 +145,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--json", default=None, help="output JSON (default benchmarks/results/extract_throughput-<device>-<model>.json)")
+    ap.add_argument(
+        "--json", default=None, help="output JSON (default benchmarks/results/extract_throughput-<device>-<model>.json)"
+    )
     args = ap.parse_args()
 
     dev = resolve_device(args.device)
@@ -143,7 +158,10 @@ def main() -> None:
         workdir = Path(tmp)
         manifest, origin = image_manifest(args.n, workdir)
         n = len(pd.read_csv(manifest))
-        print(f"model {args.model} | {n} cells from {origin} | device {dev} | dtype {cdtype} | torch threads {torch.get_num_threads()}")
+        print(
+            f"model {args.model} | {n} cells from {origin} | device {dev} | dtype {cdtype} | "
+            f"torch threads {torch.get_num_threads()}"
+        )
         a = ceiling(bb, n, args.batch_size, bb.spec.input_size, dev, cdtype, pools)
         print(f"(a) ceiling, forward on ready tensors : {a:9.1f} cells/s")
         b = pipeline(bb, manifest, workdir, args.batch_size, args.device, args.dtype, args.workers, pools)
@@ -152,7 +170,11 @@ def main() -> None:
         print(f"(c) naive loop (PIL, fp32, np.save)   : {c:9.1f} cells/s")
     print(f"b/a = {b / a:.3f}   (goal >= 0.9)")
     print(f"b/c = {b / c:.3f}   (goal >= 1.5)")
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    device_name = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    )
     result = {
         "benchmark": "extract_throughput",
         "model": args.model,
@@ -167,7 +189,11 @@ def main() -> None:
         "ratios": {"pipeline_over_ceiling": b / a, "pipeline_over_naive": b / c},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    path = Path(args.json) if args.json else Path(__file__).parent / "results" / f"extract_throughput-{dev.type}-{args.model.replace(':', '-')}.json"
+    path = (
+        Path(args.json)
+        if args.json
+        else Path(__file__).parent / "results" / f"extract_throughput-{dev.type}-{args.model.replace(':', '-')}.json"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"saved {path}")

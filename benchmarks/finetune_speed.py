@@ -38,8 +38,15 @@ from probe_speed import cpu_model, machine_kind, versions  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "chula_rbc12"
 # the small-patch paper's FT_last study: 185,432 cells, 20 classes, 7 FlagLimits x 5 seeds x 50 epochs, 80% train
-PAPER = {"cells": 185_432, "classes": 20, "limits": [256, 512, 1024, 2048, 4096, 8192, 16384], "seeds": 5,
-         "epochs": 50, "train_fraction": 0.8, "uni_token_bytes": 197 * 1024 * 2}
+PAPER = {
+    "cells": 185_432,
+    "classes": 20,
+    "limits": [256, 512, 1024, 2048, 4096, 8192, 16384],
+    "seeds": 5,
+    "epochs": 50,
+    "train_fraction": 0.8,
+    "uni_token_bytes": 197 * 1024 * 2,
+}
 
 
 def pick_cells(data: Path, n: int) -> tuple[list[str], np.ndarray]:
@@ -83,10 +90,13 @@ def plan(per_cell: dict, token_bytes: int) -> dict:
     with_cache = build + cell_epochs * per_cell["tail_s_per_cell_epoch"]
     return {
         "formula": "without = E x c_full; with = N x c_prefix + E x c_tail; E = sum_L min(K*L, N) x 0.8 x seeds x "
-                   "epochs (upper bound), N = 185,432 cells, K = 20 classes",
-        "cell_epochs_E": cell_epochs, "cells_per_limit_upper_bound": cells,
-        "without_cache_hours": without / 3600, "with_cache_hours": with_cache / 3600,
-        "cache_build_hours": build / 3600, "speedup": without / with_cache if with_cache else None,
+        "epochs (upper bound), N = 185,432 cells, K = 20 classes",
+        "cell_epochs_E": cell_epochs,
+        "cells_per_limit_upper_bound": cells,
+        "without_cache_hours": without / 3600,
+        "with_cache_hours": with_cache / 3600,
+        "cache_build_hours": build / 3600,
+        "speedup": without / with_cache if with_cache else None,
         "cache_bytes_measured_model": PAPER["cells"] * token_bytes,
         "cache_bytes_uni_k1": PAPER["cells"] * PAPER["uni_token_bytes"],
         "note": "per-cell costs are this run's model and device; for UNI use a ViT-L/16 run",
@@ -148,8 +158,9 @@ def main() -> None:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         row = {}
         for tag, reader in (("tokens", tokens), ("images", images)):
-            probe = FineTuneProbe(bb, method=method, k=args.k, epochs=args.epochs, batch_size=args.batch_size,
-                                  seed=0, device=str(dev))
+            probe = FineTuneProbe(
+                bb, method=method, k=args.k, epochs=args.epochs, batch_size=args.batch_size, seed=0, device=str(dev)
+            )
             t0 = time.perf_counter()
             with autocast():
                 probe.fit(reader, y)
@@ -158,40 +169,64 @@ def main() -> None:
             codes = np.searchsorted(probe.classes_, y)
             with autocast():
                 flops = count_flops(probe, reader, codes, args.batch_size)
-            row[tag] = {"seconds_per_epoch": float(np.mean(per_epoch)), "epoch_seconds": per_epoch,
-                        "fit_seconds": wall, "flops_per_batch": flops, "first_losses": probe.step_losses_[:3],
-                        "n_trainable": probe.n_trainable_}
+            row[tag] = {
+                "seconds_per_epoch": float(np.mean(per_epoch)),
+                "epoch_seconds": per_epoch,
+                "fit_seconds": wall,
+                "flops_per_batch": flops,
+                "first_losses": probe.step_losses_[:3],
+                "n_trainable": probe.n_trainable_,
+            }
         a, b = row["tokens"], row["images"]
         row["ratio_b_over_a"] = b["seconds_per_epoch"] / a["seconds_per_epoch"]
         row["ideal_ratio_flops"] = b["flops_per_batch"] / a["flops_per_batch"]
         row["efficiency"] = row["ratio_b_over_a"] / row["ideal_ratio_flops"]
         row["goal_met"] = bool(row["efficiency"] >= 0.7)
         results[method] = row
-        print(f"{method:8s} tokens {a['seconds_per_epoch']:8.2f} s/epoch | "
-              f"images {b['seconds_per_epoch']:8.2f} s/epoch "
-              f"| b/a {row['ratio_b_over_a']:6.2f} | ideal (FLOPs) {row['ideal_ratio_flops']:6.2f} "
-              f"| b/a / ideal {row['efficiency']:.2f}{'' if row['goal_met'] else '  (below the 0.7 goal)'}")
+        print(
+            f"{method:8s} tokens {a['seconds_per_epoch']:8.2f} s/epoch | "
+            f"images {b['seconds_per_epoch']:8.2f} s/epoch "
+            f"| b/a {row['ratio_b_over_a']:6.2f} | ideal (FLOPs) {row['ideal_ratio_flops']:6.2f} "
+            f"| b/a / ideal {row['efficiency']:.2f}{'' if row['goal_met'] else '  (below the 0.7 goal)'}"
+        )
 
     n = len(paths)
     first = results[next(iter(results))]
-    per_cell = {"prefix_s_per_cell": cache_s / n,
-                "tail_s_per_cell_epoch": first["tokens"]["seconds_per_epoch"] / n,
-                "full_s_per_cell_epoch": first["images"]["seconds_per_epoch"] / n}
+    per_cell = {
+        "prefix_s_per_cell": cache_s / n,
+        "tail_s_per_cell_epoch": first["tokens"]["seconds_per_epoch"] / n,
+        "full_s_per_cell_epoch": first["images"]["seconds_per_epoch"] / n,
+    }
     costed = plan(per_cell, token_bytes)
-    print(f"cache build {cache_s:.1f} s ({n} cells, {token_bytes / 1e3:.0f} KB/cell); paper FT_last study: "
-          f"{costed['without_cache_hours']:.0f} h without the tail cache, {costed['with_cache_hours']:.0f} h with it "
-          f"(x{costed['speedup']:.1f}) on this device and model")
+    print(
+        f"cache build {cache_s:.1f} s ({n} cells, {token_bytes / 1e3:.0f} KB/cell); paper FT_last study: "
+        f"{costed['without_cache_hours']:.0f} h without the tail cache, {costed['with_cache_hours']:.0f} h with it "
+        f"(x{costed['speedup']:.1f}) on this device and model"
+    )
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {cpu_model()} x{os.cpu_count()}"
     out = {
-        "benchmark": "finetune_speed", "device": device_name, "cpu": cpu_model(),
+        "benchmark": "finetune_speed",
+        "device": device_name,
+        "cpu": cpu_model(),
         "cpu_native_bf16": cpu_has_native_bf16(),
-        "torch_threads": torch.get_num_threads(), "versions": versions(), "args": vars(args),
-        "model": {"name": bb.spec.name, "weights": bb.weights.get("source"), "k": args.k, "size": args.size,
-                  "token_bytes_per_cell": token_bytes},
-        "cells": n, "classes": int(len(np.unique(y))), "cache_build_s": cache_s, "per_cell": per_cell,
-        "methods": results, "plan": costed,
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "args": vars(args),
+        "model": {
+            "name": bb.spec.name,
+            "weights": bb.weights.get("source"),
+            "k": args.k,
+            "size": args.size,
+            "token_bytes_per_cell": token_bytes,
+        },
+        "cells": n,
+        "classes": int(len(np.unique(y))),
+        "cache_build_s": cache_s,
+        "per_cell": per_cell,
+        "methods": results,
+        "plan": costed,
         "caveats": "(a) holds the tokens in memory (the store reads float16 sub-chunks; add its read time for a "
-                   "store-backed run); both runs include one hold-out prediction per epoch (10% of the cells)",
+        "store-backed run); both runs include one hold-out prediction per epoch (10% of the cells)",
     }
     default = Path(__file__).parent / "results" / f"finetune_speed-{machine_kind(dev)}.json"
     path = Path(args.out) if args.out else default

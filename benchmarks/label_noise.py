@@ -88,7 +88,7 @@ def cells(n: int, part: str, seed: int = 0) -> pd.DataFrame:
     df["path"] = [str(root / p) for p in df["path"]]
     df = df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)
     start = 0 if part == "eval" else n
-    df = df.iloc[start:start + n].copy()
+    df = df.iloc[start : start + n].copy()
     if len(df) < n:
         sys.exit(f"only {len(df)} cells for --part {part} with --n-cells {n}")
     return pd.DataFrame({"path": df["path"], "label": df["label_name"], "group": df["smear"]})
@@ -103,8 +103,18 @@ def extract_features(df: pd.DataFrame, names: list[str], work: Path) -> dict[str
     for name in names:
         model, size, pool = BACKBONES[name]
         t = time.time()
-        r = embedcache.extract(model, manifest, store, weights="random", input_size=size, pool=pool, progress=False,
-                               num_workers=2, batch_size=128, chunk_size=1024)
+        r = embedcache.extract(
+            model,
+            manifest,
+            store,
+            weights="random",
+            input_size=size,
+            pool=pool,
+            progress=False,
+            num_workers=2,
+            batch_size=128,
+            chunk_size=1024,
+        )
         feats[name] = embedcache.open_store(store).dataset(r.dataset).feature_set(r.key).to_numpy(pool)
         print(f"  {name}: {model} {size}px {pool} -> {feats[name].shape} ({time.time() - t:.0f} s)", flush=True)
     return feats
@@ -128,7 +138,10 @@ def flip(labels: np.ndarray, rate: float, kind: str, rng: np.random.Generator) -
 def ranked_metrics(order: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
     """Precision at n and recall at 2n of a ranking (most suspicious first), n = flipped cells."""
     n = int(flipped.sum())
-    return {"precision_at_n": float(flipped[order[:n]].mean()), "recall_at_2n": float(flipped[order[:2 * n]].sum() / n)}
+    return {
+        "precision_at_n": float(flipped[order[:n]].mean()),
+        "recall_at_2n": float(flipped[order[: 2 * n]].sum() / n),
+    }
 
 
 def ours(res_oofs, labels, classes, disagreement, flipped, weights) -> dict[str, float]:
@@ -140,7 +153,9 @@ def ours(res_oofs, labels, classes, disagreement, flipped, weights) -> dict[str,
     return {**ranked_metrics(order, flipped), "auroc": float(roc_auc_score(flipped, score))}
 
 
-def cleanlab_figures(proba: np.ndarray, labels: np.ndarray, classes: list[str], flipped: np.ndarray) -> dict[str, float]:
+def cleanlab_figures(
+    proba: np.ndarray, labels: np.ndarray, classes: list[str], flipped: np.ndarray
+) -> dict[str, float]:
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
     from sklearn.metrics import roc_auc_score
@@ -156,8 +171,10 @@ def cleanlab_figures(proba: np.ndarray, labels: np.ndarray, classes: list[str], 
     flagged[issues] = True
     n = int(flipped.sum())
     return {
-        **ranked_metrics(order, flipped), "auroc": float(roc_auc_score(flipped, 1 - quality)),
-        "flagged": int(flagged.sum()), "flagged_precision": float(flipped[flagged].mean()) if flagged.any() else 0.0,
+        **ranked_metrics(order, flipped),
+        "auroc": float(roc_auc_score(flipped, 1 - quality)),
+        "flagged": int(flagged.sum()),
+        "flagged_precision": float(flipped[flagged].mean()) if flagged.any() else 0.0,
         "flagged_recall": float((flipped & flagged).sum() / n),
     }
 
@@ -176,7 +193,9 @@ def main() -> None:
     ap.add_argument("--flip-seeds", default="0,1,2", help="comma list: each draws its own flips; figures are averaged")
     ap.add_argument("--weights", default=None, help="consensus,confidence,neighbors (default: the library's)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--work", default=None, help="work folder (store + caches; default: $TMPDIR/embedcache-label-noise)")
+    ap.add_argument(
+        "--work", default=None, help="work folder (store + caches; default: $TMPDIR/embedcache-label-noise)"
+    )
     ap.add_argument("--out", default=str(RESULTS / "label_noise-cpu.json"))
     args = ap.parse_args()
 
@@ -200,66 +219,123 @@ def main() -> None:
                 noisy, flipped = flip(clean, rate, kind, rng)
                 t = time.time()
                 res = audit_arrays(
-                    feats, noisy, ids=ids, groups=df["group"].to_numpy(), probes=args.probes, folds=args.folds,
-                    seeds=args.seeds, k=args.k, weights=weights, cache=work / f"oof-{kind}-{rate:g}-{fs_}.parquet",
-                    device="cpu", threads=args.threads, quiet=True,
+                    feats,
+                    noisy,
+                    ids=ids,
+                    groups=df["group"].to_numpy(),
+                    probes=args.probes,
+                    folds=args.folds,
+                    seeds=args.seeds,
+                    k=args.k,
+                    weights=weights,
+                    cache=work / f"oof-{kind}-{rate:g}-{fs_}.parquet",
+                    device="cpu",
+                    threads=args.threads,
+                    quiet=True,
                 )
-                print(f"{kind} {rate:.0%} flips #{fs_}: {int(flipped.sum())} flipped; {res.computed} models fitted, "
-                      f"{res.reused} reused ({time.time() - t:.0f} s)", flush=True)
+                print(
+                    f"{kind} {rate:.0%} flips #{fs_}: {int(flipped.sum())} flipped; {res.computed} models fitted, "
+                    f"{res.reused} reused ({time.time() - t:.0f} s)",
+                    flush=True,
+                )
                 dis = {b: neighbor_disagreement(feats[b], noisy, args.k)[0] for b in names}
                 for bset in sets:
                     oofs = [o for o in res.oofs if o.key["backbone"] in bset]
                     d = np.mean([dis[b] for b in bset], axis=0)
                     a = ours(oofs, noisy, res.classes, d, flipped, weights)
                     c = cleanlab_figures(np.mean([o.proba for o in oofs], axis=0), noisy, res.classes, flipped)
-                    row = {"kind": kind, "rate": rate, "flip_seed": fs_, "backbones": "+".join(bset),
-                           "n_models": len(oofs), "n_flipped": int(flipped.sum()),
-                           **{f"ours_{m}": v for m, v in a.items()}, **{f"cleanlab_{m}": v for m, v in c.items()}}
+                    row = {
+                        "kind": kind,
+                        "rate": rate,
+                        "flip_seed": fs_,
+                        "backbones": "+".join(bset),
+                        "n_models": len(oofs),
+                        "n_flipped": int(flipped.sum()),
+                        **{f"ours_{m}": v for m, v in a.items()},
+                        **{f"cleanlab_{m}": v for m, v in c.items()},
+                    }
                     for m in METRICS:
                         row[f"diff_{m}"] = a[m] - c[m]
                     rows.append(row)
-                    print(f"   {row['backbones']:<12} P@n {a['precision_at_n']:.3f} vs {c['precision_at_n']:.3f}   "
-                          f"R@2n {a['recall_at_2n']:.3f} vs {c['recall_at_2n']:.3f}   "
-                          f"AUROC {a['auroc']:.3f} vs {c['auroc']:.3f}   (ours vs cleanlab; cleanlab flagged "
-                          f"{c['flagged']}: P {c['flagged_precision']:.3f} R {c['flagged_recall']:.3f})", flush=True)
+                    print(
+                        f"   {row['backbones']:<12} P@n {a['precision_at_n']:.3f} vs {c['precision_at_n']:.3f}   "
+                        f"R@2n {a['recall_at_2n']:.3f} vs {c['recall_at_2n']:.3f}   "
+                        f"AUROC {a['auroc']:.3f} vs {c['auroc']:.3f}   (ours vs cleanlab; cleanlab flagged "
+                        f"{c['flagged']}: P {c['flagged_precision']:.3f} R {c['flagged_recall']:.3f})",
+                        flush=True,
+                    )
     table = pd.DataFrame(rows)
     cols = [f"{w}_{m}" for w in ("ours", "cleanlab", "diff") for m in METRICS]
     summary = table.groupby(["kind", "rate", "backbones"], sort=False)[cols].mean()
     spread = table.groupby(["kind", "rate", "backbones"], sort=False)[[f"diff_{m}" for m in METRICS]].std(ddof=1)
     pd.set_option("display.width", 250)
     print(f"\nmean over {len(flip_seeds)} flip draws (ours, cleanlab, ours - cleanlab):")
-    show = pd.DataFrame({
-        m: [f"{o:.3f} {c:.3f} {d:+.3f}±{s:.3f}" for o, c, d, s in zip(
-            summary[f"ours_{m}"], summary[f"cleanlab_{m}"], summary[f"diff_{m}"], spread[f"diff_{m}"].fillna(0))]
-        for m in METRICS}, index=summary.index)
+    show = pd.DataFrame(
+        {
+            m: [
+                f"{o:.3f} {c:.3f} {d:+.3f}±{s:.3f}"
+                for o, c, d, s in zip(
+                    summary[f"ours_{m}"], summary[f"cleanlab_{m}"], summary[f"diff_{m}"], spread[f"diff_{m}"].fillna(0)
+                )
+            ]
+            for m in METRICS
+        },
+        index=summary.index,
+    )
     print(show.to_string())
     wins = {m: int((summary[f"diff_{m}"] >= 0).sum()) for m in METRICS}
-    print(f"ours >= cleanlab (mean over draws) in {wins} of {len(summary)} (setting x backbone set) rows; "
-          "mean diff: " + ", ".join(f"{m} {summary[f'diff_{m}'].mean():+.4f}" for m in METRICS))
+    print(
+        f"ours >= cleanlab (mean over draws) in {wins} of {len(summary)} (setting x backbone set) rows; "
+        "mean diff: " + ", ".join(f"{m} {summary[f'diff_{m}'].mean():+.4f}" for m in METRICS)
+    )
     gain = None
     if len(sets) > 1:
         comb = summary.xs("+".join(names), level="backbones")[[f"ours_{m}" for m in METRICS]]
-        best = summary.drop("+".join(names), level="backbones").groupby(["kind", "rate"], sort=False)[
-            [f"ours_{m}" for m in METRICS]].max()
+        best = (
+            summary.drop("+".join(names), level="backbones")
+            .groupby(["kind", "rate"], sort=False)[[f"ours_{m}" for m in METRICS]]
+            .max()
+        )
         gain = comb - best
         print("ours, all backbones combined minus the best single backbone:\n" + gain.round(4).to_string())
         adv = summary.xs("+".join(names), level="backbones")[[f"diff_{m}" for m in METRICS]]
-        adv_single = summary.drop("+".join(names), level="backbones").groupby(["kind", "rate"], sort=False)[
-            [f"diff_{m}" for m in METRICS]].mean()
-        print("(ours - cleanlab) combined minus (ours - cleanlab) averaged over single backbones:\n"
-              + (adv - adv_single).round(4).to_string())
+        adv_single = (
+            summary.drop("+".join(names), level="backbones")
+            .groupby(["kind", "rate"], sort=False)[[f"diff_{m}" for m in METRICS]]
+            .mean()
+        )
+        print(
+            "(ours - cleanlab) combined minus (ours - cleanlab) averaged over single backbones:\n"
+            + (adv - adv_single).round(4).to_string()
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "label_noise", "data": f"chula_rbc12, {len(df)} cells ({args.part}), 13 classes, groups = smears",
-        "backbones": {b: BACKBONES[b] for b in names}, "probes": args.probes, "seeds": args.seeds, "folds": args.folds,
-        "k": args.k, "formula": formula(weights), "weights": weights, "adjacent": ADJACENT,
-        "cleanlab": __import__("cleanlab").__version__, "machine": platform.platform(), "cpus": os.cpu_count(),
-        "flip_seeds": flip_seeds, "seconds": round(time.time() - t0, 1), "wins_on_means": wins,
-        "summary": summary.reset_index().to_dict(orient="records"),
-        "combined_minus_best_single": None if gain is None else gain.reset_index().to_dict(orient="records"),
-        "rows": rows,
-    }, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "label_noise",
+                "data": f"chula_rbc12, {len(df)} cells ({args.part}), 13 classes, groups = smears",
+                "backbones": {b: BACKBONES[b] for b in names},
+                "probes": args.probes,
+                "seeds": args.seeds,
+                "folds": args.folds,
+                "k": args.k,
+                "formula": formula(weights),
+                "weights": weights,
+                "adjacent": ADJACENT,
+                "cleanlab": __import__("cleanlab").__version__,
+                "machine": platform.platform(),
+                "cpus": os.cpu_count(),
+                "flip_seeds": flip_seeds,
+                "seconds": round(time.time() - t0, 1),
+                "wins_on_means": wins,
+                "summary": summary.reset_index().to_dict(orient="records"),
+                "combined_minus_best_single": None if gain is None else gain.reset_index().to_dict(orient="records"),
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out} ({time.time() - t0:.0f} s)")
 
 

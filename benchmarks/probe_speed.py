@@ -46,24 +46,49 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROWS = [  # (row name, our probe, our kwargs, sklearn baseline, note)
-    ("logistic", "logistic", {}, "logistic",
-     "our default: sweeps C in (0.01, 0.1, 1, 10, 100) on a 10% stratified hold-out, strongest first and warm-"
-     "started, stopping after two values in a row score below the best; then refits the best C on all rows; "
-     "bf16 first phase where the CPU has native bf16. The baseline is one fit at C=1, so the sweep is what makes "
-     "this row slower than the next"),
-    ("logistic C=1", "logistic", {"Cs": (1.0,)}, "logistic",
-     "one fit at C=1: the same objective and stopping rule (max |gradient| <= 1e-4, checked in float32) as the "
-     "baseline; at this weak regularisation the rule stops both solvers >10% above the optimum's objective, so "
-     "their F1 differs by where each path stops (see objective)"),
-    ("knn k=20", "knn", {}, "knn",
-     "our default: cosine, exp(sim/0.07)-weighted vote; bf16 candidate search + exact float32 re-rank where the "
-     "CPU has native bf16; the baseline is Euclidean with uniform votes, so F1 differs by method, not by error"),
+    (
+        "logistic",
+        "logistic",
+        {},
+        "logistic",
+        "our default: sweeps C in (0.01, 0.1, 1, 10, 100) on a 10% stratified hold-out, strongest first and warm-"
+        "started, stopping after two values in a row score below the best; then refits the best C on all rows; "
+        "bf16 first phase where the CPU has native bf16. The baseline is one fit at C=1, so the sweep is what makes "
+        "this row slower than the next",
+    ),
+    (
+        "logistic C=1",
+        "logistic",
+        {"Cs": (1.0,)},
+        "logistic",
+        "one fit at C=1: the same objective and stopping rule (max |gradient| <= 1e-4, checked in float32) as the "
+        "baseline; at this weak regularisation the rule stops both solvers >10% above the optimum's objective, so "
+        "their F1 differs by where each path stops (see objective)",
+    ),
+    (
+        "knn k=20",
+        "knn",
+        {},
+        "knn",
+        "our default: cosine, exp(sim/0.07)-weighted vote; bf16 candidate search + exact float32 re-rank where the "
+        "CPU has native bf16; the baseline is Euclidean with uniform votes, so F1 differs by method, not by error",
+    ),
     ("knn exact", "knn", {"precision": "float32"}, "knn", "exact float32 search (faiss IndexFlatIP)"),
-    ("knn k=20 same", "knn", {}, "knn_cosine",
-     "our default against scikit-learn doing the same method (cosine, exp(sim/0.07) votes, brute force): the F1 "
-     "difference here is what our search changes, not the method"),
-    ("svm", "svm", {}, "svm",
-     "our default: OvR squared hinge + L2 at C=1, intercept unpenalised (liblinear penalises it)"),
+    (
+        "knn k=20 same",
+        "knn",
+        {},
+        "knn_cosine",
+        "our default against scikit-learn doing the same method (cosine, exp(sim/0.07) votes, brute force): the F1 "
+        "difference here is what our search changes, not the method",
+    ),
+    (
+        "svm",
+        "svm",
+        {},
+        "svm",
+        "our default: OvR squared hinge + L2 at C=1, intercept unpenalised (liblinear penalises it)",
+    ),
 ]
 SKLEARN_NAMES = {
     "logistic": "LogisticRegression(max_iter=1000) on StandardScaler features",
@@ -90,8 +115,13 @@ def synthetic(n: int, d: int, classes: int, seed: int = 0, spread: float = 1.5):
     A = (rng.standard_normal((r + rn, d)) / np.sqrt(r)).astype(np.float32)
     A[:r] *= (np.arange(1, r + 1) ** -0.3)[:, None].astype(np.float32)
     mu = rng.standard_normal((classes, r)).astype(np.float32)
-    Z = np.concatenate([mu[y] + spread * rng.standard_normal((n, r), dtype=np.float32),
-                        rng.standard_normal((n, rn), dtype=np.float32)], axis=1)
+    Z = np.concatenate(
+        [
+            mu[y] + spread * rng.standard_normal((n, r), dtype=np.float32),
+            rng.standard_normal((n, rn), dtype=np.float32),
+        ],
+        axis=1,
+    )
     X = Z @ A
     X += 0.3 * rng.standard_normal((n, d), dtype=np.float32)
     X *= rng.lognormal(0.0, 0.3, d).astype(np.float32)
@@ -182,7 +212,9 @@ def sklearn_worker(name: str, data: str, out: str, threads: int, repeats: int = 
         "threads": threads,
     }
     if name == "logistic":  # how close to the optimum its stopping rule left it (outside the timed region)
-        res["objective"] = softmax_objective(est.coef_.T, est.intercept_, Xtr, np.searchsorted(est.classes_, ytr), est.C)
+        res["objective"] = softmax_objective(
+            est.coef_.T, est.intercept_, Xtr, np.searchsorted(est.classes_, ytr), est.C
+        )
     Path(out).write_text(json.dumps(res))
 
 
@@ -193,14 +225,37 @@ def run_sklearn(name: str, data: Path, timeout: float, threads: int, repeats: in
     env = dict(os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     t = time.perf_counter()
     try:
-        subprocess.run([sys.executable, __file__, "--_worker", name, "--_data", str(data), "--_out", str(out),
-                        "--threads", str(threads), "--repeats", str(repeats)], check=True, timeout=timeout, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--_worker",
+                name,
+                "--_data",
+                str(data),
+                "--_out",
+                str(out),
+                "--threads",
+                str(threads),
+                "--repeats",
+                str(repeats),
+            ],
+            check=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         start = Path(str(out) + ".start")
         bound = time.time() - float(start.read_text()) if start.exists() else 0.0
-        return {"seconds": None, "lower_bound_s": bound, "macro_f1": None, "timed_out": True, "threads": threads,
-                "note": f"killed at the {timeout:.0f} s timeout, {bound:.1f} s into fit + predict: "
-                        "that is a lower bound on its time"}
+        return {
+            "seconds": None,
+            "lower_bound_s": bound,
+            "macro_f1": None,
+            "timed_out": True,
+            "threads": threads,
+            "note": f"killed at the {timeout:.0f} s timeout, {bound:.1f} s into fit + predict: "
+            "that is a lower bound on its time",
+        }
     res = json.loads(out.read_text())
     res["process_s"] = time.perf_counter() - t
     res["timed_out"] = False
@@ -232,8 +287,9 @@ def run_ours(probe: str, kwargs: dict, Xtr, ytr, Xte, yte, device: str, repeats:
             res[attr.rstrip("_")] = {str(k): float(x) for k, x in v.items()} if isinstance(v, dict) else v
     if probe == "logistic":  # the objective at its C, on its own standardisation (outside the timed region)
         Xs = (Xtr - est.mean_.cpu().numpy()) / est.scale_.cpu().numpy()
-        res["objective"] = softmax_objective(est.coef_.W.cpu().numpy(), est.coef_.b.cpu().numpy(), Xs,
-                                             np.searchsorted(est.classes_, ytr), est.C_)
+        res["objective"] = softmax_objective(
+            est.coef_.W.cpu().numpy(), est.coef_.b.cpu().numpy(), Xs, np.searchsorted(est.classes_, ytr), est.C_
+        )
     return res
 
 
@@ -250,7 +306,9 @@ def thread_info() -> dict:
     try:
         from threadpoolctl import threadpool_info
 
-        info["threadpools"] = [{k: p.get(k) for k in ("user_api", "internal_api", "num_threads", "version")} for p in threadpool_info()]
+        info["threadpools"] = [
+            {k: p.get(k) for k in ("user_api", "internal_api", "num_threads", "version")} for p in threadpool_info()
+        ]
     except Exception:  # noqa: BLE001
         pass
     return info
@@ -278,7 +336,12 @@ def versions() -> dict:
     import sklearn
     import torch
 
-    v = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__, "sklearn": sklearn.__version__}
+    v = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "sklearn": sklearn.__version__,
+    }
     try:
         import faiss
 
@@ -302,15 +365,25 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     ap.add_argument("--device", default="auto", help="device of our heads ('auto', 'cpu', 'cuda')")
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed to each scikit-learn baseline")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ours and for scikit-learn (default: all cores)")
-    ap.add_argument("--sklearn-single-thread-too", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run each multithreaded scikit-learn baseline with 1 thread and keep its faster time "
-                         "(oversubscribed BLAS/OpenMP pools can make its default far slower on few cores)")
+    ap.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="threads for ours and for scikit-learn (default: all cores)"
+    )
+    ap.add_argument(
+        "--sklearn-single-thread-too",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run each multithreaded scikit-learn baseline with 1 thread and keep its faster time "
+        "(oversubscribed BLAS/OpenMP pools can make its default far slower on few cores)",
+    )
     ap.add_argument("--skip-sklearn-svm", action="store_true", help="do not run LinearSVC at all")
     ap.add_argument("--only", default=None, help="comma-separated baselines to run: logistic, knn, svm (default all)")
     ap.add_argument("--out", default=None, help="output JSON (default benchmarks/results/probe_speed-<host-kind>.json)")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="timed runs per row, median reported (LinearSVC, ~2 min a run here, runs once)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs per row, median reported (LinearSVC, ~2 min a run here, runs once)",
+    )
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_data", help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
@@ -339,9 +412,11 @@ def main() -> None:
     gen_s = time.perf_counter() - t
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {cpu_model()} x{os.cpu_count()}"
     load_start = os.getloadavg()
-    print(f"{args.n} x {args.d} features, {args.classes} classes, train {len(tr)} / test {len(te)} "
-          f"(generated in {gen_s:.1f} s) | ours on {dev} ({device_name}) | threads {args.threads}"
-          f" | load average {load_start[0]:.1f}")
+    print(
+        f"{args.n} x {args.d} features, {args.classes} classes, train {len(tr)} / test {len(te)} "
+        f"(generated in {gen_s:.1f} s) | ours on {dev} ({device_name}) | threads {args.threads}"
+        f" | load average {load_start[0]:.1f}"
+    )
 
     rows = [r for r in ROWS if args.only is None or r[3].split("_")[0] in args.only.split(",")]
     sk_needed = sorted({r[3] for r in rows} - ({"svm"} if args.skip_sklearn_svm else set()))
@@ -351,7 +426,9 @@ def main() -> None:
         np.savez(data, Xtr=Xtr, ytr=ytr, Xte=Xte, yte=yte)
         for name in sk_needed:
             # liblinear (LinearSVC) is single-threaded: one run is enough
-            configs = [args.threads] + ([1] if args.sklearn_single_thread_too and args.threads > 1 and name != "svm" else [])
+            configs = [args.threads] + (
+                [1] if args.sklearn_single_thread_too and args.threads > 1 and name != "svm" else []
+            )
             runs = []
             for th in configs:
                 print(f"  scikit-learn {name} ({th} thread{'s' * (th > 1)}) ...", flush=True)
@@ -368,18 +445,33 @@ def main() -> None:
     optimum = None
     if any(r[0] == "logistic C=1" for r in rows):  # where both C=1 solvers should be heading
         print("  reference: logistic C=1 to max|gradient| <= 1e-6 (float32, untimed comparison) ...", flush=True)
-        optimum = run_ours("logistic", {"Cs": (1.0,), "tol": 1e-6, "max_iter": 2000, "precision": "float32"},
-                           Xtr, ytr, Xte, yte, args.device)
+        optimum = run_ours(
+            "logistic",
+            {"Cs": (1.0,), "tol": 1e-6, "max_iter": 2000, "precision": "float32"},
+            Xtr,
+            ytr,
+            Xte,
+            yte,
+            args.device,
+        )
 
     table = []
-    head = f"{'probe':<14}{'ours s':>9}{'sklearn s':>11}{'sklearn/ours':>14}{'F1 ours':>9}{'F1 sklearn':>12}{'dF1 pts':>9}"
+    head = (
+        f"{'probe':<14}{'ours s':>9}{'sklearn s':>11}{'sklearn/ours':>14}{'F1 ours':>9}{'F1 sklearn':>12}{'dF1 pts':>9}"
+    )
     print()
     print(head)
     print("-" * len(head))
     for row, probe, kw, base, note in rows:
         o, s = ours[row], sk.get(base)
-        entry = {"row": row, "ours_call": f"make_probe({probe!r}, **{kw})", "note": note, "ours": o,
-                 "sklearn_baseline": SKLEARN_NAMES[base], "sklearn": s}
+        entry = {
+            "row": row,
+            "ours_call": f"make_probe({probe!r}, **{kw})",
+            "note": note,
+            "ours": o,
+            "sklearn_baseline": SKLEARN_NAMES[base],
+            "sklearn": s,
+        }
         if s is None:
             ratio_txt, f1s, d_txt = "skipped", "-", "-"
         elif s.get("timed_out"):
@@ -395,35 +487,52 @@ def main() -> None:
             ratio_txt = f"{entry['ratio']:.1f}x"
             f1s, d_txt = f"{s['macro_f1']:.4f}", f"{entry['delta_f1_points']:+.2f}"
         table.append(entry)
-        print(f"{row:<14}{o['seconds']:>9.2f}{fmt_s(s) if s else '-':>11}{ratio_txt:>14}{o['macro_f1']:>9.4f}{f1s:>12}{d_txt:>9}")
-    print("(ratio = sklearn seconds / ours, fit + predict; dF1 = ours - sklearn in macro-F1 points; goals >= 5x, |dF1| <= 0.5)")
+        print(
+            f"{row:<14}{o['seconds']:>9.2f}{fmt_s(s) if s else '-':>11}{ratio_txt:>14}{o['macro_f1']:>9.4f}"
+            f"{f1s:>12}{d_txt:>9}"
+        )
+    print(
+        "(ratio = sklearn seconds / ours, fit + predict; dF1 = ours - sklearn in macro-F1 points; "
+        "goals >= 5x, |dF1| <= 0.5)"
+    )
     for entry in table:
         if "objective_ours_minus_sklearn" in entry:
             o, s = entry["ours"]["objective"], entry["sklearn"]["objective"]
-            print(f"{entry['row']}: training objective at C=1, ours {o:.6f} vs scikit-learn {s:.6f} "
-                  f"({100 * (o - s) / s:+.1f}%): both stop at max|gradient| <= 1e-4")
+            print(
+                f"{entry['row']}: training objective at C=1, ours {o:.6f} vs scikit-learn {s:.6f} "
+                f"({100 * (o - s) / s:+.1f}%): both stop at max|gradient| <= 1e-4"
+            )
             if "reference_optimum" in entry:
                 r = entry["reference_optimum"]
-                print(f"  reference optimum (max|gradient| <= 1e-6, {r['n_iter']} iterations, {r['seconds']:.1f} s): "
-                      f"objective {r['objective']:.6f} (ours +{100 * (o / r['objective'] - 1):.1f}%, scikit-learn "
-                      f"+{100 * (s / r['objective'] - 1):.1f}%), macro-F1 {r['macro_f1']:.4f}")
+                print(
+                    f"  reference optimum (max|gradient| <= 1e-6, {r['n_iter']} iterations, {r['seconds']:.1f} s): "
+                    f"objective {r['objective']:.6f} (ours +{100 * (o / r['objective'] - 1):.1f}%, scikit-learn "
+                    f"+{100 * (s / r['objective'] - 1):.1f}%), macro-F1 {r['macro_f1']:.4f}"
+                )
 
     result = {
         "benchmark": "probe_speed",
-        "n": args.n, "d": args.d, "classes": args.classes, "n_train": len(tr), "n_test": len(te),
+        "n": args.n,
+        "d": args.d,
+        "classes": args.classes,
+        "n_train": len(tr),
+        "n_test": len(te),
         "data": "synthetic (benchmarks/probe_speed.py:synthetic): imbalanced classes (Zipf 0.8), rank-32 latent "
-                "class means + within-class spread 1.5 + 16 nuisance latents, random linear map to d, isotropic "
-                "noise 0.3, per-feature lognormal scales and offsets; seed " + str(args.seed),
-        "device": device_name, "ours_device": str(dev), "cpu": cpu_model(),
+        "class means + within-class spread 1.5 + 16 nuisance latents, random linear map to d, isotropic "
+        "noise 0.3, per-feature lognormal scales and offsets; seed " + str(args.seed),
+        "device": device_name,
+        "ours_device": str(dev),
+        "cpu": cpu_model(),
         "cpu_native_bf16": cpu_has_native_bf16(),
         "load_average_start_end": [load_start, os.getloadavg()],
         "threads_requested": args.threads,
-        "versions": versions(), "threads": thread_info(),
+        "versions": versions(),
+        "threads": thread_info(),
         "repeats": args.repeats,
         "timing": "fit + predict of the test split, wall clock, median of `repeats` runs (LinearSVC: one run), a "
-                  "fresh estimator each; sklearn baselines in a child process "
-                  "(best of its thread settings, see rows[].sklearn.runs), StandardScaler outside the timed region; "
-                  "ours standardise inside theirs",
+        "fresh estimator each; sklearn baselines in a child process "
+        "(best of its thread settings, see rows[].sklearn.runs), StandardScaler outside the timed region; "
+        "ours standardise inside theirs",
         "rows": table,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

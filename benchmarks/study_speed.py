@@ -111,9 +111,24 @@ def run_sklearn(res, cells, probes: list[str], threads: int, budget: float, tmp:
     out = tmp / "sklearn.jsonl"
     env = dict(os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
     try:  # a fit started just before the budget ends may run long: a hard stop, finished fits are kept
-        subprocess.run([sys.executable, __file__, "--_worker", "--_data", str(data), "--_out", str(out),
-                        "--threads", str(threads), "--sklearn-budget", str(budget)],
-                       check=True, env=env, timeout=budget * 2 + 60)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--_worker",
+                "--_data",
+                str(data),
+                "--_out",
+                str(out),
+                "--threads",
+                str(threads),
+                "--sklearn-budget",
+                str(budget),
+            ],
+            check=True,
+            env=env,
+            timeout=budget * 2 + 60,
+        )
     except subprocess.TimeoutExpired:
         pass
     return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
@@ -126,20 +141,28 @@ def compare(res, sk: list[dict], probes: list[str]) -> list[dict]:
     rows = []
     for probe in probes + ["all"]:
         mine = [r for r in sk if probe in ("all", r["probe"])]
-        ours_all = float(res.fits["seconds"].sum() if probe == "all" else res.fits.query("probe == @probe")["seconds"].sum())
+        ours_all = float(
+            res.fits["seconds"].sum() if probe == "all" else res.fits.query("probe == @probe")["seconds"].sum()
+        )
         n_all = len(res.fits) if probe == "all" else int((res.fits["probe"] == probe).sum())
         keys = [(r["probe"], r["limit"], r["seed"]) for r in mine]
         ours_same = float(sum(fits[k] for k in keys))
         theirs = float(sum(r["seconds"] for r in mine))
         df1 = [100 * (f1[k] - r["macro_f1"]) for k, r in zip(keys, mine)]
-        rows.append({
-            "probe": probe, "fits": n_all, "ours_s": ours_all, "sklearn_fits": len(mine),
-            "sklearn_max_limit": max((r["limit"] for r in mine), default=None),
-            "ours_s_same_fits": ours_same, "sklearn_s_same_fits": theirs,
-            "ratio": theirs / ours_same if ours_same > 0 and mine else None,
-            "mean_dF1_pts": float(np.mean(df1)) if df1 else None,
-            "max_abs_dF1_pts": float(np.max(np.abs(df1))) if df1 else None,
-        })
+        rows.append(
+            {
+                "probe": probe,
+                "fits": n_all,
+                "ours_s": ours_all,
+                "sklearn_fits": len(mine),
+                "sklearn_max_limit": max((r["limit"] for r in mine), default=None),
+                "ours_s_same_fits": ours_same,
+                "sklearn_s_same_fits": theirs,
+                "ratio": theirs / ours_same if ours_same > 0 and mine else None,
+                "mean_dF1_pts": float(np.mean(df1)) if df1 else None,
+                "max_abs_dF1_pts": float(np.max(np.abs(df1))) if df1 else None,
+            }
+        )
     return rows
 
 
@@ -154,8 +177,15 @@ def main() -> None:
     ap.add_argument("--probes", default=",".join(PROBES))
     ap.add_argument("--device", default="auto", help="device of our probes ('auto', 'cpu', 'cuda')")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for ours and for scikit-learn")
-    ap.add_argument("--sklearn-budget", type=float, default=600, help="seconds of scikit-learn fits, shared equally by the probes (0: none)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/study_speed-<cuda|cpuN-bf16|cpuN-fp32>.json)")
+    ap.add_argument(
+        "--sklearn-budget",
+        type=float,
+        default=600,
+        help="seconds of scikit-learn fits, shared equally by the probes (0: none)",
+    )
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/study_speed-<cuda|cpuN-bf16|cpuN-fp32>.json)"
+    )
     ap.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_data", help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
@@ -177,8 +207,11 @@ def main() -> None:
     t = time.perf_counter()
     X, y = synthetic(args.n, args.d, args.classes, args.seed)
     labels = np.array([f"class{c:02d}" for c in range(args.classes)])[y]
-    print(f"{args.n:,} x {args.d} features, {args.classes} classes (generated in {time.perf_counter() - t:.1f} s) | "
-          f"ours on {device_name} | threads {args.threads}", flush=True)
+    print(
+        f"{args.n:,} x {args.d} features, {args.classes} classes (generated in {time.perf_counter() - t:.1f} s) | "
+        f"ours on {device_name} | threads {args.threads}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
@@ -187,46 +220,91 @@ def main() -> None:
         del X
         print(f"  into the store in {import_s:.1f} s; the study ...", flush=True)
         t = time.perf_counter()
-        res = probes.scale(tmp / "cache.zarr", "synthetic", limits=args.limits, probes=probe_list, seeds=args.seeds,
-                           device=args.device, out=tmp / "study", quiet=True)
+        res = probes.scale(
+            tmp / "cache.zarr",
+            "synthetic",
+            limits=args.limits,
+            probes=probe_list,
+            seeds=args.seeds,
+            device=args.device,
+            out=tmp / "study",
+            quiet=True,
+        )
         study_s = time.perf_counter() - t
-        print(f"  study: {len(res.fits)} fits in {study_s:.1f} s (fits + predictions {res.fits['seconds'].sum():.1f} s)", flush=True)
+        print(
+            f"  study: {len(res.fits)} fits in {study_s:.1f} s (fits + predictions {res.fits['seconds'].sum():.1f} s)",
+            flush=True,
+        )
         sk: list[dict] = []
         if args.sklearn_budget > 0:
-            print(f"  scikit-learn on the same fits, smallest limit first, for up to {args.sklearn_budget:.0f} s ...", flush=True)
-            sk = run_sklearn(res, open_cells(tmp / "cache.zarr", "synthetic"), probe_list, args.threads,
-                             args.sklearn_budget, tmp)
+            print(
+                f"  scikit-learn on the same fits, smallest limit first, for up to {args.sklearn_budget:.0f} s ...",
+                flush=True,
+            )
+            sk = run_sklearn(
+                res, open_cells(tmp / "cache.zarr", "synthetic"), probe_list, args.threads, args.sklearn_budget, tmp
+            )
         rows = compare(res, sk, probe_list)
         per_limit = res.fits.groupby(["limit", "probe"])["seconds"].sum().unstack().round(3)
 
-    print(f"\nstudy wall clock: {study_s:.1f} s for {len(res.fits)} fits "
-          f"({len(res.splits)} limit x seed splits x {len(probe_list)} probes)")
-    print(f"{'probe':10} {'fits':>5} {'ours s':>8} | {'sk fits':>7} {'up to':>6} {'ours s':>8} {'sk s':>8} {'sk/ours':>8} {'dF1 pts':>8}")
+    print(
+        f"\nstudy wall clock: {study_s:.1f} s for {len(res.fits)} fits "
+        f"({len(res.splits)} limit x seed splits x {len(probe_list)} probes)"
+    )
+    print(
+        f"{'probe':10} {'fits':>5} {'ours s':>8} | {'sk fits':>7} {'up to':>6} {'ours s':>8} {'sk s':>8} "
+        f"{'sk/ours':>8} {'dF1 pts':>8}"
+    )
     for r in rows:
         ratio = f"{r['ratio']:.1f}x" if r["ratio"] else "-"
         d = f"{r['mean_dF1_pts']:+.2f}" if r["mean_dF1_pts"] is not None else "-"
-        print(f"{r['probe']:10} {r['fits']:>5} {r['ours_s']:>8.1f} | {r['sklearn_fits']:>7} {str(r['sklearn_max_limit'] or '-'):>6} "
-              f"{r['ours_s_same_fits']:>8.1f} {r['sklearn_s_same_fits']:>8.1f} {ratio:>8} {d:>8}")
-    print("(sk fits: fits scikit-learn finished in its share of the budget, smallest limits first; the ratio and dF1 (ours - sklearn,\n"
-          " mean over those fits) compare the same fits only)")
+        print(
+            f"{r['probe']:10} {r['fits']:>5} {r['ours_s']:>8.1f} | {r['sklearn_fits']:>7} "
+            f"{str(r['sklearn_max_limit'] or '-'):>6} "
+            f"{r['ours_s_same_fits']:>8.1f} {r['sklearn_s_same_fits']:>8.1f} {ratio:>8} {d:>8}"
+        )
+    print(
+        "(sk fits: fits scikit-learn finished in its share of the budget, smallest limits first; "
+        "the ratio and dF1 (ours - sklearn,\n"
+        " mean over those fits) compare the same fits only)"
+    )
     print("\nour seconds per limit (fit + predict, summed over seeds):")
     print(per_limit.to_string())
 
     out = Path(args.out or Path(__file__).parent / "results" / f"study_speed-{machine_kind(dev)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "study_speed",
-        "device": device_name,
-        "features": {"n": args.n, "d": args.d, "classes": args.classes, "seed": args.seed, "store_dtype": "float16"},
-        "study": {"limits": args.limits, "seeds": args.seeds, "probes": probe_list, "fits": len(res.fits),
-                  "wall_s": study_s, "fit_predict_s": float(res.fits["seconds"].sum()), "import_s": import_s},
-        "per_limit_s": {str(k): v for k, v in per_limit.to_dict(orient="index").items()},
-        "comparison": rows,
-        "sklearn": {"budget_s": args.sklearn_budget, "threads": args.threads, "fits": sk},
-        "threads": thread_info(),
-        "versions": versions(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }, indent=1, default=str))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "study_speed",
+                "device": device_name,
+                "features": {
+                    "n": args.n,
+                    "d": args.d,
+                    "classes": args.classes,
+                    "seed": args.seed,
+                    "store_dtype": "float16",
+                },
+                "study": {
+                    "limits": args.limits,
+                    "seeds": args.seeds,
+                    "probes": probe_list,
+                    "fits": len(res.fits),
+                    "wall_s": study_s,
+                    "fit_predict_s": float(res.fits["seconds"].sum()),
+                    "import_s": import_s,
+                },
+                "per_limit_s": {str(k): v for k, v in per_limit.to_dict(orient="index").items()},
+                "comparison": rows,
+                "sklearn": {"budget_s": args.sklearn_budget, "threads": args.threads, "fits": sk},
+                "threads": thread_info(),
+                "versions": versions(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+            indent=1,
+            default=str,
+        )
+    )
     print(f"saved {out}")
 
 

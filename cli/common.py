@@ -72,15 +72,18 @@ def SPLIT(default: str, help: str) -> typer.models.OptionInfo:  # noqa: N802, A0
 
 
 def VAL() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option("train", help="with --split column: 'train' counts val cells as training cells, "
-                                      "'exclude' leaves them out")
+    return typer.Option(
+        "train", help="with --split column: 'train' counts val cells as training cells, 'exclude' leaves them out"
+    )
 
 
 def TRAIN_DOMAIN() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(None, help="train (and in-domain test) on these domain(s) of the store's domain column, "
-                                   "comma separated")
+    return typer.Option(
+        None, help="train (and in-domain test) on these domain(s) of the store's domain column, comma separated"
+    )
 
 
 def TEST_DOMAIN() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(None, help="score on every cell of these unseen domain(s) (default with --train-domain: "
-                                   "all others)")
+    return typer.Option(
+        None, help="score on every cell of these unseen domain(s) (default with --train-domain: all others)"
+    )

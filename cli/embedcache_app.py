@@ -12,8 +12,9 @@ from rich.table import Table
 
 from cli.common import fail
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Cache frozen foundation-model embeddings of single cells.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Cache frozen foundation-model embeddings of single cells."
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -33,8 +34,16 @@ def models(as_json: bool = typer.Option(False, "--json", help="print JSON instea
     for col in ("name", "hub id", "timm arch", "width", "input", "pool", "gated", "licence"):
         t.add_column(col)
     for s in specs:
-        t.add_row(s.name, s.hub_id or "-", s.arch, str(s.width), f"{s.input_size} {s.interpolation}",
-                  ",".join(s.default_pool), "yes" if s.gated else "no", s.licence)
+        t.add_row(
+            s.name,
+            s.hub_id or "-",
+            s.arch,
+            str(s.width),
+            f"{s.input_size} {s.interpolation}",
+            ",".join(s.default_pool),
+            "yes" if s.gated else "no",
+            s.licence,
+        )
     console.print(t)
 
 
@@ -44,37 +53,53 @@ def extract(
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder, .csv/.parquet manifest, or .npz"),
     out: str = typer.Option(..., "--out", "-o", help="store path or fsspec URL, e.g. cache.zarr"),
     dataset: Optional[str] = typer.Option(None, help="dataset name inside the store (default: from the data path)"),
-    weights: Optional[str] = typer.Option(None, help="local .safetensors / torch checkpoint, or 'random' "
-                                                     "(tests and demos)"),
+    weights: Optional[str] = typer.Option(
+        None, help="local .safetensors / torch checkpoint, or 'random' (tests and demos)"
+    ),
     revision: Optional[str] = typer.Option(None, help="hub revision (branch, tag or commit)"),
     pool: Optional[str] = typer.Option(None, help="cls, mean or cls,mean (default: the backbone's)"),
     input_size: Optional[int] = typer.Option(None, help="model input size (default: the backbone's)"),
     interpolation: Optional[str] = typer.Option(None, help="bicubic or bilinear (default: the backbone's)"),
     fit: str = typer.Option("squash", help="non-square cells: squash, crop (shorter side + centre crop) or pad"),
     batch_size: int = typer.Option(64, help="cells per forward pass"),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", "--workers",
-                                              help="decode workers (default: by device)"),
+    num_workers: Optional[int] = typer.Option(
+        None, "--num-workers", "--workers", help="decode workers (default: by device)"
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
-    dtype: str = typer.Option("auto", help="compute dtype: auto (fp16 on CUDA, fp32 on CPU), bfloat16, float32, "
-                                           "float16"),
+    dtype: str = typer.Option(
+        "auto", help="compute dtype: auto (fp16 on CUDA, fp32 on CPU), bfloat16, float32, float16"
+    ),
     store_dtype: str = typer.Option("float16", help="stored feature dtype: float16 or float32"),
     chunk_size: int = typer.Option(1024, help="cells per stored row-chunk (the unit of resume)"),
     on_error: str = typer.Option("fail", help="unreadable image: fail (stop, naming it) or skip (record and go on)"),
     label_column: str = typer.Option("label", help="manifest column holding the labels"),
     no_labels: bool = typer.Option(False, "--no-labels", help="the manifest has no labels"),
-    working_size: Optional[int] = typer.Option(None, help="resize every cell to S×S first (the small-patch protocol "
-                                                          "uses 40)"),
-    perturb: Optional[list[str]] = typer.Option(None, help="kind:values, repeatable, e.g. blur-post:0.4,0.8 (kinds: "
-                                                           "blur-pre, blur-post, jpeg, noise)"),
-    perturb_rows: str = typer.Option("test", help="perturb the test split's cells (test; all cells when there is no "
-                                                  "split) or all"),
-    max_image_pixels: int = typer.Option(50_000_000, help="refuse larger images (read from the header, before "
-                                                           "decoding); a recorded skip under --on-error skip"),
-    tail_blocks: Optional[int] = typer.Option(None, help="also cache the tokens entering the last k blocks (for "
-                                                        "probes ft-last / lora); prints the store size first"),
+    working_size: Optional[int] = typer.Option(
+        None, help="resize every cell to S×S first (the small-patch protocol uses 40)"
+    ),
+    perturb: Optional[list[str]] = typer.Option(
+        None, help="kind:values, repeatable, e.g. blur-post:0.4,0.8 (kinds: blur-pre, blur-post, jpeg, noise)"
+    ),
+    perturb_rows: str = typer.Option(
+        "test", help="perturb the test split's cells (test; all cells when there is no split) or all"
+    ),
+    max_image_pixels: int = typer.Option(
+        50_000_000,
+        help="refuse larger images (read from the header, before decoding); a recorded skip under --on-error skip",
+    ),
+    tail_blocks: Optional[int] = typer.Option(
+        None,
+        help="also cache the tokens entering the last k blocks (for "
+        "probes ft-last / lora); prints the store size first",
+    ),
     adapter: Optional[Path] = typer.Option(None, help="embed with a fine-tuned model saved by --save-adapter DIR"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", " /--quiet", " /-q",
-                                  help="progress bar (plain lines when not a terminal); --quiet or -q: none"),
+    progress: bool = typer.Option(
+        True,
+        "--progress/--no-progress",
+        " /--quiet",
+        " /-q",
+        help="progress bar (plain lines when not a terminal); --quiet or -q: none",
+    ),
 ) -> None:
     """Extract pooled features of every cell into a resumable Zarr store."""
     import warnings
@@ -86,12 +111,31 @@ def extract(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LabelSpellingWarning)  # printed below from r.notes
             r = run_extract(
-                model, data, out, dataset=dataset, weights=weights, revision=revision, pool=pool,
-                input_size=input_size, interpolation=interpolation, fit=fit, batch_size=batch_size,
-                num_workers=num_workers, device=device, dtype=dtype, store_dtype=store_dtype, chunk_size=chunk_size,
-                on_error=on_error, label_column=None if no_labels else label_column, working_size=working_size,
-                perturb=perturb, perturb_rows=perturb_rows, progress=progress, max_image_pixels=max_image_pixels,
-                tail_blocks=tail_blocks, adapter=adapter,
+                model,
+                data,
+                out,
+                dataset=dataset,
+                weights=weights,
+                revision=revision,
+                pool=pool,
+                input_size=input_size,
+                interpolation=interpolation,
+                fit=fit,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                device=device,
+                dtype=dtype,
+                store_dtype=store_dtype,
+                chunk_size=chunk_size,
+                on_error=on_error,
+                label_column=None if no_labels else label_column,
+                working_size=working_size,
+                perturb=perturb,
+                perturb_rows=perturb_rows,
+                progress=progress,
+                max_image_pixels=max_image_pixels,
+                tail_blocks=tail_blocks,
+                adapter=adapter,
             )
     except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
         fail(e)
@@ -104,8 +148,9 @@ def extract(
 def _cache_hit(r) -> bool:
     """Say so when ``r`` (a write result) found its feature set complete."""
     if r.cache_hit:
-        console.print(f"cache hit: [bold]{r.dataset}/{r.key}[/] is complete in {r.store} ({r.n_cells} cells); "
-                      "nothing to do")
+        console.print(
+            f"cache hit: [bold]{r.dataset}/{r.key}[/] is complete in {r.store} ({r.n_cells} cells); nothing to do"
+        )
     return r.cache_hit
 
 
@@ -126,13 +171,16 @@ def _report(r) -> None:
 
 @app.command("import")
 def import_(
-    features: Path = typer.Option(..., "--features", "-f",
-                                  help=".npy (N, D), or .npz with one (N, D) array per pool (cls, mean)"),
-    backbone: str = typer.Option(..., "--backbone", "--model", "-m",
-                                 help="backbone name to file the features under (probes --model NAME)"),
+    features: Path = typer.Option(
+        ..., "--features", "-f", help=".npy (N, D), or .npz with one (N, D) array per pool (cls, mean)"
+    ),
+    backbone: str = typer.Option(
+        ..., "--backbone", "--model", "-m", help="backbone name to file the features under (probes --model NAME)"
+    ),
     out: str = typer.Option(..., "--out", "-o", help="store path or fsspec URL"),
-    cells: Optional[Path] = typer.Option(None, "--cells", help="CSV/Parquet, one row per feature row: id, label, "
-                                                               "split, domain, group, path"),
+    cells: Optional[Path] = typer.Option(
+        None, "--cells", help="CSV/Parquet, one row per feature row: id, label, split, domain, group, path"
+    ),
     dataset: str = typer.Option("cells", help="dataset name inside the store"),
     store_dtype: str = typer.Option("float16", help="stored feature dtype: float16 or float32"),
     chunk_size: int = typer.Option(1024, help="cells per stored row-chunk (the unit of resume)"),
@@ -141,15 +189,17 @@ def import_(
     from embedcache import import_features_file
 
     try:
-        r = import_features_file(out, features, cells, backbone=backbone, dataset=dataset, store_dtype=store_dtype,
-                                 chunk_size=chunk_size)
+        r = import_features_file(
+            out, features, cells, backbone=backbone, dataset=dataset, store_dtype=store_dtype, chunk_size=chunk_size
+        )
     except Exception as e:  # noqa: BLE001
         fail(e)
     if not _cache_hit(r):
         console.print(f"wrote [bold]{r.dataset}/{r.key}[/]: {r.n_cells} cells in {r.chunks_written} chunks")
     if r.not_ok:
-        console.print(f"[yellow]{r.not_ok} rows with NaN/inf values[/] recorded as not ok "
-                      "(studies exclude and count them)")
+        console.print(
+            f"[yellow]{r.not_ok} rows with NaN/inf values[/] recorded as not ok (studies exclude and count them)"
+        )
 
 
 @app.command()
@@ -170,21 +220,33 @@ def info(
         return
     console.print(f"[bold]{summary['url']}[/] (schema {summary['schema_version']})")
     for group in summary.get("incomplete", []):
-        console.print(f"[yellow]incomplete:[/] {group}: its creation was interrupted; rerun the same command to redo it")
+        console.print(
+            f"[yellow]incomplete:[/] {group}: its creation was interrupted; rerun the same command to redo it"
+        )
     for name, ds in summary["datasets"].items():
         classes = f", {ds['classes']} classes" if "classes" in ds else ""
         fixes = f", {ds['label_corrections']} label corrections" if ds.get("label_corrections") else ""
-        console.print(f"dataset [bold]{name}[/]: {ds['n']} cells{classes}{fixes}, from {ds['source']['kind']} "
-                      f"{ds['source']['origin']}")
+        console.print(
+            f"dataset [bold]{name}[/]: {ds['n']} cells{classes}{fixes}, from {ds['source']['kind']} "
+            f"{ds['source']['origin']}"
+        )
         t = Table()
         for col in ("feature set", "status", "shape", "dtype", "pools", "skipped", "weights"):
             t.add_column(col)
         for key, fs in ds["feature_sets"].items():
             w = fs["weights"]
-            wdesc = f"{w.get('source', '?')} {w.get('hub_id') or w.get('path') or ''} sha256:{str(w.get('sha256', ''))[:12]}"
+            where = w.get("hub_id") or w.get("path") or ""
+            wdesc = f"{w.get('source', '?')} {where} sha256:{str(w.get('sha256', ''))[:12]}"
             pools = ", ".join(f"{p} {v}" for p, v in fs["pools"].items())
-            t.add_row(key, fs["status"], "×".join(map(str, fs["shape"])), fs["dtype"], pools,
-                      str(fs.get("skipped_cells", "?")), wdesc)
+            t.add_row(
+                key,
+                fs["status"],
+                "×".join(map(str, fs["shape"])),
+                fs["dtype"],
+                pools,
+                str(fs.get("skipped_cells", "?")),
+                wdesc,
+            )
         console.print(t)
         for key, fs in ds["feature_sets"].items():
             for d in fs.get("damage", []):
@@ -209,16 +271,22 @@ def verify(
     if as_json:
         console.print_json(json.dumps(report.as_dict(), default=str))
     else:
-        console.print(f"checked {report.chunks_checked} chunks in {report.store}: "
-                      + ("no damage" if report.ok else f"{len(report.damaged)} damaged"))
+        console.print(
+            f"checked {report.chunks_checked} chunks in {report.store}: "
+            + ("no damage" if report.ok else f"{len(report.damaged)} damaged")
+        )
         for d in report.damaged:
             console.print(f"[red]damaged:[/] {d}")
         for key in report.unverifiable:
-            console.print(f"[yellow]no checksums:[/] {key} (written by an older embedcache; only missing chunks are found)")
+            console.print(
+                f"[yellow]no checksums:[/] {key} (written by an older embedcache; only missing chunks are found)"
+            )
         for group in report.incomplete_groups:
             console.print(f"[yellow]incomplete:[/] {group}: rerun the command that created it")
         if report.repaired:
-            console.print("repaired: the damaged chunks are marked unwritten; rerun the same extract (or import) command")
+            console.print(
+                "repaired: the damaged chunks are marked unwritten; rerun the same extract (or import) command"
+            )
     if not report.ok and not repair:
         raise typer.Exit(code=1)
 
@@ -227,8 +295,9 @@ def verify(
 def demo(
     out: Path = typer.Option(Path("demo_out"), help="folder for the synthetic cells and the store"),
     model: str = typer.Option("timm:test_vit", help="backbone to extract with"),
-    weights: Optional[str] = typer.Option("random", help="'random' (no download needed) or a local weights file; "
-                                                         "'' for the hub"),
+    weights: Optional[str] = typer.Option(
+        "random", help="'random' (no download needed) or a local weights file; '' for the hub"
+    ),
     n_per_class: int = typer.Option(60, help="synthetic cells per class"),
     probe: bool = typer.Option(True, help="then fit logistic and kNN probes on the cache (probes eval)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", " /--quiet", " /-q", help="progress bars"),
@@ -240,17 +309,29 @@ def demo(
         if step == "cells":
             console.print(f"synthetic cells in {value}")
             if weights == "random":
-                console.print("[yellow]note:[/] random-init weights (hubs are unreachable offline): features show "
-                              "the pipeline, not a pretrained model", soft_wrap=True)
+                console.print(
+                    "[yellow]note:[/] random-init weights (hubs are unreachable offline): features show "
+                    "the pipeline, not a pretrained model",
+                    soft_wrap=True,
+                )
         elif step == "extract":
-            console.print(f"{'cache hit' if value.cache_hit else 'wrote'} {value.dataset}/{value.key} "
-                          f"({value.n_cells} cells)")
+            console.print(
+                f"{'cache hit' if value.cache_hit else 'wrote'} {value.dataset}/{value.key} ({value.n_cells} cells)"
+            )
         elif step == "store":
             info(value, as_json=False, verify=False)
 
     try:
-        run_demo(out, model=model, weights=weights or None, n_per_class=n_per_class, probe=probe, progress=progress,
-                 show=True, on_step=show)
+        run_demo(
+            out,
+            model=model,
+            weights=weights or None,
+            n_per_class=n_per_class,
+            probe=probe,
+            progress=progress,
+            show=True,
+            on_step=show,
+        )
     except typer.Exit:  # a step's own printer already said what failed
         raise
     except Exception as e:  # noqa: BLE001

@@ -7,18 +7,49 @@ from typing import Optional
 
 import typer
 
-from cli.common import (DATASET, DEVICE, MODEL, OUT, POOL, PROBES, QUIET, SEEDS, SPLIT, STORE, TEST_DOMAIN,
-                        TEST_SIZE, TRAIN_DOMAIN, VAL, fail)
+from cli.common import (
+    DATASET,
+    DEVICE,
+    MODEL,
+    OUT,
+    POOL,
+    PROBES,
+    QUIET,
+    SEEDS,
+    SPLIT,
+    STORE,
+    TEST_DOMAIN,
+    TEST_SIZE,
+    TRAIN_DOMAIN,
+    VAL,
+    fail,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Probe studies on an embedcache feature store.")
 
-_SPLIT_HELP = ("stratified (cap, then 80/20; the protocol), column (the store's split column: test vs train), "
-               "group (no group on both sides)")
+_SPLIT_HELP = (
+    "stratified (cap, then 80/20; the protocol), column (the store's split column: test vs train), "
+    "group (no group on both sides)"
+)
 
 
 # -- fine-tune options (lp, ft-last, lora, scratch-vit beside the probes; probes finetune) -------------------
-TUNE = ("tail_blocks", "head", "loss", "gamma", "hierarchy", "epochs", "batch_size", "lr", "weight_decay",
-        "val_fraction", "patience", "lora_rank", "lora_alpha", "lora_dropout")
+TUNE = (
+    "tail_blocks",
+    "head",
+    "loss",
+    "gamma",
+    "hierarchy",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "val_fraction",
+    "patience",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+)
 
 
 def _tune(values: dict) -> dict:
@@ -27,8 +58,11 @@ def _tune(values: dict) -> dict:
 
 
 def TAIL_BLOCKS():  # noqa: N802
-    return typer.Option(None, help="fine-tunes (ft-last, lora) train the last K blocks on the tokens cached by "
-                                   "embedcache extract --tail-blocks K")
+    return typer.Option(
+        None,
+        help="fine-tunes (ft-last, lora) train the last K blocks on the tokens cached by "
+        "embedcache extract --tail-blocks K",
+    )
 
 
 def HEAD():  # noqa: N802
@@ -120,9 +154,26 @@ def scale(
     import probes as api
 
     try:
-        api.scale(store, model, limits=limits, probes=probes, seeds=seeds, split=split, val=val, dataset=dataset,
-                  pool=pool, out=out, device=device, test_size=test_size, fraction=fraction,
-                  train_domain=train_domain, test_domain=test_domain, quiet=quiet, show=True, **_tune(locals()))
+        api.scale(
+            store,
+            model,
+            limits=limits,
+            probes=probes,
+            seeds=seeds,
+            split=split,
+            val=val,
+            dataset=dataset,
+            pool=pool,
+            out=out,
+            device=device,
+            test_size=test_size,
+            fraction=fraction,
+            train_domain=train_domain,
+            test_domain=test_domain,
+            quiet=quiet,
+            show=True,
+            **_tune(locals()),
+        )
     except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
         fail(e)
 
@@ -156,17 +207,36 @@ def evaluate(
     lora_rank: int = LORA_RANK(),
     lora_alpha: float = LORA_ALPHA(),
     lora_dropout: float = LORA_DROPOUT(),
-    save_adapter: Optional[str] = typer.Option(None, help="write the fitted fine-tune's adapter (safetensors + "
-                                               "provenance) to DIR, for embedcache extract --adapter DIR"),
+    save_adapter: Optional[str] = typer.Option(
+        None,
+        help="write the fitted fine-tune's adapter (safetensors + "
+        "provenance) to DIR, for embedcache extract --adapter DIR",
+    ),
     quiet: bool = QUIET(),
 ) -> None:
     """One fit on the full training split: all metrics, per-class F1, confusion matrix."""
     import probes as api
 
     try:
-        api.evaluate(store, model, probes=probes, seeds=seeds, split=split, val=val, dataset=dataset, pool=pool,
-                     out=out, device=device, test_size=test_size, train_domain=train_domain,
-                     test_domain=test_domain, quiet=quiet, show=True, save_adapter=save_adapter, **_tune(locals()))
+        api.evaluate(
+            store,
+            model,
+            probes=probes,
+            seeds=seeds,
+            split=split,
+            val=val,
+            dataset=dataset,
+            pool=pool,
+            out=out,
+            device=device,
+            test_size=test_size,
+            train_domain=train_domain,
+            test_domain=test_domain,
+            quiet=quiet,
+            show=True,
+            save_adapter=save_adapter,
+            **_tune(locals()),
+        )
     except Exception as e:  # noqa: BLE001
         fail(e)
 
@@ -175,8 +245,9 @@ def evaluate(
 def robustness(
     store: str = STORE(),
     model: str = MODEL(),
-    perturb: str = typer.Option("blur-pre,blur-post", help="perturbation families extracted with "
-                                "embedcache extract --perturb"),
+    perturb: str = typer.Option(
+        "blur-pre,blur-post", help="perturbation families extracted with embedcache extract --perturb"
+    ),
     probes: str = PROBES(),
     seeds: str = SEEDS("1"),
     split: str = SPLIT("auto", "auto (the split column when it has test cells, else stratified), column, stratified"),
@@ -191,14 +262,30 @@ def robustness(
     import probes as api
 
     try:
-        api.robustness(store, model, perturb=perturb, probes=probes, seeds=seeds, split=split, dataset=dataset,
-                       pool=pool, out=out, device=device, test_size=test_size, quiet=quiet, show=True)
+        api.robustness(
+            store,
+            model,
+            perturb=perturb,
+            probes=probes,
+            seeds=seeds,
+            split=split,
+            dataset=dataset,
+            pool=pool,
+            out=out,
+            device=device,
+            test_size=test_size,
+            quiet=quiet,
+            show=True,
+        )
     except Exception as e:  # noqa: BLE001
         fail(e)
 
 
-_VAL_FRACTION = typer.Option(0.2, help="share of the training cells held out as the validation part (the probes "
-                              "are fitted on the rest; choices are made on it, never on test)")
+_VAL_FRACTION = typer.Option(
+    0.2,
+    help="share of the training cells held out as the validation part (the probes "
+    "are fitted on the rest; choices are made on it, never on test)",
+)
 
 
 @app.command()
@@ -207,8 +294,10 @@ def ensemble(
     model: str = MODEL(),
     heads: str = typer.Option("mlp,logistic,cosine", help="three or more heads (probes), comma separated"),
     primary: Optional[str] = typer.Option(None, help="the primary head of the override rule (default: the first)"),
-    pairs: str = typer.Option("auto", help="confusion pairs 'A:B,C:D' (unordered), or auto: the primary head's top "
-                              "confusions on the validation part"),
+    pairs: str = typer.Option(
+        "auto",
+        help="confusion pairs 'A:B,C:D' (unordered), or auto: the primary head's top confusions on the validation part",
+    ),
     n_pairs: int = typer.Option(4, help="with --pairs auto: how many pairs"),
     seeds: str = SEEDS("5"),
     val_fraction: float = _VAL_FRACTION,
@@ -225,9 +314,25 @@ def ensemble(
     import probes as api
 
     try:
-        api.ensemble(store, model, heads=heads, primary=primary, pairs=pairs, n_pairs=n_pairs, seeds=seeds,
-                     val_fraction=val_fraction, split=split, val=val, dataset=dataset, pool=pool, out=out,
-                     device=device, test_size=test_size, quiet=quiet, show=True)
+        api.ensemble(
+            store,
+            model,
+            heads=heads,
+            primary=primary,
+            pairs=pairs,
+            n_pairs=n_pairs,
+            seeds=seeds,
+            val_fraction=val_fraction,
+            split=split,
+            val=val,
+            dataset=dataset,
+            pool=pool,
+            out=out,
+            device=device,
+            test_size=test_size,
+            quiet=quiet,
+            show=True,
+        )
     except Exception as e:  # noqa: BLE001
         fail(e)
 
@@ -253,9 +358,23 @@ def calibrate(
     import probes as api
 
     try:
-        api.calibrate(store, model, probes=probes, seeds=seeds, n_bins=n_bins, val_fraction=val_fraction, split=split,
-                      val=val, dataset=dataset, pool=pool, out=out, device=device, test_size=test_size, quiet=quiet,
-                      show=True)
+        api.calibrate(
+            store,
+            model,
+            probes=probes,
+            seeds=seeds,
+            n_bins=n_bins,
+            val_fraction=val_fraction,
+            split=split,
+            val=val,
+            dataset=dataset,
+            pool=pool,
+            out=out,
+            device=device,
+            test_size=test_size,
+            quiet=quiet,
+            show=True,
+        )
     except Exception as e:  # noqa: BLE001
         fail(e)
 
@@ -265,12 +384,15 @@ def selective(
     store: str = STORE(),
     model: str = MODEL(),
     probes: str = PROBES(),
-    confidence: str = typer.Option("msp,margin,entropy", help="confidences, comma separated: msp, margin, entropy, "
-                                   "agreement"),
-    target_accuracy: float = typer.Option(0.995, help="the threshold (chosen on validation) keeps cells up to this "
-                                          "accuracy; in (0, 1]"),
-    agree_with: str = typer.Option("heads", help="agreement between: heads (--heads on one backbone) or backbones "
-                                   "(the probe on every --model)"),
+    confidence: str = typer.Option(
+        "msp,margin,entropy", help="confidences, comma separated: msp, margin, entropy, agreement"
+    ),
+    target_accuracy: float = typer.Option(
+        0.995, help="the threshold (chosen on validation) keeps cells up to this accuracy; in (0, 1]"
+    ),
+    agree_with: str = typer.Option(
+        "heads", help="agreement between: heads (--heads on one backbone) or backbones (the probe on every --model)"
+    ),
     heads: str = typer.Option("logistic,mlp,cosine", help="the heads voting for --confidence agreement"),
     coverages: str = typer.Option("1,0.9,0.8,0.67,0.5", help="coverages at which accuracy and F1 are reported"),
     seeds: str = SEEDS("1"),
@@ -288,10 +410,27 @@ def selective(
     import probes as api
 
     try:
-        api.selective(store, model, probes=probes, confidence=confidence, target_accuracy=target_accuracy,
-                      agree_with=agree_with, heads=heads, coverages=coverages, seeds=seeds, val_fraction=val_fraction,
-                      split=split, val=val, dataset=dataset, pool=pool, out=out, device=device, test_size=test_size,
-                      quiet=quiet, show=True)
+        api.selective(
+            store,
+            model,
+            probes=probes,
+            confidence=confidence,
+            target_accuracy=target_accuracy,
+            agree_with=agree_with,
+            heads=heads,
+            coverages=coverages,
+            seeds=seeds,
+            val_fraction=val_fraction,
+            split=split,
+            val=val,
+            dataset=dataset,
+            pool=pool,
+            out=out,
+            device=device,
+            test_size=test_size,
+            quiet=quiet,
+            show=True,
+        )
     except Exception as e:  # noqa: BLE001
         fail(e)
 
@@ -300,8 +439,9 @@ def selective(
 def finetune(
     store: str = STORE(),
     model: str = MODEL(),
-    method: str = typer.Option("lora", help="lora, ft-last, lp, or scratch-vit (the small-patch paper's ViT from "
-                                             "scratch at the working size)"),
+    method: str = typer.Option(
+        "lora", help="lora, ft-last, lp, or scratch-vit (the small-patch paper's ViT from scratch at the working size)"
+    ),
     blocks: str = typer.Option("all", help="train the last K blocks, or all (LoRA on every block's attention)"),
     augment: Optional[str] = typer.Option(None, help="training augmentations: flip,rot90,color,blur"),
     head: str = HEAD(),
@@ -335,10 +475,28 @@ def finetune(
     import probes as api
 
     try:
-        api.finetune(store, model, method=method, blocks=blocks, augment=augment, limit=limit, seeds=seeds, split=split,
-                     val=val, dataset=dataset, pool=pool, out=out, device=device, test_size=test_size,
-                     train_domain=train_domain, test_domain=test_domain, save_adapter=save_adapter, quiet=quiet,
-                     show=True, **_tune(locals()))
+        api.finetune(
+            store,
+            model,
+            method=method,
+            blocks=blocks,
+            augment=augment,
+            limit=limit,
+            seeds=seeds,
+            split=split,
+            val=val,
+            dataset=dataset,
+            pool=pool,
+            out=out,
+            device=device,
+            test_size=test_size,
+            train_domain=train_domain,
+            test_domain=test_domain,
+            save_adapter=save_adapter,
+            quiet=quiet,
+            show=True,
+            **_tune(locals()),
+        )
     except Exception as e:  # noqa: BLE001
         fail(e)
 

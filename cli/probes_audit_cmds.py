@@ -4,11 +4,11 @@ with Typer options (:mod:`cli.common`); :mod:`cli.probes_app` registers them."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
-from cli.common import DATASET, DEVICE, K, MODEL, OUT, POOL, PROBES, QUIET, SEEDS, STORE, fail
+from cli.common import DATASET, DEVICE, MODEL, OUT, POOL, PROBES, QUIET, SEEDS, STORE, K, fail
 
 
 def audit(
@@ -17,19 +17,26 @@ def audit(
     probes: str = PROBES("logistic,knn,mlp"),
     folds: int = typer.Option(5, help="out-of-fold folds (group-aware when the store's group column has values)"),
     seeds: str = SEEDS("3"),
-    folds_by: str = typer.Option("auto", "--folds-by",
-                                 help="fold scheme: auto (group-aware when obs.group has values), group, stratified"),
+    folds_by: str = typer.Option(
+        "auto", "--folds-by", help="fold scheme: auto (group-aware when obs.group has values), group, stratified"
+    ),
     k: int = K(10, "neighbours per cell for the neighbour-disagreement evidence"),
     top: int = typer.Option(50, help="suspects in the report, contact sheet and corrections template"),
     dataset: Optional[str] = DATASET(),
     pool: str = POOL(),
     out: Optional[str] = OUT("output folder (default: audit-<models>-<date>)"),
-    cache: Optional[str] = typer.Option(None, help="out-of-fold cache file (default: beside the store, "
-                                        "<store>.embedcache/probes/audit-oof-<dataset>.parquet)"),
+    cache: Optional[str] = typer.Option(
+        None,
+        help="out-of-fold cache file (default: beside the store, "
+        "<store>.embedcache/probes/audit-oof-<dataset>.parquet)",
+    ),
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write out-of-fold predictions"),
     device: str = DEVICE(),
-    threads: Optional[int] = typer.Option(None, help="BLAS/OpenMP/torch threads for the probe fits (default: the "
-                                          "library's; 1 is often much faster on small or shared CPUs)"),
+    threads: Optional[int] = typer.Option(
+        None,
+        help="BLAS/OpenMP/torch threads for the probe fits (default: the "
+        "library's; 1 is often much faster on small or shared CPUs)",
+    ),
     html: bool = typer.Option(True, "--html/--no-html", help="write report.html"),
     quiet: bool = QUIET(),
 ) -> None:
@@ -39,9 +46,25 @@ def audit(
     try:
         if no_cache and cache:
             raise ValueError("--cache and --no-cache exclude each other")
-        api.audit(store, model, probes=probes, folds=folds, seeds=seeds, folds_by=folds_by, k=k, top=top,
-                  dataset=dataset, pool=pool, out=out, cache=False if no_cache else cache, device=device,
-                  threads=threads, html=html, quiet=quiet, show=True)
+        api.audit(
+            store,
+            model,
+            probes=probes,
+            folds=folds,
+            seeds=seeds,
+            folds_by=folds_by,
+            k=k,
+            top=top,
+            dataset=dataset,
+            pool=pool,
+            out=out,
+            cache=False if no_cache else cache,
+            device=device,
+            threads=threads,
+            html=html,
+            quiet=quiet,
+            show=True,
+        )
     except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
         fail(e)
 
@@ -49,8 +72,8 @@ def audit(
 def neighbors(
     store: str = STORE(),
     model: str = MODEL("one backbone name (or full feature key)"),
-    id: Optional[List[str]] = typer.Option(None, "--id", help="cell id to look up (repeatable)"),  # noqa: A002
-    image: Optional[List[str]] = typer.Option(None, "--image", help="new image file to embed and look up (repeatable)"),
+    id: Optional[list[str]] = typer.Option(None, "--id", help="cell id to look up (repeatable)"),  # noqa: A002
+    image: Optional[list[str]] = typer.Option(None, "--image", help="new image file to embed and look up (repeatable)"),
     k: int = K(12, "neighbours per query"),
     dataset: Optional[str] = DATASET(),
     pool: str = POOL(),
@@ -61,8 +84,18 @@ def neighbors(
     import probes as api
 
     try:
-        api.neighbors(store, model, id=id or None, image=image or None, k=k, dataset=dataset, pool=pool, out=out,
-                      device=device, show=True)
+        api.neighbors(
+            store,
+            model,
+            id=id or None,
+            image=image or None,
+            k=k,
+            dataset=dataset,
+            pool=pool,
+            out=out,
+            device=device,
+            show=True,
+        )
     except Exception as e:  # noqa: BLE001
         fail(e)
 
@@ -75,12 +108,15 @@ def relabel(
     allow_new_labels: bool = typer.Option(False, "--allow-new-labels", help="accept labels no cell carries yet"),
 ) -> None:
     """Apply reviewed label corrections; history is kept and original labels never change."""
-    import probes as api
     from rich.console import Console
+
+    import probes as api
 
     try:
         n = api.relabel(store, corrections, dataset=dataset, source=source, allow_new_labels=allow_new_labels)
     except Exception as e:  # noqa: BLE001
         fail(e)
-    Console().print(f"{n} label(s) changed (history kept, original labels unchanged); "
-                    "every later study and audit reads the new labels")
+    Console().print(
+        f"{n} label(s) changed (history kept, original labels unchanged); "
+        "every later study and audit reads the new labels"
+    )

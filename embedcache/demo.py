@@ -62,15 +62,25 @@ def synthetic_cell(kind: str, size: int, rng: np.random.Generator) -> np.ndarray
     for _ in range(rng.integers(0, 3)):  # partial neighbouring red cells at the border
         ang, dist = rng.uniform(0, 2 * np.pi), size * rng.uniform(0.65, 0.8)
         eosin += 0.8 * _rbc_density(
-            yy, xx, centre + dist * np.sin(ang), centre + dist * np.cos(ang),
-            0.27 * scale, rng.uniform(0.85, 1.0), rng.uniform(0, np.pi), 0.5, rng)
+            yy,
+            xx,
+            centre + dist * np.sin(ang),
+            centre + dist * np.cos(ang),
+            0.27 * scale,
+            rng.uniform(0.85, 1.0),
+            rng.uniform(0, np.pi),
+            0.5,
+            rng,
+        )
 
     if kind == "round":  # normal red cell: disc with central pallor
-        eosin += _rbc_density(yy, xx, cy, cx, scale * rng.uniform(0.23, 0.29),
-                              rng.uniform(0.88, 1.0), theta, rng.uniform(0.45, 0.7), rng)
+        eosin += _rbc_density(
+            yy, xx, cy, cx, scale * rng.uniform(0.23, 0.29), rng.uniform(0.88, 1.0), theta, rng.uniform(0.45, 0.7), rng
+        )
     elif kind == "elongated":  # elliptocyte: cigar-shaped, little pallor
-        eosin += _rbc_density(yy, xx, cy, cx, scale * rng.uniform(0.27, 0.34),
-                              rng.uniform(0.38, 0.6), theta, rng.uniform(0.1, 0.3), rng)
+        eosin += _rbc_density(
+            yy, xx, cy, cx, scale * rng.uniform(0.27, 0.34), rng.uniform(0.38, 0.6), theta, rng.uniform(0.1, 0.3), rng
+        )
     elif kind == "nucleated":  # white cell: pale lilac cytoplasm, dark lobed nucleus
         r = scale * rng.uniform(0.3, 0.38)
         mask, _ = _blob(yy, xx, cy, cx, r, rng.uniform(0.85, 1.0), theta, 0.04, rng)
@@ -81,14 +91,24 @@ def synthetic_cell(kind: str, size: int, rng: np.random.Generator) -> np.ndarray
         arc = rng.uniform(0.6, 1.6)  # lobes sit along a curved band
         for a in np.linspace(-arc / 2, arc / 2, n_lobes) + theta:
             ly, lx = cy + 0.35 * r * np.sin(a + np.pi / 2), cx + 0.35 * r * np.cos(a + np.pi / 2)
-            lobe, _ = _blob(yy, xx, ly, lx, r * rng.uniform(0.28, 0.38), rng.uniform(0.7, 1.0),
-                            rng.uniform(0, np.pi), 0.08, rng)
+            lobe, _ = _blob(
+                yy, xx, ly, lx, r * rng.uniform(0.28, 0.38), rng.uniform(0.7, 1.0), rng.uniform(0, np.pi), 0.08, rng
+            )
             giemsa = np.maximum(giemsa, lobe * rng.uniform(1.3, 1.8))
     else:  # "small": platelet-like fragment(s), irregular and granular
         for _ in range(rng.choice([1, 1, 1, 2])):
             oy, ox = rng.normal(0, 0.06 * size, 2)
-            mask, rn = _blob(yy, xx, cy + oy, cx + ox, scale * rng.uniform(0.08, 0.13),
-                             rng.uniform(0.6, 1.0), rng.uniform(0, np.pi), 0.25, rng)
+            mask, rn = _blob(
+                yy,
+                xx,
+                cy + oy,
+                cx + ox,
+                scale * rng.uniform(0.08, 0.13),
+                rng.uniform(0.6, 1.0),
+                rng.uniform(0, np.pi),
+                0.25,
+                rng,
+            )
             granules = rng.random((size, size)) < 0.25
             giemsa += mask * (rng.uniform(0.5, 0.8) + 0.6 * granules * (rn < 0.7))
             eosin += mask * 0.15
@@ -172,7 +192,8 @@ def demo(
         from probes import evaluate  # probes builds on embedcache: imported only when the demo probes
 
         result.eval_out = root / "eval"
-        result.evaluation = evaluate(store, r.key, probe="logistic,knn", out=result.eval_out, show=show,
-                                     quiet=not progress)
+        result.evaluation = evaluate(
+            store, r.key, probe="logistic,knn", out=result.eval_out, show=show, quiet=not progress
+        )
         step("probes", result.evaluation)
     return result

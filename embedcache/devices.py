@@ -33,7 +33,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceUnavailable(
                 f"device={str(device)!r} asks for CUDA, but torch {torch.__version__} sees no CUDA device on this "
-                "machine; use device='auto' (CUDA when present, else CPU) or 'cpu' (--device cpu)")
+                "machine; use device='auto' (CUDA when present, else CPU) or 'cpu' (--device cpu)"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise DeviceUnavailable(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif dev.type == "mps" and not torch.backends.mps.is_available():

@@ -177,5 +177,7 @@ def _check_size(size: tuple[int, int], max_pixels: int | None, p: str) -> None:
 
 
 def _too_big(what: str, max_pixels: int | None) -> str:
-    return (f"image too large to be a cell ({what}; the limit is {(max_pixels or 0) / 1e6:,.1f} megapixels, "
-            "checked before decoding); raise it with max_image_pixels= (--max-image-pixels) if it is meant")
+    return (
+        f"image too large to be a cell ({what}; the limit is {(max_pixels or 0) / 1e6:,.1f} megapixels, "
+        "checked before decoding); raise it with max_image_pixels= (--max-image-pixels) if it is meant"
+    )

@@ -41,5 +41,14 @@ def import_features_file(
     """:func:`import_features` of the arrays in the file ``features`` (see :func:`load_features`);
     the file's absolute path is kept in the provenance."""
     feats = load_features(features)
-    return import_features(out, feats, cells, backbone=backbone, labels=labels, dataset=dataset,
-                           store_dtype=store_dtype, chunk_size=chunk_size, source=str(Path(features).resolve()))
+    return import_features(
+        out,
+        feats,
+        cells,
+        backbone=backbone,
+        labels=labels,
+        dataset=dataset,
+        store_dtype=store_dtype,
+        chunk_size=chunk_size,
+        source=str(Path(features).resolve()),
+    )

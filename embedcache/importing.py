@@ -72,7 +72,11 @@ def import_features(
     ds = store.require_dataset(CellSource(dataset, "features", origin, table), name=dataset)
     with store.lock(f"features::{ds.name}::{key}"):
         fs = ds.require_feature_set(
-            key, width=int(width), pools=list(pools), chunk_size=chunk_size, dtype=store_dtype,
+            key,
+            width=int(width),
+            pools=list(pools),
+            chunk_size=chunk_size,
+            dtype=store_dtype,
             provenance=_provenance(backbone, list(pools), store_dtype, digest, source),
             fingerprint={"backbone": backbone, "imported_sha256": digest, "store_dtype": store_dtype},
         )
@@ -126,8 +130,14 @@ def _cells_table(cells, labels, n: int) -> pd.DataFrame:
     ids = cols["id"] or [f"{i:06d}" for i in range(n)]
     if len(set(ids)) != n:
         raise SourceError("cell ids must be unique")
-    return _table(ids, cols["path"] or [""] * n, cols["label"] or [""] * n,
-                  split=cols["split"], domain=cols["domain"], group=cols["group"])
+    return _table(
+        ids,
+        cols["path"] or [""] * n,
+        cols["label"] or [""] * n,
+        split=cols["split"],
+        domain=cols["domain"],
+        group=cols["group"],
+    )
 
 
 def _cast(a: np.ndarray, dtype: str, pool: str) -> np.ndarray:

@@ -52,8 +52,10 @@ class Damage:
     reason: str
 
     def __str__(self) -> str:
-        return (f"{self.dataset}/{self.key}/{self.array} chunk {self.chunk} (rows {self.rows[0]}-{self.rows[1] - 1}): "
-                f"{self.reason}")
+        return (
+            f"{self.dataset}/{self.key}/{self.array} chunk {self.chunk} (rows {self.rows[0]}-{self.rows[1] - 1}): "
+            f"{self.reason}"
+        )
 
 
 @dataclass

@@ -100,14 +100,16 @@ def commit(dataset_group: zarr.Group, current: np.ndarray, entries: Mapping[str,
     version = 1 + max([old_version or 0] + [int(k[1:]) for k in labels.group_keys() if k[1:].isdigit()])
     state = labels.create_group(f"v{version}", overwrite=True)
     checkpoint("relabel:version-created")
-    cur = state.create_array("current", shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),),
-                             dimension_names=("cell",))
+    cur = state.create_array(
+        "current", shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),), dimension_names=("cell",)
+    )
     cur[:] = _strings(current)
     checkpoint("relabel:current-written")
     hist = state.require_group("history")
     for col, values in new_history.items():
-        a = hist.create_array(col, shape=(len(values),), dtype=str, chunks=(max(1, min(len(values), 65536)),),
-                              dimension_names=("entry",))
+        a = hist.create_array(
+            col, shape=(len(values),), dtype=str, chunks=(max(1, min(len(values), 65536)),), dimension_names=("entry",)
+        )
         if len(values):
             a[:] = values
         checkpoint("relabel:history-column")

@@ -59,14 +59,17 @@ class LoadedBackbone:
             raise ValueError(f"the embed hook of {self.spec.name!r} gave pools {sorted(out)}, asked for {list(pools)}")
         for p, v in out.items():
             if tuple(v.shape) != (x.shape[0], self.spec.width):
-                raise ValueError(f"the embed hook of {self.spec.name!r} gave '{p}' features of shape "
-                                 f"{tuple(v.shape)}, expected ({x.shape[0]}, {self.spec.width})")
+                raise ValueError(
+                    f"the embed hook of {self.spec.name!r} gave '{p}' features of shape "
+                    f"{tuple(v.shape)}, expected ({x.shape[0]}, {self.spec.width})"
+                )
         return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------
+
 
 def resolve_layers(layers: Mapping[str, str]) -> dict[str, Any]:
     """Map layer names (``"SwiGLUPacked"``, ``"SiLU"``, ``"ConvStem"``) to classes."""
@@ -110,6 +113,7 @@ def num_prefix_tokens(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
+
 
 def load_backbone(name: str, weights: str | os.PathLike | None = None, revision: str | None = None) -> LoadedBackbone:
     """Build backbone ``name`` and load its weights.
@@ -161,10 +165,13 @@ def _hub_file(spec: BackboneSpec, revision: str | None) -> tuple[Path, dict]:
 
     if not spec.hub_id:
         raise WeightsUnavailable(
-            f"backbone {spec.name!r} has no Hugging Face weights: pass weights=PATH (--weights PATH) or 'random'")
+            f"backbone {spec.name!r} has no Hugging Face weights: pass weights=PATH (--weights PATH) or 'random'"
+        )
     hub, url = spec.hub_id, f"https://huggingface.co/{spec.hub_id}"
-    access = (f"Accept its terms at {url} while logged in, then set HF_TOKEN or run `hf auth login`; "
-              f"or pass --weights PATH to a local copy.")
+    access = (
+        f"Accept its terms at {url} while logged in, then set HF_TOKEN or run `hf auth login`; "
+        f"or pass --weights PATH to a local copy."
+    )
     tried: list[str] = []
     offline: BaseException | None = None
     local_only = bool(constants.HF_HUB_OFFLINE)
@@ -176,7 +183,8 @@ def _hub_file(spec: BackboneSpec, revision: str | None) -> tuple[Path, dict]:
             raise WeightsUnavailable(f"{hub} is a gated repository and this session has no access. {access}") from e
         except RepositoryNotFoundError as e:
             raise WeightsUnavailable(
-                f"repository {hub} was not found or is private/gated for this session. If it is gated: {access}") from e
+                f"repository {hub} was not found or is private/gated for this session. If it is gated: {access}"
+            ) from e
         except RevisionNotFoundError as e:
             raise WeightsUnavailable(f"revision {revision!r} does not exist in {url}") from e
         except LocalEntryNotFoundError as e:  # offline, or hub unreachable, and not cached
@@ -203,12 +211,19 @@ def _hub_file(spec: BackboneSpec, revision: str | None) -> tuple[Path, dict]:
                 f"cache ({constants.HF_HUB_CACHE}) and {mode}. On a connected machine run "
                 f"`hf download {hub}` (then copy the cache here or point HF_HUB_CACHE at it), "
                 f"or pass --weights PATH to a local checkpoint; to try the tool without any download, "
-                f"--weights random (random-init features).") from offline
+                f"--weights random (random-init features)."
+            ) from offline
         raise WeightsUnavailable(
-            f"none of the weight files {', '.join(tried)} exists in {url}{at}; pass --weights PATH instead.")
+            f"none of the weight files {', '.join(tried)} exists in {url}{at}; pass --weights PATH instead."
+        )
     path = Path(found)
-    prov = _provenance("hub", hub_id=hub, revision=_snapshot_commit(path) or revision,
-                       filename=spec.filenames[len(tried)], sha256=sha256_file(path))
+    prov = _provenance(
+        "hub",
+        hub_id=hub,
+        revision=_snapshot_commit(path) or revision,
+        filename=spec.filenames[len(tried)],
+        sha256=sha256_file(path),
+    )
     return path, prov
 
 
@@ -224,6 +239,7 @@ def _snapshot_commit(path: Path) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Files and digests
 # ---------------------------------------------------------------------------------------------
+
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes."""
@@ -270,7 +286,8 @@ def read_state_dict(path: str | os.PathLike) -> dict:
             f"refusing to load {path.name}: it holds Python objects beyond tensors and plain containers, which "
             f"torch.load(weights_only=True) does not unpickle (unpickling them could run code). Re-save just the "
             f"state dict (torch.save(model.state_dict(), ...)) or convert it to .safetensors. "
-            f"weights_only said: {blocked[:300]}") from e
+            f"weights_only said: {blocked[:300]}"
+        ) from e
     except (RuntimeError, EOFError, KeyError, ValueError) as e:
         raise WeightsUnavailable(f"{path.name} is neither a safetensors file nor a torch checkpoint: {e!r}") from e
     if not isinstance(obj, Mapping):
@@ -281,6 +298,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------------------------------
 # State-dict normalisation
 # ---------------------------------------------------------------------------------------------
+
 
 def normalise_state_dict(sd: Mapping[str, Any], model: nn.Module) -> dict:
     """Map a checkpoint onto ``model``'s keys.
@@ -298,10 +316,10 @@ def normalise_state_dict(sd: Mapping[str, Any], model: nn.Module) -> dict:
         sd = inner
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     for prefix in _PREFIXES:
-        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+        sd = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.startswith(_SSL_HEADS)}
     if any(k.startswith("backbone.") for k in sd) and not any(k.startswith("backbone.") for k in model_keys):
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
     if is_hf_vit(sd):
         sd = hf_vit_to_timm(sd, model)
     sd = _unchunk_blocks(sd, model_keys)
@@ -333,14 +351,21 @@ def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], wha
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         groups = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-        parts = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
-                 for label, keys in groups if keys]
-        raise WeightsMismatch(f"checkpoint does not fit {what}: " + "; ".join(parts)
-                              + ". Is it a checkpoint for this backbone?")
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
+            for label, keys in groups
+            if keys
+        ]
+        raise WeightsMismatch(
+            f"checkpoint does not fit {what}: " + "; ".join(parts) + ". Is it a checkpoint for this backbone?"
+        )
     model.load_state_dict(sd, strict=True)
 
 
@@ -358,16 +383,27 @@ def is_hf_vit(sd: Mapping[str, Any]) -> bool:
 
 # per-layer HF suffix -> timm suffix; legacy (on-disk, transformers 4) and transformers 5 names
 _HF_LAYER_MAP = {
-    "norm1": "norm1", "layernorm_before": "norm1",
-    "norm2": "norm2", "layernorm_after": "norm2",
-    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
-    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-    "mlp.fc1": "mlp.fc1", "intermediate.dense": "mlp.fc1", "mlp.weights_in": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2", "output.dense": "mlp.fc2", "mlp.weights_out": "mlp.fc2", "mlp.down_proj": "mlp.fc2",
+    "norm1": "norm1",
+    "layernorm_before": "norm1",
+    "norm2": "norm2",
+    "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1": "mlp.fc1",
+    "intermediate.dense": "mlp.fc1",
+    "mlp.weights_in": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "output.dense": "mlp.fc2",
+    "mlp.weights_out": "mlp.fc2",
+    "mlp.down_proj": "mlp.fc2",
 }
-_HF_QKV = {"q": ("attention.attention.query", "attention.q_proj"),
-           "k": ("attention.attention.key", "attention.k_proj"),
-           "v": ("attention.attention.value", "attention.v_proj")}
+_HF_QKV = {
+    "q": ("attention.attention.query", "attention.q_proj"),
+    "k": ("attention.attention.key", "attention.k_proj"),
+    "v": ("attention.attention.value", "attention.v_proj"),
+}
 
 
 def hf_vit_to_timm(sd: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -379,7 +415,7 @@ def hf_vit_to_timm(sd: Mapping[str, torch.Tensor], model: nn.Module | None = Non
     no antialias) and folded for ``no_embed_class`` models with registers.
     """
     prefix = next((p for p in _HF_MODEL_PREFIXES if f"{p}embeddings.patch_embeddings.projection.weight" in sd), "")
-    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     out: dict[str, torch.Tensor] = {}
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
@@ -402,8 +438,10 @@ def hf_vit_to_timm(sd: Mapping[str, torch.Tensor], model: nn.Module | None = Non
             raise WeightsMismatch(f"unrecognised key in a Hugging Face ViT checkpoint: {k}")
     for i, entries in sorted(layers.items()):
         for param in ("weight", "bias"):
-            found_qkv = [next((entries.pop(f"{n}.{param}") for n in _HF_QKV[c] if f"{n}.{param}" in entries), None)
-                         for c in "qkv"]
+            found_qkv = [
+                next((entries.pop(f"{n}.{param}") for n in _HF_QKV[c] if f"{n}.{param}" in entries), None)
+                for c in "qkv"
+            ]
             qkv = [t for t in found_qkv if t is not None]
             if len(qkv) == 3:
                 out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat(qkv, 0)

@@ -46,8 +46,19 @@ if TYPE_CHECKING:
     from .tail import TailModule
 
 ON_ERROR = ("fail", "skip")
-__all__ = ["extract", "ExtractResult", "ExtractionError", "ExtractPlan", "Variant", "compute_batch",
-           "default_workers", "resolve_device", "resolve_dtype", "DTYPES", "ON_ERROR"]
+__all__ = [
+    "extract",
+    "ExtractResult",
+    "ExtractionError",
+    "ExtractPlan",
+    "Variant",
+    "compute_batch",
+    "default_workers",
+    "resolve_device",
+    "resolve_dtype",
+    "DTYPES",
+    "ON_ERROR",
+]
 
 
 class ExtractionError(RuntimeError):
@@ -171,10 +182,24 @@ def extract(
         else:
             subset_rule = "all (the data has no split column with 'test' cells)"
     plan = ExtractPlan(
-        source=source, backbone=bb, store=store, dataset=ds, pools=pools, prep=prep, working_size=working_size,
-        device=dev, compute_dtype=compute_dtype, store_dtype=store_dtype, chunk_size=chunk_size,
-        batch_size=batch_size, num_workers=num_workers, on_error=on_error, progress=progress,
-        max_image_pixels=max_image_pixels, tail_blocks=tail_blocks, token_shape=token_shape,
+        source=source,
+        backbone=bb,
+        store=store,
+        dataset=ds,
+        pools=pools,
+        prep=prep,
+        working_size=working_size,
+        device=dev,
+        compute_dtype=compute_dtype,
+        store_dtype=store_dtype,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        on_error=on_error,
+        progress=progress,
+        max_image_pixels=max_image_pixels,
+        tail_blocks=tail_blocks,
+        token_shape=token_shape,
     )
     base = f"{safe_key(bb.key_name)}/{prep_tag}"
     result = _extract_variant(plan, Variant(key=f"{base}/clean"))
@@ -259,8 +284,13 @@ def _extract_variant(plan: ExtractPlan, variant: Variant) -> ExtractResult:
         if plan.tail_blocks is not None and plan.progress:
             _say_token_size(plan, fs, pending)
         start = time.perf_counter()
-        cells = _Cells(plan.source, working_size=plan.working_size, perturbation=variant.perturbation,
-                       subset=variant.subset, max_image_pixels=plan.max_image_pixels)
+        cells = _Cells(
+            plan.source,
+            working_size=plan.working_size,
+            perturbation=variant.perturbation,
+            subset=variant.subset,
+            max_image_pixels=plan.max_image_pixels,
+        )
         _run(plan, cells, fs, pending, result)
         result.seconds = time.perf_counter() - start
     return result
@@ -275,8 +305,14 @@ OUTSIDE = OUTSIDE_SUBSET
 class _Cells(TorchDataset):
     """Decodes (and perturbs) cells in DataLoader workers; an unreadable one comes back as its error."""
 
-    def __init__(self, source: CellSource, working_size: int | None = None, perturbation: Perturbation | None = None,
-                 subset: np.ndarray | None = None, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self,
+        source: CellSource,
+        working_size: int | None = None,
+        perturbation: Perturbation | None = None,
+        subset: np.ndarray | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
         self.source, self.working_size, self.perturbation, self.subset = source, working_size, perturbation, subset
         self.max_image_pixels = max_image_pixels
         self.rows = np.arange(0)
@@ -305,8 +341,10 @@ def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict[str, Any]:
     for j, (_, img, _) in enumerate(items):
         if img is not None:
             by_shape.setdefault(img.shape, []).append(j)
-    groups = [(torch.tensor(js), torch.from_numpy(np.stack([items[j][1] for j in js])))  # type: ignore[misc]
-              for js in by_shape.values()]  # (only readable images are grouped)
+    groups = [
+        (torch.tensor(js), torch.from_numpy(np.stack([items[j][1] for j in js])))  # type: ignore[misc]
+        for js in by_shape.values()
+    ]  # (only readable images are grouped)
     return {"rows": rows, "errors": errors, "groups": groups}
 
 
@@ -423,15 +461,25 @@ def _run(plan: ExtractPlan, cells: _Cells, fs: FeatureSet, pending: Sequence[int
             if plan.on_error == "fail" and not (ok | outside).all():
                 j = int(np.flatnonzero(~ok & ~outside)[0])
                 where = source.table["path"].iat[rows_b[j]] or ids[rows_b[j]]
-                raise ExtractionError(f"cannot read cell {ids[rows_b[j]]} ({where}): {errors[j]}; "
-                                      "use --on-error skip to record it and go on")
+                raise ExtractionError(
+                    f"cannot read cell {ids[rows_b[j]]} ({where}): {errors[j]}; "
+                    "use --on-error skip to record it and go on"
+                )
             feats = {p: np.zeros((len(rows_b), *shape), dtype=dt) for p, (shape, dt) in arrays.items()}
             if batch["groups"]:
                 order = torch.cat([js for js, _ in batch["groups"]]).numpy()
                 groups = [g for _, g in batch["groups"]]
                 if tail is None:
-                    out = compute_batch(bb.model, groups, plan.prep, dev, plan.compute_dtype, pools,
-                                        bb.num_prefix_tokens, embed_fn=bb.embed)
+                    out = compute_batch(
+                        bb.model,
+                        groups,
+                        plan.prep,
+                        dev,
+                        plan.compute_dtype,
+                        pools,
+                        bb.num_prefix_tokens,
+                        embed_fn=bb.embed,
+                    )
                 else:
                     out = compute_batch_with_tokens(bb, tail, groups, plan, dev)
                 for name in arrays:
@@ -457,10 +505,16 @@ def _run(plan: ExtractPlan, cells: _Cells, fs: FeatureSet, pending: Sequence[int
         result.chunks_written = writer.written
 
 
-def compute_batch(model: torch.nn.Module, groups: Sequence[torch.Tensor], prep: Preprocessing, dev: torch.device,
-                  compute_dtype: torch.dtype, pools: Sequence[str], num_prefix_tokens: int,
-                  embed_fn: Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]] | None = None,
-                  ) -> dict[str, np.ndarray]:
+def compute_batch(
+    model: torch.nn.Module,
+    groups: Sequence[torch.Tensor],
+    prep: Preprocessing,
+    dev: torch.device,
+    compute_dtype: torch.dtype,
+    pools: Sequence[str],
+    num_prefix_tokens: int,
+    embed_fn: Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, np.ndarray]:
     """Same-shape uint8 NHWC groups -> pooled float32 features (rows in group order).
 
     ``embed_fn(x, pools)`` (e.g. :meth:`LoadedBackbone.embed`, which honours a spec's ``embed`` hook)
@@ -476,8 +530,9 @@ def compute_batch(model: torch.nn.Module, groups: Sequence[torch.Tensor], prep: 
     return {p: v.float().cpu().numpy() for p, v in out.items()}
 
 
-def compute_batch_with_tokens(bb: LoadedBackbone, tail: TailModule, groups: Sequence[torch.Tensor],
-                              plan: ExtractPlan, dev: torch.device) -> dict[str, np.ndarray]:
+def compute_batch_with_tokens(
+    bb: LoadedBackbone, tail: TailModule, groups: Sequence[torch.Tensor], plan: ExtractPlan, dev: torch.device
+) -> dict[str, np.ndarray]:
     """Pooled features and the tokens entering the last k blocks, from one forward pass: the frozen
     prefix gives the tokens, the backbone's own tail turns them into the pooled features."""
     from .tail import tail_tokens
@@ -504,8 +559,11 @@ def _say_token_size(plan: ExtractPlan, fs: FeatureSet, pending: Sequence[int]) -
     per_cell = 2 * int(np.prod(plan.token_shape))
     cells = sum(fs.chunk_rows(c).stop - fs.chunk_rows(c).start for c in pending)
     shape = " x ".join(map(str, plan.token_shape))
-    print(f"tail tokens ({plan.tail_blocks} block(s)): {shape} float16 = {per_cell / 1024:,.1f} KB per cell; "
-          f"{cells:,} cells to write = {per_cell * cells / 2**30:,.2f} GiB before compression", file=sys.stderr)
+    print(
+        f"tail tokens ({plan.tail_blocks} block(s)): {shape} float16 = {per_cell / 1024:,.1f} KB per cell; "
+        f"{cells:,} cells to write = {per_cell * cells / 2**30:,.2f} GiB before compression",
+        file=sys.stderr,
+    )
 
 
 def _chunk_aligned_batches(fs: FeatureSet, pending: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -551,12 +609,14 @@ def _provenance(plan: ExtractPlan, variant: Variant) -> dict[str, Any]:
         "weights": dict(bb.weights),
         "preprocessing": plan.prep.as_dict(),
         "working_size": plan.working_size,
-        "perturbation": None if perturbation is None else {
-            "kind": perturbation.kind, "param": perturbation.param, "rows": variant.subset_rule},
+        "perturbation": None
+        if perturbation is None
+        else {"kind": perturbation.kind, "param": perturbation.param, "rows": variant.subset_rule},
         "pools": list(plan.pools),
         "compute": {
             "device": dev.type,
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            "device_name": torch.cuda.get_device_name(dev)
+            if dev.type == "cuda"
             else platform.processor() or platform.machine(),
             "dtype": str(plan.compute_dtype).replace("torch.", ""),
             "inference_mode": True,

@@ -31,8 +31,9 @@ def check_pools(pools: Sequence[str], num_prefix_tokens: int, name: str) -> None
 
 
 @torch.inference_mode()
-def embed(model: torch.nn.Module, x: torch.Tensor, pools: Sequence[str],
-          num_prefix_tokens: int) -> dict[str, torch.Tensor]:
+def embed(
+    model: torch.nn.Module, x: torch.Tensor, pools: Sequence[str], num_prefix_tokens: int
+) -> dict[str, torch.Tensor]:
     """Run ``model.forward_features`` and pool.
 
     ``cls`` is the first token after the final norm; ``mean`` averages the patch tokens

@@ -30,9 +30,19 @@ class Progress:
     ``enabled=False`` shows nothing. ``force_plain=True`` writes plain lines even on a terminal.
     """
 
-    def __init__(self, total: int, description: str, *, unit: str = "cells", enabled: bool = True,
-                 stream: IO[str] | None = None, interval: float = 5.0, steps: int = 10,
-                 transient: bool = False, force_plain: bool = False) -> None:
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        *,
+        unit: str = "cells",
+        enabled: bool = True,
+        stream: IO[str] | None = None,
+        interval: float = 5.0,
+        steps: int = 10,
+        transient: bool = False,
+        force_plain: bool = False,
+    ) -> None:
         self.total, self.description, self.unit = int(total), description, unit
         self.enabled, self.interval, self.steps = enabled, float(interval), max(int(steps), 1)
         self.stream = stream if stream is not None else sys.stderr
@@ -54,9 +64,16 @@ class Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
-        self._rich = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                  console=Console(file=self.stream), transient=transient)
+        self._rich = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(file=self.stream),
+            transient=transient,
+        )
         self._rich.start()
         self._task = self._rich.add_task(self.description, total=self.total, rate="")
 
@@ -90,8 +107,10 @@ class Progress:
         now = time.perf_counter() if now is None else now
         elapsed = now - self.t0
         rate = self.done / max(elapsed, 1e-9)
-        text = (f"{self.description}: {self.done}/{self.total} {self.unit}, {rate:,.0f} {self.unit}/s, "
-                f"{format_seconds(elapsed)} elapsed")
+        text = (
+            f"{self.description}: {self.done}/{self.total} {self.unit}, {rate:,.0f} {self.unit}/s, "
+            f"{format_seconds(elapsed)} elapsed"
+        )
         if 0 < self.done < self.total and rate > 0:
             text += f", {format_seconds((self.total - self.done) / rate)} left"
         return text

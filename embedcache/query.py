@@ -64,8 +64,9 @@ def embed_images(
         raise StoreError(f"'{fs.key}' is a perturbed feature set; query against the clean one")
     bb = backbone or backbone_for(fs)
     p = prov["preprocessing"]
-    prep = Preprocessing(size=p["size"], interpolation=p["interpolation"], mean=tuple(p["mean"]), std=tuple(p["std"]),
-                         fit=p["fit"])
+    prep = Preprocessing(
+        size=p["size"], interpolation=p["interpolation"], mean=tuple(p["mean"]), std=tuple(p["std"]), fit=p["fit"]
+    )
     dev = resolve_device(device)
     stored = prov["compute"]["dtype"]
     if dev.type == "cuda":

@@ -102,7 +102,7 @@ def get_spec(name: str) -> BackboneSpec:
     if key.lower() in lowered:
         return lowered[key.lower()]
     if key.startswith(TIMM_PREFIX):
-        return _timm_spec(key[len(TIMM_PREFIX):])
+        return _timm_spec(key[len(TIMM_PREFIX) :])
     close = difflib.get_close_matches(key.lower(), list(lowered), n=5, cutoff=0.5)
     if _is_timm_model(key):  # a bare timm name: the timm: form is the likeliest meaning
         close.insert(0, TIMM_PREFIX + key)
@@ -137,8 +137,11 @@ def _timm_spec(arch: str) -> BackboneSpec:
     size_t = cfg.get("input_size")  # the training size; timm's larger test_input_size costs more, only on request
     input_size = int(size_t[-1]) if size_t else 224
     test_t = cfg.get("test_input_size")
-    test_note = (f"; timm's test size is {int(test_t[-1])} (--input-size {int(test_t[-1])})"
-                 if test_t and int(test_t[-1]) != input_size else "")
+    test_note = (
+        f"; timm's test size is {int(test_t[-1])} (--input-size {int(test_t[-1])})"
+        if test_t and int(test_t[-1]) != input_size
+        else ""
+    )
     width, prefix, has_cls = _probe(lambda: timm.create_model(arch, pretrained=False, num_classes=0), input_size)
     interp = cfg.get("interpolation") or "bicubic"
     hub_id = cfg.get("hf_hub_id") or None
@@ -195,73 +198,170 @@ _SIZES = {"s": ("small", 384), "b": ("base", 768), "l": ("large", 1024), "g": ("
 
 BUILTIN: tuple[BackboneSpec, ...] = (
     BackboneSpec(
-        name="uni", arch="vit_large_patch16_224", hub_id="MahmoodLab/UNI", filenames=_BIN,
+        name="uni",
+        arch="vit_large_patch16_224",
+        hub_id="MahmoodLab/UNI",
+        filenames=_BIN,
         kwargs=dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
-        width=1024, gated=True, licence="CC-BY-NC-ND-4.0",
-        notes="UNI card: Resize(224) bilinear (+CenterCrop), ImageNet norm, CLS token."),
+        width=1024,
+        gated=True,
+        licence="CC-BY-NC-ND-4.0",
+        notes="UNI card: Resize(224) bilinear (+CenterCrop), ImageNet norm, CLS token.",
+    ),
     BackboneSpec(
-        name="uni2-h", arch="vit_giant_patch14_224", hub_id="MahmoodLab/UNI2-h", filenames=_BIN,
-        kwargs=dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
-                    mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8, dynamic_img_size=True),
-        layers=_SWIGLU, width=1536, gated=True, licence="CC-BY-NC-ND-4.0",
-        notes="1 CLS + 8 register tokens. Kwargs as in the UNI card, TRIDENT and eva."),
-    *(BackboneSpec(
-        name=f"dinobloom-{s}", arch=f"vit_{size}_patch14_dinov2", hub_id=f"1aurent/vit_{size}_patch14_224.dinobloom",
-        filenames=_ST, kwargs=dict(img_size=224, num_classes=0), width=w, licence="Apache-2.0",
-        notes="Community timm copy of DinoBloom (the 1aurent config.json was not read, loading it has not "
-              "been run). The official files (MarrLab/DinoBloom pytorch_model_*.bin, Zenodo "
-              "DinoBloom-*.pth) load with --weights PATH (raw DINOv2 keys are mapped).")
-      for s, (size, w) in _SIZES.items()),
-    *(BackboneSpec(
-        name=f"dinov2-{s}", arch=f"vit_{size}_patch14_dinov2", hub_id=f"timm/vit_{size}_patch14_dinov2.lvd142m",
-        filenames=_ST, kwargs=dict(img_size=224, num_classes=0), width=w, interpolation="bicubic",
-        licence="Apache-2.0",
-        notes="Trained at 518 px; run at 224 with pos_embed resampled by timm's checkpoint_filter_fn.")
-      for s, (size, w) in _SIZES.items()),
+        name="uni2-h",
+        arch="vit_giant_patch14_224",
+        hub_id="MahmoodLab/UNI2-h",
+        filenames=_BIN,
+        kwargs=dict(
+            img_size=224,
+            patch_size=14,
+            depth=24,
+            num_heads=24,
+            init_values=1e-5,
+            embed_dim=1536,
+            mlp_ratio=2.66667 * 2,
+            num_classes=0,
+            no_embed_class=True,
+            reg_tokens=8,
+            dynamic_img_size=True,
+        ),
+        layers=_SWIGLU,
+        width=1536,
+        gated=True,
+        licence="CC-BY-NC-ND-4.0",
+        notes="1 CLS + 8 register tokens. Kwargs as in the UNI card, TRIDENT and eva.",
+    ),
+    *(
+        BackboneSpec(
+            name=f"dinobloom-{s}",
+            arch=f"vit_{size}_patch14_dinov2",
+            hub_id=f"1aurent/vit_{size}_patch14_224.dinobloom",
+            filenames=_ST,
+            kwargs=dict(img_size=224, num_classes=0),
+            width=w,
+            licence="Apache-2.0",
+            notes="Community timm copy of DinoBloom (the 1aurent config.json was not read, loading it has not "
+            "been run). The official files (MarrLab/DinoBloom pytorch_model_*.bin, Zenodo "
+            "DinoBloom-*.pth) load with --weights PATH (raw DINOv2 keys are mapped).",
+        )
+        for s, (size, w) in _SIZES.items()
+    ),
+    *(
+        BackboneSpec(
+            name=f"dinov2-{s}",
+            arch=f"vit_{size}_patch14_dinov2",
+            hub_id=f"timm/vit_{size}_patch14_dinov2.lvd142m",
+            filenames=_ST,
+            kwargs=dict(img_size=224, num_classes=0),
+            width=w,
+            interpolation="bicubic",
+            licence="Apache-2.0",
+            notes="Trained at 518 px; run at 224 with pos_embed resampled by timm's checkpoint_filter_fn.",
+        )
+        for s, (size, w) in _SIZES.items()
+    ),
     BackboneSpec(
-        name="phikon", arch="vit_base_patch16_224", hub_id="owkin/phikon", filenames=_ST + _BIN,
-        kwargs=dict(img_size=224, num_classes=0), width=768, licence="Owkin non-commercial",
+        name="phikon",
+        arch="vit_base_patch16_224",
+        hub_id="owkin/phikon",
+        filenames=_ST + _BIN,
+        kwargs=dict(img_size=224, num_classes=0),
+        width=768,
+        licence="Owkin non-commercial",
         notes="Official HF transformers ViTModel weights, converted to timm keys on load. Unverified against "
-              "the real file; HF ViT LayerNorm eps may be 1e-12 where timm uses 1e-6."),
+        "the real file; HF ViT LayerNorm eps may be 1e-12 where timm uses 1e-6.",
+    ),
     BackboneSpec(
-        name="phikon-v2", arch="vit_large_patch16_224", hub_id="owkin/phikon-v2", filenames=_ST,
-        kwargs=dict(img_size=224, init_values=1e-5, num_classes=0), width=1024,
+        name="phikon-v2",
+        arch="vit_large_patch16_224",
+        hub_id="owkin/phikon-v2",
+        filenames=_ST,
+        kwargs=dict(img_size=224, init_values=1e-5, num_classes=0),
+        width=1024,
         licence="Owkin non-commercial (LICENSE.pdf)",
         notes="HF transformers Dinov2Model (ViT-L/16) weights converted to timm keys on load; the conversion is "
-              "tested against transformers but unverified against the real file."),
+        "tested against transformers but unverified against the real file.",
+    ),
     BackboneSpec(
-        name="ctranspath", arch="swin_tiny_patch4_window7_224",
+        name="ctranspath",
+        arch="swin_tiny_patch4_window7_224",
         hub_id="1aurent/swin_tiny_patch4_window7_224.CTransPath",
-        filenames=_ST, kwargs=dict(num_classes=0), layers={"embed_layer": "ConvStem"}, width=768,
-        default_pool=("mean",), licence="GPL-3.0",
+        filenames=_ST,
+        kwargs=dict(num_classes=0),
+        layers={"embed_layer": "ConvStem"},
+        width=768,
+        default_pool=("mean",),
+        licence="GPL-3.0",
         notes="Swin-T with our ConvStem. Bilinear per TRIDENT (the card code uses bicubic). TRIDENT uses CHIEF's "
-              "CTransPath weights instead; loading the 1aurent file has not been run."),
+        "CTransPath weights instead; loading the 1aurent file has not been run.",
+    ),
     BackboneSpec(
-        name="resnet-rs50", arch="resnetrs50", hub_id="timm/resnetrs50.tf_in1k", filenames=_ST,
-        kwargs=dict(num_classes=0), width=2048, interpolation="bicubic", default_pool=("mean",), licence="Apache-2.0",
-        notes="ImageNet-1k baseline; 224 is timm's test size (trained at 160)."),
+        name="resnet-rs50",
+        arch="resnetrs50",
+        hub_id="timm/resnetrs50.tf_in1k",
+        filenames=_ST,
+        kwargs=dict(num_classes=0),
+        width=2048,
+        interpolation="bicubic",
+        default_pool=("mean",),
+        licence="Apache-2.0",
+        notes="ImageNet-1k baseline; 224 is timm's test size (trained at 160).",
+    ),
     BackboneSpec(
-        name="h-optimus-0", arch="vit_giant_patch14_reg4_dinov2", hub_id="bioptimus/H-optimus-0", filenames=_BIN + _ST,
+        name="h-optimus-0",
+        arch="vit_giant_patch14_reg4_dinov2",
+        hub_id="bioptimus/H-optimus-0",
+        filenames=_BIN + _ST,
         kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, global_pool="token", dynamic_img_size=False),
-        width=1536, mean=HO_MEAN, std=HO_STD, gated=True, licence="Apache-2.0",
+        width=1536,
+        mean=HO_MEAN,
+        std=HO_STD,
+        gated=True,
+        licence="Apache-2.0",
         notes="1 CLS + 4 registers. Card: 224 px tiles at 0.5 um/px, no resize; bilinear is TRIDENT's. "
-              "Weight filename per TRIDENT (unverified)."),
+        "Weight filename per TRIDENT (unverified).",
+    ),
     BackboneSpec(
-        name="virchow2", arch="vit_huge_patch14_224", hub_id="paige-ai/Virchow2", filenames=_BIN + _ST,
-        kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375, global_pool="",
-                    dynamic_img_size=True),
-        layers=_SWIGLU, width=1280, interpolation="bicubic", default_pool=("cls", "mean"), gated=True,
+        name="virchow2",
+        arch="vit_huge_patch14_224",
+        hub_id="paige-ai/Virchow2",
+        filenames=_BIN + _ST,
+        kwargs=dict(
+            img_size=224,
+            init_values=1e-5,
+            num_classes=0,
+            reg_tokens=4,
+            mlp_ratio=5.3375,
+            global_pool="",
+            dynamic_img_size=True,
+        ),
+        layers=_SWIGLU,
+        width=1280,
+        interpolation="bicubic",
+        default_pool=("cls", "mean"),
+        gated=True,
         licence="CC-BY-NC-ND-4.0",
         notes="Card embedding is concat(CLS, mean of patch tokens) = 2560; stored here as two 1280-d pools. "
-              "Registers (tokens 1-4) excluded from the mean."),
+        "Registers (tokens 1-4) excluded from the mean.",
+    ),
     # DINOv3 ViTs (timm >= 1.0.20, which pyproject requires)
-    *(BackboneSpec(
-        name=f"dinov3-{s}", arch=f"vit_{_SIZES[s][0]}_patch16_dinov3",
-        hub_id=f"timm/vit_{_SIZES[s][0]}_patch16_dinov3.lvd1689m", filenames=_ST, kwargs=dict(num_classes=0),
-        width=_SIZES[s][1], input_size=256, interpolation="bicubic", licence="DINOv3 License",
-        notes="RoPE ViT with 1 CLS + 4 registers; dynamic input size (256 is timm's default). Whether the "
-              "timm copies are gated is unverified.")
-      for s in ("s", "b", "l")),
+    *(
+        BackboneSpec(
+            name=f"dinov3-{s}",
+            arch=f"vit_{_SIZES[s][0]}_patch16_dinov3",
+            hub_id=f"timm/vit_{_SIZES[s][0]}_patch16_dinov3.lvd1689m",
+            filenames=_ST,
+            kwargs=dict(num_classes=0),
+            width=_SIZES[s][1],
+            input_size=256,
+            interpolation="bicubic",
+            licence="DINOv3 License",
+            notes="RoPE ViT with 1 CLS + 4 registers; dynamic input size (256 is timm's default). Whether the "
+            "timm copies are gated is unverified.",
+        )
+        for s in ("s", "b", "l")
+    ),
 )
 
 for _spec in BUILTIN:

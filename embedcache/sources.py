@@ -106,12 +106,18 @@ def label_collisions(labels: Iterable[str]) -> list[str]:
     return [
         f"labels {', '.join(repr(v) for v in sorted(spellings))} are one number spelt {len(spellings)} ways; "
         "they are kept as distinct classes (correct the labels if they mean one class)"
-        for _, spellings in sorted(by_value.items()) if len(spellings) > 1
+        for _, spellings in sorted(by_value.items())
+        if len(spellings) > 1
     ]
 
 
-def _open(data: str | os.PathLike | np.ndarray, *, labels: Sequence[Any] | np.ndarray | None,
-          label_column: str | None, name: str | None) -> CellSource:
+def _open(
+    data: str | os.PathLike | np.ndarray,
+    *,
+    labels: Sequence[Any] | np.ndarray | None,
+    label_column: str | None,
+    name: str | None,
+) -> CellSource:
     if isinstance(data, np.ndarray):
         return _from_arrays(data, labels, name or "arrays", origin="<memory>")
     path = Path(data)
@@ -125,9 +131,7 @@ def _open(data: str | os.PathLike | np.ndarray, *, labels: Sequence[Any] | np.nd
         return _from_manifest(path, label_column, name or (path.resolve().parent.name if generic else path.stem))
     if suffix == ".npz":
         return _from_npz(path, name or path.stem)
-    raise SourceError(
-        f"cannot tell what {path} is: give a folder of images, a .csv/.parquet manifest or a .npz file"
-    )
+    raise SourceError(f"cannot tell what {path} is: give a folder of images, a .csv/.parquet manifest or a .npz file")
 
 
 def _table(ids, paths, labels, **optional) -> pd.DataFrame:
@@ -270,5 +274,12 @@ def _from_arrays(
     return CellSource(name, "arrays", origin, table, images=images)
 
 
-__all__ = ["CellSource", "SourceError", "LabelSpellingWarning", "open_source", "label_collisions", "ImageDecodeError",
-           "OBS_COLUMNS"]
+__all__ = [
+    "CellSource",
+    "SourceError",
+    "LabelSpellingWarning",
+    "open_source",
+    "label_collisions",
+    "ImageDecodeError",
+    "OBS_COLUMNS",
+]

@@ -194,8 +194,9 @@ class Store:
             obs = g.create_group("obs")
             n = len(source)
             for col in OBS_COLUMNS:
-                a = obs.create_array(col, shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),),
-                                     dimension_names=("cell",))
+                a = obs.create_array(
+                    col, shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),), dimension_names=("cell",)
+                )
                 a[:] = source.table[col].to_numpy(dtype=str)
             g.create_group("features")
             checkpoint("dataset:obs-written")
@@ -445,8 +446,9 @@ class Dataset:
             fs = FeatureSet(self, key)
             if fs.attrs["fingerprint"] != digest:
                 theirs, ours = fs.attrs.get("fingerprint_fields", {}), fingerprint
-                diff = {k: (theirs.get(k), ours.get(k)) for k in set(theirs) | set(ours)
-                        if theirs.get(k) != ours.get(k)}
+                diff = {
+                    k: (theirs.get(k), ours.get(k)) for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)
+                }
                 raise FeatureSetConflict(
                     f"feature set '{key}' exists but was made differently: "
                     + "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -462,27 +464,77 @@ class Dataset:
         n_chunks = -(-n // chunk_size)
         for pool in pools:
             if pool not in g.array_keys():
-                g.create_array(pool, shape=(n, width), dtype=dtype, chunks=(chunk_size, width), compressors=_COMPRESSOR,
-                               fill_value=0, dimension_names=("cell", "feature"))
-                g.create_array(f"crc_{pool}", shape=(n_chunks,), dtype="int64", chunks=(1,), fill_value=MISSING_CRC,
-                               compressors=None, dimension_names=("chunk",))
-                g.create_array(f"done_{pool}", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False,
-                               compressors=None, dimension_names=("chunk",))
+                g.create_array(
+                    pool,
+                    shape=(n, width),
+                    dtype=dtype,
+                    chunks=(chunk_size, width),
+                    compressors=_COMPRESSOR,
+                    fill_value=0,
+                    dimension_names=("cell", "feature"),
+                )
+                g.create_array(
+                    f"crc_{pool}",
+                    shape=(n_chunks,),
+                    dtype="int64",
+                    chunks=(1,),
+                    fill_value=MISSING_CRC,
+                    compressors=None,
+                    dimension_names=("chunk",),
+                )
+                g.create_array(
+                    f"done_{pool}",
+                    shape=(n_chunks,),
+                    dtype=bool,
+                    chunks=(1,),
+                    fill_value=False,
+                    compressors=None,
+                    dimension_names=("chunk",),
+                )
         for name, cell_shape in (tokens or {}).items():
             if name not in g.array_keys():
                 sub = token_subchunk(chunk_size, cell_shape)
-                g.create_array(name, shape=(n, *cell_shape), dtype="float16", chunks=(sub, *cell_shape),
-                               compressors=_COMPRESSOR, fill_value=0, dimension_names=_token_dims(len(cell_shape)))
-                g.create_array(f"crc_{name}", shape=(-(-n // sub),), dtype="int64", chunks=(chunk_size // sub,),
-                               fill_value=MISSING_CRC, compressors=None, dimension_names=("subchunk",))
-                g.create_array(f"done_{name}", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False,
-                               compressors=None, dimension_names=("chunk",))
+                g.create_array(
+                    name,
+                    shape=(n, *cell_shape),
+                    dtype="float16",
+                    chunks=(sub, *cell_shape),
+                    compressors=_COMPRESSOR,
+                    fill_value=0,
+                    dimension_names=_token_dims(len(cell_shape)),
+                )
+                g.create_array(
+                    f"crc_{name}",
+                    shape=(-(-n // sub),),
+                    dtype="int64",
+                    chunks=(chunk_size // sub,),
+                    fill_value=MISSING_CRC,
+                    compressors=None,
+                    dimension_names=("subchunk",),
+                )
+                g.create_array(
+                    f"done_{name}",
+                    shape=(n_chunks,),
+                    dtype=bool,
+                    chunks=(1,),
+                    fill_value=False,
+                    compressors=None,
+                    dimension_names=("chunk",),
+                )
         if fresh:
-            g.create_array("ok", shape=(n,), dtype=bool, chunks=(chunk_size,), fill_value=False,
-                           dimension_names=("cell",))
+            g.create_array(
+                "ok", shape=(n,), dtype=bool, chunks=(chunk_size,), fill_value=False, dimension_names=("cell",)
+            )
             g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_size,), dimension_names=("cell",))
-            g.create_array("crc_rows", shape=(n_chunks,), dtype="int64", chunks=(1,), fill_value=MISSING_CRC,
-                           compressors=None, dimension_names=("chunk",))
+            g.create_array(
+                "crc_rows",
+                shape=(n_chunks,),
+                dtype="int64",
+                chunks=(1,),
+                fill_value=MISSING_CRC,
+                compressors=None,
+                dimension_names=("chunk",),
+            )
             checkpoint("feature-set:arrays-created")
             g.update_attributes(
                 {
@@ -539,7 +591,7 @@ class FeatureSet:
         """A reader of the cached tokens entering the last ``k`` blocks (see :class:`TailTokens`)."""
         name = tokens_name(k)
         if name not in self.token_sets:
-            have = ", ".join(str(int(t[len(TOKENS_PREFIX):])) for t in self.token_sets) or "none"
+            have = ", ".join(str(int(t[len(TOKENS_PREFIX) :])) for t in self.token_sets) or "none"
             raise StoreError(
                 f"'{self.key}' has no cached tail tokens for {k} block(s) (has: {have}); run the extract again with "
                 f"--tail-blocks {k} (only the tokens are added; cached features are kept)"
@@ -747,8 +799,11 @@ class FeatureSet:
         self._check_complete(pool)
         arr = self.array(pool)
         blocks = [
-            da.from_delayed(_delayed_chunk(self, pool, c), shape=(self.chunk_rows(c).stop - self.chunk_rows(c).start,
-                                                                   arr.shape[1]), dtype=arr.dtype)
+            da.from_delayed(
+                _delayed_chunk(self, pool, c),
+                shape=(self.chunk_rows(c).stop - self.chunk_rows(c).start, arr.shape[1]),
+                dtype=arr.dtype,
+            )
             for c in range(self.n_chunks)
         ]
         return da.concatenate(blocks, axis=0) if blocks else da.from_zarr(arr)
@@ -797,8 +852,11 @@ class FeatureSet:
             "dtype": self.attrs["dtype"],
             "checksums": "per chunk" if self.has_checksums else "none (written by an older embedcache)",
             "tail_tokens": {
-                t: {"shape": list(self.group[t].shape), "chunks": f"{int(self.done(t).sum())}/{self.n_chunks} chunks",
-                    "bytes_per_cell": 2 * int(np.prod(self.group[t].shape[1:]))}
+                t: {
+                    "shape": list(self.group[t].shape),
+                    "chunks": f"{int(self.done(t).sum())}/{self.n_chunks} chunks",
+                    "bytes_per_cell": 2 * int(np.prod(self.group[t].shape[1:])),
+                }
                 for t in self.token_sets
             },
             "backbone": prov.get("backbone", {}).get("name"),
@@ -834,7 +892,7 @@ class TailTokens:
         self.fs, self.name = fs, name
         self.array = fs._array(name)
         self.sub = int(self.array.chunks[0])
-        self.k = int(name[len(TOKENS_PREFIX):])
+        self.k = int(name[len(TOKENS_PREFIX) :])
 
     def __len__(self) -> int:
         return self.fs.n
@@ -973,6 +1031,16 @@ def _quiet_zarr() -> Iterator[None]:
 
 
 __all__ = [
-    "open_store", "Store", "Dataset", "FeatureSet", "StoreError", "StoreBusyError", "FeatureSetConflict",
-    "ChunkDamaged", "TailTokens", "safe_key", "side_url", "tokens_name",
+    "open_store",
+    "Store",
+    "Dataset",
+    "FeatureSet",
+    "StoreError",
+    "StoreBusyError",
+    "FeatureSetConflict",
+    "ChunkDamaged",
+    "TailTokens",
+    "safe_key",
+    "side_url",
+    "tokens_name",
 ]

@@ -63,8 +63,9 @@ def _family(model: nn.Module) -> str:
         return "eva"
     if isinstance(model, ResNet):
         return "resnet"
-    raise TailError(f"cannot split a {type(model).__module__}.{type(model).__name__} into prefix and tail; "
-                    f"supported: {SUPPORTED}")
+    raise TailError(
+        f"cannot split a {type(model).__module__}.{type(model).__name__} into prefix and tail; supported: {SUPPORTED}"
+    )
 
 
 def _blocks(model: Any, family: str) -> list[nn.Module]:
@@ -87,8 +88,9 @@ def check_k(bb, k: int) -> int:
     if isinstance(k, numbers.Integral) and not isinstance(k, bool):
         k = int(k)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= depth:
-        raise TailError(f"tail of k={k!r} {unit} does not fit {type(model).__name__} with {depth} {unit}: "
-                        f"use 1..{depth}")
+        raise TailError(
+            f"tail of k={k!r} {unit} does not fit {type(model).__name__} with {depth} {unit}: use 1..{depth}"
+        )
     return k
 
 
@@ -186,7 +188,7 @@ class TailModule(nn.Module):
         if self.pool == "cls" and (self.family == "resnet" or npt == 0):
             raise ValueError(f"{type(model).__name__} has no class token: use pool='mean'")
         take = _copy.deepcopy if copy else (lambda m: m)
-        self.blocks = nn.ModuleList([take(b) for b in _blocks(model, self.family)[self.depth - self.k:]])
+        self.blocks = nn.ModuleList([take(b) for b in _blocks(model, self.family)[self.depth - self.k :]])
         if self.family == "resnet":
             self.global_pool = take(model.global_pool)
             self.drop_rate = float(getattr(model, "drop_rate", 0.0) or 0.0)
@@ -249,7 +251,7 @@ class TailModule(nn.Module):
             elif p == "cls":
                 out[p] = feats[:, 0]
             elif p == "mean":
-                out[p] = feats[:, self.num_prefix_tokens:].mean(dim=1)
+                out[p] = feats[:, self.num_prefix_tokens :].mean(dim=1)
             else:
                 out[p] = self._head_pool(feats)
         return out
@@ -259,11 +261,15 @@ class TailModule(nn.Module):
 
         if self.attn_pool is not None:
             if self.family == "vit" and not self.pool_include_prefix:
-                x = x[:, self.num_prefix_tokens:]
+                x = x[:, self.num_prefix_tokens :]
             x = self.attn_pool(x)
         elif self.family == "vit":
-            x = global_pool_nlc(x, pool_type=self.global_pool_type, num_prefix_tokens=self.num_prefix_tokens,
-                                reduce_include_prefix=self.pool_include_prefix)
+            x = global_pool_nlc(
+                x,
+                pool_type=self.global_pool_type,
+                num_prefix_tokens=self.num_prefix_tokens,
+                reduce_include_prefix=self.pool_include_prefix,
+            )
         else:
             x = global_pool_nlc(x, pool_type=self.global_pool_type, num_prefix_tokens=self.num_prefix_tokens)
         return self.fc_norm(x)
@@ -302,8 +308,9 @@ def tail_token_shape(bb, k: int, input_size: int) -> tuple[int, ...]:
     pe = model.patch_embed
     size = (input_size, input_size)
     if not getattr(model, "dynamic_img_size", False) and tuple(pe.img_size) != size and pe.strict_img_size:
-        raise TailError(f"{type(model).__name__} takes {pe.img_size[0]}x{pe.img_size[1]} input only, "
-                        f"not {input_size}x{input_size}")
+        raise TailError(
+            f"{type(model).__name__} takes {pe.img_size[0]}x{pe.img_size[1]} input only, not {input_size}x{input_size}"
+        )
     gh, gw = pe.dynamic_feat_size(size)
     return (npt + int(gh) * int(gw), int(model.embed_dim))
 
@@ -315,5 +322,14 @@ def tail_bytes_per_cell(bb, k: int, input_size: int, dtype: str = "float16") -> 
     return math.prod(tail_token_shape(bb, k, input_size)) * _DTYPE_BYTES[dtype]
 
 
-__all__ = ["POOLS", "SUPPORTED", "TailError", "TailModule", "check_k", "tail_bytes_per_cell", "tail_depth",
-           "tail_token_shape", "tail_tokens"]
+__all__ = [
+    "POOLS",
+    "SUPPORTED",
+    "TailError",
+    "TailModule",
+    "check_k",
+    "tail_bytes_per_cell",
+    "tail_depth",
+    "tail_token_shape",
+    "tail_tokens",
+]

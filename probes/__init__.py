@@ -47,5 +47,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'probes' has no attribute {name!r}")
 
 
-__all__ = ["scale", "evaluate", "robustness", "ensemble", "calibrate", "selective", "audit", "audit_arrays",
-           "AuditResult", "neighbors", "NeighborIndex", "relabel", "ProbeError", "make_probe", "PROBES"]
+__all__ = [
+    "scale",
+    "evaluate",
+    "robustness",
+    "ensemble",
+    "calibrate",
+    "selective",
+    "audit",
+    "audit_arrays",
+    "AuditResult",
+    "neighbors",
+    "NeighborIndex",
+    "relabel",
+    "ProbeError",
+    "make_probe",
+    "PROBES",
+]

@@ -65,8 +65,9 @@ def reliability(proba: np.ndarray, y: np.ndarray, n_bins: int = N_BINS, binning:
         m = ids == b
         lo, hi = (b / n_bins, (b + 1) / n_bins) if binning == "width" else (conf[m].min(), conf[m].max())
         c, a = float(conf[m].mean()), float(correct[m].mean())
-        rows.append(dict(bin=int(b), lo=float(lo), hi=float(hi), n=int(m.sum()), confidence=c, accuracy=a,
-                         gap=abs(a - c)))
+        rows.append(
+            dict(bin=int(b), lo=float(lo), hi=float(hi), n=int(m.sum()), confidence=c, accuracy=a, gap=abs(a - c))
+        )
     return pd.DataFrame(rows, columns=["bin", "lo", "hi", "n", "confidence", "accuracy", "gap"])
 
 

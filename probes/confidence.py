@@ -58,15 +58,18 @@ def agreement(pred: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
     """Fraction of all voters (``pred`` and every array of ``others``: other heads or backbones on the
     same cells) that predict what ``pred`` predicts; needs at least :data:`MIN_AGREEMENT_VOTERS` voters."""
     if len(others) + 1 < MIN_AGREEMENT_VOTERS:
-        raise ValueError(f"agreement needs at least {MIN_AGREEMENT_VOTERS} heads or backbones (this one and "
-                         f"{MIN_AGREEMENT_VOTERS - 1} others), got {len(others) + 1}")
+        raise ValueError(
+            f"agreement needs at least {MIN_AGREEMENT_VOTERS} heads or backbones (this one and "
+            f"{MIN_AGREEMENT_VOTERS - 1} others), got {len(others) + 1}"
+        )
     pred = np.asarray(pred).astype(str)
     votes = 1 + sum((np.asarray(o).astype(str) == pred).astype(np.int64) for o in others)
     return votes / (len(others) + 1)
 
 
-def confidence(kind: str, proba: np.ndarray, pred: np.ndarray | None = None,
-               others: Sequence[np.ndarray] = ()) -> np.ndarray:
+def confidence(
+    kind: str, proba: np.ndarray, pred: np.ndarray | None = None, others: Sequence[np.ndarray] = ()
+) -> np.ndarray:
     """The confidence ``kind`` (:data:`CONFIDENCES`) of each cell."""
     if kind == "msp":
         return msp(proba)
@@ -114,8 +117,7 @@ def risk_coverage(conf: np.ndarray, correct: np.ndarray) -> pd.DataFrame:
     c, err = conf[order], ~correct[order]
     ends = np.flatnonzero(np.r_[c[1:] != c[:-1], True])  # last position of each run of equal conf
     k = ends + 1
-    return pd.DataFrame({"threshold": c[ends], "coverage": k / len(c), "risk": np.cumsum(err)[ends] / k,
-                         "n_kept": k})
+    return pd.DataFrame({"threshold": c[ends], "coverage": k / len(c), "risk": np.cumsum(err)[ends] / k, "n_kept": k})
 
 
 def aurc(conf: np.ndarray, correct: np.ndarray) -> float:
@@ -158,8 +160,13 @@ def keep_top(conf: np.ndarray, coverage: float) -> np.ndarray:
     return mask
 
 
-def scores_at_coverages(y_true: np.ndarray, y_pred: np.ndarray, conf: np.ndarray, classes: Sequence[str],
-                        coverages: Sequence[float] = COVERAGES) -> pd.DataFrame:
+def scores_at_coverages(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    conf: np.ndarray,
+    classes: Sequence[str],
+    coverages: Sequence[float] = COVERAGES,
+) -> pd.DataFrame:
     """Per coverage: the kept cells' accuracy, macro and weighted precision / recall / F1 (over the
     classes present among the kept cells), ``risk`` and ``n_kept``; one row per coverage x metric."""
     y_true, y_pred = np.asarray(y_true).astype(str), np.asarray(y_pred).astype(str)
@@ -198,8 +205,11 @@ def choose_threshold(conf_val: np.ndarray, correct_val: np.ndarray, target_accur
     if not len(ok):
         return {"threshold": math.inf, "val_coverage": 0.0, "val_accuracy": float("nan")}
     best = ok.iloc[-1]
-    return {"threshold": float(best["threshold"]), "val_coverage": float(best["coverage"]),
-            "val_accuracy": float(1 - best["risk"])}
+    return {
+        "threshold": float(best["threshold"]),
+        "val_coverage": float(best["coverage"]),
+        "val_accuracy": float(1 - best["risk"]),
+    }
 
 
 def abstention_by_class(y_true: np.ndarray, kept: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -87,7 +88,7 @@ class Cells:
 def exclusion_reason(key: str) -> str:
     """Words for a key of :attr:`Cells.excluded` (``not_ok:<backbone>``, ``no_label``)."""
     if key.startswith("not_ok:"):
-        return f"not ok in {key[len('not_ok:'):]} (unreadable image or NaN/inf features; embedcache info)"
+        return f"not ok in {key[len('not_ok:') :]} (unreadable image or NaN/inf features; embedcache info)"
     return key.replace("_", " ")
 
 
@@ -176,6 +177,12 @@ def open_cells(
     table.insert(0, "row", np.flatnonzero(keep))
     table = table.reset_index(drop=True)
     return Cells(
-        store_url=st.url, dataset=ds.name, pool=pool, backbones=backbones, feature_sets=feature_sets,
-        obs=table, n_total=n, excluded=excluded,
+        store_url=st.url,
+        dataset=ds.name,
+        pool=pool,
+        backbones=backbones,
+        feature_sets=feature_sets,
+        obs=table,
+        n_total=n,
+        excluded=excluded,
     )

@@ -7,8 +7,8 @@ in-domain test cells, then every cell of each unseen domain whose class was trai
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,8 +35,9 @@ class DomainPlan:
         return "+".join(self.train)
 
     @classmethod
-    def make(cls, cells: Cells, train_domain: str | Sequence[str] | None,
-             test_domain: str | Sequence[str] | None) -> "DomainPlan | None":
+    def make(
+        cls, cells: Cells, train_domain: str | Sequence[str] | None, test_domain: str | Sequence[str] | None
+    ) -> DomainPlan | None:
         """Check the names against the store's ``domain`` column; None when no domain is asked for."""
         train, test = parse_names(train_domain or []), parse_names(test_domain or [])
         if not train:
@@ -55,13 +56,15 @@ class DomainPlan:
             raise ProbeError(f"unknown domain(s) {', '.join(unknown)}; the store has: {', '.join(present)}")
         both = sorted(set(train) & set(test))
         if both:
-            raise ProbeError(f"domain(s) {', '.join(both)} are both training and test domains; "
-                             "a domain is one or the other")
+            raise ProbeError(
+                f"domain(s) {', '.join(both)} are both training and test domains; a domain is one or the other"
+            )
         if not test:
             test = [d for d in present if d not in train]
             if not test:
-                raise ProbeError(f"every domain ({', '.join(present)}) is a training domain: "
-                                 "nothing is left to test on")
+                raise ProbeError(
+                    f"every domain ({', '.join(present)}) is a training domain: nothing is left to test on"
+                )
         return cls(train, test, np.isin(dom, train), {d: dom == d for d in test})
 
 
@@ -77,8 +80,10 @@ def evaluations(sp: Split, plan: DomainPlan | None, labels: np.ndarray, notes: l
         classes = [c for c in sp.classes if c in present]
         unseen = sorted(set(labels[mask]) - set(sp.classes))
         if unseen:
-            notes.append(f"domain {d}: {int(np.isin(labels[mask], unseen).sum())} cells of class(es) "
-                         f"{', '.join(unseen)} not scored (no training cells of that class in {plan.train_name})")
+            notes.append(
+                f"domain {d}: {int(np.isin(labels[mask], unseen).sum())} cells of class(es) "
+                f"{', '.join(unseen)} not scored (no training cells of that class in {plan.train_name})"
+            )
         if len(classes) < 1:
             notes.append(f"domain {d}: no cell of a trained class; not scored")
             continue
@@ -93,10 +98,16 @@ def domain_gaps(curves: pd.DataFrame, metric: str = MAIN_METRIC) -> pd.DataFrame
     keys = ["backbone", "feature_key", "pool", "probe", "limit"]
     cols = keys + ["mean", "std", "n_test"]
     ind = main[main["in_domain"]][cols + ["test_domain"]].rename(
-        columns={"mean": "in_domain_mean", "std": "in_domain_std", "n_test": "in_domain_n_test",
-                 "test_domain": "train_domain"})
+        columns={
+            "mean": "in_domain_mean",
+            "std": "in_domain_std",
+            "n_test": "in_domain_n_test",
+            "test_domain": "train_domain",
+        }
+    )
     ood = main[~main["in_domain"]][cols + ["test_domain"]].rename(
-        columns={"mean": "out_of_domain_mean", "std": "out_of_domain_std", "n_test": "out_of_domain_n_test"})
+        columns={"mean": "out_of_domain_mean", "std": "out_of_domain_std", "n_test": "out_of_domain_n_test"}
+    )
     both = ind.merge(ood, on=keys, how="inner")
     both["gap"] = both["in_domain_mean"] - both["out_of_domain_mean"]
     both.insert(len(keys), "metric", metric)
@@ -108,9 +119,21 @@ def domain_panels(d: pd.DataFrame | None) -> list[Panel]:
     if d is None or not len(d):
         return []
     left = ("backbone", "probe", "trained on", "tested on")
-    cols = [Col(c, "left" if c in left else "right") for c in
-            ("backbone", "probe", "limit", "trained on", "in-domain", "tested on", "out-of-domain", "gap")]
-    rows = [[r.backbone, r.probe, "all" if pd.isna(r.limit) else str(int(r.limit)), r.train_domain,
-             f"{r.in_domain_mean:.3f}", r.test_domain, f"{r.out_of_domain_mean:.3f}", f"{r.gap:+.3f}"]
-            for r in d.itertuples()]
+    cols = [
+        Col(c, "left" if c in left else "right")
+        for c in ("backbone", "probe", "limit", "trained on", "in-domain", "tested on", "out-of-domain", "gap")
+    ]
+    rows = [
+        [
+            r.backbone,
+            r.probe,
+            "all" if pd.isna(r.limit) else str(int(r.limit)),
+            r.train_domain,
+            f"{r.in_domain_mean:.3f}",
+            r.test_domain,
+            f"{r.out_of_domain_mean:.3f}",
+            f"{r.gap:+.3f}",
+        ]
+        for r in d.itertuples()
+    ]
     return [Panel("domain shift: macro-F1 in the training domain vs unseen domains (mean over seeds)", cols, rows)]

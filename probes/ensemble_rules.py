@@ -31,8 +31,10 @@ def parse_pairs(spec: str | Sequence[Sequence[str]], classes: Sequence[str]) -> 
             raise ValueError(f"bad confusion pair {item!r}: write CLASS:CLASS, pairs comma separated (A:B,C:D)")
         unknown = [c for c in parts if c not in known]
         if unknown:
-            raise ValueError(f"confusion pair {item!r} names unknown class(es) {', '.join(map(repr, unknown))}; "
-                             f"the classes are {', '.join(known)}")
+            raise ValueError(
+                f"confusion pair {item!r} names unknown class(es) {', '.join(map(repr, unknown))}; "
+                f"the classes are {', '.join(known)}"
+            )
         if parts[0] == parts[1]:
             raise ValueError(f"confusion pair {item!r} names one class twice")
         pair = (min(parts), max(parts))
@@ -61,8 +63,10 @@ def override(primary: np.ndarray, others: Sequence[np.ndarray], pairs: Sequence[
     """The paper's rule on predicted labels: where ``primary`` predicts a class of a pair and every
     array of ``others`` predicts that pair's other class, take it; elsewhere keep ``primary``."""
     if len(others) < MIN_OVERRIDE_HEADS - 1:
-        raise ValueError(f"the override rule needs the primary head and at least {MIN_OVERRIDE_HEADS - 1} other "
-                         f"heads that agree; got {len(others)} other head(s)")
+        raise ValueError(
+            f"the override rule needs the primary head and at least {MIN_OVERRIDE_HEADS - 1} other "
+            f"heads that agree; got {len(others)} other head(s)"
+        )
     primary = np.asarray(primary).astype(str)
     others = [np.asarray(o).astype(str) for o in others]
     alt = others[0]
@@ -76,8 +80,14 @@ def override(primary: np.ndarray, others: Sequence[np.ndarray], pairs: Sequence[
     return out
 
 
-def combine(rule: str, probas: Sequence[np.ndarray], classes: Sequence[str], *, primary: int = 0,
-            pairs: Sequence[tuple[str, str]] = ()) -> tuple[np.ndarray, np.ndarray]:
+def combine(
+    rule: str,
+    probas: Sequence[np.ndarray],
+    classes: Sequence[str],
+    *,
+    primary: int = 0,
+    pairs: Sequence[tuple[str, str]] = (),
+) -> tuple[np.ndarray, np.ndarray]:
     """``(labels, probabilities)`` of ``rule`` over the members' ``probas`` (each (n, K), columns in
     the order of ``classes``); ``primary`` indexes the primary member (override).
 
@@ -102,8 +112,10 @@ def combine(rule: str, probas: Sequence[np.ndarray], classes: Sequence[str], *, 
         pick = np.where(tied, mean, -np.inf).argmax(axis=1)
         return classes[pick], counts / m
     if m < MIN_OVERRIDE_HEADS:
-        raise ValueError(f"the override rule needs at least {MIN_OVERRIDE_HEADS} heads (the primary and two that "
-                         f"must agree), got {m}")
+        raise ValueError(
+            f"the override rule needs at least {MIN_OVERRIDE_HEADS} heads (the primary and two that "
+            f"must agree), got {m}"
+        )
     if not 0 <= primary < m:
         raise ValueError(f"primary index {primary} outside the {m} members")
     labels = [classes[v] for v in votes]

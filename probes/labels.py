@@ -13,8 +13,14 @@ from .data import ProbeError
 from .sampling import sort_labels
 
 
-def relabel(store: Any, corrections: str | os.PathLike | pd.DataFrame, *, dataset: str | None = None,
-            source: str | None = None, allow_new_labels: bool = False) -> int:
+def relabel(
+    store: Any,
+    corrections: str | os.PathLike | pd.DataFrame,
+    *,
+    dataset: str | None = None,
+    source: str | None = None,
+    allow_new_labels: bool = False,
+) -> int:
     """Apply reviewed corrections (CSV or table with ``id, new_label[, note]``) to the store's labels.
 
     History is kept and the original labels never change
@@ -36,16 +42,21 @@ def relabel(store: Any, corrections: str | os.PathLike | pd.DataFrame, *, datase
             raise ProbeError(f"cannot read corrections {corrections}: {e}") from e
     missing = [c for c in ("id", "new_label") if c not in corrections.columns]
     if missing:
-        raise ProbeError(f"corrections need the columns id and new_label (missing: {', '.join(missing)}; "
-                         f"has: {', '.join(map(str, corrections.columns))})")
+        raise ProbeError(
+            f"corrections need the columns id and new_label (missing: {', '.join(missing)}; "
+            f"has: {', '.join(map(str, corrections.columns))})"
+        )
     corr = corrections.astype(str)
     corr = corr.assign(id=corr["id"].str.strip(), new_label=corr["new_label"].str.strip())
     dup = corr["id"][corr["id"].duplicated()].unique()
     if len(dup):
         raise ProbeError(f"{len(dup)} id(s) appear more than once in the corrections: {', '.join(dup[:5])}")
     try:
-        st = store if isinstance(store, Store) and store.mode != "r" else embedcache.open_store(
-            store.url if isinstance(store, Store) else store, "r")
+        st = (
+            store
+            if isinstance(store, Store) and store.mode != "r"
+            else embedcache.open_store(store.url if isinstance(store, Store) else store, "r")
+        )
         ds = st.dataset(dataset)
         if not allow_new_labels:
             obs = ds.obs
@@ -53,7 +64,8 @@ def relabel(store: Any, corrections: str | os.PathLike | pd.DataFrame, *, datase
             new = sorted(set(corr["new_label"]) - known - {""})
             if new:
                 raise ProbeError(
-                    f"new label(s) no cell carries: {', '.join(new[:5])} (known: {', '.join(sort_labels(known - {''}))}); "
+                    f"new label(s) no cell carries: {', '.join(new[:5])} "
+                    f"(known: {', '.join(sort_labels(known - {''}))}); "
                     "fix the typo, or pass --allow-new-labels to introduce a class"
                 )
         return ds.apply_corrections(corr, source=source)

@@ -50,8 +50,9 @@ def class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(counts.sum() / (n_classes * counts), dtype=torch.float32)
 
 
-def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float = 2.0,
-               weight: torch.Tensor | None = None) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, y: torch.Tensor, gamma: float = 2.0, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean of ``-w_y (1 - p_y)^gamma log p_y``; ``gamma = 0`` is (weighted-sum / n) cross-entropy."""
     logp = F.log_softmax(logits.float(), dim=1).gather(1, y[:, None]).squeeze(1)
     loss = -((1.0 - logp.exp()).clamp_min(0.0) ** gamma) * logp
@@ -92,8 +93,14 @@ class FocalLoss(nn.Module):
 class HierarchicalFocalLoss(nn.Module):
     """The module docstring's loss from a target matrix ``Q`` (K, K; row t = q for true class t) and ``P``."""
 
-    def __init__(self, targets: torch.Tensor, penalties: torch.Tensor, gamma: float = 2.0,
-                 penalty_scale: float = 1.0, weight: torch.Tensor | None = None):
+    def __init__(
+        self,
+        targets: torch.Tensor,
+        penalties: torch.Tensor,
+        gamma: float = 2.0,
+        penalty_scale: float = 1.0,
+        weight: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.register_buffer("targets", torch.as_tensor(targets, dtype=torch.float32))
         self.register_buffer("penalties", torch.as_tensor(penalties, dtype=torch.float32))
@@ -115,6 +122,7 @@ class HierarchicalFocalLoss(nn.Module):
 # The hierarchy file
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Hierarchy:
     """A parsed hierarchy file; ``*_lines`` keep 1-based line numbers for later class checks."""
@@ -133,13 +141,16 @@ class Hierarchy:
         index = {c: i for i, c in enumerate(names)}
         for cls, line in self.class_lines.items():
             if cls not in index:
-                raise HierarchyError(f"{self.source}, line {line}: unknown class {cls!r}; "
-                                     f"the classes are {', '.join(names)}")
+                raise HierarchyError(
+                    f"{self.source}, line {line}: unknown class {cls!r}; the classes are {', '.join(names)}"
+                )
         for t, p, _, lt, lp in self.penalties:
             for cls, line in ((t, lt), (p, lp)):
                 if cls not in index:
-                    raise HierarchyError(f"{self.source}, line {line}: unknown class {cls!r} in a penalty; "
-                                         f"the classes are {', '.join(names)}")
+                    raise HierarchyError(
+                        f"{self.source}, line {line}: unknown class {cls!r} in a penalty; "
+                        f"the classes are {', '.join(names)}"
+                    )
         k = len(names)
         Q = torch.eye(k)
         for members in self.lineages.values():
@@ -190,8 +201,10 @@ def parse_hierarchy(text: str, source: str = "<hierarchy>") -> Hierarchy:
         at = f", line {mark.line + 1}" if mark is not None else ""
         raise HierarchyError(f"{source}{at}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if root is None or not isinstance(root, yaml.MappingNode):
-        raise HierarchyError(f"{source}, line {1 if root is None else _line(root)}: expected a mapping with keys "
-                             "lineages, penalties, smoothing, gamma (penalty_scale optional)")
+        raise HierarchyError(
+            f"{source}, line {1 if root is None else _line(root)}: expected a mapping with keys "
+            "lineages, penalties, smoothing, gamma (penalty_scale optional)"
+        )
     h = Hierarchy(source)
     seen: set[str] = set()
     for knode, vnode in root.value:
@@ -210,8 +223,10 @@ def parse_hierarchy(text: str, source: str = "<hierarchy>") -> Hierarchy:
         elif key == "penalty_scale":
             h.penalty_scale = _number(vnode, source, "penalty_scale", 0.0)
         else:
-            raise HierarchyError(f"{source}, line {_line(knode)}: unknown key {key!r}; "
-                                 "use lineages, penalties, smoothing, gamma, penalty_scale")
+            raise HierarchyError(
+                f"{source}, line {_line(knode)}: unknown key {key!r}; "
+                "use lineages, penalties, smoothing, gamma, penalty_scale"
+            )
     return h
 
 
@@ -230,8 +245,10 @@ def _parse_lineages(node, h: Hierarchy) -> None:
         for item in vnode.value:
             cls = _scalar(item, h.source, f"a class of lineage {name!r}")
             if cls in h.class_lines:
-                raise HierarchyError(f"{h.source}, line {_line(item)}: class {cls!r} is already in a lineage "
-                                     f"(line {h.class_lines[cls]}); a class belongs to one lineage")
+                raise HierarchyError(
+                    f"{h.source}, line {_line(item)}: class {cls!r} is already in a lineage "
+                    f"(line {h.class_lines[cls]}); a class belongs to one lineage"
+                )
             h.class_lines[cls] = _line(item)
             members.append(cls)
         h.lineages[name] = members
@@ -241,18 +258,21 @@ def _parse_penalties(node, h: Hierarchy) -> None:
     import yaml
 
     if not isinstance(node, yaml.SequenceNode):
-        raise HierarchyError(f"{h.source}, line {_line(node)}: penalties must be a list of "
-                             "{true: CLASS, pred: CLASS, weight: NUMBER}")
+        raise HierarchyError(
+            f"{h.source}, line {_line(node)}: penalties must be a list of {{true: CLASS, pred: CLASS, weight: NUMBER}}"
+        )
     for item in node.value:
         if not isinstance(item, yaml.MappingNode):
-            raise HierarchyError(f"{h.source}, line {_line(item)}: a penalty must be "
-                                 "{true: CLASS, pred: CLASS, weight: NUMBER}")
+            raise HierarchyError(
+                f"{h.source}, line {_line(item)}: a penalty must be {{true: CLASS, pred: CLASS, weight: NUMBER}}"
+            )
         fields = {}
         for knode, vnode in item.value:
             key = _scalar(knode, h.source, "a penalty key")
             if key not in ("true", "pred", "weight"):
-                raise HierarchyError(f"{h.source}, line {_line(knode)}: unknown penalty key {key!r}; "
-                                     "use true, pred, weight")
+                raise HierarchyError(
+                    f"{h.source}, line {_line(knode)}: unknown penalty key {key!r}; use true, pred, weight"
+                )
             fields[key] = vnode
         missing = [k for k in ("true", "pred", "weight") if k not in fields]
         if missing:
@@ -277,9 +297,16 @@ def load_hierarchy(path: str | os.PathLike) -> Hierarchy:
 # Factory
 # ---------------------------------------------------------------------------------------------
 
-def make_loss(name: str, classes: Sequence, codes: np.ndarray | None = None, *, gamma: float | None = None,
-              weights: Sequence[float] | None = None, hierarchy: str | os.PathLike | Hierarchy | None = None
-              ) -> nn.Module:
+
+def make_loss(
+    name: str,
+    classes: Sequence,
+    codes: np.ndarray | None = None,
+    *,
+    gamma: float | None = None,
+    weights: Sequence[float] | None = None,
+    hierarchy: str | os.PathLike | Hierarchy | None = None,
+) -> nn.Module:
     """A loss module over ``classes`` (codes 0..K-1 in that order).
 
     ``weighted-*``: ``weights`` (one per class) or inverse frequencies of the training ``codes``;

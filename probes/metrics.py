@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -31,8 +31,9 @@ class Scores:
     confusion: np.ndarray
 
 
-def score(y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray,
-          classes: Sequence[str] | np.ndarray) -> Scores:
+def score(
+    y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray, classes: Sequence[str] | np.ndarray
+) -> Scores:
     """All metrics over ``classes`` (the classes of the split; each has test cells).
 
     Macro averages weigh every class of the split equally; a class never predicted scores

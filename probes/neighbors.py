@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,8 +31,11 @@ ADD_BATCH = 65536  # rows normalised and added at a time while building
 # FAISS's exhaustive search: BLAS for every batch size, in (1024 query x 65536 database)-row blocks
 # (256 MiB scratch). Its defaults (no BLAS under 20 queries, 1024-row database blocks) make a
 # batch of 12-100 look-ups on 10^6 cells 10-20x slower on a small CPU.
-_FAISS_BLAS = {"distance_compute_blas_threshold": 1, "distance_compute_blas_query_bs": 1024,
-               "distance_compute_blas_database_bs": 65536}
+_FAISS_BLAS = {
+    "distance_compute_blas_threshold": 1,
+    "distance_compute_blas_query_bs": 1024,
+    "distance_compute_blas_database_bs": 65536,
+}
 
 
 @contextlib.contextmanager
@@ -56,8 +60,9 @@ class NeighborIndex:
     images exactly like the indexed ones.
     """
 
-    def __init__(self, features: np.ndarray, obs: pd.DataFrame | None = None, *, feature_set: Any = None,
-                 pool: str = "cls"):
+    def __init__(
+        self, features: np.ndarray, obs: pd.DataFrame | None = None, *, feature_set: Any = None, pool: str = "cls"
+    ):
         import faiss
 
         x = np.asarray(features)
@@ -66,7 +71,7 @@ class NeighborIndex:
         self.n, self.dim = x.shape
         self.index = faiss.IndexFlatIP(self.dim)
         for start in range(0, self.n, ADD_BATCH):  # normalised block by block: no second full copy
-            block = l2_normalize(x[start:start + ADD_BATCH])
+            block = l2_normalize(x[start : start + ADD_BATCH])
             if not np.isfinite(block).all():
                 bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
                 raise ProbeError(f"feature row {bad} holds NaN or inf; a neighbour index needs finite features")
@@ -87,7 +92,7 @@ class NeighborIndex:
         self.feature_set, self.pool = feature_set, pool
 
     @classmethod
-    def from_store(cls, store: Any, model: str, *, dataset: str | None = None, pool: str = "cls") -> "NeighborIndex":
+    def from_store(cls, store: Any, model: str, *, dataset: str | None = None, pool: str = "cls") -> NeighborIndex:
         """The index of one backbone's readable cells (``ok``; labelled or not) in ``store``."""
         names = parse_names(model)
         if len(names) != 1:
@@ -149,7 +154,11 @@ class NeighborIndex:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         if len(positions) and np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions))):
             return self.index.reconstruct_n(int(positions[0]), len(positions))
-        return np.stack([self.index.reconstruct(int(p)) for p in positions]) if len(positions) else np.zeros((0, self.dim), np.float32)
+        return (
+            np.stack([self.index.reconstruct(int(p)) for p in positions])
+            if len(positions)
+            else np.zeros((0, self.dim), np.float32)
+        )
 
     def all_neighbors(self, k: int, batch: int = QUERY_BATCH) -> tuple[np.ndarray, np.ndarray]:
         """Every indexed cell's ``k`` nearest other cells (itself excluded): (sims, positions), each (N, k)."""
@@ -168,7 +177,8 @@ class NeighborIndex:
         missing = [i for i in ids if i not in self._pos.index]
         if missing:
             raise ProbeError(
-                f"unknown cell id(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+                f"unknown cell id(s): {', '.join(missing[:5])}"
+                + (" ..." if len(missing) > 5 else "")
                 + " (ids are obs.id of the dataset; unreadable cells are not indexed)"
             )
         return self._pos[ids].to_numpy()
@@ -188,7 +198,9 @@ class NeighborIndex:
     def embed(self, images: Sequence[Any], *, device: str = "auto") -> np.ndarray:
         """Features of new images (paths or arrays) made like the indexed ones."""
         if self.feature_set is None:
-            raise ProbeError("this index was built from bare features; build it with NeighborIndex.from_store to query images")
+            raise ProbeError(
+                "this index was built from bare features; build it with NeighborIndex.from_store to query images"
+            )
         from embedcache.query import embed_images
 
         try:
@@ -208,14 +220,17 @@ class NeighborIndex:
         """Tidy rows ``query, rank, id, label, similarity, path`` (padding left out)."""
         q, r = np.nonzero(idx >= 0)
         pos = idx[q, r]
-        return pd.DataFrame({
-            "query": np.asarray(list(names), dtype=object)[q] if len(q) else np.array([], dtype=object),
-            "rank": r + 1,
-            "id": self.obs["id"].astype(str).to_numpy()[pos],
-            "label": self.obs["label"].astype(str).to_numpy()[pos],
-            "similarity": sims[q, r].astype(float),
-            "path": self.obs["path"].astype(str).to_numpy()[pos],
-        }, columns=NEIGHBOR_COLUMNS)
+        return pd.DataFrame(
+            {
+                "query": np.asarray(list(names), dtype=object)[q] if len(q) else np.array([], dtype=object),
+                "rank": r + 1,
+                "id": self.obs["id"].astype(str).to_numpy()[pos],
+                "label": self.obs["label"].astype(str).to_numpy()[pos],
+                "similarity": sims[q, r].astype(float),
+                "path": self.obs["path"].astype(str).to_numpy()[pos],
+            },
+            columns=NEIGHBOR_COLUMNS,
+        )
 
 
 @dataclass
@@ -269,14 +284,19 @@ def neighbors(
     if images:
         tables.append(idx.query_images(images, k, device=device))
         queries += [(str(im), "(new image)", str(im)) for im in images]
-    res = NeighborResult(pd.concat(tables, ignore_index=True), pd.DataFrame(queries, columns=["query", "label", "path"]), idx)
+    res = NeighborResult(
+        pd.concat(tables, ignore_index=True), pd.DataFrame(queries, columns=["query", "label", "path"]), idx
+    )
     if out is not None:
         from .reporting.contact import neighbor_sheet
         from .reporting.tables import write_files
 
         res.out = Path(out)
-        res.files = write_files(res.out, tables={"neighbors.csv": res.table},
-                                plots={"neighbors.png": lambda p: neighbor_sheet(res.table, res.queries, p)})
+        res.files = write_files(
+            res.out,
+            tables={"neighbors.csv": res.table},
+            plots={"neighbors.png": lambda p: neighbor_sheet(res.table, res.queries, p)},
+        )
     if show:
         print_neighbors(res)
     return res
@@ -289,7 +309,10 @@ def print_neighbors(res: NeighborResult, console: Any = None) -> None:
     panels = []
     for q, g in res.table.groupby("query", sort=False):
         rows = [[str(r.rank), r.id, r.label, f"{r.similarity:.4f}", r.path] for r in g.itertuples(index=False)]
-        panels.append(Panel(f"nearest cells of {q}", [Col(c, "left") for c in ("rank", "id", "label", "similarity",
-                                                                                  "path")], rows))
+        panels.append(
+            Panel(
+                f"nearest cells of {q}", [Col(c, "left") for c in ("rank", "id", "label", "similarity", "path")], rows
+            )
+        )
     lines = [f"{name}: {path}" for name, path in res.files.items()]
     print_report(panels, lines=lines, console=console)

@@ -57,16 +57,25 @@ class FittedProba(Fitted):
     probas: list[np.ndarray] = field(default_factory=list)
 
 
-def held_out_splits(cells: Cells, seeds: Sequence[int], *, split: str, val: str, test_size: float,
-                    val_fraction: float) -> tuple[dict[int, HeldOut], list[str], pd.DataFrame]:
+def held_out_splits(
+    cells: Cells, seeds: Sequence[int], *, split: str, val: str, test_size: float, val_fraction: float
+) -> tuple[dict[int, HeldOut], list[str], pd.DataFrame]:
     """Per seed the uncapped split and its fit / validation parts; the split notes and exclusions table."""
     from .heads.base import stratified_holdout
 
     if not 0 < val_fraction < 1:
-        raise ProbeError(f"val_fraction must lie between 0 and 1 (the share of training cells held out for "
-                         f"validation), got {val_fraction}")
-    sampler = Sampler(cells.labels, split, groups=cells.obs["group"].to_numpy(),
-                      split_column=cells.obs["split"].to_numpy(), val=val, test_size=test_size)
+        raise ProbeError(
+            f"val_fraction must lie between 0 and 1 (the share of training cells held out for "
+            f"validation), got {val_fraction}"
+        )
+    sampler = Sampler(
+        cells.labels,
+        split,
+        groups=cells.obs["group"].to_numpy(),
+        split_column=cells.obs["split"].to_numpy(),
+        val=val,
+        test_size=test_size,
+    )
     splits = sampler.check_limits([None], seeds)
     notes = split_notes(cells, sampler, splits)
     held: dict[int, HeldOut] = {}
@@ -74,8 +83,10 @@ def held_out_splits(cells: Cells, seeds: Sequence[int], *, split: str, val: str,
         codes = class_codes(cells.labels[sp.train], sp.classes)
         fit, v = stratified_holdout(codes, val_fraction, seed)
         if len(v) == 0:
-            raise ProbeError(f"seed {seed}: no training cell left for the validation part ({len(sp.train)} training "
-                             "cells); use more cells or a larger val_fraction")
+            raise ProbeError(
+                f"seed {seed}: no training cell left for the validation part ({len(sp.train)} training "
+                "cells); use more cells or a larger val_fraction"
+            )
         held[seed] = HeldOut(sp, sp.train[fit], sp.train[v])
     return held, notes, split_exclusions(cells, sampler, splits)
 
@@ -88,15 +99,18 @@ def _constructor(make_probe: Callable[..., Any] | None) -> Callable[..., Any]:
     return default
 
 
-def require_probabilities(probes: Sequence[str], make_probe: Callable[..., Any] | None = None, *,
-                          what: str = "this study") -> None:
+def require_probabilities(
+    probes: Sequence[str], make_probe: Callable[..., Any] | None = None, *, what: str = "this study"
+) -> None:
     """Refuse, before any fit, a probe that gives no class probabilities (no ``predict_proba``)."""
     ctor = _constructor(make_probe)
     for name in probes:
         est = ctor(name, seed=0, device="cpu")
         if not callable(getattr(est, "predict_proba", None)):
-            raise ProbeError(f"probe '{name}' gives no class probabilities (no predict_proba); {what} needs them: "
-                             "use a probe that has them (logistic, knn, mlp, cosine, svm...)")
+            raise ProbeError(
+                f"probe '{name}' gives no class probabilities (no predict_proba); {what} needs them: "
+                "use a probe that has them (logistic, knn, mlp, cosine, svm...)"
+            )
 
 
 def proba_columns(est: Any, classes: Sequence[str]) -> np.ndarray:
@@ -129,13 +143,21 @@ def fit_proba(job: FitJob, device: str = "auto", make_probe: Callable[..., Any] 
     except ProbeError:
         raise
     except Exception as e:  # a library failing deep inside: say where, keep the cause
-        raise ProbeError(f"{where} failed ({len(job.y_train)} training cells, {job.n_classes} classes): "
-                         f"{type(e).__name__}: {e}") from e
+        raise ProbeError(
+            f"{where} failed ({len(job.y_train)} training cells, {job.n_classes} classes): {type(e).__name__}: {e}"
+        ) from e
     return FittedProba(job, preds, seconds, info, probas=probas)
 
 
-def fit_probas(cells: Cells, held: dict[int, HeldOut], probes: Sequence[str], *, device: str = "auto",
-               quiet: bool = False, make_probe: Callable[..., Any] | None = None) -> Iterator[FittedProba]:
+def fit_probas(
+    cells: Cells,
+    held: dict[int, HeldOut],
+    probes: Sequence[str],
+    *,
+    device: str = "auto",
+    quiet: bool = False,
+    make_probe: Callable[..., Any] | None = None,
+) -> Iterator[FittedProba]:
     """Every probe on every backbone x seed: fitted on the fit part, predicting the validation part and
     the test cells (features read once per backbone, matrices once per seed)."""
     total = len(cells.backbones) * len(held) * len(probes)
@@ -169,13 +191,25 @@ def class_codes(labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
 def base_row(name: str, cells: Cells, fitted: FittedProba, split: str) -> dict[str, Any]:
     """The keys every tidy row of a held-out study starts with."""
     job, h = fitted.job, fitted.job.tag
-    return dict(study=name, dataset=cells.dataset, backbone=job.backbone, feature_key=cells.feature_key(job.backbone),
-                pool=cells.pool, probe=job.probe, seed=job.seed, split=split, n_fit=len(h.fit), n_val=len(h.val),
-                n_test=len(h.test), n_classes=len(h.classes))
+    return dict(
+        study=name,
+        dataset=cells.dataset,
+        backbone=job.backbone,
+        feature_key=cells.feature_key(job.backbone),
+        pool=cells.pool,
+        probe=job.probe,
+        seed=job.seed,
+        split=split,
+        n_fit=len(h.fit),
+        n_val=len(h.val),
+        n_test=len(h.test),
+        n_classes=len(h.classes),
+    )
 
 
-def score_rows(base: dict[str, Any], y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str],
-               **key: Any) -> list[dict[str, Any]]:
+def score_rows(
+    base: dict[str, Any], y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], **key: Any
+) -> list[dict[str, Any]]:
     """Tidy rows of every metric of :func:`probes.metrics.score` (accuracy, macro and weighted P/R/F1...)
     and the per-class F1 (``class_f1``), each ``{**base, **key, metric, class, value}``."""
     from .metrics import CLASS_METRIC, score
@@ -189,8 +223,11 @@ def score_rows(base: dict[str, Any], y_true: np.ndarray, y_pred: np.ndarray, cla
 def seed_summary(results: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Mean and std (sample std; 0 with one seed) of ``value`` over seeds per ``keys`` x metric x class."""
     by = [*keys, "metric", "class"]
-    out = results.groupby(by, sort=False, dropna=False).agg(
-        mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique")).reset_index()
+    out = (
+        results.groupby(by, sort=False, dropna=False)
+        .agg(mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"))
+        .reset_index()
+    )
     out["std"] = out["std"].fillna(0.0)
     return out
 

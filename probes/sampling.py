@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -242,8 +242,15 @@ class Sampler:
                 f"{1 - self.test_size:.0%}/{self.test_size:.0%} split ({e}); use a larger limit"
             ) from None
         return Split(
-            "stratified", limit, seed, np.sort(train), np.sort(test), scored, excluded,
-            exceeds_data=limit is not None and limit >= largest, largest_class=largest,
+            "stratified",
+            limit,
+            seed,
+            np.sort(train),
+            np.sort(test),
+            scored,
+            excluded,
+            exceeds_data=limit is not None and limit >= largest,
+            largest_class=largest,
         )
 
     def _fixed_test(self, limit: int | None, seed: int) -> Split:
@@ -263,14 +270,23 @@ class Sampler:
                 excluded[c] = f"{len(tr)} training cells < FlagMin {fm}" if fm else "no training cells"
                 continue
             if len(te) == 0:
-                excluded[c] = "no test cells" + (" (every group of this class fell on the training side)" if self.mode == "group" else "")
+                excluded[c] = "no test cells" + (
+                    " (every group of this class fell on the training side)" if self.mode == "group" else ""
+                )
                 continue
             kept_train.append(_cap(tr, limit, seed, c))
             kept_test.append(te)
         scored = _check_classes(kept_train, self.labels, limit, fm, largest, excluded)
         return Split(
-            self.mode, limit, seed, np.sort(np.concatenate(kept_train)), np.sort(np.concatenate(kept_test)),
-            scored, excluded, exceeds_data=limit is not None and limit >= largest, largest_class=largest,
+            self.mode,
+            limit,
+            seed,
+            np.sort(np.concatenate(kept_train)),
+            np.sort(np.concatenate(kept_test)),
+            scored,
+            excluded,
+            exceeds_data=limit is not None and limit >= largest,
+            largest_class=largest,
         )
 
 

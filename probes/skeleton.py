@@ -28,9 +28,10 @@ import datetime as _dt
 import json
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,12 +41,34 @@ from .reporting.console import Panel, print_report, progress
 from .reporting.tables import write_files
 
 FIT_COLUMNS = [
-    "backbone", "probe", "limit", "seed", "n_train", "seconds",
-    "C", "val_f1", "n_iter", "converged", "precision", "backend", "exact_fallbacks",
-    "best_epoch", "epochs_run", "n_trainable",
+    "backbone",
+    "probe",
+    "limit",
+    "seed",
+    "n_train",
+    "seconds",
+    "C",
+    "val_f1",
+    "n_iter",
+    "converged",
+    "precision",
+    "backend",
+    "exact_fallbacks",
+    "best_epoch",
+    "epochs_run",
+    "n_trainable",
 ]
-FIT_ATTRS = ("C_", "val_f1_", "n_iter_", "converged_", "precision_", "backend_", "exact_fallbacks_",
-             "best_epoch_", "n_trainable_")
+FIT_ATTRS = (
+    "C_",
+    "val_f1_",
+    "n_iter_",
+    "converged_",
+    "precision_",
+    "backend_",
+    "exact_fallbacks_",
+    "best_epoch_",
+    "n_trainable_",
+)
 EPOCH_COLUMNS = ["backbone", "probe", "limit", "seed", "epoch", "train_loss", "val_macro_f1", "best", "seconds"]
 
 
@@ -125,15 +148,30 @@ class Fitted:
     def fit_row(self) -> dict[str, Any]:
         """The job's row of ``fits.csv`` (:data:`FIT_COLUMNS`)."""
         j = self.job
-        return dict(backbone=j.backbone, probe=j.probe, limit=j.limit, seed=j.seed, n_train=len(j.y_train),
-                    seconds=self.seconds, epochs_run=len(self.history) if self.history is not None else None,
-                    **self.info)
+        return dict(
+            backbone=j.backbone,
+            probe=j.probe,
+            limit=j.limit,
+            seed=j.seed,
+            n_train=len(j.y_train),
+            seconds=self.seconds,
+            epochs_run=len(self.history) if self.history is not None else None,
+            **self.info,
+        )
 
     def epoch_rows(self) -> list[dict[str, Any]]:
         """The job's rows of ``epochs.csv`` (:data:`EPOCH_COLUMNS`); none for probes without epochs."""
         j = self.job
-        return [dict(backbone=j.backbone, probe=j.probe, limit=j.limit, seed=j.seed,
-                     **{k: h.get(k) for k in EPOCH_COLUMNS[4:]}) for h in self.history or ()]
+        return [
+            dict(
+                backbone=j.backbone,
+                probe=j.probe,
+                limit=j.limit,
+                seed=j.seed,
+                **{k: h.get(k) for k in EPOCH_COLUMNS[4:]},
+            )
+            for h in self.history or ()
+        ]
 
 
 def fit_info(est: Any) -> dict[str, Any]:
@@ -158,8 +196,11 @@ def fit_predict(job: FitJob, device: str = "auto", make_probe: Callable[..., Any
     """
     if make_probe is None:  # the heads, and the fine-tunes (lp, ft-last, lora, scratch-vit)
         from .finetune.study_inputs import make_tune_probe as make_probe
-    where = (f"probe '{job.probe}' on {job.backbone}" + (f" at limit {job.limit}" if job.limit is not None else "")
-             + f", seed {job.seed}")
+    where = (
+        f"probe '{job.probe}' on {job.backbone}"
+        + (f" at limit {job.limit}" if job.limit is not None else "")
+        + f", seed {job.seed}"
+    )
     try:
         est = make_probe(job.probe, seed=job.seed, device=device, **job.params)
         t0 = time.perf_counter()
@@ -171,13 +212,20 @@ def fit_predict(job: FitJob, device: str = "auto", make_probe: Callable[..., Any
     except ProbeError:
         raise
     except Exception as e:  # a library failing deep inside: say where, keep the cause
-        raise ProbeError(f"{where} failed ({len(job.y_train)} training cells, {job.n_classes} classes): "
-                         f"{type(e).__name__}: {e}") from e
+        raise ProbeError(
+            f"{where} failed ({len(job.y_train)} training cells, {job.n_classes} classes): {type(e).__name__}: {e}"
+        ) from e
     return Fitted(job, preds, seconds, info, history)
 
 
-def run_plan(jobs: Iterable[FitJob], total: int, *, device: str = "auto", quiet: bool = False,
-             make_probe: Callable[..., Any] | None = None) -> Iterator[Fitted]:
+def run_plan(
+    jobs: Iterable[FitJob],
+    total: int,
+    *,
+    device: str = "auto",
+    quiet: bool = False,
+    make_probe: Callable[..., Any] | None = None,
+) -> Iterator[Fitted]:
     """Fit every job in turn under one progress bar (``total`` fits; none shown when ``quiet``)."""
     with progress(total, quiet) as advance:
         for job in jobs:
@@ -193,9 +241,11 @@ def fit_table(rows: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
     stopped = table[table["converged"] == False]  # noqa: E712 - None (not an iterative probe) is not False
     notes = []
     if len(stopped):
-        notes.append(f"{len(stopped)} of {len(table)} fits stopped at their iteration limit before meeting "
-                     "the stopping rule (converged = False in fits.csv): "
-                     + ", ".join(sorted({f"{b} · {p}" for b, p in zip(stopped["backbone"], stopped["probe"])})))
+        notes.append(
+            f"{len(stopped)} of {len(table)} fits stopped at their iteration limit before meeting "
+            "the stopping rule (converged = False in fits.csv): "
+            + ", ".join(sorted({f"{b} · {p}" for b, p in zip(stopped["backbone"], stopped["probe"])}))
+        )
     return table, notes
 
 
@@ -212,9 +262,16 @@ def show_summary(quiet: bool, show: bool | None) -> bool:
     return bool(show) if show is not None else not quiet
 
 
-def finish(result: Any, *, tables: Mapping[str, pd.DataFrame], plots: Mapping[str, Callable[[Path], Any]] | None = None,
-           documents: Mapping[str, Any] | None = None, panels: Sequence[Panel] = (), lines: Sequence[str] = (),
-           show: bool = True) -> dict[str, Path]:
+def finish(
+    result: Any,
+    *,
+    tables: Mapping[str, pd.DataFrame],
+    plots: Mapping[str, Callable[[Path], Any]] | None = None,
+    documents: Mapping[str, Any] | None = None,
+    panels: Sequence[Panel] = (),
+    lines: Sequence[str] = (),
+    show: bool = True,
+) -> dict[str, Path]:
     """Write a study's files under ``result.out`` (setting ``result.files``) and print its panels,
     ``lines``, ``result.notes`` and where the files went."""
     result.files = write_files(result.out, tables=tables, plots=plots, documents=documents)

@@ -10,9 +10,10 @@ probe (features read once per backbone, test matrices once per split), runs them
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,9 +25,26 @@ from .sampling import Sampler, Split, flag_min
 from .skeleton import FitJob, epoch_table, fit_table, run_plan
 
 RESULT_COLUMNS = [
-    "study", "dataset", "backbone", "feature_key", "pool", "probe", "limit", "seed", "split",
-    "train_domain", "test_domain", "in_domain",
-    "n_train", "n_test", "n_classes", "metric", "class", "value", "seconds", "exceeds_data",
+    "study",
+    "dataset",
+    "backbone",
+    "feature_key",
+    "pool",
+    "probe",
+    "limit",
+    "seed",
+    "split",
+    "train_domain",
+    "test_domain",
+    "in_domain",
+    "n_train",
+    "n_test",
+    "n_classes",
+    "metric",
+    "class",
+    "value",
+    "seconds",
+    "exceeds_data",
 ]
 CONFUSION_COLUMNS = ["backbone", "probe", "limit", "seed", "test_domain", "true", "pred", "count"]
 CURVE_KEYS = ["backbone", "feature_key", "pool", "probe", "test_domain", "in_domain"]
@@ -68,9 +86,22 @@ class SplitFits:
     epochs: pd.DataFrame | None = None  # probes.skeleton.EPOCH_COLUMNS
 
 
-def fit_splits(name: str, cells: Cells, limits: Sequence[int | None], seeds: Sequence[int], probes: Sequence[str], *,
-               split: str, val: str, test_size: float, device: str, quiet: bool, plan: DomainPlan | None = None,
-               make_probe: Callable[..., Any] | None = None, inputs: Any = None) -> SplitFits:
+def fit_splits(
+    name: str,
+    cells: Cells,
+    limits: Sequence[int | None],
+    seeds: Sequence[int],
+    probes: Sequence[str],
+    *,
+    split: str,
+    val: str,
+    test_size: float,
+    device: str,
+    quiet: bool,
+    plan: DomainPlan | None = None,
+    make_probe: Callable[..., Any] | None = None,
+    inputs: Any = None,
+) -> SplitFits:
     """Every probe on every backbone's (limit, seed) split, scored on the split's test sets.
 
     ``inputs`` (a :class:`probes.finetune.study_inputs.TuneInputs`) gives the fine-tune probes their
@@ -79,8 +110,12 @@ def fit_splits(name: str, cells: Cells, limits: Sequence[int | None], seeds: Seq
     if len(inside) == 0:
         raise ProbeError(f"no usable cell in training domain(s) {plan.train_name if plan else ''}")
     sampler = Sampler(
-        cells.labels[inside], split, groups=cells.obs["group"].to_numpy()[inside],
-        split_column=cells.obs["split"].to_numpy()[inside], val=val, test_size=test_size,
+        cells.labels[inside],
+        split,
+        groups=cells.obs["group"].to_numpy()[inside],
+        split_column=cells.obs["split"].to_numpy()[inside],
+        val=val,
+        test_size=test_size,
     )
     splits = {k: _lift(sp, inside) for k, sp in sampler.check_limits(limits, seeds).items()}  # bad limits fail here
     notes = split_notes(cells, sampler, splits)
@@ -106,10 +141,21 @@ def fit_splits(name: str, cells: Cells, limits: Sequence[int | None], seeds: Seq
         for (test_domain, in_domain, pos, classes), pred in zip(tests, done.predictions):
             sc = score(cells.labels[pos], pred, classes)
             base = dict(
-                study=name, dataset=cells.dataset, backbone=job.backbone, feature_key=cells.feature_key(job.backbone),
-                pool=cells.pool, probe=job.probe, limit=sp.limit, seed=sp.seed, split=split,
-                train_domain=train_domain, test_domain=test_domain, in_domain=in_domain, n_train=len(sp.train),
-                n_test=len(pos), n_classes=len(classes),
+                study=name,
+                dataset=cells.dataset,
+                backbone=job.backbone,
+                feature_key=cells.feature_key(job.backbone),
+                pool=cells.pool,
+                probe=job.probe,
+                limit=sp.limit,
+                seed=sp.seed,
+                split=split,
+                train_domain=train_domain,
+                test_domain=test_domain,
+                in_domain=in_domain,
+                n_train=len(sp.train),
+                n_test=len(pos),
+                n_classes=len(classes),
             )
             extra = dict(seconds=done.seconds, exceeds_data=sp.exceeds_data)
             rows += [{**base, "metric": m, "class": "", "value": v, **extra} for m, v in sc.values.items()]
@@ -123,15 +169,24 @@ def fit_splits(name: str, cells: Cells, limits: Sequence[int | None], seeds: Seq
     conf = pd.DataFrame(confusion, columns=CONFUSION_COLUMNS)
     conf["limit"] = conf["limit"].astype("Int64")
     fits, fit_notes = fit_table(fit_rows)
-    return SplitFits(results, conf, fits, split_exclusions(cells, sampler, splits), notes + fit_notes, splits, evals,
-                     epochs=epoch_table(epoch_rows) if epoch_rows else None)
+    return SplitFits(
+        results,
+        conf,
+        fits,
+        split_exclusions(cells, sampler, splits),
+        notes + fit_notes,
+        splits,
+        evals,
+        epochs=epoch_table(epoch_rows) if epoch_rows else None,
+    )
 
 
 def _jobs(cells: Cells, splits: dict, evals: dict, probes: Sequence[str], inputs: Any = None) -> Iterator[FitJob]:
     """The plan: per backbone, only the rows some split uses are read, once; test matrices once per split.
     Fine-tunes get readers of their split's cells instead (tokens / images read in minibatches)."""
-    needed = np.unique(np.concatenate([sp.train for sp in splits.values()]
-                                      + [e[2] for ev in evals.values() for e in ev]))
+    needed = np.unique(
+        np.concatenate([sp.train for sp in splits.values()] + [e[2] for ev in evals.values() for e in ev])
+    )
     pooled = [p for p in probes if inputs is None or inputs.source(p) == "features"]
     for backbone in cells.backbones:
         x_all = cells.features(backbone, needed) if pooled else None
@@ -155,8 +210,18 @@ def _jobs(cells: Cells, splits: dict, evals: dict, probes: Sequence[str], inputs
                 else:
                     tr = inputs.reader(backbone, probe, sp.train, sp.seed)
                     tests = [inputs.reader(backbone, probe, pos, sp.seed) for _, _, pos, _ in evals[key]]
-                yield FitJob(backbone, probe, sp.seed, tr, y_tr, tests, limit=sp.limit, n_classes=len(sp.classes),
-                             tag=(sp, evals[key]), params=params)
+                yield FitJob(
+                    backbone,
+                    probe,
+                    sp.seed,
+                    tr,
+                    y_tr,
+                    tests,
+                    limit=sp.limit,
+                    n_classes=len(sp.classes),
+                    tag=(sp, evals[key]),
+                    params=params,
+                )
 
 
 def _lift(sp: Split, inside: np.ndarray) -> Split:
@@ -171,9 +236,14 @@ def over_seeds(results: pd.DataFrame) -> pd.DataFrame:
     keys = CURVE_KEYS + ["limit", "metric", "class"]
     g = results.groupby(keys, dropna=False, sort=False)
     out = g.agg(
-        mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"),
-        n_train=("n_train", "mean"), n_test=("n_test", "mean"), n_classes=("n_classes", "max"),
-        seconds=("seconds", "mean"), exceeds_data=("exceeds_data", "any"),
+        mean=("value", "mean"),
+        std=("value", "std"),
+        n_seeds=("seed", "nunique"),
+        n_train=("n_train", "mean"),
+        n_test=("n_test", "mean"),
+        n_classes=("n_classes", "max"),
+        seconds=("seconds", "mean"),
+        exceeds_data=("exceeds_data", "any"),
     ).reset_index()
     out["std"] = out["std"].fillna(0.0)
     return out
@@ -186,15 +256,30 @@ def confusion_matrices(confusion: pd.DataFrame) -> list[dict]:
     for (b, p, lim, s, dom), c in confusion.groupby(keys, sort=False, dropna=False):
         labels = list(dict.fromkeys(c["true"]))
         m = c.pivot(index="true", columns="pred", values="count").reindex(index=labels, columns=labels)
-        out.append({"backbone": b, "probe": p, "limit": None if pd.isna(lim) else int(lim), "seed": int(s),
-                    "test_domain": dom, "labels": labels, "matrix": m.to_numpy().astype(int).tolist()})
+        out.append(
+            {
+                "backbone": b,
+                "probe": p,
+                "limit": None if pd.isna(lim) else int(lim),
+                "seed": int(s),
+                "test_domain": dom,
+                "labels": labels,
+                "matrix": m.to_numpy().astype(int).tolist(),
+            }
+        )
     return out
 
 
 def common_tables(res: StudyResult) -> dict[str, pd.DataFrame]:
     """The tables every split study writes (file name -> table)."""
-    tables = {"results.csv": res.results, "results.parquet": res.results, "curves.csv": res.curves,
-              "summary.csv": res.summary, "exclusions.csv": res.exclusions, "confusion.csv": res.confusion}
+    tables = {
+        "results.csv": res.results,
+        "results.parquet": res.results,
+        "curves.csv": res.curves,
+        "summary.csv": res.summary,
+        "exclusions.csv": res.exclusions,
+        "confusion.csv": res.confusion,
+    }
     if res.fits is not None:
         tables["fits.csv"] = res.fits
     if res.epochs is not None:
@@ -212,8 +297,10 @@ def split_notes(cells: Cells, sampler: Sampler, splits: dict) -> list[str]:
     """What was left out, per limit: excluded cells, classes below FlagMin, limits beyond the data."""
     notes = cells.exclusion_lines()
     if sampler.mode == "column" and sampler.unassigned:
-        notes.append(f"{sampler.unassigned} cells excluded: split column neither train"
-                     f"{'/val' if sampler.val == 'train' else ''} nor test")
+        notes.append(
+            f"{sampler.unassigned} cells excluded: split column neither train"
+            f"{'/val' if sampler.val == 'train' else ''} nor test"
+        )
     seen: set = set()
     for (limit, _), sp in splits.items():
         if limit is None:
@@ -225,12 +312,16 @@ def split_notes(cells: Cells, sampler: Sampler, splits: dict) -> list[str]:
         key = (limit, tuple(sorted(sp.excluded.items())))
         if sp.excluded and key not in seen:
             seen.add(key)
-            notes.append(f"limit {limit} (FlagMin {flag_min(limit)}): class(es) excluded: "
-                         + "; ".join(f"{c} ({why})" for c, why in sp.excluded.items()))
+            notes.append(
+                f"limit {limit} (FlagMin {flag_min(limit)}): class(es) excluded: "
+                + "; ".join(f"{c} ({why})" for c, why in sp.excluded.items())
+            )
         if sp.exceeds_data and ("exceeds", limit) not in seen:
             seen.add(("exceeds", limit))
-            notes.append(f"limit {limit} >= the largest class ({sp.largest_class} cells): no class is capped, "
-                         "the set is the full data")
+            notes.append(
+                f"limit {limit} >= the largest class ({sp.largest_class} cells): no class is capped, "
+                "the set is the full data"
+            )
     return notes
 
 
@@ -240,8 +331,15 @@ def split_exclusions(cells: Cells, sampler: Sampler, splits: dict) -> pd.DataFra
     for key, n in cells.excluded.items():
         rows.append(dict(limit=None, seed=None, **{"class": ""}, cells=n, reason=exclusion_reason(key)))
     if sampler.mode == "column":
-        rows.append(dict(limit=None, seed=None, **{"class": ""}, cells=sampler.unassigned,
-                         reason="split column neither train nor test"))
+        rows.append(
+            dict(
+                limit=None,
+                seed=None,
+                **{"class": ""},
+                cells=sampler.unassigned,
+                reason="split column neither train nor test",
+            )
+        )
     counts = pd.Series(cells.labels).value_counts()
     for (limit, seed), sp in splits.items():
         for c, why in sp.excluded.items():

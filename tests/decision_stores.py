@@ -22,16 +22,16 @@ def column_split(y: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> np
     return split.astype(str)
 
 
-def decision_store(path: Path, X: np.ndarray, y: np.ndarray, *, split: np.ndarray | None = None,
-                   views: dict[str, slice] | None = None) -> Path:
+def decision_store(
+    path: Path, X: np.ndarray, y: np.ndarray, *, split: np.ndarray | None = None, views: dict[str, slice] | None = None
+) -> Path:
     """A store of the cells with labels ``y`` (and a ``split`` column), one imported feature set per
     ``views`` entry (backbone name -> columns of ``X``; default ``{"vit": all}``)."""
     cells = pd.DataFrame({"id": [f"cell{i:04d}" for i in range(len(y))], "label": y})
     if split is not None:
         cells["split"] = split
     for name, cols in (views or {"vit": slice(None)}).items():
-        embedcache.import_features(path, np.ascontiguousarray(X[:, cols]), cells, backbone=name,
-                                   store_dtype="float32")
+        embedcache.import_features(path, np.ascontiguousarray(X[:, cols]), cells, backbone=name, store_dtype="float32")
     return path
 
 

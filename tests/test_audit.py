@@ -19,12 +19,19 @@ from typer.testing import CliRunner
 
 import embedcache
 import probes
-from probes.studies.audit import (
-    EVIDENCE_COLUMNS, audit, audit_arrays, default_cache, evidence, make_folds, read_oof_cache, relabel,
-)
 from probes.data import ProbeError, open_cells
 from probes.heads import make_probe
 from probes.neighbors import NeighborIndex, neighbors
+from probes.studies.audit import (
+    EVIDENCE_COLUMNS,
+    audit,
+    audit_arrays,
+    default_cache,
+    evidence,
+    make_folds,
+    read_oof_cache,
+    relabel,
+)
 
 RESNET = "timm:test_resnet"
 VIT = "timm:test_vit"
@@ -89,7 +96,9 @@ def test_injected_flips_rank_high_and_audit_reads_current_labels(store, tmp_path
     corr.to_csv(tmp_path / "flips.csv", index=False)
     assert relabel(store, tmp_path / "flips.csv") == 60
 
-    res = audit(store, RESNET, pool="mean", probes="logistic,knn", seeds=1, folds=5, out=tmp_path / "a", quiet=True, threads=1)
+    res = audit(
+        store, RESNET, pool="mean", probes="logistic,knn", seeds=1, folds=5, out=tmp_path / "a", quiet=True, threads=1
+    )
     # the audit saw the flipped labels: every study reads labels/current
     given = res.table.set_index("id").loc[corr["id"], "given_label"]
     assert (given.to_numpy() == corr["new_label"].to_numpy()).all()
@@ -158,8 +167,17 @@ def test_oof_predictions_never_from_a_model_trained_on_the_cell(built):
         est.fit, est.predict_proba = rec_fit, rec_proba
         return est
 
-    res = audit_arrays({RESNET: x}, labels, ids=cells.obs["id"], groups=groups, probes="knn", seeds=[1, 2],
-                       folds=4, make_probe=recording, threads=1)
+    res = audit_arrays(
+        {RESNET: x},
+        labels,
+        ids=cells.obs["id"],
+        groups=groups,
+        probes="knn",
+        seeds=[1, 2],
+        folds=4,
+        make_probe=recording,
+        threads=1,
+    )
     assert res.params["scheme"] == "group" and len(log) == 2 * 4 and res.fits == 8
     for seed, o in zip([1, 2], res.oofs):
         fits = [f for f in log if f["seed"] == seed]
@@ -184,8 +202,18 @@ def test_oof_predictions_never_from_a_model_trained_on_the_cell(built):
 # -- out-of-fold cache: a second audit refits nothing ---------------------------------------------
 def test_second_audit_reuses_the_cache_and_refits_nothing(store, tmp_path):
     calls: list = []
-    one = audit(store, RESNET, pool="mean", probes="knn,logistic", seeds=2, folds=3, out=tmp_path / "one",
-                make_probe=counting_probe(calls), quiet=True, threads=1)
+    one = audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn,logistic",
+        seeds=2,
+        folds=3,
+        out=tmp_path / "one",
+        make_probe=counting_probe(calls),
+        quiet=True,
+        threads=1,
+    )
     assert one.computed == 4 and one.reused == 0 and len(calls) == 4 * 3 == one.fits
     cache = default_cache(str(store), "chula")
     # side data lives beside the store, outside its Zarr tree
@@ -194,43 +222,114 @@ def test_second_audit_reuses_the_cache_and_refits_nothing(store, tmp_path):
     assert not (store / ".probes").exists()
     assert embedcache.open_store(store).dataset().feature_keys()  # the store still opens and lists its sets
     calls.clear()
-    two = audit(store, RESNET, pool="mean", probes="knn,logistic", seeds=2, folds=3, out=tmp_path / "two",
-                make_probe=counting_probe(calls), quiet=True, threads=1)
+    two = audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn,logistic",
+        seeds=2,
+        folds=3,
+        out=tmp_path / "two",
+        make_probe=counting_probe(calls),
+        quiet=True,
+        threads=1,
+    )
     assert calls == [] and two.computed == 0 and two.reused == 4 and two.fits == 0
     pd.testing.assert_frame_equal(one.table, two.table)
     # one more seed: only its models are fitted; the others still come from the cache
-    three = audit(store, RESNET, pool="mean", probes="knn,logistic", seeds=3, folds=3, out=tmp_path / "three",
-                  make_probe=counting_probe(calls), quiet=True, threads=1)
+    three = audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn,logistic",
+        seeds=3,
+        folds=3,
+        out=tmp_path / "three",
+        make_probe=counting_probe(calls),
+        quiet=True,
+        threads=1,
+    )
     assert three.reused == 4 and three.computed == 2 and len(calls) == 2 * 3
     cached = read_oof_cache(cache, one.obs["id"])
     assert len(cached) == 6
     # other folds or an explicit cache file are other keys / files
     calls.clear()
-    audit(store, RESNET, pool="mean", probes="knn", seeds=1, folds=4, out=tmp_path / "four",
-          make_probe=counting_probe(calls), quiet=True, threads=1)
+    audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn",
+        seeds=1,
+        folds=4,
+        out=tmp_path / "four",
+        make_probe=counting_probe(calls),
+        quiet=True,
+        threads=1,
+    )
     assert len(calls) == 4
     calls.clear()
-    off = audit(store, RESNET, pool="mean", probes="knn", seeds=1, folds=3, out=tmp_path / "five", cache=False,
-                make_probe=counting_probe(calls), quiet=True, threads=1)
+    off = audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn",
+        seeds=1,
+        folds=3,
+        out=tmp_path / "five",
+        cache=False,
+        make_probe=counting_probe(calls),
+        quiet=True,
+        threads=1,
+    )
     assert len(calls) == 3 and "oof" not in off.files
 
 
 def test_a_cache_left_inside_an_old_store_is_still_read(store, tmp_path):
     calls: list = []
-    one = audit(store, RESNET, pool="mean", probes="knn", seeds=1, folds=3, out=tmp_path / "one",
-                make_probe=counting_probe(calls), quiet=True, threads=1)
+    one = audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn",
+        seeds=1,
+        folds=3,
+        out=tmp_path / "one",
+        make_probe=counting_probe(calls),
+        quiet=True,
+        threads=1,
+    )
     assert one.computed == 1 and len(calls) == 3
     legacy = store / ".probes" / "audit-oof-chula.parquet"  # where earlier versions kept it
     legacy.parent.mkdir()
     shutil.move(one.files["oof"], legacy)
     calls.clear()
-    two = audit(store, RESNET, pool="mean", probes="knn", seeds=1, folds=3, out=tmp_path / "two",
-                make_probe=counting_probe(calls), quiet=True, threads=1)
+    two = audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn",
+        seeds=1,
+        folds=3,
+        out=tmp_path / "two",
+        make_probe=counting_probe(calls),
+        quiet=True,
+        threads=1,
+    )
     assert calls == [] and two.reused == 1 and two.computed == 0
     pd.testing.assert_frame_equal(one.table, two.table)
     # a new model is written to the new place, the legacy file's models carried over with it
-    three = audit(store, RESNET, pool="mean", probes="knn", seeds=2, folds=3, out=tmp_path / "three",
-                  make_probe=counting_probe(calls), quiet=True, threads=1)
+    three = audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn",
+        seeds=2,
+        folds=3,
+        out=tmp_path / "three",
+        make_probe=counting_probe(calls),
+        quiet=True,
+        threads=1,
+    )
     assert three.reused == 1 and three.computed == 1 and len(calls) == 3
     assert three.files["oof"] == default_cache(str(store), "chula")
     assert len(read_oof_cache(three.files["oof"], one.obs["id"])) == 2
@@ -239,13 +338,22 @@ def test_a_cache_left_inside_an_old_store_is_still_read(store, tmp_path):
 def test_cache_notices_changed_features(tmp_path, built):
     cells = open_cells(built, RESNET, pool="mean")
     x = cells.features(RESNET, np.arange(len(cells.obs)))
-    kw = dict(ids=cells.obs["id"], probes="knn", seeds=1, folds=3, folds_by="stratified", cache=tmp_path / "oof.parquet",
-              threads=1)
+    kw = dict(
+        ids=cells.obs["id"],
+        probes="knn",
+        seeds=1,
+        folds=3,
+        folds_by="stratified",
+        cache=tmp_path / "oof.parquet",
+        threads=1,
+    )
     calls: list = []
     audit_arrays({"r": x}, cells.labels, make_probe=counting_probe(calls), **kw)
     audit_arrays({"r": x}, cells.labels, make_probe=counting_probe(calls), **kw)
     assert len(calls) == 3
-    audit_arrays({"r": x[:, ::-1].copy()}, cells.labels, make_probe=counting_probe(calls), **kw)  # same name, other features
+    audit_arrays(
+        {"r": x[:, ::-1].copy()}, cells.labels, make_probe=counting_probe(calls), **kw
+    )  # same name, other features
     assert len(calls) == 6
 
 
@@ -357,22 +465,53 @@ def test_relabel_round_trip_keeps_history(store, tmp_path):
     assert relabel(store, pd.DataFrame({"id": ids[:1], "new_label": ["brand-new"]}), allow_new_labels=True) == 1
     # a later audit reads the new labels, and its cached models are refitted for them
     calls: list = []
-    res = audit(store, RESNET, pool="mean", probes="knn", seeds=1, folds=3, out=tmp_path / "a", quiet=True, threads=1,
-                make_probe=counting_probe(calls))
+    res = audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn",
+        seeds=1,
+        folds=3,
+        out=tmp_path / "a",
+        quiet=True,
+        threads=1,
+        make_probe=counting_probe(calls),
+    )
     given = res.table.set_index("id")["given_label"]
     assert given[ids[0]] == "brand-new" and given[ids[1]] == new[1]
     n_fits = len(calls)
     relabel(store, pd.DataFrame({"id": ids[:1], "new_label": [old[0]]}))
-    res2 = audit(store, RESNET, pool="mean", probes="knn", seeds=1, folds=3, out=tmp_path / "b", quiet=True, threads=1,
-                 make_probe=counting_probe(calls))
+    res2 = audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn",
+        seeds=1,
+        folds=3,
+        out=tmp_path / "b",
+        quiet=True,
+        threads=1,
+        make_probe=counting_probe(calls),
+    )
     assert res2.computed == 1 and len(calls) == 2 * n_fits
     assert res2.table.set_index("id")["given_label"][ids[0]] == old[0]
 
 
 # -- outputs ------------------------------------------------------------------------------------
 def test_outputs_csv_png_and_self_contained_html(store, tmp_path):
-    res = audit(store, f"{RESNET}", pool="mean", probes="knn", seeds=1, folds=3, k=8, top=12, out=tmp_path / "o",
-                quiet=True, threads=1)
+    res = audit(
+        store,
+        f"{RESNET}",
+        pool="mean",
+        probes="knn",
+        seeds=1,
+        folds=3,
+        k=8,
+        top=12,
+        out=tmp_path / "o",
+        quiet=True,
+        threads=1,
+    )
     out = tmp_path / "o"
     csv = pd.read_csv(out / "suspects.csv", keep_default_na=False)
     assert list(csv.columns[: len(EVIDENCE_COLUMNS)]) == EVIDENCE_COLUMNS and len(csv) == N_CELLS
@@ -399,8 +538,19 @@ def test_outputs_csv_png_and_self_contained_html(store, tmp_path):
 
 
 def test_several_backbones_give_per_backbone_evidence(store, tmp_path):
-    res = audit(store, f"{RESNET},{VIT}", pool="mean", probes="knn", seeds=2, folds=3, k=5, top=6,
-                out=tmp_path / "two", quiet=True, threads=1)
+    res = audit(
+        store,
+        f"{RESNET},{VIT}",
+        pool="mean",
+        probes="knn",
+        seeds=2,
+        folds=3,
+        k=5,
+        top=6,
+        out=tmp_path / "two",
+        quiet=True,
+        threads=1,
+    )
     assert res.params["n_models"] == 4 and set(res.neighbors) == {RESNET, VIT}
     assert {o.key["backbone"] for o in res.oofs} == {RESNET, VIT}
     cols = [f"neighbor_disagreement:{RESNET}", f"neighbor_disagreement:{VIT}"]
@@ -428,19 +578,58 @@ def test_cli_audit_neighbors_relabel(store, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "cli-audit"
-    r = runner.invoke(app, ["audit", "--store", str(store), "--model", RESNET, "--pool", "mean", "--probes", "knn",
-                            "--seeds", "1", "--folds", "3", "--top", "5", "--threads", "1", "--out", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "audit",
+            "--store",
+            str(store),
+            "--model",
+            RESNET,
+            "--pool",
+            "mean",
+            "--probes",
+            "knn",
+            "--seeds",
+            "1",
+            "--folds",
+            "3",
+            "--top",
+            "5",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "label audit" in r.output and (out / "suspects.csv").is_file() and (out / "report.html").is_file()
     first = pd.read_csv(out / "suspects.csv", keep_default_na=False)["id"].iat[0]
 
-    r = runner.invoke(app, ["neighbors", "--store", str(store), "--model", RESNET, "--pool", "mean", "--id", first,
-                            "-k", "4", "--out", str(tmp_path / "nb")])
+    r = runner.invoke(
+        app,
+        [
+            "neighbors",
+            "--store",
+            str(store),
+            "--model",
+            RESNET,
+            "--pool",
+            "mean",
+            "--id",
+            first,
+            "-k",
+            "4",
+            "--out",
+            str(tmp_path / "nb"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "nearest cells" in r.output and (tmp_path / "nb" / "neighbors.png").is_file()
     image = embedcache.open_store(store).dataset().obs["path"].iat[0]
-    r = runner.invoke(app, ["neighbors", "--store", str(store), "--model", VIT, "--image", image, "-k", "3",
-                            "--device", "cpu"])
+    r = runner.invoke(
+        app, ["neighbors", "--store", str(store), "--model", VIT, "--image", image, "-k", "3", "--device", "cpu"]
+    )
     assert r.exit_code == 0, r.output
 
     pd.DataFrame({"id": [first], "new_label": ["burr"]}).to_csv(tmp_path / "fix.csv", index=False)
@@ -449,15 +638,36 @@ def test_cli_audit_neighbors_relabel(store, tmp_path):
     assert embedcache.open_store(store).dataset().obs.set_index("id")["label"][first] == "burr"
 
     # bad inputs: one clear line, exit code 1
-    assert "no-such-model" in one_line_error(runner.invoke(app, ["audit", "--store", str(store), "--model",
-                                                                 "no-such-model", "--out", str(tmp_path / "x")]))
-    assert "probe" in one_line_error(runner.invoke(app, ["audit", "--store", str(store), "--model", RESNET, "--pool",
-                                                         "mean", "--probes", "knn,magic", "--out", str(tmp_path / "y")]))
-    assert "unknown cell id" in one_line_error(runner.invoke(app, ["neighbors", "--store", str(store), "--model",
-                                                                   RESNET, "--pool", "mean", "--id", "nope"]))
-    assert "image not found" in one_line_error(runner.invoke(app, ["neighbors", "--store", str(store), "--model", VIT,
-                                                                   "--image", str(tmp_path / "nope.png")]))
-    assert "not found" in one_line_error(runner.invoke(app, ["relabel", "--store", str(store), "--corrections",
-                                                             str(tmp_path / "nope.csv")]))
-    assert "store" in one_line_error(runner.invoke(app, ["neighbors", "--store", str(tmp_path / "none.zarr"),
-                                                         "--model", VIT, "--id", first]))
+    assert "no-such-model" in one_line_error(
+        runner.invoke(app, ["audit", "--store", str(store), "--model", "no-such-model", "--out", str(tmp_path / "x")])
+    )
+    assert "probe" in one_line_error(
+        runner.invoke(
+            app,
+            [
+                "audit",
+                "--store",
+                str(store),
+                "--model",
+                RESNET,
+                "--pool",
+                "mean",
+                "--probes",
+                "knn,magic",
+                "--out",
+                str(tmp_path / "y"),
+            ],
+        )
+    )
+    assert "unknown cell id" in one_line_error(
+        runner.invoke(app, ["neighbors", "--store", str(store), "--model", RESNET, "--pool", "mean", "--id", "nope"])
+    )
+    assert "image not found" in one_line_error(
+        runner.invoke(app, ["neighbors", "--store", str(store), "--model", VIT, "--image", str(tmp_path / "nope.png")])
+    )
+    assert "not found" in one_line_error(
+        runner.invoke(app, ["relabel", "--store", str(store), "--corrections", str(tmp_path / "nope.csv")])
+    )
+    assert "store" in one_line_error(
+        runner.invoke(app, ["neighbors", "--store", str(tmp_path / "none.zarr"), "--model", VIT, "--id", first])
+    )

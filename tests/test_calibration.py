@@ -98,16 +98,34 @@ def store(chula_features, tmp_path_factory):
 
 
 def test_calibrate_study_writes_tables_and_diagrams(store, tmp_path, capsys):
-    res = calibrate(store, "vit", probes="logistic,knn", seeds=2, out=tmp_path / "c", show=True,
-                    make_probe=fast_probe)
+    res = calibrate(store, "vit", probes="logistic,knn", seeds=2, out=tmp_path / "c", show=True, make_probe=fast_probe)
     printed = capsys.readouterr().out
     assert "ECE (width)" in printed and "before" in printed and "after" in printed and "wrote" in printed
-    for f in ("results.csv", "results.parquet", "summary.csv", "reliability.csv", "fits.csv", "study.json",
-              "reliability-vit-logistic.png", "reliability-vit-knn.png"):
+    for f in (
+        "results.csv",
+        "results.parquet",
+        "summary.csv",
+        "reliability.csv",
+        "fits.csv",
+        "study.json",
+        "reliability-vit-logistic.png",
+        "reliability-vit-knn.png",
+    ):
         assert (tmp_path / "c" / f).stat().st_size > 0, f
     r = pd.read_parquet(tmp_path / "c" / "results.parquet")
-    assert {"ece_width", "ece_mass", "mce_width", "brier", "nll", "temperature", "accuracy", "macro_f1",
-            "weighted_f1", "weighted_precision", "macro_recall"} <= set(r["metric"])
+    assert {
+        "ece_width",
+        "ece_mass",
+        "mce_width",
+        "brier",
+        "nll",
+        "temperature",
+        "accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "weighted_precision",
+        "macro_recall",
+    } <= set(r["metric"])
     s = res.summary[res.summary["class"] == ""].set_index(["probe", "stage", "metric"])["mean"]
     assert s[("logistic", "after", "val_nll")] <= s[("logistic", "before", "val_nll")]  # T minimises it there
     assert s[("logistic", "after", "nll")] < s[("logistic", "before", "nll")]  # and it carries to test cells
@@ -123,14 +141,35 @@ def test_calibrate_bad_input_and_cli(store, tmp_path):
     from sklearn.linear_model import RidgeClassifier  # no predict_proba
 
     with pytest.raises(ProbeError, match="'logistic' gives no class probabilities"):
-        calibrate(store, "vit", out=tmp_path / "x", quiet=True, make_probe=lambda n, seed=0, device="cpu":
-                  RidgeClassifier())
+        calibrate(
+            store, "vit", out=tmp_path / "x", quiet=True, make_probe=lambda n, seed=0, device="cpu": RidgeClassifier()
+        )
     with pytest.raises(ProbeError, match="val_fraction"):
         calibrate(store, "vit", probes="knn", val_fraction=1.5, out=tmp_path / "x", quiet=True)
     out = tmp_path / "cli"
-    p = subprocess.run([sys.executable, "-m", "cli.probes_app", "calibrate", "--store", str(store), "--model", "vit",
-                        "--probe", "knn", "--split", "column", "--out", str(out), "--quiet"], cwd=REPO,
-                       capture_output=True, text=True, timeout=180)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.probes_app",
+            "calibrate",
+            "--store",
+            str(store),
+            "--model",
+            "vit",
+            "--probe",
+            "knn",
+            "--split",
+            "column",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert p.returncode == 0, p.stderr
     assert "ECE" in p.stdout and "weighted F1" in p.stdout and "wrote" in p.stdout
     assert (out / "reliability-vit-knn.png").stat().st_size > 0 and len(pd.read_csv(out / "results.csv")) > 0

@@ -18,11 +18,14 @@ def _params(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
 
-@pytest.mark.parametrize("command, function, cli_only", [
-    (cli.extract, embedcache.extract, {"no_labels"}),  # --no-labels is label_column=None
-    (cli.import_, embedcache.import_features_file, set()),
-    (cli.demo, demo, set()),
-])
+@pytest.mark.parametrize(
+    "command, function, cli_only",
+    [
+        (cli.extract, embedcache.extract, {"no_labels"}),  # --no-labels is label_column=None
+        (cli.import_, embedcache.import_features_file, set()),
+        (cli.demo, demo, set()),
+    ],
+)
 def test_cli_parameters_are_the_python_names(command, function, cli_only):
     assert _params(command) - cli_only <= _params(function), _params(command) - cli_only - _params(function)
 
@@ -34,8 +37,9 @@ def _invoke(*args: str):
 def test_extract_option_spellings(tmp_path, chula_subset):
     m = str(chula_subset(6))
     base = ["extract", "-m", "timm:test_vit", "--weights", "random", "-d", m, "--input-size", "32"]
-    for i, extra in enumerate((["--workers", "0", "--quiet"], ["--num-workers", "0", "-q"],
-                               ["--num-workers", "0", "--no-progress"])):
+    for i, extra in enumerate(
+        (["--workers", "0", "--quiet"], ["--num-workers", "0", "-q"], ["--num-workers", "0", "--no-progress"])
+    ):
         res = _invoke(*base, "-o", str(tmp_path / f"{i}.zarr"), *extra)
         assert res.exit_code == 0, res.output
         assert "wrote" in res.output and "cells/s, " not in res.output.split("wrote")[0], res.output  # no progress
@@ -59,8 +63,14 @@ def test_import_features_file_equals_import_features(features):
     np.testing.assert_array_equal(fs.to_numpy("cls"), cls.astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(fs.to_numpy("mean"), mean.astype(np.float16).astype(np.float32))
     assert fs.attrs["provenance"]["imported"]["source"] == str((root / "f.npz").resolve())
-    again = embedcache.import_features(root / "a.zarr", {"cls": cls, "mean": mean}, cells, backbone="theirs",
-                                       chunk_size=16, source=str((root / "f.npz").resolve()))
+    again = embedcache.import_features(
+        root / "a.zarr",
+        {"cls": cls, "mean": mean},
+        cells,
+        backbone="theirs",
+        chunk_size=16,
+        source=str((root / "f.npz").resolve()),
+    )
     assert again.cache_hit and again.key == r.key
     one = embedcache.load_features(root / "f.npy")
     assert isinstance(one, np.ndarray) and one.shape == (40, 8)
@@ -73,8 +83,17 @@ def test_import_features_file_equals_import_features(features):
 def test_cli_import_takes_backbone_and_the_readme_model_spelling(features):
     root, cls, _, cells = features
     for i, flag in enumerate(("--backbone", "--model", "-m")):
-        res = _invoke("import", "--features", str(root / "f.npy"), flag, "theirs", "--cells", str(cells),
-                      "--out", str(root / f"{i}.zarr"))
+        res = _invoke(
+            "import",
+            "--features",
+            str(root / "f.npy"),
+            flag,
+            "theirs",
+            "--cells",
+            str(cells),
+            "--out",
+            str(root / f"{i}.zarr"),
+        )
         assert res.exit_code == 0 and "wrote" in res.output, res.output
         ds = embedcache.open_store(root / f"{i}.zarr").dataset()
         assert ds.feature_keys() == ["theirs/imported/clean"]

@@ -114,20 +114,37 @@ def stores(chula_features, tmp_path_factory):
     X, y = chula_features
     split = column_split(y)
     root = tmp_path_factory.mktemp("ens")
-    return (decision_store(root / "a.zarr", X, y, split=split),
-            decision_store(root / "b.zarr", X, permute_test_labels(y, split), split=split))
+    return (
+        decision_store(root / "a.zarr", X, y, split=split),
+        decision_store(root / "b.zarr", X, permute_test_labels(y, split), split=split),
+    )
 
 
 def test_ensemble_study_tables_and_pairs_chosen_on_validation(stores, tmp_path, capsys):
     res = ensemble(stores[0], "vit", heads=HEADS, seeds=2, split="column", out=tmp_path / "e1", show=True)
     printed = capsys.readouterr().out
     assert "per-class F1" in printed and "best head" in printed and "override" in printed and "wrote" in printed
-    for f in ("results.csv", "results.parquet", "specialisation.csv", "summary.csv", "pairs.csv", "fits.csv",
-              "study.json", "specialisation-vit.png"):
+    for f in (
+        "results.csv",
+        "results.parquet",
+        "specialisation.csv",
+        "summary.csv",
+        "pairs.csv",
+        "fits.csv",
+        "study.json",
+        "specialisation-vit.png",
+    ):
         assert (tmp_path / "e1" / f).stat().st_size > 0, f
     r = pd.read_parquet(tmp_path / "e1" / "results.parquet")
-    assert {"macro_f1", "weighted_f1", "macro_precision", "weighted_precision", "macro_recall", "weighted_recall",
-            "class_f1"} <= set(r["metric"])
+    assert {
+        "macro_f1",
+        "weighted_f1",
+        "macro_precision",
+        "weighted_precision",
+        "macro_recall",
+        "weighted_recall",
+        "class_f1",
+    } <= set(r["metric"])
     assert set(r["method"]) == {"svm", "knn", "knn1", "override", "majority", "mean"}
     assert {"ensemble:svm+knn+knn1", "ensemble-vote:svm+knn+knn1", "ensemble-mean:svm+knn+knn1"} <= set(r["probe"])
     spec = res.specialisation
@@ -145,8 +162,9 @@ def test_ensemble_study_tables_and_pairs_chosen_on_validation(stores, tmp_path, 
 
 
 def test_ensemble_study_given_pairs_and_bad_input(stores, tmp_path):
-    res = ensemble(stores[0], "vit", heads=HEADS, pairs="teardrop:burr", seeds=1, split="column",
-                   out=tmp_path / "g", quiet=True)
+    res = ensemble(
+        stores[0], "vit", heads=HEADS, pairs="teardrop:burr", seeds=1, split="column", out=tmp_path / "g", quiet=True
+    )
     assert res.pairs["pair"].tolist() == ["burr:teardrop"] and res.pairs["source"].tolist() == ["given"]
     r = res.results[(res.results["metric"] == "accuracy")].set_index("method")["value"]
     assert set(r.index) == {"svm", "knn", "knn1", "override", "majority", "mean"}
@@ -167,21 +185,69 @@ def test_ensemble_study_given_pairs_and_bad_input(stores, tmp_path):
 
 
 def test_ensemble_probe_in_eval_and_the_cli(stores, tmp_path):
-    res = evaluate(stores[0], "vit", probes="ensemble:svm+knn+knn1,ensemble-mean:knn+knn1", split="column",
-                   out=tmp_path / "ev", quiet=True)
+    res = evaluate(
+        stores[0],
+        "vit",
+        probes="ensemble:svm+knn+knn1,ensemble-mean:knn+knn1",
+        split="column",
+        out=tmp_path / "ev",
+        quiet=True,
+    )
     assert set(res.summary["probe"]) == {"ensemble:svm+knn+knn1", "ensemble-mean:knn+knn1"}
     assert res.fits["probe"].tolist() == ["ensemble:svm+knn+knn1", "ensemble-mean:knn+knn1"]
     out = tmp_path / "cli"
-    p = subprocess.run([sys.executable, "-m", "cli.probes_app", "ensemble", "--store", str(stores[0]), "--model",
-                        "vit", "--heads", HEADS, "--pairs", "burr:teardrop,macrocyte:normal", "--seeds", "1",
-                        "--split", "column", "--out", str(out), "--quiet"], cwd=REPO, capture_output=True, text=True,
-                       timeout=180)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.probes_app",
+            "ensemble",
+            "--store",
+            str(stores[0]),
+            "--model",
+            "vit",
+            "--heads",
+            HEADS,
+            "--pairs",
+            "burr:teardrop,macrocyte:normal",
+            "--seeds",
+            "1",
+            "--split",
+            "column",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert p.returncode == 0, p.stderr
     assert "per-class F1" in p.stdout and "weighted F1" in p.stdout and "wrote" in p.stdout
     assert len(pd.read_csv(out / "pairs.csv")) == 2 and (out / "specialisation-vit.png").stat().st_size > 0
-    p = subprocess.run([sys.executable, "-m", "cli.probes_app", "ensemble", "--store", str(stores[0]), "--model",
-                        "vit", "--heads", HEADS, "--pairs", "burr:nope", "--out", str(tmp_path / "bad")], cwd=REPO,
-                       capture_output=True, text=True, timeout=180)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.probes_app",
+            "ensemble",
+            "--store",
+            str(stores[0]),
+            "--model",
+            "vit",
+            "--heads",
+            HEADS,
+            "--pairs",
+            "burr:nope",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert p.returncode == 1 and p.stderr.startswith("error:") and "nope" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -65,7 +65,9 @@ def test_imagefolder_variable_sizes_end_to_end(tmp_path, tiny_vit, monkeypatch):
     assert prov["preprocessing"]["size"] == 160 and prov["preprocessing"]["interpolation"] == "bicubic"
     assert prov["compute"]["device"] == "cpu" and prov["compute"]["dtype"] == "float32"
     assert {"torch", "timm", "embedcache"} <= set(prov["versions"])
-    assert not [p for p in out.rglob("*") if p.is_file() and b"hf_SeCrEt" in p.read_bytes()]  # never a token in the store
+    assert not [
+        p for p in out.rglob("*") if p.is_file() and b"hf_SeCrEt" in p.read_bytes()
+    ]  # never a token in the store
     # dask view agrees with numpy
     np.testing.assert_array_equal(fs.to_dask("cls").compute().astype(np.float32), feats)
 
@@ -115,7 +117,12 @@ def test_bad_images_fail_by_default_and_skip_is_recorded(tmp_path, chula_cells):
     data = Path(good[0]).read_bytes()
     (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
     (tmp_path / "text.jpg").write_text("not an image")
-    rows = good + [str(tmp_path / "zero.jpg"), str(tmp_path / "trunc.jpg"), str(tmp_path / "text.jpg"), str(tmp_path / "missing.jpg")]
+    rows = good + [
+        str(tmp_path / "zero.jpg"),
+        str(tmp_path / "trunc.jpg"),
+        str(tmp_path / "text.jpg"),
+        str(tmp_path / "missing.jpg"),
+    ]
     pd.DataFrame({"path": rows, "label": ["a"] * len(rows)}).to_csv(tmp_path / "bad.csv", index=False)
     out = tmp_path / "c.zarr"
     with pytest.raises(ExtractionError, match=r"zero\.jpg.*zero-byte"):
@@ -135,7 +142,11 @@ def test_bad_images_fail_by_default_and_skip_is_recorded(tmp_path, chula_cells):
 
 def test_npz_and_fsspec_urls(tmp_path):
     rng = np.random.default_rng(1)
-    np.savez(tmp_path / "mnist.npz", train_images=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8), train_labels=np.arange(10))
+    np.savez(
+        tmp_path / "mnist.npz",
+        train_images=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8),
+        train_labels=np.arange(10),
+    )
     mem = _extract(tmp_path / "mnist.npz", "memory://embedcache-test/c.zarr", chunk_size=4)
     assert mem.cells_computed == 10
     store = open_store("memory://embedcache-test/c.zarr")
@@ -170,7 +181,24 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, chula_cells)
     df = chula_cells
     df.to_csv(tmp_path / "m.csv", index=False)
     out = tmp_path / "killed.zarr"
-    args = ["extract", "--model", "timm:test_vit", "--weights", "random", "--data", str(tmp_path / "m.csv"), "--out", str(out), "--chunk-size", str(chunk), "--batch-size", "32", "--workers", "0", "--quiet"]
+    args = [
+        "extract",
+        "--model",
+        "timm:test_vit",
+        "--weights",
+        "random",
+        "--data",
+        str(tmp_path / "m.csv"),
+        "--out",
+        str(out),
+        "--chunk-size",
+        str(chunk),
+        "--batch-size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     proc = subprocess.Popen(_cli(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     done_dir = out / "m" / "features" / KEY / "done_cls" / "c"
     deadline = time.time() + 120
@@ -201,14 +229,54 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, chula_cells)
 def test_cli_extract_and_info(tmp_path, chula_subset):
     m = chula_subset(40)
     out = tmp_path / "c.zarr"
-    res = subprocess.run(_cli("extract", "-m", "timm:test_vit", "--weights", "random", "-d", str(m), "-o", str(out), "--pool", "cls,mean", "-q", "--workers", "0"), cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(
+        _cli(
+            "extract",
+            "-m",
+            "timm:test_vit",
+            "--weights",
+            "random",
+            "-d",
+            str(m),
+            "-o",
+            str(out),
+            "--pool",
+            "cls,mean",
+            "-q",
+            "--workers",
+            "0",
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout and KEY in res.stdout
-    res = subprocess.run(_cli("extract", "-m", "timm:test_vit", "--weights", "random", "-d", str(m), "-o", str(out), "--pool", "cls,mean", "-q"), cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(
+        _cli(
+            "extract",
+            "-m",
+            "timm:test_vit",
+            "--weights",
+            "random",
+            "-d",
+            str(m),
+            "-o",
+            str(out),
+            "--pool",
+            "cls,mean",
+            "-q",
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert "cache hit" in res.stdout
     res = subprocess.run(_cli("info", str(out)), cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0 and "complete" in res.stdout and "40×64" in res.stdout
-    res = subprocess.run(_cli("extract", "-m", "no-such-model", "-d", str(m), "-o", str(out)), cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(
+        _cli("extract", "-m", "no-such-model", "-d", str(m), "-o", str(out)), cwd=REPO, capture_output=True, text=True
+    )
     assert res.returncode == 1 and "error" in res.stderr and "Traceback" not in res.stderr
 
 

@@ -174,11 +174,14 @@ def test_losses_and_heads_are_selectable(cells, tmp_path):
     bb, y, tok = cells["bb"], cells["y"], ArrayTokens(cells["tokens"][1])
     names = sorted(set(y))
     hier = tmp_path / "lineage.yaml"
-    hier.write_text(f"lineages:\n  a: [{names[0]}, {names[1]}, {names[2]}]\npenalties:\n"
-                    f"  - {{true: {names[0]}, pred: {names[3]}, weight: 5}}\nsmoothing: 0.1\ngamma: 2\n")
+    hier.write_text(
+        f"lineages:\n  a: [{names[0]}, {names[1]}, {names[2]}]\npenalties:\n"
+        f"  - {{true: {names[0]}, pred: {names[3]}, weight: 5}}\nsmoothing: 0.1\ngamma: 2\n"
+    )
     for loss, head in (("hierarchical-focal", "linear-cls-mean"), ("weighted-focal", "mlp")):
-        p = FineTuneProbe(bb, method="ft-last", k=1, loss=loss, hierarchy=hier if "hier" in loss else None,
-                          head=head, **FAST).fit(tok, y)
+        p = FineTuneProbe(
+            bb, method="ft-last", k=1, loss=loss, hierarchy=hier if "hier" in loss else None, head=head, **FAST
+        ).fit(tok, y)
         assert np.isfinite([h["train_loss"] for h in p.history_]).all()
     ce = FineTuneProbe(bb, method="ft-last", k=1, **FAST).fit(tok, y)
     assert p.step_losses_[0] != ce.step_losses_[0]
@@ -218,8 +221,9 @@ def test_saved_adapter_embeds_like_the_tuned_model(cells, tmp_path, method):
     for pool in ("cls", "mean"):
         torch.testing.assert_close(tuned[pool], mem[pool], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(tuned["cls"], base, atol=1e-3)  # it is the tuned model, not the base one
-    np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), p.predict_proba(ArrayTokens(cells["tokens"][2])),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        torch.softmax(logits, 1).numpy(), p.predict_proba(ArrayTokens(cells["tokens"][2])), atol=1e-5
+    )
     other = dataclasses.replace(bb, weights={**bb.weights, "sha256": "0" * 64})
     with pytest.raises(AdapterError, match="was trained on"):
         load_adapter(tmp_path / "run", other)

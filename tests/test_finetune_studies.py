@@ -35,8 +35,18 @@ def _extract(root, df, name="cache.zarr"):
     manifest = root / "cells.csv"
     df.to_csv(manifest, index=False)
     out = root / name
-    embedcache.extract(MODEL, manifest, out, weights="random", input_size=SIZE, label_column="label_name",
-                       progress=False, num_workers=0, chunk_size=64, batch_size=64)
+    embedcache.extract(
+        MODEL,
+        manifest,
+        out,
+        weights="random",
+        input_size=SIZE,
+        label_column="label_name",
+        progress=False,
+        num_workers=0,
+        chunk_size=64,
+        batch_size=64,
+    )
     return out
 
 
@@ -53,9 +63,16 @@ def add_tail_tokens(store_path, k: int, poison_row: int | None = None) -> np.nda
     tokens = tail_tokens(bb, x, k).numpy().astype(np.float16)
     if poison_row is not None:
         tokens[poison_row] = np.inf  # the tail's LayerNorm turns it into NaN
-    fs = ds.require_feature_set(fs.key, width=int(fs.attrs["width"]), pools=fs.pools, chunk_size=fs.chunk_size,
-                                dtype=fs.attrs["dtype"], provenance=prov, fingerprint=fs.attrs["fingerprint_fields"],
-                                tokens={tokens_name(k): tokens.shape[1:]})
+    fs = ds.require_feature_set(
+        fs.key,
+        width=int(fs.attrs["width"]),
+        pools=fs.pools,
+        chunk_size=fs.chunk_size,
+        dtype=fs.attrs["dtype"],
+        provenance=prov,
+        fingerprint=fs.attrs["fingerprint_fields"],
+        tokens={tokens_name(k): tokens.shape[1:]},
+    )
     ok, err = fs.ok(), fs.errors().to_numpy()
     for c in range(fs.n_chunks):
         r = fs.chunk_rows(c)
@@ -75,13 +92,15 @@ def store(tmp_path_factory, chula_cells):
 
 
 def test_fine_tunes_sit_beside_probes_in_one_scale_study(store, tmp_path):
-    res = probes.scale(store, MODEL, limits="5,10", probes="knn,lp,ft-last", seeds=2, tail_blocks=1,
-                       out=tmp_path / "s", **FAST)
+    res = probes.scale(
+        store, MODEL, limits="5,10", probes="knn,lp,ft-last", seeds=2, tail_blocks=1, out=tmp_path / "s", **FAST
+    )
     r = res.results[(res.results["metric"] == "macro_f1")]
     assert set(r["probe"]) == {"knn", "lp", "ft-last"}
     # the same splits for every probe: same limits, seeds, train and test sizes
     sizes = r.groupby(["probe"])[["limit", "seed", "n_train", "n_test"]].apply(
-        lambda g: tuple(map(tuple, g.sort_values(["limit", "seed"]).to_numpy())))
+        lambda g: tuple(map(tuple, g.sort_values(["limit", "seed"]).to_numpy()))
+    )
     assert sizes["lp"] == sizes["ft-last"] == sizes["knn"]
     assert ((r["value"] >= 0) & (r["value"] <= 1)).all()
     # fits.csv: the fine-tunes' chosen epoch and trainable parameter count; epochs.csv: the training curves
@@ -100,8 +119,20 @@ def test_fine_tunes_sit_beside_probes_in_one_scale_study(store, tmp_path):
 
 
 def test_lora_on_two_cached_blocks_with_a_token_head_and_focal_loss(store, tmp_path):
-    res = probes.scale(store, MODEL, limits="8", probes="lora", seeds=1, tail_blocks=2, lora_rank=4,
-                       head="decoder", loss="focal", gamma=2.0, out=tmp_path / "l", **FAST)
+    res = probes.scale(
+        store,
+        MODEL,
+        limits="8",
+        probes="lora",
+        seeds=1,
+        tail_blocks=2,
+        lora_rank=4,
+        head="decoder",
+        loss="focal",
+        gamma=2.0,
+        out=tmp_path / "l",
+        **FAST,
+    )
     fits = res.fits
     assert list(fits["probe"]) == ["lora"] and fits["n_trainable"].iat[0] > 0
     assert res.epochs is not None and len(res.epochs) == 2
@@ -110,17 +141,44 @@ def test_lora_on_two_cached_blocks_with_a_token_head_and_focal_loss(store, tmp_p
 def test_cli_scale_with_fine_tunes(store, tmp_path):
     from cli.probes_app import app
 
-    res = CliRunner().invoke(app, ["scale", "-s", str(store), "-m", MODEL, "--limits", "8", "--probes", "lp,ft-last",
-                                   "--seeds", "1", "--tail-blocks", "1", "--epochs", "1", "--batch-size", "64",
-                                   "--device", "cpu", "--head", "mlp", "-o", str(tmp_path / "c"), "-q"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "scale",
+            "-s",
+            str(store),
+            "-m",
+            MODEL,
+            "--limits",
+            "8",
+            "--probes",
+            "lp,ft-last",
+            "--seeds",
+            "1",
+            "--tail-blocks",
+            "1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--head",
+            "mlp",
+            "-o",
+            str(tmp_path / "c"),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert set(pd.read_csv(tmp_path / "c" / "results.csv")["probe"]) == {"lp", "ft-last"}
     assert (tmp_path / "c" / "training_curves.png").exists()
 
 
 def test_eval_save_adapter_writes_loadable_files_with_provenance(store, tmp_path):
-    res = probes.evaluate(store, MODEL, probes="ft-last", tail_blocks=1, save_adapter=tmp_path / "ad",
-                          out=tmp_path / "e", **FAST)
+    res = probes.evaluate(
+        store, MODEL, probes="ft-last", tail_blocks=1, save_adapter=tmp_path / "ad", out=tmp_path / "e", **FAST
+    )
     meta = read_adapter_meta(tmp_path / "ad")
     bb = load_backbone(MODEL, weights="random")
     assert meta["method"] == "ft-last" and meta["backbone"] == MODEL and meta["k"] == 1
@@ -136,16 +194,32 @@ def test_eval_save_adapter_writes_loadable_files_with_provenance(store, tmp_path
 def test_finetune_lora_all_blocks_from_images_with_augmentations_and_hierarchical_loss(store, tmp_path, chula_cells):
     classes = sorted(chula_cells["label_name"].unique())
     yaml = tmp_path / "lineage.yaml"
-    yaml.write_text(f"lineages:\n  a: [{classes[0]}, {classes[1]}, {classes[2]}]\npenalties:\n"
-                    f"  - {{true: {classes[0]}, pred: {classes[3]}, weight: 5}}\nsmoothing: 0.1\ngamma: 2\n")
-    res = finetune(store, MODEL, method="lora", blocks="all", augment="flip,rot90,color,blur",
-                   loss="hierarchical-focal", hierarchy=yaml, lora_rank=2, out=tmp_path / "f", **FAST)
+    yaml.write_text(
+        f"lineages:\n  a: [{classes[0]}, {classes[1]}, {classes[2]}]\npenalties:\n"
+        f"  - {{true: {classes[0]}, pred: {classes[3]}, weight: 5}}\nsmoothing: 0.1\ngamma: 2\n"
+    )
+    res = finetune(
+        store,
+        MODEL,
+        method="lora",
+        blocks="all",
+        augment="flip,rot90,color,blur",
+        loss="hierarchical-focal",
+        hierarchy=yaml,
+        lora_rank=2,
+        out=tmp_path / "f",
+        **FAST,
+    )
     fits = res.fits
     assert list(fits["probe"]) == ["lora"] and fits["epochs_run"].iat[0] == 2
     assert set(res.results["metric"]) >= {"macro_f1", "accuracy"}
     assert (tmp_path / "f" / "training_curves.png").exists() and (tmp_path / "f" / "epochs.csv").exists()
     assert json.loads((tmp_path / "f" / "study.json").read_text())["params"]["finetune"]["augment"] == [
-        "flip", "rot90", "color", "blur"]
+        "flip",
+        "rot90",
+        "color",
+        "blur",
+    ]
 
 
 def test_scratch_vit_is_the_papers_1_89_m_parameter_network():
@@ -158,8 +232,9 @@ def test_scratch_vit_is_the_papers_1_89_m_parameter_network():
 
 
 def test_scratch_vit_trains_on_the_cells_in_the_same_results_table(store, tmp_path):
-    res = finetune(store, MODEL, method="scratch-vit", epochs=1, batch_size=64, device="cpu", quiet=True,
-                   out=tmp_path / "sv")
+    res = finetune(
+        store, MODEL, method="scratch-vit", epochs=1, batch_size=64, device="cpu", quiet=True, out=tmp_path / "sv"
+    )
     assert list(res.fits["probe"]) == ["scratch-vit"] and 1.88e6 < res.fits["n_trainable"].iat[0] < 1.90e6
     assert set(res.results.columns) >= {"backbone", "probe", "metric", "value", "n_train"}
 
@@ -173,13 +248,17 @@ def test_augmentations_are_seeded_and_change_only_training_reads(chula_cells):
         parse_augment("flip,shear")
     prep = Preprocessing(32, "bicubic", (0.5,) * 3, (0.5,) * 3)
     paths = chula_cells["path"].tolist()[:8]
-    r1, r2 = CellImages(paths, prep, augment="flip,rot90,color", seed=1), CellImages(paths, prep, augment="color",
-                                                                                     seed=1)
+    r1, r2 = (
+        CellImages(paths, prep, augment="flip,rot90,color", seed=1),
+        CellImages(paths, prep, augment="color", seed=1),
+    )
     rows = np.arange(8)
     assert np.array_equal(r1.read(rows), CellImages(paths, prep).read(rows))  # hold-out reads: never augmented
     assert not np.array_equal(r1.read_train(rows), r1.read(rows))
-    assert np.array_equal(CellImages(paths, prep, augment="flip,rot90,color", seed=1).read_train(rows),
-                          CellImages(paths, prep, augment="flip,rot90,color", seed=1).read_train(rows))
+    assert np.array_equal(
+        CellImages(paths, prep, augment="flip,rot90,color", seed=1).read_train(rows),
+        CellImages(paths, prep, augment="flip,rot90,color", seed=1).read_train(rows),
+    )
     assert r2.read_train(rows).shape == (8, 3, 32, 32)
 
 
@@ -230,8 +309,7 @@ def test_weights_other_than_the_cached_tokens_are_refused(store, tmp_path):
     fs.group.update_attributes({"provenance": forged})
     try:
         with pytest.raises(ProbeError, match="token cache made by other weights than the ones loaded"):
-            probes.scale(store, MODEL, limits="8", probes="ft-last", seeds=1, tail_blocks=1, out=tmp_path / "x",
-                         **FAST)
+            probes.scale(store, MODEL, limits="8", probes="ft-last", seeds=1, tail_blocks=1, out=tmp_path / "x", **FAST)
     finally:
         fs.group.update_attributes({"provenance": prov})
 
@@ -258,18 +336,64 @@ def test_cli_finetune_and_eval_save_adapter(store, tmp_path):
     from cli.probes_app import app
 
     run = CliRunner().invoke
-    res = run(app, ["finetune", "-s", str(store), "-m", MODEL, "--method", "ft-last", "--blocks", "1",
-                    "--augment", "flip,rot90", "--epochs", "1", "--batch-size", "64", "--device", "cpu",
-                    "-o", str(tmp_path / "f"), "-q"])
+    res = run(
+        app,
+        [
+            "finetune",
+            "-s",
+            str(store),
+            "-m",
+            MODEL,
+            "--method",
+            "ft-last",
+            "--blocks",
+            "1",
+            "--augment",
+            "flip,rot90",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "-o",
+            str(tmp_path / "f"),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert list(pd.read_csv(tmp_path / "f" / "fits.csv")["probe"]) == ["ft-last"]
-    res = run(app, ["eval", "-s", str(store), "-m", MODEL, "--probe", "lora", "--tail-blocks", "1", "--lora-rank", "2",
-                    "--epochs", "1", "--device", "cpu", "--save-adapter", str(tmp_path / "ad"), "-o",
-                    str(tmp_path / "e"), "-q"])
+    res = run(
+        app,
+        [
+            "eval",
+            "-s",
+            str(store),
+            "-m",
+            MODEL,
+            "--probe",
+            "lora",
+            "--tail-blocks",
+            "1",
+            "--lora-rank",
+            "2",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--save-adapter",
+            str(tmp_path / "ad"),
+            "-o",
+            str(tmp_path / "e"),
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert read_adapter_meta(tmp_path / "ad")["lora"]["rank"] == 2
-    res = run(app, ["finetune", "-s", str(store), "-m", MODEL, "--method", "ft-last", "--blocks", "9", "-o",
-                    str(tmp_path / "g")])
+    res = run(
+        app,
+        ["finetune", "-s", str(store), "-m", MODEL, "--method", "ft-last", "--blocks", "9", "-o", str(tmp_path / "g")],
+    )
     assert res.exit_code == 1 and "use 1..6" in res.output
 
 
@@ -283,20 +407,24 @@ def test_cli_parameters_are_the_python_names():
         assert not extra, (command.__name__, extra)
 
 
-def test_hierarchy_naming_an_unknown_class_is_refused_with_its_line_and_restricted_per_fit(store, tmp_path,
-                                                                                           chula_cells):
+def test_hierarchy_naming_an_unknown_class_is_refused_with_its_line_and_restricted_per_fit(
+    store, tmp_path, chula_cells
+):
     from probes.finetune.study_inputs import restrict_hierarchy
     from probes.losses import load_hierarchy
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("lineages:\n  a: [normal, blast]\nsmoothing: 0.1\n")
     with pytest.raises(ProbeError, match=r"line 2: unknown class 'blast'"):
-        probes.scale(store, MODEL, limits="8", probes="lp", loss="hierarchical-focal", hierarchy=bad,
-                     out=tmp_path / "x", **FAST)
+        probes.scale(
+            store, MODEL, limits="8", probes="lp", loss="hierarchical-focal", hierarchy=bad, out=tmp_path / "x", **FAST
+        )
     classes = sorted(chula_cells["label_name"].unique())
     good = tmp_path / "good.yaml"
-    good.write_text(f"lineages:\n  a: [{classes[0]}, {classes[1]}, {classes[2]}]\npenalties:\n"
-                    f"  - {{true: {classes[0]}, pred: {classes[3]}, weight: 5}}\nsmoothing: 0.2\n")
+    good.write_text(
+        f"lineages:\n  a: [{classes[0]}, {classes[1]}, {classes[2]}]\npenalties:\n"
+        f"  - {{true: {classes[0]}, pred: {classes[3]}, weight: 5}}\nsmoothing: 0.2\n"
+    )
     h = restrict_hierarchy(load_hierarchy(good), classes[1:])  # classes[0] left out at some limit
     Q, P = h.matrices(classes[1:])
     assert P.abs().sum() == 0 and Q[0, 1] == pytest.approx(0.2) and Q[0, 0] == pytest.approx(0.8)

@@ -178,8 +178,10 @@ def test_logistic_bfloat16_phase_meets_the_float32_stopping_rule_and_agrees(data
     Xtr, ytr, Xte, yte = data
     Str, Ste = standardised
     codes = np.searchsorted(np.unique(ytr), ytr)
-    fits = {p: make_probe("logistic", seed=0, device="cpu", Cs=(0.1,), precision=p).fit(Xtr, ytr)
-            for p in ("float32", "bfloat16")}
+    fits = {
+        p: make_probe("logistic", seed=0, device="cpu", Cs=(0.1,), precision=p).fit(Xtr, ytr)
+        for p in ("float32", "bfloat16")
+    }
     assert fits["bfloat16"].precision_ == "bfloat16" and fits["float32"].precision_ == "float32"
     low = fits["bfloat16"]
     assert low.converged_
@@ -230,8 +232,18 @@ def test_curvature_carried_along_a_sweep_still_reaches_each_optimum(standardised
     for path in ((0.01, 0.1, 1.0), (1.0, 0.1)):
         curvature, fit = Curvature(), None
         for C in path:
-            fit = fit_linear(XT, yt, 13, "softmax", C, fit, max_iter=300, precond=pc, curvature=curvature,
-                             precond_lam=1.0 / (path[0] * len(codes)))
+            fit = fit_linear(
+                XT,
+                yt,
+                13,
+                "softmax",
+                C,
+                fit,
+                max_iter=300,
+                precond=pc,
+                curvature=curvature,
+                precond_lam=1.0 / (path[0] * len(codes)),
+            )
             W, b = fit.W.double().numpy(), fit.b.double().numpy()
             assert fit.converged and softmax_gradient_max(W, b, Str, codes, C) <= 1.5e-4
             ref = LogisticRegression(C=C, max_iter=5000, tol=1e-6).fit(Str, ytr)
@@ -339,8 +351,11 @@ def test_knn_is_cosine_whatever_the_row_norms(data):
     Xs = Xz * scale
     ref = make_probe("knn", device="cpu", backend="faiss").fit(Xz, ytr)
     s_ref, _ = ref.kneighbors(Xte)
-    for kw in ({"backend": "faiss"}, {"backend": "torch", "precision": "float32"},
-               {"backend": "torch", "precision": "bfloat16"}):
+    for kw in (
+        {"backend": "faiss"},
+        {"backend": "torch", "precision": "float32"},
+        {"backend": "torch", "precision": "bfloat16"},
+    ):
         est = make_probe("knn", device="cpu", **kw).fit(Xs, ytr)
         s, i = est.kneighbors(Xte)
         assert not (i == 0).any()  # the zero row has similarity 0 with everything

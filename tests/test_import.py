@@ -34,8 +34,17 @@ def extracted(tmp_path_factory, chula_cells):
     manifest = root / "cells.csv"
     df.to_csv(manifest, index=False)
     out = root / "extracted.zarr"
-    embedcache.extract(MODEL, manifest, out, weights="random", input_size=32, progress=False, num_workers=2,
-                       chunk_size=256, batch_size=128)
+    embedcache.extract(
+        MODEL,
+        manifest,
+        out,
+        weights="random",
+        input_size=32,
+        progress=False,
+        num_workers=2,
+        chunk_size=256,
+        batch_size=128,
+    )
     ds = embedcache.open_store(out).dataset()
     return out, ds.find_feature_set(MODEL).to_numpy("cls"), ds.obs
 
@@ -162,7 +171,9 @@ def test_bad_imports_are_clear_errors(tmp_path):
     big[7, 2] = 1e6
     with pytest.raises(ValueError, match="row 7 .*float16 range.*store_dtype='float32'"):
         embedcache.import_features(tmp_path / "a.zarr", big, backbone="m")
-    r = embedcache.import_features(tmp_path / "b.zarr", big, labels=["a", "b"] * 25, backbone="m", store_dtype="float32")
+    r = embedcache.import_features(
+        tmp_path / "b.zarr", big, labels=["a", "b"] * 25, backbone="m", store_dtype="float32"
+    )
     assert embedcache.open_store(tmp_path / "b.zarr").dataset().find_feature_set("m").to_numpy()[7, 2] == 1e6
     assert r.n_cells == 50
     with pytest.raises(ValueError, match="unique"):
@@ -185,13 +196,24 @@ def test_cli_import_npz_with_two_pools(extracted, tmp_path):
     _, X, obs = extracted
     np.savez(tmp_path / "f.npz", cls=X, mean=X[:, ::-1])
     obs.to_csv(tmp_path / "cells.csv", index=False)
-    args = ["import", "--features", str(tmp_path / "f.npz"), "--cells", str(tmp_path / "cells.csv"), "--model", "mine",
-            "--out", str(tmp_path / "s.zarr")]
+    args = [
+        "import",
+        "--features",
+        str(tmp_path / "f.npz"),
+        "--cells",
+        str(tmp_path / "cells.csv"),
+        "--model",
+        "mine",
+        "--out",
+        str(tmp_path / "s.zarr"),
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0 and "wrote" in r.output, r.output
     fs = embedcache.open_store(tmp_path / "s.zarr").dataset().find_feature_set("mine")
     assert np.array_equal(fs.to_numpy("mean"), X[:, ::-1])
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0 and "cache hit" in r.output, r.output
-    r = CliRunner().invoke(app, ["import", "--features", str(tmp_path / "missing.npy"), "--model", "m", "--out", str(tmp_path / "t.zarr")])
+    r = CliRunner().invoke(
+        app, ["import", "--features", str(tmp_path / "missing.npy"), "--model", "m", "--out", str(tmp_path / "t.zarr")]
+    )
     assert r.exit_code == 1 and "error" in r.output

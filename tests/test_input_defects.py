@@ -41,6 +41,7 @@ def _cli(*args: str):
 def png_header(path: Path, width: int, height: int) -> Path:
     """A PNG whose header says ``width`` x ``height`` (8-bit grey) but that holds no pixel data at all:
     decoding it can only fail, so a size error proves the check ran on the header, before decoding."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -64,6 +65,7 @@ def wbc_folder(tmp_path) -> Path:
 
 # -- dangling symbolic links --------------------------------------------------------------------------------
 
+
 def test_dangling_symlink_is_listed_with_its_link_path(wbc_folder):
     src = open_source(wbc_folder)
     assert len(src) == 5
@@ -77,8 +79,22 @@ def test_dangling_symlink_is_listed_with_its_link_path(wbc_folder):
 def test_dangling_symlink_fails_under_fail_naming_it(wbc_folder, tmp_path):
     with pytest.raises(ExtractionError, match=r"Neutrophil/gone\.jpeg.*dangling symbolic link.*--on-error skip"):
         _extract(wbc_folder, tmp_path / "c.zarr")
-    res = _cli("extract", "-m", "timm:test_vit", "--weights", "random", "-d", str(wbc_folder), "-o",
-               str(tmp_path / "cli.zarr"), "--input-size", str(SIZE), "--workers", "0", "-q")
+    res = _cli(
+        "extract",
+        "-m",
+        "timm:test_vit",
+        "--weights",
+        "random",
+        "-d",
+        str(wbc_folder),
+        "-o",
+        str(tmp_path / "cli.zarr"),
+        "--input-size",
+        str(SIZE),
+        "--workers",
+        "0",
+        "-q",
+    )
     assert res.exit_code == 1 and "gone.jpeg" in res.output and "dangling" in res.output, res.output
 
 
@@ -91,13 +107,30 @@ def test_dangling_symlink_is_a_recorded_reported_skip_under_skip(wbc_folder, tmp
     ids = ds.obs["id"].tolist()
     assert fs.ok().tolist() == [i != "Neutrophil/gone.jpeg" for i in ids]
     assert "dangling" in fs.errors().iat[ids.index("Neutrophil/gone.jpeg")]
-    res = _cli("extract", "-m", "timm:test_vit", "--weights", "random", "-d", str(wbc_folder), "-o",
-               str(tmp_path / "cli.zarr"), "--input-size", str(SIZE), "--workers", "0", "-q", "--on-error", "skip")
+    res = _cli(
+        "extract",
+        "-m",
+        "timm:test_vit",
+        "--weights",
+        "random",
+        "-d",
+        str(wbc_folder),
+        "-o",
+        str(tmp_path / "cli.zarr"),
+        "--input-size",
+        str(SIZE),
+        "--workers",
+        "0",
+        "-q",
+        "--on-error",
+        "skip",
+    )
     assert res.exit_code == 0, res.output
     assert "skipped 1 unreadable cells" in res.output and "Neutrophil/gone.jpeg" in res.output
 
 
 # -- image size limit -----------------------------------------------------------------------------------------
+
 
 def test_huge_image_refused_from_its_header(tmp_path):
     big = png_header(tmp_path / "big.png", 12000, 12000)  # 144 megapixels
@@ -141,7 +174,8 @@ def test_huge_image_in_extract_fails_or_is_skipped(tmp_path, chula_cells):
     r = _extract(manifest, tmp_path / "c.zarr", on_error="skip")
     assert [cid for cid, _ in r.skipped] == [str(big)] and "megapixels" in r.skipped[0][1]
     assert open_store(tmp_path / "c.zarr").dataset().find_feature_set("timm:test_vit").ok().tolist() == [True] * 3 + [
-        False]
+        False
+    ]
     with pytest.raises(ValueError, match="max_image_pixels"):
         _extract(manifest, tmp_path / "d.zarr", max_image_pixels=0)
 
@@ -150,8 +184,20 @@ def test_cli_max_image_pixels_option(tmp_path, chula_cells):
     manifest = tmp_path / "m.csv"
     chula_cells.iloc[:2][["path", "label"]].to_csv(manifest, index=False)
     h, w, _ = read_image(chula_cells["path"].iat[0]).shape
-    base = ["extract", "-m", "timm:test_vit", "--weights", "random", "-d", str(manifest), "--input-size", str(SIZE),
-            "--num-workers", "0", "--no-progress"]
+    base = [
+        "extract",
+        "-m",
+        "timm:test_vit",
+        "--weights",
+        "random",
+        "-d",
+        str(manifest),
+        "--input-size",
+        str(SIZE),
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]
     res = _cli(*base, "-o", str(tmp_path / "a.zarr"), "--max-image-pixels", str(h * w - 1), "--on-error", "skip")
     assert res.exit_code == 0 and "skipped 2 unreadable cells" in res.output and "too large" in res.output, res.output
     res = _cli(*base, "-o", str(tmp_path / "b.zarr"), "--max-image-pixels", str(h * w))
@@ -159,6 +205,7 @@ def test_cli_max_image_pixels_option(tmp_path, chula_cells):
 
 
 # -- label spellings of one number ----------------------------------------------------------------------------
+
 
 def test_label_collisions_names_every_spelling():
     notes = label_collisions(["1", "01", "1.0", "2", "3", "3", "x", "nan", "NaN", "2.5"])
@@ -178,8 +225,20 @@ def test_colliding_labels_are_reported_not_changed(tmp_path, chula_cells):
         r = _extract(manifest, tmp_path / "c.zarr")
     assert len(r.notes) == 1 and "'1.0'" in r.notes[0]
     assert sorted(open_store(tmp_path / "c.zarr").dataset().obs["label"].unique()) == ["01", "1", "1.0", "2", "3"]
-    res = _cli("extract", "-m", "timm:test_vit", "--weights", "random", "-d", str(manifest), "-o",
-               str(tmp_path / "c.zarr"), "--input-size", str(SIZE), "-q")
+    res = _cli(
+        "extract",
+        "-m",
+        "timm:test_vit",
+        "--weights",
+        "random",
+        "-d",
+        str(manifest),
+        "-o",
+        str(tmp_path / "c.zarr"),
+        "--input-size",
+        str(SIZE),
+        "-q",
+    )
     assert res.exit_code == 0 and "cache hit" in res.output, res.output
     assert "note:" in res.output and "'01', '1', '1.0'" in res.output and "distinct classes" in res.output
 

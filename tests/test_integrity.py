@@ -130,8 +130,9 @@ def test_verify_cli_exit_codes_and_repair(store_copy):
     fixed = runner.invoke(app, ["verify", str(store), "--repair"])
     assert fixed.exit_code == 0 and "repaired" in fixed.output
     embedcache.extract("timm:test_vit", manifest, store, dataset="cells", **EXTRACT)
-    assert np.array_equal(open_store(store).dataset("cells").feature_set(KEY).to_numpy("cls", dtype=np.float16),
-                          reference)
+    assert np.array_equal(
+        open_store(store).dataset("cells").feature_set(KEY).to_numpy("cls", dtype=np.float16), reference
+    )
 
 
 def _flat(text: str) -> str:
@@ -140,13 +141,15 @@ def _flat(text: str) -> str:
 
 # -- kills at named points -------------------------------------------------------------------------
 
+
 def _run_child(code: str, kill_at: str | None, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "EMBEDCACHE_KILL_AT"}
     if kill_at:
         env["EMBEDCACHE_KILL_AT"] = kill_at
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _import_store(path: Path, n: int = 300, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -164,9 +167,15 @@ corr = pd.DataFrame({"id": ["000001", "000004", "000007", "000010"], "new_label"
                      "note": ["a", "b", "c", "d"]})
 print(ds.apply_corrections(corr, source="review-1"))
 """
-RELABEL_POINTS = ["relabel:version-created", "relabel:current-written", "relabel:history-column#1",
-                  "relabel:history-column#3", "relabel:history-column#6", "relabel:before-switch",
-                  "relabel:after-switch"]
+RELABEL_POINTS = [
+    "relabel:version-created",
+    "relabel:current-written",
+    "relabel:history-column#1",
+    "relabel:history-column#3",
+    "relabel:history-column#6",
+    "relabel:before-switch",
+    "relabel:after-switch",
+]
 
 
 @pytest.mark.parametrize("first", [False, True], ids=["first-relabel", "second-relabel"])
@@ -177,7 +186,8 @@ def test_relabel_killed_at_every_point_leaves_old_or_new_and_the_rerun_converges
     original = open_store(base / "cache.zarr").dataset("cells").obs["label"].to_numpy()
     if first:  # a committed earlier correction must survive a killed later one
         open_store(base / "cache.zarr", "a").dataset("cells").apply_corrections(
-            __import__("pandas").DataFrame({"id": ["000002"], "new_label": ["W"]}), source="earlier")
+            __import__("pandas").DataFrame({"id": ["000002"], "new_label": ["W"]}), source="earlier"
+        )
     before = open_store(base / "cache.zarr").dataset("cells").obs["label"].to_numpy()
     after = before.copy()
     after[[1, 4, 7, 10]] = ["X", "Y", "X", "Z"]
@@ -204,7 +214,8 @@ def test_relabel_killed_at_every_point_leaves_old_or_new_and_the_rerun_converges
         assert list(h["new"].iloc[n_old:]) == ["X", "Y", "X", "Z"] and list(h["note"].iloc[n_old:]) == list("abcd")
         # leftovers of the killed version are gone after the rerun's commit
         assert sorted(zarr.open_group(work / "cache.zarr" / "cells" / "labels").group_keys()) == [
-            f"v{ds.group['labels'].attrs['version']}"]
+            f"v{ds.group['labels'].attrs['version']}"
+        ]
 
 
 IMPORT = """
@@ -216,8 +227,16 @@ embedcache.import_features("cache.zarr", feats, backbone="toy", labels=[f"class{
 """
 
 
-@pytest.mark.parametrize("point", ["dataset:obs-written", "feature-set:arrays-created", "chunk:data-written#2",
-                                   "chunk:checksums-written#3", "chunk:done#1"])
+@pytest.mark.parametrize(
+    "point",
+    [
+        "dataset:obs-written",
+        "feature-set:arrays-created",
+        "chunk:data-written#2",
+        "chunk:checksums-written#3",
+        "chunk:done#1",
+    ],
+)
 def test_kill_during_metadata_or_chunk_writes_opens_says_what_is_incomplete_and_rerun_repairs(tmp_path, point):
     killed = _run_child(IMPORT, point, tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -270,8 +289,14 @@ except embedcache.StoreBusyError as e:
 def _start(tmp_path: Path, model: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("EMBEDCACHE_KILL_AT", None)
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(CONCURRENT), model], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CONCURRENT), model],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_ready(tmp_path: Path, procs) -> list[tuple[int, str, str]]:
@@ -304,6 +329,7 @@ def test_two_extracts_of_the_same_feature_set_one_writes_the_other_is_refused_or
 
 # -- read-only stores, foreign folders, side data ---------------------------------------------------
 
+
 @pytest.fixture
 def read_only_copy(tmp_path, finished):
     """The finished store (and its manifest) on a read-only bind mount."""
@@ -326,8 +352,9 @@ def read_only_copy(tmp_path, finished):
 def test_read_only_store_serves_reads_cache_hits_and_verify(read_only_copy, finished):
     with pytest.raises(OSError):
         (read_only_copy / "probe").touch()
-    r = embedcache.extract("timm:test_vit", read_only_copy / "cells.csv", read_only_copy / "cache.zarr",
-                           dataset="cells", **EXTRACT)
+    r = embedcache.extract(
+        "timm:test_vit", read_only_copy / "cells.csv", read_only_copy / "cache.zarr", dataset="cells", **EXTRACT
+    )
     assert r.cache_hit
     fs = open_store(read_only_copy / "cache.zarr").dataset("cells").feature_set(KEY)
     assert np.array_equal(fs.to_numpy("cls", dtype=np.float16), finished[2])
@@ -380,6 +407,7 @@ def test_older_stores_with_side_folders_inside_are_migrated(store_copy):
 
 # -- cached tail tokens ----------------------------------------------------------------------------
 
+
 def test_tail_tokens_are_stored_in_checksummed_subchunks_and_read_by_random_rows(tmp_path):
     from embedcache.store import token_subchunk, tokens_name
 
@@ -387,8 +415,16 @@ def test_tail_tokens_are_stored_in_checksummed_subchunks_and_read_by_random_rows
     src = embedcache.open_source(np.zeros((64, 8, 8, 3), dtype=np.uint8), labels=["a"] * 64, name="cells")
     ds = store.require_dataset(src, name="cells")
     shape = (129, 1024)  # ~264 KB per cell
-    fs = ds.require_feature_set("toy/x/clean", width=4, pools=["cls"], chunk_size=32, dtype="float16",
-                                provenance={}, fingerprint={"t": 1}, tokens={tokens_name(1): shape})
+    fs = ds.require_feature_set(
+        "toy/x/clean",
+        width=4,
+        pools=["cls"],
+        chunk_size=32,
+        dtype="float16",
+        provenance={},
+        fingerprint={"t": 1},
+        tokens={tokens_name(1): shape},
+    )
     sub = token_subchunk(32, shape)
     assert 32 % sub == 0 and 1 < sub < 32  # a few cells per stored object
     rng = np.random.default_rng(0)
@@ -396,8 +432,12 @@ def test_tail_tokens_are_stored_in_checksummed_subchunks_and_read_by_random_rows
     feats = rng.normal(size=(64, 4)).astype(np.float16)
     for c in fs.pending_chunks(["cls", tokens_name(1)]):
         r = fs.chunk_rows(c)
-        fs.write_chunk(c, {"cls": feats[r], tokens_name(1): tokens[r]}, np.ones(r.stop - r.start, bool),
-                       np.full(r.stop - r.start, ""))
+        fs.write_chunk(
+            c,
+            {"cls": feats[r], tokens_name(1): tokens[r]},
+            np.ones(r.stop - r.start, bool),
+            np.full(r.stop - r.start, ""),
+        )
     fs = open_store(tmp_path / "cache.zarr").dataset("cells").feature_set("toy/x/clean")
     assert fs.pools == ["cls"] and fs.token_sets == [tokens_name(1)]
     reader = fs.tokens(1)
@@ -407,8 +447,15 @@ def test_tail_tokens_are_stored_in_checksummed_subchunks_and_read_by_random_rows
         fs.tokens(2)
     # damage one stored token object: reads that touch it fail naming it, verify finds it
     arr = fs.group[tokens_name(1)]
-    victim = tmp_path / "cache.zarr" / "cells" / "features" / "toy/x/clean" / tokens_name(1) / \
-        arr.metadata.encode_chunk_key((5, 0, 0))
+    victim = (
+        tmp_path
+        / "cache.zarr"
+        / "cells"
+        / "features"
+        / "toy/x/clean"
+        / tokens_name(1)
+        / arr.metadata.encode_chunk_key((5, 0, 0))
+    )
     _damage(victim, "bitflip")
     with pytest.raises(ChunkDamaged, match=tokens_name(1)):
         reader.read(np.array([5 * sub]))
@@ -426,8 +473,14 @@ def test_a_damaged_imported_set_is_repaired_by_importing_again(tmp_path):
     with pytest.raises(ChunkDamaged, match="chunk 2"):
         open_store(tmp_path / "cache.zarr").dataset("cells").feature_set(key).to_numpy()
     assert [d.chunk for d in embedcache.verify(str(tmp_path / "cache.zarr"), repair=True).damaged] == [2]
-    again = embedcache.import_features(tmp_path / "cache.zarr", feats, backbone="toy",
-                                       labels=[f"class{i % 3}" for i in range(300)], dataset="cells", chunk_size=64)
+    again = embedcache.import_features(
+        tmp_path / "cache.zarr",
+        feats,
+        backbone="toy",
+        labels=[f"class{i % 3}" for i in range(300)],
+        dataset="cells",
+        chunk_size=64,
+    )
     assert again.chunks_written == 1
     fixed = open_store(tmp_path / "cache.zarr").dataset("cells").feature_set(key).to_numpy()
     assert np.array_equal(fixed, feats.astype(np.float16).astype(np.float32))

@@ -82,18 +82,25 @@ def test_class_weights_from_train_frequencies_and_given():
         make_loss("ce", ["a", "b"], weights=[1, 1])
 
 
-@pytest.mark.parametrize("text, line, match", [
-    ("lineages:\n  ab: [A, B]\n  c: [Q]\n", 3, "unknown class 'Q'"),
-    ("lineages: {ab: [A, B]}\npenalties:\n  - {true: A, pred: Z, weight: 2}\n", 3, "unknown class 'Z' in a penalty"),
-    ("lineages: {ab: [A, B]}\nsmoothing: 0.1\ngama: 2\n", 3, "unknown key 'gama'"),
-    ("lineages: {ab: [A, B]}\nsmoothing: lots\n", 2, "smoothing must be a number"),
-    ("lineages: {ab: [A, B]}\nsmoothing: 1.5\n", 2, "smoothing must be >= 0.0 and < 1.0"),
-    ("lineages:\n  ab: [A, B\n  c: [C]\n", None, "not valid YAML"),
-    ("lineages:\n  ab: [A, B]\n  ba: [B]\n", 3, "already in a lineage \\(line 2\\)"),
-    ("lineages: {ab: [A, B]}\npenalties:\n  - {true: A, pred: B}\n", 3, "penalty lacks weight"),
-    ("lineages: {ab: A}\n", 1, "must be a list of classes"),
-    ("- A\n- B\n", 1, "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, line, match",
+    [
+        ("lineages:\n  ab: [A, B]\n  c: [Q]\n", 3, "unknown class 'Q'"),
+        (
+            "lineages: {ab: [A, B]}\npenalties:\n  - {true: A, pred: Z, weight: 2}\n",
+            3,
+            "unknown class 'Z' in a penalty",
+        ),
+        ("lineages: {ab: [A, B]}\nsmoothing: 0.1\ngama: 2\n", 3, "unknown key 'gama'"),
+        ("lineages: {ab: [A, B]}\nsmoothing: lots\n", 2, "smoothing must be a number"),
+        ("lineages: {ab: [A, B]}\nsmoothing: 1.5\n", 2, "smoothing must be >= 0.0 and < 1.0"),
+        ("lineages:\n  ab: [A, B\n  c: [C]\n", None, "not valid YAML"),
+        ("lineages:\n  ab: [A, B]\n  ba: [B]\n", 3, "already in a lineage \\(line 2\\)"),
+        ("lineages: {ab: [A, B]}\npenalties:\n  - {true: A, pred: B}\n", 3, "penalty lacks weight"),
+        ("lineages: {ab: A}\n", 1, "must be a list of classes"),
+        ("- A\n- B\n", 1, "expected a mapping"),
+    ],
+)
 def test_malformed_files_and_unknown_classes_name_the_line(tmp_path, text, line, match):
     path = tmp_path / "h.yaml"
     path.write_text(text)

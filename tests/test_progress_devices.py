@@ -64,9 +64,24 @@ def test_cli_extract_piped_prints_plain_progress(tmp_path, chula_subset):
 
     from cli.embedcache_app import app
 
-    res = CliRunner().invoke(app, ["extract", "-m", "timm:test_vit", "--weights", "random", "-d",
-                                   str(chula_subset(12)), "-o", str(tmp_path / "c.zarr"), "--input-size", "32",
-                                   "--num-workers", "0"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "-m",
+            "timm:test_vit",
+            "--weights",
+            "random",
+            "-d",
+            str(chula_subset(12)),
+            "-o",
+            str(tmp_path / "c.zarr"),
+            "--input-size",
+            "32",
+            "--num-workers",
+            "0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     line = r"extract timm:test_vit → \S+: 12/12 cells, [\d,]+ cells/s, \d+:\d\d elapsed"
     assert re.search(line, res.output), res.output

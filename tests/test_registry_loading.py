@@ -32,11 +32,38 @@ from embedcache.loading import (
 from embedcache.registry import IN_MEAN, IN_STD, BackboneSpec, get_spec, list_models, register
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIRED = ["uni", "uni2-h", "dinobloom-s", "dinobloom-b", "dinobloom-l", "dinobloom-g", "dinov2-s", "dinov2-b",
-            "dinov2-l", "dinov2-g", "phikon", "phikon-v2", "ctranspath", "resnet-rs50", "h-optimus-0", "virchow2"]
-PREFIX = {"uni": 1, "uni2-h": 9, "h-optimus-0": 5, "virchow2": 5, "phikon": 1, "phikon-v2": 1,
-          "ctranspath": 0, "resnet-rs50": 0, "dinov3-s": 5, "dinov3-b": 5, "dinov3-l": 5,
-          **{f"dino{v}-{s}": 1 for v in ("bloom", "v2") for s in "sblg"}}
+REQUIRED = [
+    "uni",
+    "uni2-h",
+    "dinobloom-s",
+    "dinobloom-b",
+    "dinobloom-l",
+    "dinobloom-g",
+    "dinov2-s",
+    "dinov2-b",
+    "dinov2-l",
+    "dinov2-g",
+    "phikon",
+    "phikon-v2",
+    "ctranspath",
+    "resnet-rs50",
+    "h-optimus-0",
+    "virchow2",
+]
+PREFIX = {
+    "uni": 1,
+    "uni2-h": 9,
+    "h-optimus-0": 5,
+    "virchow2": 5,
+    "phikon": 1,
+    "phikon-v2": 1,
+    "ctranspath": 0,
+    "resnet-rs50": 0,
+    "dinov3-s": 5,
+    "dinov3-b": 5,
+    "dinov3-l": 5,
+    **{f"dino{v}-{s}": 1 for v in ("bloom", "v2") for s in "sblg"},
+}
 IMG = 32  # tiny test_vit: 2x2 patches of 16
 
 
@@ -44,11 +71,26 @@ IMG = 32  # tiny test_vit: 2x2 patches of 16
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def tiny_spec(name: str, hub_id: str | None = None,
-              filenames=("model.safetensors", "pytorch_model.bin")) -> BackboneSpec:
-    return BackboneSpec(name=name, arch="test_vit", hub_id=hub_id, filenames=filenames, kwargs={"img_size": IMG},
-                        layers={}, input_size=IMG, interpolation="bicubic", mean=IN_MEAN, std=IN_STD, width=64,
-                        default_pool=("cls",), gated=False, licence="test")
+
+def tiny_spec(
+    name: str, hub_id: str | None = None, filenames=("model.safetensors", "pytorch_model.bin")
+) -> BackboneSpec:
+    return BackboneSpec(
+        name=name,
+        arch="test_vit",
+        hub_id=hub_id,
+        filenames=filenames,
+        kwargs={"img_size": IMG},
+        layers={},
+        input_size=IMG,
+        interpolation="bicubic",
+        mean=IN_MEAN,
+        std=IN_STD,
+        width=64,
+        default_pool=("cls",),
+        gated=False,
+        licence="test",
+    )
 
 
 @pytest.fixture
@@ -114,6 +156,7 @@ def commit_of(text: str) -> str:
 # 1. every registry entry builds (on the meta device) with the right width and prefix tokens
 # ---------------------------------------------------------------------------------------------
 
+
 def test_registry_has_required_entries():
     names = [s.name for s in list_models()]
     assert set(REQUIRED) <= set(names)
@@ -130,14 +173,19 @@ def test_registry_has_required_entries():
 def test_entries_keep_the_reference_values():
     """Fields as in ../shared/REGISTRY_REFERENCE.md (the builder kwargs that make the checkpoints load)."""
     uni = get_spec("uni")
-    assert (uni.arch, uni.hub_id, uni.filenames, uni.width) == ("vit_large_patch16_224", "MahmoodLab/UNI",
-                                                                 ("pytorch_model.bin",), 1024)
+    assert (uni.arch, uni.hub_id, uni.filenames, uni.width) == (
+        "vit_large_patch16_224",
+        "MahmoodLab/UNI",
+        ("pytorch_model.bin",),
+        1024,
+    )
     assert uni.kwargs == dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True)
     assert (uni.interpolation, uni.mean, uni.std, uni.licence) == ("bilinear", IN_MEAN, IN_STD, "CC-BY-NC-ND-4.0")
     uni2 = get_spec("uni2-h")
     assert uni2.arch == "vit_giant_patch14_224" and uni2.width == 1536 and uni2.gated
     assert {k: uni2.kwargs[k] for k in ("depth", "num_heads", "embed_dim", "reg_tokens", "init_values")} == dict(
-        depth=24, num_heads=24, embed_dim=1536, reg_tokens=8, init_values=1e-5)
+        depth=24, num_heads=24, embed_dim=1536, reg_tokens=8, init_values=1e-5
+    )
     assert uni2.kwargs["mlp_ratio"] == pytest.approx(5.33334) and uni2.kwargs["no_embed_class"] is True
     assert uni2.layers == {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
     ho = get_spec("h-optimus-0")
@@ -159,7 +207,12 @@ def test_spec_fields_are_keywords_only():
         BackboneSpec("x", "test_vit", 64)  # noqa  positional on purpose
     spec = BackboneSpec(name="x", arch="test_vit", width=64)
     assert (spec.input_size, spec.interpolation, spec.default_pool, spec.build, spec.embed) == (
-        224, "bilinear", ("cls",), None, None)
+        224,
+        "bilinear",
+        ("cls",),
+        None,
+        None,
+    )
     with pytest.raises(ValueError, match="build must be callable"):
         BackboneSpec(name="x", arch="toy", width=8, build="not a function")
 
@@ -193,6 +246,7 @@ def test_unknown_name_lists_close_matches():
 # 2. the hub path, through huggingface_hub itself, against a hand-built offline cache
 # ---------------------------------------------------------------------------------------------
 
+
 def test_hub_load_from_offline_cache(tmp_path, offline_cache, tiny):
     sd = seeded_state()
     src = tmp_path / "model.safetensors"
@@ -204,8 +258,14 @@ def test_hub_load_from_offline_cache(tmp_path, offline_cache, tiny):
     bb = load_backbone(name)
     assert isinstance(bb, LoadedBackbone)
     assert_weights(bb.model, sd)
-    assert bb.weights == {"source": "hub", "hub_id": "embedcache-test/tiny-vit", "revision": commit,
-                          "filename": "model.safetensors", "path": None, "sha256": sha256_file(src)}
+    assert bb.weights == {
+        "source": "hub",
+        "hub_id": "embedcache-test/tiny-vit",
+        "revision": commit,
+        "filename": "model.safetensors",
+        "path": None,
+        "sha256": sha256_file(src),
+    }
     assert bb.key_name == name and bb.num_prefix_tokens == 1
     assert not bb.model.training and not any(p.requires_grad for p in bb.model.parameters())
     # pinning the commit gives the same snapshot; an unknown one is reported, not silently ignored
@@ -272,8 +332,13 @@ def test_hub_env_vars_in_fresh_process(tmp_path):
         bb = load_backbone("env-vit")
         print(json.dumps({{"weights": bb.weights, "key": bb.key_name}}))
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_TOKEN": "hf_NotARealSecret123",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "HF_TOKEN": "hf_NotARealSecret123",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("HF_HOME", None)
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -327,6 +392,7 @@ def test_no_hub_id_needs_weights(tiny):
 # 3. local checkpoint files
 # ---------------------------------------------------------------------------------------------
 
+
 def test_local_safetensors(tmp_path, tiny):
     sd = seeded_state()
     path = tmp_path / "w.safetensors"
@@ -366,10 +432,16 @@ def test_pos_embed_resampled_from_other_size(tmp_path, tiny):
 
 def test_raw_dinov2_checkpoint_keys(tmp_path):
     """Raw DINOv2 training keys: mask_token, SwiGLU w12/w3 (giant) and chunked blocks are mapped."""
-    spec = BackboneSpec(name="tiny-swiglu", arch="test_vit",
-                        kwargs={"img_size": IMG, "init_values": 1e-5, "mlp_ratio": 4},
-                        layers={"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}, input_size=IMG,
-                        interpolation="bicubic", width=64, licence="test")
+    spec = BackboneSpec(
+        name="tiny-swiglu",
+        arch="test_vit",
+        kwargs={"img_size": IMG, "init_values": 1e-5, "mlp_ratio": 4},
+        layers={"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"},
+        input_size=IMG,
+        interpolation="bicubic",
+        width=64,
+        licence="test",
+    )
     register(spec, overwrite=True)
     try:
         ref = load_backbone("tiny-swiglu", weights="random").model
@@ -434,18 +506,30 @@ def test_missing_file(tmp_path, tiny):
 def test_ctranspath_entry_has_convstem_keys():
     with torch.device("meta"):
         keys = set(build_model(get_spec("ctranspath")).state_dict())
-    assert {"patch_embed.proj.0.weight", "patch_embed.proj.1.running_mean", "patch_embed.proj.3.weight",
-            "patch_embed.proj.4.num_batches_tracked", "patch_embed.proj.6.bias", "patch_embed.norm.weight"} <= keys
+    assert {
+        "patch_embed.proj.0.weight",
+        "patch_embed.proj.1.running_mean",
+        "patch_embed.proj.3.weight",
+        "patch_embed.proj.4.num_batches_tracked",
+        "patch_embed.proj.6.bias",
+        "patch_embed.norm.weight",
+    } <= keys
     assert not any(k.startswith("patch_embed.proj.weight") for k in keys)
 
 
 def test_convstem_swin_file_roundtrip(tmp_path):
     """A small Swin with the ConvStem: random weights, a real forward, and both Swin checkpoint layouts."""
-    spec = BackboneSpec(name="tiny-ctp", arch="swin_tiny_patch4_window7_224",
-                        kwargs=dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
-                                    window_size=4),
-                        layers={"embed_layer": "ConvStem"}, input_size=64, interpolation="bilinear", width=128,
-                        default_pool=("mean",), licence="test")
+    spec = BackboneSpec(
+        name="tiny-ctp",
+        arch="swin_tiny_patch4_window7_224",
+        kwargs=dict(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),
+        layers={"embed_layer": "ConvStem"},
+        input_size=64,
+        interpolation="bilinear",
+        width=128,
+        default_pool=("mean",),
+        licence="test",
+    )
     register(spec, overwrite=True)
     try:
         bb = load_backbone("tiny-ctp", weights="random")
@@ -459,8 +543,10 @@ def test_convstem_swin_file_roundtrip(tmp_path):
         save_file(sd, str(path))
         assert_weights(load_backbone("tiny-ctp", weights=path).model, sd)
         # original Swin/CTransPath layout: downsample at the end of stage i, not the start of stage i+1
-        old = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
-               for k, v in sd.items()}
+        old = {
+            re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
+            for k, v in sd.items()
+        }
         assert "layers.0.downsample.reduction.weight" in old
         torch.save({"model": old}, tmp_path / "old.pth")
         assert_weights(load_backbone("tiny-ctp", weights=tmp_path / "old.pth").model, sd)
@@ -471,6 +557,7 @@ def test_convstem_swin_file_roundtrip(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 4. timm:<arch> specs and seeded random weights
 # ---------------------------------------------------------------------------------------------
+
 
 def test_timm_specs_from_pretrained_cfg():
     vit, res = get_spec("timm:test_vit"), get_spec("timm:test_resnet")
@@ -508,6 +595,7 @@ def test_random_weights_are_deterministic():
 # 5. HF transformers ViT / Dinov2 -> timm
 # ---------------------------------------------------------------------------------------------
 
+
 def jitter(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Make every parameter non-trivial (timm inits biases to 0 and LayerScale to 1e-5)."""
     g = torch.Generator().manual_seed(seed)
@@ -529,10 +617,14 @@ def tiny_timm(layerscale=True, swiglu=False, img=IMG):
 def timm_to_hf(sd, flavour: str, swiglu: bool = False, depth: int = 6, prefix: str = "") -> dict[str, torch.Tensor]:
     """Inverse mapping, written independently: timm ViT -> HF on-disk keys ("dinov2" or "vit")."""
     dino = flavour == "dinov2"
-    out = {"embeddings.cls_token": sd["cls_token"], "embeddings.position_embeddings": sd["pos_embed"],
-           "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-           "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-           "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
+    out = {
+        "embeddings.cls_token": sd["cls_token"],
+        "embeddings.position_embeddings": sd["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "layernorm.weight": sd["norm.weight"],
+        "layernorm.bias": sd["norm.bias"],
+    }
     if dino:
         out["embeddings.mask_token"] = torch.zeros(1, sd["cls_token"].shape[-1])
     else:
@@ -563,10 +655,15 @@ def timm_to_hf(sd, flavour: str, swiglu: bool = False, depth: int = 6, prefix: s
     return {prefix + k: v.clone().contiguous() for k, v in out.items()}
 
 
-@pytest.mark.parametrize("flavour,layerscale,swiglu,prefix", [
-    ("dinov2", True, False, ""), ("dinov2", True, True, "dinov2."),
-    ("vit", False, False, ""), ("vit", False, False, "vit."),
-])
+@pytest.mark.parametrize(
+    "flavour,layerscale,swiglu,prefix",
+    [
+        ("dinov2", True, False, ""),
+        ("dinov2", True, True, "dinov2."),
+        ("vit", False, False, ""),
+        ("vit", False, False, "vit."),
+    ],
+)
 def test_hf_roundtrip_gives_identical_outputs(flavour, layerscale, swiglu, prefix):
     ref = jitter(tiny_timm(layerscale, swiglu))
     hf = timm_to_hf(ref.state_dict(), flavour, swiglu, prefix=prefix)
@@ -602,8 +699,16 @@ def test_converter_matches_transformers(tmp_path, flavour, swiglu):
     transformers = pytest.importorskip("transformers", reason="transformers not installed; round trip above still runs")
     ref = jitter(tiny_timm(flavour == "dinov2", swiglu))
     hf_sd = timm_to_hf(ref.state_dict(), flavour, swiglu)
-    common = dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=2, image_size=IMG, patch_size=16,
-                  layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True)
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        image_size=IMG,
+        patch_size=16,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        qkv_bias=True,
+    )
     if flavour == "dinov2":
         cfg = transformers.Dinov2Config(mlp_ratio=3, use_swiglu_ffn=swiglu, layerscale_value=1e-5, **common)
         cls = transformers.Dinov2Model
@@ -626,13 +731,15 @@ def test_converter_matches_transformers(tmp_path, flavour, swiglu):
             big = tiny_timm(True, swiglu, img=2 * IMG).eval()
             loading.load_state_dict_strict(big, normalise_state_dict(hf_sd, big))
             x2 = torch.randn(2, 3, 2 * IMG, 2 * IMG)
-            torch.testing.assert_close(big.forward_features(x2), hf(pixel_values=x2).last_hidden_state,
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                big.forward_features(x2), hf(pixel_values=x2).last_hidden_state, rtol=1e-4, atol=1e-4
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # 6. a backbone timm cannot build: build / embed hooks, extracted end to end into a store
 # ---------------------------------------------------------------------------------------------
+
 
 class ToyCNN(torch.nn.Module):
     """Not a timm model: no forward_features, returns (N, 16) from its own forward."""
@@ -656,8 +763,16 @@ def embed_toy(model, x, pools, num_prefix_tokens):
 
 @pytest.fixture
 def toy():
-    spec = BackboneSpec(name="toy-cnn", arch="toy", width=16, build=build_toy, embed=embed_toy, input_size=24,
-                        default_pool=("mean",), licence="test")
+    spec = BackboneSpec(
+        name="toy-cnn",
+        arch="toy",
+        width=16,
+        build=build_toy,
+        embed=embed_toy,
+        input_size=24,
+        default_pool=("mean",),
+        licence="test",
+    )
     register(spec, overwrite=True)
     yield spec
     registry._REGISTRY.pop("toy-cnn", None)
@@ -684,8 +799,16 @@ def test_hook_backbone_extracts_end_to_end(tmp_path, toy, chula_subset):
     prep = Preprocessing(size=24, interpolation="bilinear", mean=IN_MEAN, std=IN_STD, fit="squash")
     paths = pd.read_csv(manifest)["path"]
     for i in (0, 13):
-        one = compute_batch(bb.model, [torch.from_numpy(read_image(paths[i]))[None]], prep, torch.device("cpu"),
-                            torch.float32, ("mean",), 0, embed_fn=bb.embed)["mean"][0]
+        one = compute_batch(
+            bb.model,
+            [torch.from_numpy(read_image(paths[i]))[None]],
+            prep,
+            torch.device("cpu"),
+            torch.float32,
+            ("mean",),
+            0,
+            embed_fn=bb.embed,
+        )["mean"][0]
         np.testing.assert_allclose(feats[i], one.astype(np.float16).astype(np.float32), rtol=1e-2, atol=1e-3)
     # a local checkpoint of the toy module loads through the same path as any entry
     sd = {k: v + 0.5 for k, v in bb.model.state_dict().items()}
@@ -696,8 +819,15 @@ def test_hook_backbone_extracts_end_to_end(tmp_path, toy, chula_subset):
 
 
 def test_hook_output_is_checked(toy):
-    bad = BackboneSpec(name="toy-bad", arch="toy", width=16, build=build_toy, default_pool=("mean",),
-                       embed=lambda model, x, pools, n: {"mean": model(x)[:, :3]}, licence="test")
+    bad = BackboneSpec(
+        name="toy-bad",
+        arch="toy",
+        width=16,
+        build=build_toy,
+        default_pool=("mean",),
+        embed=lambda model, x, pools, n: {"mean": model(x)[:, :3]},
+        licence="test",
+    )
     register(bad, overwrite=True)
     try:
         bb = load_backbone("toy-bad", weights="random")

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import embedcache
 from cli.probes_app import app
-from probes.data import ProbeError
 from probes import robustness
+from probes.data import ProbeError
 from probes.studies.robustness import drop_slope
 
 MODEL = "timm:test_vit"
@@ -27,9 +27,19 @@ def store(tmp_path_factory, chula_cells):
     manifest = root / "chula.csv"
     df.to_csv(manifest, index=False)
     out = root / "cache.zarr"
-    embedcache.extract(MODEL, manifest, out, weights="random", input_size=48, working_size=40,
-                       perturb=[f"blur-pre:{SIGMAS}", f"blur-post:{SIGMAS}"], progress=False, num_workers=1,
-                       chunk_size=400, batch_size=100)
+    embedcache.extract(
+        MODEL,
+        manifest,
+        out,
+        weights="random",
+        input_size=48,
+        working_size=40,
+        perturb=[f"blur-pre:{SIGMAS}", f"blur-post:{SIGMAS}"],
+        progress=False,
+        num_workers=1,
+        chunk_size=400,
+        batch_size=100,
+    )
     return out
 
 
@@ -45,8 +55,9 @@ def test_slope_matches_a_hand_calculation():
 
 
 def test_robustness_scores_the_same_test_cells_clean_and_perturbed(store, tmp_path):
-    res = robustness(store, MODEL, perturb="blur-pre,blur-post", probe="logistic,knn", seeds=2,
-                     out=tmp_path / "r", quiet=True)
+    res = robustness(
+        store, MODEL, perturb="blur-pre,blur-post", probe="logistic,knn", seeds=2, out=tmp_path / "r", quiet=True
+    )
     r = res.results
     assert res.params["split"] == "column"  # the store's split column: the cells the perturbed sets cover
     obs = embedcache.open_store(store).dataset().obs
@@ -79,8 +90,22 @@ def test_missing_perturbation_is_a_clear_error(store, tmp_path):
 
 
 def test_cli_robustness(store, tmp_path):
-    res = CliRunner().invoke(app, ["robustness", "--store", str(store), "--model", MODEL, "--perturb", "blur-post",
-                                   "--probe", "logistic", "--out", str(tmp_path / "cli")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "robustness",
+            "--store",
+            str(store),
+            "--model",
+            MODEL,
+            "--perturb",
+            "blur-post",
+            "--probe",
+            "logistic",
+            "--out",
+            str(tmp_path / "cli"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "slope" in res.output and (tmp_path / "cli" / "slopes.csv").is_file()
     slopes = pd.read_csv(tmp_path / "cli" / "slopes.csv")

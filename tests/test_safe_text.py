@@ -47,8 +47,17 @@ def newline_store(tmp_path_factory, chula_manifest):
     manifest = root / "m.csv"
     df[["id", "path", "label"]].to_csv(manifest, index=False)
     out = root / "cache.zarr"
-    embedcache.extract(RESNET, manifest, out, input_size=64, weights="random", progress=False, num_workers=0,
-                       chunk_size=256, batch_size=64)
+    embedcache.extract(
+        RESNET,
+        manifest,
+        out,
+        input_size=64,
+        weights="random",
+        progress=False,
+        num_workers=0,
+        chunk_size=256,
+        batch_size=64,
+    )
     return out
 
 
@@ -68,13 +77,25 @@ def test_an_id_with_a_newline_through_neighbors_its_sheet_and_the_audit_html(new
     back = pd.read_csv(res.files["neighbors.csv"], keep_default_na=False)
     assert (back["query"] == odd).all()  # the CSV keeps the id exactly
 
-    r = CliRunner().invoke(app, ["neighbors", "--store", str(store), "--model", RESNET, "--pool", "mean", "--id", odd,
-                                 "-k", "3"])
+    r = CliRunner().invoke(
+        app, ["neighbors", "--store", str(store), "--model", RESNET, "--pool", "mean", "--id", odd, "-k", "3"]
+    )
     assert r.exit_code == 0, r.output
     assert "two\\nlines\\x07 [red]id[/]" in r.output  # printed as one line, markup shown as text
 
-    aud = probes.audit(store, RESNET, pool="mean", probes="knn", seeds=1, folds=3, top=240, out=tmp_path / "a",
-                       cache=False, quiet=True, threads=1)
+    aud = probes.audit(
+        store,
+        RESNET,
+        pool="mean",
+        probes="knn",
+        seeds=1,
+        folds=3,
+        top=240,
+        out=tmp_path / "a",
+        cache=False,
+        quiet=True,
+        threads=1,
+    )
     html = (tmp_path / "a" / "report.html").read_text(encoding="utf-8")
     assert "two\\nlines\\x07 [red]id[/]" in html and odd not in html and "\x07" not in html
     assert Image.open(aud.files["suspects.png"]).size[0] > TILE

@@ -103,18 +103,36 @@ def stores(chula_features, tmp_path_factory):
     split = column_split(y)
     views = {"a": slice(0, 32), "b": slice(32, 64), "vit": slice(None)}
     root = tmp_path_factory.mktemp("sel")
-    return (decision_store(root / "a.zarr", X, y, split=split, views=views),
-            decision_store(root / "b.zarr", X, permute_test_labels(y, split), split=split, views=views))
+    return (
+        decision_store(root / "a.zarr", X, y, split=split, views=views),
+        decision_store(root / "b.zarr", X, permute_test_labels(y, split), split=split, views=views),
+    )
 
 
 def test_selective_study_threshold_is_chosen_on_validation(stores, tmp_path, capsys):
-    kw = dict(probes="logistic", confidence="msp,margin,entropy,agreement", heads="knn,svm", target_accuracy=0.5,
-              seeds=2, split="column", make_probe=fast_probe)
+    kw = dict(
+        probes="logistic",
+        confidence="msp,margin,entropy,agreement",
+        heads="knn,svm",
+        target_accuracy=0.5,
+        seeds=2,
+        split="column",
+        make_probe=fast_probe,
+    )
     res = selective(stores[0], "vit", out=tmp_path / "s1", show=True, **kw)
     printed = capsys.readouterr().out
     assert "AURC" in printed and "test cov." in printed and "sent to a human" in printed and "wrote" in printed
-    for f in ("results.csv", "results.parquet", "summary.csv", "thresholds.csv", "abstention.csv", "curves.csv",
-              "fits.csv", "study.json", "risk_coverage.png"):
+    for f in (
+        "results.csv",
+        "results.parquet",
+        "summary.csv",
+        "thresholds.csv",
+        "abstention.csv",
+        "curves.csv",
+        "fits.csv",
+        "study.json",
+        "risk_coverage.png",
+    ):
         assert (tmp_path / "s1" / f).stat().st_size > 0, f
     r = res.results
     assert {"aurc", "e_aurc", "accuracy", "macro_f1", "weighted_f1", "weighted_recall"} <= set(r["metric"])
@@ -137,15 +155,30 @@ def test_selective_study_threshold_is_chosen_on_validation(stores, tmp_path, cap
 
 
 def test_agreement_between_backbones_and_bad_input(stores, tmp_path):
-    res = selective(stores[0], "a,b,vit", probes="knn", confidence="agreement,msp", agree_with="backbones",
-                    target_accuracy=0.4, split="column", out=tmp_path / "bb", quiet=True)
+    res = selective(
+        stores[0],
+        "a,b,vit",
+        probes="knn",
+        confidence="agreement,msp",
+        agree_with="backbones",
+        target_accuracy=0.4,
+        split="column",
+        out=tmp_path / "bb",
+        quiet=True,
+    )
     assert set(res.thresholds["backbone"]) == {"a", "b", "vit"}
     with pytest.raises(ProbeError, match="at least 3 heads"):
-        selective(stores[0], "vit", probes="knn", confidence="agreement", heads="knn1", out=tmp_path / "x",
-                  quiet=True)
+        selective(stores[0], "vit", probes="knn", confidence="agreement", heads="knn1", out=tmp_path / "x", quiet=True)
     with pytest.raises(ProbeError, match="at least 3 backbones"):
-        selective(stores[0], "a,vit", probes="knn", confidence="agreement", agree_with="backbones",
-                  out=tmp_path / "x", quiet=True)
+        selective(
+            stores[0],
+            "a,vit",
+            probes="knn",
+            confidence="agreement",
+            agree_with="backbones",
+            out=tmp_path / "x",
+            quiet=True,
+        )
     for bad in (0, 1.01, -1):
         with pytest.raises(ProbeError, match=r"\(0, 1\]"):
             selective(stores[0], "vit", probes="knn", target_accuracy=bad, out=tmp_path / "x", quiet=True)
@@ -154,15 +187,40 @@ def test_agreement_between_backbones_and_bad_input(stores, tmp_path):
     from sklearn.linear_model import RidgeClassifier  # no predict_proba
 
     with pytest.raises(ProbeError, match="gives no class probabilities"):
-        selective(stores[0], "vit", out=tmp_path / "x", quiet=True,
-                  make_probe=lambda n, seed=0, device="cpu": RidgeClassifier())
+        selective(
+            stores[0],
+            "vit",
+            out=tmp_path / "x",
+            quiet=True,
+            make_probe=lambda n, seed=0, device="cpu": RidgeClassifier(),
+        )
 
 
 def test_selective_cli(stores, tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "cli.probes_app", "selective", "--store", str(stores[0]), "--model", "vit",
-           "--probe", "knn", "--confidence", "msp,margin,agreement", "--heads", "knn1,svm", "--target-accuracy",
-           "0.6", "--split", "column", "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.probes_app",
+        "selective",
+        "--store",
+        str(stores[0]),
+        "--model",
+        "vit",
+        "--probe",
+        "knn",
+        "--confidence",
+        "msp,margin,agreement",
+        "--heads",
+        "knn1,svm",
+        "--target-accuracy",
+        "0.6",
+        "--split",
+        "column",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr
     assert "AURC" in p.stdout and "67%" in p.stdout and "wrote" in p.stdout

@@ -51,7 +51,9 @@ def test_parquet_manifest(tmp_path, chula_cells):
 
 @pytest.mark.parametrize("bad_label", ["", "NaN", "  "])
 def test_manifest_missing_label_names_the_row(tmp_path, bad_label):
-    pd.DataFrame({"path": ["a.png", "b.png", "c.png"], "label": ["x", bad_label, "y"]}).to_csv(tmp_path / "m.csv", index=False)
+    pd.DataFrame({"path": ["a.png", "b.png", "c.png"], "label": ["x", bad_label, "y"]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )
     with pytest.raises(SourceError, match=r"m\.csv row 2 \(line 3\).*b\.png"):
         open_source(tmp_path / "m.csv")
 

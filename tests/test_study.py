@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -14,17 +14,32 @@ import pytest
 import zarr
 
 import embedcache
+from probes import evaluate, scale
 from probes.data import ProbeError, open_cells
 from probes.sampling import Sampler
-from probes import evaluate, scale
 from probes.split_fits import RESULT_COLUMNS
 
 from .conftest import REPO
 
 MODEL = "timm:test_vit"
 N_CELLS = 3000
-REQUIRED = ["study", "dataset", "backbone", "feature_key", "pool", "probe", "limit", "seed", "split",
-            "n_train", "n_test", "n_classes", "metric", "value", "seconds"]
+REQUIRED = [
+    "study",
+    "dataset",
+    "backbone",
+    "feature_key",
+    "pool",
+    "probe",
+    "limit",
+    "seed",
+    "split",
+    "n_train",
+    "n_test",
+    "n_classes",
+    "metric",
+    "value",
+    "seconds",
+]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +102,7 @@ def test_fits_that_hit_their_iteration_limit_are_reported(store, keys, tmp_path,
     from probes.heads import logistic
 
     init = logistic.LogisticProbe.__init__
-    monkeypatch.setattr(logistic.LogisticProbe, "__init__",
-                        lambda self, **kw: init(self, **{**kw, "max_iter": 2}))
+    monkeypatch.setattr(logistic.LogisticProbe, "__init__", lambda self, **kw: init(self, **{**kw, "max_iter": 2}))
     r = scale(store, keys[1], limits="32", probes="logistic", seeds=1, out=tmp_path / "s", quiet=True)
     assert (r.fits["converged"] == False).all() and (r.fits["n_iter"] == 2).all()  # noqa: E712
     assert any("1 of 1 fits stopped at their iteration limit" in n for n in r.notes), r.notes
@@ -97,8 +111,18 @@ def test_fits_that_hit_their_iteration_limit_are_reported(store, keys, tmp_path,
 
 def test_outputs_are_well_formed(study, keys):
     out = study.out
-    for name in ("results.csv", "results.parquet", "summary.csv", "curves.csv", "exclusions.csv",
-                 "confusion.csv", "confusion.json", "study.json", "scaling.png", "fits.csv"):
+    for name in (
+        "results.csv",
+        "results.parquet",
+        "summary.csv",
+        "curves.csv",
+        "exclusions.csv",
+        "confusion.csv",
+        "confusion.json",
+        "study.json",
+        "scaling.png",
+        "fits.csv",
+    ):
         assert (out / name).is_file(), name
     csv = pd.read_csv(out / "results.csv", keep_default_na=False)
     pq = pd.read_parquet(out / "results.parquet")
@@ -246,8 +270,25 @@ def test_bad_input_is_a_probe_error(store, keys, tmp_path):
 
 def test_cli_end_to_end(store, keys, tmp_path):
     out = tmp_path / "cli-study"
-    cmd = [sys.executable, "-m", "cli.probes_app", "scale", "--store", str(store), "--model", keys[0],
-           "--limits", "16..32", "--probes", "knn", "--seeds", "2", "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.probes_app",
+        "scale",
+        "--store",
+        str(store),
+        "--model",
+        keys[0],
+        "--limits",
+        "16..32",
+        "--probes",
+        "knn",
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "macro-F1" in p.stdout and "95% at" in p.stdout and "wrote" in p.stdout
@@ -256,16 +297,42 @@ def test_cli_end_to_end(store, keys, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr + p.stdout
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "no features for 'nope'" in lines[0]
-    p = subprocess.run([sys.executable, "-m", "cli.probes_app", "eval", "--store", str(store), "--model", keys[1],
-                        "--probe", "knn", "--out", str(tmp_path / "ev")], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.probes_app",
+            "eval",
+            "--store",
+            str(store),
+            "--model",
+            keys[1],
+            "--probe",
+            "knn",
+            "--out",
+            str(tmp_path / "ev"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "per-class F1" in p.stdout and (tmp_path / "ev" / "results.csv").is_file()
 
 
 def test_domain_study_never_mixes_domains(store, keys, tmp_path):
-    res = scale(store, keys[0], limits="32,64", probes="logistic", seeds=2, train_domain="siteA",
-                test_domain="siteB,siteC", out=tmp_path / "dom", quiet=True)
+    res = scale(
+        store,
+        keys[0],
+        limits="32,64",
+        probes="logistic",
+        seeds=2,
+        train_domain="siteA",
+        test_domain="siteB,siteC",
+        out=tmp_path / "dom",
+        quiet=True,
+    )
     domain = res_domain = open_cells(store, keys[0]).obs["domain"].to_numpy()
     for key, sp in res.splits.items():
         assert set(domain[sp.train]) == {"siteA"}  # training cells only from the training domain
@@ -281,7 +348,10 @@ def test_domain_study_never_mixes_domains(store, keys, tmp_path):
             assert len(pos) == int(((domain == d) & np.isin(labels, sp.classes)).sum())
     r = res.results
     assert set(r["test_domain"]) == {"siteA", "siteB", "siteC"} and (r["train_domain"] == "siteA").all()
-    assert (r.loc[r["test_domain"] == "siteA", "in_domain"]).all() and not r.loc[r["test_domain"] != "siteA", "in_domain"].any()
+    assert (
+        (r.loc[r["test_domain"] == "siteA", "in_domain"]).all()
+        and not r.loc[r["test_domain"] != "siteA", "in_domain"].any()
+    )
     gaps = pd.read_csv(res.out / "domains.csv")
     assert len(gaps) == 2 * 2  # 2 limits x 2 unseen domains
     main = res.curves[(res.curves.metric == "macro_f1") & (res.curves["class"] == "")]
@@ -306,7 +376,12 @@ def test_domain_defaults_and_errors(store, keys, tmp_path):
 def test_scores_equal_sklearns(seed):
     """score() computes every metric from one confusion matrix; it must equal scikit-learn's
     functions, including predictions outside the split's classes and classes never predicted."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
 
     from probes.metrics import score
 

@@ -38,9 +38,17 @@ def _tiny(arch: str, **kw) -> torch.nn.Module:
 
 MODELS = {
     "test_vit": lambda: _tiny("test_vit"),
-    "vit_reg_noembedcls_ls": lambda: _tiny("vit_small_patch16_224", depth=3, embed_dim=64, num_heads=2, reg_tokens=4,
-                                           img_size=SIZE, no_embed_class=True, init_values=1e-5,
-                                           dynamic_img_size=True),
+    "vit_reg_noembedcls_ls": lambda: _tiny(
+        "vit_small_patch16_224",
+        depth=3,
+        embed_dim=64,
+        num_heads=2,
+        reg_tokens=4,
+        img_size=SIZE,
+        no_embed_class=True,
+        init_values=1e-5,
+        dynamic_img_size=True,
+    ),
     "vit_avg_fcnorm": lambda: _tiny("test_vit2"),
     "vit_map": lambda: _tiny("test_vit3", img_size=SIZE),
     "eva_dinov3": lambda: _tiny("vit_small_patch16_dinov3", depth=3, embed_dim=64, num_heads=2, img_size=SIZE),

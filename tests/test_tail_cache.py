@@ -58,14 +58,14 @@ def test_tokens_are_added_to_an_existing_feature_set(tmp_path, cells, capsys):
     before = fs.to_numpy("cls", dtype=np.float16)
     with pytest.raises(embedcache.StoreError, match="--tail-blocks 1"):
         fs.tokens(1)
-    added = embedcache.extract("timm:test_vit", cells, tmp_path / "c.zarr", tail_blocks=1,
-                               **{**KW, "progress": True})
+    added = embedcache.extract("timm:test_vit", cells, tmp_path / "c.zarr", tail_blocks=1, **{**KW, "progress": True})
     assert added.key == first.key and not added.cache_hit
     assert "KB per cell" in capsys.readouterr().err  # the size is said before starting
     fs = open_store(tmp_path / "c.zarr").dataset().feature_set(first.key)
     assert np.allclose(fs.to_numpy("cls", dtype=np.float16), before, atol=2e-3)
-    assert fs.tokens(1).shape[1:] == embedcache.tail.tail_token_shape(embedcache.load_backbone(
-        "timm:test_vit", weights="random"), 1, 32)
+    assert fs.tokens(1).shape[1:] == embedcache.tail.tail_token_shape(
+        embedcache.load_backbone("timm:test_vit", weights="random"), 1, 32
+    )
 
 
 def test_tail_blocks_beyond_the_depth_is_refused_before_anything_is_written(tmp_path, cells):
@@ -82,10 +82,19 @@ embedcache.extract("timm:test_vit", "cells.csv", "c.zarr", weights="random", inp
 
 
 def test_killed_tail_token_extraction_resumes_to_the_uninterrupted_result(tmp_path, cells):
-    env = dict(os.environ, EMBEDCACHE_KILL_AT="chunk:done#2",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        EMBEDCACHE_KILL_AT="chunk:done#2",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(KILLED)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     fs = open_store(tmp_path / "c.zarr").dataset().feature_set("timm-test_vit@random/32-bicubic/clean")
     assert fs.done("tokens_k1").tolist() == [True, True, False]

@@ -11,19 +11,34 @@ import sys
 import types
 
 from .adapter import (
-           Adapter,
-           AdapterError,
-           load_adapter,
-           read_adapter_meta,
-           save_adapter,
+    Adapter,
+    AdapterError,
+    load_adapter,
+    read_adapter_meta,
+    save_adapter,
 )
 from .estimator import DEFAULTS, METHODS, FineTuneProbe, TrainingDiverged
 from .nets import FullBackboneModule, TunedNet, inject_lora, merge_lora
 from .readers import ArrayTokens, ImageReader, TokenReader
 
-__all__ = ["DEFAULTS", "METHODS", "Adapter", "AdapterError", "ArrayTokens", "FineTuneProbe", "FullBackboneModule",
-           "ImageReader", "TokenReader", "TrainingDiverged", "TunedNet", "inject_lora", "load_adapter", "merge_lora",
-           "read_adapter_meta", "save_adapter"]
+__all__ = [
+    "DEFAULTS",
+    "METHODS",
+    "Adapter",
+    "AdapterError",
+    "ArrayTokens",
+    "FineTuneProbe",
+    "FullBackboneModule",
+    "ImageReader",
+    "TokenReader",
+    "TrainingDiverged",
+    "TunedNet",
+    "inject_lora",
+    "load_adapter",
+    "merge_lora",
+    "read_adapter_meta",
+    "save_adapter",
+]
 
 
 class _CallableModule(types.ModuleType):

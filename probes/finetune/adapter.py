@@ -68,12 +68,19 @@ def save_adapter(probe, directory: str | os.PathLike) -> Path:
         "method": probe.method,
         "k": tail.k,
         "pool": net.pool,
-        "head": {"name": probe.head, "kwargs": probe.head_kwargs or {}, "dim": int(head.dim),
-                 "num_prefix_tokens": int(getattr(head, "num_prefix_tokens", 0)),
-                 "pool": getattr(head, "pool", None)},
+        "head": {
+            "name": probe.head,
+            "kwargs": probe.head_kwargs or {},
+            "dim": int(head.dim),
+            "num_prefix_tokens": int(getattr(head, "num_prefix_tokens", 0)),
+            "pool": getattr(head, "pool", None),
+        },
         "classes": [str(c) for c in probe.classes_],
-        "lora": ({"rank": probe.lora_rank, "alpha": probe.lora_alpha, "dropout": probe.lora_dropout}
-                 if probe.method == "lora" else None),
+        "lora": (
+            {"rank": probe.lora_rank, "alpha": probe.lora_alpha, "dropout": probe.lora_dropout}
+            if probe.method == "lora"
+            else None
+        ),
         "loss": probe.loss,
         "data_digest": probe.data_digest_,
         "reader_kind": probe.reader_kind_,
@@ -137,8 +144,10 @@ def load_adapter(directory: str | os.PathLike, backbone=None, inplace: bool = Fa
     meta = read_adapter_meta(d)
     bb = backbone if backbone is not None else _load_base(meta)
     if bb.weights.get("sha256") != meta["weights"].get("sha256"):
-        raise AdapterError(f"adapter {str(d)!r} was trained on {meta['backbone']} weights sha256 "
-                           f"{meta['weights'].get('sha256')}, the loaded backbone has {bb.weights.get('sha256')}")
+        raise AdapterError(
+            f"adapter {str(d)!r} was trained on {meta['backbone']} weights sha256 "
+            f"{meta['weights'].get('sha256')}, the loaded backbone has {bb.weights.get('sha256')}"
+        )
     model = bb.model if inplace else copy.deepcopy(bb.model)
     tensors = load_file(str(d / "adapter.safetensors"))
     if meta["method"] == "ft-last":
@@ -157,17 +166,27 @@ def load_adapter(directory: str | os.PathLike, backbone=None, inplace: bool = Fa
         result = tail.load_state_dict(back, strict=False)
         lora_keys = {k for k in tail.state_dict() if ".lora_" in k}
         if result.unexpected_keys or lora_keys - set(back):
-            raise AdapterError(f"LoRA tensors do not fit: unexpected {result.unexpected_keys[:5]}, "
-                               f"missing {sorted(lora_keys - set(back))[:5]}")
+            raise AdapterError(
+                f"LoRA tensors do not fit: unexpected {result.unexpected_keys[:5]}, "
+                f"missing {sorted(lora_keys - set(back))[:5]}"
+            )
         merge_lora(tail)
     model.eval().requires_grad_(False)
     h = meta["head"]
-    head = make_token_head(h["name"], int(h["dim"]), len(meta["classes"]), int(h["num_prefix_tokens"]),
-                           h.get("pool"), **h["kwargs"])
+    head = make_token_head(
+        h["name"], int(h["dim"]), len(meta["classes"]), int(h["num_prefix_tokens"]), h.get("pool"), **h["kwargs"]
+    )
     head.load_state_dict(load_file(str(d / "head.safetensors")), strict=True)
     head.eval().requires_grad_(False)
-    weights = {**bb.weights, "adapter": {"path": str(d.resolve()), "method": meta["method"], "k": meta["k"],
-                                         "sha256": meta["sha256"]["adapter.safetensors"]}}
+    weights = {
+        **bb.weights,
+        "adapter": {
+            "path": str(d.resolve()),
+            "method": meta["method"],
+            "k": meta["k"],
+            "sha256": meta["sha256"]["adapter.safetensors"],
+        },
+    }
     key = f"{bb.key_name}+{meta['method']}@{meta['sha256']['adapter.safetensors'][:8]}"
     tuned = LoadedBackbone(model, bb.spec, weights, key, bb.num_prefix_tokens)
     return Adapter(tuned, head, list(meta["classes"]), meta)

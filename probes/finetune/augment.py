@@ -63,8 +63,15 @@ class CellImages(ImageReader):
     reader gives the same sequence of augmented minibatches on every run.
     """
 
-    def __init__(self, paths: Sequence[str], prep, working_size: int | None = None,
-                 augment: str | Sequence[str] | None = None, seed: int = 0, check: bool = True):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        prep,
+        working_size: int | None = None,
+        augment: str | Sequence[str] | None = None,
+        seed: int = 0,
+        check: bool = True,
+    ):
         super().__init__(paths, prep, check=check)
         self.working_size = working_size
         self.augment = parse_augment(augment)

@@ -56,13 +56,30 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
     None: the method's defaults.
     """
 
-    def __init__(self, backbone=None, method: str = "ft-last", k: int = 1, head: str = "linear",
-                 head_kwargs: dict | None = None, pool: str | None = None, loss: str = "ce",
-                 gamma: float | None = None, class_weights: Any = None, hierarchy: Any = None,
-                 epochs: int = 50, batch_size: int = 256, lr: float | None = None,
-                 weight_decay: float | None = None, val_fraction: float = 0.1, patience: int | None = None,
-                 lora_rank: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-                 seed: int = 0, device: str = "auto"):
+    def __init__(
+        self,
+        backbone=None,
+        method: str = "ft-last",
+        k: int = 1,
+        head: str = "linear",
+        head_kwargs: dict | None = None,
+        pool: str | None = None,
+        loss: str = "ce",
+        gamma: float | None = None,
+        class_weights: Any = None,
+        hierarchy: Any = None,
+        epochs: int = 50,
+        batch_size: int = 256,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        val_fraction: float = 0.1,
+        patience: int | None = None,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        seed: int = 0,
+        device: str = "auto",
+    ):
         self.backbone = backbone
         self.method = method
         self.k = k
@@ -110,16 +127,21 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
         bb = self.backbone
         if bb is None:
             if self.method != "lp" or kind != "tokens" or sample.ndim != 2:
-                raise ValueError(f"method {self.method!r} on {kind} of shape {sample.shape[1:]} needs a backbone; "
-                                 "only 'lp' on pooled features (N, D) runs without one")
-            head = make_token_head(self.head, sample.shape[1], n_classes, 0, self.pool or "mean",
-                                   **(self.head_kwargs or {}))
+                raise ValueError(
+                    f"method {self.method!r} on {kind} of shape {sample.shape[1:]} needs a backbone; "
+                    "only 'lp' on pooled features (N, D) runs without one"
+                )
+            head = make_token_head(
+                self.head, sample.shape[1], n_classes, 0, self.pool or "mean", **(self.head_kwargs or {})
+            )
             if head.input != "pooled":
                 raise ValueError(f"head {self.head!r} reads tokens; pooled features (N, D) need 'linear' or 'mlp'")
             return TunedNet(None, head, "mean", frozen_trunk=True)
         if kind == "tokens" and sample.ndim == 2:
-            raise ValueError("the reader holds pooled features (N, D): use method 'lp' without a backbone, "
-                             "or pass tail tokens (extract --tail-blocks K)")
+            raise ValueError(
+                "the reader holds pooled features (N, D): use method 'lp' without a backbone, "
+                "or pass tail tokens (extract --tail-blocks K)"
+            )
         from embedcache.tail import TailModule
 
         pool = self.pool or bb.spec.default_pool[0]
@@ -133,16 +155,23 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
                 try:
                     feats = tail.forward_features(probe)
                 except Exception as e:
-                    raise ValueError(f"tokens of shape {shape} do not fit the last {tail.k} blocks of "
-                                     f"{bb.spec.name}: {e}") from e
+                    raise ValueError(
+                        f"tokens of shape {shape} do not fit the last {tail.k} blocks of {bb.spec.name}: {e}"
+                    ) from e
         else:
             with torch.no_grad():
                 feats = trunk.forward_features(torch.from_numpy(sample.astype(np.float32)))
         dim = int(feats.shape[1] if feats.ndim == 4 else feats.shape[-1])
         npt = 0 if feats.ndim == 4 else tail.num_prefix_tokens
         head_pool = pool if pool in ("cls", "mean") else None
-        head = make_token_head(self.head, dim, n_classes, npt, head_pool if self.head in ("linear", "mlp") else None,
-                               **(self.head_kwargs or {}))
+        head = make_token_head(
+            self.head,
+            dim,
+            n_classes,
+            npt,
+            head_pool if self.head in ("linear", "mlp") else None,
+            **(self.head_kwargs or {}),
+        )
         if self.method == "lp":
             tail.requires_grad_(False)
         elif self.method == "ft-last":
@@ -176,8 +205,14 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
         self.best_epoch_ = None
         with seeded(self.seed, dev):
             net = self._build(first, kind, K).to(dev)
-            loss_fn = make_loss(self.loss, self.classes_, codes[fit_idx], gamma=self.gamma,
-                                weights=self.class_weights, hierarchy=self.hierarchy).to(dev)
+            loss_fn = make_loss(
+                self.loss,
+                self.classes_,
+                codes[fit_idx],
+                gamma=self.gamma,
+                weights=self.class_weights,
+                hierarchy=self.hierarchy,
+            ).to(dev)
             params = [p for p in net.parameters() if p.requires_grad]
             self.n_trainable_ = int(sum(p.numel() for p in params))
             opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
@@ -210,8 +245,15 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
                     best_state, self.best_epoch_, stale = copy.deepcopy(net.state_dict()), epoch, 0
                 else:
                     stale += 1
-                self.history_.append({"epoch": epoch, "train_loss": total / seen, "val_macro_f1": f1,
-                                      "best": improved, "seconds": time.perf_counter() - t0})
+                self.history_.append(
+                    {
+                        "epoch": epoch,
+                        "train_loss": total / seen,
+                        "val_macro_f1": f1,
+                        "best": improved,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
                 if self.patience is not None and stale >= self.patience:
                     break
             net.load_state_dict(best_state)
@@ -223,17 +265,24 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
         if best_state is not None:
             net.load_state_dict(best_state)
         net.eval()
-        kept = (f"kept the best state (epoch {self.best_epoch_})" if best_state is not None
-                else "no epoch finished, so the probe holds no trained state")
+        kept = (
+            f"kept the best state (epoch {self.best_epoch_})"
+            if best_state is not None
+            else "no epoch finished, so the probe holds no trained state"
+        )
         if best_state is None:
             del self.net_
-        raise TrainingDiverged(f"{self.method} training loss became {value} at epoch {epoch}; {kept}. "
-                               "Lower lr, check the tokens for NaN/inf, or use another loss.", epoch)
+        raise TrainingDiverged(
+            f"{self.method} training loss became {value} at epoch {epoch}; {kept}. "
+            "Lower lr, check the tokens for NaN/inf, or use another loss.",
+            epoch,
+        )
 
     def _holdout_f1(self, net: TunedNet, X, codes: np.ndarray, val_idx: np.ndarray) -> float:
         pred = self._logits(net, X, val_idx).argmax(1).numpy()
-        return float(f1_score(codes[val_idx], pred, average="macro", labels=np.arange(len(self.classes_)),
-                              zero_division=0))
+        return float(
+            f1_score(codes[val_idx], pred, average="macro", labels=np.arange(len(self.classes_)), zero_division=0)
+        )
 
     @torch.no_grad()
     def _logits(self, net: TunedNet, X, rows: np.ndarray) -> torch.Tensor:

@@ -86,11 +86,16 @@ def tail_of(trunk: nn.Module) -> TailModule:
 
 def lora_target_names(tail: TailModule) -> list[str]:
     """Names (inside ``tail``) of the attention linears LoRA adapts: qkv (or q/k/v) and the output proj."""
-    names = [n for n, m in tail.named_modules()
-             if isinstance(m, nn.Linear) and re.fullmatch(r"blocks\.\d+\.attn\.(" + "|".join(LORA_TARGETS) + ")", n)]
+    names = [
+        n
+        for n, m in tail.named_modules()
+        if isinstance(m, nn.Linear) and re.fullmatch(r"blocks\.\d+\.attn\.(" + "|".join(LORA_TARGETS) + ")", n)
+    ]
     if not names:
-        raise ValueError(f"no attention linears ({', '.join(LORA_TARGETS)}) in the tail of this {tail.family} model: "
-                         "LoRA needs transformer blocks (use ft-last for CNN stages)")
+        raise ValueError(
+            f"no attention linears ({', '.join(LORA_TARGETS)}) in the tail of this {tail.family} model: "
+            "LoRA needs transformer blocks (use ft-last for CNN stages)"
+        )
     return names
 
 
@@ -102,8 +107,12 @@ def inject_lora(tail: TailModule, rank: int, alpha: float, dropout: float) -> li
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     names = lora_target_names(tail)
     tail.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
-                                       target_modules=names, bias="none"), tail)
+    inject_adapter_in_model(
+        LoraConfig(
+            r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=names, bias="none"
+        ),
+        tail,
+    )
     for n, p in tail.named_parameters():
         p.requires_grad_(".lora_" in n)
     return names
@@ -131,5 +140,13 @@ def tail_key_to_backbone(key: str, tail: TailModule) -> str:
     return f"layer{j + 1}.{m.group(2)}" if tail.family == "resnet" else f"blocks.{j}.{m.group(2)}"
 
 
-__all__ = ["LORA_TARGETS", "FullBackboneModule", "TunedNet", "inject_lora", "lora_target_names", "merge_lora",
-           "tail_key_to_backbone", "tail_of"]
+__all__ = [
+    "LORA_TARGETS",
+    "FullBackboneModule",
+    "TunedNet",
+    "inject_lora",
+    "lora_target_names",
+    "merge_lora",
+    "tail_key_to_backbone",
+    "tail_of",
+]

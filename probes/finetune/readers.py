@@ -41,8 +41,10 @@ def reader_kind(reader) -> str:
 def check_reader(reader) -> int:
     """``len(reader)`` after checking it has the reader protocol."""
     if not isinstance(reader, TokenReader):
-        raise TypeError(f"a fine-tune reads a token reader (__len__ and read(rows)), got {type(reader).__name__}; "
-                        "wrap arrays in ArrayTokens")
+        raise TypeError(
+            f"a fine-tune reads a token reader (__len__ and read(rows)), got {type(reader).__name__}; "
+            "wrap arrays in ArrayTokens"
+        )
     n = len(reader)
     if n == 0:
         raise ValueError("the token reader has no rows")
@@ -95,9 +97,11 @@ class ImageReader:
         if check:
             gone = [p for p in self.paths if not os.path.isfile(p)]
             if gone:
-                raise FileNotFoundError(f"{len(gone)} of {len(self.paths)} images are gone, e.g. "
-                                        f"{', '.join(repr(p) for p in gone[:3])}; fine-tuning from images "
-                                        "re-reads them (restore them, or fine-tune on cached tail tokens)")
+                raise FileNotFoundError(
+                    f"{len(gone)} of {len(self.paths)} images are gone, e.g. "
+                    f"{', '.join(repr(p) for p in gone[:3])}; fine-tuning from images "
+                    "re-reads them (restore them, or fine-tune on cached tail tokens)"
+                )
 
     def __len__(self) -> int:
         return len(self.paths)

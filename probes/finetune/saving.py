@@ -21,8 +21,9 @@ class AdapterKeeper:
         self.directory = Path(directory)
         wanted = [p for p in probes if p in SAVABLE]
         if not wanted:
-            raise ProbeError(f"--save-adapter saves a fine-tune ({', '.join(SAVABLE)}); the probes are "
-                             f"{', '.join(probes)}")
+            raise ProbeError(
+                f"--save-adapter saves a fine-tune ({', '.join(SAVABLE)}); the probes are {', '.join(probes)}"
+            )
         self.kept: list[tuple[str, int, Any]] = []
 
     def __call__(self, name: str, *, seed: int = 0, device: str = "auto", **params: Any) -> Any:
@@ -39,8 +40,10 @@ class AdapterKeeper:
         notes = []
         for name, seed, est in fitted:
             if est.backbone is None:
-                raise ProbeError(f"{name} on pooled features has no backbone to adapt: --save-adapter needs the "
-                                 "fine-tune to train on tokens (--tail-blocks K with a token head) or images")
+                raise ProbeError(
+                    f"{name} on pooled features has no backbone to adapt: --save-adapter needs the "
+                    "fine-tune to train on tokens (--tail-blocks K with a token head) or images"
+                )
             where = self.directory
             if len(fitted) > 1:
                 slug = re.sub(r"[^A-Za-z0-9._-]+", "-", est.backbone.key_name).strip("-")

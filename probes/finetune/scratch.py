@@ -16,8 +16,15 @@ from torch import nn
 from .estimator import FineTuneProbe
 from .nets import TunedNet
 
-SCRATCH_VIT = {"img_size": 40, "patch_size": 8, "embed_dim": 160, "depth": 6, "num_heads": 4, "mlp_ratio": 4.0,
-               "drop_rate": 0.2}
+SCRATCH_VIT = {
+    "img_size": 40,
+    "patch_size": 8,
+    "embed_dim": 160,
+    "depth": 6,
+    "num_heads": 4,
+    "mlp_ratio": 4.0,
+    "drop_rate": 0.2,
+}
 SCRATCH_DEFAULTS = (1e-3, 0.05)  # AdamW-style lr and weight decay for training from scratch
 
 
@@ -27,8 +34,9 @@ def scratch_vit(n_classes: int, img_size: int = 40, **overrides) -> nn.Module:
 
     cfg = {**SCRATCH_VIT, "img_size": int(img_size), **overrides}
     if cfg["img_size"] % cfg["patch_size"]:
-        raise ValueError(f"scratch-vit input {cfg['img_size']} px is not a multiple of its {cfg['patch_size']} px "
-                         "patches")
+        raise ValueError(
+            f"scratch-vit input {cfg['img_size']} px is not a multiple of its {cfg['patch_size']} px patches"
+        )
     return VisionTransformer(num_classes=int(n_classes), **cfg)
 
 
@@ -44,17 +52,21 @@ class ScratchViTProbe(FineTuneProbe):
     def __init__(self, *args, method: str = "scratch-vit", **params):
         super().__init__(*args, method=method, **params)
 
-    __init__.__signature__ = inspect.signature(FineTuneProbe.__init__).replace(parameters=[  # sklearn's get_params
-        p.replace(default="scratch-vit") if p.name == "method" else p
-        for p in inspect.signature(FineTuneProbe.__init__).parameters.values()])
+    __init__.__signature__ = inspect.signature(FineTuneProbe.__init__).replace(
+        parameters=[  # sklearn's get_params
+            p.replace(default="scratch-vit") if p.name == "method" else p
+            for p in inspect.signature(FineTuneProbe.__init__).parameters.values()
+        ]
+    )
 
     def _method_defaults(self) -> tuple[float, float]:
         return SCRATCH_DEFAULTS
 
     def _build(self, sample: np.ndarray, kind: str, n_classes: int) -> TunedNet:
         if kind != "images" or sample.ndim != 4 or sample.shape[1] != 3 or sample.shape[2] != sample.shape[3]:
-            raise ValueError(f"scratch-vit trains on square images (N, 3, S, S), got {kind} of shape "
-                             f"{sample.shape[1:]}")
+            raise ValueError(
+                f"scratch-vit trains on square images (N, 3, S, S), got {kind} of shape {sample.shape[1:]}"
+            )
         if self.head != "linear":
             raise ValueError(f"scratch-vit has its own class-token linear head; head {self.head!r} does not apply")
         net = scratch_vit(n_classes, img_size=int(sample.shape[2]))

@@ -83,10 +83,21 @@ class TuneOptions:
 
     def probe_params(self) -> dict[str, Any]:
         """Keywords of :class:`FineTuneProbe` these options set."""
-        return dict(head=self.head, loss=self.loss, gamma=self.gamma, hierarchy=self.hierarchy, epochs=self.epochs,
-                    batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                    val_fraction=self.val_fraction, patience=self.patience, lora_rank=self.lora_rank,
-                    lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+        return dict(
+            head=self.head,
+            loss=self.loss,
+            gamma=self.gamma,
+            hierarchy=self.hierarchy,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            val_fraction=self.val_fraction,
+            patience=self.patience,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """For ``study.json``."""
@@ -102,9 +113,12 @@ def restrict_hierarchy(h: Any, classes: Any) -> Any:
 
     keep = {str(c) for c in classes}
     lineages = {k: [m for m in v if m in keep] for k, v in h.lineages.items()}
-    return dataclasses.replace(h, lineages=lineages,
-                               class_lines={c: n for c, n in h.class_lines.items() if c in keep},
-                               penalties=[p for p in h.penalties if p[0] in keep and p[1] in keep])
+    return dataclasses.replace(
+        h,
+        lineages=lineages,
+        class_lines={c: n for c, n in h.class_lines.items() if c in keep},
+        penalties=[p for p in h.penalties if p[0] in keep and p[1] in keep],
+    )
 
 
 class RowsReader:
@@ -149,8 +163,10 @@ def backbone_from_provenance(fs) -> Any:
     name = (prov.get("backbone") or {}).get("name")
     w = prov.get("weights") or {}
     if not name or not w:
-        raise ProbeError(f"'{fs.key}' records no backbone provenance (imported features?): a fine-tune needs the "
-                         "backbone the cache was extracted with")
+        raise ProbeError(
+            f"'{fs.key}' records no backbone provenance (imported features?): a fine-tune needs the "
+            "backbone the cache was extracted with"
+        )
     try:
         if w.get("source") == "random":
             bb = load_backbone(name, weights="random")
@@ -162,8 +178,10 @@ def backbone_from_provenance(fs) -> Any:
         raise ProbeError(f"cannot load the backbone of '{fs.key}' ({name}, weights {w.get('source')}): {e}") from e
     want, got = w.get("sha256"), bb.weights.get("sha256")
     if want != got:
-        raise ProbeError(f"'{fs.key}' is a token cache made by other weights than the ones loaded: {name} weights "
-                         f"sha256 {got} now, {want} when extracted; restore those weights, or re-extract")
+        raise ProbeError(
+            f"'{fs.key}' is a token cache made by other weights than the ones loaded: {name} weights "
+            f"sha256 {got} now, {want} when extracted; restore those weights, or re-extract"
+        )
     return bb
 
 
@@ -222,9 +240,11 @@ class TuneInputs:
             if probe == "scratch-vit" and o.head != "linear":
                 raise ProbeError(f"scratch-vit has its own class-token head; --head {o.head} does not apply")
             if src == "tokens" and o.tail_blocks is None:
-                raise ProbeError(f"probe {probe!r} trains the last blocks from cached tail tokens: give "
-                                 "--tail-blocks K (tokens cached by embedcache extract --tail-blocks K), or train "
-                                 "from the images with probes finetune --blocks K|all")
+                raise ProbeError(
+                    f"probe {probe!r} trains the last blocks from cached tail tokens: give "
+                    "--tail-blocks K (tokens cached by embedcache extract --tail-blocks K), or train "
+                    "from the images with probes finetune --blocks K|all"
+                )
             for name in self.cells.backbones:
                 if src in ("tokens", "images") and probe != "scratch-vit":
                     bb = self.backbone(name)
@@ -268,10 +288,13 @@ class TuneInputs:
         else:
             p = dict(prov.get("preprocessing") or {})
             if not p:
-                raise ProbeError(f"'{self.cells.feature_sets[name].key}' records no preprocessing: cannot re-read "
-                                 "its images as the backbone saw them")
-            prep = Preprocessing(int(p["size"]), p["interpolation"], tuple(p["mean"]), tuple(p["std"]),
-                                 p.get("fit", "squash"))
+                raise ProbeError(
+                    f"'{self.cells.feature_sets[name].key}' records no preprocessing: cannot re-read "
+                    "its images as the backbone saw them"
+                )
+            prep = Preprocessing(
+                int(p["size"]), p["interpolation"], tuple(p["mean"]), tuple(p["std"]), p.get("fit", "squash")
+            )
             ws = prov.get("working_size")
         try:
             return _ImagesBySeed(paths, prep, ws, self.options.augment)
@@ -331,8 +354,9 @@ class _ImagesBySeed:
         return self._first.digest
 
 
-def study_inputs(cells: Cells, probes: list[str], device: str = "auto",
-                 **options: Any) -> tuple[TuneInputs | None, dict[str, Any]]:
+def study_inputs(
+    cells: Cells, probes: list[str], device: str = "auto", **options: Any
+) -> tuple[TuneInputs | None, dict[str, Any]]:
     """A study's fine-tune inputs (None when it has no fine-tune probe) and the options for ``study.json``."""
     opts = TuneOptions(**options)
     if not any(p in TUNE_PROBES for p in probes):
@@ -355,5 +379,13 @@ def make_tune_probe(name: str, *, seed: int = 0, device: str = "auto", **params:
     return make_probe(name, seed=seed, device=device, **params)
 
 
-__all__ = ["POOLED_HEADS", "TUNE_PROBES", "RowsReader", "TuneInputs", "TuneOptions", "backbone_from_provenance",
-           "make_tune_probe", "study_inputs"]
+__all__ = [
+    "POOLED_HEADS",
+    "TUNE_PROBES",
+    "RowsReader",
+    "TuneInputs",
+    "TuneOptions",
+    "backbone_from_provenance",
+    "make_tune_probe",
+    "study_inputs",
+]

@@ -15,14 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 from .base import ProbeBase, ScoresHead, resolve_device
-from .registry import PROBES, register_probe
+from .ensemble import EnsembleProbe  # noqa: E402  parameterised names: ensemble:<head>+<head>+<head>
+from .knn import KNNProbe  # noqa: E402
 
 # importing the head modules registers them; this order is the order PROBES lists them in
 from .logistic import LogisticProbe  # noqa: E402, I001
-from .knn import KNNProbe  # noqa: E402
-from .svm import LinearSVMProbe, RBFSVMProbe  # noqa: E402
 from .nets import CosineProbe, MLPProbe  # noqa: E402
-from .ensemble import EnsembleProbe  # noqa: E402  parameterised names: ensemble:<head>+<head>+<head>
+from .registry import PROBES, register_probe
+from .svm import LinearSVMProbe, RBFSVMProbe  # noqa: E402
 
 
 def make_probe(name: str, *, seed: int = 0, device: str = "auto", **params: Any) -> ProbeBase:
@@ -36,6 +36,17 @@ def make_probe(name: str, *, seed: int = 0, device: str = "auto", **params: Any)
 
 
 __all__ = [
-    "PROBES", "make_probe", "register_probe", "resolve_device", "ProbeBase", "ScoresHead", "LogisticProbe",
-    "KNNProbe", "LinearSVMProbe", "RBFSVMProbe", "MLPProbe", "CosineProbe", "EnsembleProbe",
+    "PROBES",
+    "make_probe",
+    "register_probe",
+    "resolve_device",
+    "ProbeBase",
+    "ScoresHead",
+    "LogisticProbe",
+    "KNNProbe",
+    "LinearSVMProbe",
+    "RBFSVMProbe",
+    "MLPProbe",
+    "CosineProbe",
+    "EnsembleProbe",
 ]

@@ -9,8 +9,8 @@ import contextlib
 import functools
 import importlib
 import math
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ def importable(module: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bfloat16 dot-product instructions (Linux: /proc/cpuinfo flags)."""
     try:

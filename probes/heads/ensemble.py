@@ -26,8 +26,9 @@ def _parse_members(arg: str, rule: str) -> dict[str, Any]:
         raise ValueError(f"ensemble members repeat a head: {arg!r}")
     unknown = [h for h in heads if not dict.__contains__(PROBES, h)]
     if unknown:
-        raise ValueError(f"unknown ensemble member(s) {', '.join(unknown)}; members are plain probes: "
-                         f"{', '.join(PROBES)}")
+        raise ValueError(
+            f"unknown ensemble member(s) {', '.join(unknown)}; members are plain probes: {', '.join(PROBES)}"
+        )
     need = MIN_OVERRIDE_HEADS if rule == "override" else 2
     if len(heads) < need:
         raise ValueError(f"an ensemble ({rule}) needs at least {need} heads joined by '+', got {arg!r}")
@@ -49,9 +50,17 @@ class EnsembleProbe(ProbeBase):
 
     NAME_PATTERN = "<head>+<head>+..."
 
-    def __init__(self, heads: Sequence[str] = ("mlp", "logistic", "cosine"), rule: str = "override",
-                 primary: str | None = None, pairs: str | Sequence[Sequence[str]] = "auto", n_pairs: int = 4,
-                 val_fraction: float = 0.2, seed: int = 0, device: str = "auto"):
+    def __init__(
+        self,
+        heads: Sequence[str] = ("mlp", "logistic", "cosine"),
+        rule: str = "override",
+        primary: str | None = None,
+        pairs: str | Sequence[Sequence[str]] = "auto",
+        n_pairs: int = 4,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        device: str = "auto",
+    ):
         self.heads = heads
         self.rule = rule
         self.primary = primary
@@ -102,8 +111,9 @@ class EnsembleProbe(ProbeBase):
             if len(val_idx):
                 head = self._members()[self.primary_index_]
                 head.fit(X[fit_idx], y[fit_idx])
-                ranked = auto_pairs(y[val_idx].astype(str), np.asarray(head.predict(X[val_idx])).astype(str),
-                                    self.n_pairs)
+                ranked = auto_pairs(
+                    y[val_idx].astype(str), np.asarray(head.predict(X[val_idx])).astype(str), self.n_pairs
+                )
                 self.pairs_ = [p for p, _ in ranked]
                 self.pair_counts_ = {f"{a}:{b}": c for (a, b), c in ranked}
         self.members_ = [est.fit(X, y) for est in self._members()]
@@ -120,8 +130,9 @@ class EnsembleProbe(ProbeBase):
     def _combined(self, X) -> tuple[np.ndarray, np.ndarray]:
         self._check_fitted()
         X = check_X(X, self.n_features_in_)
-        return combine(self.rule, self._member_probas(X), self.classes_.astype(str),
-                       primary=self.primary_index_, pairs=self.pairs_)
+        return combine(
+            self.rule, self._member_probas(X), self.classes_.astype(str), primary=self.primary_index_, pairs=self.pairs_
+        )
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
         return self._combined(X)[1].astype(np.float32)

@@ -17,7 +17,8 @@ bf16 errs on some row by more than twice the worst error seen among that query's
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,15 @@ def _exact_dots_faiss(q: torch.Tensor, train: torch.Tensor, cand: torch.Tensor) 
     ids = np.ascontiguousarray(cand.numpy(), dtype=np.int64)
     out = np.empty(ids.shape, dtype=np.float32)
     fused = faiss.fvec_inner_products_by_idx  # type: ignore[attr-defined]  # a SWIG function: no stub
-    fused(faiss.swig_ptr(out), faiss.swig_ptr(qn), faiss.swig_ptr(tn), faiss.swig_ptr(ids),
-                                     qn.shape[1], ids.shape[0], ids.shape[1])
+    fused(
+        faiss.swig_ptr(out),
+        faiss.swig_ptr(qn),
+        faiss.swig_ptr(tn),
+        faiss.swig_ptr(ids),
+        qn.shape[1],
+        ids.shape[0],
+        ids.shape[1],
+    )
     return torch.from_numpy(out)
 
 
@@ -55,7 +63,9 @@ def n_candidates(k: int, n_train: int) -> int:
     return min(n_train, max(2 * k, k + 32))
 
 
-def normalized_centred_bf16(raw: torch.Tensor, inv_norms: torch.Tensor, mu: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def normalized_centred_bf16(
+    raw: torch.Tensor, inv_norms: torch.Tensor, mu: torch.Tensor, chunk: int = 8192
+) -> torch.Tensor:
     """``raw / |raw| - mu`` (rows) rounded to bfloat16, in row chunks (no float32 copy of the matrix)."""
     out = torch.empty(raw.shape, dtype=torch.bfloat16, device=raw.device)
     for i in range(0, len(raw), chunk):
@@ -110,7 +120,7 @@ class KNNProbe(ProbeBase):
         self.seed = seed
         self.device = device
 
-    def fit(self, X, y) -> "KNNProbe":
+    def fit(self, X, y) -> KNNProbe:
         """Keep the rows (referenced, not copied, when already float32 and C-contiguous, as
         scikit-learn's brute-force neighbours do: do not modify them in place afterwards), their
         inverse norms and class codes; the index is built at the first query."""
@@ -166,8 +176,8 @@ class KNNProbe(ProbeBase):
                 index.add(l2_normalize(self.train_))
 
                 def search(Q: np.ndarray, scores: Any = None) -> Any:
-                    D, I = index.search(Q, self.k_)
-                    return torch.from_numpy(D).to(dev), torch.from_numpy(I).to(dev)
+                    D, idx = index.search(Q, self.k_)
+                    return torch.from_numpy(D).to(dev), torch.from_numpy(idx).to(dev)
 
             elif self.precision_ == "float32":
                 train = torch.from_numpy(l2_normalize(self.train_)).to(dev)

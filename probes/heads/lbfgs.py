@@ -78,7 +78,7 @@ class Preconditioner:
     ev: torch.Tensor
 
     @classmethod
-    def of(cls, XT: torch.Tensor, max_rows: int = 8192, seed: int = 0) -> "Preconditioner":
+    def of(cls, XT: torch.Tensor, max_rows: int = 8192, seed: int = 0) -> Preconditioner:
         """From the transposed features ``XT`` (d, n)."""
         n = XT.shape[1]
         if n > max_rows:
@@ -117,7 +117,7 @@ def _objective(Xt, Wt, b, target_t, loss, lam, n, lam_b=0.0):
     f = f + 0.5 * lam * Wt.square().sum()
     # G X + lam W^T as (X^T G^T)^T: an (d, n) x (n, K) product, faster in BLAS than G (X^T)^T
     Gt = G.T.to(Xt.dtype, memory_format=torch.contiguous_format)
-    gWt = (torch.mm(Xt, Gt).float().T.add_(Wt, alpha=lam) if low else torch.addmm(Wt.T, Xt, Gt, beta=lam).T)
+    gWt = torch.mm(Xt, Gt).float().T.add_(Wt, alpha=lam) if low else torch.addmm(Wt.T, Xt, Gt, beta=lam).T
     gb = G.sum(dim=1)
     if lam_b:
         f = f + 0.5 * lam_b * b.square().sum()

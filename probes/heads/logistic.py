@@ -3,18 +3,23 @@ regularisation sweep on a seeded, stratified validation split."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
 from .base import (
-    BF16_MIN_WORK, ScoresHead, cpu_has_native_bf16, importable, require, standardize_t,
+    BF16_MIN_WORK,
+    ScoresHead,
+    cpu_has_native_bf16,
+    importable,
+    require,
+    standardize_t,
     stratified_holdout,
 )
-from .registry import register_probe
 from .lbfgs import Curvature, LinearFit, Preconditioner, fit_linear, linear_scores, linear_scores_t, targets
+from .registry import register_probe
 
 BACKENDS = ("auto", "torch", "cuml")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -77,9 +82,7 @@ class LogisticProbe(ScoresHead):
     def _solver(self, dev: torch.device):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}; one of {BACKENDS}")
-        use_cuml = self.backend == "cuml" or (
-            self.backend == "auto" and dev.type == "cuda" and importable("cuml")
-        )
+        use_cuml = self.backend == "cuml" or (self.backend == "auto" and dev.type == "cuda" and importable("cuml"))
         if not use_cuml:
             return self._fit_torch
         require("cuml.linear_model", "LogisticProbe(backend='cuml')")
@@ -87,16 +90,30 @@ class LogisticProbe(ScoresHead):
 
     def _fit_torch(self, XT, codes, K, C, init, precond=None, XT_low=None, path=None):
         curvature, precond_lam = path if path is not None else (None, None)
-        return fit_linear(XT, targets(codes, K, "softmax"), K, "softmax", C, init, self.max_iter, self.tol,
-                          precond=precond, XT_low=XT_low, low_tol=self.tol, curvature=curvature,
-                          precond_lam=precond_lam)
+        return fit_linear(
+            XT,
+            targets(codes, K, "softmax"),
+            K,
+            "softmax",
+            C,
+            init,
+            self.max_iter,
+            self.tol,
+            precond=precond,
+            XT_low=XT_low,
+            low_tol=self.tol,
+            curvature=curvature,
+            precond_lam=precond_lam,
+        )
 
     def _low_precision(self, XT: torch.Tensor) -> torch.Tensor | None:
         """The bfloat16 copy of ``XT`` the fits start on, or None (see ``precision``)."""
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; one of {PRECISIONS}")
         bf16 = self.precision == "bfloat16" or (
-            self.precision == "auto" and XT.device.type == "cpu" and XT.numel() >= BF16_MIN_WORK
+            self.precision == "auto"
+            and XT.device.type == "cpu"
+            and XT.numel() >= BF16_MIN_WORK
             and cpu_has_native_bf16()
         )
         return XT.bfloat16() if bf16 else None
@@ -114,7 +131,7 @@ class LogisticProbe(ScoresHead):
         W = torch.as_tensor(coef.T.copy(), device=X.device)
         return LinearFit(W, torch.as_tensor(icpt, device=X.device), int(np.max(clf.n_iter_)), -1)
 
-    def fit(self, X, y) -> "LogisticProbe":
+    def fit(self, X, y) -> LogisticProbe:
         """Standardise, sweep ``Cs`` on the hold-out, refit the chosen ``C`` on all rows."""
         X, codes, dev = self._start_fit(X, y)
         solve = self._solver(dev)

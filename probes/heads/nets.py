@@ -39,7 +39,7 @@ class _TorchHead(ScoresHead):
     def _network(self, d: int, n_classes: int) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def fit(self, X, y) -> "_TorchHead":
+    def fit(self, X, y) -> _TorchHead:
         """Standardise, train with AdamW, keep the best hold-out epoch, then refit-free predict."""
         X, codes, dev = self._start_fit(X, y)
         K = len(self.classes_)
@@ -132,7 +132,9 @@ class MLPProbe(_TorchHead):
         self.dropout = dropout
 
     def _network(self, d: int, n_classes: int) -> nn.Module:
-        return nn.Sequential(nn.Linear(d, self.hidden), nn.GELU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, n_classes))
+        return nn.Sequential(
+            nn.Linear(d, self.hidden), nn.GELU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, n_classes)
+        )
 
 
 @register_probe("cosine")

@@ -71,7 +71,7 @@ class LinearSVMProbe(_StandardisedScores):
         self.seed = seed
         self.device = device
 
-    def fit(self, X, y) -> "LinearSVMProbe":
+    def fit(self, X, y) -> LinearSVMProbe:
         """Standardise, then fit all K one-vs-rest classifiers."""
         X, codes, dev = self._start_fit(X, y)
         if self.backend not in ("torch", "sklearn", "cuml"):
@@ -85,8 +85,16 @@ class LinearSVMProbe(_StandardisedScores):
             XT, self.mean_, self.scale_ = standardize_t(torch.from_numpy(X).to(dev))
             precond = Preconditioner.of(XT, seed=self.seed) if self.precondition else None
             self.coef_: LinearFit = fit_linear(
-                XT, targets(yt, K, "squared_hinge"), K, "squared_hinge", self.C, None, self.max_iter, self.tol,
-                precond=precond, intercept_scaling=self.intercept_scaling,
+                XT,
+                targets(yt, K, "squared_hinge"),
+                K,
+                "squared_hinge",
+                self.C,
+                None,
+                self.max_iter,
+                self.tol,
+                precond=precond,
+                intercept_scaling=self.intercept_scaling,
             )
             self.n_iter_ = self.coef_.n_iter
             self.converged_ = self.coef_.converged
@@ -118,14 +126,16 @@ class RBFSVMProbe(_StandardisedScores):
     their arg-max, i.e. ``SVC(break_ties=True).predict`` (plain ``SVC`` breaks one-vs-one vote
     ties by class order instead: about 1% of cells differ on hard data)."""
 
-    def __init__(self, C: float = 1.0, gamma: str | float = "scale", backend: str = "auto", seed: int = 0, device: str = "auto"):
+    def __init__(
+        self, C: float = 1.0, gamma: str | float = "scale", backend: str = "auto", seed: int = 0, device: str = "auto"
+    ):
         self.C = C
         self.gamma = gamma
         self.backend = backend
         self.seed = seed
         self.device = device
 
-    def fit(self, X, y) -> "RBFSVMProbe":
+    def fit(self, X, y) -> RBFSVMProbe:
         """Standardise, then fit the kernel SVM."""
         X, codes, dev = self._start_fit(X, y)
         if self.backend not in ("auto", "sklearn", "cuml"):

@@ -61,8 +61,15 @@ class LinearHead(_PooledHead):
 class MLPHead(_PooledHead):
     """Linear -> GELU -> dropout -> linear on the pooled vector."""
 
-    def __init__(self, dim: int, n_classes: int, num_prefix_tokens: int, pool: str = "cls", hidden: int = 512,
-                 dropout: float = 0.2):
+    def __init__(
+        self,
+        dim: int,
+        n_classes: int,
+        num_prefix_tokens: int,
+        pool: str = "cls",
+        hidden: int = 512,
+        dropout: float = 0.2,
+    ):
         net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
         super().__init__(net, dim, pool, num_prefix_tokens)
 
@@ -81,7 +88,7 @@ class ClsMeanLinearHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = as_tokens(x)
-        return self.fc(torch.cat([x[:, 0], x[:, self.num_prefix_tokens:].mean(dim=1)], dim=1))
+        return self.fc(torch.cat([x[:, 0], x[:, self.num_prefix_tokens :].mean(dim=1)], dim=1))
 
 
 class DecoderHead(nn.Module):
@@ -90,16 +97,26 @@ class DecoderHead(nn.Module):
 
     input = "tokens"
 
-    def __init__(self, dim: int, n_classes: int, num_prefix_tokens: int, queries: int = 1, layers: int = 1,
-                 heads: int | None = None, mlp_ratio: float = 4.0, dropout: float = 0.1):
+    def __init__(
+        self,
+        dim: int,
+        n_classes: int,
+        num_prefix_tokens: int,
+        queries: int = 1,
+        layers: int = 1,
+        heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         heads = heads or next(h for h in (8, 4, 2, 1) if dim % h == 0)
         if dim % heads:
             raise ValueError(f"decoder heads={heads} must divide the token width {dim}")
         self.dim, self.num_prefix_tokens = dim, num_prefix_tokens
         self.query = nn.Parameter(torch.randn(1, queries, dim) * 0.02)
-        layer = nn.TransformerDecoderLayer(dim, heads, int(dim * mlp_ratio), dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerDecoderLayer(
+            dim, heads, int(dim * mlp_ratio), dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.decoder = nn.TransformerDecoder(layer, layers)
         self.norm = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, n_classes)
@@ -110,8 +127,9 @@ class DecoderHead(nn.Module):
         return self.fc(self.norm(self.decoder(q, x).mean(dim=1)))
 
 
-def make_token_head(name: str, dim: int, n_classes: int, num_prefix_tokens: int, pool: str | None = None,
-                    **kwargs: Any) -> nn.Module:
+def make_token_head(
+    name: str, dim: int, n_classes: int, num_prefix_tokens: int, pool: str | None = None, **kwargs: Any
+) -> nn.Module:
     """Head ``name`` (one of :data:`TOKEN_HEADS`) mapping tokens (or, for pooled heads, (B, D)) to logits.
 
     ``pool`` (``cls`` / ``mean``) applies to ``linear`` and ``mlp``; default ``cls`` when the backbone
@@ -134,5 +152,13 @@ def make_token_head(name: str, dim: int, n_classes: int, num_prefix_tokens: int,
     raise ValueError(f"unknown token head {name!r}; choose from {', '.join(TOKEN_HEADS)}")
 
 
-__all__ = ["TOKEN_HEADS", "ClsMeanLinearHead", "DecoderHead", "LinearHead", "MLPHead", "as_tokens",
-           "make_token_head", "pool_tokens"]
+__all__ = [
+    "TOKEN_HEADS",
+    "ClsMeanLinearHead",
+    "DecoderHead",
+    "LinearHead",
+    "MLPHead",
+    "as_tokens",
+    "make_token_head",
+    "pool_tokens",
+]

@@ -10,9 +10,10 @@ id holding ``[`` or a newline cannot turn into markup or break a row.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from .text import one_line
 
@@ -71,15 +72,26 @@ def render_panel(panel: Panel) -> Any:
 
     t = Table(title=Text(one_line(panel.title), style="italic"))
     for c in panel.columns:
-        t.add_column(Text(one_line(c.name), style="bold"), justify=c.justify, style=c.style,  # type: ignore[arg-type]
-                     no_wrap=c.no_wrap)
+        t.add_column(
+            Text(one_line(c.name), style="bold"),
+            justify=c.justify,
+            style=c.style,  # type: ignore[arg-type]
+            no_wrap=c.no_wrap,
+        )
     for row in panel.rows:
         t.add_row(*[_cell(v) for v in row])
     return t
 
 
-def print_report(panels: Sequence[Panel], *, notes: Sequence[str] = (), lines: Sequence[str] = (),
-                 out: Path | None = None, files: dict[str, Any] | None = None, console: Any = None) -> None:
+def print_report(
+    panels: Sequence[Panel],
+    *,
+    notes: Sequence[str] = (),
+    lines: Sequence[str] = (),
+    out: Path | None = None,
+    files: dict[str, Any] | None = None,
+    console: Any = None,
+) -> None:
     """Print ``panels`` (each followed by its footer), plain ``lines``, ``notes`` and where the files went."""
     from rich.text import Text
 

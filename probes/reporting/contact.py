@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
@@ -86,8 +86,9 @@ def fit_caption(text: str, width: int, draw: ImageDraw.ImageDraw, size: int = 11
     return head[:lo] + "…"
 
 
-def render(rows: Sequence[Sequence[Tile]], path: str | os.PathLike | None = None, title: str = "", *,
-           tile: int = TILE) -> Image.Image:
+def render(
+    rows: Sequence[Sequence[Tile]], path: str | os.PathLike | None = None, title: str = "", *, tile: int = TILE
+) -> Image.Image:
     """Draw ``rows`` of ``tile``-pixel tiles as one PNG (written to ``path`` when given); returns the image."""
     ncol = max((len(r) for r in rows), default=1)
     cw, ch = tile + 2 * PAD, tile + CAPTION + 2 * PAD
@@ -100,8 +101,9 @@ def render(rows: Sequence[Sequence[Tile]], path: str | os.PathLike | None = None
         for c, t in enumerate(row):
             x, y = c * cw + PAD, head + r * ch + PAD
             sheet.paste(thumbnail(t.path, tile), (x, y))
-            draw.rectangle((x - 2, y - 2, x + tile + 1, y + tile + 1), outline=t.colour,
-                           width=3 if t.colour != SAME_COLOUR else 1)
+            draw.rectangle(
+                (x - 2, y - 2, x + tile + 1, y + tile + 1), outline=t.colour, width=3 if t.colour != SAME_COLOUR else 1
+            )
             draw.text((x, y + tile + 2), fit_caption(t.top, tile, draw), fill=(0, 0, 0), font=_font())
             if t.bottom:
                 draw.text((x, y + tile + 15), fit_caption(t.bottom, tile, draw), fill=(60, 60, 60), font=_font())
@@ -139,8 +141,9 @@ def suspect_rows(suspects: pd.DataFrame, neighbours: pd.DataFrame, n_neighbours:
     return rows
 
 
-def suspect_sheet(suspects: pd.DataFrame, neighbours: pd.DataFrame, path: str | os.PathLike, *, title: str = "",
-                  n_neighbours: int = 8) -> Path:
+def suspect_sheet(
+    suspects: pd.DataFrame, neighbours: pd.DataFrame, path: str | os.PathLike, *, title: str = "", n_neighbours: int = 8
+) -> Path:
     """Contact sheet of the ranked suspects beside their nearest neighbours."""
     render(suspect_rows(suspects, neighbours, n_neighbours), path, title)
     return Path(path)

@@ -18,9 +18,9 @@ def plot_specialisation(table: pd.DataFrame, path: Path, *, title: str = "") -> 
     methods = list(dict.fromkeys(table["method"]))
     classes = list(dict.fromkeys(table["class"]))
     m = table.pivot_table(index="class", columns="method", values="mean", sort=False).reindex(
-        index=classes, columns=methods)
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(methods) + 2.5), max(3.5, 0.38 * len(classes) + 1.5)),
-                           dpi=DPI)
+        index=classes, columns=methods
+    )
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(methods) + 2.5), max(3.5, 0.38 * len(classes) + 1.5)), dpi=DPI)
     im = ax.imshow(m.to_numpy(float), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     best = table[table["best_head"]]
     for i, c in enumerate(classes):
@@ -40,11 +40,30 @@ def plot_specialisation(table: pd.DataFrame, path: Path, *, title: str = "") -> 
 
 def _reliability_panel(ax, bins: pd.DataFrame, name: str, ece: float, color) -> None:
     width = (bins["hi"] - bins["lo"]).to_numpy(float)
-    ax.bar(bins["lo"], bins["accuracy"], width=width, align="edge", color=color, alpha=0.75, edgecolor="black",
-           lw=0.5, label="accuracy")
+    ax.bar(
+        bins["lo"],
+        bins["accuracy"],
+        width=width,
+        align="edge",
+        color=color,
+        alpha=0.75,
+        edgecolor="black",
+        lw=0.5,
+        label="accuracy",
+    )
     low = np.minimum(bins["accuracy"], bins["confidence"])
-    ax.bar(bins["lo"], (bins["confidence"] - bins["accuracy"]).abs(), bottom=low, width=width, align="edge",
-           fill=False, hatch="//", edgecolor="red", lw=0.8, label="gap: |accuracy − mean confidence|")
+    ax.bar(
+        bins["lo"],
+        (bins["confidence"] - bins["accuracy"]).abs(),
+        bottom=low,
+        width=width,
+        align="edge",
+        fill=False,
+        hatch="//",
+        edgecolor="red",
+        lw=0.8,
+        label="gap: |accuracy − mean confidence|",
+    )
     ax.plot([0, 1], [0, 1], "--", color="0.3", lw=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -53,8 +72,16 @@ def _reliability_panel(ax, bins: pd.DataFrame, name: str, ece: float, color) -> 
     ax.grid(True, alpha=0.3)
 
 
-def plot_reliability(before: pd.DataFrame, after: pd.DataFrame, path: Path, *, ece_before: float,
-                     ece_after: float, temperature: float, title: str = "") -> Path:
+def plot_reliability(
+    before: pd.DataFrame,
+    after: pd.DataFrame,
+    path: Path,
+    *,
+    ece_before: float,
+    ece_after: float,
+    temperature: float,
+    title: str = "",
+) -> Path:
     """Reliability diagrams side by side: before and after temperature scaling (equal-width bins)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 4.3), dpi=DPI, sharey=True)
@@ -67,14 +94,21 @@ def plot_reliability(before: pd.DataFrame, after: pd.DataFrame, path: Path, *, e
     return save(fig, path)
 
 
-def plot_risk_coverage(grid: pd.DataFrame, path: Path, *, chosen: pd.DataFrame | None = None,
-                       target_accuracy: float | None = None, title: str = "") -> Path:
+def plot_risk_coverage(
+    grid: pd.DataFrame,
+    path: Path,
+    *,
+    chosen: pd.DataFrame | None = None,
+    target_accuracy: float | None = None,
+    title: str = "",
+) -> Path:
     """Risk against coverage (mean over seeds, ± std band), one panel per backbone x probe, one line per
     confidence; a marker at the test coverage the validation threshold keeps."""
     plt = pyplot()
     groups = list(dict.fromkeys(zip(grid["backbone"], grid["probe"])))
-    fig, axes = plt.subplots(1, len(groups), figsize=(max(7.0, 5.4 * len(groups)), 4.6), dpi=DPI,
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(max(7.0, 5.4 * len(groups)), 4.6), dpi=DPI, squeeze=False, sharey=True
+    )
     colors = palette()
     confs: Sequence[str] = list(dict.fromkeys(grid["confidence"]))
     for ax, (b, p) in zip(axes[0], groups):
@@ -89,8 +123,16 @@ def plot_risk_coverage(grid: pd.DataFrame, path: Path, *, chosen: pd.DataFrame |
             if chosen is not None and len(chosen):
                 r = chosen[(chosen["backbone"] == b) & (chosen["probe"] == p) & (chosen["confidence"] == conf)]
                 if len(r) and r["test_coverage_mean"].iat[0] > 0:
-                    ax.plot([r["test_coverage_mean"].iat[0]], [1 - r["test_accuracy_mean"].iat[0]], marker="*", ms=12,
-                            color=colors(k % 10), markeredgecolor="black", markeredgewidth=0.6, ls="none")
+                    ax.plot(
+                        [r["test_coverage_mean"].iat[0]],
+                        [1 - r["test_accuracy_mean"].iat[0]],
+                        marker="*",
+                        ms=12,
+                        color=colors(k % 10),
+                        markeredgecolor="black",
+                        markeredgewidth=0.6,
+                        ls="none",
+                    )
         if target_accuracy is not None:
             ax.axhline(1 - target_accuracy, color="0.4", ls=":", lw=1, label=f"target risk {1 - target_accuracy:.3g}")
         ax.set_xlim(0, 1)
@@ -99,7 +141,8 @@ def plot_risk_coverage(grid: pd.DataFrame, path: Path, *, chosen: pd.DataFrame |
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("risk (error rate of the kept cells)")
     axes[0][-1].legend(fontsize=8, loc="upper left", framealpha=0.9)
-    fig.suptitle(title + ("\n★ = test coverage and risk at the threshold chosen on validation" if chosen is not None
-                          else ""),
-                 fontsize=9)
+    fig.suptitle(
+        title + ("\n★ = test coverage and risk at the threshold chosen on validation" if chosen is not None else ""),
+        fontsize=9,
+    )
     return save(fig, path)

@@ -36,29 +36,48 @@ def _esc(v: Any) -> str:
 
 def _meta(params: dict[str, Any], res: Any) -> str:
     rows = [
-        ("store", params.get("store", "(arrays)")), ("dataset", params.get("dataset", "")),
+        ("store", params.get("store", "(arrays)")),
+        ("dataset", params.get("dataset", "")),
         ("backbones", ", ".join(f"{b} ({params['feature_keys'][b]})" for b in params["backbones"])),
         ("pool", params["pool"]),
-        ("probes", ", ".join(f"{p} ({params['probe_impl'].get(p, '')})" if isinstance(params.get("probe_impl"), dict)
-                             else p for p in params["probes"])),
-        ("seeds", ", ".join(map(str, params["seeds"]))), ("folds", f"{params['folds']} ({params['scheme']})"),
-        ("models", f"{params['n_models']} = backbones × probes × seeds ({res.reused} reused from the cache, {res.computed} fitted)"),
-        ("cells audited", f"{params['n_cells']} ({params.get('n_classes', '?')} classes)"), ("k (neighbours)", params["k"]),
-        ("label digest", params["label_digest"]), ("out-of-fold cache", params.get("cache") or "(none)"),
+        (
+            "probes",
+            ", ".join(
+                f"{p} ({params['probe_impl'].get(p, '')})" if isinstance(params.get("probe_impl"), dict) else p
+                for p in params["probes"]
+            ),
+        ),
+        ("seeds", ", ".join(map(str, params["seeds"]))),
+        ("folds", f"{params['folds']} ({params['scheme']})"),
+        (
+            "models",
+            f"{params['n_models']} = backbones × probes × seeds ({res.reused} reused from the cache, {res.computed} fitted)",
+        ),
+        ("cells audited", f"{params['n_cells']} ({params.get('n_classes', '?')} classes)"),
+        ("k (neighbours)", params["k"]),
+        ("label digest", params["label_digest"]),
+        ("out-of-fold cache", params.get("cache") or "(none)"),
     ]
     rows += [("excluded", line) for line in params.get("excluded", [])]
-    return "<table class=meta>" + "".join(f"<tr><td><b>{_esc(a)}</b></td><td>{_esc(b)}</td></tr>" for a, b in rows) + "</table>"
+    return (
+        "<table class=meta>"
+        + "".join(f"<tr><td><b>{_esc(a)}</b></td><td>{_esc(b)}</td></tr>" for a, b in rows)
+        + "</table>"
+    )
 
 
 def _pairs(table: pd.DataFrame, top: int) -> str:
     """Given -> proposed label counts among the top suspects."""
     counts = table.head(top).groupby(["given_label", "proposed_label"]).size().sort_values(ascending=False)
-    body = "".join(f"<tr><td>{_esc(g)}</td><td>{_esc(p)}</td><td class=num>{n}</td></tr>" for (g, p), n in counts.items())
+    body = "".join(
+        f"<tr><td>{_esc(g)}</td><td>{_esc(p)}</td><td class=num>{n}</td></tr>" for (g, p), n in counts.items()
+    )
     return f"<table><tr><th>given</th><th>proposed</th><th>suspects</th></tr>{body}</table>"
 
 
-def audit_html(res: Any, path: str | os.PathLike, *, neighbours: pd.DataFrame, top: int = 50,
-               n_neighbours: int = 8, tile: int = 72) -> Path:
+def audit_html(
+    res: Any, path: str | os.PathLike, *, neighbours: pd.DataFrame, top: int = 50, n_neighbours: int = 8, tile: int = 72
+) -> Path:
     """Write the report of an audit result (:class:`probes.AuditResult`) to ``path``: parameters, the
     score formula, given->proposed counts and the ranked table of the ``top`` suspects, each row with
     an inline strip (JPEG, ``tile`` px per cell) of the cell (red) beside its nearest neighbours
@@ -66,15 +85,18 @@ def audit_html(res: Any, path: str | os.PathLike, *, neighbours: pd.DataFrame, t
     params = res.params
     sus = res.suspects(top)
     nb = neighbours
-    strips = [data_uri(encode(render([row], tile=tile), "JPEG"), "image/jpeg")
-              for row in suspect_rows(sus, nb, n_neighbours)]
+    strips = [
+        data_uri(encode(render([row], tile=tile), "JPEG"), "image/jpeg") for row in suspect_rows(sus, nb, n_neighbours)
+    ]
     w = params["weights"]
     per_bb = [c for c in sus.columns if c.startswith("neighbor_disagreement:")]
-    head = ("<tr><th>rank</th><th>id</th><th>given</th><th>proposed</th><th>votes</th><th>consensus</th>"
-            "<th>self-conf.</th><th>neighbour disagr.</th>"
-            + "".join(f"<th>nbr. {_esc(c.split(':', 1)[1])}</th>" for c in per_bb)
-            + "<th>score</th><th>cell and nearest neighbours "
-            f"({_esc(params['backbones'][0])})</th></tr>")
+    head = (
+        "<tr><th>rank</th><th>id</th><th>given</th><th>proposed</th><th>votes</th><th>consensus</th>"
+        "<th>self-conf.</th><th>neighbour disagr.</th>"
+        + "".join(f"<th>nbr. {_esc(c.split(':', 1)[1])}</th>" for c in per_bb)
+        + "<th>score</th><th>cell and nearest neighbours "
+        f"({_esc(params['backbones'][0])})</th></tr>"
+    )
     body = []
     for (_, r), strip in zip(sus.iterrows(), strips):
         body.append(
@@ -87,26 +109,26 @@ def audit_html(res: Any, path: str | os.PathLike, *, neighbours: pd.DataFrame, t
             f"<td><img class=strip alt='cell {_esc(r['id'])} and its neighbours' src='{strip}'></td></tr>"
         )
     doc = f"""<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>Label audit: {_esc(params.get('dataset', ''))}</title>
+<html lang=en><head><meta charset=utf-8><title>Label audit: {_esc(params.get("dataset", ""))}</title>
 <style>{_CSS}</style></head><body>
-<h1>Label audit — {_esc(params.get('dataset', 'cells'))}</h1>
+<h1>Label audit — {_esc(params.get("dataset", "cells"))}</h1>
 <p class=note>Cells ranked by how likely their label is wrong. Review the top rows; accept a proposed label by
 keeping its row in <code>corrections-template.csv</code>, then run <code>probes relabel --store … --corrections FILE</code>.</p>
 {_meta(params, res)}
 <h2>Score</h2>
-<p><code>{_esc(params['formula'])}</code></p>
+<p><code>{_esc(params["formula"])}</code></p>
 <ul class=note>
-<li><b>consensus</b>: fraction of the {params['n_models']} out-of-fold models (backbone × probe × seed) whose top class is not the given label;</li>
+<li><b>consensus</b>: fraction of the {params["n_models"]} out-of-fold models (backbone × probe × seed) whose top class is not the given label;</li>
 <li><b>self-confidence</b>: mean predicted probability of the given label over those models (each cell predicted by probes trained on folds without it);</li>
-<li><b>neighbour disagreement</b>: fraction of the cell's {params['k']} nearest neighbours (cosine, itself excluded) with another label, averaged over backbones;</li>
+<li><b>neighbour disagreement</b>: fraction of the cell's {params["k"]} nearest neighbours (cosine, itself excluded) with another label, averaged over backbones;</li>
 <li><b>proposed</b>: the label most models predict instead; <b>votes</b>: the fraction of models predicting it.</li>
 </ul>
-<p class=note>Weights: consensus {w['consensus']:.3g}, 1 − self-confidence {w['confidence']:.3g}, neighbour disagreement {w['neighbors']:.3g}.
+<p class=note>Weights: consensus {w["consensus"]:.3g}, 1 − self-confidence {w["confidence"]:.3g}, neighbour disagreement {w["neighbors"]:.3g}.
 Every piece lies in [0, 1], so the score does too.</p>
 <h2>Given → proposed among the top {len(sus)}</h2>
 {_pairs(res.table, top)}
 <h2>Top {len(sus)} suspects</h2>
-<table>{head}{''.join(body)}</table>
+<table>{head}{"".join(body)}</table>
 </body></html>
 """
     path = Path(path)

@@ -41,8 +41,9 @@ def save(fig: Any, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_scaling(curves: pd.DataFrame, path: Path, summary: pd.DataFrame | None = None, *,
-                 metric: str = MAIN_METRIC, title: str = "") -> Path:
+def plot_scaling(
+    curves: pd.DataFrame, path: Path, summary: pd.DataFrame | None = None, *, metric: str = MAIN_METRIC, title: str = ""
+) -> Path:
     """Mean ``metric`` against cells per class (log2 x), one line per backbone x probe, ± std band."""
     plt = pyplot()
 
@@ -63,8 +64,17 @@ def plot_scaling(curves: pd.DataFrame, path: Path, summary: pd.DataFrame | None 
             r = summary[(summary["backbone"] == b) & (summary["probe"] == p) & (summary["test_domain"] == dom)]
             if len(r):
                 lim = r["limit_reaching"].iat[0]
-                ax.plot([lim], [r["mean_at_limit_reaching"].iat[0]], marker="*", ms=13, color=color,
-                        markeredgecolor="black", markeredgewidth=0.6, ls="none", zorder=5)
+                ax.plot(
+                    [lim],
+                    [r["mean_at_limit_reaching"].iat[0]],
+                    marker="*",
+                    ms=13,
+                    color=color,
+                    markeredgecolor="black",
+                    markeredgewidth=0.6,
+                    ls="none",
+                    zorder=5,
+                )
     limits = sorted(main["limit"].dropna().astype(int).unique())
     ax.set_xscale("log", base=2)
     ax.set_xticks(limits)
@@ -72,13 +82,20 @@ def plot_scaling(curves: pd.DataFrame, path: Path, summary: pd.DataFrame | None 
     ax.minorticks_off()
     over = main.loc[main["exceeds_data"], "limit"]
     if len(over):
-        ax.axvspan(float(over.min()) / 2**0.25, max(limits) * 2**0.25, color="0.85", alpha=0.5, lw=0,
-                   label="limit ≥ largest class (full data)")
+        ax.axvspan(
+            float(over.min()) / 2**0.25,
+            max(limits) * 2**0.25,
+            color="0.85",
+            alpha=0.5,
+            lw=0,
+            label="limit ≥ largest class (full data)",
+        )
     n_seeds = int(main["n_seeds"].max()) if len(main) else 0
     ax.set_xlabel("cells per class (FlagLimit)")
     ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)}  (mean ± std, {n_seeds} seed{'s' if n_seeds != 1 else ''})")
-    ax.set_title(title + ("   ★ = smallest limit reaching 95% of the curve's best" if summary is not None else ""),
-                 fontsize=9)
+    ax.set_title(
+        title + ("   ★ = smallest limit reaching 95% of the curve's best" if summary is not None else ""), fontsize=9
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
     return save(fig, path)
@@ -99,8 +116,15 @@ def plot_confusion(conf: pd.DataFrame, path: Path, *, title: str = "") -> Path:
         for i in range(k):
             for j in range(k):
                 if counts[i, j]:
-                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(counts[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     ax.set_xticks(range(k), labels, rotation=90, fontsize=8)
     ax.set_yticks(range(k), labels, fontsize=8)
     ax.set_xlabel("predicted")

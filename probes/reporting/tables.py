@@ -9,8 +9,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -44,16 +45,28 @@ def write_json(doc: Any, path: Path) -> Path:
     return path
 
 
-def study_document(kind: str, name: str, params: Mapping[str, Any], notes: Sequence[str],
-                   files: Sequence[str], **extra: Any) -> dict[str, Any]:
+def study_document(
+    kind: str, name: str, params: Mapping[str, Any], notes: Sequence[str], files: Sequence[str], **extra: Any
+) -> dict[str, Any]:
     """The ``study.json`` of a study: what ran, with which parameters, what it noted and wrote."""
-    return {"kind": kind, "name": name, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "params": dict(params), "notes": list(notes), **extra, "files": sorted(files)}
+    return {
+        "kind": kind,
+        "name": name,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "params": dict(params),
+        "notes": list(notes),
+        **extra,
+        "files": sorted(files),
+    }
 
 
-def write_files(out: str | os.PathLike, *, tables: Mapping[str, pd.DataFrame] | None = None,
-                plots: Mapping[str, Callable[[Path], Any]] | None = None,
-                documents: Mapping[str, Any | Callable[[list[str]], Any]] | None = None) -> dict[str, Path]:
+def write_files(
+    out: str | os.PathLike,
+    *,
+    tables: Mapping[str, pd.DataFrame] | None = None,
+    plots: Mapping[str, Callable[[Path], Any]] | None = None,
+    documents: Mapping[str, Any | Callable[[list[str]], Any]] | None = None,
+) -> dict[str, Path]:
     """Write every table, plot and JSON document under ``out``; returns ``{file name: path}``.
 
     A document may be a callable taking the names of every file written (e.g. to list them in

@@ -97,12 +97,24 @@ def calibrate(
     probe_list = check_probes(either(probes, probe, "logistic"))
     require_probabilities(probe_list, make_probe, what="calibration")
     name = study_name("calibrate", cells.backbones + probe_list, out)
-    params: dict[str, Any] = dict(store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones,
-                                  probes=probe_list, seeds=seed_list, n_bins=int(n_bins), val_fraction=val_fraction,
-                                  split=split, val=val, pool=pool, device=device, test_size=test_size)
+    params: dict[str, Any] = dict(
+        store=str(cells.store_url),
+        dataset=cells.dataset,
+        model=cells.backbones,
+        probes=probe_list,
+        seeds=seed_list,
+        n_bins=int(n_bins),
+        val_fraction=val_fraction,
+        split=split,
+        val=val,
+        pool=pool,
+        device=device,
+        test_size=test_size,
+    )
     folder = prepare_out(Path(out) if out is not None else Path(name))
-    held, notes, exclusions = held_out_splits(cells, seed_list, split=split, val=val, test_size=test_size,
-                                              val_fraction=val_fraction)
+    held, notes, exclusions = held_out_splits(
+        cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
+    )
     rows: list[dict] = []
     bins: list[pd.DataFrame] = []
     fit_rows: list[dict] = []
@@ -116,29 +128,50 @@ def calibrate(
         t = fit_temperature(p_val, y_val)
         stages = {"before": p_test, "after": scale_temperature(p_test, t)}
         for stage, p in stages.items():
-            rows += [{**base, "stage": stage, "metric": m, "class": "", "value": v}
-                     for m, v in calibration_metrics(p, y_test, int(n_bins)).items()]
+            rows += [
+                {**base, "stage": stage, "metric": m, "class": "", "value": v}
+                for m, v in calibration_metrics(p, y_test, int(n_bins)).items()
+            ]
             for binning in ("width", "mass"):
                 b = reliability(p, y_test, int(n_bins), binning)
-                bins.append(b.assign(**{k: base[k] for k in ("backbone", "probe", "seed")}, stage=stage,
-                                     binning=binning))
+                bins.append(
+                    b.assign(**{k: base[k] for k in ("backbone", "probe", "seed")}, stage=stage, binning=binning)
+                )
         rows.append({**base, "stage": "after", "metric": "temperature", "class": "", "value": t})
-        rows.append({**base, "stage": "after", "metric": "val_nll", "class": "",
-                     "value": nll(scale_temperature(p_val, t), y_val)})
+        rows.append(
+            {
+                **base,
+                "stage": "after",
+                "metric": "val_nll",
+                "class": "",
+                "value": nll(scale_temperature(p_val, t), y_val),
+            }
+        )
         rows.append({**base, "stage": "before", "metric": "val_nll", "class": "", "value": nll(p_val, y_val)})
         rows += score_rows(base, cells.labels[h.test], done.predictions[1], h.classes, stage="labels")
         pooled.setdefault((done.job.backbone, done.job.probe), []).append((p_test, stages["after"], y_test, t))
     results = pd.DataFrame(rows)
     fits, fit_notes = fit_table(fit_rows)
     summary = seed_summary(results, [*KEYS, "stage"])
-    rel = pd.concat(bins, ignore_index=True)[["backbone", "probe", "seed", "stage", "binning", "bin", "lo", "hi", "n",
-                                              "confidence", "accuracy", "gap"]]
+    rel = pd.concat(bins, ignore_index=True)[
+        ["backbone", "probe", "seed", "stage", "binning", "bin", "lo", "hi", "n", "confidence", "accuracy", "gap"]
+    ]
     res = CalibrationResult(name, params, results, summary, rel, fits, exclusions, notes + fit_notes, out=folder)
-    finish(res, tables={"results.csv": results, "results.parquet": results, "summary.csv": summary,
-                        "reliability.csv": rel, "fits.csv": fits, "exclusions.csv": exclusions},
-           plots=reliability_plots(pooled, int(n_bins), cells.dataset),
-           documents={"study.json": lambda names: study_document("calibrate", name, params, res.notes, names)},
-           panels=panels(res), show=show_summary(quiet, show))
+    finish(
+        res,
+        tables={
+            "results.csv": results,
+            "results.parquet": results,
+            "summary.csv": summary,
+            "reliability.csv": rel,
+            "fits.csv": fits,
+            "exclusions.csv": exclusions,
+        },
+        plots=reliability_plots(pooled, int(n_bins), cells.dataset),
+        documents={"study.json": lambda names: study_document("calibrate", name, params, res.notes, names)},
+        panels=panels(res),
+        show=show_summary(quiet, show),
+    )
     return res
 
 
@@ -153,9 +186,15 @@ def reliability_plots(pooled: dict, n_bins: int, dataset: str) -> dict[str, Call
         title = f"{dataset} · {backbone} · {probe} · test cells of {len(parts)} seed(s)"
 
         def draw(path: Path, before=before, after=after, y=y, t=t, title=title) -> Any:
-            return plot_reliability(reliability(before, y, n_bins), reliability(after, y, n_bins), path,
-                                    ece_before=ece(before, y, n_bins), ece_after=ece(after, y, n_bins),
-                                    temperature=t, title=title)
+            return plot_reliability(
+                reliability(before, y, n_bins),
+                reliability(after, y, n_bins),
+                path,
+                ece_before=ece(before, y, n_bins),
+                ece_after=ece(after, y, n_bins),
+                temperature=t,
+                title=title,
+            )
 
         plots[f"reliability-{slug(backbone)}-{slug(probe)}.png"] = draw
     return plots
@@ -166,8 +205,15 @@ def panels(res: CalibrationResult) -> list[Panel]:
     labels' accuracy, macro and weighted F1 (the same in both rows); MCE is in the tables."""
     s = res.summary[res.summary["class"] == ""]
     n_seeds = int(s["n_seeds"].max())
-    shown = [("ece_width", "ECE (width)"), ("ece_mass", "ECE (mass)"), ("brier", "Brier"),
-             ("nll", "NLL"), ("accuracy", "acc"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
+    shown = [
+        ("ece_width", "ECE (width)"),
+        ("ece_mass", "ECE (mass)"),
+        ("brier", "Brier"),
+        ("nll", "NLL"),
+        ("accuracy", "acc"),
+        ("macro_f1", "macro F1"),
+        ("weighted_f1", "weighted F1"),
+    ]
     cols = [Col("backbone", "left", no_wrap=True), Col("probe", "left", no_wrap=True), Col("", "left"), Col("T")]
     cols += [Col(lab) for _, lab in shown]
     rows = []
@@ -177,7 +223,9 @@ def panels(res: CalibrationResult) -> list[Panel]:
             t = pm(*v[("after", "temperature")], n_seeds, 2) if stage == "after" else "1"
             vals = [pm(*v.get((stage, m), v.get(("labels", m), (float("nan"), 0.0))), n_seeds) for m, _ in shown]
             rows.append([b, p, stage, t, *vals])
-    title = (f"{res.name}: test cells, temperature fitted on the validation part "
-             f"({res.params['val_fraction']:.0%} of the training cells), {res.params['n_bins']} bins"
-             + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else ""))
+    title = (
+        f"{res.name}: test cells, temperature fitted on the validation part "
+        f"({res.params['val_fraction']:.0%} of the training cells), {res.params['n_bins']} bins"
+        + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else "")
+    )
     return [Panel(title, cols, rows, footer=["a temperature changes no label: accuracy and F1 hold before and after"])]

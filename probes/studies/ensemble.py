@@ -46,8 +46,15 @@ from ..skeleton import check_probes, finish, fit_table, show_summary, study_name
 
 RULE_NAMES = {"override": "ensemble", "majority": "ensemble-vote", "mean": "ensemble-mean"}  # -> registry prefix
 KEYS = ["backbone", "feature_key", "pool", "kind", "method", "probe"]
-PRINTED = [("accuracy", "acc"), ("macro_precision", "macro P"), ("macro_recall", "macro R"), ("macro_f1", "macro F1"),
-           ("weighted_precision", "weighted P"), ("weighted_recall", "weighted R"), ("weighted_f1", "weighted F1")]
+PRINTED = [
+    ("accuracy", "acc"),
+    ("macro_precision", "macro P"),
+    ("macro_recall", "macro R"),
+    ("macro_f1", "macro F1"),
+    ("weighted_precision", "weighted P"),
+    ("weighted_recall", "weighted R"),
+    ("weighted_f1", "weighted F1"),
+]
 
 
 @dataclass
@@ -74,8 +81,10 @@ def check_heads(heads: str | Sequence[str], primary: str | None) -> tuple[list[s
     if nested:
         raise ProbeError(f"heads are plain probes, not ensembles: {', '.join(nested)}")
     if len(head_list) < MIN_OVERRIDE_HEADS:
-        raise ProbeError(f"the ensemble rule needs at least {MIN_OVERRIDE_HEADS} heads (the primary and two that must "
-                         f"agree), got {len(head_list)}: {', '.join(head_list)}; e.g. --heads mlp,logistic,cosine")
+        raise ProbeError(
+            f"the ensemble rule needs at least {MIN_OVERRIDE_HEADS} heads (the primary and two that must "
+            f"agree), got {len(head_list)}: {', '.join(head_list)}; e.g. --heads mlp,logistic,cosine"
+        )
     primary = head_list[0] if primary is None else primary
     if primary not in head_list:
         raise ProbeError(f"primary head '{primary}' is not one of the heads {', '.join(head_list)}")
@@ -125,13 +134,25 @@ def ensemble(
     require_probabilities(head_list, make_probe, what="the ensemble")
     name = study_name("ensemble", cells.backbones + head_list, out)
     params: dict[str, Any] = dict(
-        store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, heads=head_list, primary=primary,
-        pairs="auto" if auto else [f"{a}:{b}" for a, b in given or []], n_pairs=int(n_pairs), seeds=seed_list,
-        val_fraction=val_fraction, split=split, val=val, pool=pool, device=device, test_size=test_size,
+        store=str(cells.store_url),
+        dataset=cells.dataset,
+        model=cells.backbones,
+        heads=head_list,
+        primary=primary,
+        pairs="auto" if auto else [f"{a}:{b}" for a, b in given or []],
+        n_pairs=int(n_pairs),
+        seeds=seed_list,
+        val_fraction=val_fraction,
+        split=split,
+        val=val,
+        pool=pool,
+        device=device,
+        test_size=test_size,
     )
     folder = prepare_out(Path(out) if out is not None else Path(name))
-    held, notes, exclusions = held_out_splits(cells, seed_list, split=split, val=val, test_size=test_size,
-                                              val_fraction=val_fraction)
+    held, notes, exclusions = held_out_splits(
+        cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
+    )
     fitted: dict[tuple[str, int], dict[str, FittedProba]] = {}
     fit_rows = []
     for done in fit_probas(cells, held, head_list, device=device, quiet=quiet, make_probe=make_probe):
@@ -146,8 +167,9 @@ def ensemble(
         y_test = cells.labels[h.test]
         base = base_row(name, cells, by_head[primary], split)
         for head in head_list:
-            rows += score_rows({**base, "probe": head}, y_test, by_head[head].predictions[1], h.classes,
-                               kind="head", method=head)
+            rows += score_rows(
+                {**base, "probe": head}, y_test, by_head[head].predictions[1], h.classes, kind="head", method=head
+            )
         if auto:
             ranked = auto_pairs(cells.labels[h.val], by_head[primary].predictions[0], int(n_pairs))
             chosen, counts, source = [p for p, _ in ranked], dict(ranked), "validation"
@@ -161,35 +183,71 @@ def ensemble(
         labels = {}
         for rule, prefix in RULE_NAMES.items():
             labels[rule], _ = combine(rule, probas, h.classes, primary=0, pairs=chosen)
-            rows += score_rows({**base, "probe": f"{prefix}:{members}"}, y_test, labels[rule], h.classes,
-                               kind="ensemble", method=rule)
+            rows += score_rows(
+                {**base, "probe": f"{prefix}:{members}"}, y_test, labels[rule], h.classes, kind="ensemble", method=rule
+            )
         prim = np.asarray(by_head[primary].predictions[1]).astype(str)
         for a, b in chosen:
             moved = (labels["override"] != prim) & np.isin(prim, [a, b]) & np.isin(labels["override"], [a, b])
-            pair_rows.append(dict(backbone=backbone, seed=seed, pair=f"{a}:{b}", source=source,
-                                  val_confusions=counts.get((a, b)), n_replaced=int(moved.sum()),
-                                  n_fixed=int((moved & (labels["override"] == y_test)).sum()),
-                                  n_broken=int((moved & (prim == y_test)).sum())))
+            pair_rows.append(
+                dict(
+                    backbone=backbone,
+                    seed=seed,
+                    pair=f"{a}:{b}",
+                    source=source,
+                    val_confusions=counts.get((a, b)),
+                    n_replaced=int(moved.sum()),
+                    n_fixed=int((moved & (labels["override"] == y_test)).sum()),
+                    n_broken=int((moved & (prim == y_test)).sum()),
+                )
+            )
         if not chosen:
-            notes.append(f"{backbone}, seed {seed}: no confusion pair ({source}): the override ensemble is the "
-                         f"primary head '{primary}'")
+            notes.append(
+                f"{backbone}, seed {seed}: no confusion pair ({source}): the override ensemble is the "
+                f"primary head '{primary}'"
+            )
     results = pd.DataFrame(rows)
     summary = seed_summary(results[results["class"] == ""], KEYS)
     spec = specialisation(results)
-    pair_table = pd.DataFrame(pair_rows, columns=["backbone", "seed", "pair", "source", "val_confusions",
-                                                  "n_replaced", "n_fixed", "n_broken"])
+    pair_table = pd.DataFrame(
+        pair_rows, columns=["backbone", "seed", "pair", "source", "val_confusions", "n_replaced", "n_fixed", "n_broken"]
+    )
     pair_table["val_confusions"] = pair_table["val_confusions"].astype("Int64")
     fits, fit_notes = fit_table(fit_rows)
-    res = EnsembleResult(name, params, results, spec, summary, pair_table, fits, exclusions,
-                         list(dict.fromkeys(notes + fit_notes)), out=folder)
-    plots = {f"specialisation-{slug(b)}.png": (lambda path, t=t, b=b: plot_specialisation(
-        t, path, title=f"{cells.dataset} · {b} · primary {primary}")) for b, t in spec.groupby("backbone", sort=False)}
-    finish(res, tables={"results.csv": results, "results.parquet": results, "specialisation.csv": spec,
-                        "summary.csv": summary, "pairs.csv": pair_table, "fits.csv": fits,
-                        "exclusions.csv": exclusions},
-           plots=plots, documents={"study.json": lambda names: study_document("ensemble", name, params, res.notes,
-                                                                              names)},
-           panels=panels(res), show=show_summary(quiet, show))
+    res = EnsembleResult(
+        name,
+        params,
+        results,
+        spec,
+        summary,
+        pair_table,
+        fits,
+        exclusions,
+        list(dict.fromkeys(notes + fit_notes)),
+        out=folder,
+    )
+    plots = {
+        f"specialisation-{slug(b)}.png": (
+            lambda path, t=t, b=b: plot_specialisation(t, path, title=f"{cells.dataset} · {b} · primary {primary}")
+        )
+        for b, t in spec.groupby("backbone", sort=False)
+    }
+    finish(
+        res,
+        tables={
+            "results.csv": results,
+            "results.parquet": results,
+            "specialisation.csv": spec,
+            "summary.csv": summary,
+            "pairs.csv": pair_table,
+            "fits.csv": fits,
+            "exclusions.csv": exclusions,
+        },
+        plots=plots,
+        documents={"study.json": lambda names: study_document("ensemble", name, params, res.notes, names)},
+        panels=panels(res),
+        show=show_summary(quiet, show),
+    )
     return res
 
 
@@ -197,8 +255,11 @@ def specialisation(results: pd.DataFrame) -> pd.DataFrame:
     """Per backbone x class x method: per-class F1 mean / std over seeds; ``best_head`` marks the head(s)
     with the highest mean for the class (ensembles are listed, never marked)."""
     pc = results[results["metric"] == CLASS_METRIC]
-    out = pc.groupby(["backbone", "class", "kind", "method"], sort=False).agg(
-        mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique")).reset_index()
+    out = (
+        pc.groupby(["backbone", "class", "kind", "method"], sort=False)
+        .agg(mean=("value", "mean"), std=("value", "std"), n_seeds=("seed", "nunique"))
+        .reset_index()
+    )
     out["std"] = out["std"].fillna(0.0)
     heads = out["kind"] == "head"
     best = out[heads].groupby(["backbone", "class"])["mean"].transform("max")
@@ -224,9 +285,15 @@ def panels(res: EnsembleResult) -> list[Panel]:
                 txt = pm(r.mean, r.std, n_seeds)
                 cells_.append(Bold(txt) if r.best_head else txt)
             rows.append([cls, *cells_, ", ".join(g.loc[g["best_head"], "method"])])
-        out.append(Panel(f"{res.name} · {backbone}: per-class F1 on the same test cells"
-                         + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else "")
-                         + f"; primary head {res.params['primary']}; best head per class in bold", cols, rows))
+        out.append(
+            Panel(
+                f"{res.name} · {backbone}: per-class F1 on the same test cells"
+                + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else "")
+                + f"; primary head {res.params['primary']}; best head per class in bold",
+                cols,
+                rows,
+            )
+        )
     s = res.summary
     cols = [Col("backbone", "left", no_wrap=True), Col("method", "left", no_wrap=True)]
     cols += [Col(lab) for _, lab in PRINTED]
@@ -234,17 +301,38 @@ def panels(res: EnsembleResult) -> list[Panel]:
     for (b, m), g in s.groupby(["backbone", "method"], sort=False):
         v = {r.metric: (r.mean, r.std) for r in g.itertuples()}
         rows.append([b, m, *[pm(*v[k], n_seeds) for k, _ in PRINTED]])
-    out.append(Panel("heads and ensembles (override: the paper's rule; majority; mean: probability averaging)",
-                     cols, rows))
+    out.append(
+        Panel("heads and ensembles (override: the paper's rule; majority; mean: probability averaging)", cols, rows)
+    )
     p = res.pairs
     if len(p):
-        agg = p.groupby(["backbone", "pair", "source"], sort=False).agg(
-            seeds=("seed", "nunique"), replaced=("n_replaced", "sum"), fixed=("n_fixed", "sum"),
-            broken=("n_broken", "sum")).reset_index()
-        out.append(Panel("confusion pairs: test predictions of the primary head replaced (summed over seeds); fixed: "
-                         "now right, broken: was right",
-                         [Col("backbone", "left", no_wrap=True), Col("pair", "left"), Col("chosen on", "left"),
-                          Col("seeds"), Col("replaced"), Col("fixed"), Col("broken")],
-                         [[r.backbone, r.pair, r.source, str(r.seeds), str(r.replaced), str(r.fixed), str(r.broken)]
-                          for r in agg.itertuples()]))
+        agg = (
+            p.groupby(["backbone", "pair", "source"], sort=False)
+            .agg(
+                seeds=("seed", "nunique"),
+                replaced=("n_replaced", "sum"),
+                fixed=("n_fixed", "sum"),
+                broken=("n_broken", "sum"),
+            )
+            .reset_index()
+        )
+        out.append(
+            Panel(
+                "confusion pairs: test predictions of the primary head replaced (summed over seeds); fixed: "
+                "now right, broken: was right",
+                [
+                    Col("backbone", "left", no_wrap=True),
+                    Col("pair", "left"),
+                    Col("chosen on", "left"),
+                    Col("seeds"),
+                    Col("replaced"),
+                    Col("fixed"),
+                    Col("broken"),
+                ],
+                [
+                    [r.backbone, r.pair, r.source, str(r.seeds), str(r.replaced), str(r.fixed), str(r.broken)]
+                    for r in agg.itertuples()
+                ],
+            )
+        )
     return out

@@ -8,7 +8,8 @@ a confusion-matrix PNG per backbone x probe (x test domain), a console table wit
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -23,8 +24,14 @@ from ..sampling import TEST_SIZE, parse_seeds
 from ..skeleton import check_probes, either, finish, show_summary, study_name
 from ..split_fits import CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
 
-PRINTED = [("accuracy", "acc"), ("balanced_accuracy", "bal. acc"), ("macro_precision", "macro P"),
-           ("macro_recall", "macro R"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
+PRINTED = [
+    ("accuracy", "acc"),
+    ("balanced_accuracy", "bal. acc"),
+    ("macro_precision", "macro P"),
+    ("macro_recall", "macro R"),
+    ("macro_f1", "macro F1"),
+    ("weighted_f1", "weighted F1"),
+]
 
 
 def evaluate(
@@ -83,15 +90,38 @@ def evaluate(
     probe_list = check_probes(either(probes, probe, "logistic"))
     name = study_name("eval", cells.backbones + probe_list, out)
     params: dict[str, Any] = dict(
-        store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, probe=probe_list,
-        seeds=seed_list, split=split, val=val, pool=pool, device=device, test_size=test_size,
+        store=str(cells.store_url),
+        dataset=cells.dataset,
+        model=cells.backbones,
+        probe=probe_list,
+        seeds=seed_list,
+        split=split,
+        val=val,
+        pool=pool,
+        device=device,
+        test_size=test_size,
     )
     from ..finetune.study_inputs import study_inputs
 
     inputs, tune_params = study_inputs(
-        cells, probe_list, device, tail_blocks=tail_blocks, head=head, loss=loss, gamma=gamma, hierarchy=hierarchy,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction,
-        patience=patience, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        cells,
+        probe_list,
+        device,
+        tail_blocks=tail_blocks,
+        head=head,
+        loss=loss,
+        gamma=gamma,
+        hierarchy=hierarchy,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        val_fraction=val_fraction,
+        patience=patience,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )
     params.update(tune_params)
     plan = DomainPlan.make(cells, train_domain, test_domain)
     if plan is not None:
@@ -100,20 +130,53 @@ def evaluate(
     from ..finetune.saving import AdapterKeeper  # torch: imported when fitting
 
     keeper = AdapterKeeper(save_adapter, probe_list) if save_adapter is not None else None
-    fits = fit_splits(name, cells, [None], seed_list, probe_list, split=split, val=val, test_size=test_size,
-                      device=device, quiet=quiet, plan=plan, inputs=inputs, make_probe=keeper)
+    fits = fit_splits(
+        name,
+        cells,
+        [None],
+        seed_list,
+        probe_list,
+        split=split,
+        val=val,
+        test_size=test_size,
+        device=device,
+        quiet=quiet,
+        plan=plan,
+        inputs=inputs,
+        make_probe=keeper,
+    )
     curves = over_seeds(fits.results)
-    res = StudyResult("evaluate", name, params, fits.results, curves, eval_summary(curves), fits.exclusions,
-                      fits.confusion, fits.notes, domains=domain_gaps(curves) if plan is not None else None,
-                      splits=fits.splits, evaluations=fits.evaluations, fits=fits.fits, epochs=fits.epochs,
-                      out=folder)
+    res = StudyResult(
+        "evaluate",
+        name,
+        params,
+        fits.results,
+        curves,
+        eval_summary(curves),
+        fits.exclusions,
+        fits.confusion,
+        fits.notes,
+        domains=domain_gaps(curves) if plan is not None else None,
+        splits=fits.splits,
+        evaluations=fits.evaluations,
+        fits=fits.fits,
+        epochs=fits.epochs,
+        out=folder,
+    )
     if keeper is not None:
         res.notes.extend(keeper.save())
     plots = {**confusion_plots(res.confusion), **training_plots(res.epochs)}
-    finish(res, tables=common_tables(res), plots=plots,
-           documents={"confusion.json": confusion_matrices(res.confusion),
-                      "study.json": lambda names: study_document("evaluate", name, params, res.notes, names)},
-           panels=panels(res), show=show_summary(quiet, show))
+    finish(
+        res,
+        tables=common_tables(res),
+        plots=plots,
+        documents={
+            "confusion.json": confusion_matrices(res.confusion),
+            "study.json": lambda names: study_document("evaluate", name, params, res.notes, names),
+        },
+        panels=panels(res),
+        show=show_summary(quiet, show),
+    )
     return res
 
 
@@ -141,8 +204,11 @@ def panels(res: StudyResult) -> list[Panel]:
     s = res.summary
     n_seeds = int(s["n_seeds"].max())
     domains = bool((s["test_domain"] != "").any())
-    title = (f"{res.name}: one fit on the full training split, {res.params['split']} split, "
-             f"{res.params['dataset']} ({res.params['pool']})" + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else ""))
+    title = (
+        f"{res.name}: one fit on the full training split, {res.params['split']} split, "
+        f"{res.params['dataset']} ({res.params['pool']})"
+        + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else "")
+    )
     cols = [Col("backbone", "left", no_wrap=True), Col("probe", "left", no_wrap=True)]
     cols += [Col(c) for c in (*(["tested on"] if domains else []), "train", "test", "classes")]
     cols += [Col(label) for _, label in PRINTED] + [Col("s/fit")]
@@ -150,14 +216,29 @@ def panels(res: StudyResult) -> list[Panel]:
     for r in s.to_dict("records"):
         vals = [f"{r[f'{m}_mean']:.3f}" + (f"±{r[f'{m}_std']:.3f}" if n_seeds > 1 else "") for m, _ in PRINTED]
         where = [f"{r['test_domain']} ({'in' if r['in_domain'] else 'out of'} domain)"] if domains else []
-        rows.append([r["backbone"], r["probe"], *where, f"{r['n_train']:.0f}", f"{r['n_test']:.0f}",
-                     f"{r['n_classes']:.0f}", *vals, f"{r['seconds']:.2f}"])
+        rows.append(
+            [
+                r["backbone"],
+                r["probe"],
+                *where,
+                f"{r['n_train']:.0f}",
+                f"{r['n_test']:.0f}",
+                f"{r['n_classes']:.0f}",
+                *vals,
+                f"{r['seconds']:.2f}",
+            ]
+        )
     out = [Panel(title, cols, rows), *domain_panels(res.domains)]
     pc = res.curves[(res.curves["metric"] == CLASS_METRIC) & res.curves["in_domain"]]
     if len(pc):
         wide = pc.pivot_table(index="class", columns=["backbone", "probe"], values="mean", sort=False)
-        out.append(Panel("per-class F1", [Col("class", "left")] + [Col(f"{b} · {pr}") for b, pr in wide.columns],
-                         [[str(cls), *[f"{v:.3f}" for v in row]] for cls, row in wide.iterrows()]))
+        out.append(
+            Panel(
+                "per-class F1",
+                [Col("class", "left")] + [Col(f"{b} · {pr}") for b, pr in wide.columns],
+                [[str(cls), *[f"{v:.3f}" for v in row]] for cls, row in wide.iterrows()],
+            )
+        )
     return out
 
 

@@ -80,15 +80,37 @@ def finetune(
         raise ProbeError(f"unknown fine-tune method {method!r}; choose from {', '.join(METHODS)}")
     seed_list = parse_seeds(seeds)
     cells = open_cells(store, model, dataset=dataset, pool=pool)
-    options = TuneOptions(blocks=None if method == "scratch-vit" else blocks, augment=augment, head=head, loss=loss,
-                          gamma=gamma, hierarchy=hierarchy, epochs=epochs, batch_size=batch_size, lr=lr,
-                          weight_decay=weight_decay, val_fraction=val_fraction, patience=patience,
-                          lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    options = TuneOptions(
+        blocks=None if method == "scratch-vit" else blocks,
+        augment=augment,
+        head=head,
+        loss=loss,
+        gamma=gamma,
+        hierarchy=hierarchy,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        val_fraction=val_fraction,
+        patience=patience,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )
     inputs = TuneInputs(cells, options, device)
     name = study_name("finetune", cells.backbones + [method], out)
     params: dict[str, Any] = dict(
-        store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, method=method, limit=limit,
-        seeds=seed_list, split=split, val=val, pool=pool, device=device, test_size=test_size,
+        store=str(cells.store_url),
+        dataset=cells.dataset,
+        model=cells.backbones,
+        method=method,
+        limit=limit,
+        seeds=seed_list,
+        split=split,
+        val=val,
+        pool=pool,
+        device=device,
+        test_size=test_size,
         finetune=options.as_dict(),
     )
     plan = DomainPlan.make(cells, train_domain, test_domain)
@@ -97,28 +119,66 @@ def finetune(
     keeper = AdapterKeeper(save_adapter, [method]) if save_adapter is not None else None
     inputs.check([method])  # images gone, depth, heads: before the output folder is made
     folder = prepare_out(default_out(name, out))
-    fits = fit_splits(name, cells, [limit], seed_list, [method], split=split, val=val, test_size=test_size,
-                      device=device, quiet=quiet, plan=plan, inputs=inputs, make_probe=keeper)
+    fits = fit_splits(
+        name,
+        cells,
+        [limit],
+        seed_list,
+        [method],
+        split=split,
+        val=val,
+        test_size=test_size,
+        device=device,
+        quiet=quiet,
+        plan=plan,
+        inputs=inputs,
+        make_probe=keeper,
+    )
     curves = over_seeds(fits.results)
     main = curves[(curves["metric"] == MAIN_METRIC) & (curves["class"] == "")]
-    res = StudyResult("finetune", name, params, fits.results, curves, main.reset_index(drop=True), fits.exclusions,
-                      fits.confusion, fits.notes, domains=domain_gaps(curves) if plan is not None else None,
-                      splits=fits.splits, evaluations=fits.evaluations, fits=fits.fits, epochs=fits.epochs,
-                      out=folder)
+    res = StudyResult(
+        "finetune",
+        name,
+        params,
+        fits.results,
+        curves,
+        main.reset_index(drop=True),
+        fits.exclusions,
+        fits.confusion,
+        fits.notes,
+        domains=domain_gaps(curves) if plan is not None else None,
+        splits=fits.splits,
+        evaluations=fits.evaluations,
+        fits=fits.fits,
+        epochs=fits.epochs,
+        out=folder,
+    )
     if keeper is not None:
         res.notes.extend(keeper.save())
-    finish(res, tables=common_tables(res), plots=training_plots(res.epochs, f"{params['dataset']} · {method}"),
-           documents={"confusion.json": confusion_matrices(res.confusion),
-                      "study.json": lambda names: study_document("finetune", name, params, res.notes, names)},
-           panels=panels(res), show=show_summary(quiet, show))
+    finish(
+        res,
+        tables=common_tables(res),
+        plots=training_plots(res.epochs, f"{params['dataset']} · {method}"),
+        documents={
+            "confusion.json": confusion_matrices(res.confusion),
+            "study.json": lambda names: study_document("finetune", name, params, res.notes, names),
+        },
+        panels=panels(res),
+        show=show_summary(quiet, show),
+    )
     return res
 
 
 def panels(res: StudyResult) -> list[Panel]:
     """Accuracy and macro / weighted F1 (mean ± std over seeds) per backbone x method x test domain."""
     c = res.curves[res.curves["class"] == ""]
-    cols = [Col("backbone", "left", no_wrap=True), Col("method", "left", no_wrap=True),
-            Col("tested on", "left", no_wrap=True), Col("train"), Col("test")] + [Col(lbl) for _, lbl in SHOWN]
+    cols = [
+        Col("backbone", "left", no_wrap=True),
+        Col("method", "left", no_wrap=True),
+        Col("tested on", "left", no_wrap=True),
+        Col("train"),
+        Col("test"),
+    ] + [Col(lbl) for _, lbl in SHOWN]
     rows = []
     for (b, p, dom), g in c.groupby(["backbone", "probe", "test_domain"], sort=False):
         by = {r.metric: r for r in g.itertuples()}

@@ -12,9 +12,10 @@ at σ = 0, as the seed protocol reports it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,8 +29,19 @@ from ..sampling import TEST_SIZE, Sampler, Split, parse_seeds
 from ..skeleton import FitJob, check_probes, either, finish, run_plan, show_summary, study_name
 
 RESULT_COLUMNS = [
-    "study", "dataset", "backbone", "feature_key", "pool", "probe", "seed", "perturbation", "sigma",
-    "n_train", "n_test", "metric", "value",
+    "study",
+    "dataset",
+    "backbone",
+    "feature_key",
+    "pool",
+    "probe",
+    "seed",
+    "perturbation",
+    "sigma",
+    "n_train",
+    "n_test",
+    "metric",
+    "value",
 ]
 SLOPE_DEFINITION = "least-squares slope of mean macro-F1 against log2(1 + sigma), clean at sigma = 0"
 
@@ -71,12 +83,12 @@ def perturbed_sets(cells: Cells, backbone: str, families: Sequence[str]) -> dict
     for key in ds.feature_keys():
         if not key.startswith(prefix) or key == clean.key:
             continue
-        tail = key[len(prefix):]
+        tail = key[len(prefix) :]
         kind = next((k for k in kinds if tail.startswith(k + "-")), None)
         if kind is None or kind not in found:
             continue
         try:
-            sigma = float(tail[len(kind) + 1:])
+            sigma = float(tail[len(kind) + 1 :])
         except ValueError:
             continue
         fs = ds.feature_set(key)
@@ -131,12 +143,27 @@ def robustness(
     if split not in ("column", "stratified"):
         raise ProbeError(f"unknown split '{split}' for a robustness study: use auto, column or stratified")
     name = study_name("robustness", cells.backbones + families, out)
-    params = dict(store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, perturb=families,
-                  probe=probe_list, seeds=seed_list, split=split, pool=pool, device=device, test_size=test_size,
-                  sigmas={b: {f: [s for s, _ in sets[b][f]] for f in families} for b in cells.backbones})
+    params = dict(
+        store=str(cells.store_url),
+        dataset=cells.dataset,
+        model=cells.backbones,
+        perturb=families,
+        probe=probe_list,
+        seeds=seed_list,
+        split=split,
+        pool=pool,
+        device=device,
+        test_size=test_size,
+        sigmas={b: {f: [s for s, _ in sets[b][f]] for f in families} for b in cells.backbones},
+    )
     notes = cells.exclusion_lines()
-    splits = covered_splits(cells, sets, Sampler(cells.labels, split, split_column=cells.obs["split"].to_numpy(),
-                                                 test_size=test_size), seed_list, notes)
+    splits = covered_splits(
+        cells,
+        sets,
+        Sampler(cells.labels, split, split_column=cells.obs["split"].to_numpy(), test_size=test_size),
+        seed_list,
+        notes,
+    )
     folder = prepare_out(Path(out) if out is not None else Path(name))
     rows: list[dict] = []
     total = len(cells.backbones) * len(seed_list) * len(probe_list)
@@ -145,25 +172,42 @@ def robustness(
         sp, variants = job.tag
         for (fam, sigma, fs), pred in zip(variants, done.predictions):
             sc = score(cells.labels[sp.test], pred, sp.classes)
-            base = dict(study=name, dataset=cells.dataset, backbone=job.backbone, feature_key=fs.key, pool=pool,
-                        probe=job.probe, seed=sp.seed, perturbation=fam, sigma=sigma, n_train=len(sp.train),
-                        n_test=len(sp.test))
+            base = dict(
+                study=name,
+                dataset=cells.dataset,
+                backbone=job.backbone,
+                feature_key=fs.key,
+                pool=pool,
+                probe=job.probe,
+                seed=sp.seed,
+                perturbation=fam,
+                sigma=sigma,
+                n_train=len(sp.train),
+                n_test=len(sp.test),
+            )
             rows += [{**base, "metric": m, "value": v} for m, v in sc.values.items()]
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     summary = summary_table(results, families)
-    res = RobustnessResult(name, params, results, summary, slope_table(summary), list(dict.fromkeys(notes)),
-                           out=folder)
+    res = RobustnessResult(name, params, results, summary, slope_table(summary), list(dict.fromkeys(notes)), out=folder)
     title = f"{params['dataset']} · {params['split']} split"
-    finish(res, tables={"results.csv": results, "results.parquet": results, "summary.csv": summary,
-                        "slopes.csv": res.slopes},
-           plots={"robustness.png": lambda p: plot_robustness(summary, p, title=title)},
-           documents={"study.json": lambda names: study_document("robustness", name, params, res.notes, names,
-                                                                 slope_definition=SLOPE_DEFINITION)},
-           panels=panels(res), show=show_summary(quiet, show))
+    finish(
+        res,
+        tables={"results.csv": results, "results.parquet": results, "summary.csv": summary, "slopes.csv": res.slopes},
+        plots={"robustness.png": lambda p: plot_robustness(summary, p, title=title)},
+        documents={
+            "study.json": lambda names: study_document(
+                "robustness", name, params, res.notes, names, slope_definition=SLOPE_DEFINITION
+            )
+        },
+        panels=panels(res),
+        show=show_summary(quiet, show),
+    )
     return res
 
 
-def covered_splits(cells: Cells, sets: dict, sampler: Sampler, seeds: Sequence[int], notes: list[str]) -> dict[int, Split]:
+def covered_splits(
+    cells: Cells, sets: dict, sampler: Sampler, seeds: Sequence[int], notes: list[str]
+) -> dict[int, Split]:
     """One uncapped split per seed, its test side cut to the cells every perturbed set of every backbone covers."""
     rows = cells.obs["row"].to_numpy()
     covered = np.ones(len(cells.obs), dtype=bool)
@@ -181,36 +225,49 @@ def covered_splits(cells: Cells, sets: dict, sampler: Sampler, seeds: Sequence[i
                 "(give the manifest a split column with 'test' cells) or for all cells (--perturb-rows all)"
             )
         if not keep.all():
-            notes.append(f"seed {seed}: {int((~keep).sum())} of {len(keep)} test cells have no perturbed "
-                         "features (outside the perturbed subset or unreadable) and are not scored")
+            notes.append(
+                f"seed {seed}: {int((~keep).sum())} of {len(keep)} test cells have no perturbed "
+                "features (outside the perturbed subset or unreadable) and are not scored"
+            )
         sp.test = sp.test[keep]
         sp.classes = [c for c in sp.classes if c in set(cells.labels[sp.test])]
         splits[seed] = sp
     return splits
 
 
-def _jobs(cells: Cells, sets: dict, families: Sequence[str], splits: dict[int, Split],
-          probes: Sequence[str]) -> Iterator[FitJob]:
+def _jobs(
+    cells: Cells, sets: dict, families: Sequence[str], splits: dict[int, Split], probes: Sequence[str]
+) -> Iterator[FitJob]:
     """Per backbone and seed: clean training features; the clean and every perturbed test matrix."""
     for b in cells.backbones:
-        variants = [("clean", 0.0, cells.feature_sets[b])] + [(fam, s, fs) for fam in families for s, fs in sets[b][fam]]
+        variants = [("clean", 0.0, cells.feature_sets[b])] + [
+            (fam, s, fs) for fam in families for s, fs in sets[b][fam]
+        ]
         for seed, sp in splits.items():
             x_tr = cells.features(b, sp.train)
             tests = [cells.features(b, sp.test, fs) for _, _, fs in variants]
             for p in probes:
-                yield FitJob(b, p, seed, x_tr, cells.labels[sp.train], tests, n_classes=len(sp.classes),
-                             tag=(sp, variants))
+                yield FitJob(
+                    b, p, seed, x_tr, cells.labels[sp.train], tests, n_classes=len(sp.classes), tag=(sp, variants)
+                )
 
 
 def summary_table(results: pd.DataFrame, families: Sequence[str]) -> pd.DataFrame:
     """Per backbone x probe x perturbation x σ: mean/std of macro-F1 and accuracy over seeds and
     Δ macro-F1 against clean. The clean row is repeated under each family at σ = 0."""
     keys = ["backbone", "probe", "perturbation", "sigma"]
-    wide = results[results["metric"].isin([MAIN_METRIC, "accuracy"])].pivot_table(
-        index=keys + ["seed"], columns="metric", values="value").reset_index()
+    wide = (
+        results[results["metric"].isin([MAIN_METRIC, "accuracy"])]
+        .pivot_table(index=keys + ["seed"], columns="metric", values="value")
+        .reset_index()
+    )
     g = wide.groupby(keys, sort=False)
-    s = g.agg(macro_f1=(MAIN_METRIC, "mean"), macro_f1_std=(MAIN_METRIC, "std"), accuracy=("accuracy", "mean"),
-              n_seeds=("seed", "nunique")).reset_index()
+    s = g.agg(
+        macro_f1=(MAIN_METRIC, "mean"),
+        macro_f1_std=(MAIN_METRIC, "std"),
+        accuracy=("accuracy", "mean"),
+        n_seeds=("seed", "nunique"),
+    ).reset_index()
     s["macro_f1_std"] = s["macro_f1_std"].fillna(0.0)
     clean = s[s["perturbation"] == "clean"]
     parts = []
@@ -228,9 +285,18 @@ def slope_table(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (b, p, fam), g in summary.groupby(["backbone", "probe", "perturbation"], sort=False):
         worst = g.loc[g["sigma"].idxmax()]
-        rows.append(dict(backbone=b, probe=p, perturbation=fam, slope=drop_slope(g["sigma"], g["macro_f1"]),
-                         clean_macro_f1=float(g.loc[g["sigma"] == 0, "macro_f1"].iat[0]), max_sigma=float(worst["sigma"]),
-                         delta_at_max_sigma=float(worst["delta_macro_f1"]), n_points=len(g)))
+        rows.append(
+            dict(
+                backbone=b,
+                probe=p,
+                perturbation=fam,
+                slope=drop_slope(g["sigma"], g["macro_f1"]),
+                clean_macro_f1=float(g.loc[g["sigma"] == 0, "macro_f1"].iat[0]),
+                max_sigma=float(worst["sigma"]),
+                delta_at_max_sigma=float(worst["delta_macro_f1"]),
+                n_points=len(g),
+            )
+        )
     return pd.DataFrame(rows)
 
 
@@ -243,8 +309,14 @@ def panels(res: RobustnessResult) -> list[Panel]:
     rows = []
     for (b, p, fam), g in s.groupby(["backbone", "probe", "perturbation"], sort=False):
         by = {r.sigma: r for r in g.itertuples()}
-        cells = [("-" if (r := by.get(v)) is None
-                  else f"{r.macro_f1:.3f}" + ("" if v == 0 else f" ({r.delta_macro_f1:+.3f})")) for v in sigmas]
+        cells = [
+            (
+                "-"
+                if (r := by.get(v)) is None
+                else f"{r.macro_f1:.3f}" + ("" if v == 0 else f" ({r.delta_macro_f1:+.3f})")
+            )
+            for v in sigmas
+        ]
         sl = res.slopes[(res.slopes.backbone == b) & (res.slopes.probe == p) & (res.slopes.perturbation == fam)]
         rows.append([b, p, fam, *cells, f"{sl['slope'].iat[0]:+.3f}"])
     return [Panel(f"{res.name}: macro-F1 (Δ vs clean), probes trained on clean features", cols, rows)]

@@ -9,7 +9,8 @@ and the smallest limit reaching a fraction of each curve's best -> ``results``, 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -22,8 +23,7 @@ from ..reporting.tables import prepare_out, study_document
 from ..reporting.training import training_plots
 from ..sampling import TEST_SIZE, parse_limits, parse_seeds
 from ..skeleton import check_probes, finish, show_summary, study_name
-from ..split_fits import (CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits,
-                          over_seeds)
+from ..split_fits import CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
 
 
 def scale(
@@ -83,35 +83,93 @@ def scale(
     probe_list = check_probes(probes)
     name = study_name("scale", cells.backbones, out)
     params: dict[str, Any] = dict(
-        store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, limits=limit_list,
-        probes=probe_list, seeds=seed_list, split=split, val=val, pool=pool, device=device,
-        test_size=test_size, fraction=fraction,
+        store=str(cells.store_url),
+        dataset=cells.dataset,
+        model=cells.backbones,
+        limits=limit_list,
+        probes=probe_list,
+        seeds=seed_list,
+        split=split,
+        val=val,
+        pool=pool,
+        device=device,
+        test_size=test_size,
+        fraction=fraction,
     )
     from ..finetune.study_inputs import study_inputs
 
     inputs, tune_params = study_inputs(
-        cells, probe_list, device, tail_blocks=tail_blocks, head=head, loss=loss, gamma=gamma, hierarchy=hierarchy,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction,
-        patience=patience, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        cells,
+        probe_list,
+        device,
+        tail_blocks=tail_blocks,
+        head=head,
+        loss=loss,
+        gamma=gamma,
+        hierarchy=hierarchy,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        val_fraction=val_fraction,
+        patience=patience,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+    )
     params.update(tune_params)
     plan = DomainPlan.make(cells, train_domain, test_domain)
     if plan is not None:
         params.update(train_domain=plan.train, test_domain=plan.test)
     folder = prepare_out(default_out(name, out))
-    fits = fit_splits(name, cells, limit_list, seed_list, probe_list, split=split, val=val, test_size=test_size,
-                      device=device, quiet=quiet, plan=plan, inputs=inputs)
+    fits = fit_splits(
+        name,
+        cells,
+        limit_list,
+        seed_list,
+        probe_list,
+        split=split,
+        val=val,
+        test_size=test_size,
+        device=device,
+        quiet=quiet,
+        plan=plan,
+        inputs=inputs,
+    )
     curves = over_seeds(fits.results)
-    res = StudyResult("scale", name, params, fits.results, curves, limit_reaching(curves, fraction), fits.exclusions,
-                      fits.confusion, fits.notes, domains=domain_gaps(curves) if plan is not None else None,
-                      splits=fits.splits, evaluations=fits.evaluations, fits=fits.fits, epochs=fits.epochs,
-                      out=folder)
+    res = StudyResult(
+        "scale",
+        name,
+        params,
+        fits.results,
+        curves,
+        limit_reaching(curves, fraction),
+        fits.exclusions,
+        fits.confusion,
+        fits.notes,
+        domains=domain_gaps(curves) if plan is not None else None,
+        splits=fits.splits,
+        evaluations=fits.evaluations,
+        fits=fits.fits,
+        epochs=fits.epochs,
+        out=folder,
+    )
     title = f"{params['dataset']} · {params['split']} split"
-    finish(res, tables=common_tables(res),
-           plots={"scaling.png": lambda p: plot_scaling(res.curves, p, res.summary, title=title),
-                  **training_plots(res.epochs, title)},
-           documents={"confusion.json": confusion_matrices(res.confusion),
-                      "study.json": lambda names: study_document("scale", name, params, res.notes, names)},
-           panels=panels(res), lines=footnotes(res), show=show_summary(quiet, show))
+    finish(
+        res,
+        tables=common_tables(res),
+        plots={
+            "scaling.png": lambda p: plot_scaling(res.curves, p, res.summary, title=title),
+            **training_plots(res.epochs, title),
+        },
+        documents={
+            "confusion.json": confusion_matrices(res.confusion),
+            "study.json": lambda names: study_document("scale", name, params, res.notes, names),
+        },
+        panels=panels(res),
+        lines=footnotes(res),
+        show=show_summary(quiet, show),
+    )
     return res
 
 
@@ -123,13 +181,21 @@ def limit_reaching(curves: pd.DataFrame, fraction: float = 0.95, metric: str = M
         c = c.sort_values("limit")
         best = c.loc[c["mean"].idxmax()]
         reach = c[c["mean"] >= fraction * best["mean"]].iloc[0]
-        rows.append({
-            **dict(zip(CURVE_KEYS, key)), "metric": metric, "best_limit": int(best["limit"]),
-            "best_mean": best["mean"], "best_std": best["std"], "fraction": fraction,
-            "threshold": fraction * best["mean"], "limit_reaching": int(reach["limit"]),
-            "mean_at_limit_reaching": reach["mean"], "std_at_limit_reaching": reach["std"],
-            "n_seeds": int(c["n_seeds"].max()),
-        })
+        rows.append(
+            {
+                **dict(zip(CURVE_KEYS, key)),
+                "metric": metric,
+                "best_limit": int(best["limit"]),
+                "best_mean": best["mean"],
+                "best_std": best["std"],
+                "fraction": fraction,
+                "threshold": fraction * best["mean"],
+                "limit_reaching": int(reach["limit"]),
+                "mean_at_limit_reaching": reach["mean"],
+                "std_at_limit_reaching": reach["std"],
+                "n_seeds": int(c["n_seeds"].max()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -148,8 +214,9 @@ def panels(res: StudyResult) -> list[Panel]:
     rows = []
     for (b, pr, dom), g in main.groupby(["backbone", "probe", "test_domain"], sort=False):
         by = {int(r.limit): r for r in g.itertuples()}
-        s = res.summary[(res.summary["backbone"] == b) & (res.summary["probe"] == pr)
-                        & (res.summary["test_domain"] == dom)]
+        s = res.summary[
+            (res.summary["backbone"] == b) & (res.summary["probe"] == pr) & (res.summary["test_domain"] == dom)
+        ]
         best = int(s["best_limit"].iat[0]) if len(s) else None
         cells: list[Any] = []
         for lim in limits:
@@ -158,8 +225,10 @@ def panels(res: StudyResult) -> list[Panel]:
             cells.append(Bold(txt) if lim == best else txt)
         where = [f"{dom} ({'in' if g['in_domain'].iat[0] else 'out of'} domain)"] if domains else []
         rows.append([b, pr, *where, *cells, str(int(s["limit_reaching"].iat[0])) if len(s) else "-"])
-    title = (f"{res.name}: macro-F1, mean ± std over {int(main['n_seeds'].max())} seed(s), {p['split']} split, "
-             f"{p['dataset']} ({p['pool']})")
+    title = (
+        f"{res.name}: macro-F1, mean ± std over {int(main['n_seeds'].max())} seed(s), {p['split']} split, "
+        f"{p['dataset']} ({p['pool']})"
+    )
     return [Panel(title, cols, rows), *domain_panels(res.domains)]
 
 

@@ -77,15 +77,18 @@ class SelectiveResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def voters(probe_list: Sequence[str], backbones: Sequence[str], agree_with: str,
-           heads: str | Sequence[str]) -> tuple[list[str], dict[tuple[str, str], list[tuple[str, str]]]]:
+def voters(
+    probe_list: Sequence[str], backbones: Sequence[str], agree_with: str, heads: str | Sequence[str]
+) -> tuple[list[str], dict[tuple[str, str], list[tuple[str, str]]]]:
     """The probes to fit, and for each (backbone, probe) the (backbone, probe) fits it is compared with."""
     if agree_with not in AGREE_WITH:
         raise ProbeError(f"unknown agree_with {agree_with!r}; one of {', '.join(AGREE_WITH)}")
     if agree_with == "backbones":
         if len(backbones) < MIN_AGREEMENT_VOTERS:
-            raise ProbeError(f"agreement between backbones needs at least {MIN_AGREEMENT_VOTERS} backbones "
-                             f"(--model a,b,c), got {len(backbones)}")
+            raise ProbeError(
+                f"agreement between backbones needs at least {MIN_AGREEMENT_VOTERS} backbones "
+                f"(--model a,b,c), got {len(backbones)}"
+            )
         return list(probe_list), {(b, p): [(o, p) for o in backbones if o != b] for b in backbones for p in probe_list}
     head_list = check_probes(heads)
     fit_list = list(dict.fromkeys([*probe_list, *head_list]))
@@ -93,8 +96,10 @@ def voters(probe_list: Sequence[str], backbones: Sequence[str], agree_with: str,
     for p in probe_list:
         group = [h for h in dict.fromkeys([p, *head_list]) if h != p]
         if len(group) + 1 < MIN_AGREEMENT_VOTERS:
-            raise ProbeError(f"agreement needs at least {MIN_AGREEMENT_VOTERS} heads (the probe '{p}' and "
-                             f"{MIN_AGREEMENT_VOTERS - 1} others, --heads), got {len(group) + 1}: {[p, *group]}")
+            raise ProbeError(
+                f"agreement needs at least {MIN_AGREEMENT_VOTERS} heads (the probe '{p}' and "
+                f"{MIN_AGREEMENT_VOTERS - 1} others, --heads), got {len(group) + 1}: {[p, *group]}"
+            )
         for b in backbones:
             others[(b, p)] = [(b, h) for h in group]
     return fit_list, others
@@ -140,8 +145,9 @@ def selective(
     kinds = parse_names(confidence)
     unknown = [k for k in kinds if k not in CONFIDENCES]
     if not kinds or unknown:
-        raise ProbeError(f"unknown confidence(s) {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(CONFIDENCES)}")
+        raise ProbeError(
+            f"unknown confidence(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIDENCES)}"
+        )
     try:
         target = check_target(target_accuracy)
     except (TypeError, ValueError) as e:
@@ -155,20 +161,36 @@ def selective(
     seed_list = parse_seeds(seeds)
     cells = open_cells(store, model, dataset=dataset, pool=pool)
     probe_list = check_probes(either(probes, probe, "logistic"))
-    fit_list, others = (voters(probe_list, cells.backbones, agree_with, heads) if "agreement" in kinds
-                        else (probe_list, {}))
+    fit_list, others = (
+        voters(probe_list, cells.backbones, agree_with, heads) if "agreement" in kinds else (probe_list, {})
+    )
     require_probabilities(fit_list, make_probe, what="selective prediction")
     name = study_name("selective", cells.backbones + probe_list, out)
     params: dict[str, Any] = dict(
-        store=str(cells.store_url), dataset=cells.dataset, model=cells.backbones, probes=probe_list,
-        confidence=kinds, target_accuracy=target, coverages=cov_list, seeds=seed_list, val_fraction=val_fraction,
-        split=split, val=val, pool=pool, device=device, test_size=test_size,
-        **({"agree_with": agree_with, "voters": fit_list if agree_with == "heads" else cells.backbones}
-           if "agreement" in kinds else {}),
+        store=str(cells.store_url),
+        dataset=cells.dataset,
+        model=cells.backbones,
+        probes=probe_list,
+        confidence=kinds,
+        target_accuracy=target,
+        coverages=cov_list,
+        seeds=seed_list,
+        val_fraction=val_fraction,
+        split=split,
+        val=val,
+        pool=pool,
+        device=device,
+        test_size=test_size,
+        **(
+            {"agree_with": agree_with, "voters": fit_list if agree_with == "heads" else cells.backbones}
+            if "agreement" in kinds
+            else {}
+        ),
     )
     folder = prepare_out(Path(out) if out is not None else Path(name))
-    held, notes, exclusions = held_out_splits(cells, seed_list, split=split, val=val, test_size=test_size,
-                                              val_fraction=val_fraction)
+    held, notes, exclusions = held_out_splits(
+        cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
+    )
     fitted: dict[tuple[str, str, int], FittedProba] = {}
     fit_rows = []
     for done in fit_probas(cells, held, fit_list, device=device, quiet=quiet, make_probe=make_probe):
@@ -189,50 +211,88 @@ def selective(
                 conf[part] = confidence_of(kind, proba[part], pred[part], voted)
             correct = {part: pred[part] == y[part] for part in ("val", "test")}
             key = {**base, "confidence": kind}
-            for metric, v in (("aurc", aurc(conf["test"], correct["test"])),
-                              ("e_aurc", e_aurc(conf["test"], correct["test"])),
-                              ("oracle_aurc", oracle_aurc(correct["test"]))):
+            for metric, v in (
+                ("aurc", aurc(conf["test"], correct["test"])),
+                ("e_aurc", e_aurc(conf["test"], correct["test"])),
+                ("oracle_aurc", oracle_aurc(correct["test"])),
+            ):
                 rows.append({**key, "coverage": math.nan, "metric": metric, "class": "", "value": v})
             at = scores_at_coverages(y["test"], pred["test"], conf["test"], h.classes, cov_list)
             rows += [{**key, **r, "class": ""} for r in at.to_dict("records")]
-            curves += [{**{k: key[k] for k in ("backbone", "probe", "seed", "confidence")}, "coverage": float(c),
-                        "risk": float(r)} for c, r in zip(GRID, risk_on_grid(conf["test"], correct["test"], GRID))]
+            curves += [
+                {
+                    **{k: key[k] for k in ("backbone", "probe", "seed", "confidence")},
+                    "coverage": float(c),
+                    "risk": float(r),
+                }
+                for c, r in zip(GRID, risk_on_grid(conf["test"], correct["test"], GRID))
+            ]
             chosen = choose_threshold(conf["val"], correct["val"], target)
             kept = conf["test"] >= chosen["threshold"]
-            thresholds.append({**key, "target_accuracy": target, **chosen, **_kept_scores(y["test"], pred["test"],
-                                                                                         kept, h.classes, target)})
+            thresholds.append(
+                {
+                    **key,
+                    "target_accuracy": target,
+                    **chosen,
+                    **_kept_scores(y["test"], pred["test"], kept, h.classes, target),
+                }
+            )
             ab = abstention_by_class(y["test"], kept, h.classes)
-            abstention += [{**{k: key[k] for k in ("backbone", "probe", "seed", "confidence")}, **r}
-                           for r in ab.to_dict("records")]
+            abstention += [
+                {**{k: key[k] for k in ("backbone", "probe", "seed", "confidence")}, **r} for r in ab.to_dict("records")
+            ]
     results = pd.DataFrame(rows)
     summary = seed_summary(results, [*KEYS, "coverage"])
     thr, ab, cur = pd.DataFrame(thresholds), pd.DataFrame(abstention), pd.DataFrame(curves)
     fits, fit_notes = fit_table(fit_rows)
     notes = notes + fit_notes + _threshold_notes(thr, target)
     res = SelectiveResult(name, params, results, summary, thr, ab, cur, fits, exclusions, notes, out=folder)
-    grid = cur.groupby(["backbone", "probe", "confidence", "coverage"], sort=False)["risk"].agg(
-        mean="mean", std="std").reset_index().fillna({"std": 0.0})
+    grid = (
+        cur.groupby(["backbone", "probe", "confidence", "coverage"], sort=False)["risk"]
+        .agg(mean="mean", std="std")
+        .reset_index()
+        .fillna({"std": 0.0})
+    )
     chosen_mean = threshold_summary(thr)
     title = f"{cells.dataset} · risk-coverage on test cells (mean ± std over {len(seed_list)} seed(s))"
-    finish(res, tables={"results.csv": results, "results.parquet": results, "summary.csv": summary,
-                        "thresholds.csv": thr, "abstention.csv": ab, "curves.csv": cur, "fits.csv": fits,
-                        "exclusions.csv": exclusions},
-           plots={"risk_coverage.png": lambda path: plot_risk_coverage(grid, path, chosen=chosen_mean,
-                                                                       target_accuracy=target, title=title)},
-           documents={"study.json": lambda names: study_document("selective", name, params, res.notes, names)},
-           panels=panels(res, chosen_mean), show=show_summary(quiet, show))
+    finish(
+        res,
+        tables={
+            "results.csv": results,
+            "results.parquet": results,
+            "summary.csv": summary,
+            "thresholds.csv": thr,
+            "abstention.csv": ab,
+            "curves.csv": cur,
+            "fits.csv": fits,
+            "exclusions.csv": exclusions,
+        },
+        plots={
+            "risk_coverage.png": lambda path: plot_risk_coverage(
+                grid, path, chosen=chosen_mean, target_accuracy=target, title=title
+            )
+        },
+        documents={"study.json": lambda names: study_document("selective", name, params, res.notes, names)},
+        panels=panels(res, chosen_mean),
+        show=show_summary(quiet, show),
+    )
     return res
 
 
-def _kept_scores(y_true: np.ndarray, y_pred: np.ndarray, kept: np.ndarray, classes: Sequence[str],
-                 target: float) -> dict[str, Any]:
+def _kept_scores(
+    y_true: np.ndarray, y_pred: np.ndarray, kept: np.ndarray, classes: Sequence[str], target: float
+) -> dict[str, Any]:
     """What the threshold keeps on the test cells: coverage, accuracy, macro / weighted F1, target met."""
     out: dict[str, Any] = {"n_test": int(len(kept)), "n_kept": int(kept.sum()), "test_coverage": float(kept.mean())}
     if kept.any():
         present = [c for c in classes if c in set(y_true[kept].tolist())]
         sc = score(y_true[kept], y_pred[kept], present).values
-        out.update(test_accuracy=sc["accuracy"], test_macro_f1=sc["macro_f1"], test_weighted_f1=sc["weighted_f1"],
-                   met_on_test=bool(sc["accuracy"] >= target - 1e-12))
+        out.update(
+            test_accuracy=sc["accuracy"],
+            test_macro_f1=sc["macro_f1"],
+            test_weighted_f1=sc["weighted_f1"],
+            met_on_test=bool(sc["accuracy"] >= target - 1e-12),
+        )
     else:
         out.update(test_accuracy=math.nan, test_macro_f1=math.nan, test_weighted_f1=math.nan, met_on_test=False)
     return out
@@ -240,8 +300,15 @@ def _kept_scores(y_true: np.ndarray, y_pred: np.ndarray, kept: np.ndarray, class
 
 def threshold_summary(thr: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds of the threshold's validation and test coverage and accuracy."""
-    cols = ["threshold", "val_coverage", "val_accuracy", "test_coverage", "test_accuracy", "test_macro_f1",
-            "test_weighted_f1"]
+    cols = [
+        "threshold",
+        "val_coverage",
+        "val_accuracy",
+        "test_coverage",
+        "test_accuracy",
+        "test_macro_f1",
+        "test_weighted_f1",
+    ]
     g = thr.replace([np.inf], np.nan).groupby(["backbone", "probe", "confidence"], sort=False)
     out = g[cols].agg(["mean", "std"])
     out.columns = [f"{c}_{s}" for c, s in out.columns]
@@ -255,8 +322,10 @@ def _threshold_notes(thr: pd.DataFrame, target: float) -> list[str]:
     if not len(none):
         return []
     which = sorted({f"{b} · {p} · {c}" for b, p, c in zip(none["backbone"], none["probe"], none["confidence"])})
-    return [f"{len(none)} of {len(thr)} fit x confidence runs reach accuracy {target:g} at no threshold on the "
-            f"validation part: they abstain on every test cell ({', '.join(which)})"]
+    return [
+        f"{len(none)} of {len(thr)} fit x confidence runs reach accuracy {target:g} at no threshold on the "
+        f"validation part: they abstain on every test cell ({', '.join(which)})"
+    ]
 
 
 def panels(res: SelectiveResult, chosen: pd.DataFrame) -> list[Panel]:
@@ -269,15 +338,24 @@ def panels(res: SelectiveResult, chosen: pd.DataFrame) -> list[Panel]:
     for r in chosen.to_dict("records"):
         g = s[(s["backbone"] == r["backbone"]) & (s["probe"] == r["probe"]) & (s["confidence"] == r["confidence"])]
         v = {m: (a, d) for m, a, d in zip(g["metric"], g["mean"], g["std"]) if m in ("aurc", "e_aurc")}
-        rows.append([r["backbone"], r["probe"], r["confidence"], pm(*v["aurc"], n_seeds), pm(*v["e_aurc"], n_seeds),
-                     pm(r["val_coverage_mean"], r["val_coverage_std"], n_seeds, 2),
-                     pm(r["test_coverage_mean"], r["test_coverage_std"], n_seeds, 2),
-                     pm(r["test_accuracy_mean"], r["test_accuracy_std"], n_seeds),
-                     pm(r["test_macro_f1_mean"], r["test_macro_f1_std"], n_seeds),
-                     f"{int(r['met_on_test'])}/{int(r['n_seeds'])}"])
+        rows.append(
+            [
+                r["backbone"],
+                r["probe"],
+                r["confidence"],
+                pm(*v["aurc"], n_seeds),
+                pm(*v["e_aurc"], n_seeds),
+                pm(r["val_coverage_mean"], r["val_coverage_std"], n_seeds, 2),
+                pm(r["test_coverage_mean"], r["test_coverage_std"], n_seeds, 2),
+                pm(r["test_accuracy_mean"], r["test_accuracy_std"], n_seeds),
+                pm(r["test_macro_f1_mean"], r["test_macro_f1_std"], n_seeds),
+                f"{int(r['met_on_test'])}/{int(r['n_seeds'])}",
+            ]
+        )
     cols = head + [Col(c) for c in ("AURC", "E-AURC", "val cov.", "test cov.", "test acc", "test macro F1", "met")]
-    title = (f"{res.name}: threshold reaching accuracy {target:g} on the validation part, applied to the test "
-             f"cells" + (f"; mean ± std over {n_seeds} seeds" if n_seeds > 1 else ""))
+    title = f"{res.name}: threshold reaching accuracy {target:g} on the validation part, applied to the test cells" + (
+        f"; mean ± std over {n_seeds} seeds" if n_seeds > 1 else ""
+    )
     out = [Panel(title, cols, rows)]
     at = s[s["metric"].isin(["accuracy", "macro_f1"]) & s["coverage"].notna()]
     covs = sorted(at["coverage"].unique(), reverse=True)
@@ -285,13 +363,25 @@ def panels(res: SelectiveResult, chosen: pd.DataFrame) -> list[Panel]:
     for (b, p, c), g in at.groupby(["backbone", "probe", "confidence"], sort=False):
         v = {(m, cv): mean for m, cv, mean in zip(g["metric"], g["coverage"], g["mean"])}
         rows2.append([b, p, c, *[f"{v[('accuracy', cv)]:.3f} / {v[('macro_f1', cv)]:.3f}" for cv in covs]])
-    out.append(Panel("test accuracy / macro-F1 of the most confident cells, by coverage (weighted F1 in the tables)",
-                     head + [Col(f"{cv:.0%}") for cv in covs], rows2))
+    out.append(
+        Panel(
+            "test accuracy / macro-F1 of the most confident cells, by coverage (weighted F1 in the tables)",
+            head + [Col(f"{cv:.0%}") for cv in covs],
+            rows2,
+        )
+    )
     ab = res.abstention.groupby(["backbone", "probe", "confidence", "class"], sort=False)["abstention_rate"].mean()
     wide = ab.unstack(["backbone", "probe", "confidence"])
     if len(wide.columns) <= 8:
-        out.append(Panel("test cells sent to a human at the threshold, per true class (abstention rate)",
-                         [Col("class", "left")] + [Col(f"{b} · {p} · {c}" if len(set(res.params["model"])) > 1
-                                                       else f"{p} · {c}") for b, p, c in wide.columns],
-                         [[str(k), *[f"{x:.2f}" for x in row]] for k, row in wide.iterrows()]))
+        out.append(
+            Panel(
+                "test cells sent to a human at the threshold, per true class (abstention rate)",
+                [Col("class", "left")]
+                + [
+                    Col(f"{b} · {p} · {c}" if len(set(res.params["model"])) > 1 else f"{p} · {c}")
+                    for b, p, c in wide.columns
+                ],
+                [[str(k), *[f"{x:.2f}" for x in row]] for k, row in wide.iterrows()],
+            )
+        )
     return out

@@ -6,15 +6,26 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ...data import ProbeError
 from .folds import OOF
 
-KEY_COLUMNS = ["backbone", "feature_key", "feature_digest", "pool", "probe", "probe_impl", "seed", "folds", "scheme",
-               "label_digest"]
+KEY_COLUMNS = [
+    "backbone",
+    "feature_key",
+    "feature_digest",
+    "pool",
+    "probe",
+    "probe_impl",
+    "seed",
+    "folds",
+    "scheme",
+    "label_digest",
+]
 LEGACY_DIR = ".probes"  # where stores made before side data moved out kept the cache (inside the Zarr tree)
 
 
@@ -52,8 +63,7 @@ def read_oof_cache(path: str | os.PathLike | None, ids: Sequence[str] | np.ndarr
         classes = json.loads(sub.column("classes")[0].as_py())
         proba = sub.column("proba").combine_chunks().flatten().to_numpy().reshape(len(rows), len(classes))
         k = {c: (v.item() if hasattr(v, "item") else v) for c, v in zip(KEY_COLUMNS, key)}
-        out[tuple(k[c] for c in KEY_COLUMNS)] = OOF(k, classes, proba.astype(np.float32),
-                                                   sub.column("fold").to_numpy())
+        out[tuple(k[c] for c in KEY_COLUMNS)] = OOF(k, classes, proba.astype(np.float32), sub.column("fold").to_numpy())
     return out
 
 
@@ -88,9 +98,12 @@ def write_oof_cache(path: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[
         cols["seed"] = pa.array([int(o.key["seed"])] * n, pa.int64())
         cols["folds"] = pa.array([int(o.key["folds"])] * n, pa.int64())
         cols.update(
-            id=pa.array(ids), fold=pa.array(o.fold.astype(np.int64)), classes=pa.array([json.dumps(o.classes)] * n),
-            proba=pa.ListArray.from_arrays(pa.array(np.arange(0, n * c + 1, c, dtype=np.int32)),
-                                           pa.array(o.proba.astype(np.float32).ravel())),
+            id=pa.array(ids),
+            fold=pa.array(o.fold.astype(np.int64)),
+            classes=pa.array([json.dumps(o.classes)] * n),
+            proba=pa.ListArray.from_arrays(
+                pa.array(np.arange(0, n * c + 1, c, dtype=np.int32)), pa.array(o.proba.astype(np.float32).ravel())
+            ),
         )
         parts.append(pa.table(cols))
     schema = parts[-1].schema
@@ -110,8 +123,12 @@ def write_oof_cache(path: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[
     return str(path)
 
 
-def write_cache(cache: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[str] | np.ndarray,
-                 lock: Callable[[], Any] | None = None) -> str:
+def write_cache(
+    cache: str | os.PathLike,
+    oofs: Sequence[OOF],
+    ids: Sequence[str] | np.ndarray,
+    lock: Callable[[], Any] | None = None,
+) -> str:
     """Write the cache, holding ``lock()`` when given (retried while another audit writes)."""
     from embedcache.store import StoreBusyError
 
@@ -140,12 +157,16 @@ def check_writable(cache: str) -> None:
     try:
         fs.makedirs(parent, exist_ok=True)
     except Exception as e:
-        raise ProbeError(f"cannot write the out-of-fold cache {cache} ({e}); pass --cache FILE elsewhere or --no-cache") from e
+        raise ProbeError(
+            f"cannot write the out-of-fold cache {cache} ({e}); pass --cache FILE elsewhere or --no-cache"
+        ) from e
     from fsspec.implementations.local import LocalFileSystem
 
     if isinstance(fs, LocalFileSystem) and not os.access(parent, os.W_OK):
-        raise ProbeError(f"cannot write the out-of-fold cache {cache} (folder not writable); "
-                         "pass --cache FILE elsewhere or --no-cache")
+        raise ProbeError(
+            f"cannot write the out-of-fold cache {cache} (folder not writable); "
+            "pass --cache FILE elsewhere or --no-cache"
+        )
 
 
 def default_cache(store_url: str, dataset: str) -> str:

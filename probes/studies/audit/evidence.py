@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,12 +20,22 @@ SCORE_FORMULA = (
     "score = {consensus} × consensus + {confidence} × (1 − self_confidence) + {neighbors} × neighbor_disagreement"
 )
 EVIDENCE_COLUMNS = [
-    "rank", "id", "path", "given_label", "proposed_label", "proposed_votes", "consensus", "self_confidence",
-    "neighbor_disagreement", "score",
+    "rank",
+    "id",
+    "path",
+    "given_label",
+    "proposed_label",
+    "proposed_votes",
+    "consensus",
+    "self_confidence",
+    "neighbor_disagreement",
+    "score",
 ]
 
 
-def neighbor_disagreement(features: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def neighbor_disagreement(
+    features: np.ndarray, labels: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(disagreement (N,), neighbour positions (N, k), similarities (N, k)) over one backbone."""
     sims, idx = NeighborIndex(features).all_neighbors(k)
     valid = idx >= 0
@@ -34,7 +44,10 @@ def neighbor_disagreement(features: np.ndarray, labels: np.ndarray, k: int) -> t
 
 
 def evidence(
-    oofs: Sequence[OOF], labels: np.ndarray, classes: Sequence[str], disagreement: np.ndarray,
+    oofs: Sequence[OOF],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    disagreement: np.ndarray,
     weights: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Per-cell evidence and score (the columns of :data:`EVIDENCE_COLUMNS` but id, path, rank)."""
@@ -61,11 +74,17 @@ def evidence(
     proposed = pick.argmax(1)
     score = w["consensus"] * consensus + w["confidence"] * (1 - self_conf) + w["neighbors"] * disagreement
     score = np.clip(score, 0.0, 1.0)  # in [0, 1] already, but for the last bit of float rounding
-    return pd.DataFrame({
-        "given_label": labels, "proposed_label": np.asarray(classes, dtype=object)[proposed],
-        "proposed_votes": votes[rows, proposed] / m, "consensus": consensus, "self_confidence": self_conf,
-        "neighbor_disagreement": disagreement, "score": score,
-    })
+    return pd.DataFrame(
+        {
+            "given_label": labels,
+            "proposed_label": np.asarray(classes, dtype=object)[proposed],
+            "proposed_votes": votes[rows, proposed] / m,
+            "consensus": consensus,
+            "self_confidence": self_conf,
+            "neighbor_disagreement": disagreement,
+            "score": score,
+        }
+    )
 
 
 def normalise_weights(weights: dict[str, float] | None) -> dict[str, float]:

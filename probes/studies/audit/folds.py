@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,11 @@ from ...data import ProbeError
 SCHEMES = ("auto", "group", "stratified")
 
 
-def label_digest(ids: Sequence[str] | np.ndarray, labels: Sequence[str] | np.ndarray, groups: Sequence[str] | np.ndarray | None = None) -> str:
+def label_digest(
+    ids: Sequence[str] | np.ndarray,
+    labels: Sequence[str] | np.ndarray,
+    groups: Sequence[str] | np.ndarray | None = None,
+) -> str:
     """sha256 (16 hex) of the cell ids, labels and groups, in order: what the folds and fits depend on."""
     h = hashlib.sha256()
     for col in (ids, labels, groups if groups is not None else []):
@@ -40,8 +45,13 @@ def _has_groups(groups: Sequence[str] | np.ndarray | None) -> bool:
     return bool((g != "").any())
 
 
-def make_folds(labels: Sequence[str] | np.ndarray, groups: Sequence[str] | np.ndarray | None, n_folds: int, seed: int,
-               scheme: str = "auto") -> tuple[np.ndarray, str]:
+def make_folds(
+    labels: Sequence[str] | np.ndarray,
+    groups: Sequence[str] | np.ndarray | None,
+    n_folds: int,
+    seed: int,
+    scheme: str = "auto",
+) -> tuple[np.ndarray, str]:
     """Fold number (0..n_folds-1) of every cell and the scheme used (``group`` or ``stratified``).
 
     ``scheme="auto"``: ``group`` when ``groups`` has any value, else ``stratified``. Under
@@ -64,7 +74,9 @@ def make_folds(labels: Sequence[str] | np.ndarray, groups: Sequence[str] | np.nd
         warnings.simplefilter("ignore")  # "least populated class has fewer members than n_splits"
         if scheme == "group":
             if not _has_groups(groups):
-                raise ProbeError("fold scheme 'group' needs a group column with values (the store's obs.group is empty)")
+                raise ProbeError(
+                    "fold scheme 'group' needs a group column with values (the store's obs.group is empty)"
+                )
             g = pd.Series(np.asarray(groups, dtype=object)).fillna("").astype(str).str.strip().to_numpy(dtype=object)
             empty = g == ""
             g[empty] = [f"\x00cell{i}" for i in np.flatnonzero(empty)]
@@ -88,8 +100,11 @@ def probe_signature(name: str, make_probe: Callable[..., Any]) -> str:
     """What identifies probe ``name``'s fits in the cache: its class and parameters (seed and
     device left out), so changing a head's defaults invalidates the cached predictions."""
     est = make_probe(name, seed=0, device="cpu")
-    params = {k: v for k, v in est.get_params(deep=False).items() if k not in ("seed", "device", "random_state")} \
-        if hasattr(est, "get_params") else {}
+    params = (
+        {k: v for k, v in est.get_params(deep=False).items() if k not in ("seed", "device", "random_state")}
+        if hasattr(est, "get_params")
+        else {}
+    )
     text = f"{type(est).__module__}.{type(est).__qualname__}:{sorted((k, repr(v)) for k, v in params.items())}"
     return f"{type(est).__name__}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 

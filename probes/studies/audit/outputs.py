@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
@@ -18,19 +19,32 @@ def write_outputs(res: Any, *, top: int = 50, html: bool = True) -> dict[str, Pa
     """``suspects.csv``, ``corrections-template.csv``, ``suspects.png``, ``audit.json`` and
     ``report.html`` under ``res.out``."""
     sus = res.suspects(top)
-    corrections = pd.DataFrame({"id": sus["id"], "new_label": sus["proposed_label"],
-                                "note": [f"audit rank {r}, score {s:.3f}, was {g}"
-                                         for r, s, g in zip(sus["rank"], sus["score"], sus["given_label"])]})
+    corrections = pd.DataFrame(
+        {
+            "id": sus["id"],
+            "new_label": sus["proposed_label"],
+            "note": [
+                f"audit rank {r}, score {s:.3f}, was {g}"
+                for r, s, g in zip(sus["rank"], sus["score"], sus["given_label"])
+            ],
+        }
+    )
     nb = suspect_neighbors(res, top)
     b0 = res.params["backbones"][0]
     title = f"top suspects (red) and their nearest neighbours in {b0} (orange: another label)"
     plots: dict[str, Callable[[Path], Any]] = {
-        "suspects.png": lambda p: suspect_sheet(sus.head(min(top, 24)), nb, p, title=title)}
+        "suspects.png": lambda p: suspect_sheet(sus.head(min(top, 24)), nb, p, title=title)
+    }
     if html:
         plots["report.html"] = lambda p: audit_html(res, p, top=top, neighbours=nb)
-    files = write_files(res.out, tables={"suspects.csv": res.table, "corrections-template.csv": corrections},
-                        plots=plots, documents={"audit.json": {**res.params, "reused_models": res.reused,
-                                                               "computed_models": res.computed, "fits": res.fits}})
+    files = write_files(
+        res.out,
+        tables={"suspects.csv": res.table, "corrections-template.csv": corrections},
+        plots=plots,
+        documents={
+            "audit.json": {**res.params, "reused_models": res.reused, "computed_models": res.computed, "fits": res.fits}
+        },
+    )
     files["corrections"] = files.pop("corrections-template.csv")  # the key audits always used
     return files
 
@@ -51,13 +65,28 @@ def suspect_neighbors(res: Any, top: int, backbone: str | None = None) -> pd.Dat
 def print_summary(res: Any, top: int = 15, console: Any = None) -> None:
     """The top suspects with their evidence, the score formula, what was excluded, the files."""
     p = res.params
-    cols = [Col(c, "left") for c in ("rank", "id", "given", "proposed", "votes", "consensus", "self-conf",
-                                       "nbr disagr.", "score")]
-    rows = [[str(r.rank), r.id, r.given_label, r.proposed_label, f"{r.proposed_votes:.2f}", f"{r.consensus:.2f}",
-             f"{r.self_confidence:.2f}", f"{r.neighbor_disagreement:.2f}", f"{r.score:.3f}"]
-            for r in res.table.head(top).itertuples(index=False)]
-    title = (f"label audit: {p['n_cells']} cells, {p['n_models']} models ({res.reused} reused, {res.computed} fitted), "
-             f"{p['scheme']} {p['folds']}-fold")
+    cols = [
+        Col(c, "left")
+        for c in ("rank", "id", "given", "proposed", "votes", "consensus", "self-conf", "nbr disagr.", "score")
+    ]
+    rows = [
+        [
+            str(r.rank),
+            r.id,
+            r.given_label,
+            r.proposed_label,
+            f"{r.proposed_votes:.2f}",
+            f"{r.consensus:.2f}",
+            f"{r.self_confidence:.2f}",
+            f"{r.neighbor_disagreement:.2f}",
+            f"{r.score:.3f}",
+        ]
+        for r in res.table.head(top).itertuples(index=False)
+    ]
+    title = (
+        f"label audit: {p['n_cells']} cells, {p['n_models']} models ({res.reused} reused, {res.computed} fitted), "
+        f"{p['scheme']} {p['folds']}-fold"
+    )
     lines = [p["formula"], *p.get("excluded", [])]
     if p.get("cache"):
         lines.append(f"out-of-fold cache: {p['cache']}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,16 @@ from ...reporting.tables import prepare_out
 from ...sampling import parse_seeds, sort_labels
 from ...skeleton import show_summary, study_name
 from ...threads import limit_threads
-from .cache import KEY_COLUMNS, adopt_legacy, cache_to_read, check_writable, default_cache, legacy_cache, read_oof_cache, write_cache
+from .cache import (
+    KEY_COLUMNS,
+    adopt_legacy,
+    cache_to_read,
+    check_writable,
+    default_cache,
+    legacy_cache,
+    read_oof_cache,
+    write_cache,
+)
 from .evidence import evidence, formula, neighbor_disagreement, normalise_weights
 from .folds import OOF, SCHEMES, feature_digest, label_digest, make_folds, oof_proba, probe_signature
 
@@ -120,8 +130,14 @@ def audit_arrays(
         raise ProbeError(f"ids, groups and paths need one entry per label ({n})")
     if len(pd.unique(ids)) != n:
         raise ProbeError("cell ids must be unique")
-    obs = pd.DataFrame({"id": ids, "path": list(paths) if paths is not None else [""] * n, "label": labels,
-                        "group": list(groups) if groups is not None else [""] * n})
+    obs = pd.DataFrame(
+        {
+            "id": ids,
+            "path": list(paths) if paths is not None else [""] * n,
+            "label": labels,
+            "group": list(groups) if groups is not None else [""] * n,
+        }
+    )
     if not features:
         raise ProbeError("no features to audit: name at least one backbone")
     for name, x in features.items():
@@ -157,8 +173,18 @@ def audit_arrays(
             if s not in fold_cache:
                 fold_cache[s] = make_folds(labels, groups, folds, s, split)
             fold, scheme = fold_cache[s]
-            key = dict(backbone=b, feature_key=keys.get(b, b), feature_digest=f_digest[b], pool=pool, probe=p,
-                       probe_impl=impl[p], seed=int(s), folds=int(folds), scheme=scheme, label_digest=digest)
+            key = dict(
+                backbone=b,
+                feature_key=keys.get(b, b),
+                feature_digest=f_digest[b],
+                pool=pool,
+                probe=p,
+                probe_impl=impl[p],
+                seed=int(s),
+                folds=int(folds),
+                scheme=scheme,
+                label_digest=digest,
+            )
             hit = cached.get(tuple(key[c] for c in KEY_COLUMNS))
             if hit is not None and hit.classes == classes and np.array_equal(hit.fold, fold):
                 oofs.append(hit)
@@ -167,7 +193,7 @@ def audit_arrays(
             advance(f"{b} · {p} · seed {s}")
             x = np.asarray(features[b], dtype=np.float32)
             try:
-                proba = oof_proba(x, labels, fold, classes, lambda: make_probe(p, seed=int(s), device=device))
+                proba = oof_proba(x, labels, fold, classes, lambda p=p, s=s: make_probe(p, seed=int(s), device=device))
             except ProbeError:
                 raise
             except Exception as e:
@@ -190,18 +216,30 @@ def audit_arrays(
     table = ev.iloc[order].reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, n + 1))
     table.index = order  # position of each row's cell in the audited order
-    params = dict(backbones=list(features), feature_keys={b: keys.get(b, b) for b in features}, pool=pool,
-                  probes=probe_list, probe_impl=impl, seeds=seed_list, folds=int(folds),
-                  scheme=fold_cache[seed_list[0]][1], k=int(k), weights=w, label_digest=digest, n_cells=n,
-                  n_classes=len(classes), n_models=len(oofs), formula=formula(w), cache=str(cache) if cache else None)
+    params = dict(
+        backbones=list(features),
+        feature_keys={b: keys.get(b, b) for b in features},
+        pool=pool,
+        probes=probe_list,
+        probe_impl=impl,
+        seeds=seed_list,
+        folds=int(folds),
+        scheme=fold_cache[seed_list[0]][1],
+        k=int(k),
+        weights=w,
+        label_digest=digest,
+        n_cells=n,
+        n_classes=len(classes),
+        n_models=len(oofs),
+        formula=formula(w),
+        cache=str(cache) if cache else None,
+    )
     res = AuditResult(table, oofs, classes, params, nbrs, obs, reused, computed, fits)
     if cache is not None and computed:
         if read_from != str(cache) and read_from is not None:  # only the legacy file exists: carry it over
             adopt_legacy(str(cache), read_from)
         res.files["oof"] = write_cache(cache, oofs, ids, cache_lock)
     return res
-
-
 
 
 def audit(
@@ -261,11 +299,28 @@ def audit(
     feats = {b: cells.features(b, pos) for b in cells.backbones}
     out = prepare_out(out if out is not None else study_name("audit", cells.backbones))
     res = audit_arrays(
-        feats, cells.labels, ids=cells.obs["id"].to_numpy(), groups=cells.obs["group"].to_numpy(),
-        paths=cells.obs["path"].to_numpy(), feature_keys={b: cells.feature_key(b) for b in cells.backbones},
-        options=AuditOptions(probes=probes, folds=folds, seeds=seeds, folds_by=folds_by, k=k, weights=weights, pool=pool,
-                             cache=cache_path, cache_lock=lock, cache_legacy=legacy, device=device,
-                             make_probe=make_probe, threads=threads, quiet=quiet),
+        feats,
+        cells.labels,
+        ids=cells.obs["id"].to_numpy(),
+        groups=cells.obs["group"].to_numpy(),
+        paths=cells.obs["path"].to_numpy(),
+        feature_keys={b: cells.feature_key(b) for b in cells.backbones},
+        options=AuditOptions(
+            probes=probes,
+            folds=folds,
+            seeds=seeds,
+            folds_by=folds_by,
+            k=k,
+            weights=weights,
+            pool=pool,
+            cache=cache_path,
+            cache_lock=lock,
+            cache_legacy=legacy,
+            device=device,
+            make_probe=make_probe,
+            threads=threads,
+            quiet=quiet,
+        ),
     )
     res.params.update(store=str(cells.store_url), dataset=cells.dataset, excluded=cells.exclusion_lines())
     res.out = out
