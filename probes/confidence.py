@@ -142,7 +142,7 @@ def oracle_aurc_approx(risk: float) -> float:
     return float(risk + (1 - risk) * math.log(1 - risk)) if risk < 1 else 1.0
 
 
-def risk_on_grid(conf: np.ndarray, correct: np.ndarray, grid: Sequence[float]) -> np.ndarray:
+def risk_on_grid(conf: np.ndarray, correct: np.ndarray, grid: Sequence[float] | np.ndarray) -> np.ndarray:
     """The (tie-expected) risk at each coverage of ``grid`` (the ``ceil(c n)`` most confident cells)."""
     r = risks_at_k(conf, correct)
     k = np.clip(np.ceil(np.asarray(grid, dtype=np.float64) * len(r) - 1e-9).astype(np.int64), 1, len(r))

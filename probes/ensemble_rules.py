@@ -19,7 +19,7 @@ MIN_OVERRIDE_HEADS = 3  # the primary and the two heads that must agree
 
 
 # -- pairs --------------------------------------------------------------------------------------
-def parse_pairs(spec: str | Sequence[Sequence[str]], classes: Sequence[str]) -> list[tuple[str, str]]:
+def parse_pairs(spec: str | Sequence[Sequence[str]], classes: Sequence[str] | np.ndarray) -> list[tuple[str, str]]:
     """``"A:B,C:D"`` (or ``[("A", "B"), ...]``) -> unordered pairs as sorted tuples, each class one of
     ``classes``; a class unknown, a pair of one class twice, or no pair at all is a ``ValueError``."""
     known = [str(c) for c in classes]
@@ -45,7 +45,9 @@ def parse_pairs(spec: str | Sequence[Sequence[str]], classes: Sequence[str]) -> 
     return out
 
 
-def auto_pairs(y_true: Sequence[str], y_pred: Sequence[str], n_pairs: int) -> list[tuple[tuple[str, str], int]]:
+def auto_pairs(
+    y_true: Sequence[str] | np.ndarray, y_pred: Sequence[str] | np.ndarray, n_pairs: int
+) -> list[tuple[tuple[str, str], int]]:
     """The ``n_pairs`` unordered class pairs most confused (``A`` called ``B`` plus ``B`` called ``A``)
     in ``y_pred`` against ``y_true`` (validation cells, never test), with their counts; pairs never
     confused are left out. Ties: the pair first in sorted order."""
@@ -83,7 +85,7 @@ def override(primary: np.ndarray, others: Sequence[np.ndarray], pairs: Sequence[
 def combine(
     rule: str,
     probas: Sequence[np.ndarray],
-    classes: Sequence[str],
+    classes: Sequence[str] | np.ndarray,
     *,
     primary: int = 0,
     pairs: Sequence[tuple[str, str]] = (),
@@ -96,21 +98,21 @@ def combine(
     new label)."""
     if rule not in RULES:
         raise ValueError(f"unknown ensemble rule {rule!r}; one of {', '.join(RULES)}")
-    classes = np.asarray(classes).astype(str)
+    names = np.asarray(classes).astype(str)
     stack = np.stack([np.asarray(p, dtype=np.float64) for p in probas])  # (m, n, K)
     m, n, k = stack.shape
-    if k != len(classes):
-        raise ValueError(f"probabilities have {k} columns for {len(classes)} classes")
+    if k != len(names):
+        raise ValueError(f"probabilities have {k} columns for {len(names)} classes")
     mean = stack.mean(axis=0)
     if rule == "mean":
-        return classes[mean.argmax(axis=1)], mean
+        return names[mean.argmax(axis=1)], mean
     votes = stack.argmax(axis=2)  # (m, n)
     if rule == "majority":
         counts = np.zeros((n, k))
         np.add.at(counts, (np.repeat(np.arange(n), m), votes.T.ravel()), 1.0)
         tied = counts == counts.max(axis=1, keepdims=True)
         pick = np.where(tied, mean, -np.inf).argmax(axis=1)
-        return classes[pick], counts / m
+        return names[pick], counts / m
     if m < MIN_OVERRIDE_HEADS:
         raise ValueError(
             f"the override rule needs at least {MIN_OVERRIDE_HEADS} heads (the primary and two that "
@@ -118,7 +120,7 @@ def combine(
         )
     if not 0 <= primary < m:
         raise ValueError(f"primary index {primary} outside the {m} members")
-    labels = [classes[v] for v in votes]
+    labels = [names[v] for v in votes]
     rest = [i for i in range(m) if i != primary]
     out = override(labels[primary], [labels[i] for i in rest], pairs)
     proba = stack[primary].copy()

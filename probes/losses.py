@@ -29,6 +29,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -87,7 +88,8 @@ class FocalLoss(nn.Module):
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return focal_loss(logits, y, self.gamma, self.weight)
+        weight = cast("torch.Tensor | None", self.weight)  # a registered buffer (or None)
+        return focal_loss(logits, y, self.gamma, weight)
 
 
 class HierarchicalFocalLoss(nn.Module):
@@ -135,7 +137,7 @@ class Hierarchy:
     gamma: float = 2.0
     penalty_scale: float = 1.0
 
-    def matrices(self, classes: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    def matrices(self, classes: Sequence | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q, P)`` over ``classes`` (their order); every class the file names must be one of them."""
         names = [str(c) for c in classes]
         index = {c: i for i, c in enumerate(names)}
@@ -157,9 +159,9 @@ class Hierarchy:
             idx = [index[m] for m in members]
             if len(idx) < 2 or self.smoothing == 0:
                 continue
-            for t in idx:
-                Q[t, idx] = self.smoothing / (len(idx) - 1)
-                Q[t, t] = 1.0 - self.smoothing
+            for row in idx:
+                Q[row, idx] = self.smoothing / (len(idx) - 1)
+                Q[row, row] = 1.0 - self.smoothing
         P = torch.zeros(k, k)
         for t, p, w, _, _ in self.penalties:
             P[index[t], index[p]] = w
@@ -300,7 +302,7 @@ def load_hierarchy(path: str | os.PathLike) -> Hierarchy:
 
 def make_loss(
     name: str,
-    classes: Sequence,
+    classes: Sequence | np.ndarray,
     codes: np.ndarray | None = None,
     *,
     gamma: float | None = None,

@@ -209,7 +209,7 @@ class Sampler:
             return self._stratified(limit, seed)
         return self._fixed_test(limit, seed)
 
-    def check_limits(self, limits: Sequence[int], seeds: Sequence[int]) -> dict[tuple[int, int], Split]:
+    def check_limits(self, limits: Sequence[int | None], seeds: Sequence[int]) -> dict[tuple[int | None, int], Split]:
         """Every split of a study, made up front so that a bad limit fails before any fit."""
         return {(lim, s): self.split(lim, s) for lim in limits for s in seeds}
 

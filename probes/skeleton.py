@@ -194,15 +194,20 @@ def fit_predict(job: FitJob, device: str = "auto", make_probe: Callable[..., Any
 
     A failure deep inside a library becomes a :class:`ProbeError` naming the fit (cause kept).
     """
+    make: Callable[..., Any]
     if make_probe is None:  # the heads, and the fine-tunes (lp, ft-last, lora, scratch-vit)
-        from .finetune.study_inputs import make_tune_probe as make_probe
+        from .finetune.study_inputs import make_tune_probe
+
+        make = make_tune_probe
+    else:
+        make = make_probe
     where = (
         f"probe '{job.probe}' on {job.backbone}"
         + (f" at limit {job.limit}" if job.limit is not None else "")
         + f", seed {job.seed}"
     )
     try:
-        est = make_probe(job.probe, seed=job.seed, device=device, **job.params)
+        est = make(job.probe, seed=job.seed, device=device, **job.params)
         t0 = time.perf_counter()
         est.fit(job.x_train, job.y_train)
         preds = [np.asarray(est.predict(x)).astype(str) for x in job.x_tests]

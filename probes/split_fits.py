@@ -191,7 +191,8 @@ def _jobs(cells: Cells, splits: dict, evals: dict, probes: Sequence[str], inputs
     for backbone in cells.backbones:
         x_all = cells.features(backbone, needed) if pooled else None
 
-        def rows_of(pos: np.ndarray, x_all: np.ndarray = x_all) -> np.ndarray:
+        def rows_of(pos: np.ndarray, x_all: np.ndarray | None = x_all) -> np.ndarray:
+            assert x_all is not None
             return x_all[np.searchsorted(needed, pos)]
 
         for key, sp in splits.items():

@@ -102,7 +102,7 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
         self.seed = seed
         self.device = device
 
-    _methods = METHODS  # a subclass with its own networks (scratch-vit) names its own
+    _methods: tuple[str, ...] = METHODS  # a subclass with its own networks (scratch-vit) names its own
 
     def _method_defaults(self) -> tuple[float, float]:
         """``(lr, weight decay)`` of the method when not given."""
@@ -256,6 +256,7 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
                 )
                 if self.patience is not None and stale >= self.patience:
                     break
+            assert best_state is not None  # epoch 1 always sets it
             net.load_state_dict(best_state)
         net.eval()
         self.data_digest_ = _data_digest(X, codes, self.classes_)
@@ -263,6 +264,7 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
 
     def _diverged(self, net: TunedNet, best_state: dict | None, epoch: int, value: float) -> None:
         if best_state is not None:
+            assert best_state is not None  # epoch 1 always sets it
             net.load_state_dict(best_state)
         net.eval()
         kept = (

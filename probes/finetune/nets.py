@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,7 +64,8 @@ class TunedNet(nn.Module):
 
     def __init__(self, trunk: nn.Module | None, head: nn.Module, pool: str, frozen_trunk: bool):
         super().__init__()
-        self.trunk, self.head, self.pool, self.frozen_trunk = trunk, head, pool, frozen_trunk
+        self.trunk: Any = trunk  # a TailModule / FullBackboneModule (their own methods are called)
+        self.head, self.pool, self.frozen_trunk = head, pool, frozen_trunk
 
     def train(self, mode: bool = True) -> TunedNet:
         super().train(mode)
@@ -81,7 +83,9 @@ class TunedNet(nn.Module):
 
 
 def tail_of(trunk: nn.Module) -> TailModule:
-    return trunk.tail if isinstance(trunk, FullBackboneModule) else trunk
+    tail = trunk.tail if isinstance(trunk, FullBackboneModule) else trunk
+    assert isinstance(tail, TailModule)
+    return tail
 
 
 def lora_target_names(tail: TailModule) -> list[str]:
@@ -107,10 +111,16 @@ def inject_lora(tail: TailModule, rank: int, alpha: float, dropout: float) -> li
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     names = lora_target_names(tail)
     tail.requires_grad_(False)
+    # peft's annotation says int for lora_alpha; the scale alpha / rank is used as a float either way
+    lora_kwargs: dict[str, Any] = {
+        "r": int(rank),
+        "lora_alpha": float(alpha),
+        "lora_dropout": float(dropout),
+        "target_modules": names,
+        "bias": "none",
+    }
     inject_adapter_in_model(
-        LoraConfig(
-            r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout), target_modules=names, bias="none"
-        ),
+        LoraConfig(**lora_kwargs),
         tail,
     )
     for n, p in tail.named_parameters():

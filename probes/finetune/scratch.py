@@ -9,6 +9,7 @@ epoch choice, early stopping, losses and augmentations as the fine-tunes.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -50,9 +51,9 @@ class ScratchViTProbe(FineTuneProbe):
     _methods = ("scratch-vit",)
 
     def __init__(self, *args, method: str = "scratch-vit", **params):
-        super().__init__(*args, method=method, **params)
+        super().__init__(*args, **{**params, "method": method})
 
-    __init__.__signature__ = inspect.signature(FineTuneProbe.__init__).replace(
+    __init__.__signature__ = inspect.signature(FineTuneProbe.__init__).replace(  # type: ignore[attr-defined]
         parameters=[  # sklearn's get_params
             p.replace(default="scratch-vit") if p.name == "method" else p
             for p in inspect.signature(FineTuneProbe.__init__).parameters.values()
@@ -70,8 +71,9 @@ class ScratchViTProbe(FineTuneProbe):
         if self.head != "linear":
             raise ValueError(f"scratch-vit has its own class-token linear head; head {self.head!r} does not apply")
         net = scratch_vit(n_classes, img_size=int(sample.shape[2]))
-        net.input = "pooled"
-        return TunedNet(None, net, "cls", frozen_trunk=False)
+        head: Any = net  # nn.Module types its attributes as tensors or modules
+        head.input = "pooled"  # what TunedNet asks a head
+        return TunedNet(None, head, "cls", frozen_trunk=False)
 
 
 __all__ = ["SCRATCH_VIT", "ScratchViTProbe", "scratch_vit"]

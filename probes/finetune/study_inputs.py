@@ -214,7 +214,10 @@ class TuneInputs:
         o = self.options
         if o.blocks == "all":
             return tail_depth(self.backbone(backbone))
-        return int(o.blocks if o.blocks is not None else o.tail_blocks)
+        k = o.blocks if o.blocks is not None else o.tail_blocks
+        if k is None:
+            raise ValueError("a fine-tune of the tail needs --tail-blocks (or --blocks)")
+        return int(k)
 
     def backbone(self, name: str) -> Any:
         if name not in self._backbones:

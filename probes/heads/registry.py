@@ -66,7 +66,9 @@ def register_probe(name: str, **defaults: Any) -> Callable[[T], T]:
     def deco(cls: T) -> T:
         if dict.__contains__(PROBES, name) or name in PROBES.families:
             raise ValueError(f"probe name {name!r} is registered twice")
-        PROBES[name] = partial(cls, **defaults) if defaults else cls  # type: ignore[arg-type]
+        made: Any = cls
+        ctor: Any = partial(made, **defaults) if defaults else made
+        PROBES[name] = ctor
         return cls
 
     return deco

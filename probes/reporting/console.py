@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .text import one_line
 
@@ -23,7 +23,7 @@ class Col:
     """A column of a :class:`Panel`."""
 
     name: str
-    justify: str = "right"
+    justify: Literal["default", "left", "center", "right", "full"] = "right"
     style: str | None = None
     no_wrap: bool = False
 
@@ -75,7 +75,7 @@ def render_panel(panel: Panel) -> Any:
         t.add_column(
             Text(one_line(c.name), style="bold"),
             justify=c.justify,
-            style=c.style,  # type: ignore[arg-type]
+            style=c.style,
             no_wrap=c.no_wrap,
         )
     for row in panel.rows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -195,7 +196,7 @@ def confusion_plots(confusion: pd.DataFrame) -> dict[str, Callable[[Any], Any]]:
     for (backbone, probe, dom), conf in confusion.groupby(["backbone", "probe", "test_domain"], sort=False):
         name = f"confusion-{_slug(backbone)}-{_slug(probe)}{'-' + _slug(dom) if dom else ''}.png"
         title = f"{backbone} · {probe}" + (f" · tested on {dom}" if dom else "")
-        plots[name] = lambda p, conf=conf, title=title: plot_confusion(conf, p, title=title)
+        plots[name] = partial(plot_confusion, conf, title=title)
     return plots
 
 

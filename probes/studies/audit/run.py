@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,7 @@ def audit_arrays(
             advance(f"{b} · {p} · seed {s}")
             x = np.asarray(features[b], dtype=np.float32)
             try:
-                proba = oof_proba(x, labels, fold, classes, lambda p=p, s=s: make_probe(p, seed=int(s), device=device))
+                proba = oof_proba(x, labels, fold, classes, partial(make_probe, p, seed=int(s), device=device))
             except ProbeError:
                 raise
             except Exception as e:
