@@ -544,7 +544,7 @@ def test_shape_errors(fitted, data):
 
 
 def test_unknown_probe_name():
-    with pytest.raises(ValueError, match=r"unknown probe 'lda'.*logistic.*knn1.*svm-rbf"):
+    with pytest.raises(ValueError, match=r"unknown probe 'lda'; choose from (?=.*logistic)(?=.*knn1)(?=.*svm-rbf)"):
         make_probe("lda")
 
 
