@@ -573,3 +573,10 @@ def test_standardise_transposed_matches_row_major(chula_features):
         np.testing.assert_allclose(mb.numpy(), ma.numpy(), rtol=1e-5)
         np.testing.assert_allclose(sb.numpy(), sa.numpy(), rtol=1e-4)
     np.testing.assert_allclose(sa.numpy(), X.numpy().astype(np.float64).std(axis=0), rtol=1e-4)
+
+
+def test_linear_is_the_papers_name_for_the_logistic_head():
+    """The white-cell paper's ensemble names its heads linear, cosine and MLP."""
+    from probes.heads.logistic import LogisticProbe
+
+    assert isinstance(make_probe("linear"), LogisticProbe) and "linear" in PROBES

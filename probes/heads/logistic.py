@@ -25,6 +25,7 @@ BACKENDS = ("auto", "torch", "cuml")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
+@register_probe("linear")  # the papers' "linear head": the same softmax-linear model on the features
 @register_probe("logistic")
 class LogisticProbe(ScoresHead):
     """Softmax regression, full-batch L-BFGS in torch (float32, on the device).
