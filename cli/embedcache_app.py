@@ -20,20 +20,33 @@ err = Console(stderr=True)
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
-    """List the backbone registry: names, hub ids, widths, input, gated or not."""
-    from embedcache.registry import list_models
+def models(
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    cost: bool = typer.Option(False, "--cost", help="measure what each backbone costs here (random-init weights)"),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="with --cost: names, comma separated, or all (default: a few tiny timm models)"
+    ),
+    device: str = typer.Option("auto", help="with --cost: auto, cpu, cuda ..."),
+    dtype: str = typer.Option("auto", help="with --cost: compute dtype (auto: as extract would choose)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the table as CSV"),
+) -> None:
+    """List the backbone registry; with --cost, measure parameters, GFLOPs, speed and memory of each."""
+    from embedcache.costs import models as run_models
 
-    specs = list_models()
+    try:
+        table = run_models(cost=cost, model=model, device=device, dtype=dtype, out=out)
+    except Exception as e:  # noqa: BLE001
+        fail(e)
     if as_json:
-        fields = ("name", "arch", "hub_id", "width", "input_size", "interpolation", "default_pool", "gated", "licence")
-        rows = [{f: list(v) if isinstance(v := getattr(s, f), tuple) else v for f in fields} for s in specs]
-        console.print_json(json.dumps(rows))
+        console.print_json(table.to_json(orient="records"))
+        return
+    if cost:
+        _print_costs(table)
         return
     t = Table(title="embedcache backbones (also: timm:<name>, --weights PATH)")
-    for col in ("name", "hub id", "timm arch", "width", "input", "pool", "gated", "licence"):
+    for col in ("name", "hub id", "timm arch", "width", "input", "pool", "gated", "licence", "never in"):
         t.add_column(col)
-    for s in specs:
+    for s in table.itertuples():
         t.add_row(
             s.name,
             s.hub_id or "-",
@@ -43,8 +56,99 @@ def models(as_json: bool = typer.Option(False, "--json", help="print JSON instea
             ",".join(s.default_pool),
             "yes" if s.gated else "no",
             s.licence,
+            ",".join(s.forbid_dtypes) or "-",
         )
     console.print(t)
+
+
+def _print_costs(table) -> None:
+    t = Table(title="backbone costs, measured here with RANDOM-INIT weights (speed and memory, not features)")
+    heads = (
+        "model",
+        "dtype",
+        "input",
+        "params (M)",
+        "weights (MB)",
+        "GFLOPs/cell",
+        "ms/cell @1",
+        "best batch",
+        "cells/s @best",
+        "peak mem (MB)",
+    )
+    for col in heads:
+        t.add_column(col)
+    for r in table.itertuples():
+        t.add_row(
+            r.model,
+            r.dtype,
+            str(r.input_size),
+            f"{r.params / 1e6:,.2f}",
+            f"{r.weight_mb:,.1f}",
+            f"{r.gflops_per_cell:,.3f}",
+            f"{r.ms_per_cell_batch1:,.2f}",
+            str(r.best_batch),
+            f"{r.cells_per_s_best:,.1f}",
+            f"{r.peak_mem_mb:,.1f}",
+        )
+    console.print(t)
+    if len(table):
+        console.print(
+            f"device: {table['device'].iat[0]} ({table['device_name'].iat[0]}); memory: {table['mem_method'].iat[0]}"
+        )
+
+
+@app.command("check-precision")
+def check_precision(
+    model: str = typer.Option(..., "--model", "-m", help="registry name or timm:<name>"),
+    data: Path = typer.Option(..., "--data", "-d", help="ImageFolder, .csv/.parquet manifest, or .npz of your cells"),
+    dtypes: str = typer.Option("float16,bfloat16,float32", help="dtypes to check against float32, comma separated"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda ..."),
+    n_cells: int = typer.Option(64, help="cells to compare (spread over the data)"),
+    threshold: float = typer.Option(0.999, help="a dtype passes when every cell's cosine to fp32 is at least this"),
+    weights: Optional[str] = typer.Option(None, help="local weights file, or 'random'"),
+    revision: Optional[str] = typer.Option(None, help="hub revision"),
+    record: bool = typer.Option(True, "--record/--no-record", help="save the result where --dtype auto reads it"),
+) -> None:
+    """Compare compute dtypes with float32 on your cells; the recorded result steers extract --dtype auto."""
+    from embedcache.precision import check_precision as run_check
+
+    try:
+        table = run_check(
+            model,
+            data,
+            dtypes=[d.strip() for d in dtypes.split(",") if d.strip()],
+            device=device,
+            n_cells=n_cells,
+            threshold=threshold,
+            weights=weights,
+            revision=revision,
+            record=record,
+        )
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    t = Table(
+        title=f"{model} on {table['device'].iat[0]}: each dtype against float32 ({table['n_cells'].iat[0]} cells)"
+    )
+    for col in ("dtype", "min cosine", "median cosine", "max rel. error", "non-finite cells", "passed", "note"):
+        t.add_column(col)
+    for r in table.itertuples():
+        ran = r.passed is not None
+        t.add_row(
+            r.dtype,
+            f"{r.min_cosine:.6f}" if ran else "-",
+            f"{r.median_cosine:.6f}" if ran else "-",
+            f"{r.max_rel_error:.2e}" if ran else "-",
+            str(int(r.non_finite_cells)) if ran else "-",
+            {True: "[green]yes[/]", False: "[red]no[/]"}.get(r.passed, "not run"),
+            r.note,
+        )
+    console.print(t)
+    if table.attrs.get("unreadable_cells"):
+        console.print(f"[yellow]note:[/] {table.attrs['unreadable_cells']} sampled cells could not be read")
+    if weights == "random":
+        console.print("[yellow]note:[/] random-init weights: the result applies to these weights only")
+    if "record" in table.attrs:
+        console.print(f"recorded in {table.attrs['record']} (extract --dtype auto skips dtypes that failed)")
 
 
 @app.command()
@@ -67,7 +171,9 @@ def extract(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option(
-        "auto", help="compute dtype: auto (fp16 on CUDA, fp32 on CPU), bfloat16, float32, float16"
+        "auto",
+        help="compute dtype: auto (fastest that passes: fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else "
+        "fp32; see check-precision), bfloat16, float32, float16",
     ),
     store_dtype: str = typer.Option("float16", help="stored feature dtype: float16 or float32"),
     chunk_size: int = typer.Option(1024, help="cells per stored row-chunk (the unit of resume)"),
@@ -93,6 +199,7 @@ def extract(
         "probes ft-last / lora); prints the store size first",
     ),
     adapter: Optional[Path] = typer.Option(None, help="embed with a fine-tuned model saved by --save-adapter DIR"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the backbone (slow first batch; opt-in)"),
     progress: bool = typer.Option(
         True,
         "--progress/--no-progress",
@@ -136,6 +243,7 @@ def extract(
                 max_image_pixels=max_image_pixels,
                 tail_blocks=tail_blocks,
                 adapter=adapter,
+                compile=compile,
             )
     except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
         fail(e)

@@ -8,7 +8,9 @@ Python API (the CLI ``embedcache`` is a thin skin over these):
 * :func:`embedcache.demo.demo` — the bundled demo (``embedcache demo``): synthetic cells, extract, probes;
 * :func:`open_store` — read a store: datasets, the cell table, features as numpy / dask;
 * :func:`verify` — check every written chunk against its checksum, and mark damaged ones for recompute;
-* :func:`list_models` / :func:`load_backbone` — the backbone registry.
+* :func:`list_models` / :func:`load_backbone` — the backbone registry; :func:`models` — it as a table, and with
+  ``cost=True`` what each backbone costs here (``embedcache models --cost``);
+* :func:`check_precision` — each compute dtype against fp32 on real cells, recorded for ``--dtype auto``.
 
 Names load lazily, so reading a store does not import torch.
 """
@@ -48,6 +50,9 @@ _EXPORTS = {
     "get_spec": "registry",
     "register": "registry",
     "BackboneSpec": "registry",
+    "models": "costs",
+    "check_precision": "precision",
+    "choose_dtype": "precision",
     "load_backbone": "loading",
     "LoadedBackbone": "loading",
     "WeightsUnavailable": "loading",

@@ -20,6 +20,7 @@ HO_STD = (0.211883, 0.230117, 0.177517)
 POOLS = ("cls", "mean")
 INTERPOLATIONS = ("bicubic", "bilinear")
 TIMM_PREFIX = "timm:"
+COMPUTE_DTYPES = ("float16", "bfloat16", "float32")  # names as in embedcache.devices.DTYPES (no torch import here)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +32,8 @@ class BackboneSpec:
     timm cannot build gives ``build(spec) -> nn.Module`` (its module may set ``num_prefix_tokens``), and
     one whose output is not timm-shaped gives ``embed(model, x, pools, num_prefix_tokens) -> {pool:
     (N, width) tensor}``. Weights then load as for any entry (hub, ``--weights PATH`` or ``random``).
+    ``forbid_dtypes`` maps a compute dtype the backbone must never run in to the reason (``auto`` skips it,
+    an explicit ``--dtype`` is refused with the reason); float32, the reference, cannot be forbidden.
     """
 
     name: str
@@ -50,6 +53,7 @@ class BackboneSpec:
     notes: str = ""
     build: Callable[[BackboneSpec], Any] | None = None
     embed: Callable[..., Mapping[str, Any]] | None = None
+    forbid_dtypes: Mapping[str, str] = field(default_factory=dict)  # compute dtype -> why it is never used
 
     def __post_init__(self) -> None:
         problems = []
@@ -68,12 +72,18 @@ class BackboneSpec:
         for hook in ("build", "embed"):
             if getattr(self, hook) is not None and not callable(getattr(self, hook)):
                 problems.append(f"{hook} must be callable or None")
+        bad_dtypes = [d for d in self.forbid_dtypes if d not in COMPUTE_DTYPES or d == "float32"]
+        if bad_dtypes:
+            problems.append(f"forbid_dtypes may name float16 / bfloat16 only, got {bad_dtypes}")
+        if any(not str(r).strip() for r in self.forbid_dtypes.values()):
+            problems.append("every forbidden dtype needs a reason")
         if problems:
             raise ValueError(f"invalid BackboneSpec {self.name!r}: " + "; ".join(problems))
         for attr in ("filenames", "mean", "std", "default_pool"):
             object.__setattr__(self, attr, tuple(getattr(self, attr)))
         object.__setattr__(self, "kwargs", dict(self.kwargs))
         object.__setattr__(self, "layers", dict(self.layers))
+        object.__setattr__(self, "forbid_dtypes", dict(self.forbid_dtypes))
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -207,6 +217,7 @@ BUILTIN: tuple[BackboneSpec, ...] = (
         gated=True,
         licence="CC-BY-NC-ND-4.0",
         notes="UNI card: Resize(224) bilinear (+CenterCrop), ImageNet norm, CLS token.",
+        forbid_dtypes={"float16": "UNI gives NaN features under float16 autocast (mahmoodlab/UNI issue 18)"},
     ),
     BackboneSpec(
         name="uni2-h",

@@ -102,9 +102,14 @@ def test_resolve_device(monkeypatch):
             resolve_device(name)
 
 
-def test_resolve_dtype():
+def test_resolve_dtype(monkeypatch):
+    import embedcache.devices as devices
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("auto", cuda) == torch.float16
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)  # AVX-512 bf16 / AMX
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="float16 compute on the CPU"):
         resolve_dtype("float16", cpu)
