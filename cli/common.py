@@ -5,21 +5,42 @@ the Python API's (``probes.scale(store, model, probes=..., seeds=...)``)."""
 from __future__ import annotations
 
 import os
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
+from rich.console import Console
+from rich.table import Table as _RichTable
 
 PROBE_NAMES = "logistic, knn, knn1, svm, svm-rbf, mlp, cosine"
+
+
+LOG_WIDTH = 1000  # off a terminal: wide enough that no table of ours is ever squeezed
+
+
+def make_console(stderr: bool = False) -> Console:
+    """The console of both CLIs: the terminal's width on a terminal; off one (a pipe, a log, a test runner)
+    :data:`LOG_WIDTH` columns, so tables keep every number instead of being cut to 80 columns."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=max(LOG_WIDTH, console.width))
+    return console
+
+
+class Table(_RichTable):
+    """A rich table whose columns fold long cells onto more lines instead of cutting them with an ellipsis."""
+
+    def add_column(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("overflow", "fold")
+        super().add_column(*args, **kwargs)
 
 
 def fail(e: Exception) -> NoReturn:
     """Print ``error: <message>`` on stderr and exit 1 (``PROBES_DEBUG=1``: raise, with the traceback)."""
     if os.environ.get("PROBES_DEBUG"):
         raise e
-    from rich.console import Console
     from rich.text import Text
 
-    Console(stderr=True).print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
+    make_console(stderr=True).print(Text.assemble(("error:", "bold red"), f" {e}"), soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -44,7 +65,11 @@ def DATASET() -> typer.models.OptionInfo:  # noqa: N802
 
 
 def POOL() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option("cls", help="cls or mean")
+    return typer.Option(
+        None,
+        help="cls or mean for every backbone, or per backbone: timm:test_resnet=mean,cls "
+        "(default: each backbone's own, the first pooling it was extracted with)",
+    )
 
 
 def OUT(help: str) -> typer.models.OptionInfo:  # noqa: N802, A002

@@ -7,16 +7,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from cli.common import fail
+from cli.common import Table, fail, make_console
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Cache frozen foundation-model embeddings of single cells."
 )
-console = Console()
-err = Console(stderr=True)
+console = make_console()
+err = make_console(stderr=True)
 
 
 @app.command()
@@ -289,7 +287,9 @@ def import_(
     cells: Optional[Path] = typer.Option(
         None, "--cells", help="CSV/Parquet, one row per feature row: id, label, split, domain, group, path"
     ),
-    dataset: str = typer.Option("cells", help="dataset name inside the store"),
+    dataset: Optional[str] = typer.Option(
+        None, help="dataset inside the store (default: its only dataset, beside the extracted cells; new: cells)"
+    ),
     store_dtype: str = typer.Option("float16", help="stored feature dtype: float16 or float32"),
     chunk_size: int = typer.Option(1024, help="cells per stored row-chunk (the unit of resume)"),
 ) -> None:
@@ -317,10 +317,10 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="also check every chunk's checksum (reads all data)"),
 ) -> None:
     """Show datasets, feature sets, shapes, status, damage, skipped cells and provenance."""
-    from embedcache import open_store
+    from embedcache.describe import describe, provenance_line
 
     try:
-        summary = open_store(store).info(verify=verify)
+        summary = describe(store, verify=verify)
     except Exception as e:  # noqa: BLE001
         fail(e)
     if as_json:
@@ -333,13 +333,14 @@ def info(
         )
     for name, ds in summary["datasets"].items():
         classes = f", {ds['classes']} classes" if "classes" in ds else ""
-        fixes = f", {ds['label_corrections']} label corrections" if ds.get("label_corrections") else ""
+        fixes = f", {ds.get('label_corrections', 0)} label corrections (probes relabel history)"
         console.print(
             f"dataset [bold]{name}[/]: {ds['n']} cells{classes}{fixes}, from {ds['source']['kind']} "
             f"{ds['source']['origin']}"
         )
         t = Table()
-        for col in ("feature set", "status", "shape", "dtype", "pools", "skipped", "weights"):
+        heads = ("feature set", "status", "shape", "dtype", "pools", "skipped", "perturbed", "weights", "provenance")
+        for col in heads:
             t.add_column(col)
         for key, fs in ds["feature_sets"].items():
             w = fs["weights"]
@@ -353,7 +354,9 @@ def info(
                 fs["dtype"],
                 pools,
                 str(fs.get("skipped_cells", "?")),
+                str(fs["perturbed_cells"]) if "perturbed_cells" in fs else "-",
                 wdesc,
+                provenance_line(fs.get("provenance", {})),
             )
         console.print(t)
         for key, fs in ds["feature_sets"].items():
@@ -444,6 +447,25 @@ def demo(
         raise
     except Exception as e:  # noqa: BLE001
         fail(e)
+
+
+@app.command()
+def export(
+    store: str = typer.Argument(..., help="store path or URL"),
+    anndata: Path = typer.Option(..., "--anndata", help="write an AnnData .h5ad: obs = cells, obsm = feature sets"),
+    dataset: Optional[str] = typer.Option(None, help="dataset in the store (default: the only one)"),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="backbone names or feature keys, comma separated (default: every feature set)"
+    ),
+) -> None:
+    """Export a dataset for single-cell tools (scanpy): the cell table and every feature set in one .h5ad."""
+    from embedcache.export import export_anndata
+
+    try:
+        path = export_anndata(store, anndata, dataset=dataset, model=model)
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    console.print(f"wrote [bold]{path}[/] (obs: cells and current labels; obsm: one matrix per feature set)")
 
 
 def main() -> None:

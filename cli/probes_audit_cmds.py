@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import DATASET, DEVICE, MODEL, OUT, POOL, PROBES, QUIET, SEEDS, STORE, K, fail
+from cli.common import DATASET, DEVICE, MODEL, OUT, POOL, PROBES, QUIET, SEEDS, STORE, K, fail, make_console
 
 
 def audit(
@@ -23,7 +23,7 @@ def audit(
     k: int = K(10, "neighbours per cell for the neighbour-disagreement evidence"),
     top: int = typer.Option(50, help="suspects in the report, contact sheet and corrections template"),
     dataset: Optional[str] = DATASET(),
-    pool: str = POOL(),
+    pool: Optional[str] = POOL(),
     out: Optional[str] = OUT("output folder (default: audit-<models>-<date>)"),
     cache: Optional[str] = typer.Option(
         None,
@@ -76,7 +76,7 @@ def neighbors(
     image: Optional[list[str]] = typer.Option(None, "--image", help="new image file to embed and look up (repeatable)"),
     k: int = K(12, "neighbours per query"),
     dataset: Optional[str] = DATASET(),
-    pool: str = POOL(),
+    pool: Optional[str] = POOL(),
     out: Optional[str] = OUT("folder for neighbors.csv and neighbors.png"),
     device: str = DEVICE("device to embed --image with: auto, cpu, cuda"),
 ) -> None:
@@ -108,15 +108,13 @@ def relabel(
     allow_new_labels: bool = typer.Option(False, "--allow-new-labels", help="accept labels no cell carries yet"),
 ) -> None:
     """Apply reviewed label corrections; history is kept and original labels never change."""
-    from rich.console import Console
-
     import probes as api
 
     try:
         n = api.relabel(store, corrections, dataset=dataset, source=source, allow_new_labels=allow_new_labels)
     except Exception as e:  # noqa: BLE001
         fail(e)
-    Console().print(
+    make_console().print(
         f"{n} label(s) changed (history kept, original labels unchanged); "
         "every later study and audit reads the new labels"
     )

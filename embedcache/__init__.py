@@ -10,7 +10,8 @@ Python API (the CLI ``embedcache`` is a thin skin over these):
 * :func:`verify` — check every written chunk against its checksum, and mark damaged ones for recompute;
 * :func:`list_models` / :func:`load_backbone` — the backbone registry; :func:`models` — it as a table, and with
   ``cost=True`` what each backbone costs here (``embedcache models --cost``);
-* :func:`check_precision` — each compute dtype against fp32 on real cells, recorded for ``--dtype auto``.
+* :func:`check_precision` — each compute dtype against fp32 on real cells, recorded for ``--dtype auto``;
+* :func:`export_anndata` — a dataset as an AnnData ``.h5ad`` (obs: cells, obsm: feature sets) for scanpy.
 
 Names load lazily, so reading a store does not import torch.
 """
@@ -52,6 +53,7 @@ _EXPORTS = {
     "BackboneSpec": "registry",
     "models": "costs",
     "check_precision": "precision",
+    "export_anndata": "export",
     "choose_dtype": "precision",
     "load_backbone": "loading",
     "LoadedBackbone": "loading",

@@ -34,7 +34,7 @@ def import_features_file(
     *,
     backbone: str,
     labels: Sequence[Any] | np.ndarray | None = None,
-    dataset: str = "cells",
+    dataset: str | None = None,
     store_dtype: str = "float16",
     chunk_size: int = 1024,
 ) -> ImportResult:

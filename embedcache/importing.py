@@ -40,19 +40,22 @@ def import_features(
     *,
     backbone: str,
     labels: Sequence[Any] | np.ndarray | None = None,
-    dataset: str = "cells",
+    dataset: str | None = None,
     store_dtype: str = "float16",
     chunk_size: int = 1024,
     source: str = "",
 ) -> ImportResult:
     """Write ``features`` (N, D) (or ``{pool: (N, D)}``, default pool ``cls``) for ``backbone``
-    into the store ``out``, dataset ``dataset``.
+    into the store ``out``, dataset ``dataset`` (default: the store's only dataset, beside the
+    extracted cells; ``cells`` in a new store).
 
-    ``cells``: a table (or a CSV/Parquet path) with one row per feature row, in the same order,
-    and any of the columns ``id, path, label, split, domain, group``; without it (or without
-    ``id``) cells are numbered ``000000, 000001, ...``. ``labels`` sets or replaces the label
-    column. A dataset that already exists must list the same cells (ids and paths). ``source``
-    is a free-text note of where the features come from, kept in the provenance.
+    ``cells``: a table (or a CSV/Parquet path) with one row per feature row and any of the
+    columns ``id, path, label, split, domain, group``; without it (or without ``id``) cells are
+    numbered ``000000, 000001, ...``. ``labels`` sets or replaces the label column. Into a
+    dataset that already exists the rows are matched on ``id`` (on ``path`` when the table has
+    paths but no ids): the same cells in another order are reordered to the dataset's order,
+    other cells are an error saying which differ; the dataset's own cell table (labels, splits)
+    is kept. ``source`` is a free-text note of where the features come from, kept in the provenance.
     """
     pools = _pools(features)
     n, width = next(iter(pools.values())).shape
@@ -61,15 +64,22 @@ def import_features(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     table = _cells_table(cells, labels, n)
+    store = open_store(out, mode="a")
+    origin = str(Path(cells).resolve()) if isinstance(cells, (str, os.PathLike)) else "<memory>"
+    dataset = dataset or _default_dataset(store)
+    if dataset in store.datasets():
+        ds = store.dataset(dataset)
+        order = match_cells(ds.obs, table, origin, ds.name, by=_match_column(cells))
+        if order is not None:
+            pools = {p: np.asarray(a)[order] for p, a in pools.items()}
+    else:
+        ds = store.require_dataset(CellSource(dataset, "features", origin, table), name=dataset)
     stored = {p: _cast(a, store_dtype, p) for p, a in pools.items()}
     ok = np.ones(n, dtype=bool)
     for a in pools.values():
         ok &= np.isfinite(a).all(axis=1)
     digest = _features_digest(pools)
     key = f"{safe_key(backbone)}/imported/clean"
-    store = open_store(out, mode="a")
-    origin = str(Path(cells).resolve()) if isinstance(cells, (str, os.PathLike)) else "<memory>"
-    ds = store.require_dataset(CellSource(dataset, "features", origin, table), name=dataset)
     with store.lock(f"features::{ds.name}::{key}"):
         fs = ds.require_feature_set(
             key,
@@ -89,6 +99,64 @@ def import_features(
             fs.write_chunk(c, values, ok[rows], error[rows])
             result.chunks_written += 1
     return result
+
+
+def _default_dataset(store: Any) -> str:
+    """The store's only dataset; ``cells`` in an empty store; several datasets: name one."""
+    names = store.datasets()
+    if len(names) == 1:
+        return str(names[0])
+    if not names:
+        return "cells"
+    raise StoreError(f"{store.url} holds {len(names)} datasets ({', '.join(names)}); name one with --dataset")
+
+
+def _match_column(cells: Any) -> str:
+    """``id`` unless the cell table has paths but no ids (then ``path``)."""
+    if cells is None:
+        return "id"
+    if isinstance(cells, (str, os.PathLike)):
+        path = Path(cells)
+        header = pd.read_parquet(path).columns if path.suffix.lower() in (".parquet", ".pq") else None
+        if header is None:
+            header = pd.read_csv(path, dtype=str, nrows=0).columns
+        cols = {str(c).strip() for c in header}
+    else:
+        cols = {str(c).strip() for c in cells.columns}
+    return "path" if "id" not in cols and "path" in cols else "id"
+
+
+def match_cells(obs: pd.DataFrame, table: pd.DataFrame, origin: str, name: str, by: str = "id") -> np.ndarray | None:
+    """Match an imported cell table to a dataset's ``obs`` on column ``by``: ``None`` when the rows are the
+    same cells in the same order, the row order putting them in the dataset's order when they are a
+    permutation; otherwise a :class:`StoreError` saying what differs."""
+    have = obs[by].to_numpy(dtype=str)
+    given = table[by].to_numpy(dtype=str)
+    if by == "path":  # compare resolved paths: the dataset stores them absolute
+        have = np.asarray([os.path.normpath(p) for p in have])
+        given = np.asarray([os.path.normpath(os.path.abspath(p)) if p else p for p in given])
+    if len(have) == len(given) and (have == given).all():
+        return None
+    where = {v: i for i, v in enumerate(given)}
+    missing = [v for v in have if v not in where]
+    extra = sorted(set(given) - set(have))
+    if not missing and not extra and len(given) == len(have):
+        return np.asarray([where[v] for v in have], dtype=np.int64)
+
+    def some(values: Sequence[str]) -> str:
+        return ", ".join(values[:3]) + (" ..." if len(values) > 3 else "")
+
+    parts = [f"{len(missing)} of the dataset's {by}s are not in it (e.g. {some(missing)})"] if missing else []
+    if extra:
+        parts.append(f"{len(extra)} of its {by}s are not in the dataset (e.g. {some(extra)})")
+    if not parts:  # same sets, different lengths: repeated values
+        parts.append(f"it has {len(given)} rows for the dataset's {len(have)} cells")
+    hint = "" if by == "id" else " (the cell table has no id column: matched on path)"
+    raise StoreError(
+        f"dataset '{name}' has a different cell list ({len(have)} cells) than {origin} ({len(given)} cells), "
+        f"matched by {by}{hint}: {'; '.join(parts)}. Give the same cells (any order), or import into another "
+        "dataset with --dataset NAME"
+    )
 
 
 def _pools(features: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

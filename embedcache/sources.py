@@ -48,6 +48,9 @@ class CellSource:
     origin: str
     table: pd.DataFrame
     images: np.ndarray | None = field(default=None, repr=False)  # for kind == "arrays"
+    # ids an earlier version gave the same cells (absolute paths of a manifest without an id column): a store
+    # written then still matches this source
+    legacy_ids: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -65,11 +68,20 @@ class CellSource:
         Labels are metadata that may be corrected later; the cell list decides
         whether stored features still belong to these cells.
         """
-        h = hashlib.sha256()
-        for col in ("id", "path"):
-            h.update("\x1f".join(self.table[col].tolist()).encode())
-            h.update(b"\x1e")
-        return h.hexdigest()
+        return _digest(self.table["id"].tolist(), self.table["path"].tolist())
+
+    def accepted_digests(self) -> list[str]:
+        """:meth:`digest`, then the digest of the same cells under the ids an earlier version gave them."""
+        old = [] if self.legacy_ids is None else [_digest(self.legacy_ids, self.table["path"].tolist())]
+        return [self.digest(), *old]
+
+
+def _digest(ids: list[str], paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for values in (ids, paths):
+        h.update("\x1f".join(values).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()
 
 
 def open_source(
@@ -217,7 +229,15 @@ def _from_manifest(path: Path, label_column: str | None, name: str) -> CellSourc
         labels = pd.Series([""] * len(df))
     base = path.resolve().parent
     abs_paths = [p if os.path.isabs(p) else str(base / p) for p in paths]
-    ids = df["id"].str.strip() if "id" in df.columns else paths
+    legacy_ids = None
+    if "id" in df.columns:
+        ids = df["id"].str.strip()
+    elif len(paths) and all(os.path.isabs(p) for p in paths):
+        # absolute paths make wide, machine-bound ids: the id is the path below the paths' common folder
+        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+        ids, legacy_ids = pd.Series([os.path.relpath(p, root) for p in paths]), paths.tolist()
+    else:
+        ids = paths
     dup = ids.duplicated(keep=False)
     if dup.any():
         rows = np.flatnonzero(dup.to_numpy())[:5]
@@ -226,7 +246,7 @@ def _from_manifest(path: Path, label_column: str | None, name: str) -> CellSourc
             f"(rows {', '.join(str(r + 1) for r in rows)})"
         )
     optional = {c: df[c].str.strip().tolist() for c in OPTIONAL_COLUMNS if c in df.columns}
-    return CellSource(name, "manifest", str(path), _table(ids, abs_paths, labels, **optional))
+    return CellSource(name, "manifest", str(path), _table(ids, abs_paths, labels, **optional), legacy_ids=legacy_ids)
 
 
 def _from_npz(path: Path, name: str) -> CellSource:

@@ -207,7 +207,7 @@ class Store:
             return Dataset(self, name)
 
     def _matching(self, ds: Dataset, source: CellSource, digest: str) -> Dataset:
-        if ds.attrs["digest"] != digest:
+        if ds.attrs["digest"] != digest and ds.attrs["digest"] not in source.accepted_digests():
             raise StoreError(
                 f"dataset '{ds.name}' in {self.url} has a different cell list ({ds.n} cells) than "
                 f"{source.origin} ({len(source)} cells); give another --dataset name to store it beside"
@@ -402,23 +402,40 @@ class Dataset:
         return FeatureSet(self, key)
 
     def find_feature_set(self, backbone: str) -> FeatureSet:
-        """The feature set for a backbone name or a full key (clean, if several)."""
+        """The feature set for a backbone name (``timm:test_vit``), a key prefix (``timm-test_vit@random/160-bicubic``)
+        or a full key. A name picks its clean set; perturbed sets (``extract --perturb``) are for robustness and
+        are only picked by their full key. Several clean sets (different preprocessing or weights) are an error
+        naming the keys that select each."""
         keys = self.feature_keys()
-        backbone = safe_key(backbone)
+        typed = backbone
+        backbone = safe_key(backbone).strip("/")
         if backbone in keys:
             return FeatureSet(self, backbone)
-        matches = [k for k in keys if k.split("/")[0] == backbone or k.split("/")[0].split("@")[0] == backbone]
+        if "/" in backbone:  # a key prefix: backbone/preprocessing
+            matches = [k for k in keys if k.startswith(backbone + "/")]
+        else:
+            matches = [k for k in keys if k.split("/")[0] == backbone or k.split("/")[0].split("@")[0] == backbone]
         clean = [k for k in matches if k.endswith("/clean")]
         if len(clean) == 1:
             return FeatureSet(self, clean[0])
-        if len(matches) == 1:
-            return FeatureSet(self, matches[0])
         if not matches:
             raise StoreError(
-                f"no features for '{backbone}' in dataset '{self.name}' (has: {', '.join(keys) or 'none'}); "
-                f"run: embedcache extract --model {backbone} ..."
+                f"no features for '{typed}' in dataset '{self.name}' (has: {', '.join(keys) or 'none'}); "
+                f"run: embedcache extract --model {typed} ..."
             )
-        raise StoreError(f"'{backbone}' matches several feature sets ({', '.join(matches)}); give the full key")
+        if len(clean) > 1:
+            choices = ", ".join(k[: -len("/clean")] for k in clean)
+            raise StoreError(
+                f"'{typed}' has {len(clean)} clean feature sets in dataset '{self.name}' (different preprocessing or "
+                f"weights: {choices}); select one with --model <one of these> (backbone/preprocessing, e.g. "
+                f"--model {clean[0][: -len('/clean')]})"
+            )
+        if len(matches) == 1:
+            return FeatureSet(self, matches[0])
+        raise StoreError(
+            f"'{typed}' has only perturbed feature sets in dataset '{self.name}' ({', '.join(matches)}); "
+            f"extract its clean set (embedcache extract --model {typed} ... without --perturb) or give a full key"
+        )
 
     def require_feature_set(
         self,

@@ -32,12 +32,17 @@ class Cells:
 
     store_url: str
     dataset: str
-    pool: str
+    pool: str  # the pooling of every backbone (``cls``), or per backbone (``timm:a=cls,timm:b=mean``)
     backbones: list[str]
     feature_sets: dict[str, Any]  # backbone name -> embedcache FeatureSet
     obs: pd.DataFrame
     n_total: int
     excluded: dict[str, int] = field(default_factory=dict)
+    pools: dict[str, str] = field(default_factory=dict)  # backbone name -> its pooling
+
+    def pool_of(self, backbone: str) -> str:
+        """The pooling read for ``backbone``."""
+        return self.pools.get(backbone, self.pool)
 
     @functools.cached_property
     def labels(self) -> np.ndarray:
@@ -60,29 +65,33 @@ class Cells:
         rows = self.obs["row"].to_numpy()[positions]
         uniq, inverse = np.unique(rows, return_inverse=True)
         fs = feature_set if feature_set is not None else self.feature_sets[backbone]
+        pool = self.pool_of(backbone)
         try:
-            x = fs.to_numpy(self.pool, rows=uniq)
+            x = fs.to_numpy(pool, rows=uniq)
         except Exception as e:  # StoreError (incomplete set, missing pool) and I/O errors
-            raise ProbeError(f"cannot read '{fs.key}/{self.pool}' features: {e}") from e
+            raise ProbeError(f"cannot read '{fs.key}/{pool}' features: {e}") from e
         x = x[inverse]
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():
             ids = self.obs["id"].to_numpy()[positions[bad]]
             shown = ", ".join(map(str, ids[:5])) + (" ..." if len(ids) > 5 else "")
             raise ProbeError(
-                f"{int(bad.sum())} cell(s) have NaN or inf '{self.pool}' features in '{fs.key}' "
+                f"{int(bad.sum())} cell(s) have NaN or inf '{pool}' features in '{fs.key}' "
                 f"(e.g. {shown}); re-extract them (embedcache extract ... --store-dtype float32 if they "
                 "overflowed float16) or drop them from the manifest"
             )
         return x
 
     def exclusion_lines(self) -> list[str]:
-        """Human-readable lines on what was left out."""
+        """Human-readable lines on what was left out, and on labels that are one number spelt several ways
+        (``1``, ``01``, ``1.0``: studied as distinct classes, as stored)."""
+        from embedcache.sources import label_collisions
+
         out = []
         for k, v in self.excluded.items():
             if v:
                 out.append(f"{v} of {self.n_total} cells excluded: {exclusion_reason(k)}")
-        return out
+        return out + label_collisions(self.labels.tolist())
 
 
 def exclusion_reason(key: str) -> str:
@@ -92,12 +101,14 @@ def exclusion_reason(key: str) -> str:
     return key.replace("_", " ")
 
 
-def require_complete(fs: Any, pool: str) -> None:
+def require_complete(fs: Any, pool: str, backbone: str | None = None) -> None:
     """Refuse a feature set that lacks ``pool`` or has unwritten chunks of it, saying what to run."""
     if pool not in fs.pools:
+        has = fs.pools[0] if fs.pools else "cls"
+        use = f"--pool {backbone}={has}" if backbone else f"--pool {has}"
         raise ProbeError(
             f"'{fs.key}' has no '{pool}' features (has: {', '.join(fs.pools)}); "
-            f"use --pool {fs.pools[0] if fs.pools else 'cls'} or re-extract with --pool {pool}"
+            f"use {use} or re-extract with --pool {pool}"
         )
     pending = fs.pending_chunks([pool])
     if pending:
@@ -118,18 +129,63 @@ def parse_names(value: str | Sequence[str]) -> list[str]:
     return out
 
 
+def parse_pool(pool: str | None, backbones: Sequence[str]) -> tuple[str | None, dict[str, str]]:
+    """``--pool`` -> (the pooling for backbones not named, {backbone: pooling}).
+
+    ``None`` or ``""``: each backbone's default; ``"mean"``: every backbone;
+    ``"timm:test_resnet=mean,cls"``: mean for that backbone, cls for the others;
+    ``"timm:a=cls,timm:b=mean"``: per backbone, the others at their default.
+    """
+    from embedcache.store import safe_key
+
+    default: str | None = None
+    named: dict[str, str] = {}
+    by_key = {safe_key(b): b for b in backbones}
+    for item in parse_names(pool or ""):
+        name, eq, value = item.rpartition("=")
+        if not eq:
+            if default is not None and default != value:
+                raise ProbeError(
+                    f"--pool '{pool}' gives two poolings for all backbones ({default}, {value}); "
+                    "name the backbone of each, e.g. --pool timm:test_resnet=mean,cls"
+                )
+            default = value
+            continue
+        if not value:
+            raise ProbeError(f"--pool '{item}' names no pooling: write BACKBONE=cls or BACKBONE=mean")
+        match = by_key.get(safe_key(name.strip()))
+        if match is None:
+            raise ProbeError(
+                f"--pool names '{name.strip()}', which is not among --model ({', '.join(backbones)}); "
+                "write BACKBONE=POOL with a backbone as given to --model"
+            )
+        named[match] = value.strip()
+    return default, named
+
+
+def default_pool(fs: Any) -> str:
+    """A feature set's default pooling: the first one it was extracted with (the backbone's default unless
+    ``extract --pool`` said otherwise), else its first stored pooling."""
+    prov = fs.attrs.get("provenance", {}) if hasattr(fs, "attrs") else {}
+    for p in prov.get("pools") or []:
+        if p in fs.pools:
+            return str(p)
+    return fs.pools[0] if fs.pools else "cls"
+
+
 def open_cells(
     store: str | os.PathLike | Any,
     model: str | Sequence[str],
     *,
     dataset: str | None = None,
-    pool: str = "cls",
+    pool: str | None = None,
     labelled: bool = True,
 ) -> Cells:
     """Open the feature sets of ``model`` (one name, a comma list or a list) in ``store``.
 
     ``model`` takes the names ``embedcache extract --model`` took (``uni``, ``timm:vit_small``)
-    or full feature keys (``uni/224-bicubic/clean``). Reads the cell table and the ``ok``
+    or full feature keys (``uni/224-bicubic/clean``). ``pool``: ``None`` (each backbone's default
+    pooling), one pooling for all, or per backbone (:func:`parse_pool`). Reads the cell table and the ``ok``
     flags, never the features. The cells kept were readable for every backbone and, with
     ``labelled`` (studies), carry a label; ``labelled=False`` keeps unlabelled cells too
     (neighbour search in a store extracted with ``--no-labels``).
@@ -145,14 +201,19 @@ def open_cells(
         ds = st.dataset(dataset)
     except Exception as e:
         raise ProbeError(str(e)) from e
+    common, named = parse_pool(pool, backbones)
     feature_sets = {}
+    pools: dict[str, str] = {}
     for name in backbones:
         try:
             fs = ds.find_feature_set(name)
         except Exception as e:
             raise ProbeError(str(e)) from e
-        require_complete(fs, pool)
+        pools[name] = named.get(name) or common or default_pool(fs)
+        require_complete(fs, pools[name], name)
         feature_sets[name] = fs
+    distinct = set(pools.values())
+    pool_text = distinct.pop() if len(distinct) == 1 else ",".join(f"{b}={p}" for b, p in pools.items())
     obs = ds.obs
     n = len(obs)
     keep = np.ones(n, dtype=bool)
@@ -179,10 +240,11 @@ def open_cells(
     return Cells(
         store_url=st.url,
         dataset=ds.name,
-        pool=pool,
+        pool=pool_text,
         backbones=backbones,
         feature_sets=feature_sets,
         obs=table,
         n_total=n,
         excluded=excluded,
+        pools=pools,
     )

@@ -92,13 +92,15 @@ class NeighborIndex:
         self.feature_set, self.pool = feature_set, pool
 
     @classmethod
-    def from_store(cls, store: Any, model: str, *, dataset: str | None = None, pool: str = "cls") -> NeighborIndex:
+    def from_store(
+        cls, store: Any, model: str, *, dataset: str | None = None, pool: str | None = None
+    ) -> NeighborIndex:
         """The index of one backbone's readable cells (``ok``; labelled or not) in ``store``."""
         names = parse_names(model)
         if len(names) != 1:
             raise ProbeError(f"neighbours use one backbone at a time; got {len(names)}: {', '.join(names) or '(none)'}")
         cells = open_cells(store, names, dataset=dataset, pool=pool, labelled=False)
-        fs, obs = cells.feature_sets[names[0]], cells.obs
+        fs, obs, pool = cells.feature_sets[names[0]], cells.obs, cells.pool_of(names[0])
         rows = obs["row"].to_numpy()
         try:
             # the stored dtype (float16 by default): converted to float32 block by block while indexing
@@ -252,7 +254,7 @@ def neighbors(
     image: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     k: int = 12,
     dataset: str | None = None,
-    pool: str = "cls",
+    pool: str | None = None,
     out: str | os.PathLike | None = None,
     device: str = "auto",
     index: NeighborIndex | None = None,

@@ -196,7 +196,7 @@ def base_row(name: str, cells: Cells, fitted: FittedProba, split: str) -> dict[s
         dataset=cells.dataset,
         backbone=job.backbone,
         feature_key=cells.feature_key(job.backbone),
-        pool=cells.pool,
+        pool=cells.pool_of(job.backbone),
         probe=job.probe,
         seed=job.seed,
         split=split,

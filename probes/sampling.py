@@ -79,6 +79,23 @@ def parse_limits(spec: str | int | Sequence[int]) -> list[int]:
     return sorted(set(values))
 
 
+def limits_note(spec: str | int | Sequence[int], values: Sequence[int]) -> str | None:
+    """The note a study prints when a range's ends are not powers of two (``100..300`` -> 128, 256), else None."""
+    if not isinstance(spec, str):
+        return None
+    m = re.fullmatch(r"(\d+)\.\.(\d+)", spec.strip().replace(" ", ""))
+    if m is None:
+        return None
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if all(v in values for v in (lo, hi)):
+        return None
+    shown = ", ".join(map(str, values))
+    return (
+        f"--limits {lo}..{hi} means the powers of two from {lo} to {hi}: {shown} cells per class; "
+        f"for other values give a comma list (e.g. --limits {lo},{hi})"
+    )
+
+
 def parse_seeds(seeds: int | str | Sequence[int]) -> list[int]:
     """``5`` or ``"5"`` -> 42..46 (the protocol's seed first); ``"1,2,3"`` or ``[1, 2, 3]`` -> those."""
     if isinstance(seeds, str):

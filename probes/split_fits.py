@@ -145,7 +145,7 @@ def fit_splits(
                 dataset=cells.dataset,
                 backbone=job.backbone,
                 feature_key=cells.feature_key(job.backbone),
-                pool=cells.pool,
+                pool=cells.pool_of(job.backbone),
                 probe=job.probe,
                 limit=sp.limit,
                 seed=sp.seed,

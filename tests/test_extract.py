@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import embedcache
 from embedcache import ExtractionError, StoreBusyError, StoreError, open_store
+from embedcache.devices import default_dtype
 from embedcache.store import FeatureSetConflict
 
 from .conftest import REPO, bundled
@@ -63,7 +64,8 @@ def test_imagefolder_variable_sizes_end_to_end(tmp_path, tiny_vit, monkeypatch):
     prov = fs.attrs["provenance"]
     assert prov["backbone"]["arch"] == "test_vit" and prov["weights"]["source"] == "random"
     assert prov["preprocessing"]["size"] == 160 and prov["preprocessing"]["interpolation"] == "bicubic"
-    assert prov["compute"]["device"] == "cpu" and prov["compute"]["dtype"] == "float32"
+    # auto on this CPU: bf16 where it has native bf16 (AVX-512 bf16 / AMX), else fp32
+    assert prov["compute"]["device"] == "cpu" and prov["compute"]["dtype"] == default_dtype(torch.device("cpu"))
     assert {"torch", "timm", "embedcache"} <= set(prov["versions"])
     assert not [
         p for p in out.rglob("*") if p.is_file() and b"hf_SeCrEt" in p.read_bytes()

@@ -46,14 +46,15 @@ class Panel:
 
 
 def make_console(console: Any = None) -> Any:
-    """A rich console on stdout; in logs and pipes 160 columns wide, so table rows stay on one line."""
+    """A rich console on stdout; in logs and pipes 1000 columns wide (as the CLIs' ``cli.common.make_console``),
+    so no table is squeezed and every number of every column is printed."""
     if console is not None:
         return console
     from rich.console import Console
 
     console = Console()
     if not console.is_terminal:
-        console.width = max(console.width, 160)
+        console = Console(width=max(console.width, 1000))
     return console
 
 

@@ -72,7 +72,7 @@ def calibrate(
     split: str = "stratified",
     val: str = "train",
     dataset: str | None = None,
-    pool: str = "cls",
+    pool: str | None = None,
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
@@ -107,7 +107,7 @@ def calibrate(
         val_fraction=val_fraction,
         split=split,
         val=val,
-        pool=pool,
+        pool=cells.pool,
         device=device,
         test_size=test_size,
     )

@@ -104,7 +104,7 @@ def ensemble(
     split: str = "stratified",
     val: str = "train",
     dataset: str | None = None,
-    pool: str = "cls",
+    pool: str | None = None,
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
@@ -145,7 +145,7 @@ def ensemble(
         val_fraction=val_fraction,
         split=split,
         val=val,
-        pool=pool,
+        pool=cells.pool,
         device=device,
         test_size=test_size,
     )

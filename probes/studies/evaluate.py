@@ -44,7 +44,7 @@ def evaluate(
     split: str = "stratified",
     val: str = "train",
     dataset: str | None = None,
-    pool: str = "cls",
+    pool: str | None = None,
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
@@ -98,7 +98,7 @@ def evaluate(
         seeds=seed_list,
         split=split,
         val=val,
-        pool=pool,
+        pool=cells.pool,
         device=device,
         test_size=test_size,
     )

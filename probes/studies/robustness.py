@@ -92,7 +92,7 @@ def perturbed_sets(cells: Cells, backbone: str, families: Sequence[str]) -> dict
         except ValueError:
             continue
         fs = ds.feature_set(key)
-        require_complete(fs, cells.pool)
+        require_complete(fs, cells.pool_of(backbone), backbone)
         found[kind].append((sigma, fs))
     for fam, sets in found.items():
         if not sets:
@@ -114,7 +114,7 @@ def robustness(
     seeds: int | str | Sequence[int] = 1,
     split: str = "auto",
     dataset: str | None = None,
-    pool: str = "cls",
+    pool: str | None = None,
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
@@ -151,7 +151,7 @@ def robustness(
         probe=probe_list,
         seeds=seed_list,
         split=split,
-        pool=pool,
+        pool=cells.pool,
         device=device,
         test_size=test_size,
         sigmas={b: {f: [s for s, _ in sets[b][f]] for f in families} for b in cells.backbones},
@@ -177,7 +177,7 @@ def robustness(
                 dataset=cells.dataset,
                 backbone=job.backbone,
                 feature_key=fs.key,
-                pool=pool,
+                pool=cells.pool_of(job.backbone),
                 probe=job.probe,
                 seed=sp.seed,
                 perturbation=fam,

@@ -21,7 +21,7 @@ from ..reporting.console import Bold, Col, Panel
 from ..reporting.plots import plot_scaling
 from ..reporting.tables import prepare_out, study_document
 from ..reporting.training import training_plots
-from ..sampling import TEST_SIZE, parse_limits, parse_seeds
+from ..sampling import TEST_SIZE, limits_note, parse_limits, parse_seeds
 from ..skeleton import check_probes, finish, show_summary, study_name
 from ..split_fits import CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
 
@@ -36,7 +36,7 @@ def scale(
     split: str = "stratified",
     val: str = "train",
     dataset: str | None = None,
-    pool: str = "cls",
+    pool: str | None = None,
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
@@ -91,7 +91,7 @@ def scale(
         seeds=seed_list,
         split=split,
         val=val,
-        pool=pool,
+        pool=cells.pool,
         device=device,
         test_size=test_size,
         fraction=fraction,
@@ -146,7 +146,7 @@ def scale(
         limit_reaching(curves, fraction),
         fits.exclusions,
         fits.confusion,
-        fits.notes,
+        [n for n in [limits_note(limits, limit_list)] if n] + list(fits.notes),
         domains=domain_gaps(curves) if plan is not None else None,
         splits=fits.splits,
         evaluations=fits.evaluations,

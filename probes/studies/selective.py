@@ -120,7 +120,7 @@ def selective(
     split: str = "stratified",
     val: str = "train",
     dataset: str | None = None,
-    pool: str = "cls",
+    pool: str | None = None,
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
@@ -178,7 +178,7 @@ def selective(
         val_fraction=val_fraction,
         split=split,
         val=val,
-        pool=pool,
+        pool=cells.pool,
         device=device,
         test_size=test_size,
         **(
