@@ -21,6 +21,11 @@ def audit(
         "auto", "--folds-by", help="fold scheme: auto (group-aware when obs.group has values), group, stratified"
     ),
     k: int = K(10, "neighbours per cell for the neighbour-disagreement evidence"),
+    ranking: Optional[str] = typer.Option(
+        None,
+        help="score: calibration|order|neighbour weight|consensus weight, e.g. 'cal|all|n0.2|c0' "
+        "(default: the one the label-noise benchmark chose)",
+    ),
     top: int = typer.Option(50, help="suspects in the report, contact sheet and corrections template"),
     dataset: Optional[str] = DATASET(),
     pool: Optional[str] = POOL(),
@@ -40,7 +45,7 @@ def audit(
     html: bool = typer.Option(True, "--html/--no-html", help="write report.html"),
     quiet: bool = QUIET(),
 ) -> None:
-    """Rank cells by how likely their label is wrong: out-of-fold consensus, self-confidence, neighbours."""
+    """Rank cells by how likely their label is wrong: confident learning on calibrated models, neighbours."""
     import probes as api
 
     try:
@@ -54,6 +59,7 @@ def audit(
             seeds=seeds,
             folds_by=folds_by,
             k=k,
+            ranking=ranking,
             top=top,
             dataset=dataset,
             pool=pool,
@@ -79,8 +85,21 @@ def neighbors(
     pool: Optional[str] = POOL(),
     out: Optional[str] = OUT("folder for neighbors.csv and neighbors.png"),
     device: str = DEVICE("device to embed --image with: auto, cpu, cuda"),
+    index: str = typer.Option(
+        "auto",
+        "--index",
+        help="auto (exact below --exact-below cells, else ivf), exact, ivf (IVF-PQ) or hnsw; an ivf/hnsw index is "
+        "built once per feature set, kept beside the store, and its candidates are re-ranked by exact cosine",
+    ),
+    nprobe: Optional[int] = typer.Option(None, help="ivf: inverted lists visited per query (default 32)"),
+    ef: Optional[int] = typer.Option(None, help="hnsw: candidate list size per query, at least --rerank (default 128)"),
+    rerank: Optional[int] = typer.Option(None, help="ivf/hnsw: candidates re-scored exactly per query (default 200)"),
+    recall: bool = typer.Option(
+        False, "--recall", help="measure the ivf/hnsw index's recall@k against exact search now, for these settings"
+    ),
+    exact_below: int = typer.Option(200_000, help="--index auto: exact search below this many cells"),
 ) -> None:
-    """The k nearest cells (exact cosine) of stored cells or new images: a table and a contact sheet."""
+    """The k nearest cells (cosine) of stored cells or new images: a table and a contact sheet."""
     import probes as api
 
     try:
@@ -94,6 +113,12 @@ def neighbors(
             pool=pool,
             out=out,
             device=device,
+            index=index,
+            nprobe=nprobe,
+            ef=ef,
+            rerank=rerank,
+            recall=recall,
+            exact_below=exact_below,
             show=True,
         )
     except Exception as e:  # noqa: BLE001

@@ -1,4 +1,5 @@
-"""Exact cosine nearest neighbours over a backbone's cached features (FAISS ``IndexFlatIP``).
+"""Cosine nearest neighbours over a backbone's cached features: exact (FAISS ``IndexFlatIP``) or, for
+large sets, an approximate FAISS index whose candidates are re-ranked exactly (:mod:`probes.ann`).
 
 Features are L2-normalised float32, so inner product = cosine similarity and the search is
 exact (brute force, BLAS). :class:`NeighborIndex` is built once and answers batched queries:
@@ -8,12 +9,19 @@ embedded exactly as the stored set was made (:func:`embedcache.query.embed_image
 
 The index holds every readable cell of the feature set (``ok``), labelled or not: a store
 extracted with ``--no-labels`` can be searched too (the label column is then empty).
+
+``index="auto"`` (the default) searches exactly below :data:`probes.ann.AUTO_EXACT_BELOW` cells
+(200,000) and through an IVF-PQ index from there on (:class:`ApproxNeighborIndex`): built on the
+first look-up, kept beside the store keyed by the features' digest, loaded by the next ones; its
+candidates are re-scored by exact cosine, and its recall@k against exact search is measured on a
+sample of the indexed cells and reported with every answer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import ann as _ann
 from .data import ProbeError, open_cells, parse_names
 from .vectors import l2_normalize
 
@@ -60,22 +69,16 @@ class NeighborIndex:
     images exactly like the indexed ones.
     """
 
+    kind = "exact"
+
     def __init__(
         self, features: np.ndarray, obs: pd.DataFrame | None = None, *, feature_set: Any = None, pool: str = "cls"
     ):
-        import faiss
-
         x = np.asarray(features)
         if x.ndim != 2 or len(x) == 0 or x.shape[1] == 0:
             raise ProbeError(f"a neighbour index needs a non-empty (N, D) feature matrix, got shape {x.shape}")
         self.n, self.dim = x.shape
-        self.index = faiss.IndexFlatIP(self.dim)
-        for start in range(0, self.n, ADD_BATCH):  # normalised block by block: no second full copy
-            block = l2_normalize(x[start : start + ADD_BATCH])
-            if not np.isfinite(block).all():
-                bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
-                raise ProbeError(f"feature row {bad} holds NaN or inf; a neighbour index needs finite features")
-            self.index.add(block)
+        self._build(x)
         if obs is None:
             obs = pd.DataFrame({"id": np.arange(self.n).astype(str)})
         if len(obs) != self.n:
@@ -91,11 +94,46 @@ class NeighborIndex:
             raise ProbeError(f"cell ids must be unique; repeated: {', '.join(map(str, dup))}")
         self.feature_set, self.pool = feature_set, pool
 
+    def _build(self, x: np.ndarray) -> None:
+        import faiss
+
+        self.index = faiss.IndexFlatIP(self.dim)
+        for start in range(0, self.n, ADD_BATCH):  # normalised block by block: no second full copy
+            block = l2_normalize(x[start : start + ADD_BATCH])
+            if not np.isfinite(block).all():
+                bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                raise ProbeError(f"feature row {bad} holds NaN or inf; a neighbour index needs finite features")
+            self.index.add(block)
+
+    def describe(self) -> str:
+        """One line: which search answers (printed with every look-up)."""
+        return f"index: exact (FAISS flat inner product over {self.n:,} unit vectors)"
+
     @classmethod
     def from_store(
-        cls, store: Any, model: str, *, dataset: str | None = None, pool: str | None = None
+        cls,
+        store: Any,
+        model: str,
+        *,
+        dataset: str | None = None,
+        pool: str | None = None,
+        index: str = "auto",
+        exact_below: int = _ann.AUTO_EXACT_BELOW,
+        params: _ann.AnnParams | None = None,
+        nprobe: int | None = None,
+        ef: int | None = None,
+        rerank: int | None = None,
+        keep: bool = True,
+        log: Any = None,
     ) -> NeighborIndex:
-        """The index of one backbone's readable cells (``ok``; labelled or not) in ``store``."""
+        """The index of one backbone's readable cells (``ok``; labelled or not) in ``store``.
+
+        ``index``: ``exact``, ``ivf`` or ``hnsw`` (:class:`ApproxNeighborIndex`, kept beside the store
+        unless ``keep`` is False), or ``auto``: exact below ``exact_below`` cells, ``ivf`` from there on.
+        ``params`` sets how an ANN index is built; ``nprobe`` / ``ef`` / ``rerank`` how it is searched.
+        ``log`` (a callable taking one line) hears about a build in progress.
+        """
+        kind = _ann.choose_kind(index, None, exact_below)  # checks the name before any reading
         names = parse_names(model)
         if len(names) != 1:
             raise ProbeError(f"neighbours use one backbone at a time; got {len(names)}: {', '.join(names) or '(none)'}")
@@ -107,7 +145,15 @@ class NeighborIndex:
             x = fs.to_numpy(pool, rows=rows if len(rows) < fs.n else None, dtype=np.dtype(fs.array(pool).dtype))
         except Exception as e:  # StoreError, I/O
             raise ProbeError(f"cannot read '{fs.key}/{pool}' features: {e}") from e
-        return cls(x, obs, feature_set=fs, pool=pool)
+        kind = _ann.choose_kind(index, len(x), exact_below)
+        if kind == "exact":
+            return NeighborIndex(x, obs, feature_set=fs, pool=pool)
+        if params is not None and params.kind != kind:
+            raise ProbeError(f"index '{index}' searches with {kind}, but the parameters given are for {params.kind}")
+        return ApproxNeighborIndex.kept(
+            x, obs, fs, pool, rows, params=params or _ann.AnnParams(kind), nprobe=nprobe, ef=ef, rerank=rerank,
+            keep=keep, log=log,
+        )  # fmt: skip
 
     # -- raw search ---------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +281,189 @@ class NeighborIndex:
         )
 
 
+class ApproxNeighborIndex(NeighborIndex):
+    """Approximate search (``ivf`` or ``hnsw``, :mod:`probes.ann`) with exact re-ranking, same API as
+    :class:`NeighborIndex`.
+
+    Keeps ``features`` as given (the store's float16: half the memory of the exact index's float32
+    copy); the ANN index proposes ``rerank`` candidates per query and each is scored by exact cosine
+    against its feature row, so similarities equal the exact index's and only which cells are found
+    can differ: :meth:`measure_recall` says how often. ``ann`` is a built :class:`~probes.ann.AnnIndex`
+    or the :class:`~probes.ann.AnnParams` (or kind name) to build one with. ``recall_sample`` cells
+    (0: none) are searched both ways right after a build to measure recall@20.
+    """
+
+    def __init__(
+        self,
+        features: np.ndarray,
+        obs: pd.DataFrame | None = None,
+        *,
+        feature_set: Any = None,
+        pool: str = "cls",
+        ann: _ann.AnnIndex | _ann.AnnParams | str = "ivf",
+        nprobe: int | None = None,
+        ef: int | None = None,
+        rerank: int | None = None,
+        recall_sample: int = _ann.RECALL_SAMPLE,
+        log: Any = None,
+    ):
+        self._spec, self._log = ann, log
+        self.nprobe = int(nprobe or _ann.DEFAULT_NPROBE)
+        self.ef = int(ef or _ann.DEFAULT_EF)
+        self.rerank = int(rerank or _ann.DEFAULT_RERANK)
+        if min(self.nprobe, self.ef, self.rerank) < 1:
+            raise ProbeError("nprobe, ef and rerank must be at least 1")
+        super().__init__(features, obs, feature_set=feature_set, pool=pool)
+        self.kind = self.ann.params.kind
+        if not self.ann.loaded and recall_sample:
+            self.measure_recall(_ann.RECALL_K, sample=recall_sample)
+
+    def _build(self, x: np.ndarray) -> None:
+        self._x = x
+        spec = self._spec
+        if isinstance(spec, _ann.AnnIndex):
+            if (spec.n, spec.dim) != (self.n, self.dim):
+                raise ProbeError(
+                    f"the ANN index holds {spec.n} x {spec.dim} vectors, the features {self.n} x {self.dim}"
+                )
+            self.ann = spec
+        else:
+            params = _ann.AnnParams(spec) if isinstance(spec, str) else spec
+            self.ann = _ann.AnnIndex.build(x, params, log=self._log)
+
+    @classmethod
+    def kept(
+        cls,
+        x: np.ndarray,
+        obs: pd.DataFrame,
+        feature_set: Any,
+        pool: str,
+        rows: np.ndarray,
+        *,
+        params: _ann.AnnParams,
+        nprobe: int | None = None,
+        ef: int | None = None,
+        rerank: int | None = None,
+        keep: bool = True,
+        log: Any = None,
+    ) -> ApproxNeighborIndex:
+        """The index of ``feature_set``'s rows ``rows`` (features ``x``): the one kept beside the store when it
+        was built from exactly these features with these parameters, else built now (and kept)."""
+        n, dim = np.shape(x)
+        p = params.resolved(n, dim)
+        digest = _ann.features_digest(feature_set, pool, rows, None if feature_set.has_checksums else x)
+        url = _ann.index_url(feature_set, pool, p, digest)
+        found, note = None, ""
+        if keep:
+            try:
+                found = _ann.AnnIndex.load(url, digest=digest, n=n, dim=dim)
+            except Exception as e:  # noqa: BLE001  a damaged or foreign file is rebuilt, and said so
+                note = f"the kept index at {url} was unusable ({type(e).__name__}: {e}); rebuilt"
+        if log and found is None:
+            log(
+                f"building the {p.kind} neighbour index of {n:,} cells (once; kept beside the store for later look-ups)"
+            )
+        idx = cls(
+            x, obs, feature_set=feature_set, pool=pool, ann=found or p, nprobe=nprobe, ef=ef, rerank=rerank, log=log
+        )
+        idx.ann.digest = digest
+        if found is None:
+            idx.ann.note = note
+            if keep:
+                try:
+                    idx.ann.save(url, replace_prefix=_ann.index_prefix(feature_set, pool, p))
+                except Exception as e:  # noqa: BLE001  a read-only or unreachable side folder: answer, and say so
+                    idx.ann.url = None
+                    idx.ann.note = f"cannot write {url}: {type(e).__name__}: {e}"
+            else:
+                idx.ann.note = "keep=False"
+        return idx
+
+    # -- search -----------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (exact similarities, positions) among the ANN index's ``rerank`` candidates per query; the
+        same contract as :meth:`NeighborIndex.search`."""
+        q = l2_normalize(np.atleast_2d(queries))
+        if q.shape[1] != self.dim:
+            raise ProbeError(f"queries have width {q.shape[1]}, the index {self.dim}")
+        k = int(k)
+        if k < 1:
+            raise ProbeError(f"k must be at least 1, got {k}")
+        if exclude is not None:
+            exclude = np.asarray(exclude, dtype=np.int64).reshape(-1)
+            if len(exclude) != len(q):
+                raise ProbeError(f"exclude has {len(exclude)} entries for {len(q)} queries")
+        depth = min(max(self.rerank, k + (exclude is not None)), self.n)
+        sims_out = np.full((len(q), k), np.nan, dtype=np.float32)
+        idx_out = np.full((len(q), k), -1, dtype=np.int64)
+        for start in range(0, len(q), QUERY_BATCH):
+            stop = min(start + QUERY_BATCH, len(q))
+            cand = self.ann.candidates(q[start:stop], depth, nprobe=self.nprobe, ef=self.ef)
+            ex = exclude[start:stop] if exclude is not None else None
+            sims_out[start:stop], idx_out[start:stop] = _ann.rerank(self._x, q[start:stop], cand, k, ex)
+        return sims_out, idx_out
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        """The (unit-length, float32) feature rows at ``positions``."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        return l2_normalize(self._x[positions]) if len(positions) else np.zeros((0, self.dim), np.float32)
+
+    # -- quality ----------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """The search settings a recall measurement depends on."""
+        return self.ann.settings(self.nprobe, self.ef, self.rerank)
+
+    def measure_recall(self, k: int = _ann.RECALL_K, *, sample: int = _ann.RECALL_SAMPLE, seed: int = 0) -> dict:
+        """recall@``k`` of this index (with its current settings, after re-ranking) against exact search, over
+        ``sample`` indexed cells (each left out of its own answers); recorded with the kept index."""
+        import time
+
+        k = int(min(k, self.n - 1))
+        if k < 1:
+            raise ProbeError("recall needs at least 2 indexed cells")
+        rng = np.random.default_rng(seed)
+        pos = np.sort(rng.choice(self.n, size=min(int(sample), self.n), replace=False))
+        q = self.vectors(pos)
+        t0 = time.perf_counter()
+        _, found = self.search(q, k, exclude=pos)
+        ann_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, truth = _ann.exact_topk(self._x, q, k, exclude=pos)
+        exact_s = time.perf_counter() - t0
+        entry = {
+            "k": k,
+            "settings": self.settings(),
+            "recall": round(_ann.recall_at_k(found, truth), 4),
+            "sample": len(pos),
+            "ann_s": round(ann_s, 4),
+            "exact_s": round(exact_s, 4),
+        }
+        self.ann.recall = [r for r in self.ann.recall if (r["k"], r["settings"]) != (k, entry["settings"])] + [entry]
+        if self.ann.url:
+            try:
+                self.ann.write_record()
+            except Exception as e:  # noqa: BLE001  the measurement is still reported
+                self.ann.note = f"recall not recorded: {type(e).__name__}: {e}"
+        return entry
+
+    def describe(self) -> str:
+        """One line: the index, how it searches, and its measured recall (for these settings when measured)."""
+        st = self.settings()
+        knob = f"nprobe {st['nprobe']}" if "nprobe" in st else f"ef {st['ef']}"
+        line = f"index: {self.kind}, {self.ann.describe()}; {knob}, {st['rerank']} candidates re-ranked exactly"
+        here = [r for r in self.ann.recall if r["settings"] == st]
+        if here:
+            r = here[-1]
+            line += f"; recall@{r['k']} {r['recall']:.3f} against exact search on {r['sample']} indexed cells"
+        elif self.ann.recall:
+            r = self.ann.recall[-1]
+            other = ", ".join(f"{a} {b}" for a, b in r["settings"].items())
+            line += f"; recall@{r['k']} {r['recall']:.3f} measured with {other} (--recall measures these settings)"
+        else:
+            line += "; recall not measured (--recall measures it)"
+        return line
+
+
 @dataclass
 class NeighborResult:
     """What :func:`neighbors` found; ``table`` has one row per query x answer."""
@@ -244,6 +473,12 @@ class NeighborResult:
     index: NeighborIndex
     out: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    recall: dict | None = None  # the recall@k measured for this look-up (``recall=True``)
+
+    @property
+    def index_info(self) -> str:
+        """Which index answered, and for an ANN index its measured recall@k."""
+        return self.index.describe()
 
 
 def neighbors(
@@ -257,16 +492,25 @@ def neighbors(
     pool: str | None = None,
     out: str | os.PathLike | None = None,
     device: str = "auto",
-    index: NeighborIndex | None = None,
+    index: NeighborIndex | str = "auto",
+    nprobe: int | None = None,
+    ef: int | None = None,
+    rerank: int | None = None,
+    recall: bool = False,
+    exact_below: int = _ann.AUTO_EXACT_BELOW,
     show: bool = False,
 ) -> NeighborResult:
-    """The ``k`` nearest cells (cosine, exact) of stored cells (``id``) and/or new images.
+    """The ``k`` nearest cells (cosine) of stored cells (``id``) and/or new images.
 
     New images are embedded with the feature set's own backbone, weights and preprocessing.
     Writes ``neighbors.csv`` and ``neighbors.png`` (a contact sheet: each query beside its
-    neighbours and their labels) to ``out`` when given. Pass ``index`` (a
-    :class:`NeighborIndex`) to reuse a built index for many interactive look-ups. ``show``
-    prints one table per query (the CLI's output).
+    neighbours and their labels) to ``out`` when given. ``index``: ``auto`` (exact below
+    ``exact_below`` cells, else ``ivf``), ``exact``, ``ivf`` or ``hnsw`` (approximate, built once and
+    kept beside the store, candidates re-ranked exactly: see :class:`ApproxNeighborIndex`), or a
+    built :class:`NeighborIndex` to reuse for many interactive look-ups. ``nprobe`` (IVF lists
+    visited), ``ef`` (HNSW candidate list) and ``rerank`` (candidates re-scored per query) tune an
+    ANN search; ``recall`` measures its recall@k against exact search now, for these settings.
+    ``show`` prints one table per query and the index line (the CLI's output).
     """
     ids = [id] if isinstance(id, str) else [str(i) for i in (id or [])]
     images = [image] if isinstance(image, (str, os.PathLike)) else list(image or [])
@@ -277,7 +521,17 @@ def neighbors(
     for im in images:
         if not Path(im).is_file():
             raise ProbeError(f"image not found: {im}")
-    idx = index or NeighborIndex.from_store(store, model, dataset=dataset, pool=pool)
+    if isinstance(index, NeighborIndex):
+        idx = index
+        if isinstance(idx, ApproxNeighborIndex):
+            idx.nprobe, idx.ef, idx.rerank = int(nprobe or idx.nprobe), int(ef or idx.ef), int(rerank or idx.rerank)
+    else:
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if show else None
+        idx = NeighborIndex.from_store(
+            store, model, dataset=dataset, pool=pool, index=index, exact_below=exact_below, nprobe=nprobe, ef=ef,
+            rerank=rerank, log=log,
+        )  # fmt: skip
+    measured = idx.measure_recall(int(k)) if recall and isinstance(idx, ApproxNeighborIndex) else None
     tables, queries = [], []
     if ids:
         tables.append(idx.query_ids(ids, k))
@@ -287,7 +541,10 @@ def neighbors(
         tables.append(idx.query_images(images, k, device=device))
         queries += [(str(im), "(new image)", str(im)) for im in images]
     res = NeighborResult(
-        pd.concat(tables, ignore_index=True), pd.DataFrame(queries, columns=["query", "label", "path"]), idx
+        pd.concat(tables, ignore_index=True),
+        pd.DataFrame(queries, columns=["query", "label", "path"]),
+        idx,
+        recall=measured,
     )
     if out is not None:
         from .reporting.contact import neighbor_sheet
@@ -316,5 +573,5 @@ def print_neighbors(res: NeighborResult, console: Any = None) -> None:
                 f"nearest cells of {q}", [Col(c, "left") for c in ("rank", "id", "label", "similarity", "path")], rows
             )
         )
-    lines = [f"{name}: {path}" for name, path in res.files.items()]
+    lines = [res.index_info] + [f"{name}: {path}" for name, path in res.files.items()]
     print_report(panels, lines=lines, console=console)

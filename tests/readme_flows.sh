@@ -69,5 +69,6 @@ FIRST=$(python -c "import embedcache; print(embedcache.open_store('cache.zarr').
 IMAGE=$(python -c "import embedcache; print(embedcache.open_store('cache.zarr').dataset().obs['path'][0])")
 probes neighbors --store cache.zarr --model $RES --id "$FIRST" -k 3 --out nb
 probes neighbors --store cache.zarr --model $RES --image "$IMAGE" -k 3 --out nb2
+probes neighbors --store cache.zarr --model $RES --image "$IMAGE" -k 3 --index ivf --nprobe 8 --rerank 50 --recall --out nb3
 probes relabel --store cache.zarr --corrections reviewed.csv
 echo "README flows: all ran"

@@ -120,27 +120,58 @@ def test_injected_flips_rank_high_and_audit_reads_current_labels(store, tmp_path
 
 
 def test_evidence_pieces_and_score_formula():
-    """Consensus, proposed label, self-confidence and the documented score, on a hand-made case."""
-    from probes.studies.audit import OOF, WEIGHTS
+    """Consensus, proposed label, self-confidence, the confident-learning flag and the documented score."""
+    from cleanlab.filter import find_label_issues
+
+    from probes.studies.audit import OOF, Ranking
 
     classes = ["a", "b", "c"]
-    labels = np.array(["a", "a", "b"])
-    p1 = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7]], np.float32)
-    p2 = np.array([[0.8, 0.1, 0.1], [0.1, 0.2, 0.7], [0.2, 0.6, 0.2]], np.float32)
-    oofs = [OOF({}, classes, p1, np.zeros(3)), OOF({}, classes, p2, np.zeros(3))]
-    nd = np.array([0.0, 0.5, 1.0])
-    ev = evidence(oofs, labels, classes, nd)
-    np.testing.assert_allclose(ev["consensus"], [0, 1, 0.5])
-    np.testing.assert_allclose(ev["self_confidence"], [0.85, 0.15, 0.4], rtol=1e-6)
-    # cell 1: one vote for b, one for c; b wins the tie on mean probability (0.45 against 0.4)
-    assert ev["proposed_label"].iat[1] == "b" and ev["proposed_votes"].iat[1] == 0.5
+    labels = np.array(["a", "a", "b", "c", "c", "b", "a"])
+    p1 = np.array(
+        [
+            [0.9, 0.1, 0],
+            [0.05, 0.9, 0.05],
+            [0.1, 0.2, 0.7],
+            [0, 0.1, 0.9],
+            [0.1, 0.1, 0.8],
+            [0.1, 0.8, 0.1],
+            [0.2, 0.7, 0.1],
+        ]
+    )
+    p2 = np.array(
+        [
+            [0.8, 0.1, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.2, 0.6, 0.2],
+            [0.1, 0, 0.9],
+            [0, 0.2, 0.8],
+            [0.2, 0.7, 0.1],
+            [0.1, 0.2, 0.7],
+        ]
+    )
+    oofs = [OOF({}, classes, p.astype(np.float32), np.zeros(7)) for p in (p1, p2)]
+    nd = np.array([0.0, 0.5, 1.0, 0.0, 0.25, 0.0, 0.5])
+    ev = evidence(
+        oofs, labels, classes, nd, Ranking(calibrate=False, flagged_first=False, neighbors=0.2, consensus=0.1)
+    )
+    np.testing.assert_allclose(ev["consensus"], [0, 1, 0.5, 0, 0, 0, 1])
+    np.testing.assert_allclose(ev["self_confidence"][:3], [0.85, 0.075, 0.4], rtol=1e-6)
+    assert ev["proposed_label"].iat[1] == "b" and ev["proposed_votes"].iat[1] == 1
     assert ev["proposed_label"].iat[2] == "c" and ev["proposed_votes"].iat[2] == 0.5
-    w = {k: v / sum(WEIGHTS.values()) for k, v in WEIGHTS.items()}
-    expect = w["consensus"] * ev["consensus"] + w["confidence"] * (1 - ev["self_confidence"]) + w["neighbors"] * nd
+    # cell 6: one vote for b, one for c; b wins the tie on mean probability (0.45 against 0.4)
+    assert ev["proposed_label"].iat[6] == "b" and ev["proposed_votes"].iat[6] == 0.5
+    expect = 0.7 * (1 - ev["self_confidence"]) + 0.2 * nd + 0.1 * ev["consensus"]
     np.testing.assert_allclose(ev["score"], expect, rtol=1e-6)
-    assert ev["score"].between(0, 1).all()
+    y = np.array([0, 0, 1, 2, 2, 1, 0])
+    mean = (p1 + p2) / 2
+    np.testing.assert_array_equal(ev["confident_learning"], find_label_issues(y, mean / mean.sum(1, keepdims=True)))
+    # flags first: a flagged cell outranks every unflagged one
+    ev2 = evidence(oofs, labels, classes, nd, "raw|flag|n0|c0")
+    f = ev2["confident_learning"].to_numpy()
+    assert f.any() and ev2["score"][f].min() >= ev2["score"][~f].max() and ev2["score"].between(0, 1).all()
+    assert evidence(oofs, labels, classes, nd)["score"].between(0, 1).all()  # the default (calibrated) ranking
     with pytest.raises(ProbeError):
-        evidence(oofs, np.array(["a", "a", "z"]), classes, nd)
+        evidence(oofs, np.array(["a", "a", "z", "c", "c", "b", "a"]), classes, nd)
 
 
 # -- out-of-fold predictions never come from a model that saw the cell ---------------------------
@@ -598,12 +629,15 @@ def test_cli_audit_neighbors_relabel(store, tmp_path):
             "5",
             "--threads",
             "1",
+            "--ranking",
+            "cal|flag|n0.2|c0",
             "--out",
             str(out),
         ],
     )
     assert r.exit_code == 0, r.output
     assert "label audit" in r.output and (out / "suspects.csv").is_file() and (out / "report.html").is_file()
+    assert pd.read_json(out / "audit.json", typ="series")["ranking"] == "cal|flag|n0.2|c0"
     first = pd.read_csv(out / "suspects.csv", keep_default_na=False)["id"].iat[0]
 
     r = runner.invoke(
@@ -667,6 +701,11 @@ def test_cli_audit_neighbors_relabel(store, tmp_path):
     )
     assert "not found" in one_line_error(
         runner.invoke(app, ["relabel", "--store", str(store), "--corrections", str(tmp_path / "nope.csv")])
+    )
+    assert "cal|flag" in one_line_error(
+        runner.invoke(
+            app, ["audit", "--store", str(store), "--model", RESNET, "--pool", "mean", "--ranking", "cleanlab"]
+        )
     )
     assert "store" in one_line_error(
         runner.invoke(app, ["neighbors", "--store", str(tmp_path / "none.zarr"), "--model", VIT, "--id", first])

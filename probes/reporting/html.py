@@ -21,6 +21,62 @@ th{background:#f3f3f3;position:sticky;top:0} td.num{text-align:right;font-varian
 code,.mono{font-family:ui-monospace,Menlo,monospace;font-size:12px} .meta td{border:none;padding:1px 8px 1px 0}
 .bar{display:inline-block;height:9px;background:#d33;vertical-align:middle}
 img.strip{display:block;image-rendering:auto} .note{color:#555;font-size:13px}
+th.sort{cursor:pointer;user-select:none} th.sort:after{content:" \\2195";color:#aaa}
+th.asc:after{content:" \\25B2";color:#333} th.desc:after{content:" \\25BC";color:#333}
+.controls{margin:8px 0;font-size:13px} .controls label{margin-right:14px} .why{font-size:12px;max-width:380px}
+.why small{display:block;color:#666} td.flag{text-align:center;color:#c00;font-weight:bold}
+"""
+
+# Sorting and filtering of the suspects table in the browser: plain inline JS, no server, no CDN.
+_JS = """
+(function () {
+  var table = document.getElementById("suspects");
+  if (!table) return;
+  var body = table.tBodies[0];
+  var rows = Array.prototype.slice.call(body.rows);
+  var heads = table.tHead.rows[0].cells;
+  function key(row, i) {
+    var cell = row.cells[i], v = cell.getAttribute("data-v");
+    return v === null ? cell.textContent.toLowerCase() : parseFloat(v);
+  }
+  var state = { col: -1, dir: 1 };
+  Array.prototype.forEach.call(heads, function (th, i) {
+    if (!th.classList.contains("sort")) return;
+    th.addEventListener("click", function () {
+      state.dir = state.col === i ? -state.dir : (th.getAttribute("data-desc") ? -1 : 1);
+      state.col = i;
+      rows.sort(function (a, b) {
+        var x = key(a, i), y = key(b, i);
+        return (x < y ? -1 : x > y ? 1 : 0) * state.dir || (key(a, 0) - key(b, 0));
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+      Array.prototype.forEach.call(heads, function (h) { h.classList.remove("asc", "desc"); });
+      th.classList.add(state.dir > 0 ? "asc" : "desc");
+    });
+  });
+  function val(id) { var e = document.getElementById(id); return e ? e.value : ""; }
+  function on(id) { var e = document.getElementById(id); return !!(e && e.checked); }
+  function apply() {
+    var given = val("f-given"), proposed = val("f-proposed"), text = val("f-text").toLowerCase();
+    var cl = on("f-cl"), models = on("f-models"), nbrs = on("f-nbrs"), shown = 0;
+    rows.forEach(function (r) {
+      var ok = (!given || r.getAttribute("data-given") === given) &&
+        (!proposed || r.getAttribute("data-proposed") === proposed) &&
+        (!cl || r.getAttribute("data-cl") === "1") &&
+        (!models || parseFloat(r.getAttribute("data-consensus")) >= 0.5) &&
+        (!nbrs || parseFloat(r.getAttribute("data-nbr")) >= 0.5) &&
+        (!text || r.textContent.toLowerCase().indexOf(text) >= 0);
+      r.style.display = ok ? "" : "none";
+      if (ok) shown++;
+    });
+    document.getElementById("f-count").textContent = shown + " of " + rows.length + " shown";
+  }
+  ["f-given", "f-proposed", "f-text", "f-cl", "f-models", "f-nbrs"].forEach(function (id) {
+    var e = document.getElementById(id);
+    if (e) { e.addEventListener("input", apply); e.addEventListener("change", apply); }
+  });
+  apply();
+})();
 """
 
 
@@ -75,37 +131,89 @@ def _pairs(table: pd.DataFrame, top: int) -> str:
     return f"<table><tr><th>given</th><th>proposed</th><th>suspects</th></tr>{body}</table>"
 
 
+def _options(values: Any) -> str:
+    return "<option value=''>all</option>" + "".join(
+        f"<option value='{_esc(v)}'>{_esc(v)}</option>" for v in sorted({str(v) for v in values})
+    )
+
+
+def _controls(sus: pd.DataFrame) -> str:
+    """Filters of the suspects table: given and proposed class, evidence, free text."""
+    return (
+        "<div class=controls>"
+        f"<label>given <select id=f-given>{_options(sus['given_label'])}</select></label>"
+        f"<label>proposed <select id=f-proposed>{_options(sus['proposed_label'])}</select></label>"
+        "<label><input type=checkbox id=f-cl> flagged by confident learning</label>"
+        "<label><input type=checkbox id=f-models> most models disagree</label>"
+        "<label><input type=checkbox id=f-nbrs> most neighbours disagree</label>"
+        "<label>text <input type=search id=f-text placeholder='id, class, reason'></label>"
+        "<span id=f-count class=note></span></div>"
+    )
+
+
+def _num(v: float, digits: int = 2) -> str:
+    return f"<td class=num data-v='{float(v):.6g}'>{float(v):.{digits}f}</td>"
+
+
 def audit_html(
     res: Any, path: str | os.PathLike, *, neighbours: pd.DataFrame, top: int = 50, n_neighbours: int = 8, tile: int = 72
 ) -> Path:
     """Write the report of an audit result (:class:`probes.AuditResult`) to ``path``: parameters, the
     score formula, given->proposed counts and the ranked table of the ``top`` suspects, each row with
+    its evidence, why it is suspected (which models disagree, which neighbours carry another label) and
     an inline strip (JPEG, ``tile`` px per cell) of the cell (red) beside its nearest neighbours
-    (``neighbours``: ``query, rank, id, label, similarity, path`` rows; orange: another label)."""
+    (``neighbours``: ``query, rank, id, label, similarity, path`` rows; orange: another label). The
+    table sorts by any column (click its header) and filters by class, evidence and text in the
+    browser (inline script; no server, nothing fetched)."""
     params = res.params
     sus = res.suspects(top)
     nb = neighbours
     strips = [
         data_uri(encode(render([row], tile=tile), "JPEG"), "image/jpeg") for row in suspect_rows(sus, nb, n_neighbours)
     ]
-    w = params["weights"]
     per_bb = [c for c in sus.columns if c.startswith("neighbor_disagreement:")]
+    sortable = [
+        ("rank", ""),
+        ("id", ""),
+        ("given", ""),
+        ("proposed", ""),
+        ("votes", "d"),
+        ("consensus", "d"),
+        ("self-conf.", ""),
+        ("CL flag", "d"),
+        ("neighbour disagr.", "d"),
+        *[(f"nbr. {c.split(':', 1)[1]}", "d") for c in per_bb],
+        ("score", "d"),
+        ("why", ""),
+    ]
     head = (
-        "<tr><th>rank</th><th>id</th><th>given</th><th>proposed</th><th>votes</th><th>consensus</th>"
-        "<th>self-conf.</th><th>neighbour disagr.</th>"
-        + "".join(f"<th>nbr. {_esc(c.split(':', 1)[1])}</th>" for c in per_bb)
-        + "<th>score</th><th>cell and nearest neighbours "
-        f"({_esc(params['backbones'][0])})</th></tr>"
+        "<thead><tr>"
+        + "".join(f"<th class=sort{' data-desc=1' if d else ''}>{_esc(name)}</th>" for name, d in sortable)
+        + f"<th>cell and nearest neighbours ({_esc(params['backbones'][0])})</th></tr></thead>"
     )
     body = []
     for (_, r), strip in zip(sus.iterrows(), strips):
+        cl = bool(r.get("confident_learning", False))
+        detail = "".join(
+            f"<small>{_esc(label)}: {_esc(r[col])}</small>"
+            for label, col in (("models", "models_disagreeing"), ("neighbours", "neighbors_disagreeing"))
+            if col in r and str(r[col])
+        )
         body.append(
-            f"<tr><td class=num>{r['rank']}</td><td class=mono>{_esc(r['id'])}</td><td>{_esc(r['given_label'])}</td>"
-            f"<td>{_esc(r['proposed_label'])}</td><td class=num>{r['proposed_votes']:.2f}</td>"
-            f"<td class=num>{r['consensus']:.2f}</td><td class=num>{r['self_confidence']:.3f}</td>"
-            f"<td class=num>{r['neighbor_disagreement']:.2f}</td>"
-            + "".join(f"<td class=num>{r[c]:.2f}</td>" for c in per_bb)
-            + f"<td class=num><span class=bar style='width:{40 * r['score']:.0f}px'></span> {r['score']:.3f}</td>"
+            f"<tr data-given='{_esc(r['given_label'])}' data-proposed='{_esc(r['proposed_label'])}' "
+            f"data-cl='{int(cl)}' data-consensus='{float(r['consensus']):.4f}' "
+            f"data-nbr='{float(r['neighbor_disagreement']):.4f}'>"
+            f"<td class=num data-v='{r['rank']}'>{r['rank']}</td><td class=mono>{_esc(r['id'])}</td>"
+            f"<td>{_esc(r['given_label'])}</td><td>{_esc(r['proposed_label'])}</td>"
+            + _num(r["proposed_votes"])
+            + _num(r["consensus"])
+            + _num(r["self_confidence"], 3)
+            + f"<td class=flag data-v='{int(cl)}'>{'✔' if cl else ''}</td>"
+            + _num(r["neighbor_disagreement"])
+            + "".join(_num(r[c]) for c in per_bb)
+            + f"<td class=num data-v='{float(r['score']):.6g}'><span class=bar style='width:{40 * r['score']:.0f}px'>"
+            f"</span> {r['score']:.3f}</td>"
+            f"<td class=why>{_esc(r.get('why', ''))}{detail}</td>"
             f"<td><img class=strip alt='cell {_esc(r['id'])} and its neighbours' src='{strip}'></td></tr>"
         )
     doc = f"""<!doctype html>
@@ -116,19 +224,21 @@ def audit_html(
 keeping its row in <code>corrections-template.csv</code>, then run <code>probes relabel --store … --corrections FILE</code>.</p>
 {_meta(params, res)}
 <h2>Score</h2>
-<p><code>{_esc(params["formula"])}</code></p>
+<p>ranking <code>{_esc(params.get("ranking", ""))}</code>: <code>{_esc(params["formula"])}</code></p>
 <ul class=note>
-<li><b>consensus</b>: fraction of the {params["n_models"]} out-of-fold models (backbone × probe × seed) whose top class is not the given label;</li>
-<li><b>self-confidence</b>: mean predicted probability of the given label over those models (each cell predicted by probes trained on folds without it);</li>
-<li><b>neighbour disagreement</b>: fraction of the cell's {params["k"]} nearest neighbours (cosine, itself excluded) with another label, averaged over backbones;</li>
-<li><b>proposed</b>: the label most models predict instead; <b>votes</b>: the fraction of models predicting it.</li>
+<li><b>self-confidence</b> (label quality): probability of the given label in the ensemble of the {params["n_models"]} out-of-fold models (backbone × probe × seed; each cell predicted by probes trained on folds without it), each model first calibrated (uniform smoothing and a temperature fitted on the other folds' cells, never on the cells it scales);</li>
+<li><b>CL flag</b>: cleanlab's confident learning (per-class thresholds, the confident joint, prune by noise rate) flags the label as an issue;</li>
+<li><b>consensus</b>: fraction of the models whose top class is not the given label;</li>
+<li><b>neighbour disagreement</b>: fraction of the cell's {params["k"]} nearest neighbours (cosine, FAISS, itself excluded) with another label, averaged over backbones;</li>
+<li><b>proposed</b>: the label most models predict instead; <b>votes</b>: the fraction of models predicting it; <b>why</b>: the evidence in words, the models that disagree (model→class, probability) and the neighbours with another label (count, labels, ids).</li>
 </ul>
-<p class=note>Weights: consensus {w["consensus"]:.3g}, 1 − self-confidence {w["confidence"]:.3g}, neighbour disagreement {w["neighbors"]:.3g}.
-Every piece lies in [0, 1], so the score does too.</p>
 <h2>Given → proposed among the top {len(sus)}</h2>
 {_pairs(res.table, top)}
 <h2>Top {len(sus)} suspects</h2>
-<table>{head}{"".join(body)}</table>
+<p class=note>Click a column header to sort; filter by class, evidence or text.</p>
+{_controls(sus)}
+<table id=suspects>{head}<tbody>{"".join(body)}</tbody></table>
+<script>{_JS}</script>
 </body></html>
 """
     path = Path(path)

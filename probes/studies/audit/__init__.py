@@ -2,7 +2,8 @@
 
 * :mod:`.folds` — folds and out-of-fold probabilities (:class:`OOF`);
 * :mod:`.cache` — the Parquet cache of out-of-fold probabilities (beside the store);
-* :mod:`.evidence` — consensus, self-confidence, neighbour disagreement and the score;
+* :mod:`.ranking` — calibration, the ensemble, cleanlab's confident learning and the score (:class:`Ranking`);
+* :mod:`.evidence` — per-cell evidence (consensus, self-confidence, flags, neighbours) and why each cell is suspected;
 * :mod:`.run` — :func:`audit` / :func:`audit_arrays` with :class:`AuditOptions`;
 * :mod:`.outputs` — files and the printed summary.
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 from ...labels import relabel
 from .cache import KEY_COLUMNS, default_cache, legacy_cache, read_oof_cache, write_oof_cache
-from .evidence import EVIDENCE_COLUMNS, SCORE_FORMULA, WEIGHTS, evidence, formula, neighbor_disagreement
+from .evidence import EVIDENCE_COLUMNS, as_ranking, evidence, formula, neighbor_disagreement, why_columns
 from .folds import OOF, SCHEMES, feature_digest, label_digest, make_folds, oof_proba, probe_signature
 from .outputs import print_summary, suspect_neighbors, write_outputs
+from .ranking import CANDIDATES, DEFAULT_RANKING, Ranking, calibrate_oof, confident_learning, ensemble_proba
 from .run import DEFAULT_PROBES, AuditOptions, AuditResult, audit, audit_arrays
 
 __all__ = [
@@ -32,11 +34,17 @@ __all__ = [
     "read_oof_cache",
     "write_oof_cache",
     "EVIDENCE_COLUMNS",
-    "SCORE_FORMULA",
-    "WEIGHTS",
+    "as_ranking",
     "evidence",
     "formula",
     "neighbor_disagreement",
+    "why_columns",
+    "CANDIDATES",
+    "DEFAULT_RANKING",
+    "Ranking",
+    "calibrate_oof",
+    "confident_learning",
+    "ensemble_proba",
     "OOF",
     "SCHEMES",
     "feature_digest",

@@ -1,7 +1,9 @@
-"""Evidence and score of the label audit: consensus, self-confidence, neighbour disagreement."""
+"""Evidence and score of the label audit: the calibrated ensemble's confident learning (cleanlab),
+model disagreement (consensus), neighbour disagreement, and per cell the reasons it is suspected."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,15 +12,8 @@ import pandas as pd
 from ...data import ProbeError
 from ...neighbors import NeighborIndex
 from .folds import OOF
+from .ranking import DEFAULT_RANKING, Ranking, combine, confident_learning, ensemble_proba
 
-# consensus : (1 - self-confidence) : neighbour disagreement = 1 : 4 : 1 (normalised to sum 1).
-# Chosen on a development sample of Chula cells disjoint from the benchmark's evaluation cells
-# (benchmarks/label_noise.py --part dev): self-confidence carries most of the ranking;
-# consensus sharpens the top (precision), neighbours add a feature-space view (AUROC).
-WEIGHTS = {"consensus": 1 / 6, "confidence": 4 / 6, "neighbors": 1 / 6}
-SCORE_FORMULA = (
-    "score = {consensus} × consensus + {confidence} × (1 − self_confidence) + {neighbors} × neighbor_disagreement"
-)
 EVIDENCE_COLUMNS = [
     "rank",
     "id",
@@ -28,8 +23,12 @@ EVIDENCE_COLUMNS = [
     "proposed_votes",
     "consensus",
     "self_confidence",
+    "confident_learning",
     "neighbor_disagreement",
     "score",
+    "why",
+    "models_disagreeing",
+    "neighbors_disagreeing",
 ]
 
 
@@ -43,15 +42,37 @@ def neighbor_disagreement(
     return other.sum(1) / np.maximum(valid.sum(1), 1), idx, sims
 
 
+def as_ranking(ranking: Ranking | str | None) -> Ranking:
+    """``ranking`` itself, parsed from its name, or :data:`~.ranking.DEFAULT_RANKING` for None."""
+    if ranking is None:
+        return DEFAULT_RANKING
+    if isinstance(ranking, Ranking):
+        return ranking
+    return Ranking.parse(ranking)
+
+
+def formula(ranking: Ranking | str | None = None) -> str:
+    """The score formula of ``ranking`` (default: the audit's), as text."""
+    return as_ranking(ranking).formula()
+
+
 def evidence(
     oofs: Sequence[OOF],
     labels: np.ndarray,
     classes: Sequence[str],
     disagreement: np.ndarray,
-    weights: dict[str, float] | None = None,
+    ranking: Ranking | str | None = None,
 ) -> pd.DataFrame:
-    """Per-cell evidence and score (the columns of :data:`EVIDENCE_COLUMNS` but id, path, rank)."""
-    w = normalise_weights(weights)
+    """Per-cell evidence and score: ``given_label, proposed_label, proposed_votes, consensus,
+    self_confidence, confident_learning, neighbor_disagreement, score`` (see :mod:`.ranking`).
+
+    ``self_confidence`` is the (calibrated, when ``ranking.calibrate``) ensemble's probability of the
+    given label (cleanlab's self-confidence label quality); ``confident_learning`` whether cleanlab's
+    ``find_label_issues`` flags the cell; ``consensus`` the fraction of models predicting another class;
+    ``proposed_label`` the class most models predict instead (ties: the higher mean probability).
+    The ensemble is in ``df.attrs["ensemble"]``.
+    """
+    rk = as_ranking(ranking)
     y = pd.Index(list(classes)).get_indexer(labels)
     if (y < 0).any():
         raise ProbeError(f"labels outside the classes: {sorted(set(labels[y < 0]))[:5]}")
@@ -60,41 +81,100 @@ def evidence(
     for o in oofs:
         if list(o.classes) != list(classes):
             raise ProbeError(f"model {o.name} was fit on classes {o.classes}, the audit has {list(classes)}")
-    P = np.stack([o.proba for o in oofs])  # (M, N, C)
-    m, n, c = P.shape
-    pred = P.argmax(2)
+    ens = ensemble_proba([o.proba for o in oofs], y, [o.fold for o in oofs], calibrate=rk.calibrate)
+    m, n, c = ens.members.shape
     rows = np.arange(n)
-    consensus = (pred != y[None]).mean(0)
-    self_conf = P[:, rows, y].mean(0)
     votes = np.zeros((n, c))
-    for p in pred:
+    for p in ens.members.argmax(2):
         votes[rows, p] += 1
-    pick = votes + 1e-3 * P.mean(0)  # most votes, then the higher mean probability
+    pick = votes + 1e-3 * ens.proba  # most votes, then the higher mean probability
     pick[rows, y] = -np.inf
     proposed = pick.argmax(1)
-    score = w["consensus"] * consensus + w["confidence"] * (1 - self_conf) + w["neighbors"] * disagreement
-    score = np.clip(score, 0.0, 1.0)  # in [0, 1] already, but for the last bit of float rounding
-    return pd.DataFrame(
+    quality, flagged = confident_learning(ens.proba, y)
+    disagreement = np.asarray(disagreement, dtype=np.float64)
+    score = combine(quality, flagged, disagreement, ens.consensus, rk)
+    df = pd.DataFrame(
         {
             "given_label": labels,
             "proposed_label": np.asarray(classes, dtype=object)[proposed],
             "proposed_votes": votes[rows, proposed] / m,
-            "consensus": consensus,
-            "self_confidence": self_conf,
+            "consensus": ens.consensus,
+            "self_confidence": quality,
+            "confident_learning": flagged,
             "neighbor_disagreement": disagreement,
             "score": score,
         }
     )
+    df.attrs["ensemble"] = ens
+    return df
 
 
-def normalise_weights(weights: dict[str, float] | None) -> dict[str, float]:
-    w = dict(WEIGHTS if weights is None else weights)
-    if set(w) != set(WEIGHTS) or min(w.values()) < 0 or sum(w.values()) <= 0:
-        raise ProbeError(f"weights need the keys {', '.join(WEIGHTS)} with non-negative values, got {weights}")
-    total = sum(w.values())
-    return {k: v / total for k, v in w.items()}
+def _short(name: str) -> str:
+    """``timm:test_vit`` -> ``test_vit`` (the part after the last ``:`` or ``/``)."""
+    return name.replace("/", ":").rsplit(":", 1)[-1]
 
 
-def formula(weights: dict[str, float] | None = None) -> str:
-    """The score formula with its weights, as text."""
-    return SCORE_FORMULA.format(**{k: f"{v:.3g}" for k, v in normalise_weights(weights).items()})
+def why_columns(
+    oofs: Sequence[OOF],
+    members: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    neighbors: dict[str, tuple[np.ndarray, np.ndarray]],
+    ids: np.ndarray,
+    flagged: np.ndarray,
+    shown: int = 5,
+) -> pd.DataFrame:
+    """Why each cell is suspected, as text: ``models_disagreeing`` (each backbone/probe whose top class,
+    over its seeds, is not the given label: ``backbone/probe→class p``), ``neighbors_disagreeing`` (per
+    backbone: how many of the k nearest cells carry another label, those labels, and up to ``shown`` of
+    their ids) and ``why`` (one sentence joining the evidence)."""
+    labels = np.asarray(labels, dtype=str)
+    classes = list(classes)
+    y = pd.Index(classes).get_indexer(labels)
+    n = len(labels)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, o in enumerate(oofs):
+        groups.setdefault((str(o.key.get("backbone", "?")), str(o.key.get("probe", "?"))), []).append(i)
+    multi_bb = len({b for b, _ in groups}) > 1
+    per_model = []
+    for (b, p), members_of in groups.items():
+        mean = members[members_of].mean(0)
+        top = mean.argmax(1)
+        tag = f"{_short(b)}/{p}" if multi_bb else p
+        per_model.append((tag, top, mean))
+    rows = np.arange(n)
+    model_txt, why = [], []
+    nb_txt: list[list[str]] = [[] for _ in range(n)]
+    nb_summary: list[list[tuple[int, int, str]]] = [[] for _ in range(n)]
+    for b, (idx, _) in neighbors.items():
+        valid = idx >= 0
+        nl = labels[np.where(valid, idx, 0)]
+        for i in range(n):
+            other = valid[i] & (nl[i] != labels[i])
+            if not other.any():
+                continue
+            cnt = Counter(nl[i][other])
+            top_lab = ", ".join(f"{lab} {c}" for lab, c in cnt.most_common(3))
+            who = ", ".join(str(ids[j]) for j in idx[i][other][:shown])
+            prefix = f"{_short(b)}: " if len(neighbors) > 1 else ""
+            nb_txt[i].append(f"{prefix}{int(other.sum())}/{int(valid[i].sum())} ({top_lab}): {who}")
+            nb_summary[i].append((int(other.sum()), int(valid[i].sum()), cnt.most_common(1)[0][0]))
+    n_groups = len(per_model)
+    for i in range(n):
+        parts = [f"{tag}→{classes[top[i]]} {mean[i, top[i]]:.2f}" for tag, top, mean in per_model if top[i] != y[i]]
+        model_txt.append("; ".join(parts))
+        reasons = []
+        if flagged[i]:
+            reasons.append("confident learning flags the label")
+        if parts:
+            alt = Counter(classes[top[i]] for _, top, _ in per_model if top[i] != y[i]).most_common(1)[0][0]
+            reasons.append(f"{len(parts)}/{n_groups} models predict another class (mostly {alt})")
+        for n_other, n_valid, lab in nb_summary[i]:
+            if 2 * n_other >= n_valid:
+                reasons.append(f"{n_other}/{n_valid} neighbours carry another label (mostly {lab})")
+                break
+        why.append("; ".join(reasons) if reasons else "weak evidence: ranked by label quality alone")
+    return pd.DataFrame(
+        {"why": why, "models_disagreeing": model_txt, "neighbors_disagreeing": [" | ".join(t) for t in nb_txt]},
+        index=rows,
+    )

@@ -24,8 +24,8 @@ def write_outputs(res: Any, *, top: int = 50, html: bool = True) -> dict[str, Pa
             "id": sus["id"],
             "new_label": sus["proposed_label"],
             "note": [
-                f"audit rank {r}, score {s:.3f}, was {g}"
-                for r, s, g in zip(sus["rank"], sus["score"], sus["given_label"])
+                f"audit rank {r}, score {s:.3f}, was {g}: {w}"
+                for r, s, g, w in zip(sus["rank"], sus["score"], sus["given_label"], sus["why"])
             ],
         }
     )
@@ -67,7 +67,18 @@ def print_summary(res: Any, top: int = 15, console: Any = None) -> None:
     p = res.params
     cols = [
         Col(c, "left")
-        for c in ("rank", "id", "given", "proposed", "votes", "consensus", "self-conf", "nbr disagr.", "score")
+        for c in (
+            "rank",
+            "id",
+            "given",
+            "proposed",
+            "votes",
+            "consensus",
+            "self-conf",
+            "CL flag",
+            "nbr disagr.",
+            "score",
+        )
     ]
     rows = [
         [
@@ -78,6 +89,7 @@ def print_summary(res: Any, top: int = 15, console: Any = None) -> None:
             f"{r.proposed_votes:.2f}",
             f"{r.consensus:.2f}",
             f"{r.self_confidence:.2f}",
+            "yes" if r.confident_learning else "",
             f"{r.neighbor_disagreement:.2f}",
             f"{r.score:.3f}",
         ]

@@ -34,8 +34,9 @@ from .cache import (
     read_oof_cache,
     write_cache,
 )
-from .evidence import evidence, formula, neighbor_disagreement, normalise_weights
+from .evidence import as_ranking, evidence, neighbor_disagreement, why_columns
 from .folds import OOF, SCHEMES, feature_digest, label_digest, make_folds, oof_proba, probe_signature
+from .ranking import Ranking
 
 DEFAULT_PROBES = "logistic,knn,mlp"
 
@@ -49,6 +50,8 @@ class AuditOptions:
     after (None: none); ``cache_lock()`` is held while it is written and ``cache_legacy`` is read
     when ``cache`` does not exist yet. ``make_probe(name, seed=, device=)`` replaces
     :func:`probes.heads.make_probe`; ``threads`` caps BLAS/OpenMP/torch threads during the fits.
+    ``ranking``: how the evidence becomes the score (a :class:`~.ranking.Ranking` or its name such
+    as ``cal|all|n0.2|c0``; None: :data:`~.ranking.DEFAULT_RANKING`, chosen by the label-noise benchmark).
     """
 
     probes: str | Sequence[str] = DEFAULT_PROBES
@@ -56,7 +59,7 @@ class AuditOptions:
     seeds: int | str | Sequence[int] = 3
     folds_by: str = "auto"
     k: int = 10
-    weights: dict[str, float] | None = None
+    ranking: Ranking | str | None = None
     pool: str = "cls"
     cache: str | os.PathLike | None = None
     cache_lock: Callable[[], Any] | None = None
@@ -116,7 +119,7 @@ def audit_arrays(
         opt = dataclasses.replace(options or AuditOptions(), **overrides)
     except TypeError as e:
         raise ProbeError(f"audit_arrays: {e}") from None
-    probes, folds, seeds, split, k, weights = opt.probes, opt.folds, opt.seeds, opt.folds_by, opt.k, opt.weights
+    probes, folds, seeds, split, k = opt.probes, opt.folds, opt.seeds, opt.folds_by, opt.k
     pool, cache, cache_lock, device, make_probe = opt.pool, opt.cache, opt.cache_lock, opt.device, opt.make_probe
     threads, quiet = opt.threads, opt.quiet
     if split not in SCHEMES:
@@ -158,7 +161,7 @@ def audit_arrays(
     seed_list = parse_seeds(seeds)
     if int(k) < 1:
         raise ProbeError(f"k must be at least 1, got {k}")
-    w = normalise_weights(weights)
+    rk = as_ranking(opt.ranking)
     digest = label_digest(ids, labels, groups)
     f_digest = {b: feature_digest(x) for b, x in features.items()}
     impl = {p: probe_signature(p, make_probe) for p in probe_list}
@@ -207,7 +210,11 @@ def audit_arrays(
         d, idx, sims = neighbor_disagreement(x, labels, k)
         nbrs[b] = (idx, sims)
         dis[b] = d
-    ev = evidence(oofs, labels, classes, np.mean(list(dis.values()), axis=0), w)
+    ev = evidence(oofs, labels, classes, np.mean(list(dis.values()), axis=0), rk)
+    ens = ev.attrs.pop("ensemble")
+    why = why_columns(oofs, ens.members, labels, classes, nbrs, ids, ev["confident_learning"].to_numpy())
+    for c in why.columns:
+        ev[c] = why[c].to_numpy()
     if len(dis) > 1:
         for b, d in dis.items():
             ev[f"neighbor_disagreement:{b}"] = d
@@ -227,12 +234,20 @@ def audit_arrays(
         folds=int(folds),
         scheme=fold_cache[seed_list[0]][1],
         k=int(k),
-        weights=w,
+        ranking=rk.name,
+        calibration={
+            o.name: {
+                "smoothing": float(np.mean([v[0] for v in t.values()])),
+                "temperature": float(np.mean([v[1] for v in t.values()])),
+            }
+            for o, t in zip(oofs, ens.temperatures)
+            if t
+        },
         label_digest=digest,
         n_cells=n,
         n_classes=len(classes),
         n_models=len(oofs),
-        formula=formula(w),
+        formula=rk.formula(),
         cache=str(cache) if cache else None,
     )
     res = AuditResult(table, oofs, classes, params, nbrs, obs, reused, computed, fits)
@@ -257,7 +272,7 @@ def audit(
     out: str | os.PathLike | None = None,
     cache: str | os.PathLike | bool | None = None,
     top: int = 50,
-    weights: dict[str, float] | None = None,
+    ranking: Ranking | str | None = None,
     device: str = "auto",
     threads: int | None = None,
     make_probe: Callable[..., Any] | None = None,
@@ -269,14 +284,16 @@ def audit(
 
     ``model``: backbone names (or feature keys), a comma list or a list; the cells audited are
     those readable for every backbone and labelled. Writes to ``out`` (default
-    ``audit-<models>-<date>``): ``suspects.csv`` (every cell, ranked, with its evidence),
+    ``audit-<models>-<date>``): ``suspects.csv`` (every cell, ranked, with its evidence and why it
+    is suspected: the models that disagree, the neighbours with another label),
     ``corrections-template.csv`` (the ``top`` suspects with their proposed labels, to review
     and pass to :func:`relabel`), ``suspects.png`` (contact sheet: the top suspects beside their
-    nearest neighbours in the first backbone), ``report.html`` (self-contained) and
-    ``audit.json`` (parameters). Out-of-fold probabilities are cached in the store
-    (beside it: :func:`probes.studies.audit.cache.default_cache`; a cache an earlier version left
-    in ``<store>/.probes/`` is still read) or in ``cache`` (a file path or URL); ``cache=False``
-    turns the cache off. ``folds_by``: the fold scheme (see :class:`AuditOptions`). ``quiet``
+    nearest neighbours in the first backbone), ``report.html`` (self-contained, sortable and
+    filterable in the browser) and ``audit.json`` (parameters). Out-of-fold probabilities are
+    cached in the store (beside it: :func:`probes.studies.audit.cache.default_cache`; a cache an
+    earlier version left in ``<store>/.probes/`` is still read) or in ``cache`` (a file path or
+    URL); ``cache=False`` turns the cache off. ``folds_by``: the fold scheme and ``ranking`` the
+    score (see :class:`AuditOptions`). ``quiet``
     hides the progress bar and the summary; ``show`` prints the summary regardless.
     """
     import embedcache
@@ -312,7 +329,7 @@ def audit(
             seeds=seeds,
             folds_by=folds_by,
             k=k,
-            weights=weights,
+            ranking=ranking,
             pool=cells.pool,
             cache=cache_path,
             cache_lock=lock,
