@@ -112,3 +112,23 @@ def TEST_DOMAIN() -> typer.models.OptionInfo:  # noqa: N802
     return typer.Option(
         None, help="score on every cell of these unseen domain(s) (default with --train-domain: all others)"
     )
+
+
+def SCHEDULER() -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option(
+        None,
+        help="run each fit as a Dask task: tcp://HOST:PORT (a running dask scheduler; its workers need the "
+        "store at the same URL) or local:N (N worker processes here); the tables are a local run's",
+    )
+
+
+def OUT_OF_CORE() -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option(
+        "auto",
+        help="read the features from the store in row blocks (knn, logistic fit them there): auto (when "
+        "they exceed --max-memory), always, never",
+    )
+
+
+def MAX_MEMORY() -> typer.models.OptionInfo:  # noqa: N802
+    return typer.Option(None, help="memory budget for a study's features, e.g. 8GB or 512MiB (default: half the RAM)")

@@ -152,8 +152,10 @@ def check_precision(
 @app.command()
 def extract(
     model: str = typer.Option(..., "--model", "-m", help="registry name (embedcache models) or timm:<name>"),
-    data: Path = typer.Option(..., "--data", "-d", help="ImageFolder, .csv/.parquet manifest, or .npz"),
-    out: str = typer.Option(..., "--out", "-o", help="store path or fsspec URL, e.g. cache.zarr"),
+    data: str = typer.Option(
+        ..., "--data", "-d", help="ImageFolder, .csv/.parquet manifest (a path or URL, e.g. s3://...), or .npz"
+    ),
+    out: str = typer.Option(..., "--out", "-o", help="store path or fsspec URL, e.g. cache.zarr or s3://lab/c.zarr"),
     dataset: Optional[str] = typer.Option(None, help="dataset name inside the store (default: from the data path)"),
     weights: Optional[str] = typer.Option(
         None, help="local .safetensors / torch checkpoint, or 'random' (tests and demos)"
@@ -198,6 +200,12 @@ def extract(
     ),
     adapter: Optional[Path] = typer.Option(None, help="embed with a fine-tuned model saved by --save-adapter DIR"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the backbone (slow first batch; opt-in)"),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", help="run on a Dask LocalCluster started for the job: local:N (N worker processes)"
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="run on a running Dask cluster, e.g. tcp://head:8786 (workers must see --out)"
+    ),
     progress: bool = typer.Option(
         True,
         "--progress/--no-progress",
@@ -242,6 +250,8 @@ def extract(
                 tail_blocks=tail_blocks,
                 adapter=adapter,
                 compile=compile,
+                cluster=cluster,
+                scheduler=scheduler,
             )
     except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
         fail(e)
@@ -327,6 +337,9 @@ def info(
         console.print_json(json.dumps(summary, default=str))
         return
     console.print(f"[bold]{summary['url']}[/] (schema {summary['schema_version']})")
+    guarantee = summary.get("write_guarantee")
+    if guarantee:
+        console.print(f"writers: [bold]{guarantee['mechanism']}[/]: {guarantee['text']}", soft_wrap=True)
     for group in summary.get("incomplete", []):
         console.print(
             f"[yellow]incomplete:[/] {group}: its creation was interrupted; rerun the same command to redo it"

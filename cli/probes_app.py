@@ -10,11 +10,14 @@ import typer
 from cli.common import (
     DATASET,
     DEVICE,
+    MAX_MEMORY,
     MODEL,
     OUT,
+    OUT_OF_CORE,
     POOL,
     PROBES,
     QUIET,
+    SCHEDULER,
     SEEDS,
     SPLIT,
     STORE,
@@ -148,6 +151,9 @@ def scale(
     lora_rank: int = LORA_RANK(),
     lora_alpha: float = LORA_ALPHA(),
     lora_dropout: float = LORA_DROPOUT(),
+    scheduler: Optional[str] = SCHEDULER(),
+    out_of_core: str = OUT_OF_CORE(),
+    max_memory: Optional[str] = MAX_MEMORY(),
     quiet: bool = QUIET(),
 ) -> None:
     """Macro-F1 against cells per class (FlagLimit), per backbone x probe, over seeds."""
@@ -173,6 +179,9 @@ def scale(
             quiet=quiet,
             show=True,
             **_tune(locals()),
+            scheduler=scheduler,
+            out_of_core=out_of_core,
+            max_memory=max_memory,
         )
     except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
         fail(e)
@@ -212,6 +221,9 @@ def evaluate(
         help="write the fitted fine-tune's adapter (safetensors + "
         "provenance) to DIR, for embedcache extract --adapter DIR",
     ),
+    scheduler: Optional[str] = SCHEDULER(),
+    out_of_core: str = OUT_OF_CORE(),
+    max_memory: Optional[str] = MAX_MEMORY(),
     quiet: bool = QUIET(),
 ) -> None:
     """One fit on the full training split: all metrics, per-class F1, confusion matrix."""
@@ -236,6 +248,9 @@ def evaluate(
             show=True,
             save_adapter=save_adapter,
             **_tune(locals()),
+            scheduler=scheduler,
+            out_of_core=out_of_core,
+            max_memory=max_memory,
         )
     except Exception as e:  # noqa: BLE001
         fail(e)
@@ -256,6 +271,9 @@ def robustness(
     out: Optional[str] = OUT("output folder (default: robustness-<models>-<date>)"),
     device: str = DEVICE(),
     test_size: float = TEST_SIZE(),
+    scheduler: Optional[str] = SCHEDULER(),
+    out_of_core: str = OUT_OF_CORE(),
+    max_memory: Optional[str] = MAX_MEMORY(),
     quiet: bool = QUIET(),
 ) -> None:
     """Train on clean features; macro-F1, Δ and drop slope on every perturbed version of the test cells."""
@@ -276,6 +294,9 @@ def robustness(
             test_size=test_size,
             quiet=quiet,
             show=True,
+            scheduler=scheduler,
+            out_of_core=out_of_core,
+            max_memory=max_memory,
         )
     except Exception as e:  # noqa: BLE001
         fail(e)

@@ -8,7 +8,22 @@ from typing import Optional
 
 import typer
 
-from cli.common import DATASET, DEVICE, MODEL, OUT, POOL, PROBES, QUIET, SEEDS, STORE, K, fail, make_console
+from cli.common import (
+    DATASET,
+    DEVICE,
+    MAX_MEMORY,
+    MODEL,
+    OUT,
+    OUT_OF_CORE,
+    POOL,
+    PROBES,
+    QUIET,
+    SEEDS,
+    STORE,
+    K,
+    fail,
+    make_console,
+)
 
 
 def audit(
@@ -43,6 +58,8 @@ def audit(
         "library's; 1 is often much faster on small or shared CPUs)",
     ),
     html: bool = typer.Option(True, "--html/--no-html", help="write report.html"),
+    out_of_core: str = OUT_OF_CORE(),
+    max_memory: Optional[str] = MAX_MEMORY(),
     quiet: bool = QUIET(),
 ) -> None:
     """Rank cells by how likely their label is wrong: confident learning on calibrated models, neighbours."""
@@ -60,6 +77,8 @@ def audit(
             folds_by=folds_by,
             k=k,
             ranking=ranking,
+            out_of_core=out_of_core,
+            max_memory=max_memory,
             top=top,
             dataset=dataset,
             pool=pool,

@@ -27,6 +27,8 @@ POINTS = (
     "chunk:data-written",
     "chunk:checksums-written",
     "chunk:done",
+    # distributed extraction (embedcache.distributed): the driver after a task's chunk is written and flagged
+    "distributed:chunk-finished",
 )
 
 _hits: dict[str, int] = {}

@@ -12,12 +12,14 @@ Conventions (the cache depends on them, so they are fixed here):
 * Floats: if ``max <= 1`` the range is ``[0, 1]``, else values are clipped to
   ``[0, 255]``; NaN becomes 0.
 * EXIF orientation is applied (``ImageOps.exif_transpose``).
+* A path may be an fsspec URL (``s3://bucket/cells/a.png``): the bytes are fetched, then decoded alike.
 * An image over ``max_pixels`` (default :data:`DEFAULT_MAX_IMAGE_PIXELS`, 50 megapixels; a
   single cell is far smaller) is refused from its header, before any pixel is decoded.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ImageDecodeError", "to_rgb_uint8", "read_image", "DEFAULT_MAX_IMAGE_PIXELS"]
+__all__ = ["ImageDecodeError", "to_rgb_uint8", "read_image", "is_url", "DEFAULT_MAX_IMAGE_PIXELS"]
 
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -132,6 +134,8 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMA
     the pixels are loaded eagerly and ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False.
     """
     p = os.fspath(path)
+    if is_url(p):
+        return _read_url(p, max_pixels)
     if not os.path.exists(p):
         if os.path.islink(p):
             raise ImageDecodeError(f"dangling symbolic link (its target {os.readlink(p)!r} does not exist)", p)
@@ -140,8 +144,36 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMA
         raise ImageDecodeError("unreadable image: is a directory", p)
     if os.path.getsize(p) == 0:
         raise ImageDecodeError("zero-byte file", p)
+    return _decode(p, p, max_pixels)
+
+
+def is_url(path: str) -> bool:
+    """An fsspec URL (``s3://``, ``gs://``, ``https://``...) rather than a local path (``file://`` is local)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def _read_url(url: str, max_pixels: int | None) -> np.ndarray:
+    """Fetch an image from an fsspec URL, then decode it as a file would be."""
+    import fsspec
+
     try:
-        with _open(p, max_pixels) as img:
+        fs, where = fsspec.url_to_fs(url)
+        data = fs.cat_file(where)
+    except FileNotFoundError:
+        raise ImageDecodeError("missing file", url) from None
+    except IsADirectoryError:
+        raise ImageDecodeError("unreadable image: is a directory", url) from None
+    except Exception as e:  # noqa: BLE001  the file system already retried transient errors
+        raise ImageDecodeError(f"unreadable image: cannot fetch it ({type(e).__name__}: {e})", url) from e
+    if not data:
+        raise ImageDecodeError("zero-byte file", url)
+    return _decode(io.BytesIO(data), url, max_pixels)
+
+
+def _decode(src: str | io.BytesIO, p: str, max_pixels: int | None) -> np.ndarray:
+    """Decode the image at ``src`` (a path, or its bytes); errors name ``p``."""
+    try:
+        with _open(src, max_pixels) as img:
             _check_size(img.size, max_pixels, p)
             img.load()
             return to_rgb_uint8(img)
@@ -155,7 +187,7 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMA
         raise ImageDecodeError(reason, p) from e
 
 
-def _open(p: str, max_pixels: int | None) -> Any:
+def _open(p: str | io.BytesIO, max_pixels: int | None) -> Any:
     """``Image.open`` under our limit instead of PIL's (which warns at 89 and fails at 179 megapixels)."""
     pil_limit = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():

@@ -6,25 +6,27 @@ Three kinds, all giving a :class:`CellSource` whose ``table`` has the columns
 
 * an ImageFolder tree (one sub-folder per class; a flat folder is an unlabelled set);
 * a CSV or Parquet manifest (``path`` plus ``label`` and optional ``id, split, domain,
-  group`` columns; paths absolute or relative to the manifest);
+  group`` columns; paths absolute or relative to the manifest), local or at an fsspec URL
+  (``s3://lab/cells/manifest.parquet``); image paths may be URLs too;
 * arrays of images, in memory or in a ``.npz`` file (N, H, W[, C], as MedMNIST ships).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, read_image, to_rgb_uint8
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, is_url, read_image, to_rgb_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 OBS_COLUMNS = ("id", "path", "label", "split", "domain", "group")
@@ -132,6 +134,10 @@ def _open(
 ) -> CellSource:
     if isinstance(data, np.ndarray):
         return _from_arrays(data, labels, name or "arrays", origin="<memory>")
+    if isinstance(data, str) and data.startswith("file://"):
+        data = data[len("file://") :]
+    if isinstance(data, str) and is_url(data):
+        return _open_url(data, label_column=label_column, name=name)
     path = Path(data)
     if not path.exists():
         raise SourceError(f"data not found: {path}")
@@ -144,6 +150,25 @@ def _open(
     if suffix == ".npz":
         return _from_npz(path, name or path.stem)
     raise SourceError(f"cannot tell what {path} is: give a folder of images, a .csv/.parquet manifest or a .npz file")
+
+
+def _open_url(url: str, *, label_column: str | None, name: str | None) -> CellSource:
+    """A manifest or ``.npz`` at an fsspec URL (``s3://lab/cells/manifest.parquet``)."""
+    import fsspec
+
+    fs, where = fsspec.url_to_fs(url)
+    if not fs.exists(where):
+        raise SourceError(f"data not found: {url}")
+    stem = PurePosixPath(where)
+    suffix = stem.suffix.lower()
+    if suffix in (".csv", ".parquet", ".pq"):
+        generic = stem.stem.lower() in ("manifest", "metadata", "labels", "index", "cells")
+        return _from_manifest(url, label_column, name or (stem.parent.name if generic else stem.stem))
+    if suffix == ".npz":
+        return _from_npz(url, name or stem.stem)
+    if fs.isdir(where):
+        raise SourceError(f"{url} is a folder: on object storage give a .csv/.parquet manifest of its images")
+    raise SourceError(f"cannot tell what {url} is: give a .csv/.parquet manifest or a .npz file")
 
 
 def _table(ids, paths, labels, **optional) -> pd.DataFrame:
@@ -195,14 +220,24 @@ def _cell_path(f: Path) -> str:
     return str(f.absolute()) if _dangling(f) else str(f.resolve())
 
 
-def _read_manifest(path: Path) -> pd.DataFrame:
-    if path.suffix.lower() == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    df = pd.read_parquet(path)
+def _read_manifest(path: Path | str) -> pd.DataFrame:
+    """A manifest from a local path or an fsspec URL."""
+    import fsspec
+
+    with fsspec.open(str(path), "rb") as f:
+        if _suffix(path) == ".csv":
+            return pd.read_csv(f, dtype=str, keep_default_na=False)
+        df = pd.read_parquet(f)
     return df.astype(object).where(df.notna(), "").astype(str)
 
 
-def _from_manifest(path: Path, label_column: str | None, name: str) -> CellSource:
+def _suffix(path: Path | str) -> str:
+    return PurePosixPath(str(path)).suffix.lower()
+
+
+def _from_manifest(path: Path | str, label_column: str | None, name: str) -> CellSource:
+    """Cells listed in a manifest at a local ``Path`` or a URL (``str``); relative image paths are
+    relative to the manifest's folder, and image paths may be URLs themselves."""
     df = _read_manifest(path)
     df.columns = [str(c).strip() for c in df.columns]
     if "path" not in df.columns:
@@ -214,7 +249,7 @@ def _from_manifest(path: Path, label_column: str | None, name: str) -> CellSourc
         )
     if len(df) == 0:
         raise SourceError(f"{path}: the manifest has no rows")
-    line = lambda i: f"{path.name} row {i + 1} (line {i + 2})"  # noqa: E731  header is line 1
+    line = lambda i: f"{PurePosixPath(str(path)).name} row {i + 1} (line {i + 2})"  # noqa: E731  header is line 1
     paths = df["path"].str.strip()
     for i in np.flatnonzero(paths.eq("").to_numpy()):
         raise SourceError(f"{line(i)}: empty path")
@@ -227,14 +262,18 @@ def _from_manifest(path: Path, label_column: str | None, name: str) -> CellSourc
             )
     else:
         labels = pd.Series([""] * len(df))
-    base = path.resolve().parent
-    abs_paths = [p if os.path.isabs(p) else str(base / p) for p in paths]
+    if isinstance(path, Path):
+        base = path.resolve().parent
+        abs_paths = [p if os.path.isabs(p) or is_url(p) else str(base / p) for p in paths]
+    else:  # a URL manifest: relative paths are URLs beside it
+        url_base = path.rsplit("/", 1)[0]
+        abs_paths = [p if is_url(p) else f"{url_base}/{p.lstrip('/')}" for p in paths]
     legacy_ids = None
     if "id" in df.columns:
         ids = df["id"].str.strip()
-    elif len(paths) and all(os.path.isabs(p) for p in paths):
+    elif len(paths) and all(os.path.isabs(p) for p in paths) and _common_folder(paths.tolist()):
         # absolute paths make wide, machine-bound ids: the id is the path below the paths' common folder
-        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+        root = _common_folder(paths.tolist())
         ids, legacy_ids = pd.Series([os.path.relpath(p, root) for p in paths]), paths.tolist()
     else:
         ids = paths
@@ -249,8 +288,22 @@ def _from_manifest(path: Path, label_column: str | None, name: str) -> CellSourc
     return CellSource(name, "manifest", str(path), _table(ids, abs_paths, labels, **optional), legacy_ids=legacy_ids)
 
 
-def _from_npz(path: Path, name: str) -> CellSource:
-    with np.load(path, allow_pickle=False) as z:
+def _common_folder(paths: list[str]) -> str | None:
+    """The deepest folder holding every path, or None when that is the filesystem root (ids would still be
+    machine-bound, and no shorter)."""
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    return None if os.path.dirname(root) == root else root
+
+
+def _from_npz(path: Path | str, name: str) -> CellSource:
+    if isinstance(path, str):  # a URL: fetched whole
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            data: Path | io.BytesIO = io.BytesIO(f.read())
+    else:
+        data = path
+    with np.load(data, allow_pickle=False) as z:
         keys = set(z.files)
         splits = [s for s in ("train", "val", "test") if f"{s}_images" in keys]
         if splits:  # MedMNIST layout

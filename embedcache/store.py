@@ -12,7 +12,7 @@ Layout (one store, many datasets, backbones and perturbations)::
           error            (N,) str       why not ok
           crc_cls, ..., crc_rows  (ceil(N / C),) int64, CRC-32 of each written row-chunk
           done_cls, ...    (ceil(N / C),) bool, one stored object per row-chunk
-    cache.zarr.embedcache/               side data, outside the Zarr tree: locks/, probes/
+    cache.zarr.embedcache/               side data, outside the Zarr tree: locks/ (or leases/ on S3), probes/
 
 A row-chunk is written, read back and compared, its checksums recorded, and only then is its
 ``done_<pool>`` flag set. Each flag is its own object, so a killed run leaves every unfinished
@@ -46,6 +46,8 @@ from zarr.core.sync import sync
 from . import labels as _labels
 from .faults import checkpoint
 from .integrity import MISSING_CRC, crc_rows, crc_values
+from .leases import LeaseBusy, lease
+from .leases import guarantee as lease_guarantee
 from .locks import LockBusy, file_lock, memory_lock, remove_stale
 from .sources import OBS_COLUMNS, CellSource
 
@@ -116,9 +118,10 @@ class Store:
         self._path = path
         local = None if "://" in path else Path(path)
         try:
-            if local is not None and mode != "r" and not (local / "zarr.json").exists():
+            if mode != "r" and not _store_exists(path, local):
                 with self._lock("store-create", wait=CREATE_WAIT_S):  # two writers creating one store
-                    _refuse_foreign_folder(local)
+                    if local is not None:
+                        _refuse_foreign_folder(local)
                     self.root = zarr.open_group(path, mode="a")
                     self._check_schema()
             else:
@@ -221,8 +224,8 @@ class Store:
         (0: refuse at once with the holder named).
 
         Local stores use ``flock`` in the side folder (released by the OS even on SIGKILL);
-        ``memory://`` stores use an in-process lock. Other fsspec stores are not locked:
-        concurrent writers there only repeat identical chunk writes.
+        ``memory://`` stores use an in-process lock; other fsspec stores (``s3://``...) a lease object
+        with expiry in the side folder (:mod:`embedcache.leases`). :meth:`write_guarantee` says which.
         """
         with self._lock(name, wait=wait):
             yield
@@ -238,11 +241,28 @@ class Store:
                 with memory_lock(f"{self._path}::{name}", wait=wait, what=what):
                     yield
             else:
-                yield
-        except LockBusy as e:
+                with lease(side_url(self._path, "leases"), name, wait=wait, what=what):
+                    yield
+        except (LockBusy, LeaseBusy) as e:
             raise StoreBusyError(
                 f"{e}; wait for it to finish (a rerun then resumes or is a cache hit), or write elsewhere"
             ) from None
+
+    def write_guarantee(self) -> dict[str, str]:
+        """How writers of this store are kept apart: ``mechanism`` (``flock``, ``in-process lock``,
+        ``lease-with-expiry``, ``best-effort lease``) and ``text`` (what it guarantees and what not)."""
+        if "://" not in self._path:
+            return {
+                "mechanism": "flock",
+                "text": (
+                    f"one writer per feature set (and per store/dataset creation): flock on files in "
+                    f"{side_url(self._path, 'locks')}, released by the OS when a writer dies (SIGKILL too). "
+                    "Not protected: a network file system without working flock (some NFSv3, SMB or FUSE mounts)"
+                ),
+            }
+        if self._path.startswith("memory://"):
+            return {"mechanism": "in-process lock", "text": "one process only: a memory:// store lives in it"}
+        return lease_guarantee(self._path)
 
     def local_path(self) -> Path | None:
         """The store's directory when it is on the local file system."""
@@ -279,13 +299,28 @@ class Store:
     def info(self, verify: bool = False) -> dict[str, Any]:
         """A summary of every dataset and feature set, for ``embedcache info`` (``verify``: check
         every chunk's checksum too)."""
-        out: dict[str, Any] = {"url": self.url, "schema_version": SCHEMA_VERSION, "datasets": {}}
+        out: dict[str, Any] = {
+            "url": self.url,
+            "schema_version": SCHEMA_VERSION,
+            "write_guarantee": self.write_guarantee(),
+            "datasets": {},
+        }
         incomplete = self.incomplete_groups()
         if incomplete:
             out["incomplete"] = incomplete
         for name in self.datasets():
             out["datasets"][name] = self.dataset(name).info(verify=verify)
         return out
+
+
+def _store_exists(path: str, local: Path | None) -> bool:
+    """Whether a Zarr group is at ``path`` already (one metadata check, local or fsspec)."""
+    if local is not None:
+        return (local / "zarr.json").exists()
+    import fsspec
+
+    fs, root = fsspec.url_to_fs(path)
+    return bool(fs.exists(f"{root.rstrip('/')}/zarr.json"))
 
 
 def _complete(attrs, required: Sequence[str], kind: str) -> bool:

@@ -54,18 +54,25 @@ class Cells:
     def feature_key(self, backbone: str) -> str:
         return self.feature_sets[backbone].key
 
-    def features(self, backbone: str, positions: np.ndarray, feature_set: Any | None = None) -> np.ndarray:
+    def features(self, backbone: str, positions: np.ndarray, feature_set: Any | None = None) -> Any:
         """Float32 features of the usable cells at ``positions`` (indices into ``obs``).
 
         Only those rows are read from the store, from ``backbone``'s feature set or from
         ``feature_set`` (e.g. a perturbed one of the same dataset). Non-finite values raise
-        :class:`ProbeError` naming the cells.
+        :class:`ProbeError` naming the cells. Above the memory budget (:mod:`probes.outofcore`:
+        ``--max-memory``, ``--out-of-core``) nothing is read here: the rows come as a
+        :class:`probes.outofcore.ChunkedRows`, read (and checked) block by block by the fits.
         """
         positions = np.asarray(positions, dtype=np.int64)
         rows = self.obs["row"].to_numpy()[positions]
-        uniq, inverse = np.unique(rows, return_inverse=True)
         fs = feature_set if feature_set is not None else self.feature_sets[backbone]
         pool = self.pool_of(backbone)
+        from .outofcore import chunked_if_large
+
+        lazy = chunked_if_large(fs, pool, rows, self.obs["id"].to_numpy()[positions])
+        if lazy is not None:
+            return lazy
+        uniq, inverse = np.unique(rows, return_inverse=True)
         try:
             x = fs.to_numpy(pool, rows=uniq)
         except Exception as e:  # StoreError (incomplete set, missing pool) and I/O errors

@@ -57,6 +57,7 @@ FIT_COLUMNS = [
     "best_epoch",
     "epochs_run",
     "n_trainable",
+    "features",
 ]
 FIT_ATTRS = (
     "C_",
@@ -192,8 +193,13 @@ def fit_info(est: Any) -> dict[str, Any]:
 def fit_predict(job: FitJob, device: str = "auto", make_probe: Callable[..., Any] | None = None) -> Fitted:
     """Fit ``job``'s probe and predict each test matrix; seconds cover the fit and every prediction.
 
-    A failure deep inside a library becomes a :class:`ProbeError` naming the fit (cause kept).
+    Matrices read out of core (:class:`probes.outofcore.ChunkedRows`) are fitted by the heads that
+    stream them (kNN, logistic; others raise a :class:`ProbeError`) and predicted block by block;
+    ``info["features"]`` says which path ran (``in-memory`` / ``out-of-core``). A failure deep inside
+    a library becomes a :class:`ProbeError` naming the fit (cause kept).
     """
+    from .outofcore import for_rows, is_chunked, predict_blocks
+
     make: Callable[..., Any]
     if make_probe is None:  # the heads, and the fine-tunes (lp, ft-last, lora, scratch-vit)
         from .finetune.study_inputs import make_tune_probe
@@ -207,12 +213,13 @@ def fit_predict(job: FitJob, device: str = "auto", make_probe: Callable[..., Any
         + f", seed {job.seed}"
     )
     try:
-        est = make(job.probe, seed=job.seed, device=device, **job.params)
+        est = for_rows(make(job.probe, seed=job.seed, device=device, **job.params), job.probe, job.x_train)
         t0 = time.perf_counter()
         est.fit(job.x_train, job.y_train)
-        preds = [np.asarray(est.predict(x)).astype(str) for x in job.x_tests]
+        preds = [predict_blocks(est, x).astype(str) for x in job.x_tests]
         seconds = time.perf_counter() - t0
         info = fit_info(est)
+        info["features"] = "out-of-core" if is_chunked(job.x_train) else "in-memory"
         history = getattr(est, "history_", None)
     except ProbeError:
         raise
@@ -230,9 +237,20 @@ def run_plan(
     device: str = "auto",
     quiet: bool = False,
     make_probe: Callable[..., Any] | None = None,
+    scheduler: str | None = None,
 ) -> Iterator[Fitted]:
-    """Fit every job in turn under one progress bar (``total`` fits; none shown when ``quiet``)."""
+    """Fit every job in turn under one progress bar (``total`` fits; none shown when ``quiet``).
+
+    ``scheduler`` (default: :func:`probes.dask_fits.current_scheduler`, which ``--scheduler`` sets):
+    ``tcp://HOST:PORT`` or ``local:N`` runs each job as a Dask task (:mod:`probes.dask_fits`); the
+    results come back in the plan's order, so every table is the local run's."""
+    from .dask_fits import current_scheduler, run_on_dask
+
+    scheduler = scheduler or current_scheduler()
     with progress(total, quiet) as advance:
+        if scheduler:
+            yield from run_on_dask(jobs, scheduler, device=device, make_probe=make_probe, advance=advance)
+            return
         for job in jobs:
             advance(job.label)
             yield fit_predict(job, device, make_probe)
@@ -250,6 +268,15 @@ def fit_table(rows: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
             f"{len(stopped)} of {len(table)} fits stopped at their iteration limit before meeting "
             "the stopping rule (converged = False in fits.csv): "
             + ", ".join(sorted({f"{b} · {p}" for b, p in zip(stopped["backbone"], stopped["probe"])}))
+        )
+    ooc = table[table["features"] == "out-of-core"]
+    if len(ooc):
+        from .outofcore import current_policy, gib
+
+        notes.append(
+            f"{len(ooc)} of {len(table)} fits read their features out of core (from the store in row blocks, "
+            f"features = out-of-core in fits.csv): above the memory budget of {gib(current_policy().budget)} "
+            "(--max-memory) or asked for (--out-of-core always)"
         )
     return table, notes
 

@@ -6,6 +6,7 @@
 # skipped: embedcache extract --model uni --weights ~/ckpt/uni.safetensors --out s3://  (no object store offline)
 # skipped: embedcache extract --model timm:vit_small_patch14_dinov2 --data bloodmnist.npz  (hub weights; .npz is in test_sources.py)
 # skipped: probes finetune --hierarchy --loss hierarchical-focal  (hierarchy files: tests/test_losses.py)
+# skipped: embedcache extract --data s3:// --out s3:// --scheduler  (an object store and a running Dask scheduler: tests/test_s3.py, tests/test_distributed.py)
 set -euo pipefail
 DATA=${1:?usage: readme_flows.sh TESTS_DATA_DIR WORKDIR}
 cd "${2:?}"
@@ -65,6 +66,10 @@ probes calibrate --store cache.zarr --model $RES --probe logistic --split column
 probes selective --store cache.zarr --model $RES --probe logistic --target-accuracy 0.5 --confidence msp,margin \
     --split column --out sel -q
 probes audit --store cache.zarr --model $RES,timm:test_resnet --probes logistic,knn --folds 2 --seeds 1 --out audit -q
+probes audit --store cache.zarr --model $RES --probes logistic,knn --folds 2 --seeds 1 --out-of-core always --out audit-ooc -q
+embedcache extract --model timm:test_vit $W --data manifest.csv --out dist.zarr --cluster local:2 -q
+probes scale --store dist.zarr --seeds 1 --model timm:test_vit --limits 4 --probes knn,logistic --split column \
+    --scheduler local:2 --out-of-core auto --max-memory 1KB --out sched -q
 FIRST=$(python -c "import embedcache; print(embedcache.open_store('cache.zarr').dataset().obs['id'][0])")
 IMAGE=$(python -c "import embedcache; print(embedcache.open_store('cache.zarr').dataset().obs['path'][0])")
 probes neighbors --store cache.zarr --model $RES --id "$FIRST" -k 3 --out nb

@@ -21,6 +21,7 @@ from ..reporting.console import Col, Panel
 from ..reporting.plots import plot_confusion
 from ..reporting.tables import prepare_out, study_document
 from ..reporting.training import training_plots
+from ..runtime import study_runtime
 from ..sampling import TEST_SIZE, parse_seeds
 from ..skeleton import check_probes, either, finish, show_summary, study_name
 from ..split_fits import CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
@@ -64,6 +65,9 @@ def evaluate(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
+    scheduler: str | None = None,
+    out_of_core: str | None = None,
+    max_memory: str | int | None = None,
     quiet: bool = False,
     show: bool | None = None,
     probe: str | Sequence[str] | None = None,
@@ -85,100 +89,103 @@ def evaluate(
     ``hierarchy`` YAML), ``epochs``, ``batch_size``, ``lr`` / ``weight_decay`` (None: the method's), ``val_fraction``
     (hold-out choosing the best epoch), ``patience`` (early stopping), ``lora_rank`` / ``lora_alpha`` /
     ``lora_dropout``. Their per-epoch loss and hold-out macro-F1 go to ``epochs.csv`` and ``training_curves.png``.
+    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
     """
-    seed_list = parse_seeds(seeds)
-    cells = open_cells(store, model, dataset=dataset, pool=pool)
-    probe_list = check_probes(either(probes, probe, "logistic"))
-    name = study_name("eval", cells.backbones + probe_list, out)
-    params: dict[str, Any] = dict(
-        store=str(cells.store_url),
-        dataset=cells.dataset,
-        model=cells.backbones,
-        probe=probe_list,
-        seeds=seed_list,
-        split=split,
-        val=val,
-        pool=cells.pool,
-        device=device,
-        test_size=test_size,
-    )
-    from ..finetune.study_inputs import study_inputs
+    with study_runtime(scheduler, out_of_core, max_memory):
+        seed_list = parse_seeds(seeds)
+        cells = open_cells(store, model, dataset=dataset, pool=pool)
+        probe_list = check_probes(either(probes, probe, "logistic"))
+        name = study_name("eval", cells.backbones + probe_list, out)
+        params: dict[str, Any] = dict(
+            store=str(cells.store_url),
+            dataset=cells.dataset,
+            model=cells.backbones,
+            probe=probe_list,
+            seeds=seed_list,
+            split=split,
+            val=val,
+            pool=cells.pool,
+            device=device,
+            test_size=test_size,
+        )
+        from ..finetune.study_inputs import study_inputs
 
-    inputs, tune_params = study_inputs(
-        cells,
-        probe_list,
-        device,
-        tail_blocks=tail_blocks,
-        head=head,
-        loss=loss,
-        gamma=gamma,
-        hierarchy=hierarchy,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        val_fraction=val_fraction,
-        patience=patience,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-    )
-    params.update(tune_params)
-    plan = DomainPlan.make(cells, train_domain, test_domain)
-    if plan is not None:
-        params.update(train_domain=plan.train, test_domain=plan.test)
-    folder = prepare_out(default_out(name, out))
-    from ..finetune.saving import AdapterKeeper  # torch: imported when fitting
+        inputs, tune_params = study_inputs(
+            cells,
+            probe_list,
+            device,
+            tail_blocks=tail_blocks,
+            head=head,
+            loss=loss,
+            gamma=gamma,
+            hierarchy=hierarchy,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            val_fraction=val_fraction,
+            patience=patience,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+        )
+        params.update(tune_params)
+        plan = DomainPlan.make(cells, train_domain, test_domain)
+        if plan is not None:
+            params.update(train_domain=plan.train, test_domain=plan.test)
+        folder = prepare_out(default_out(name, out))
+        from ..finetune.saving import AdapterKeeper  # torch: imported when fitting
 
-    keeper = AdapterKeeper(save_adapter, probe_list) if save_adapter is not None else None
-    fits = fit_splits(
-        name,
-        cells,
-        [None],
-        seed_list,
-        probe_list,
-        split=split,
-        val=val,
-        test_size=test_size,
-        device=device,
-        quiet=quiet,
-        plan=plan,
-        inputs=inputs,
-        make_probe=keeper,
-    )
-    curves = over_seeds(fits.results)
-    res = StudyResult(
-        "evaluate",
-        name,
-        params,
-        fits.results,
-        curves,
-        eval_summary(curves),
-        fits.exclusions,
-        fits.confusion,
-        fits.notes,
-        domains=domain_gaps(curves) if plan is not None else None,
-        splits=fits.splits,
-        evaluations=fits.evaluations,
-        fits=fits.fits,
-        epochs=fits.epochs,
-        out=folder,
-    )
-    if keeper is not None:
-        res.notes.extend(keeper.save())
-    plots = {**confusion_plots(res.confusion), **training_plots(res.epochs)}
-    finish(
-        res,
-        tables=common_tables(res),
-        plots=plots,
-        documents={
-            "confusion.json": confusion_matrices(res.confusion),
-            "study.json": lambda names: study_document("evaluate", name, params, res.notes, names),
-        },
-        panels=panels(res),
-        show=show_summary(quiet, show),
-    )
-    return res
+        keeper = AdapterKeeper(save_adapter, probe_list) if save_adapter is not None else None
+        fits = fit_splits(
+            name,
+            cells,
+            [None],
+            seed_list,
+            probe_list,
+            split=split,
+            val=val,
+            test_size=test_size,
+            device=device,
+            quiet=quiet,
+            plan=plan,
+            inputs=inputs,
+            make_probe=keeper,
+        )
+        curves = over_seeds(fits.results)
+        res = StudyResult(
+            "evaluate",
+            name,
+            params,
+            fits.results,
+            curves,
+            eval_summary(curves),
+            fits.exclusions,
+            fits.confusion,
+            fits.notes,
+            domains=domain_gaps(curves) if plan is not None else None,
+            splits=fits.splits,
+            evaluations=fits.evaluations,
+            fits=fits.fits,
+            epochs=fits.epochs,
+            out=folder,
+        )
+        if keeper is not None:
+            res.notes.extend(keeper.save())
+        plots = {**confusion_plots(res.confusion), **training_plots(res.epochs)}
+        finish(
+            res,
+            tables=common_tables(res),
+            plots=plots,
+            documents={
+                "confusion.json": confusion_matrices(res.confusion),
+                "study.json": lambda names: study_document("evaluate", name, params, res.notes, names),
+            },
+            panels=panels(res),
+            show=show_summary(quiet, show),
+        )
+        return res
 
 
 def eval_summary(curves: pd.DataFrame) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from ..metrics import MAIN_METRIC, score
 from ..reporting.console import Col, Panel
 from ..reporting.plots import plot_robustness
 from ..reporting.tables import prepare_out, study_document
+from ..runtime import study_runtime
 from ..sampling import TEST_SIZE, Sampler, Split, parse_seeds
 from ..skeleton import FitJob, check_probes, either, finish, run_plan, show_summary, study_name
 
@@ -118,6 +119,9 @@ def robustness(
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
+    scheduler: str | None = None,
+    out_of_core: str | None = None,
+    max_memory: str | int | None = None,
     quiet: bool = False,
     show: bool | None = None,
     probe: str | Sequence[str] | None = None,
@@ -129,80 +133,90 @@ def robustness(
     perturbed sets cover by default; else a stratified 80/20 split), ``column`` or
     ``stratified``. Writes ``results.csv/.parquet``, ``summary.csv``, ``slopes.csv``,
     ``robustness.png`` and ``study.json`` to ``out`` (default ``robustness-<models>-<date>``).
+    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
     """
-    families = parse_names(perturb)
-    if not families:
-        raise ProbeError("no perturbation given, e.g. --perturb blur-pre,blur-post")
-    seed_list = parse_seeds(seeds)
-    cells = open_cells(store, model, dataset=dataset, pool=pool)
-    probe_list = check_probes(either(probes, probe, "logistic"))
-    sets = {b: perturbed_sets(cells, b, families) for b in cells.backbones}
-    has_test = (np.char.lower(cells.obs["split"].to_numpy(dtype=str)) == "test").any()
-    if split == "auto":
-        split = "column" if has_test else "stratified"
-    if split not in ("column", "stratified"):
-        raise ProbeError(f"unknown split '{split}' for a robustness study: use auto, column or stratified")
-    name = study_name("robustness", cells.backbones + families, out)
-    params = dict(
-        store=str(cells.store_url),
-        dataset=cells.dataset,
-        model=cells.backbones,
-        perturb=families,
-        probe=probe_list,
-        seeds=seed_list,
-        split=split,
-        pool=cells.pool,
-        device=device,
-        test_size=test_size,
-        sigmas={b: {f: [s for s, _ in sets[b][f]] for f in families} for b in cells.backbones},
-    )
-    notes = cells.exclusion_lines()
-    splits = covered_splits(
-        cells,
-        sets,
-        Sampler(cells.labels, split, split_column=cells.obs["split"].to_numpy(), test_size=test_size),
-        seed_list,
-        notes,
-    )
-    folder = prepare_out(Path(out) if out is not None else Path(name))
-    rows: list[dict] = []
-    total = len(cells.backbones) * len(seed_list) * len(probe_list)
-    for done in run_plan(_jobs(cells, sets, families, splits, probe_list), total, device=device, quiet=quiet):
-        job = done.job
-        sp, variants = job.tag
-        for (fam, sigma, fs), pred in zip(variants, done.predictions):
-            sc = score(cells.labels[sp.test], pred, sp.classes)
-            base = dict(
-                study=name,
-                dataset=cells.dataset,
-                backbone=job.backbone,
-                feature_key=fs.key,
-                pool=cells.pool_of(job.backbone),
-                probe=job.probe,
-                seed=sp.seed,
-                perturbation=fam,
-                sigma=sigma,
-                n_train=len(sp.train),
-                n_test=len(sp.test),
-            )
-            rows += [{**base, "metric": m, "value": v} for m, v in sc.values.items()]
-    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    summary = summary_table(results, families)
-    res = RobustnessResult(name, params, results, summary, slope_table(summary), list(dict.fromkeys(notes)), out=folder)
-    title = f"{params['dataset']} · {params['split']} split"
-    finish(
-        res,
-        tables={"results.csv": results, "results.parquet": results, "summary.csv": summary, "slopes.csv": res.slopes},
-        plots={"robustness.png": lambda p: plot_robustness(summary, p, title=title)},
-        documents={
-            "study.json": lambda names: study_document(
-                "robustness", name, params, res.notes, names, slope_definition=SLOPE_DEFINITION
-            )
-        },
-        panels=panels(res),
-        show=show_summary(quiet, show),
-    )
-    return res
+    with study_runtime(scheduler, out_of_core, max_memory):
+        families = parse_names(perturb)
+        if not families:
+            raise ProbeError("no perturbation given, e.g. --perturb blur-pre,blur-post")
+        seed_list = parse_seeds(seeds)
+        cells = open_cells(store, model, dataset=dataset, pool=pool)
+        probe_list = check_probes(either(probes, probe, "logistic"))
+        sets = {b: perturbed_sets(cells, b, families) for b in cells.backbones}
+        has_test = (np.char.lower(cells.obs["split"].to_numpy(dtype=str)) == "test").any()
+        if split == "auto":
+            split = "column" if has_test else "stratified"
+        if split not in ("column", "stratified"):
+            raise ProbeError(f"unknown split '{split}' for a robustness study: use auto, column or stratified")
+        name = study_name("robustness", cells.backbones + families, out)
+        params = dict(
+            store=str(cells.store_url),
+            dataset=cells.dataset,
+            model=cells.backbones,
+            perturb=families,
+            probe=probe_list,
+            seeds=seed_list,
+            split=split,
+            pool=cells.pool,
+            device=device,
+            test_size=test_size,
+            sigmas={b: {f: [s for s, _ in sets[b][f]] for f in families} for b in cells.backbones},
+        )
+        notes = cells.exclusion_lines()
+        splits = covered_splits(
+            cells,
+            sets,
+            Sampler(cells.labels, split, split_column=cells.obs["split"].to_numpy(), test_size=test_size),
+            seed_list,
+            notes,
+        )
+        folder = prepare_out(Path(out) if out is not None else Path(name))
+        rows: list[dict] = []
+        total = len(cells.backbones) * len(seed_list) * len(probe_list)
+        for done in run_plan(_jobs(cells, sets, families, splits, probe_list), total, device=device, quiet=quiet):
+            job = done.job
+            sp, variants = job.tag
+            for (fam, sigma, fs), pred in zip(variants, done.predictions):
+                sc = score(cells.labels[sp.test], pred, sp.classes)
+                base = dict(
+                    study=name,
+                    dataset=cells.dataset,
+                    backbone=job.backbone,
+                    feature_key=fs.key,
+                    pool=cells.pool_of(job.backbone),
+                    probe=job.probe,
+                    seed=sp.seed,
+                    perturbation=fam,
+                    sigma=sigma,
+                    n_train=len(sp.train),
+                    n_test=len(sp.test),
+                )
+                rows += [{**base, "metric": m, "value": v} for m, v in sc.values.items()]
+        results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        summary = summary_table(results, families)
+        res = RobustnessResult(
+            name, params, results, summary, slope_table(summary), list(dict.fromkeys(notes)), out=folder
+        )
+        title = f"{params['dataset']} · {params['split']} split"
+        finish(
+            res,
+            tables={
+                "results.csv": results,
+                "results.parquet": results,
+                "summary.csv": summary,
+                "slopes.csv": res.slopes,
+            },
+            plots={"robustness.png": lambda p: plot_robustness(summary, p, title=title)},
+            documents={
+                "study.json": lambda names: study_document(
+                    "robustness", name, params, res.notes, names, slope_definition=SLOPE_DEFINITION
+                )
+            },
+            panels=panels(res),
+            show=show_summary(quiet, show),
+        )
+        return res
 
 
 def covered_splits(

@@ -21,6 +21,7 @@ from ..reporting.console import Bold, Col, Panel
 from ..reporting.plots import plot_scaling
 from ..reporting.tables import prepare_out, study_document
 from ..reporting.training import training_plots
+from ..runtime import study_runtime
 from ..sampling import TEST_SIZE, limits_note, parse_limits, parse_seeds
 from ..skeleton import check_probes, finish, show_summary, study_name
 from ..split_fits import CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
@@ -57,6 +58,9 @@ def scale(
     lora_rank: int = 8,
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
+    scheduler: str | None = None,
+    out_of_core: str | None = None,
+    max_memory: str | int | None = None,
     quiet: bool = False,
     show: bool | None = None,
 ) -> StudyResult:
@@ -76,101 +80,104 @@ def scale(
     ``hierarchy`` YAML), ``epochs``, ``batch_size``, ``lr`` / ``weight_decay`` (None: the method's), ``val_fraction``
     (hold-out choosing the best epoch), ``patience`` (early stopping), ``lora_rank`` / ``lora_alpha`` /
     ``lora_dropout``. Their per-epoch loss and hold-out macro-F1 go to ``epochs.csv`` and ``training_curves.png``.
+    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
     """
-    limit_list = parse_limits(limits)
-    seed_list = parse_seeds(seeds)
-    cells = open_cells(store, model, dataset=dataset, pool=pool)
-    probe_list = check_probes(probes)
-    name = study_name("scale", cells.backbones, out)
-    params: dict[str, Any] = dict(
-        store=str(cells.store_url),
-        dataset=cells.dataset,
-        model=cells.backbones,
-        limits=limit_list,
-        probes=probe_list,
-        seeds=seed_list,
-        split=split,
-        val=val,
-        pool=cells.pool,
-        device=device,
-        test_size=test_size,
-        fraction=fraction,
-    )
-    from ..finetune.study_inputs import study_inputs
+    with study_runtime(scheduler, out_of_core, max_memory):
+        limit_list = parse_limits(limits)
+        seed_list = parse_seeds(seeds)
+        cells = open_cells(store, model, dataset=dataset, pool=pool)
+        probe_list = check_probes(probes)
+        name = study_name("scale", cells.backbones, out)
+        params: dict[str, Any] = dict(
+            store=str(cells.store_url),
+            dataset=cells.dataset,
+            model=cells.backbones,
+            limits=limit_list,
+            probes=probe_list,
+            seeds=seed_list,
+            split=split,
+            val=val,
+            pool=cells.pool,
+            device=device,
+            test_size=test_size,
+            fraction=fraction,
+        )
+        from ..finetune.study_inputs import study_inputs
 
-    inputs, tune_params = study_inputs(
-        cells,
-        probe_list,
-        device,
-        tail_blocks=tail_blocks,
-        head=head,
-        loss=loss,
-        gamma=gamma,
-        hierarchy=hierarchy,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        val_fraction=val_fraction,
-        patience=patience,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-    )
-    params.update(tune_params)
-    plan = DomainPlan.make(cells, train_domain, test_domain)
-    if plan is not None:
-        params.update(train_domain=plan.train, test_domain=plan.test)
-    folder = prepare_out(default_out(name, out))
-    fits = fit_splits(
-        name,
-        cells,
-        limit_list,
-        seed_list,
-        probe_list,
-        split=split,
-        val=val,
-        test_size=test_size,
-        device=device,
-        quiet=quiet,
-        plan=plan,
-        inputs=inputs,
-    )
-    curves = over_seeds(fits.results)
-    res = StudyResult(
-        "scale",
-        name,
-        params,
-        fits.results,
-        curves,
-        limit_reaching(curves, fraction),
-        fits.exclusions,
-        fits.confusion,
-        [n for n in [limits_note(limits, limit_list)] if n] + list(fits.notes),
-        domains=domain_gaps(curves) if plan is not None else None,
-        splits=fits.splits,
-        evaluations=fits.evaluations,
-        fits=fits.fits,
-        epochs=fits.epochs,
-        out=folder,
-    )
-    title = f"{params['dataset']} · {params['split']} split"
-    finish(
-        res,
-        tables=common_tables(res),
-        plots={
-            "scaling.png": lambda p: plot_scaling(res.curves, p, res.summary, title=title),
-            **training_plots(res.epochs, title),
-        },
-        documents={
-            "confusion.json": confusion_matrices(res.confusion),
-            "study.json": lambda names: study_document("scale", name, params, res.notes, names),
-        },
-        panels=panels(res),
-        lines=footnotes(res),
-        show=show_summary(quiet, show),
-    )
-    return res
+        inputs, tune_params = study_inputs(
+            cells,
+            probe_list,
+            device,
+            tail_blocks=tail_blocks,
+            head=head,
+            loss=loss,
+            gamma=gamma,
+            hierarchy=hierarchy,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            val_fraction=val_fraction,
+            patience=patience,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+        )
+        params.update(tune_params)
+        plan = DomainPlan.make(cells, train_domain, test_domain)
+        if plan is not None:
+            params.update(train_domain=plan.train, test_domain=plan.test)
+        folder = prepare_out(default_out(name, out))
+        fits = fit_splits(
+            name,
+            cells,
+            limit_list,
+            seed_list,
+            probe_list,
+            split=split,
+            val=val,
+            test_size=test_size,
+            device=device,
+            quiet=quiet,
+            plan=plan,
+            inputs=inputs,
+        )
+        curves = over_seeds(fits.results)
+        res = StudyResult(
+            "scale",
+            name,
+            params,
+            fits.results,
+            curves,
+            limit_reaching(curves, fraction),
+            fits.exclusions,
+            fits.confusion,
+            [n for n in [limits_note(limits, limit_list)] if n] + list(fits.notes),
+            domains=domain_gaps(curves) if plan is not None else None,
+            splits=fits.splits,
+            evaluations=fits.evaluations,
+            fits=fits.fits,
+            epochs=fits.epochs,
+            out=folder,
+        )
+        title = f"{params['dataset']} · {params['split']} split"
+        finish(
+            res,
+            tables=common_tables(res),
+            plots={
+                "scaling.png": lambda p: plot_scaling(res.curves, p, res.summary, title=title),
+                **training_plots(res.epochs, title),
+            },
+            documents={
+                "confusion.json": confusion_matrices(res.confusion),
+                "study.json": lambda names: study_document("scale", name, params, res.notes, names),
+            },
+            panels=panels(res),
+            lines=footnotes(res),
+            show=show_summary(quiet, show),
+        )
+        return res
 
 
 def limit_reaching(curves: pd.DataFrame, fraction: float = 0.95, metric: str = MAIN_METRIC) -> pd.DataFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,11 +33,15 @@ EVIDENCE_COLUMNS = [
 ]
 
 
-def neighbor_disagreement(
-    features: np.ndarray, labels: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(disagreement (N,), neighbour positions (N, k), similarities (N, k)) over one backbone."""
-    sims, idx = NeighborIndex(features).all_neighbors(k)
+def neighbor_disagreement(features: Any, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(disagreement (N,), neighbour positions (N, k), similarities (N, k)) over one backbone; features read
+    out of core (:class:`probes.outofcore.ChunkedRows`) are searched chunk by chunk to the exact top-k."""
+    from ...outofcore import all_neighbors, is_chunked
+
+    if is_chunked(features):
+        sims, idx = all_neighbors(features, k)
+    else:
+        sims, idx = NeighborIndex(features).all_neighbors(k)
     valid = idx >= 0
     other = (labels[np.where(valid, idx, 0)] != labels[:, None]) & valid
     return other.sum(1) / np.maximum(valid.sum(1), 1), idx, sims

@@ -30,11 +30,17 @@ def label_digest(
     return h.hexdigest()[:16]
 
 
-def feature_digest(x: np.ndarray) -> str:
-    """sha256 (16 hex) of a feature matrix as float32 (shape included)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    h = hashlib.sha256(repr(x.shape).encode())
-    h.update(x.data.cast("B"))
+def feature_digest(x: Any) -> str:
+    """sha256 (16 hex) of a feature matrix as float32 (shape included); an out-of-core matrix
+    (:class:`probes.outofcore.ChunkedRows`) is read block by block, to the same digest."""
+    from ...outofcore import is_chunked
+
+    h = hashlib.sha256(repr(tuple(x.shape)).encode())
+    if is_chunked(x):
+        for start in range(0, len(x), x.block_rows):
+            h.update(np.ascontiguousarray(x.read(np.arange(start, min(len(x), start + x.block_rows)))).data.cast("B"))
+    else:
+        h.update(np.ascontiguousarray(x, dtype=np.float32).data.cast("B"))
     return h.hexdigest()[:16]
 
 
@@ -110,23 +116,31 @@ def probe_signature(name: str, make_probe: Callable[..., Any]) -> str:
 
 
 def oof_proba(
-    x: np.ndarray, labels: np.ndarray, fold: np.ndarray, classes: Sequence[str], make: Callable[[], Any]
+    x: Any,
+    labels: np.ndarray,
+    fold: np.ndarray,
+    classes: Sequence[str],
+    make: Callable[[], Any],
+    name: str = "probe",
 ) -> np.ndarray:
     """(N, C) out-of-fold probabilities: fold ``f`` is predicted by a probe fit on every other fold.
 
-    A class absent from a fold's training cells gets probability 0 for that fold's cells.
+    A class absent from a fold's training cells gets probability 0 for that fold's cells. ``x`` may be
+    read out of core (:class:`probes.outofcore.ChunkedRows`): kNN and logistic (``name``) fit it there.
     """
+    from ...outofcore import for_rows, predict_blocks, proba_blocks
+
     idx = {c: i for i, c in enumerate(classes)}
     proba = np.full((len(labels), len(classes)), np.nan, dtype=np.float32)
     for f in np.unique(fold):
         test, train = fold == f, fold != f
-        est = make()
+        est = for_rows(make(), name, x[train])
         est.fit(x[train], labels[train])
         cols = [idx[str(c)] for c in est.classes_]
         if hasattr(est, "predict_proba"):
-            p = np.asarray(est.predict_proba(x[test]), dtype=np.float32)
+            p = np.asarray(proba_blocks(est, x[test]), dtype=np.float32)
         else:  # a probe without probabilities votes with its prediction
-            pred = np.asarray(est.predict(x[test])).astype(str)
+            pred = np.asarray(predict_blocks(est, x[test])).astype(str)
             p = (pred[:, None] == np.asarray(est.classes_, dtype=str)[None]).astype(np.float32)
         block = np.zeros((int(test.sum()), len(classes)), dtype=np.float32)
         block[:, cols] = p

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ...data import ProbeError, open_cells, parse_names
+from ...outofcore import is_chunked
 from ...reporting.console import progress
 from ...reporting.tables import prepare_out
 from ...sampling import parse_seeds, sort_labels
@@ -195,9 +196,9 @@ def audit_arrays(
                 reused += 1
                 continue
             advance(f"{b} · {p} · seed {s}")
-            x = np.asarray(features[b], dtype=np.float32)
+            x = features[b] if is_chunked(features[b]) else np.asarray(features[b], dtype=np.float32)
             try:
-                proba = oof_proba(x, labels, fold, classes, partial(make_probe, p, seed=int(s), device=device))
+                proba = oof_proba(x, labels, fold, classes, partial(make_probe, p, seed=int(s), device=device), name=p)
             except ProbeError:
                 raise
             except Exception as e:
@@ -277,6 +278,8 @@ def audit(
     threads: int | None = None,
     make_probe: Callable[..., Any] | None = None,
     html: bool = True,
+    out_of_core: str | None = None,
+    max_memory: str | int | None = None,
     quiet: bool = False,
     show: bool | None = None,
 ) -> AuditResult:
@@ -293,9 +296,43 @@ def audit(
     cached in the store (beside it: :func:`probes.studies.audit.cache.default_cache`; a cache an
     earlier version left in ``<store>/.probes/`` is still read) or in ``cache`` (a file path or
     URL); ``cache=False`` turns the cache off. ``folds_by``: the fold scheme and ``ranking`` the
-    score (see :class:`AuditOptions`). ``quiet``
-    hides the progress bar and the summary; ``show`` prints the summary regardless.
+    score (see :class:`AuditOptions`). ``out_of_core`` / ``max_memory``: features above the budget are read
+    in store chunks (kNN and logistic fit them there; the neighbour search merges chunks to the exact top-k;
+    :mod:`probes.runtime`). ``quiet`` hides the progress bar and the summary; ``show`` prints the summary
+    regardless.
     """
+    from ...runtime import study_runtime
+
+    with study_runtime(None, out_of_core, max_memory):
+        return _audit(
+            store, model, probes=probes, folds=folds, seeds=seeds, folds_by=folds_by, k=k, dataset=dataset,
+            pool=pool, out=out, cache=cache, top=top, ranking=ranking, device=device, threads=threads,
+            make_probe=make_probe, html=html, quiet=quiet, show=show,
+        )  # fmt: skip
+
+
+def _audit(
+    store: Any,
+    model: str | Sequence[str],
+    *,
+    probes: str | Sequence[str],
+    folds: int,
+    seeds: int | str | Sequence[int],
+    folds_by: str,
+    k: int,
+    dataset: str | None,
+    pool: str | None,
+    out: str | os.PathLike | None,
+    cache: str | os.PathLike | bool | None,
+    top: int,
+    ranking: Ranking | str | None,
+    device: str,
+    threads: int | None,
+    make_probe: Callable[..., Any] | None,
+    html: bool,
+    quiet: bool,
+    show: bool | None,
+) -> AuditResult:
     import embedcache
 
     from .outputs import print_summary, write_outputs

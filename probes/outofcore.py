@@ -1,0 +1,551 @@
+"""Out-of-core probes: features larger than memory, read from the store in row blocks.
+
+A study reads its features into memory (:meth:`probes.data.Cells.features`) unless they exceed the
+**memory budget** (:class:`MemoryPolicy`: ``max_memory`` bytes, default :data:`MEMORY_FRACTION` of the
+physical RAM; ``mode="always"`` forces, ``"never"`` forbids the out-of-core path). Above it they come
+as a :class:`ChunkedRows`: the store rows of the cells, read on demand, one block of at most
+``block_rows`` rows at a time (float16 -> float32 per block, every store chunk checked against its
+checksum as :meth:`embedcache.store.FeatureSet.to_numpy` does). Store chunks are read in store
+order, each once per pass.
+
+Two heads fit on such rows with results equal to their in-memory fits on data that fits:
+
+* ``knn`` / ``knn1``: :class:`ChunkedKNNProbe`, an exact float32 search: a FAISS ``IndexFlatIP`` per
+  database block, each query's top-k merged across blocks (:func:`exact_search`) into the exact
+  global top-k; among equal similarities the lower row position wins (deterministic ties).
+  :func:`all_neighbors` is the audit's form (every row's k nearest other rows).
+* ``logistic`` / ``linear``: :class:`probes.heads.logistic.LogisticProbe` streams the blocks through
+  its full-batch L-BFGS: the loss and gradient are sums over rows, so the sum over blocks is the
+  in-memory objective (see :class:`StandardizedBlocks`); every objective evaluation is one pass.
+
+Other heads refuse out-of-core input with a :class:`probes.data.ProbeError` (never a silent read
+of everything). Predictions of any fitted head on a :class:`ChunkedRows` go block by block
+(:func:`predict_blocks`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import ProbeError
+from .heads.knn import KNNProbe
+from .vectors import l2_normalize
+
+MEMORY_FRACTION = 0.5  # of the physical RAM: the default budget for one study's feature matrix
+MODES = ("auto", "always", "never")
+CACHE_FRACTION = 0.5  # of the budget: standardised blocks a streamed fit keeps between its passes
+BLOCK_COPIES = 8  # room a block leaves for its working copies (standardised, transposed, scores)
+MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 1024, 1 << 20
+OUT_OF_CORE_PROBES = ("knn", "knn1", "logistic", "linear")
+
+
+# -- the memory budget ------------------------------------------------------------------------------
+def physical_memory() -> int:
+    """Bytes of physical RAM (``sysconf``)."""
+    return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_memory(value: str | int | float | None) -> int | None:
+    """``"8GB"``, ``"512MiB"``, ``"2e9"`` or an int -> bytes; ``None`` / ``""`` -> None (the default)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(value).lower())
+        if m is None:
+            raise ProbeError(f"--max-memory '{value}' is not a size; write e.g. 8GB, 512MiB or a byte count")
+        n = float(m.group(1)) * _UNITS[m.group(2) or ""]
+    if n <= 0:
+        raise ProbeError(f"--max-memory must be positive, got {value}")
+    return int(n)
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """When a study's features are read out of core: ``mode`` ``auto`` (above ``max_memory`` bytes;
+    None: :data:`MEMORY_FRACTION` of the RAM), ``always`` or ``never``; ``block_rows`` (None: from the
+    budget) the rows read at a time."""
+
+    mode: str = "auto"
+    max_memory: int | None = None
+    block_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ProbeError(f"out-of-core mode '{self.mode}'; one of {', '.join(MODES)}")
+        if self.block_rows is not None and self.block_rows < 1:
+            raise ProbeError(f"block_rows must be at least 1, got {self.block_rows}")
+
+    @property
+    def budget(self) -> int:
+        """The memory budget in bytes."""
+        return self.max_memory if self.max_memory is not None else int(MEMORY_FRACTION * physical_memory())
+
+    def out_of_core(self, nbytes: int) -> bool:
+        """Read ``nbytes`` of float32 features out of core?"""
+        return self.mode == "always" or (self.mode == "auto" and nbytes > self.budget)
+
+    def rows_per_block(self, width: int) -> int:
+        """Rows per block for features of ``width`` columns."""
+        if self.block_rows is not None:
+            return int(self.block_rows)
+        rows = self.budget // max(1, BLOCK_COPIES * 4 * width)
+        return int(min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, rows)))
+
+
+_POLICY: contextvars.ContextVar[MemoryPolicy | None] = contextvars.ContextVar("probes_memory_policy", default=None)
+
+
+def current_policy() -> MemoryPolicy:
+    """The policy studies follow now (:func:`memory_policy` sets it; default: ``auto`` at the default budget)."""
+    return _POLICY.get() or MemoryPolicy()
+
+
+@contextlib.contextmanager
+def memory_policy(
+    mode: str = "auto", max_memory: str | int | None = None, block_rows: int | None = None
+) -> Iterator[MemoryPolicy]:
+    """Run the block with this out-of-core policy (``max_memory``: bytes or ``"8GB"``)."""
+    policy = MemoryPolicy(mode, parse_memory(max_memory), block_rows)
+    token = _POLICY.set(policy)
+    try:
+        yield policy
+    finally:
+        _POLICY.reset(token)
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+# -- rows read from the store -----------------------------------------------------------------------
+class ChunkedRows:
+    """Float32 features of some store rows, read from the store block by block, never all at once.
+
+    ``rows`` are store rows (repeats allowed), in the order of the matrix this stands for; ``ids``
+    (optional, one per row) name cells in errors. Indexing with positions gives another
+    :class:`ChunkedRows`; :meth:`blocks` yields ``(positions, X)`` blocks; :meth:`read` reads chosen
+    rows into memory. Converting it to an array (``np.asarray``) is refused: that is the read of
+    everything this class is there to avoid (use :meth:`to_numpy` where that is meant). Pickles as
+    the store's URL and the set's key (a Dask worker reopens the store).
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(
+        self,
+        feature_set: Any,
+        pool: str,
+        rows: np.ndarray,
+        ids: np.ndarray | None = None,
+        block_rows: int | None = None,
+        _source: _Source | None = None,
+        cache_bytes: int | None = None,
+    ):
+        self.fs = feature_set
+        self.pool = pool
+        self.rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        self.ids = None if ids is None else np.asarray(ids)
+        if self.ids is not None and len(self.ids) != len(self.rows):
+            raise ValueError(f"{len(self.ids)} ids for {len(self.rows)} rows")
+        self.width = int(feature_set.array(pool).shape[1])
+        self.block_rows = int(block_rows) if block_rows else current_policy().rows_per_block(self.width)
+        # what a streamed fit may keep of these rows in memory between passes (StandardizedBlocks)
+        self.cache_bytes = int(current_policy().budget * CACHE_FRACTION) if cache_bytes is None else int(cache_bytes)
+        self._source = _source if _source is not None else _Source(feature_set, pool)
+
+    # -- shape --------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.width)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the float32 matrix this stands for."""
+        return len(self.rows) * self.width * 4
+
+    def __repr__(self) -> str:
+        return f"ChunkedRows({self.fs.key}/{self.pool}, {len(self)} x {self.width}, blocks of {self.block_rows})"
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise ProbeError(
+            f"{len(self)} x {self.width} features ({gib(self.nbytes)}) are read out of core (above the memory "
+            f"budget of {gib(current_policy().budget)}); this step needs them in memory: raise --max-memory, "
+            f"or use a probe with an out-of-core path ({', '.join(OUT_OF_CORE_PROBES)})"
+        )
+
+    def __getitem__(self, index: Any) -> ChunkedRows:
+        if isinstance(index, tuple) or np.ndim(index) == 0 and not isinstance(index, slice):
+            raise TypeError("ChunkedRows takes a slice, integer positions or a boolean mask (rows only)")
+        ids = None if self.ids is None else self.ids[index]
+        return ChunkedRows(self.fs, self.pool, self.rows[index], ids, self.block_rows, self._source, self.cache_bytes)
+
+    def take(self, positions: np.ndarray) -> ChunkedRows:
+        """The rows at ``positions`` (into this matrix), in that order."""
+        return self[np.asarray(positions, dtype=np.int64)]
+
+    # -- reading ------------------------------------------------------------------------------------
+    def _read_store(self, store_rows: np.ndarray) -> np.ndarray:
+        """Float32 rows of the store (any chunks)."""
+        chunk_of = store_rows // int(self.fs.chunk_size)
+        if len(chunk_of) and chunk_of.min() == chunk_of.max():
+            return self._source.rows(int(chunk_of[0]), store_rows)
+        out = np.empty((len(store_rows), self.width), dtype=np.float32)
+        for c in np.unique(chunk_of):
+            sel = chunk_of == c
+            out[sel] = self._source.rows(int(c), store_rows[sel])
+        return out
+
+    def _check_finite(self, positions: np.ndarray, x: np.ndarray) -> None:
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            where = self.ids[positions[bad]] if self.ids is not None else self.rows[positions[bad]]
+            shown = ", ".join(map(str, where[:5])) + (" ..." if len(where) > 5 else "")
+            raise ProbeError(
+                f"{int(bad.sum())} cell(s) have NaN or inf '{self.pool}' features in '{self.fs.key}' "
+                f"(e.g. {shown}); re-extract them (embedcache extract ... --store-dtype float32 if they "
+                "overflowed float16) or drop them from the manifest"
+            )
+
+    def blocks(self, block_rows: int | None = None, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(positions, X)``: every row once, in blocks of ``block_rows`` rows (default
+        :attr:`block_rows`; the last one shorter), in store order (each store chunk read once per
+        pass); ``positions`` index this matrix, ``X`` (len(positions), width) float32. ``start``
+        skips the first ``start`` blocks (their chunks are not read)."""
+        size = int(block_rows or self.block_rows)
+        order = np.argsort(self.rows, kind="stable")[start * size :]
+        chunk_of = self.rows[order] // int(self.fs.chunk_size)
+        cuts = np.flatnonzero(np.diff(chunk_of)) + 1
+        pending_pos: list[np.ndarray] = []
+        pending_x: list[np.ndarray] = []
+        held = 0
+        for pos in np.split(order, cuts) if len(order) else []:
+            x = self._read_store(self.rows[pos])  # one store chunk
+            self._check_finite(pos, x)
+            pending_pos.append(pos)
+            pending_x.append(x)
+            held += len(pos)
+            while held >= size:
+                P, X = np.concatenate(pending_pos), np.concatenate(pending_x)
+                yield P[:size], X[:size]
+                pending_pos, pending_x, held = [P[size:]], [X[size:]], len(P) - size
+        if held:
+            yield np.concatenate(pending_pos), np.concatenate(pending_x)
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at ``positions`` in memory, float32, in that order (for samples and small subsets)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = self.rows[positions]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        x = self._read_store(uniq)[inverse]
+        self._check_finite(positions, x)
+        return x
+
+    def to_numpy(self) -> np.ndarray:
+        """Every row in memory (explicit: what a caller with room for it asks for)."""
+        return self.read(np.arange(len(self)))
+
+    # -- pickling (Dask) ----------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        fs = state.pop("fs")
+        state.pop("_source")
+        state["_where"] = (str(fs.dataset.store.url), fs.dataset.name, fs.key)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import embedcache
+
+        url, dataset, key = state.pop("_where")
+        self.__dict__.update(state)
+        self.fs = embedcache.open_store(url).dataset(dataset).feature_set(key)
+        self._source = _Source(self.fs, self.pool)
+
+
+class _Source:
+    """The store array one :class:`ChunkedRows` and the readers indexed from it read: the set is
+    checked complete once, and each store chunk against its checksum the first time it is read
+    (:meth:`embedcache.store.FeatureSet.to_numpy`); later passes read the chunk directly."""
+
+    def __init__(self, fs: Any, pool: str):
+        self.fs, self.pool = fs, pool
+        try:
+            pending = fs.pending_chunks([pool])
+            self.array = fs.array(pool)
+        except Exception as e:  # StoreError (no such pool), I/O errors
+            raise ProbeError(f"cannot read '{fs.key}/{pool}' features: {e}") from e
+        if pending:
+            raise ProbeError(
+                f"'{fs.key}/{pool}' is incomplete ({len(pending)} of {fs.n_chunks} chunks not written); "
+                "rerun the same embedcache extract command to finish it"
+            )
+        self.verified: set[int] = set()
+
+    def rows(self, c: int, store_rows: np.ndarray) -> np.ndarray:
+        """Float32 ``store_rows`` (all in store chunk ``c``)."""
+        span = self.fs.chunk_rows(c)
+        try:
+            if c in self.verified:
+                block = np.asarray(self.array[span])
+            else:
+                block = np.asarray(self.fs.to_numpy(self.pool, rows=span, dtype=self.array.dtype))
+                self.verified.add(c)
+        except Exception as e:  # StoreError (damaged chunk) and I/O errors
+            raise ProbeError(f"cannot read '{self.fs.key}/{self.pool}' features: {e}") from e
+        return block[store_rows - span.start].astype(np.float32)
+
+
+def chunked_if_large(fs: Any, pool: str, rows: np.ndarray, ids: np.ndarray | None = None) -> ChunkedRows | None:
+    """``rows`` of ``fs`` as a :class:`ChunkedRows` when the policy reads them out of core, else None."""
+    width = int(fs.array(pool).shape[1]) if pool in fs.pools else 0
+    if not width or not current_policy().out_of_core(len(rows) * width * 4):
+        return None
+    return ChunkedRows(fs, pool, rows, ids)
+
+
+def is_chunked(x: Any) -> bool:
+    """True for out-of-core rows (:class:`ChunkedRows`)."""
+    return isinstance(x, ChunkedRows)
+
+
+def stream_moments(X: ChunkedRows) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and (population) variance of all rows, two passes, float64 sums."""
+    total = np.zeros(X.width)
+    for _, x in X.blocks():
+        total += x.sum(axis=0, dtype=np.float64)
+    mean = total / len(X)
+    sq = np.zeros(X.width)
+    m32 = mean.astype(np.float32)
+    for _, x in X.blocks():
+        c = x - m32
+        sq += np.einsum("ij,ij->j", c, c, dtype=np.float64)
+    return m32, (sq / len(X)).astype(np.float32)
+
+
+# -- streaming linear fits --------------------------------------------------------------------------
+class StandardizedBlocks:
+    """The standardised, transposed training matrix ``X^T`` (d, n) of a :class:`ChunkedRows`, as
+    :func:`probes.heads.lbfgs.fit_linear` takes it in place of a tensor: :meth:`blocks` yields
+    ``((x - mean) / scale)^T`` (d, n_i) blocks on ``device`` with their rows' class codes; with
+    ``low`` the blocks are rounded to bfloat16 (the cheap first phase of a fit).
+
+    The first blocks of a pass, up to ``X.cache_bytes`` (:data:`CACHE_FRACTION` of the budget), are
+    kept for the next passes (the same values: results do not depend on it); the rest are read from
+    the store on every pass. :meth:`release` drops them."""
+
+    def __init__(
+        self,
+        X: ChunkedRows,
+        codes: np.ndarray,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        device: torch.device,
+        low: bool = False,
+        cache: list | None = None,
+        keep: bool = True,
+    ):
+        if len(codes) != len(X):
+            raise ValueError(f"{len(codes)} class codes for {len(X)} rows")
+        self.X, self.codes, self.mean, self.scale, self.device, self.low = X, codes, mean, scale, device, low
+        self.shape = (X.width, len(X))
+        self.dtype = torch.bfloat16 if low else torch.float32
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = cache if cache is not None else []
+        self._limit = X.cache_bytes if keep else 0
+
+    def lowered(self) -> StandardizedBlocks:
+        """The same rows in bfloat16 (sharing the kept float32 blocks)."""
+        return StandardizedBlocks(self.X, self.codes, self.mean, self.scale, self.device, True, self._cache)
+
+    def release(self) -> None:
+        """Drop the kept blocks."""
+        self._cache.clear()
+
+    def blocks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(XT_i (d, n_i), codes_i (n_i,))`` over every row once."""
+        for XT, codes in list(self._cache):
+            yield (XT.bfloat16() if self.low else XT), codes
+        held = sum(XT.numel() * XT.element_size() for XT, _ in self._cache)
+        for i, (pos, x) in enumerate(self.X.blocks(start=len(self._cache)), start=len(self._cache)):
+            xt = torch.from_numpy(x).to(self.device)
+            XT = torch.empty(self.shape[0], len(x), dtype=torch.float32, device=self.device)
+            XT.copy_(xt.T)
+            XT.sub_(self.mean[:, None]).div_(self.scale[:, None])
+            codes = torch.from_numpy(self.codes[pos]).to(self.device)
+            if i == len(self._cache) and held + XT.numel() * 4 <= self._limit:  # a prefix of the pass
+                self._cache.append((XT, codes))
+                held += XT.numel() * 4
+            yield (XT.bfloat16() if self.low else XT), codes
+
+
+# -- exact chunked kNN ------------------------------------------------------------------------------
+def merge_topk(
+    sims: np.ndarray, idx: np.ndarray, more_sims: np.ndarray, more_idx: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of two candidate lists per query (q, *), best first; equal similarities go
+    lower index first (invalid entries: similarity -inf)."""
+    S = np.concatenate([sims, more_sims], axis=1)
+    I = np.concatenate([idx, more_idx], axis=1)  # noqa: E741
+    order = np.lexsort((I, -S))[:, :k]  # by similarity descending, then index ascending
+    return np.take_along_axis(S, order, 1), np.take_along_axis(I, order, 1)
+
+
+def exact_search(
+    queries: np.ndarray,
+    database: ChunkedRows,
+    k: int,
+    exclude: np.ndarray | None = None,
+    normalized: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine top-``k`` of each query among the rows of ``database``, read block by block:
+    ``(sims (q, k) float32, positions (q, k) int64)``, best first.
+
+    ``queries`` (q, d) are L2-normalised here (unless ``normalized`` says they are); each database
+    block is normalised, indexed in a FAISS ``IndexFlatIP`` and searched, and every query's answers
+    are merged with those of the blocks before (:func:`merge_topk`): the result is the exact global
+    top-k, ties to the lower position. ``exclude[i]`` (a position or -1) leaves that row out of
+    query ``i``'s answer (the query itself); missing answers are position -1, similarity NaN."""
+    import faiss
+
+    Q = np.ascontiguousarray(queries, dtype=np.float32) if normalized else l2_normalize(np.atleast_2d(queries))
+    if Q.shape[1] != database.width:
+        raise ProbeError(f"queries have width {Q.shape[1]}, the database {database.width}")
+    if k < 1:
+        raise ProbeError(f"k must be at least 1, got {k}")
+    ex = None if exclude is None else np.asarray(exclude, dtype=np.int64).reshape(-1, 1)
+    if ex is not None and len(ex) != len(Q):
+        raise ProbeError(f"exclude has {len(ex)} entries for {len(Q)} queries")
+    sims = np.full((len(Q), 0), -np.inf, dtype=np.float32)
+    idx = np.full((len(Q), 0), -1, dtype=np.int64)
+    for pos, x in database.blocks():
+        index = faiss.IndexFlatIP(database.width)
+        index.add(l2_normalize(x))
+        kb = min(k + (ex is not None), len(x))
+        D, local = index.search(Q, kb)
+        I = pos[local]  # noqa: E741  positions in the database
+        if ex is not None:
+            hit = I == ex
+            D[hit], I[hit] = -np.inf, -1
+        sims, idx = merge_topk(sims, idx, D, I, k)
+    sims = sims.copy()
+    idx = idx.copy()
+    missing = ~np.isfinite(sims) | (idx < 0)
+    sims[missing], idx[missing] = np.nan, -1
+    if sims.shape[1] < k:  # fewer rows than k
+        pad = k - sims.shape[1]
+        sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=np.nan)
+        idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+    return sims, idx
+
+
+def all_neighbors(database: ChunkedRows, k: int, query_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's ``k`` nearest other rows (itself excluded), exact: ``(sims, positions)``, each (N, k);
+    the out-of-core form of :meth:`probes.neighbors.NeighborIndex.all_neighbors`. Queries go
+    ``query_rows`` at a time (default: the database's block size), each batch one pass."""
+    n = len(database)
+    sims = np.empty((n, k), dtype=np.float32)
+    idx = np.empty((n, k), dtype=np.int64)
+    for pos, x in database.blocks(query_rows):
+        sims[pos], idx[pos] = exact_search(x, database, k, exclude=pos)
+    return sims, idx
+
+
+class ChunkedKNNProbe(KNNProbe):
+    """:class:`probes.heads.knn.KNNProbe` whose training rows stay in the store (a :class:`ChunkedRows`):
+    each query batch is answered by :func:`exact_search` (exact float32 FAISS per block, merged); the
+    vote and the probabilities are the in-memory probe's. In-memory training rows fit the in-memory
+    way. ``backend`` / ``precision`` must be ``auto``, ``faiss`` / ``float32`` on chunked rows."""
+
+    def fit(self, X, y) -> ChunkedKNNProbe:
+        """Keep the row reader and class codes; nothing is read until the first query."""
+        if not is_chunked(X):
+            super().fit(X, y)
+            return self
+        from embedcache.devices import resolve_device
+
+        from .heads.base import encode_labels
+
+        if self.k < 1 or self.temperature <= 0:
+            raise ValueError(f"k must be >= 1 and temperature > 0 (got k={self.k}, T={self.temperature})")
+        if self.backend not in ("auto", "faiss") or self.precision not in ("auto", "float32"):
+            raise ValueError(
+                f"the out-of-core kNN search is exact float32 FAISS; backend={self.backend!r}, "
+                f"precision={self.precision!r} cannot run on rows read from the store"
+            )
+        self.classes_, codes = encode_labels(y, len(X))
+        self.n_features_in_ = X.width
+        self.device_ = resolve_device(self.device)
+        self._n_train, self._n_features = X.shape
+        self.backend_, self.precision_ = "faiss-chunked", "float32"
+        self.train_ = X
+        self.labels_ = torch.from_numpy(codes).to(self.device_)
+        self.k_ = min(int(self.k), len(X))
+        self._index = None
+        return self
+
+    def _search_batches(self, Q: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not is_chunked(self.train_):
+            yield from super()._search_batches(Q)
+            return
+        sims, idx = exact_search(Q, self.train_, self.k_, normalized=True)  # every query in one pass over the rows
+        yield torch.from_numpy(sims).to(self.device_), torch.from_numpy(idx).to(self.device_)
+
+
+# -- a study's fits on out-of-core rows ------------------------------------------------------------
+def for_rows(est: Any, name: str, x_train: Any) -> Any:
+    """The estimator that fits ``x_train``: ``est`` itself on in-memory rows or when it streams
+    (logistic), the chunked kNN for kNN; other heads on :class:`ChunkedRows` raise a :class:`ProbeError`."""
+    if not is_chunked(x_train):
+        return est
+    from .heads.logistic import LogisticProbe
+
+    if isinstance(est, ChunkedKNNProbe) or isinstance(est, LogisticProbe):
+        return est
+    if type(est) is KNNProbe:
+        return ChunkedKNNProbe(**est.get_params())
+    raise ProbeError(
+        f"probe '{name}' has no out-of-core path, and its {len(x_train)} x {x_train.width} training features "
+        f"({gib(x_train.nbytes)}) are above the memory budget ({gib(current_policy().budget)}); "
+        f"raise --max-memory or use {', '.join(OUT_OF_CORE_PROBES)}"
+    )
+
+
+def rowwise(fn: Callable[[np.ndarray], np.ndarray], X: Any) -> np.ndarray:
+    """``fn(X)`` for a function of independent rows (``predict``, ``predict_proba``...), applied block
+    by block when ``X`` is a :class:`ChunkedRows`; the output rows in ``X``'s order."""
+    if not is_chunked(X):
+        return np.asarray(fn(X))
+    positions, parts = [], []
+    for pos, x in X.blocks():
+        positions.append(pos)
+        parts.append(np.asarray(fn(x)))
+    joined = np.concatenate(parts)  # one dtype for every block (labels of any length)
+    out = np.empty_like(joined)
+    out[np.concatenate(positions)] = joined
+    return out
+
+
+def predict_blocks(est: Any, X: Any) -> np.ndarray:
+    """``est.predict(X)``, block by block when ``X`` is a :class:`ChunkedRows`."""
+    return rowwise(est.predict, X)
+
+
+def proba_blocks(est: Any, X: Any) -> np.ndarray:
+    """``est.predict_proba(X)``, block by block when ``X`` is a :class:`ChunkedRows`."""
+    return rowwise(est.predict_proba, X)

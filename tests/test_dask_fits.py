@@ -1,0 +1,108 @@
+"""A study's fits as Dask tasks (probes.dask_fits, --scheduler): the tables of a local run, exactly.
+
+A LocalCluster of 2 worker processes on the 832 bundled Chula cells (tiny random-init ViT)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import embedcache
+from probes import scale
+from probes.dask_fits import fit_scheduler, parse_scheduler
+from probes.data import ProbeError
+from probes.outofcore import memory_policy
+
+from .conftest import REPO
+
+MODEL = "timm:test_vit"
+STUDY = dict(limits="16,48", probes="logistic,knn", seeds=2, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, chula_cells):
+    root = tmp_path_factory.mktemp("dask")
+    manifest = root / "chula.csv"
+    df = chula_cells.copy()
+    df["group"] = df["smear"]
+    df.to_csv(manifest, index=False)
+    out = root / "cache.zarr"
+    kw = dict(weights="random", input_size=64, label_column="label_name", progress=False, num_workers=2)
+    embedcache.extract(MODEL, manifest, out, chunk_size=128, batch_size=128, **kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running cluster (2 worker processes), reached by its tcp:// address as a remote one would be;
+    its workers run as many threads as this process (the local run) does."""
+    import torch
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=torch.get_num_threads(), processes=True, dashboard_address=None
+    ) as c:
+        yield c.scheduler_address
+
+
+def tables(res) -> dict[str, pd.DataFrame]:
+    """The study's tables without the timings (a fit's seconds are the worker's)."""
+    return {
+        "results": res.results.drop(columns=["seconds", "study"]),
+        "fits": res.fits.drop(columns=["seconds"]),
+        "confusion": res.confusion,
+        "curves": res.curves.drop(columns=["seconds"]),
+    }
+
+
+def assert_same(a, b) -> None:
+    for name, table in tables(a).items():
+        pd.testing.assert_frame_equal(table, tables(b)[name], check_exact=True, obj=name)
+
+
+def test_dask_fits_equal_the_local_run(store, cluster, tmp_path):
+    assert cluster.startswith("tcp://")
+    local = scale(store, MODEL, out=tmp_path / "local", **STUDY)
+    with fit_scheduler(cluster):
+        remote = scale(store, MODEL, out=tmp_path / "dask", **STUDY)
+    assert len(remote.fits) == 2 * 2 * 2 and set(remote.fits["features"]) == {"in-memory"}
+    assert_same(local, remote)
+
+
+def test_dask_fits_of_out_of_core_rows(store, cluster, tmp_path):
+    """Rows read from the store travel as its URL; the workers read and fit them as a local run does."""
+    with memory_policy("always", block_rows=100):
+        local = scale(store, MODEL, out=tmp_path / "local", **STUDY)
+        with fit_scheduler(cluster):
+            remote = scale(store, MODEL, out=tmp_path / "dask", **STUDY)
+    assert set(remote.fits["features"]) == {"out-of-core"}
+    assert any("read their features out of core" in n for n in remote.notes)
+    assert_same(local, remote)
+
+
+def test_scheduler_specs():
+    assert parse_scheduler("local:3") == ("local", 3) and parse_scheduler("tcp://head:8786") == (
+        "address",
+        "tcp://head:8786",
+    )
+    for bad in ("local:0", "local:x", "head:8786"):
+        with pytest.raises(ProbeError, match="--scheduler"):
+            parse_scheduler(bad)
+
+
+def test_cli_scheduler_and_out_of_core(store, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "cli.probes_app", "scale", "--store", str(store), "--model", MODEL]
+    cmd += ["--limits", "16", "--probes", "knn,logistic", "--seeds", "1", "--out", str(out), "--quiet"]
+    p = subprocess.run(
+        [*cmd, "--scheduler", "local:2", "--max-memory", "1KB"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr
+    assert "read their features out of core" in p.stdout
+    fits = pd.read_csv(out / "fits.csv")
+    assert set(fits["features"]) == {"out-of-core"} and len(fits) == 2
+    p = subprocess.run([*cmd, "--scheduler", "head:1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith("error:") and "--scheduler" in p.stderr

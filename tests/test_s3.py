@@ -1,0 +1,238 @@
+"""Stores and manifests on object storage, against a real S3-protocol server on 127.0.0.1 (moto's server
+mode, started and stopped here): extract, read back, verify, URL manifests with URL image paths, leases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import embedcache
+from embedcache import StoreBusyError, open_store
+from embedcache.leases import Lease
+
+BUCKET = "lab"
+KW = dict(weights="random", input_size=32, chunk_size=16, batch_size=8, pool="cls,mean", progress=False)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free loopback port with bucket ``lab``; AWS_* variables point every client
+    (this process's and Dask workers started while it runs) at it. Yields an s3fs file system."""
+    pytest.importorskip("s3fs", reason="s3fs is a dependency; install the project")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    import s3fs
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.delenv("AWS_PROFILE", raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(BUCKET)
+        try:
+            yield fs
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            server.stop()
+
+
+def _extract(data, out, **kw):
+    return embedcache.extract("timm:test_vit", data, out, **{**KW, "num_workers": 0, **kw})
+
+
+def _feats(out: str | Path, key: str) -> dict[str, np.ndarray]:
+    fs = open_store(out).dataset().feature_set(key)
+    return {n: np.asarray(fs.group[n][:]) for n in ("cls", "mean", "crc_cls", "crc_mean", "ok")}
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory, chula_cells):
+    """40 Chula cells extracted into a store on local disk: what every S3 variant must equal."""
+    root = tmp_path_factory.mktemp("s3ref")
+    manifest = root / "manifest.csv"
+    chula_cells.iloc[:40].to_csv(manifest, index=False)
+    r = _extract(manifest, root / "cache.zarr")
+    return manifest, _feats(root / "cache.zarr", r.key), r
+
+
+def test_extract_into_s3_reads_back_verifies_and_says_its_guarantee(s3, local_reference):
+    manifest, ref, ref_r = local_reference
+    url = f"s3://{BUCKET}/cache.zarr"
+    r = _extract(manifest, url)
+    assert r.store == url and r.chunks_written == 3 and r.key == ref_r.key
+    _same(ref, _feats(url, r.key))
+    assert s3.exists(f"{BUCKET}/cache.zarr/zarr.json")
+    assert embedcache.verify(url).ok
+    assert _extract(manifest, url).cache_hit
+    # the lease was given back: no lease object left
+    assert not s3.glob(f"{BUCKET}/cache.zarr.embedcache/leases/*.json")
+    # info says what keeps writers apart there, and what it does not protect
+    st = open_store(url)
+    g = st.write_guarantee()
+    assert g["mechanism"] == "lease-with-expiry" and "Not protected" in g["text"]
+    from cli.embedcache_app import app
+
+    res = CliRunner().invoke(app, ["info", url])
+    assert res.exit_code == 0, res.output
+    assert "lease-with-expiry" in res.output and "If-None-Match" in res.output
+    # a local store: flock
+    local = CliRunner().invoke(app, ["info", str(manifest.parent / "cache.zarr")])
+    assert local.exit_code == 0 and "writers: flock" in local.output
+
+
+def test_manifest_and_image_paths_on_s3(s3, chula_cells, local_reference, tmp_path):
+    """A CSV manifest on S3 with paths relative to it, and a Parquet one with s3:// URLs (one missing)."""
+    _, ref, _ = local_reference
+    df = chula_cells.iloc[:40].copy()
+    rel = [f"cells/{Path(p).name}" for p in df["path"]]
+    for p, r in zip(df["path"], rel):
+        s3.put_file(p, f"{BUCKET}/rbc/{r}")
+    csv = df.assign(path=rel)
+    s3.pipe_file(f"{BUCKET}/rbc/manifest.csv", csv.to_csv(index=False).encode())
+    out = tmp_path / "cache.zarr"
+    r = _extract(f"s3://{BUCKET}/rbc/manifest.csv", out)
+    assert r.dataset == "rbc" and r.cells_computed == 40 and not r.skipped
+    _same(ref, _feats(out, r.key))
+    obs = open_store(out).dataset().obs
+    assert obs["path"].iat[0] == f"s3://{BUCKET}/rbc/{rel[0]}"
+    # Parquet, absolute URLs, one of them missing: a recorded skip naming the URL
+    urls = [f"s3://{BUCKET}/rbc/{r}" for r in rel]
+    urls[5] = f"s3://{BUCKET}/rbc/cells/gone.jpg"
+    pq = tmp_path / "cells.parquet"
+    df.assign(path=urls).to_parquet(pq)
+    s3.put_file(str(pq), f"{BUCKET}/tables/cells.parquet")
+    out2 = f"s3://{BUCKET}/urls.zarr"
+    r2 = _extract(f"s3://{BUCKET}/tables/cells.parquet", out2, on_error="skip")
+    assert [s[1] for s in r2.skipped] == ["missing file"]
+    got = _feats(out2, r2.key)
+    keep = np.arange(40) != 5
+    assert np.array_equal(got["cls"][keep], ref["cls"][keep]) and not got["ok"][5]
+    with pytest.raises(embedcache.ExtractionError, match="gone.jpg"):
+        _extract(f"s3://{BUCKET}/tables/cells.parquet", tmp_path / "fail.zarr")
+    with pytest.raises(embedcache.SourceError, match="not found"):
+        _extract(f"s3://{BUCKET}/tables/none.csv", tmp_path / "none.zarr")
+    # an .npz of images at a URL opens like a local one
+    images = np.random.default_rng(0).integers(0, 255, (6, 20, 20, 3), dtype=np.uint8)
+    np.savez(tmp_path / "arr.npz", images=images, labels=np.arange(6))
+    s3.put_file(str(tmp_path / "arr.npz"), f"{BUCKET}/tables/arr.npz")
+    src = embedcache.open_source(f"s3://{BUCKET}/tables/arr.npz")
+    assert src.name == "arr" and len(src) == 6 and np.array_equal(src.load(3), images[3])
+
+
+def test_a_second_writer_is_refused_naming_the_lease_holder_and_an_expired_lease_is_taken_over(s3, local_reference):
+    manifest, ref, ref_r = local_reference
+    url = f"s3://{BUCKET}/leased.zarr"
+    r = _extract(manifest, url)
+    name = f"features::{r.dataset}::{r.key}"
+    st = open_store(url, mode="a")
+    with st.lock(name):  # another writer of the same feature set holds its lease
+        objs = s3.glob(f"{BUCKET}/leased.zarr.embedcache/leases/*.json")
+        assert len(objs) == 1
+        held = json.loads(s3.cat_file(objs[0]))
+        assert held["expires"] > time.time() and f"pid {os.getpid()}" in held["holder"]
+        with pytest.raises(StoreBusyError, match=r"held by another embedcache writer \(pid .*expires in"):
+            _extract(manifest, url)
+    # a writer killed without giving its lease back: the lease expired 5 s ago, so the next writer takes it over
+    dead = {"name": name, "holder": "pid 4242 on a-dead-node since then", "token": "dead", "expires": time.time() - 5}
+    s3.pipe_file(objs[0], json.dumps(dead).encode())
+    fs = open_store(url, mode="a").dataset().feature_set(r.key)
+    fs.clear_done([1])
+    again = _extract(manifest, url)
+    assert again.chunks_written == 1
+    _same(ref, _feats(url, r.key))
+    assert not s3.exists(objs[0])  # taken over, then given back
+    # not yet expired: refused, naming that holder
+    s3.pipe_file(objs[0], json.dumps({**dead, "expires": time.time() + 300}).encode())
+    with pytest.raises(StoreBusyError, match="pid 4242 on a-dead-node"):
+        _extract(manifest, url)
+    s3.rm_file(objs[0])
+
+
+def test_lease_renewal_and_loss(s3, monkeypatch):
+    """A held lease is renewed (its expiry moves); one taken over while held is reported lost."""
+    folder = f"s3://{BUCKET}/renew.embedcache/leases"
+    lease = Lease(folder, "x", ttl=3)
+    lease.acquire()
+    first = json.loads(s3.cat_file(lease.path))["expires"]
+    time.sleep(1.6)
+    assert json.loads(s3.cat_file(lease.path))["expires"] > first
+    assert lease.lost is None
+    s3.pipe_file(lease.path, json.dumps({"holder": "pid 1 on thief", "token": "t", "expires": 1e12}).encode())
+    time.sleep(1.6)
+    assert lease.lost and "pid 1 on thief" in lease.lost
+    with pytest.raises(RuntimeError, match="thief"):
+        lease.check()
+    with pytest.warns(RuntimeWarning, match="taken over"):
+        lease.release()
+    assert s3.exists(lease.path)  # someone else's lease is never deleted
+    s3.rm_file(lease.path)
+
+
+def test_distributed_extract_from_an_s3_manifest_into_s3(s3, chula_cells, local_reference):
+    """The issue's command: --data s3://.../manifest.parquet --out s3://.../cache.zarr --cluster local:2."""
+    _, ref, ref_r = local_reference
+    df = chula_cells.iloc[:40].copy()
+    urls = []
+    for p in df["path"]:
+        key = f"{BUCKET}/dist/cells/{Path(p).name}"
+        s3.put_file(p, key)
+        urls.append(f"s3://{key}")
+    s3.pipe_file(f"{BUCKET}/dist/manifest.parquet", df.assign(path=urls).to_parquet())
+    out = f"s3://{BUCKET}/dist-cache.zarr"
+    r = _extract(f"s3://{BUCKET}/dist/manifest.parquet", out, cluster="local:2")
+    assert r.chunks_written == 3 and r.cells_computed == 40
+    _same(ref, _feats(out, r.key))
+    assert embedcache.verify(out).ok
+    assert pd.Series(open_store(out).dataset().obs["path"]).str.startswith("s3://").all()
+
+
+def test_best_effort_lease_where_there_are_no_conditional_writes():
+    """A file system embedcache has no conditional writes for (here fsspec's memory://) gets a lease that is
+    written, read back, refused to a second writer while fresh, taken over once expired; info says so."""
+    from embedcache.leases import LeaseBusy, guarantee
+
+    folder = "memory://best-effort.embedcache/leases"
+    first = Lease(folder, "features::x", ttl=30)
+    first.acquire()
+    second = Lease(folder, "features::x", ttl=30)
+    with pytest.raises(LeaseBusy, match=f"pid {os.getpid()}"):
+        second.acquire()
+    first.release()
+    second.acquire()  # given back: free
+    doc = json.loads(second.fs.cat_file(second.path))
+    second.fs.pipe_file(second.path, json.dumps({**doc, "token": "dead", "expires": time.time() - 1}).encode())
+    second.release()  # the object is no longer its own: left in place
+    assert json.loads(second.fs.cat_file(second.path))["token"] == "dead"
+    third = Lease(folder, "features::x", ttl=30)
+    third.acquire()  # expired: taken over
+    assert json.loads(third.fs.cat_file(third.path))["token"] == third.token
+    third.release()
+    assert not third.fs.exists(third.path)
+    assert guarantee(folder)["mechanism"] == "best-effort lease"
