@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import embedcache  # noqa: E402
-from embedcache.devices import cpu_has_native_bf16  # noqa: E402
+from embedcache.devices import cpu_has_native_bf16, cpu_model  # noqa: E402
 from embedcache.loading import load_backbone  # noqa: E402
 from embedcache.pipeline import is_cnn, resolve_device  # noqa: E402
 from embedcache.pooling import embed  # noqa: E402
@@ -59,17 +58,6 @@ def image_manifest(n: int, workdir: Path) -> tuple[Path, str]:
     path = workdir / "bench.csv"
     df[["path", "label"]].to_csv(path, index=False)
     return path, origin
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sync(dev: torch.device) -> None:

@@ -41,6 +41,7 @@ Writes ``benchmarks/results/label_noise-cpu.json`` and ``benchmarks/results/labe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -200,9 +201,11 @@ def sklearn_oof(x: np.ndarray, noisy: np.ndarray, classes: list[str], seed: int,
         warnings.simplefilter("ignore")  # a flip may leave a class with fewer cells than folds
         cv = StratifiedKFold(5, shuffle=True, random_state=seed)
         p = cross_val_predict(est, x, noisy, cv=cv, method="predict_proba")
-    # cross_val_predict's columns are the sorted classes, as ours
-    assert list(np.unique(noisy)) == sorted(classes) or len(np.unique(noisy)) == len(classes)
-    return p
+    # cross_val_predict's columns are np.unique's (lexical) order; ours are ``classes`` (natural order)
+    cols = pd.Index(np.unique(noisy)).get_indexer(classes)
+    if (cols < 0).any():
+        raise RuntimeError(f"classes {classes} not all among the noisy labels {sorted(set(noisy))}")
+    return p[:, cols]
 
 
 def score_setting(
@@ -233,11 +236,13 @@ def score_setting(
         o, s = cleanlab_order(raw, y)
         row.update({f"cl_same_{m}": v for m, v in figures(o, s, flipped).items()})
         # cleanlab on plain scikit-learn logistic out-of-fold probabilities
-        cache = work / f"sk-{tag}-{'+'.join(bset)}.npy"
+        x = np.concatenate([feats[b] for b in bset], axis=1)
+        # keyed by what the fit sees (features and noisy labels), so a changed flip procedure refits
+        key = hashlib.sha256(np.ascontiguousarray(x).tobytes() + "\x1f".join(noisy).encode()).hexdigest()[:12]
+        cache = work / f"sk-{tag}-{'+'.join(bset)}-{key}.npy"
         if cache.is_file():
             psk = np.load(cache)
         else:
-            x = np.concatenate([feats[b] for b in bset], axis=1)
             psk = sklearn_oof(x, noisy, classes, seed=0, threads=threads)
             np.save(cache, psk)
         o, s = cleanlab_order(psk, y)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -63,17 +62,6 @@ def synthetic(n: int, d: int, clusters: int, n_queries: int, seed: int) -> tuple
         z = centres[c] + (rng.standard_normal((m, WITHIN), dtype=np.float32) @ within) * spread[c, None]
         out[s : s + m] = z @ to_d + offset + rng.standard_normal((m, d), dtype=np.float32) * 0.03
     return out[:n], out[n:]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:
@@ -124,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import faiss
 
-    from embedcache.devices import cpu_has_native_bf16
+    from embedcache.devices import cpu_has_native_bf16, cpu_model
     from probes.ann import AnnParams
     from probes.neighbors import ApproxNeighborIndex, NeighborIndex
 

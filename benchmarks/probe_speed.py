@@ -45,6 +45,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from embedcache.devices import cpu_model  # noqa: E402
+
 ROWS = [  # (row name, our probe, our kwargs, sklearn baseline, note)
     (
         "logistic",
@@ -312,16 +314,6 @@ def thread_info() -> dict:
     except Exception:  # noqa: BLE001
         pass
     return info
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_kind(dev) -> str:

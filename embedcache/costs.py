@@ -105,7 +105,7 @@ def models(
 def _cost_row(name: str, device: str, dtype: str, batch_sizes: Sequence[int] | None, min_time: float) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .devices import resolve_device
+    from .devices import cpu_model, resolve_device
     from .loading import load_backbone
     from .pooling import embed
     from .precision import choose_dtype
@@ -144,7 +144,7 @@ def _cost_row(name: str, device: str, dtype: str, batch_sizes: Sequence[int] | N
     return {
         "model": spec.name,
         "device": dev.type,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model(),
         "dtype": choice.name,
         "weights": "random-init",
         "input_size": size,
@@ -174,19 +174,6 @@ def _cells_per_s(run: Any, x: torch.Tensor, dev: torch.device, min_time: float) 
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def _rss() -> int:

@@ -54,6 +54,21 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what :mod:`platform` says: named beside every
+    CPU figure, since this machine's CPU changes between sessions."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bfloat16 dot-product instructions (``avx512_bf16`` / ``amx_bf16`` in /proc/cpuinfo)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .faults import checkpoint
+from .leases import check_held
 from .loading import LoadedBackbone, load_backbone
 from .progress import progress as progress_bar
 
@@ -242,6 +243,7 @@ class DaskRun:
                     ) from e
                 if "error" in out:
                     raise ExtractionError(out["error"])
+                check_held()  # the driver's lease on a remote store: lost means another writer owns the set now
                 result.chunks_written += out["chunks_written"]
                 result.cells_computed += out["cells_computed"]
                 skipped[c] = [tuple(s) for s in out["skipped"]]
@@ -308,9 +310,7 @@ def _worker_device(device_type: str) -> torch.device:
 
 def _worker_backbone(recipe: BackboneRecipe, shipped: LoadedBackbone | None) -> LoadedBackbone:
     """The backbone, loaded once per worker process (or the object the driver shipped)."""
-    if shipped is not None:
-        return shipped
-    bb = _backbones.get(recipe.cache_key)
+    bb = shipped if shipped is not None else _backbones.get(recipe.cache_key)
     if bb is None:
         bb = load_backbone(recipe.model, weights=recipe.weights, revision=recipe.revision)
         if recipe.adapter is not None:

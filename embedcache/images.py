@@ -152,6 +152,12 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+class StorageFetchError(OSError):
+    """An image at a URL could not be fetched for a reason that is not the image's (expired credentials,
+    throttling, the network): the extraction stops instead of recording the cell as unreadable, so that the
+    rerun fetches it again."""
+
+
 def _read_url(url: str, max_pixels: int | None) -> np.ndarray:
     """Fetch an image from an fsspec URL, then decode it as a file would be."""
     import fsspec
@@ -163,8 +169,8 @@ def _read_url(url: str, max_pixels: int | None) -> np.ndarray:
         raise ImageDecodeError("missing file", url) from None
     except IsADirectoryError:
         raise ImageDecodeError("unreadable image: is a directory", url) from None
-    except Exception as e:  # noqa: BLE001  the file system already retried transient errors
-        raise ImageDecodeError(f"unreadable image: cannot fetch it ({type(e).__name__}: {e})", url) from e
+    except Exception as e:  # noqa: BLE001  credentials, throttling, network: not a property of the image
+        raise StorageFetchError(f"cannot fetch {url}: {type(e).__name__}: {e}; nothing was recorded for it") from e
     if not data:
         raise ImageDecodeError("zero-byte file", url)
     return _decode(io.BytesIO(data), url, max_pixels)

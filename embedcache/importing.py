@@ -132,9 +132,9 @@ def match_cells(obs: pd.DataFrame, table: pd.DataFrame, origin: str, name: str, 
     permutation; otherwise a :class:`StoreError` saying what differs."""
     have = obs[by].to_numpy(dtype=str)
     given = table[by].to_numpy(dtype=str)
-    if by == "path":  # compare resolved paths: the dataset stores them absolute
-        have = np.asarray([os.path.normpath(p) for p in have])
-        given = np.asarray([os.path.normpath(os.path.abspath(p)) if p else p for p in given])
+    if by == "path":  # compare resolved paths: the dataset stores them absolute (URLs as they are)
+        have = np.asarray([p if "://" in p else os.path.normpath(p) for p in have])
+        given = np.asarray([os.path.normpath(os.path.abspath(p)) if p and "://" not in p else p for p in given])
     if len(have) == len(given) and (have == given).all():
         return None
     where = {v: i for i, v in enumerate(given)}

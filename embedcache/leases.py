@@ -86,10 +86,13 @@ def guarantee(url: str) -> dict[str, str]:
                 "one writer per feature set (and per store/dataset creation): a lease object beside the store, "
                 "taken with S3 conditional writes (If-None-Match to take it, If-Match to renew it or take over "
                 f"an expired one) and renewed every {ttl / 3:.0f} s; a killed writer's lease expires "
-                f"{ttl:.0f} s after its last renewal. Not protected: a writer paused longer than that may go on "
-                "writing after another took over (both write identical, verified chunk bytes, so the set stays "
-                "consistent, but work is repeated); writers' clocks must agree within a few seconds; writes "
-                "that bypass embedcache (plain zarr, aws s3 cp) ignore leases"
+                f"{ttl:.0f} s after its last renewal. A writer that finds its lease taken over (after a stall "
+                "past the expiry) stops before its next chunk's checksums and done flag. Not protected: the chunk "
+                "data such a stalled writer writes between waking up and its next renewal (up to "
+                f"{ttl / 3:.0f} s) can overwrite the new holder's unflagged chunk, which is then caught by its "
+                "checksum on read (verify / repair); Dask tasks already running when their driver stops finish "
+                "their chunk; writers' clocks must agree within a few seconds; writes that bypass embedcache "
+                "(plain zarr, aws s3 cp) ignore leases"
             ),
         }
     return {
@@ -258,28 +261,40 @@ class Lease:
         with _checked_guard:
             if server in _checked_servers:
                 return
+        ignored = []
         try:
             self.fs.pipe_file(self.path, self._doc().encode(), mode="create")
+            ignored.append("If-None-Match")
         except FileExistsError:
+            pass
+        try:  # a take-over or renewal with a stale ETag must be refused too
+            self.etag = self._put(self._doc().encode(), if_match='"' + "0" * 32 + '"')
+            ignored.append("If-Match")
+        except OSError:
+            pass
+        if not ignored:
             with _checked_guard:
                 _checked_servers.add(server)
             return
         with contextlib.suppress(OSError):
             self.fs.rm_file(self.path)
         raise LeaseError(
-            f"the S3 server behind {self.path} ignores conditional writes (If-None-Match), so two writers "
+            f"the S3 server behind {self.path} ignores conditional writes ({', '.join(ignored)}), so two writers "
             "could both take a lease; write to a local store, or to a server that honours them (AWS S3, "
             "recent MinIO, moto)"
         )
 
     # -- keeping it -----------------------------------------------------------------------------
     def _renew_loop(self) -> None:
+        renewed = time.monotonic()
         while not self._stop.wait(self.ttl / 3):
             try:
                 self._renew()
-            except Exception as e:  # noqa: BLE001  recorded; the holder sees it through check() / release()
-                if self.lost is None:
-                    self.lost = f"the lease could not be renewed ({type(e).__name__}: {e})"
+                renewed = time.monotonic()
+            except Exception as e:  # noqa: BLE001  retried; lost (check() / release()) once it may have expired
+                if self.lost is None and time.monotonic() - renewed >= self.ttl * 2 / 3:
+                    self.lost = f"the lease could not be renewed before it expired ({type(e).__name__}: {e})"
+                    self._stop.set()
 
     def _renew(self) -> None:
         if self.s3:
@@ -303,6 +318,20 @@ class Lease:
         self.fs.pipe_file(self.path, self._doc().encode())
 
 
+_held: list[Lease] = []  # leases this process holds now (any thread): what check_held() looks at
+_held_guard = threading.Lock()
+
+
+def check_held() -> None:
+    """Raise :class:`LeaseBusy` if a lease this process holds was lost (taken over by another writer after a
+    stall, or not renewable for its whole lifetime). Chunk writes call it before their checksums and done flags,
+    so a writer that lost its lease stops instead of flagging chunks it no longer owns."""
+    with _held_guard:
+        leases = list(_held)
+    for held in leases:
+        held.check()
+
+
 @contextlib.contextmanager
 def lease(
     folder_url: str, name: str, *, wait: float = 0.0, what: str = "", ttl: float | None = None
@@ -310,7 +339,11 @@ def lease(
     """Hold lease ``name`` in ``folder_url`` for the ``with`` block (see :class:`Lease`)."""
     held = Lease(folder_url, name, ttl=ttl, what=what)
     held.acquire(wait)
+    with _held_guard:
+        _held.append(held)
     try:
         yield held
     finally:
+        with _held_guard:
+            _held.remove(held)
         held.release()

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from .devices import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, StorageFetchError
 from .loading import LoadedBackbone, load_backbone
 from .perturb import Perturbation, parse_perturbations
 from .perturb import apply as perturb_apply
@@ -246,7 +246,7 @@ def extract(
                         recipe=recipe,
                         device=dev,
                         num_workers=num_workers,
-                        backbone=backbone,
+                        backbone=bb if backbone is not None else None,  # as used here: adapter applied
                     )
                 ),
             )
@@ -431,6 +431,8 @@ class _Cells(TorchDataset):
             return i, perturb_apply(image, self.working_size, self.perturbation, row=i), ""
         except ImageDecodeError as e:
             return i, None, e.reason
+        except StorageFetchError:  # not the image's fault: fail the batch (a task retry, or the rerun, refetches)
+            raise
         except Exception as e:  # noqa: BLE001  anything a decoder throws is recorded, never swallowed
             return i, None, f"{type(e).__name__}: {e}"
 

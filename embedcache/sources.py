@@ -17,6 +17,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -152,9 +153,28 @@ def _open(
     raise SourceError(f"cannot tell what {path} is: give a folder of images, a .csv/.parquet manifest or a .npz file")
 
 
+_SECRET_URL = (
+    "the URL carries credentials (user:password@ or a signed query such as X-Amz-Signature); it would be "
+    "written into the store and into logs: give plain URLs and the credentials through the environment "
+    "(AWS_* variables, ~/.aws, fsspec's configuration)"
+)
+_SECRET_QUERY = re.compile(r"(x-amz-(signature|credential|security-token)|signature=|sig=|token=|access_token=)", re.I)
+
+
+def _carries_secret(url: str) -> bool:
+    """True for URLs with user info (``https://user:pass@host``) or a signed / token query string."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return "@" in parts.netloc or bool(_SECRET_QUERY.search(parts.query))
+
+
 def _open_url(url: str, *, label_column: str | None, name: str | None) -> CellSource:
     """A manifest or ``.npz`` at an fsspec URL (``s3://lab/cells/manifest.parquet``)."""
     import fsspec
+
+    if _carries_secret(url):
+        raise SourceError(f"{url.split('?')[0]}: {_SECRET_URL}")
 
     fs, where = fsspec.url_to_fs(url)
     if not fs.exists(where):
@@ -268,6 +288,9 @@ def _from_manifest(path: Path | str, label_column: str | None, name: str) -> Cel
     else:  # a URL manifest: relative paths are URLs beside it
         url_base = path.rsplit("/", 1)[0]
         abs_paths = [p if is_url(p) else f"{url_base}/{p.lstrip('/')}" for p in paths]
+    for row, p in enumerate(abs_paths):
+        if is_url(p) and _carries_secret(p):
+            raise SourceError(f"{line(row)}: {_SECRET_URL}")
     legacy_ids = None
     if "id" in df.columns:
         ids = df["id"].str.strip()

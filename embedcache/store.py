@@ -46,7 +46,7 @@ from zarr.core.sync import sync
 from . import labels as _labels
 from .faults import checkpoint
 from .integrity import MISSING_CRC, crc_rows, crc_values
-from .leases import LeaseBusy, lease
+from .leases import LeaseBusy, check_held, lease
 from .leases import guarantee as lease_guarantee
 from .locks import LockBusy, file_lock, memory_lock, remove_stale
 from .sources import OBS_COLUMNS, CellSource
@@ -699,6 +699,7 @@ class FeatureSet:
         same = np.array_equal(self._read("ok", rows), ok) and np.array_equal(_strings(self._read("error", rows)), error)
         if not same:
             raise StoreError(f"verification failed for chunk {c} of '{self.key}/ok'")
+        check_held()  # a writer whose lease was taken over stops before it records checksums or flags
         if self.has_checksums:
             self.group["crc_rows"][c] = crc_rows(ok, error)
             for pool, values in features.items():
@@ -711,6 +712,7 @@ class FeatureSet:
                 else:
                     self.group[f"crc_{pool}"][c] = crc_values(values)
         checkpoint("chunk:checksums-written")
+        check_held()
         for pool in features:
             self.group[f"done_{pool}"][c] = True
         checkpoint("chunk:done")

@@ -267,7 +267,9 @@ class ChunkedRows:
         state = dict(self.__dict__)
         fs = state.pop("fs")
         state.pop("_source")
-        state["_where"] = (str(fs.dataset.store.url), fs.dataset.name, fs.key)
+        url = str(fs.dataset.store.url)
+        # a worker elsewhere resolves a relative local path against its own working folder
+        state["_where"] = (url if "://" in url else os.path.abspath(url), fs.dataset.name, fs.key)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -434,6 +436,8 @@ def exact_search(
     sims = np.full((len(Q), 0), -np.inf, dtype=np.float32)
     idx = np.full((len(Q), 0), -1, dtype=np.int64)
     for pos, x in database.blocks():
+        order = np.argsort(pos, kind="stable")  # FAISS keeps the lower index of a tie: the lower position
+        pos, x = pos[order], x[order]
         index = faiss.IndexFlatIP(database.width)
         index.add(l2_normalize(x))
         kb = min(k + (ex is not None), len(x))

@@ -239,3 +239,22 @@ def test_audit_out_of_core_equals_in_memory(store, tmp_path):
     assert rho > 0.97 and top >= 40
     with pytest.raises(ProbeError, match="no out-of-core path"):
         audit(store, MODEL, probes="mlp", out=tmp_path / "mlp", out_of_core="always", **kw)
+
+
+def test_ties_between_distinct_store_rows_follow_positions_not_store_order(tmp_path):
+    """Two store rows with identical features (a duplicated image), indexed in the reverse of store order:
+    the tie goes to the lower *position*, whatever the block size."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    x[30] = x[2]
+    cells = pd.DataFrame({"id": [f"c{i}" for i in range(40)], "label": ["a", "b"] * 20})
+    embedcache.import_features(tmp_path / "dup.zarr", x, cells, backbone="dup", chunk_size=16)
+    fs = embedcache.open_store(tmp_path / "dup.zarr").dataset().find_feature_set("dup")
+    rows = np.arange(40)[::-1]  # position p is store row 39 - p: rows 30 and 2 are positions 9 and 37
+    q = fs.to_numpy("cls")[[30, 2]]
+    for block in (7, 16, 40):
+        sims, got = exact_search(q, chunked(fs, rows, block), 3)
+        assert (got[:, 0] == 9).all() and (got[:, 1] == 37).all(), (block, got)
+        assert (sims[:, 0] == sims[:, 1]).all()
+        _, first = exact_search(q, chunked(fs, rows, block), 1)  # the tie at the cut of a block's top-k
+        assert (first[:, 0] == 9).all(), (block, first)

@@ -107,7 +107,7 @@ def test_extract_into_s3_reads_back_verifies_and_says_its_guarantee(s3, local_re
     assert local.exit_code == 0 and "writers: flock" in local.output
 
 
-def test_manifest_and_image_paths_on_s3(s3, chula_cells, local_reference, tmp_path):
+def test_manifest_and_image_paths_on_s3(s3, chula_cells, local_reference, tmp_path, monkeypatch):
     """A CSV manifest on S3 with paths relative to it, and a Parquet one with s3:// URLs (one missing)."""
     _, ref, _ = local_reference
     df = chula_cells.iloc[:40].copy()
@@ -138,6 +138,34 @@ def test_manifest_and_image_paths_on_s3(s3, chula_cells, local_reference, tmp_pa
         _extract(f"s3://{BUCKET}/tables/cells.parquet", tmp_path / "fail.zarr")
     with pytest.raises(embedcache.SourceError, match="not found"):
         _extract(f"s3://{BUCKET}/tables/none.csv", tmp_path / "none.zarr")
+    # a fetch that fails for a reason that is not the image's (credentials, throttling) stops the run, and
+    # nothing is recorded: the rerun fetches the cells again
+    import fsspec
+
+    real = fsspec.url_to_fs
+
+    class Denied:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def cat_file(self, path, *a, **kw):
+            if path.endswith(Path(rel[7]).name):
+                raise PermissionError("The provided token has expired")
+            return self.fs.cat_file(path, *a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+    def url_to_fs(url, *a, **kw):
+        fs, where = real(url, *a, **kw)
+        return Denied(fs), where
+
+    monkeypatch.setattr(fsspec, "url_to_fs", url_to_fs)
+    with pytest.raises(Exception, match="token has expired"):
+        _extract(f"s3://{BUCKET}/tables/cells.parquet", tmp_path / "denied.zarr", on_error="skip")
+    monkeypatch.setattr(fsspec, "url_to_fs", real)
+    r3 = _extract(f"s3://{BUCKET}/tables/cells.parquet", tmp_path / "denied.zarr", on_error="skip")
+    assert [s[1] for s in r3.skipped] == ["missing file"] and _feats(tmp_path / "denied.zarr", r3.key)["ok"][7]
     # an .npz of images at a URL opens like a local one
     images = np.random.default_rng(0).integers(0, 255, (6, 20, 20, 3), dtype=np.uint8)
     np.savez(tmp_path / "arr.npz", images=images, labels=np.arange(6))
@@ -193,6 +221,78 @@ def test_lease_renewal_and_loss(s3, monkeypatch):
         lease.release()
     assert s3.exists(lease.path)  # someone else's lease is never deleted
     s3.rm_file(lease.path)
+
+
+def test_a_writer_that_lost_its_lease_stops_before_flagging_chunks(s3, local_reference, monkeypatch):
+    """Another writer takes the lease over while the extraction runs (after a stall past its expiry): the next
+    chunk write stops before its checksums and done flag; once that writer's lease expires, the rerun finishes
+    the set, equal to a local run."""
+    from embedcache import leases
+
+    manifest, ref, _ = local_reference
+    url = f"s3://{BUCKET}/lost.zarr"
+    writes = {"n": 0}
+    real_write = embedcache.store.FeatureSet.write_chunk
+
+    def write_and_lose(self, c, *a, **kw):
+        writes["n"] += 1
+        if writes["n"] == 2:  # between the first and the second chunk, another writer takes the lease over
+            for held in list(leases._held):
+                thief = {"name": held.name, "holder": "pid 7 on elsewhere", "token": "t", "expires": time.time() + 2}
+                s3.pipe_file(held.path, json.dumps(thief).encode())
+                held._renew()  # its next renewal finds out
+        return real_write(self, c, *a, **kw)
+
+    monkeypatch.setattr(embedcache.store.FeatureSet, "write_chunk", write_and_lose)
+    with pytest.raises(Exception, match="taken over by pid 7 on elsewhere"), pytest.warns(RuntimeWarning):
+        _extract(manifest, url)
+    monkeypatch.setattr(embedcache.store.FeatureSet, "write_chunk", real_write)
+    st = open_store(url)
+    key = st.dataset().feature_keys()[0]
+    fs = st.dataset().feature_set(key)
+    assert fs.pending_chunks(["cls"]) == list(range(1, fs.n_chunks))  # only the chunk written under the lease
+    time.sleep(2.5)  # the other writer's lease expires
+    again = _extract(manifest, url)
+    assert again.chunks_written == fs.n_chunks - 1
+    _same(ref, _feats(url, key))
+
+
+def test_two_writers_taking_over_one_expired_lease_one_wins(s3):
+    """If-Match on the expired lease's ETag: of two writers taking it over at once, exactly one gets it."""
+    import threading
+
+    from embedcache.leases import LeaseBusy
+
+    folder = f"s3://{BUCKET}/race.embedcache/leases"
+    first = Lease(folder, "features::race", ttl=30)
+    first.acquire()
+    first._stop.set()
+    first._thread.join()
+    doc = json.loads(s3.cat_file(first.path))
+    s3.pipe_file(first.path, json.dumps({**doc, "holder": "pid 9 on gone", "expires": time.time() - 1}).encode())
+    racers = [Lease(folder, "features::race", ttl=30) for _ in range(2)]
+    reads = [r._read() for r in racers]  # both read the expired document (and its ETag) before either writes
+    assert reads[0][1] == reads[1][1]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def take(r, etag):
+        barrier.wait()
+        try:
+            r.etag = r._put(r._doc().encode(), if_match=etag)
+            outcomes.append("took")
+        except OSError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=take, args=(r, e)) for r, (_, e) in zip(racers, reads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["refused", "took"]
+    with pytest.raises(LeaseBusy):
+        Lease(folder, "features::race", ttl=30).acquire()
+    s3.rm_file(first.path)
 
 
 def test_distributed_extract_from_an_s3_manifest_into_s3(s3, chula_cells, local_reference):

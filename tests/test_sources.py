@@ -110,3 +110,20 @@ def test_missing_data_and_unknown_suffix(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no images"):
         open_source(tmp_path / "empty")
+
+
+def test_urls_carrying_credentials_are_refused_before_anything_is_stored(tmp_path):
+    """A presigned URL or user:password@ would be written into the store's obs/path and into logs."""
+    import pandas as pd
+
+    from embedcache.sources import SourceError, open_source
+
+    signed = "https://bucket.s3.amazonaws.com/cells/a.png?X-Amz-Credential=AKIA123&X-Amz-Signature=abc"
+    for bad in (signed, "https://user:hunter2@example.org/cells/a.png"):
+        pd.DataFrame({"path": [bad], "label": ["x"]}).to_csv(tmp_path / "m.csv", index=False)
+        with pytest.raises(SourceError, match="carries credentials") as e:
+            open_source(tmp_path / "m.csv")
+        assert "hunter2" not in str(e.value) and "AKIA123" not in str(e.value)
+    with pytest.raises(SourceError, match="carries credentials") as e:
+        open_source("s3://bucket/manifest.csv?X-Amz-Security-Token=SECRETTOKEN")
+    assert "SECRETTOKEN" not in str(e.value)

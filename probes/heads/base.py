@@ -6,7 +6,6 @@ one ``_decision`` method)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import math
 from collections.abc import Iterator
@@ -16,7 +15,10 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from embedcache.devices import resolve_device
+from embedcache.devices import (
+    cpu_has_native_bf16,  # noqa: F401  the one detector; heads import it from here
+    resolve_device,
+)
 
 CHUNK = 4096  # rows per query / prediction batch
 BF16_MIN_WORK = 1 << 22  # matrix entries (rows x features) from which precision="auto" uses bf16
@@ -41,20 +43,6 @@ def importable(module: str) -> bool:
         return True
     except Exception:  # noqa: BLE001 - a broken optional install counts as absent
         return False
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bfloat16 dot-product instructions (Linux: /proc/cpuinfo flags)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
-    except OSError:
-        pass
-    return False
 
 
 def check_X(X, n_features: int | None = None) -> np.ndarray:
