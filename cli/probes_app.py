@@ -329,6 +329,7 @@ def ensemble(
     out: Optional[str] = OUT("output folder (default: ensemble-<models>-<heads>-<date>)"),
     device: str = DEVICE(),
     test_size: float = TEST_SIZE(),
+    scheduler: Optional[str] = SCHEDULER(),
     quiet: bool = QUIET(),
 ) -> None:
     """Per-class F1 of every head (best marked) and the override / majority / mean ensembles."""
@@ -353,6 +354,7 @@ def ensemble(
             test_size=test_size,
             quiet=quiet,
             show=True,
+            scheduler=scheduler,
         )
     except Exception as e:  # noqa: BLE001
         fail(e)
@@ -373,6 +375,7 @@ def calibrate(
     out: Optional[str] = OUT("output folder (default: calibrate-<models>-<probes>-<date>)"),
     device: str = DEVICE(),
     test_size: float = TEST_SIZE(),
+    scheduler: Optional[str] = SCHEDULER(),
     quiet: bool = QUIET(),
 ) -> None:
     """ECE, MCE, Brier, NLL before / after temperature scaling (fitted on validation); reliability diagrams."""
@@ -395,6 +398,7 @@ def calibrate(
             test_size=test_size,
             quiet=quiet,
             show=True,
+            scheduler=scheduler,
         )
     except Exception as e:  # noqa: BLE001
         fail(e)
@@ -425,6 +429,7 @@ def selective(
     out: Optional[str] = OUT("output folder (default: selective-<models>-<probes>-<date>)"),
     device: str = DEVICE(),
     test_size: float = TEST_SIZE(),
+    scheduler: Optional[str] = SCHEDULER(),
     quiet: bool = QUIET(),
 ) -> None:
     """Risk-coverage, AURC, scores at coverages, the threshold for a target accuracy, per-class abstention."""
@@ -451,6 +456,7 @@ def selective(
             test_size=test_size,
             quiet=quiet,
             show=True,
+            scheduler=scheduler,
         )
     except Exception as e:  # noqa: BLE001
         fail(e)

@@ -93,10 +93,16 @@ def dask_client(spec: str) -> Iterator[tuple[Any, int | None]]:
 
 
 def fit_remote(
-    job: Any, x_train: Any, x_tests: list[Any], device: str, make_probe: Callable[..., Any] | None, threads: int | None
-) -> tuple[list[np.ndarray], float, dict[str, Any], list[dict] | None]:
-    """A worker's task: fit ``job`` (its matrices passed apart, resolved by Dask) and predict; returns
-    what :class:`probes.skeleton.Fitted` holds besides the job."""
+    job: Any,
+    x_train: Any,
+    x_tests: list[Any],
+    device: str,
+    make_probe: Callable[..., Any] | None,
+    threads: int | None,
+    fit: Callable[..., Any] | None = None,
+) -> Any:
+    """A worker's task: ``fit(job, device, make_probe)`` (default :func:`probes.skeleton.fit_predict`) with the
+    job's matrices passed apart (resolved by Dask); returns its result without the matrices."""
     from .skeleton import fit_predict
     from .threads import limit_threads
 
@@ -106,8 +112,9 @@ def fit_remote(
         threads = int(get_worker().state.nthreads)
     full = dataclasses.replace(job, x_train=x_train, x_tests=list(x_tests))
     with limit_threads(threads):
-        done = fit_predict(full, device, make_probe)
-    return done.predictions, done.seconds, done.info, done.history
+        done = (fit or fit_predict)(full, device, make_probe)
+    done.job = job  # the stub: the driver puts its own job (and matrices) back
+    return done
 
 
 def run_on_dask(
@@ -117,10 +124,12 @@ def run_on_dask(
     device: str,
     make_probe: Callable[..., Any] | None,
     advance: Callable[[str], None],
+    fit: Callable[..., Any] | None = None,
+    ship_tag: bool = False,
 ) -> Iterator[Any]:
-    """Every job as a task on ``spec``'s workers; :class:`probes.skeleton.Fitted` results in job order."""
-    from .skeleton import Fitted
-
+    """Every job as a task on ``spec``'s workers: ``fit(job, device, make_probe)`` (default
+    :func:`probes.skeleton.fit_predict`), results in job order. ``ship_tag`` sends the job's ``tag`` along
+    (a fit that reads it, e.g. :func:`probes.proba_fits.fit_proba`'s classes); otherwise it stays here."""
     if hasattr(make_probe, "kept"):  # probes.finetune.saving.AdapterKeeper: keeps the fitted estimators here
         raise ProbeError("--save-adapter keeps the fitted fine-tunes in this process; run it without --scheduler")
     with dask_client(spec) as (client, threads):
@@ -137,15 +146,16 @@ def run_on_dask(
 
         def collect() -> Any:
             job, future = window.popleft()
-            preds, seconds, info, history = future.result()
+            done = future.result()
+            done.job = job
             advance(job.label)
             held = {id(x) for j, _ in window for x in (j.x_train, *j.x_tests)}
             for key in [k for k in scattered if k not in held]:
                 del scattered[key]
-            return Fitted(job, preds, seconds, info, history)
+            return done
 
         for job in jobs:
-            stub = dataclasses.replace(job, x_train=None, x_tests=[], tag=None)  # the tag stays here
+            stub = dataclasses.replace(job, x_train=None, x_tests=[], tag=job.tag if ship_tag else None)
             future = client.submit(
                 fit_remote,
                 stub,
@@ -154,6 +164,7 @@ def run_on_dask(
                 device,
                 make_probe,
                 threads,
+                fit,
                 pure=False,
             )
             window.append((job, future))

@@ -159,9 +159,19 @@ def fit_probas(
     make_probe: Callable[..., Any] | None = None,
 ) -> Iterator[FittedProba]:
     """Every probe on every backbone x seed: fitted on the fit part, predicting the validation part and
-    the test cells (features read once per backbone, matrices once per seed)."""
+    the test cells (features read once per backbone, matrices once per seed). Under ``--scheduler``
+    (:func:`probes.dask_fits.current_scheduler`) each fit is a Dask task; results come back in the same order."""
+    from .dask_fits import current_scheduler, run_on_dask
+
     total = len(cells.backbones) * len(held) * len(probes)
+    scheduler = current_scheduler()
     with progress(total, quiet) as advance:
+        if scheduler:
+            jobs = _jobs(cells, held, probes)
+            yield from run_on_dask(
+                jobs, scheduler, device=device, make_probe=make_probe, advance=advance, fit=fit_proba, ship_tag=True
+            )
+            return
         for job in _jobs(cells, held, probes):
             advance(job.label)
             yield fit_proba(job, device, make_probe)

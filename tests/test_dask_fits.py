@@ -106,3 +106,33 @@ def test_cli_scheduler_and_out_of_core(store, tmp_path):
     assert set(fits["features"]) == {"out-of-core"} and len(fits) == 2
     p = subprocess.run([*cmd, "--scheduler", "head:1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.startswith("error:") and "--scheduler" in p.stderr
+
+
+def _frames(res) -> dict[str, pd.DataFrame]:
+    """Every table of a study result, without timings."""
+    out = {}
+    for name, value in vars(res).items():
+        if isinstance(value, pd.DataFrame):
+            out[name] = value.drop(columns=[c for c in ("seconds", "study") if c in value.columns])
+    return out
+
+
+def test_probability_studies_on_dask_equal_the_local_run(store, cluster, tmp_path):
+    """calibrate, ensemble and selective send their fits (with the held-out split they need) as tasks."""
+    from probes import calibrate, ensemble, selective
+
+    runs = {
+        "calibrate": lambda **kw: calibrate(store, MODEL, probes="logistic,knn", seeds=2, quiet=True, **kw),
+        "ensemble": lambda **kw: ensemble(store, MODEL, heads="knn,logistic,cosine", seeds=1, quiet=True, **kw),
+        "selective": lambda **kw: selective(store, MODEL, probe="logistic", seeds=1, quiet=True, **kw),
+    }
+    from distributed import Client, get_task_stream
+
+    for name, run in runs.items():
+        local = _frames(run(out=tmp_path / f"{name}-local"))
+        with Client(cluster) as client, get_task_stream(client=client) as stream:
+            remote = _frames(run(out=tmp_path / f"{name}-dask", scheduler=cluster))
+        assert sum("fit_remote" in str(t["key"]) for t in stream.data) >= 1, name  # the fits ran on the cluster
+        assert local.keys() == remote.keys() and local, name
+        for table in local:
+            pd.testing.assert_frame_equal(local[table], remote[table], obj=f"{name}.{table}")

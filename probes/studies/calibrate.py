@@ -38,6 +38,7 @@ from ..proba_fits import (
 from ..reporting.console import Col, Panel
 from ..reporting.decision_plots import plot_reliability
 from ..reporting.tables import prepare_out, study_document
+from ..runtime import study_runtime
 from ..sampling import TEST_SIZE, parse_seeds
 from ..skeleton import check_probes, either, finish, fit_table, show_summary, study_name
 
@@ -76,6 +77,7 @@ def calibrate(
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
+    scheduler: str | None = None,
     quiet: bool = False,
     show: bool | None = None,
     probe: str | Sequence[str] | None = None,
@@ -89,90 +91,92 @@ def calibrate(
     ``val_fraction`` validation part; the temperature sees only that part. Writes
     ``results.csv/.parquet``, ``summary.csv``, ``reliability.csv``, ``fits.csv``, ``exclusions.csv``,
     ``reliability-<backbone>-<probe>.png`` (test cells of every seed pooled) and ``study.json``.
+    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results.
     """
-    seed_list = parse_seeds(seeds)
-    if int(n_bins) < 1:
-        raise ProbeError(f"n_bins must be at least 1, got {n_bins}")
-    cells = open_cells(store, model, dataset=dataset, pool=pool)
-    probe_list = check_probes(either(probes, probe, "logistic"))
-    require_probabilities(probe_list, make_probe, what="calibration")
-    name = study_name("calibrate", cells.backbones + probe_list, out)
-    params: dict[str, Any] = dict(
-        store=str(cells.store_url),
-        dataset=cells.dataset,
-        model=cells.backbones,
-        probes=probe_list,
-        seeds=seed_list,
-        n_bins=int(n_bins),
-        val_fraction=val_fraction,
-        split=split,
-        val=val,
-        pool=cells.pool,
-        device=device,
-        test_size=test_size,
-    )
-    folder = prepare_out(Path(out) if out is not None else Path(name))
-    held, notes, exclusions = held_out_splits(
-        cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
-    )
-    rows: list[dict] = []
-    bins: list[pd.DataFrame] = []
-    fit_rows: list[dict] = []
-    pooled: dict[tuple[str, str], list] = {}
-    for done in fit_probas(cells, held, probe_list, device=device, quiet=quiet, make_probe=make_probe):
-        h = done.job.tag
-        fit_rows.append(done.fit_row())
-        base = base_row(name, cells, done, split)
-        y_val, y_test = class_codes(cells.labels[h.val], h.classes), class_codes(cells.labels[h.test], h.classes)
-        p_val, p_test = done.probas
-        t = fit_temperature(p_val, y_val)
-        stages = {"before": p_test, "after": scale_temperature(p_test, t)}
-        for stage, p in stages.items():
-            rows += [
-                {**base, "stage": stage, "metric": m, "class": "", "value": v}
-                for m, v in calibration_metrics(p, y_test, int(n_bins)).items()
-            ]
-            for binning in ("width", "mass"):
-                b = reliability(p, y_test, int(n_bins), binning)
-                bins.append(
-                    b.assign(**{k: base[k] for k in ("backbone", "probe", "seed")}, stage=stage, binning=binning)
-                )
-        rows.append({**base, "stage": "after", "metric": "temperature", "class": "", "value": t})
-        rows.append(
-            {
-                **base,
-                "stage": "after",
-                "metric": "val_nll",
-                "class": "",
-                "value": nll(scale_temperature(p_val, t), y_val),
-            }
+    with study_runtime(scheduler):
+        seed_list = parse_seeds(seeds)
+        if int(n_bins) < 1:
+            raise ProbeError(f"n_bins must be at least 1, got {n_bins}")
+        cells = open_cells(store, model, dataset=dataset, pool=pool)
+        probe_list = check_probes(either(probes, probe, "logistic"))
+        require_probabilities(probe_list, make_probe, what="calibration")
+        name = study_name("calibrate", cells.backbones + probe_list, out)
+        params: dict[str, Any] = dict(
+            store=str(cells.store_url),
+            dataset=cells.dataset,
+            model=cells.backbones,
+            probes=probe_list,
+            seeds=seed_list,
+            n_bins=int(n_bins),
+            val_fraction=val_fraction,
+            split=split,
+            val=val,
+            pool=cells.pool,
+            device=device,
+            test_size=test_size,
         )
-        rows.append({**base, "stage": "before", "metric": "val_nll", "class": "", "value": nll(p_val, y_val)})
-        rows += score_rows(base, cells.labels[h.test], done.predictions[1], h.classes, stage="labels")
-        pooled.setdefault((done.job.backbone, done.job.probe), []).append((p_test, stages["after"], y_test, t))
-    results = pd.DataFrame(rows)
-    fits, fit_notes = fit_table(fit_rows)
-    summary = seed_summary(results, [*KEYS, "stage"])
-    rel = pd.concat(bins, ignore_index=True)[
-        ["backbone", "probe", "seed", "stage", "binning", "bin", "lo", "hi", "n", "confidence", "accuracy", "gap"]
-    ]
-    res = CalibrationResult(name, params, results, summary, rel, fits, exclusions, notes + fit_notes, out=folder)
-    finish(
-        res,
-        tables={
-            "results.csv": results,
-            "results.parquet": results,
-            "summary.csv": summary,
-            "reliability.csv": rel,
-            "fits.csv": fits,
-            "exclusions.csv": exclusions,
-        },
-        plots=reliability_plots(pooled, int(n_bins), cells.dataset),
-        documents={"study.json": lambda names: study_document("calibrate", name, params, res.notes, names)},
-        panels=panels(res),
-        show=show_summary(quiet, show),
-    )
-    return res
+        folder = prepare_out(Path(out) if out is not None else Path(name))
+        held, notes, exclusions = held_out_splits(
+            cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
+        )
+        rows: list[dict] = []
+        bins: list[pd.DataFrame] = []
+        fit_rows: list[dict] = []
+        pooled: dict[tuple[str, str], list] = {}
+        for done in fit_probas(cells, held, probe_list, device=device, quiet=quiet, make_probe=make_probe):
+            h = done.job.tag
+            fit_rows.append(done.fit_row())
+            base = base_row(name, cells, done, split)
+            y_val, y_test = class_codes(cells.labels[h.val], h.classes), class_codes(cells.labels[h.test], h.classes)
+            p_val, p_test = done.probas
+            t = fit_temperature(p_val, y_val)
+            stages = {"before": p_test, "after": scale_temperature(p_test, t)}
+            for stage, p in stages.items():
+                rows += [
+                    {**base, "stage": stage, "metric": m, "class": "", "value": v}
+                    for m, v in calibration_metrics(p, y_test, int(n_bins)).items()
+                ]
+                for binning in ("width", "mass"):
+                    b = reliability(p, y_test, int(n_bins), binning)
+                    bins.append(
+                        b.assign(**{k: base[k] for k in ("backbone", "probe", "seed")}, stage=stage, binning=binning)
+                    )
+            rows.append({**base, "stage": "after", "metric": "temperature", "class": "", "value": t})
+            rows.append(
+                {
+                    **base,
+                    "stage": "after",
+                    "metric": "val_nll",
+                    "class": "",
+                    "value": nll(scale_temperature(p_val, t), y_val),
+                }
+            )
+            rows.append({**base, "stage": "before", "metric": "val_nll", "class": "", "value": nll(p_val, y_val)})
+            rows += score_rows(base, cells.labels[h.test], done.predictions[1], h.classes, stage="labels")
+            pooled.setdefault((done.job.backbone, done.job.probe), []).append((p_test, stages["after"], y_test, t))
+        results = pd.DataFrame(rows)
+        fits, fit_notes = fit_table(fit_rows)
+        summary = seed_summary(results, [*KEYS, "stage"])
+        rel = pd.concat(bins, ignore_index=True)[
+            ["backbone", "probe", "seed", "stage", "binning", "bin", "lo", "hi", "n", "confidence", "accuracy", "gap"]
+        ]
+        res = CalibrationResult(name, params, results, summary, rel, fits, exclusions, notes + fit_notes, out=folder)
+        finish(
+            res,
+            tables={
+                "results.csv": results,
+                "results.parquet": results,
+                "summary.csv": summary,
+                "reliability.csv": rel,
+                "fits.csv": fits,
+                "exclusions.csv": exclusions,
+            },
+            plots=reliability_plots(pooled, int(n_bins), cells.dataset),
+            documents={"study.json": lambda names: study_document("calibrate", name, params, res.notes, names)},
+            panels=panels(res),
+            show=show_summary(quiet, show),
+        )
+        return res
 
 
 def reliability_plots(pooled: dict, n_bins: int, dataset: str) -> dict[str, Callable[[Path], Any]]:

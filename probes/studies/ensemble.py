@@ -41,6 +41,7 @@ from ..proba_fits import (
 from ..reporting.console import Bold, Col, Panel
 from ..reporting.decision_plots import plot_specialisation
 from ..reporting.tables import prepare_out, study_document
+from ..runtime import study_runtime
 from ..sampling import TEST_SIZE, parse_seeds, sort_labels
 from ..skeleton import check_probes, finish, fit_table, show_summary, study_name
 
@@ -108,6 +109,7 @@ def ensemble(
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
+    scheduler: str | None = None,
     quiet: bool = False,
     show: bool | None = None,
     make_probe: Callable[..., Any] | None = None,
@@ -120,135 +122,143 @@ def ensemble(
     most on the validation part (a stratified ``val_fraction`` of the training cells; the heads are
     fitted on the rest). Writes ``results.csv/.parquet``, ``specialisation.csv``, ``summary.csv``,
     ``pairs.csv``, ``fits.csv``, ``exclusions.csv``, ``specialisation-<backbone>.png`` and ``study.json``.
+    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results.
     """
-    seed_list = parse_seeds(seeds)
-    head_list, primary = check_heads(heads, primary)
-    auto = isinstance(pairs, str) and pairs.strip().lower() == "auto"
-    if auto and int(n_pairs) < 1:
-        raise ProbeError(f"n_pairs must be at least 1 with pairs='auto', got {n_pairs}")
-    cells = open_cells(store, model, dataset=dataset, pool=pool)
-    try:
-        given = None if auto else parse_pairs(pairs, sort_labels(cells.labels))
-    except ValueError as e:
-        raise ProbeError(str(e)) from None
-    require_probabilities(head_list, make_probe, what="the ensemble")
-    name = study_name("ensemble", cells.backbones + head_list, out)
-    params: dict[str, Any] = dict(
-        store=str(cells.store_url),
-        dataset=cells.dataset,
-        model=cells.backbones,
-        heads=head_list,
-        primary=primary,
-        pairs="auto" if auto else [f"{a}:{b}" for a, b in given or []],
-        n_pairs=int(n_pairs),
-        seeds=seed_list,
-        val_fraction=val_fraction,
-        split=split,
-        val=val,
-        pool=cells.pool,
-        device=device,
-        test_size=test_size,
-    )
-    folder = prepare_out(Path(out) if out is not None else Path(name))
-    held, notes, exclusions = held_out_splits(
-        cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
-    )
-    fitted: dict[tuple[str, int], dict[str, FittedProba]] = {}
-    fit_rows = []
-    for done in fit_probas(cells, held, head_list, device=device, quiet=quiet, make_probe=make_probe):
-        fitted.setdefault((done.job.backbone, done.job.seed), {})[done.job.probe] = done
-        fit_rows.append(done.fit_row())
-    rows: list[dict] = []
-    pair_rows: list[dict] = []
-    order = [primary, *[h for h in head_list if h != primary]]
-    members = "+".join(order)
-    for (backbone, seed), by_head in fitted.items():
-        h = by_head[primary].job.tag
-        y_test = cells.labels[h.test]
-        base = base_row(name, cells, by_head[primary], split)
-        for head in head_list:
-            rows += score_rows(
-                {**base, "probe": head}, y_test, by_head[head].predictions[1], h.classes, kind="head", method=head
-            )
-        if auto:
-            ranked = auto_pairs(cells.labels[h.val], by_head[primary].predictions[0], int(n_pairs))
-            chosen, counts, source = [p for p, _ in ranked], dict(ranked), "validation"
-        else:
-            chosen = [p for p in given or [] if p[0] in h.classes and p[1] in h.classes]
-            counts, source = {}, "given"
-            dropped = [f"{a}:{b}" for a, b in given or [] if (a, b) not in chosen]
-            if dropped:
-                notes.append(f"seed {seed}: pair(s) {', '.join(dropped)} name a class left out of the split")
-        probas = [by_head[m].probas[1] for m in order]
-        labels = {}
-        for rule, prefix in RULE_NAMES.items():
-            labels[rule], _ = combine(rule, probas, h.classes, primary=0, pairs=chosen)
-            rows += score_rows(
-                {**base, "probe": f"{prefix}:{members}"}, y_test, labels[rule], h.classes, kind="ensemble", method=rule
-            )
-        prim = np.asarray(by_head[primary].predictions[1]).astype(str)
-        for a, b in chosen:
-            moved = (labels["override"] != prim) & np.isin(prim, [a, b]) & np.isin(labels["override"], [a, b])
-            pair_rows.append(
-                dict(
-                    backbone=backbone,
-                    seed=seed,
-                    pair=f"{a}:{b}",
-                    source=source,
-                    val_confusions=counts.get((a, b)),
-                    n_replaced=int(moved.sum()),
-                    n_fixed=int((moved & (labels["override"] == y_test)).sum()),
-                    n_broken=int((moved & (prim == y_test)).sum()),
-                )
-            )
-        if not chosen:
-            notes.append(
-                f"{backbone}, seed {seed}: no confusion pair ({source}): the override ensemble is the "
-                f"primary head '{primary}'"
-            )
-    results = pd.DataFrame(rows)
-    summary = seed_summary(results[results["class"] == ""], KEYS)
-    spec = specialisation(results)
-    pair_table = pd.DataFrame(
-        pair_rows, columns=["backbone", "seed", "pair", "source", "val_confusions", "n_replaced", "n_fixed", "n_broken"]
-    )
-    pair_table["val_confusions"] = pair_table["val_confusions"].astype("Int64")
-    fits, fit_notes = fit_table(fit_rows)
-    res = EnsembleResult(
-        name,
-        params,
-        results,
-        spec,
-        summary,
-        pair_table,
-        fits,
-        exclusions,
-        list(dict.fromkeys(notes + fit_notes)),
-        out=folder,
-    )
-    plots = {
-        f"specialisation-{slug(b)}.png": (
-            lambda path, t=t, b=b: plot_specialisation(t, path, title=f"{cells.dataset} · {b} · primary {primary}")
+    with study_runtime(scheduler):
+        seed_list = parse_seeds(seeds)
+        head_list, primary = check_heads(heads, primary)
+        auto = isinstance(pairs, str) and pairs.strip().lower() == "auto"
+        if auto and int(n_pairs) < 1:
+            raise ProbeError(f"n_pairs must be at least 1 with pairs='auto', got {n_pairs}")
+        cells = open_cells(store, model, dataset=dataset, pool=pool)
+        try:
+            given = None if auto else parse_pairs(pairs, sort_labels(cells.labels))
+        except ValueError as e:
+            raise ProbeError(str(e)) from None
+        require_probabilities(head_list, make_probe, what="the ensemble")
+        name = study_name("ensemble", cells.backbones + head_list, out)
+        params: dict[str, Any] = dict(
+            store=str(cells.store_url),
+            dataset=cells.dataset,
+            model=cells.backbones,
+            heads=head_list,
+            primary=primary,
+            pairs="auto" if auto else [f"{a}:{b}" for a, b in given or []],
+            n_pairs=int(n_pairs),
+            seeds=seed_list,
+            val_fraction=val_fraction,
+            split=split,
+            val=val,
+            pool=cells.pool,
+            device=device,
+            test_size=test_size,
         )
-        for b, t in spec.groupby("backbone", sort=False)
-    }
-    finish(
-        res,
-        tables={
-            "results.csv": results,
-            "results.parquet": results,
-            "specialisation.csv": spec,
-            "summary.csv": summary,
-            "pairs.csv": pair_table,
-            "fits.csv": fits,
-            "exclusions.csv": exclusions,
-        },
-        plots=plots,
-        documents={"study.json": lambda names: study_document("ensemble", name, params, res.notes, names)},
-        panels=panels(res),
-        show=show_summary(quiet, show),
-    )
-    return res
+        folder = prepare_out(Path(out) if out is not None else Path(name))
+        held, notes, exclusions = held_out_splits(
+            cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
+        )
+        fitted: dict[tuple[str, int], dict[str, FittedProba]] = {}
+        fit_rows = []
+        for done in fit_probas(cells, held, head_list, device=device, quiet=quiet, make_probe=make_probe):
+            fitted.setdefault((done.job.backbone, done.job.seed), {})[done.job.probe] = done
+            fit_rows.append(done.fit_row())
+        rows: list[dict] = []
+        pair_rows: list[dict] = []
+        order = [primary, *[h for h in head_list if h != primary]]
+        members = "+".join(order)
+        for (backbone, seed), by_head in fitted.items():
+            h = by_head[primary].job.tag
+            y_test = cells.labels[h.test]
+            base = base_row(name, cells, by_head[primary], split)
+            for head in head_list:
+                rows += score_rows(
+                    {**base, "probe": head}, y_test, by_head[head].predictions[1], h.classes, kind="head", method=head
+                )
+            if auto:
+                ranked = auto_pairs(cells.labels[h.val], by_head[primary].predictions[0], int(n_pairs))
+                chosen, counts, source = [p for p, _ in ranked], dict(ranked), "validation"
+            else:
+                chosen = [p for p in given or [] if p[0] in h.classes and p[1] in h.classes]
+                counts, source = {}, "given"
+                dropped = [f"{a}:{b}" for a, b in given or [] if (a, b) not in chosen]
+                if dropped:
+                    notes.append(f"seed {seed}: pair(s) {', '.join(dropped)} name a class left out of the split")
+            probas = [by_head[m].probas[1] for m in order]
+            labels = {}
+            for rule, prefix in RULE_NAMES.items():
+                labels[rule], _ = combine(rule, probas, h.classes, primary=0, pairs=chosen)
+                rows += score_rows(
+                    {**base, "probe": f"{prefix}:{members}"},
+                    y_test,
+                    labels[rule],
+                    h.classes,
+                    kind="ensemble",
+                    method=rule,
+                )
+            prim = np.asarray(by_head[primary].predictions[1]).astype(str)
+            for a, b in chosen:
+                moved = (labels["override"] != prim) & np.isin(prim, [a, b]) & np.isin(labels["override"], [a, b])
+                pair_rows.append(
+                    dict(
+                        backbone=backbone,
+                        seed=seed,
+                        pair=f"{a}:{b}",
+                        source=source,
+                        val_confusions=counts.get((a, b)),
+                        n_replaced=int(moved.sum()),
+                        n_fixed=int((moved & (labels["override"] == y_test)).sum()),
+                        n_broken=int((moved & (prim == y_test)).sum()),
+                    )
+                )
+            if not chosen:
+                notes.append(
+                    f"{backbone}, seed {seed}: no confusion pair ({source}): the override ensemble is the "
+                    f"primary head '{primary}'"
+                )
+        results = pd.DataFrame(rows)
+        summary = seed_summary(results[results["class"] == ""], KEYS)
+        spec = specialisation(results)
+        pair_table = pd.DataFrame(
+            pair_rows,
+            columns=["backbone", "seed", "pair", "source", "val_confusions", "n_replaced", "n_fixed", "n_broken"],
+        )
+        pair_table["val_confusions"] = pair_table["val_confusions"].astype("Int64")
+        fits, fit_notes = fit_table(fit_rows)
+        res = EnsembleResult(
+            name,
+            params,
+            results,
+            spec,
+            summary,
+            pair_table,
+            fits,
+            exclusions,
+            list(dict.fromkeys(notes + fit_notes)),
+            out=folder,
+        )
+        plots = {
+            f"specialisation-{slug(b)}.png": (
+                lambda path, t=t, b=b: plot_specialisation(t, path, title=f"{cells.dataset} · {b} · primary {primary}")
+            )
+            for b, t in spec.groupby("backbone", sort=False)
+        }
+        finish(
+            res,
+            tables={
+                "results.csv": results,
+                "results.parquet": results,
+                "specialisation.csv": spec,
+                "summary.csv": summary,
+                "pairs.csv": pair_table,
+                "fits.csv": fits,
+                "exclusions.csv": exclusions,
+            },
+            plots=plots,
+            documents={"study.json": lambda names: study_document("ensemble", name, params, res.notes, names)},
+            panels=panels(res),
+            show=show_summary(quiet, show),
+        )
+        return res
 
 
 def specialisation(results: pd.DataFrame) -> pd.DataFrame:

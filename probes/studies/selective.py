@@ -51,6 +51,7 @@ from ..proba_fits import (
 from ..reporting.console import Col, Panel
 from ..reporting.decision_plots import plot_risk_coverage
 from ..reporting.tables import prepare_out, study_document
+from ..runtime import study_runtime
 from ..sampling import TEST_SIZE, parse_seeds
 from ..skeleton import check_probes, either, finish, fit_table, show_summary, study_name
 
@@ -124,6 +125,7 @@ def selective(
     out: str | os.PathLike | None = None,
     device: str = "auto",
     test_size: float = TEST_SIZE,
+    scheduler: str | None = None,
     quiet: bool = False,
     show: bool | None = None,
     probe: str | Sequence[str] | None = None,
@@ -141,142 +143,147 @@ def selective(
     coverage and accuracy are reported, never used to choose. Writes ``results.csv/.parquet``,
     ``summary.csv``, ``thresholds.csv``, ``abstention.csv``, ``curves.csv``, ``fits.csv``,
     ``exclusions.csv``, ``risk_coverage.png`` and ``study.json``.
+    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results.
     """
-    kinds = parse_names(confidence)
-    unknown = [k for k in kinds if k not in CONFIDENCES]
-    if not kinds or unknown:
-        raise ProbeError(
-            f"unknown confidence(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIDENCES)}"
+    with study_runtime(scheduler):
+        kinds = parse_names(confidence)
+        unknown = [k for k in kinds if k not in CONFIDENCES]
+        if not kinds or unknown:
+            raise ProbeError(
+                f"unknown confidence(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIDENCES)}"
+            )
+        try:
+            target = check_target(target_accuracy)
+        except (TypeError, ValueError) as e:
+            raise ProbeError(str(e)) from None
+        try:
+            cov_list = [float(c) for c in (coverages.split(",") if isinstance(coverages, str) else coverages)]
+        except ValueError:
+            raise ProbeError(
+                f"bad coverages {coverages!r}: a comma list of fractions, e.g. 1,0.9,0.8,0.67,0.5"
+            ) from None
+        if not cov_list or any(not 0 < c <= 1 for c in cov_list):
+            raise ProbeError(f"coverages must lie in (0, 1], got {coverages}")
+        seed_list = parse_seeds(seeds)
+        cells = open_cells(store, model, dataset=dataset, pool=pool)
+        probe_list = check_probes(either(probes, probe, "logistic"))
+        fit_list, others = (
+            voters(probe_list, cells.backbones, agree_with, heads) if "agreement" in kinds else (probe_list, {})
         )
-    try:
-        target = check_target(target_accuracy)
-    except (TypeError, ValueError) as e:
-        raise ProbeError(str(e)) from None
-    try:
-        cov_list = [float(c) for c in (coverages.split(",") if isinstance(coverages, str) else coverages)]
-    except ValueError:
-        raise ProbeError(f"bad coverages {coverages!r}: a comma list of fractions, e.g. 1,0.9,0.8,0.67,0.5") from None
-    if not cov_list or any(not 0 < c <= 1 for c in cov_list):
-        raise ProbeError(f"coverages must lie in (0, 1], got {coverages}")
-    seed_list = parse_seeds(seeds)
-    cells = open_cells(store, model, dataset=dataset, pool=pool)
-    probe_list = check_probes(either(probes, probe, "logistic"))
-    fit_list, others = (
-        voters(probe_list, cells.backbones, agree_with, heads) if "agreement" in kinds else (probe_list, {})
-    )
-    require_probabilities(fit_list, make_probe, what="selective prediction")
-    name = study_name("selective", cells.backbones + probe_list, out)
-    params: dict[str, Any] = dict(
-        store=str(cells.store_url),
-        dataset=cells.dataset,
-        model=cells.backbones,
-        probes=probe_list,
-        confidence=kinds,
-        target_accuracy=target,
-        coverages=cov_list,
-        seeds=seed_list,
-        val_fraction=val_fraction,
-        split=split,
-        val=val,
-        pool=cells.pool,
-        device=device,
-        test_size=test_size,
-        **(
-            {"agree_with": agree_with, "voters": fit_list if agree_with == "heads" else cells.backbones}
-            if "agreement" in kinds
-            else {}
-        ),
-    )
-    folder = prepare_out(Path(out) if out is not None else Path(name))
-    held, notes, exclusions = held_out_splits(
-        cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
-    )
-    fitted: dict[tuple[str, str, int], FittedProba] = {}
-    fit_rows = []
-    for done in fit_probas(cells, held, fit_list, device=device, quiet=quiet, make_probe=make_probe):
-        fitted[(done.job.backbone, done.job.probe, done.job.seed)] = done
-        fit_rows.append(done.fit_row())
-    rows, thresholds, abstention, curves = [], [], [], []
-    for (b, p, seed), done in fitted.items():
-        if p not in probe_list:
-            continue
-        h, base = done.job.tag, base_row(name, cells, done, split)
-        y = {"val": cells.labels[h.val], "test": cells.labels[h.test]}
-        pred = {"val": done.predictions[0], "test": done.predictions[1]}
-        proba = {"val": done.probas[0], "test": done.probas[1]}
-        for kind in kinds:
-            conf = {}
-            for part, i in (("val", 0), ("test", 1)):
-                voted = [fitted[(ob, op, seed)].predictions[i] for ob, op in others.get((b, p), [])]
-                conf[part] = confidence_of(kind, proba[part], pred[part], voted)
-            correct = {part: pred[part] == y[part] for part in ("val", "test")}
-            key = {**base, "confidence": kind}
-            for metric, v in (
-                ("aurc", aurc(conf["test"], correct["test"])),
-                ("e_aurc", e_aurc(conf["test"], correct["test"])),
-                ("oracle_aurc", oracle_aurc(correct["test"])),
-            ):
-                rows.append({**key, "coverage": math.nan, "metric": metric, "class": "", "value": v})
-            at = scores_at_coverages(y["test"], pred["test"], conf["test"], h.classes, cov_list)
-            rows += [{**key, **r, "class": ""} for r in at.to_dict("records")]
-            curves += [
-                {
-                    **{k: key[k] for k in ("backbone", "probe", "seed", "confidence")},
-                    "coverage": float(c),
-                    "risk": float(r),
-                }
-                for c, r in zip(GRID, risk_on_grid(conf["test"], correct["test"], GRID))
-            ]
-            chosen = choose_threshold(conf["val"], correct["val"], target)
-            kept = conf["test"] >= chosen["threshold"]
-            thresholds.append(
-                {
-                    **key,
-                    "target_accuracy": target,
-                    **chosen,
-                    **_kept_scores(y["test"], pred["test"], kept, h.classes, target),
-                }
-            )
-            ab = abstention_by_class(y["test"], kept, h.classes)
-            abstention += [
-                {**{k: key[k] for k in ("backbone", "probe", "seed", "confidence")}, **r} for r in ab.to_dict("records")
-            ]
-    results = pd.DataFrame(rows)
-    summary = seed_summary(results, [*KEYS, "coverage"])
-    thr, ab, cur = pd.DataFrame(thresholds), pd.DataFrame(abstention), pd.DataFrame(curves)
-    fits, fit_notes = fit_table(fit_rows)
-    notes = notes + fit_notes + _threshold_notes(thr, target)
-    res = SelectiveResult(name, params, results, summary, thr, ab, cur, fits, exclusions, notes, out=folder)
-    grid = (
-        cur.groupby(["backbone", "probe", "confidence", "coverage"], sort=False)["risk"]
-        .agg(mean="mean", std="std")
-        .reset_index()
-        .fillna({"std": 0.0})
-    )
-    chosen_mean = threshold_summary(thr)
-    title = f"{cells.dataset} · risk-coverage on test cells (mean ± std over {len(seed_list)} seed(s))"
-    finish(
-        res,
-        tables={
-            "results.csv": results,
-            "results.parquet": results,
-            "summary.csv": summary,
-            "thresholds.csv": thr,
-            "abstention.csv": ab,
-            "curves.csv": cur,
-            "fits.csv": fits,
-            "exclusions.csv": exclusions,
-        },
-        plots={
-            "risk_coverage.png": lambda path: plot_risk_coverage(
-                grid, path, chosen=chosen_mean, target_accuracy=target, title=title
-            )
-        },
-        documents={"study.json": lambda names: study_document("selective", name, params, res.notes, names)},
-        panels=panels(res, chosen_mean),
-        show=show_summary(quiet, show),
-    )
-    return res
+        require_probabilities(fit_list, make_probe, what="selective prediction")
+        name = study_name("selective", cells.backbones + probe_list, out)
+        params: dict[str, Any] = dict(
+            store=str(cells.store_url),
+            dataset=cells.dataset,
+            model=cells.backbones,
+            probes=probe_list,
+            confidence=kinds,
+            target_accuracy=target,
+            coverages=cov_list,
+            seeds=seed_list,
+            val_fraction=val_fraction,
+            split=split,
+            val=val,
+            pool=cells.pool,
+            device=device,
+            test_size=test_size,
+            **(
+                {"agree_with": agree_with, "voters": fit_list if agree_with == "heads" else cells.backbones}
+                if "agreement" in kinds
+                else {}
+            ),
+        )
+        folder = prepare_out(Path(out) if out is not None else Path(name))
+        held, notes, exclusions = held_out_splits(
+            cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
+        )
+        fitted: dict[tuple[str, str, int], FittedProba] = {}
+        fit_rows = []
+        for done in fit_probas(cells, held, fit_list, device=device, quiet=quiet, make_probe=make_probe):
+            fitted[(done.job.backbone, done.job.probe, done.job.seed)] = done
+            fit_rows.append(done.fit_row())
+        rows, thresholds, abstention, curves = [], [], [], []
+        for (b, p, seed), done in fitted.items():
+            if p not in probe_list:
+                continue
+            h, base = done.job.tag, base_row(name, cells, done, split)
+            y = {"val": cells.labels[h.val], "test": cells.labels[h.test]}
+            pred = {"val": done.predictions[0], "test": done.predictions[1]}
+            proba = {"val": done.probas[0], "test": done.probas[1]}
+            for kind in kinds:
+                conf = {}
+                for part, i in (("val", 0), ("test", 1)):
+                    voted = [fitted[(ob, op, seed)].predictions[i] for ob, op in others.get((b, p), [])]
+                    conf[part] = confidence_of(kind, proba[part], pred[part], voted)
+                correct = {part: pred[part] == y[part] for part in ("val", "test")}
+                key = {**base, "confidence": kind}
+                for metric, v in (
+                    ("aurc", aurc(conf["test"], correct["test"])),
+                    ("e_aurc", e_aurc(conf["test"], correct["test"])),
+                    ("oracle_aurc", oracle_aurc(correct["test"])),
+                ):
+                    rows.append({**key, "coverage": math.nan, "metric": metric, "class": "", "value": v})
+                at = scores_at_coverages(y["test"], pred["test"], conf["test"], h.classes, cov_list)
+                rows += [{**key, **r, "class": ""} for r in at.to_dict("records")]
+                curves += [
+                    {
+                        **{k: key[k] for k in ("backbone", "probe", "seed", "confidence")},
+                        "coverage": float(c),
+                        "risk": float(r),
+                    }
+                    for c, r in zip(GRID, risk_on_grid(conf["test"], correct["test"], GRID))
+                ]
+                chosen = choose_threshold(conf["val"], correct["val"], target)
+                kept = conf["test"] >= chosen["threshold"]
+                thresholds.append(
+                    {
+                        **key,
+                        "target_accuracy": target,
+                        **chosen,
+                        **_kept_scores(y["test"], pred["test"], kept, h.classes, target),
+                    }
+                )
+                ab = abstention_by_class(y["test"], kept, h.classes)
+                abstention += [
+                    {**{k: key[k] for k in ("backbone", "probe", "seed", "confidence")}, **r}
+                    for r in ab.to_dict("records")
+                ]
+        results = pd.DataFrame(rows)
+        summary = seed_summary(results, [*KEYS, "coverage"])
+        thr, ab, cur = pd.DataFrame(thresholds), pd.DataFrame(abstention), pd.DataFrame(curves)
+        fits, fit_notes = fit_table(fit_rows)
+        notes = notes + fit_notes + _threshold_notes(thr, target)
+        res = SelectiveResult(name, params, results, summary, thr, ab, cur, fits, exclusions, notes, out=folder)
+        grid = (
+            cur.groupby(["backbone", "probe", "confidence", "coverage"], sort=False)["risk"]
+            .agg(mean="mean", std="std")
+            .reset_index()
+            .fillna({"std": 0.0})
+        )
+        chosen_mean = threshold_summary(thr)
+        title = f"{cells.dataset} · risk-coverage on test cells (mean ± std over {len(seed_list)} seed(s))"
+        finish(
+            res,
+            tables={
+                "results.csv": results,
+                "results.parquet": results,
+                "summary.csv": summary,
+                "thresholds.csv": thr,
+                "abstention.csv": ab,
+                "curves.csv": cur,
+                "fits.csv": fits,
+                "exclusions.csv": exclusions,
+            },
+            plots={
+                "risk_coverage.png": lambda path: plot_risk_coverage(
+                    grid, path, chosen=chosen_mean, target_accuracy=target, title=title
+                )
+            },
+            documents={"study.json": lambda names: study_document("selective", name, params, res.notes, names)},
+            panels=panels(res, chosen_mean),
+            show=show_summary(quiet, show),
+        )
+        return res
 
 
 def _kept_scores(
