@@ -18,6 +18,7 @@ from cli.common import (
     POOL,
     PROBES,
     QUIET,
+    SCHEDULER,
     SEEDS,
     STORE,
     K,
@@ -60,6 +61,7 @@ def audit(
     html: bool = typer.Option(True, "--html/--no-html", help="write report.html"),
     out_of_core: str = OUT_OF_CORE(),
     max_memory: Optional[str] = MAX_MEMORY(),
+    scheduler: Optional[str] = SCHEDULER(),
     quiet: bool = QUIET(),
 ) -> None:
     """Rank cells by how likely their label is wrong: confident learning on calibrated models, neighbours."""
@@ -79,6 +81,7 @@ def audit(
             ranking=ranking,
             out_of_core=out_of_core,
             max_memory=max_memory,
+            scheduler=scheduler,
             top=top,
             dataset=dataset,
             pool=pool,

@@ -136,3 +136,17 @@ def test_probability_studies_on_dask_equal_the_local_run(store, cluster, tmp_pat
         assert local.keys() == remote.keys() and local, name
         for table in local:
             pd.testing.assert_frame_equal(local[table], remote[table], obj=f"{name}.{table}")
+
+
+def test_audit_on_dask_equals_the_local_run(store, cluster, tmp_path):
+    """Each backbone x probe x seed of the audit's out-of-fold fits is one task; the ranking is the local one."""
+    from distributed import Client, get_task_stream
+
+    from probes import audit
+
+    kw = dict(probes="logistic,knn", folds=3, seeds=1, k=5, cache=False, html=False, quiet=True)
+    local = audit(store, MODEL, out=tmp_path / "local", **kw)
+    with Client(cluster) as client, get_task_stream(client=client) as stream:
+        remote = audit(store, MODEL, out=tmp_path / "dask", scheduler=cluster, **kw)
+    assert sum("_oof_one" in str(t["key"]) for t in stream.data) == 2  # logistic and knn, one seed
+    pd.testing.assert_frame_equal(local.table, remote.table)

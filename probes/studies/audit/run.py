@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ...dask_fits import current_scheduler
 from ...data import ProbeError, open_cells, parse_names
 from ...outofcore import is_chunked
 from ...reporting.console import progress
@@ -173,37 +174,43 @@ def audit_arrays(
     reused = computed = fits = 0
     keys = feature_keys or {}
     todo = [(b, p, s) for b in features for p in probe_list for s in seed_list]
-    with progress(len(todo), quiet) as advance, limit_threads(threads):
-        for b, p, s in todo:
-            if s not in fold_cache:
-                fold_cache[s] = make_folds(labels, groups, folds, s, split)
-            fold, scheme = fold_cache[s]
-            key = dict(
-                backbone=b,
-                feature_key=keys.get(b, b),
-                feature_digest=f_digest[b],
-                pool=pool,
-                probe=p,
-                probe_impl=impl[p],
-                seed=int(s),
-                folds=int(folds),
-                scheme=scheme,
-                label_digest=digest,
-            )
-            hit = cached.get(tuple(key[c] for c in KEY_COLUMNS))
-            if hit is not None and hit.classes == classes and np.array_equal(hit.fold, fold):
-                oofs.append(hit)
-                reused += 1
-                continue
-            advance(f"{b} · {p} · seed {s}")
-            x = features[b] if is_chunked(features[b]) else np.asarray(features[b], dtype=np.float32)
-            try:
-                proba = oof_proba(x, labels, fold, classes, partial(make_probe, p, seed=int(s), device=device), name=p)
-            except ProbeError:
-                raise
-            except Exception as e:
-                raise ProbeError(f"probe '{p}' on {b}, seed {s} failed: {type(e).__name__}: {e}") from e
-            oofs.append(OOF(key, classes, proba, fold))
+    planned: list[tuple[dict[str, Any], np.ndarray, OOF | None]] = []
+    for b, p, s in todo:
+        if s not in fold_cache:
+            fold_cache[s] = make_folds(labels, groups, folds, s, split)
+        fold, scheme = fold_cache[s]
+        key = dict(
+            backbone=b,
+            feature_key=keys.get(b, b),
+            feature_digest=f_digest[b],
+            pool=pool,
+            probe=p,
+            probe_impl=impl[p],
+            seed=int(s),
+            folds=int(folds),
+            scheme=scheme,
+            label_digest=digest,
+        )
+        hit = cached.get(tuple(key[c] for c in KEY_COLUMNS))
+        usable = hit is not None and hit.classes == classes and np.array_equal(hit.fold, fold)
+        planned.append((key, fold, hit if usable else None))
+    missing = [(key, fold) for key, fold, hit in planned if hit is None]
+    scheduler = current_scheduler()
+    with progress(len(missing), quiet) as advance, limit_threads(threads):
+        if scheduler and missing:
+            probas = _oof_on_dask(scheduler, missing, features, labels, classes, make_probe, device, advance)
+        else:
+            probas = []
+            for key, fold in missing:
+                advance(f"{key['backbone']} · {key['probe']} · seed {key['seed']}")
+                x = features[key["backbone"]]
+                probas.append(_oof_one(x, labels, fold, classes, make_probe, key, device))
+    computed_oofs = iter(OOF(key, classes, proba, fold) for (key, fold), proba in zip(missing, probas))
+    for _, fold, hit in planned:
+        oofs.append(hit if hit is not None else next(computed_oofs))
+        if hit is not None:
+            reused += 1
+        else:
             computed += 1
             fits += len(np.unique(fold))
     nbrs, dis = {}, {}
@@ -280,6 +287,7 @@ def audit(
     html: bool = True,
     out_of_core: str | None = None,
     max_memory: str | int | None = None,
+    scheduler: str | None = None,
     quiet: bool = False,
     show: bool | None = None,
 ) -> AuditResult:
@@ -298,12 +306,13 @@ def audit(
     URL); ``cache=False`` turns the cache off. ``folds_by``: the fold scheme and ``ranking`` the
     score (see :class:`AuditOptions`). ``out_of_core`` / ``max_memory``: features above the budget are read
     in store chunks (kNN and logistic fit them there; the neighbour search merges chunks to the exact top-k;
-    :mod:`probes.runtime`). ``quiet`` hides the progress bar and the summary; ``show`` prints the summary
-    regardless.
+    :mod:`probes.runtime`); ``scheduler`` (``tcp://host:port``, ``local:N``) fits each backbone x probe x seed as
+    one Dask task, to the local run's probabilities. ``quiet`` hides the progress bar and the summary;
+    ``show`` prints the summary regardless.
     """
     from ...runtime import study_runtime
 
-    with study_runtime(None, out_of_core, max_memory):
+    with study_runtime(scheduler, out_of_core, max_memory):
         return _audit(
             store, model, probes=probes, folds=folds, seeds=seeds, folds_by=folds_by, k=k, dataset=dataset,
             pool=pool, out=out, cache=cache, top=top, ranking=ranking, device=device, threads=threads,
@@ -383,3 +392,59 @@ def _audit(
     if show_summary(quiet, show):
         print_summary(res, top=min(top, 15))
     return res
+
+
+def _oof_one(
+    x: Any,
+    labels: np.ndarray,
+    fold: np.ndarray,
+    classes: Sequence[str],
+    make_probe: Callable[..., Any],
+    key: dict[str, Any],
+    device: str,
+    threads: int | None = None,
+) -> np.ndarray:
+    """One model's out-of-fold probabilities (here, or as a Dask task), failures named."""
+    b, p, s = key["backbone"], key["probe"], key["seed"]
+    x = x if is_chunked(x) else np.asarray(x, dtype=np.float32)
+    try:
+        with limit_threads(threads):
+            return oof_proba(x, labels, fold, classes, partial(make_probe, p, seed=int(s), device=device), name=p)
+    except ProbeError:
+        raise
+    except Exception as e:
+        raise ProbeError(f"probe '{p}' on {b}, seed {s} failed: {type(e).__name__}: {e}") from e
+
+
+def _oof_on_dask(
+    spec: str,
+    missing: list[tuple[dict[str, Any], np.ndarray]],
+    features: dict[str, Any],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    make_probe: Callable[..., Any],
+    device: str,
+    advance: Callable[[str], None],
+) -> list[np.ndarray]:
+    """Every missing model as one Dask task (``--scheduler``); results in ``missing``'s order, equal to a
+    local run's (each task fits the same folds with the same seeds)."""
+    from ...dask_fits import dask_client
+
+    with dask_client(spec) as (client, threads):
+        shipped = {
+            b: (x if is_chunked(x) else client.scatter(np.asarray(x, dtype=np.float32), hash=False))
+            for b, x in features.items()
+            if any(key["backbone"] == b for key, _ in missing)
+        }
+        futures = [
+            client.submit(
+                _oof_one, shipped[key["backbone"]], labels, fold, list(classes), make_probe, key, device, threads,
+                pure=False,
+            )
+            for key, fold in missing
+        ]  # fmt: skip
+        out = []
+        for (key, _), future in zip(missing, futures):
+            out.append(future.result())
+            advance(f"{key['backbone']} · {key['probe']} · seed {key['seed']}")
+        return out
