@@ -156,13 +156,10 @@ class NeighborIndex:
         )  # fmt: skip
 
     # -- raw search ---------------------------------------------------------------------------
-    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` (similarities, positions) per query row, best first; batched.
-
-        ``exclude[i]`` (a position, or -1 for none) is left out of query ``i``'s answer: the
-        query cell itself. Rows with fewer than ``k`` answers are padded with position -1 and
-        similarity NaN.
-        """
+    def _checked(
+        self, queries: np.ndarray, k: int, exclude: np.ndarray | None
+    ) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """Unit-length queries of the index's width, a positive ``k`` and one ``exclude`` entry per query."""
         q = l2_normalize(np.atleast_2d(queries))
         if q.shape[1] != self.dim:
             raise ProbeError(f"queries have width {q.shape[1]}, the index {self.dim}")
@@ -173,6 +170,16 @@ class NeighborIndex:
             exclude = np.asarray(exclude, dtype=np.int64).reshape(-1)
             if len(exclude) != len(q):
                 raise ProbeError(f"exclude has {len(exclude)} entries for {len(q)} queries")
+        return q, k, exclude
+
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (similarities, positions) per query row, best first; batched.
+
+        ``exclude[i]`` (a position, or -1 for none) is left out of query ``i``'s answer: the
+        query cell itself. Rows with fewer than ``k`` answers are padded with position -1 and
+        similarity NaN.
+        """
+        q, k, exclude = self._checked(queries, k, exclude)
         sims_out = np.full((len(q), k), np.nan, dtype=np.float32)
         idx_out = np.full((len(q), k), -1, dtype=np.int64)
         kk = min(k + (exclude is not None), self.n)
@@ -383,16 +390,7 @@ class ApproxNeighborIndex(NeighborIndex):
     def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (exact similarities, positions) among the ANN index's ``rerank`` candidates per query; the
         same contract as :meth:`NeighborIndex.search`."""
-        q = l2_normalize(np.atleast_2d(queries))
-        if q.shape[1] != self.dim:
-            raise ProbeError(f"queries have width {q.shape[1]}, the index {self.dim}")
-        k = int(k)
-        if k < 1:
-            raise ProbeError(f"k must be at least 1, got {k}")
-        if exclude is not None:
-            exclude = np.asarray(exclude, dtype=np.int64).reshape(-1)
-            if len(exclude) != len(q):
-                raise ProbeError(f"exclude has {len(exclude)} entries for {len(q)} queries")
+        q, k, exclude = self._checked(queries, k, exclude)
         depth = min(max(self.rerank, k + (exclude is not None)), self.n)
         sims_out = np.full((len(q), k), np.nan, dtype=np.float32)
         idx_out = np.full((len(q), k), -1, dtype=np.int64)
