@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .images import is_url
 from .sources import OBS_COLUMNS, CellSource, SourceError, _table
 from .store import STORE_DTYPES, FeatureSet, StoreError, WriteResult, open_store, safe_key
 
@@ -133,8 +134,8 @@ def match_cells(obs: pd.DataFrame, table: pd.DataFrame, origin: str, name: str, 
     have = obs[by].to_numpy(dtype=str)
     given = table[by].to_numpy(dtype=str)
     if by == "path":  # compare resolved paths: the dataset stores them absolute (URLs as they are)
-        have = np.asarray([p if "://" in p else os.path.normpath(p) for p in have])
-        given = np.asarray([os.path.normpath(os.path.abspath(p)) if p and "://" not in p else p for p in given])
+        have = np.asarray([p if is_url(p) else os.path.normpath(p) for p in have])
+        given = np.asarray([os.path.normpath(os.path.abspath(p)) if p and not is_url(p) else p for p in given])
     if len(have) == len(given) and (have == given).all():
         return None
     where = {v: i for i, v in enumerate(given)}

@@ -62,6 +62,11 @@ def store(built, tmp_path):
     return dst
 
 
+def counted_audit(store, calls: list, **kw):
+    """A quiet single-thread audit of the mean-pooled test_resnet whose fits are counted in ``calls``."""
+    return audit(store, RESNET, pool="mean", make_probe=counting_probe(calls), quiet=True, threads=1, **kw)
+
+
 def counting_probe(calls: list):
     """A ``make_probe`` that counts every ``fit`` (same heads, same parameters)."""
 
@@ -233,18 +238,7 @@ def test_oof_predictions_never_from_a_model_trained_on_the_cell(built):
 # -- out-of-fold cache: a second audit refits nothing ---------------------------------------------
 def test_second_audit_reuses_the_cache_and_refits_nothing(store, tmp_path):
     calls: list = []
-    one = audit(
-        store,
-        RESNET,
-        pool="mean",
-        probes="knn,logistic",
-        seeds=2,
-        folds=3,
-        out=tmp_path / "one",
-        make_probe=counting_probe(calls),
-        quiet=True,
-        threads=1,
-    )
+    one = counted_audit(store, calls, probes="knn,logistic", seeds=2, folds=3, out=tmp_path / "one")
     assert one.computed == 4 and one.reused == 0 and len(calls) == 4 * 3 == one.fits
     cache = default_cache(str(store), "chula")
     # side data lives beside the store, outside its Zarr tree
@@ -253,114 +247,36 @@ def test_second_audit_reuses_the_cache_and_refits_nothing(store, tmp_path):
     assert not (store / ".probes").exists()
     assert embedcache.open_store(store).dataset().feature_keys()  # the store still opens and lists its sets
     calls.clear()
-    two = audit(
-        store,
-        RESNET,
-        pool="mean",
-        probes="knn,logistic",
-        seeds=2,
-        folds=3,
-        out=tmp_path / "two",
-        make_probe=counting_probe(calls),
-        quiet=True,
-        threads=1,
-    )
+    two = counted_audit(store, calls, probes="knn,logistic", seeds=2, folds=3, out=tmp_path / "two")
     assert calls == [] and two.computed == 0 and two.reused == 4 and two.fits == 0
     pd.testing.assert_frame_equal(one.table, two.table)
     # one more seed: only its models are fitted; the others still come from the cache
-    three = audit(
-        store,
-        RESNET,
-        pool="mean",
-        probes="knn,logistic",
-        seeds=3,
-        folds=3,
-        out=tmp_path / "three",
-        make_probe=counting_probe(calls),
-        quiet=True,
-        threads=1,
-    )
+    three = counted_audit(store, calls, probes="knn,logistic", seeds=3, folds=3, out=tmp_path / "three")
     assert three.reused == 4 and three.computed == 2 and len(calls) == 2 * 3
     cached = read_oof_cache(cache, one.obs["id"])
     assert len(cached) == 6
     # other folds or an explicit cache file are other keys / files
     calls.clear()
-    audit(
-        store,
-        RESNET,
-        pool="mean",
-        probes="knn",
-        seeds=1,
-        folds=4,
-        out=tmp_path / "four",
-        make_probe=counting_probe(calls),
-        quiet=True,
-        threads=1,
-    )
+    counted_audit(store, calls, probes="knn", seeds=1, folds=4, out=tmp_path / "four")
     assert len(calls) == 4
     calls.clear()
-    off = audit(
-        store,
-        RESNET,
-        pool="mean",
-        probes="knn",
-        seeds=1,
-        folds=3,
-        out=tmp_path / "five",
-        cache=False,
-        make_probe=counting_probe(calls),
-        quiet=True,
-        threads=1,
-    )
+    off = counted_audit(store, calls, probes="knn", seeds=1, folds=3, out=tmp_path / "five", cache=False)
     assert len(calls) == 3 and "oof" not in off.files
 
 
 def test_a_cache_left_inside_an_old_store_is_still_read(store, tmp_path):
     calls: list = []
-    one = audit(
-        store,
-        RESNET,
-        pool="mean",
-        probes="knn",
-        seeds=1,
-        folds=3,
-        out=tmp_path / "one",
-        make_probe=counting_probe(calls),
-        quiet=True,
-        threads=1,
-    )
+    one = counted_audit(store, calls, probes="knn", seeds=1, folds=3, out=tmp_path / "one")
     assert one.computed == 1 and len(calls) == 3
     legacy = store / ".probes" / "audit-oof-chula.parquet"  # where earlier versions kept it
     legacy.parent.mkdir()
     shutil.move(one.files["oof"], legacy)
     calls.clear()
-    two = audit(
-        store,
-        RESNET,
-        pool="mean",
-        probes="knn",
-        seeds=1,
-        folds=3,
-        out=tmp_path / "two",
-        make_probe=counting_probe(calls),
-        quiet=True,
-        threads=1,
-    )
+    two = counted_audit(store, calls, probes="knn", seeds=1, folds=3, out=tmp_path / "two")
     assert calls == [] and two.reused == 1 and two.computed == 0
     pd.testing.assert_frame_equal(one.table, two.table)
     # a new model is written to the new place, the legacy file's models carried over with it
-    three = audit(
-        store,
-        RESNET,
-        pool="mean",
-        probes="knn",
-        seeds=2,
-        folds=3,
-        out=tmp_path / "three",
-        make_probe=counting_probe(calls),
-        quiet=True,
-        threads=1,
-    )
+    three = counted_audit(store, calls, probes="knn", seeds=2, folds=3, out=tmp_path / "three")
     assert three.reused == 1 and three.computed == 1 and len(calls) == 3
     assert three.files["oof"] == default_cache(str(store), "chula")
     assert len(read_oof_cache(three.files["oof"], one.obs["id"])) == 2

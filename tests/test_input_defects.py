@@ -38,6 +38,12 @@ def _cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
+def _cli_extract(data: Path, out: Path, *extra: str):
+    """``embedcache extract`` of timm:test_vit with random weights at the tests' size, through the CLI."""
+    return _cli("extract", "-m", "timm:test_vit", "--weights", "random", "-d", str(data), "-o", str(out),
+                "--input-size", str(SIZE), *extra)  # fmt: skip
+
+
 def png_header(path: Path, width: int, height: int) -> Path:
     """A PNG whose header says ``width`` x ``height`` (8-bit grey) but that holds no pixel data at all:
     decoding it can only fail, so a size error proves the check ran on the header, before decoding."""
@@ -79,22 +85,7 @@ def test_dangling_symlink_is_listed_with_its_link_path(wbc_folder):
 def test_dangling_symlink_fails_under_fail_naming_it(wbc_folder, tmp_path):
     with pytest.raises(ExtractionError, match=r"Neutrophil/gone\.jpeg.*dangling symbolic link.*--on-error skip"):
         _extract(wbc_folder, tmp_path / "c.zarr")
-    res = _cli(
-        "extract",
-        "-m",
-        "timm:test_vit",
-        "--weights",
-        "random",
-        "-d",
-        str(wbc_folder),
-        "-o",
-        str(tmp_path / "cli.zarr"),
-        "--input-size",
-        str(SIZE),
-        "--workers",
-        "0",
-        "-q",
-    )
+    res = _cli_extract(wbc_folder, tmp_path / "cli.zarr", "--workers", "0", "-q")
     assert res.exit_code == 1 and "gone.jpeg" in res.output and "dangling" in res.output, res.output
 
 
@@ -107,24 +98,7 @@ def test_dangling_symlink_is_a_recorded_reported_skip_under_skip(wbc_folder, tmp
     ids = ds.obs["id"].tolist()
     assert fs.ok().tolist() == [i != "Neutrophil/gone.jpeg" for i in ids]
     assert "dangling" in fs.errors().iat[ids.index("Neutrophil/gone.jpeg")]
-    res = _cli(
-        "extract",
-        "-m",
-        "timm:test_vit",
-        "--weights",
-        "random",
-        "-d",
-        str(wbc_folder),
-        "-o",
-        str(tmp_path / "cli.zarr"),
-        "--input-size",
-        str(SIZE),
-        "--workers",
-        "0",
-        "-q",
-        "--on-error",
-        "skip",
-    )
+    res = _cli_extract(wbc_folder, tmp_path / "cli.zarr", "--workers", "0", "-q", "--on-error", "skip")
     assert res.exit_code == 0, res.output
     assert "skipped 1 unreadable cells" in res.output and "Neutrophil/gone.jpeg" in res.output
 
@@ -226,20 +200,7 @@ def test_colliding_labels_are_reported_not_changed(tmp_path, chula_cells):
         r = _extract(manifest, tmp_path / "c.zarr")
     assert len(r.notes) == 1 and "'1.0'" in r.notes[0]
     assert sorted(open_store(tmp_path / "c.zarr").dataset().obs["label"].unique()) == ["01", "1", "1.0", "2", "3"]
-    res = _cli(
-        "extract",
-        "-m",
-        "timm:test_vit",
-        "--weights",
-        "random",
-        "-d",
-        str(manifest),
-        "-o",
-        str(tmp_path / "c.zarr"),
-        "--input-size",
-        str(SIZE),
-        "-q",
-    )
+    res = _cli_extract(manifest, tmp_path / "c.zarr", "-q")
     assert res.exit_code == 0 and "cache hit" in res.output, res.output
     assert "note:" in res.output and "'01', '1', '1.0'" in res.output and "distinct classes" in res.output
 
