@@ -32,7 +32,7 @@ import pandas as pd
 
 from . import ann as _ann
 from .data import ProbeError, open_cells, parse_names
-from .vectors import l2_normalize
+from .vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, rescored_topk
 
 NEIGHBOR_COLUMNS = ["query", "rank", "id", "label", "similarity", "path"]
 QUERY_BATCH = 4096  # query rows per FAISS call: bounds the (batch, k) answer and BLAS scratch memory
@@ -182,24 +182,19 @@ class NeighborIndex:
         q, k, exclude = self._checked(queries, k, exclude)
         sims_out = np.full((len(q), k), np.nan, dtype=np.float32)
         idx_out = np.full((len(q), k), -1, dtype=np.int64)
-        kk = min(k + (exclude is not None), self.n)
+        # FAISS's candidates re-scored pair by pair (probes.vectors.rescored_topk): the answer does not
+        # depend on how the search was cut into BLAS blocks, and equals the out-of-core search's
+        kk = min(k + (exclude is not None) + RESCORE_EXTRA, self.n)
+        base = flat_vectors(self.index)
         for start in range(0, len(q), QUERY_BATCH):
             stop = min(start + QUERY_BATCH, len(q))
             with _faiss_blocks():
-                sims, idx = self.index.search(q[start:stop], kk)
-            if exclude is not None:
-                ex = exclude[start:stop]
-                keep = (idx != ex[:, None]) & (idx >= 0)
-                # keep the k best answers that are not the excluded cell (ties may push it out)
-                order = np.argsort(~keep, axis=1, kind="stable")
-                sims = np.take_along_axis(sims, order, 1)
-                idx = np.take_along_axis(idx, order, 1)
-                valid = np.take_along_axis(keep, order, 1)
-                idx = np.where(valid, idx, -1)
-                sims = np.where(valid, sims, np.nan)
-            w = min(k, idx.shape[1])
-            sims_out[start:stop, :w] = sims[:, :w]
-            idx_out[start:stop, :w] = idx[:, :w]
+                _, idx = self.index.search(q[start:stop], kk)
+            if exclude is not None:  # the query cell itself
+                idx = np.where(idx == exclude[start:stop, None], -1, idx)
+            sims, idx = rescored_topk(q[start:stop], base, idx, k)
+            sims_out[start:stop, : idx.shape[1]] = sims
+            idx_out[start:stop, : idx.shape[1]] = idx
         idx_out[idx_out < 0] = -1
         sims_out[idx_out < 0] = np.nan
         return sims_out, idx_out

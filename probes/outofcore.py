@@ -14,9 +14,13 @@ Two heads fit on such rows with results equal to their in-memory fits on data th
   database block, each query's top-k merged across blocks (:func:`exact_search`) into the exact
   global top-k; among equal similarities the lower row position wins (deterministic ties).
   :func:`all_neighbors` is the audit's form (every row's k nearest other rows).
-* ``logistic`` / ``linear``: :class:`probes.heads.logistic.LogisticProbe` streams the blocks through
-  its full-batch L-BFGS: the loss and gradient are sums over rows, so the sum over blocks is the
-  in-memory objective (see :class:`StandardizedBlocks`); every objective evaluation is one pass.
+* ``logistic`` / ``linear``: :class:`probes.heads.logistic.LogisticProbe` streams the rows through
+  its full-batch L-BFGS, one objective evaluation per pass. In memory and out of core it runs on the
+  same fixed blocks of rows (:mod:`probes.heads.blocks`), with the same sums in the same order, so its
+  coefficients are the in-memory fit's bit for bit. Its blocks (of
+  :data:`probes.heads.blocks.BLOCK_ROWS` rows, whatever ``block_rows``) are read by position
+  (:meth:`ChunkedRows.read`): sequential in the store for the sorted positions every study uses,
+  each store chunk then read once per pass.
 
 Other heads refuse out-of-core input with a :class:`probes.data.ProbeError` (never a silent read
 of everything). Predictions of any fitted head on a :class:`ChunkedRows` go block by block
@@ -38,7 +42,7 @@ import torch
 
 from .data import ProbeError
 from .heads.knn import KNNProbe
-from .vectors import l2_normalize
+from .vectors import RESCORE_EXTRA, l2_normalize, rescored_topk
 
 MEMORY_FRACTION = 0.5  # of the physical RAM: the default budget for one study's feature matrix
 MODES = ("auto", "always", "never")
@@ -284,7 +288,8 @@ class ChunkedRows:
 class _Source:
     """The store array one :class:`ChunkedRows` and the readers indexed from it read: the set is
     checked complete once, and each store chunk against its checksum the first time it is read
-    (:meth:`embedcache.store.FeatureSet.to_numpy`); later passes read the chunk directly."""
+    (:meth:`embedcache.store.FeatureSet.to_numpy`); later passes read the chunk directly. The last
+    chunk read is kept, so that blocks read by position that share a chunk read it once."""
 
     def __init__(self, fs: Any, pool: str):
         self.fs, self.pool = fs, pool
@@ -299,10 +304,13 @@ class _Source:
                 "rerun the same embedcache extract command to finish it"
             )
         self.verified: set[int] = set()
+        self._last: tuple[int, np.ndarray] | None = None
 
     def rows(self, c: int, store_rows: np.ndarray) -> np.ndarray:
         """Float32 ``store_rows`` (all in store chunk ``c``)."""
         span = self.fs.chunk_rows(c)
+        if self._last is not None and self._last[0] == c:
+            return self._last[1][store_rows - span.start].astype(np.float32)
         try:
             if c in self.verified:
                 block = np.asarray(self.array[span])
@@ -311,6 +319,7 @@ class _Source:
                 self.verified.add(c)
         except Exception as e:  # StoreError (damaged chunk) and I/O errors
             raise ProbeError(f"cannot read '{self.fs.key}/{self.pool}' features: {e}") from e
+        self._last = (c, block)
         return block[store_rows - span.start].astype(np.float32)
 
 
@@ -325,75 +334,6 @@ def chunked_if_large(fs: Any, pool: str, rows: np.ndarray, ids: np.ndarray | Non
 def is_chunked(x: Any) -> bool:
     """True for out-of-core rows (:class:`ChunkedRows`)."""
     return isinstance(x, ChunkedRows)
-
-
-def stream_moments(X: ChunkedRows) -> tuple[np.ndarray, np.ndarray]:
-    """Column mean and (population) variance of all rows, two passes, float64 sums."""
-    total = np.zeros(X.width)
-    for _, x in X.blocks():
-        total += x.sum(axis=0, dtype=np.float64)
-    mean = total / len(X)
-    sq = np.zeros(X.width)
-    m32 = mean.astype(np.float32)
-    for _, x in X.blocks():
-        c = x - m32
-        sq += np.einsum("ij,ij->j", c, c, dtype=np.float64)
-    return m32, (sq / len(X)).astype(np.float32)
-
-
-# -- streaming linear fits --------------------------------------------------------------------------
-class StandardizedBlocks:
-    """The standardised, transposed training matrix ``X^T`` (d, n) of a :class:`ChunkedRows`, as
-    :func:`probes.heads.lbfgs.fit_linear` takes it in place of a tensor: :meth:`blocks` yields
-    ``((x - mean) / scale)^T`` (d, n_i) blocks on ``device`` with their rows' class codes; with
-    ``low`` the blocks are rounded to bfloat16 (the cheap first phase of a fit).
-
-    The first blocks of a pass, up to ``X.cache_bytes`` (:data:`CACHE_FRACTION` of the budget), are
-    kept for the next passes (the same values: results do not depend on it); the rest are read from
-    the store on every pass. :meth:`release` drops them."""
-
-    def __init__(
-        self,
-        X: ChunkedRows,
-        codes: np.ndarray,
-        mean: torch.Tensor,
-        scale: torch.Tensor,
-        device: torch.device,
-        low: bool = False,
-        cache: list | None = None,
-        keep: bool = True,
-    ):
-        if len(codes) != len(X):
-            raise ValueError(f"{len(codes)} class codes for {len(X)} rows")
-        self.X, self.codes, self.mean, self.scale, self.device, self.low = X, codes, mean, scale, device, low
-        self.shape = (X.width, len(X))
-        self.dtype = torch.bfloat16 if low else torch.float32
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = cache if cache is not None else []
-        self._limit = X.cache_bytes if keep else 0
-
-    def lowered(self) -> StandardizedBlocks:
-        """The same rows in bfloat16 (sharing the kept float32 blocks)."""
-        return StandardizedBlocks(self.X, self.codes, self.mean, self.scale, self.device, True, self._cache)
-
-    def release(self) -> None:
-        """Drop the kept blocks."""
-        self._cache.clear()
-
-    def blocks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(XT_i (d, n_i), codes_i (n_i,))`` over every row once."""
-        for XT, codes in list(self._cache):
-            yield (XT.bfloat16() if self.low else XT), codes
-        held = sum(XT.numel() * XT.element_size() for XT, _ in self._cache)
-        for i, (pos, x) in enumerate(self.X.blocks(start=len(self._cache)), start=len(self._cache)):
-            xt = torch.from_numpy(x).to(self.device)
-            XT = torch.empty(self.shape[0], len(x), dtype=torch.float32, device=self.device)
-            XT.copy_(xt.T)
-            XT.sub_(self.mean[:, None]).div_(self.scale[:, None])
-            codes = torch.from_numpy(self.codes[pos]).to(self.device)
-            if i == len(self._cache) and held + XT.numel() * 4 <= self._limit:  # a prefix of the pass
-                self._cache.append((XT, codes))
-                held += XT.numel() * 4
-            yield (XT.bfloat16() if self.low else XT), codes
 
 
 # -- exact chunked kNN ------------------------------------------------------------------------------
@@ -436,16 +376,18 @@ def exact_search(
     sims = np.full((len(Q), 0), -np.inf, dtype=np.float32)
     idx = np.full((len(Q), 0), -1, dtype=np.int64)
     for pos, x in database.blocks():
-        order = np.argsort(pos, kind="stable")  # FAISS keeps the lower index of a tie: the lower position
+        order = np.argsort(pos, kind="stable")  # local index order = position order (ties: lower position)
         pos, x = pos[order], x[order]
+        xn = l2_normalize(x)
         index = faiss.IndexFlatIP(database.width)
-        index.add(l2_normalize(x))
-        kb = min(k + (ex is not None), len(x))
-        D, local = index.search(Q, kb)
-        I = pos[local]  # noqa: E741  positions in the database
-        if ex is not None:
-            hit = I == ex
-            D[hit], I[hit] = -np.inf, -1
+        index.add(xn)
+        kb = min(k + (ex is not None) + RESCORE_EXTRA, len(x))
+        _, local = index.search(Q, kb)
+        if ex is not None:  # the query's own row
+            local = np.where(pos[local] == ex, -1, local)
+        # exact similarities pair by pair, as the in-memory searches re-score theirs: the same answer
+        D, I = rescored_topk(Q, xn, local, k, labels=pos[np.maximum(local, 0)])  # noqa: E741
+        D[I < 0] = -np.inf
         sims, idx = merge_topk(sims, idx, D, I, k)
     sims = sims.copy()
     idx = idx.copy()

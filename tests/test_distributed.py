@@ -159,3 +159,51 @@ def test_perturbed_sets_and_in_memory_cells_run_on_the_cluster(tmp_path, chula_c
     for ra, rb in [(a, b), *zip(a.variants, b.variants)]:
         assert ra.key == rb.key and rb.chunks_written == ra.chunks_written == 5
         _assert_same(tmp_path / "a.zarr", tmp_path / "b.zarr", rb.key)
+
+
+# -- GPU pinning (no GPU here: the CUDA runtime and dask-cuda are stand-ins, the choice is ours) ------
+def test_workers_pin_one_gpu_each(monkeypatch):
+    """LocalCluster workers 0..N-1 take GPU ``name % count``; a dask-cuda worker (which sees only its own
+    GPU) takes device 0; a worker without a GPU under a CUDA driver is a clear error; CPU stays CPU."""
+    import types
+
+    import distributed
+    import torch
+
+    from embedcache import distributed as dist
+
+    assert dist._worker_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ClusterError, match="has no GPU"):
+        dist._worker_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for count, name, want in ((4, 0, 0), (4, 3, 3), (4, 5, 1), (2, "tcp-worker-7", 1), (1, 2, 0)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        monkeypatch.setattr(distributed, "get_worker", lambda name=name: types.SimpleNamespace(name=name))
+        assert dist._worker_device("cuda") == torch.device("cuda", want), (count, name)
+
+    def outside_a_worker():
+        raise ValueError("no worker found")
+
+    monkeypatch.setattr(distributed, "get_worker", outside_a_worker)
+    assert dist._worker_device("cuda") == torch.device("cuda", 0)
+
+
+def test_cuda_driver_asks_dask_cuda_for_one_gpu_per_worker(monkeypatch):
+    """With dask-cuda installed the local cluster is its LocalCUDACluster (one GPU, one thread per
+    worker); without it, None (the caller then starts a LocalCluster)."""
+    import types
+
+    from embedcache import distributed as dist
+
+    made = {}
+
+    class FakeLocalCUDACluster:
+        def __init__(self, **kw):
+            made.update(kw)
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=FakeLocalCUDACluster))
+    assert isinstance(dist._cuda_cluster(3), FakeLocalCUDACluster)
+    assert made["n_workers"] == 3 and made["threads_per_worker"] == 1
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # not installed: import fails
+    assert dist._cuda_cluster(3) is None

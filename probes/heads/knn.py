@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..vectors import l2_normalize
+from ..vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, pair_dots, rescored_topk
 from .base import BF16_MIN_WORK, CHUNK, ProbeBase, cpu_has_native_bf16, importable
 from .registry import register_probe
 
@@ -38,24 +38,8 @@ def _exact_dots_torch(q: torch.Tensor, train: torch.Tensor, cand: torch.Tensor) 
 
 
 def _exact_dots_faiss(q: torch.Tensor, train: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """The same with faiss's fused ``fvec_inner_products_by_idx`` (no gathered copy; CPU)."""
-    import faiss
-
-    qn = np.ascontiguousarray(q.numpy())
-    tn = train.numpy()
-    ids = np.ascontiguousarray(cand.numpy(), dtype=np.int64)
-    out = np.empty(ids.shape, dtype=np.float32)
-    fused = faiss.fvec_inner_products_by_idx  # type: ignore[attr-defined]  # a SWIG function: no stub
-    fused(
-        faiss.swig_ptr(out),
-        faiss.swig_ptr(qn),
-        faiss.swig_ptr(tn),
-        faiss.swig_ptr(ids),
-        qn.shape[1],
-        ids.shape[0],
-        ids.shape[1],
-    )
-    return torch.from_numpy(out)
+    """The same with faiss's fused per-pair products (:func:`probes.vectors.pair_dots`; CPU)."""
+    return torch.from_numpy(pair_dots(q.numpy(), train.numpy(), cand.numpy()))
 
 
 def n_candidates(k: int, n_train: int) -> int:
@@ -174,9 +158,15 @@ class KNNProbe(ProbeBase):
                     self._gpu_res = faiss.StandardGpuResources()
                     index = faiss.index_cpu_to_gpu(self._gpu_res, dev.index or 0, index)
                 index.add(l2_normalize(self.train_))
+                # on the CPU the candidates are re-scored pair by pair: the same neighbours, order and
+                # similarities as the out-of-core search in blocks (probes.vectors.rescored_topk)
+                base = flat_vectors(index) if dev.type == "cpu" else None
+                m = min(self.k_ + RESCORE_EXTRA, self._n_train) if base is not None else self.k_
 
                 def search(Q: np.ndarray, scores: Any = None) -> Any:
-                    D, idx = index.search(Q, self.k_)
+                    D, idx = index.search(Q, m)
+                    if base is not None:
+                        D, idx = rescored_topk(Q, base, idx, self.k_)
                     return torch.from_numpy(D).to(dev), torch.from_numpy(idx).to(dev)
 
             elif self.precision_ == "float32":

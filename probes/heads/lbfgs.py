@@ -141,7 +141,7 @@ def _objective(Xt, Wt, b, target_t, loss, lam, n, lam_b=0.0):
 
 class ColumnBlocks(Protocol):
     """Transposed features streamed in column blocks, what :func:`fit_linear` takes in place of ``X^T``
-    when the rows do not fit in memory (:class:`probes.outofcore.StandardizedBlocks`)."""
+    (:class:`probes.heads.blocks.StandardizedBlocks`: rows in memory and rows read out of core alike)."""
 
     shape: tuple[int, int]  # (d, n)
     device: torch.device

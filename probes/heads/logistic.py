@@ -4,7 +4,6 @@ regularisation sweep on a seeded, stratified validation split."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,9 +16,10 @@ from .base import (
     encode_labels,
     importable,
     require,
-    standardize_t,
+    resolve_device,
     stratified_holdout,
 )
+from .blocks import RowBlocks, column_moments, read_rows, row_blocks, standardized_t
 from .lbfgs import (
     Curvature,
     LinearFit,
@@ -31,9 +31,6 @@ from .lbfgs import (
     targets,
 )
 from .registry import register_probe
-
-if TYPE_CHECKING:
-    from ..outofcore import ChunkedRows
 
 BACKENDS = ("auto", "torch", "cuml")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -130,13 +127,11 @@ class LogisticProbe(ScoresHead):
             self.precision == "auto" and device.type == "cpu" and numel >= BF16_MIN_WORK and cpu_has_native_bf16()
         )
 
-    def _low_precision(self, XT: torch.Tensor) -> torch.Tensor | None:
-        """The bfloat16 copy of ``XT`` the fits start on, or None (see ``precision``)."""
-        return XT.bfloat16() if self._use_bf16(XT.numel(), XT.device) else None
-
     def _fit_cuml(self, XT, codes, K, C, init, precond=None, XT_low=None, path=None):
         from cuml.linear_model import LogisticRegression
 
+        if codes is None:  # standardised blocks carrying their codes (StandardizedBlocks)
+            XT, codes = XT.to_tensors()
         X = XT.T.contiguous()
         clf = LogisticRegression(C=C, max_iter=max(self.max_iter, 1000), tol=self.tol, output_type="numpy")
         clf.fit(X, codes)
@@ -148,69 +143,24 @@ class LogisticProbe(ScoresHead):
         return LinearFit(W, torch.as_tensor(icpt, device=X.device), int(np.max(clf.n_iter_)), -1)
 
     def fit(self, X, y) -> LogisticProbe:
-        """Standardise, sweep ``Cs`` on the hold-out, refit the chosen ``C`` on all rows. ``X`` may be
-        rows read from the store in blocks (:class:`probes.outofcore.ChunkedRows`): see :meth:`_fit_streamed`."""
+        """Standardise, sweep ``Cs`` on the hold-out, refit the chosen ``C`` on all rows.
+
+        ``X`` may be rows read from the store block by block, never all at once
+        (:class:`probes.outofcore.ChunkedRows`; torch backend only): each objective evaluation is then a
+        pass over the blocks. Rows in memory and rows out of core go through the same blocks, sums and
+        order (:mod:`probes.heads.blocks`), so the coefficients are the same bit for bit."""
         from ..outofcore import is_chunked
 
-        if is_chunked(X):
-            return self._fit_streamed(X, y)
-        X, codes, dev = self._start_fit(X, y)
+        streamed = is_chunked(X)
+        if streamed:
+            self.classes_, codes = encode_labels(y, len(X))
+            self.n_features_in_ = X.width
+            dev = self.device_ = resolve_device(self.device)
+        else:
+            X, codes, dev = self._start_fit(X, y)
         solve = self._solver(dev)
-        K = len(self.classes_)
-        Cs = sorted(float(c) for c in self.Cs)
-        sweep = len(Cs) > 1
-        if sweep:
-            fit_idx, val_idx = stratified_holdout(codes, self.val_fraction, self.seed)
-        else:  # one C: no hold-out, rows stay in their order
-            fit_idx, val_idx = np.arange(len(codes)), np.arange(0)
-        order = np.concatenate([fit_idx, val_idx])
-        # transposed (d, n): the layout the solvers are fast in
-        XT, self.mean_, self.scale_ = standardize_t(torch.from_numpy(X).to(dev), order if sweep else None)
-        yt = torch.from_numpy(codes[order]).to(dev)
-        nf = len(fit_idx)
         torch_fit = solve == self._fit_torch
-        pc = Preconditioner.of(XT, PRECOND_ROWS, self.seed) if self.precondition and torch_fit else None
-        XT_low = self._low_precision(XT) if torch_fit else None
-        self.precision_ = "float32" if XT_low is None else "bfloat16"
-        self.val_f1_: dict[float, float] = {}
-        chosen, start, best, worse = (1.0 if 1.0 in Cs else Cs[len(Cs) // 2]), None, -1.0, 0
-        # along the sweep and into the refit: one set of preconditioned coordinates (built for the
-        # strongest C) and the L-BFGS curvature pairs carried from fit to fit
-        path = (Curvature(), 1.0 / (Cs[0] * nf)) if sweep and pc is not None else None
-        if len(val_idx) >= 2 and sweep:
-            fit = None
-            low_fit = None if XT_low is None else XT_low[:, :nf]
-            for C in Cs:  # strongest first; each warm-starts the next
-                fit = solve(XT[:, :nf], yt[:nf], K, C, fit, pc, low_fit, path)
-                pred = linear_scores_t(XT[:, nf:], fit).argmax(1).cpu().numpy()
-                f1 = f1_score(codes[val_idx], pred, average="macro")
-                self.val_f1_[C] = float(f1)
-                if f1 > best:
-                    chosen, start, best, worse = C, fit, f1, 0
-                else:
-                    worse += 1
-                    if self.patience is not None and worse >= self.patience:
-                        break
-        self.C_ = chosen
-        self.coef_ = solve(XT, yt, K, chosen, start, pc, XT_low, path)
-        self.n_iter_ = self.coef_.n_iter
-        self.converged_ = self.coef_.converged
-        return self
-
-    def _fit_streamed(self, X: ChunkedRows, y) -> LogisticProbe:
-        """The fit of :meth:`fit` on rows read block by block, never all at once: the same hold-out,
-        standardisation (column moments in two passes), preconditioner (the covariance of the same
-        sampled rows, summed over blocks), C sweep and refit; each objective evaluation is a pass over
-        the blocks (:func:`probes.heads.lbfgs.fit_linear` on :class:`probes.outofcore.StandardizedBlocks`).
-        Coefficients equal the in-memory fit's to float32 round-off. Torch backend only."""
-        from embedcache.devices import resolve_device
-
-        from ..outofcore import StandardizedBlocks, stream_moments
-
-        self.classes_, codes = encode_labels(y, len(X))
-        self.n_features_in_ = X.width
-        dev = self.device_ = resolve_device(self.device)
-        if self._solver(dev) != self._fit_torch:
+        if streamed and not torch_fit:
             raise ValueError(
                 "the out-of-core logistic fit streams row blocks through the torch solver; use backend='torch'"
             )
@@ -219,38 +169,35 @@ class LogisticProbe(ScoresHead):
         sweep = len(Cs) > 1
         if sweep:
             fit_idx, val_idx = stratified_holdout(codes, self.val_fraction, self.seed)
-        else:
+        else:  # one C: no hold-out, rows stay in their order
             fit_idx, val_idx = np.arange(len(codes)), np.arange(0)
-        order = np.concatenate([fit_idx, val_idx])
-        mean, var = stream_moments(X)
-        self.mean_ = torch.from_numpy(mean).to(dev)
-        scale = torch.from_numpy(var).sqrt().to(dev)
-        self.scale_ = torch.where(scale > 1e-12 * self.mean_.abs().clamp_min(1.0), scale, torch.ones_like(scale))
-        every = StandardizedBlocks(X, codes, self.mean_, self.scale_, dev)
-        fitting = StandardizedBlocks(X.take(fit_idx), codes[fit_idx], self.mean_, self.scale_, dev)
+        self.mean_, self.scale_ = column_moments(X, dev)
+        # blocks of the fit rows, then of the hold-out rows: the sweep runs on the first, the refit on all
+        parts = row_blocks(fit_idx) + row_blocks(val_idx)
+        n_fit = len(row_blocks(fit_idx))
+        rows = RowBlocks(X, codes, parts, self.mean_, self.scale_, dev, X.cache_bytes if streamed else None)
+        fitting, val, every = rows.view(range(n_fit)), rows.view(range(n_fit, len(parts))), rows.view(range(len(parts)))
         pc = None
-        if self.precondition:  # the in-memory fit's sample of columns (of XT in hold-out order)
+        if self.precondition and torch_fit:  # the covariance of a seeded sample of the rows, in one block
+            order = np.concatenate([fit_idx, val_idx])
             cols = sample_columns(len(order), PRECOND_ROWS, self.seed)
-            pick = order if cols is None else order[cols.numpy()]
-            sample = StandardizedBlocks(X.take(pick), codes[pick], self.mean_, self.scale_, dev, keep=False)
-            gram = torch.zeros(X.width, X.width, device=dev)
-            for XT_i, _ in sample.blocks():
-                gram.addmm_(XT_i, XT_i.T)
-            pc = Preconditioner.from_gram(gram.div_(sample.shape[1]))
-        bf16 = self._use_bf16(X.width * len(X), dev)
+            XT_s = standardized_t(
+                read_rows(X, order if cols is None else order[cols.numpy()]), self.mean_, self.scale_, dev
+            )
+            pc = Preconditioner.from_gram((XT_s @ XT_s.T).div_(XT_s.shape[1]))
+            del XT_s
+        bf16 = torch_fit and self._use_bf16(X.shape[1] * len(X), dev)
         self.precision_ = "bfloat16" if bf16 else "float32"
-        self.val_f1_ = {}
+        self.val_f1_: dict[float, float] = {}
         chosen, start, best, worse = (1.0 if 1.0 in Cs else Cs[len(Cs) // 2]), None, -1.0, 0
+        # along the sweep and into the refit: one set of preconditioned coordinates (built for the
+        # strongest C) and the L-BFGS curvature pairs carried from fit to fit
         path = (Curvature(), 1.0 / (Cs[0] * len(fit_idx))) if sweep and pc is not None else None
         if len(val_idx) >= 2 and sweep:
             fit = None
-            val = X.take(val_idx)
-            for C in Cs:
-                fit = self._fit_torch(fitting, None, K, C, fit, pc, fitting.lowered() if bf16 else None, path)
-                pred = np.empty(len(val_idx), dtype=np.int64)
-                for pos, x in val.blocks():
-                    xt = (torch.from_numpy(x).to(dev) - self.mean_) / self.scale_
-                    pred[pos] = linear_scores(xt, fit).argmax(1).cpu().numpy()
+            for C in Cs:  # strongest first; each warm-starts the next
+                fit = solve(fitting, None, K, C, fit, pc, fitting.lowered() if bf16 else None, path)
+                pred = np.concatenate([linear_scores_t(XT_i, fit).argmax(1).cpu().numpy() for XT_i, _ in val.blocks()])
                 f1 = f1_score(codes[val_idx], pred, average="macro")
                 self.val_f1_[C] = float(f1)
                 if f1 > best:
@@ -259,9 +206,9 @@ class LogisticProbe(ScoresHead):
                     worse += 1
                     if self.patience is not None and worse >= self.patience:
                         break
-        fitting.release()  # the refit keeps blocks of all rows instead
         self.C_ = chosen
-        self.coef_ = self._fit_torch(every, None, K, chosen, start, pc, every.lowered() if bf16 else None, path)
+        self.coef_ = solve(every, None, K, chosen, start, pc, every.lowered() if bf16 else None, path)
+        rows.release()
         self.n_iter_ = self.coef_.n_iter
         self.converged_ = self.coef_.converged
         return self
