@@ -21,6 +21,7 @@ backs off. :func:`guarantee` says which a store gets, and what it does not prote
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -197,24 +198,45 @@ class Lease:
         """Take the lease if free or expired; None when taken, else the current holder's document."""
         return self._try_s3() if self.s3 else self._try_plain()
 
-    def _try_s3(self) -> _Doc | None:
+    def _try_s3(self, attempts: int = 5) -> _Doc | None:
+        """One take (retried at once, ``attempts`` times, when the object changes under us); on failure the
+        current holder's document."""
         try:
             self.etag = self._put(self._doc().encode(), create=True)
-            self._check_server()
-            return None
         except FileExistsError:
             pass
+        except OSError as e:
+            # S3 answers 409 ConditionalRequestConflict (EBUSY) to a conditional write racing another one
+            # on the same key: look again at what is there
+            if e.errno != errno.EBUSY:
+                raise
+        else:
+            try:
+                self._check_server()
+            except BaseException:
+                self._give_back_quietly()  # a lease we made is never left behind a failed check
+                raise
+            return None
         doc, etag = self._read()
-        if etag is None:  # given back between our two requests: try again at once
-            return self._try_s3()
         if doc is not None and doc.expires > time.time():
             return doc
-        try:  # expired (or unreadable): take it over, only if nobody else did first
-            self.etag = self._put(self._doc().encode(), if_match=etag)
-            return None
-        except (FileNotFoundError, OSError):
-            doc, _ = self._read()
-            return doc or _Doc("another writer (taking over an expired lease)", "", time.time() + self.ttl, "")
+        if etag is not None:  # expired (or unreadable): take it over, only if nobody else did first
+            try:
+                self.etag = self._put(self._doc().encode(), if_match=etag)
+                return None
+            except OSError:  # (FileNotFoundError too) someone else took it over, or gave it back: look again
+                doc, _ = self._read()
+                if doc is not None and doc.expires > time.time():
+                    return doc
+        if attempts > 0:  # given back between our requests, or a take-over we lost to a writer gone since
+            return self._try_s3(attempts - 1)
+        return _Doc("other writers (the lease object kept changing while this one tried)", "", time.time(), "")
+
+    def _give_back_quietly(self) -> None:
+        """Delete the lease object this writer just made (If-Match its ETag); errors are left to expiry."""
+        with contextlib.suppress(OSError):
+            bucket, key, _ = self.fs.split_path(self.path)
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self.etag)
 
     def _try_plain(self) -> _Doc | None:
         doc, _ = self._read()
@@ -276,7 +298,7 @@ class Lease:
             with _checked_guard:
                 _checked_servers.add(server)
             return
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # ours, whatever its ETag now
             self.fs.rm_file(self.path)
         raise LeaseError(
             f"the S3 server behind {self.path} ignores conditional writes ({', '.join(ignored)}), so two writers "

@@ -295,6 +295,91 @@ def test_two_writers_taking_over_one_expired_lease_one_wins(s3):
     s3.rm_file(first.path)
 
 
+def test_lease_taken_when_the_object_changes_under_the_writer(s3, monkeypatch):
+    """Races a writer must not read as a busy lease: the expired lease it read was given back before its
+    take-over (no phantom holder), and its create met another conditional write (S3's 409, EBUSY); both
+    retried at once. A lease that keeps changing under it ends as busy, with a name, never as taken."""
+    import errno
+
+    from embedcache.leases import LeaseBusy
+
+    folder = f"s3://{BUCKET}/changing.embedcache/leases"
+    gone = Lease(folder, "features::changing", ttl=30)
+    real_read, real_put = Lease._read, Lease._put
+    seen = {"reads": 0, "creates": 0, "take_overs": 0}
+
+    def read_a_lease_given_back(self):  # first read: an expired lease, whose object is deleted at once
+        seen["reads"] += 1
+        if seen["reads"] == 1:
+            s3.pipe_file(self.path, json.dumps({"holder": "pid 9 on gone", "token": "t", "expires": 1.0}).encode())
+            doc, etag = real_read(self)
+            s3.rm_file(self.path)
+            return doc, etag
+        return real_read(self)
+
+    def create_fails_once(self, data, *, create=False, if_match=None):
+        if create or if_match != '"' + "0" * 32 + '"':  # not the server check's stale-ETag probe
+            seen["creates" if create else "take_overs"] += 1
+        if create and seen["creates"] == 1:
+            raise FileExistsError("someone created it first")  # as the expired lease was there
+        return real_put(self, data, create=create, if_match=if_match)
+
+    monkeypatch.setattr(Lease, "_read", read_a_lease_given_back)
+    monkeypatch.setattr(Lease, "_put", create_fails_once)
+    gone.acquire()  # wait=0: a phantom holder would have raised LeaseBusy here
+    assert seen["take_overs"] == 1 and seen["creates"] == 2  # the take-over found no object; a create won
+    assert json.loads(s3.cat_file(gone.path))["token"] == gone.token
+    gone.release()
+    monkeypatch.setattr(Lease, "_read", real_read)
+
+    busy = {"n": 0}
+
+    def conflict_once(self, data, *, create=False, if_match=None):
+        if create and busy["n"] == 0:
+            busy["n"] += 1
+            raise OSError(errno.EBUSY, "ConditionalRequestConflict")
+        return real_put(self, data, create=create, if_match=if_match)
+
+    monkeypatch.setattr(Lease, "_put", conflict_once)
+    racer = Lease(folder, "features::changing", ttl=30)
+    racer.acquire()
+    assert busy["n"] == 1 and json.loads(s3.cat_file(racer.path))["token"] == racer.token
+    racer.release()
+
+    def always_conflict(self, data, *, create=False, if_match=None):
+        raise OSError(errno.EBUSY, "ConditionalRequestConflict")
+
+    monkeypatch.setattr(Lease, "_put", always_conflict)
+    with pytest.raises(LeaseBusy, match="kept changing"):
+        Lease(folder, "features::changing", ttl=30).acquire()
+    assert not s3.exists(racer.path)
+
+
+def test_a_failed_server_check_leaves_no_lease_behind(s3, monkeypatch):
+    """An I/O error while checking the server's conditional writes (after the lease object was made) gives
+    the object back before the error propagates: the next writer is not kept waiting for its expiry."""
+    import errno
+
+    from embedcache import leases
+
+    folder = f"s3://{BUCKET}/checkfail.embedcache/leases"
+    monkeypatch.setattr(leases, "_checked_servers", set())  # this process has not checked the server yet
+    real = Lease._check_server
+
+    def network_down(self):
+        raise OSError(errno.EIO, "connection reset while checking the server")
+
+    monkeypatch.setattr(Lease, "_check_server", network_down)
+    first = Lease(folder, "features::checkfail", ttl=30)
+    with pytest.raises(OSError, match="connection reset"):
+        first.acquire()
+    assert not s3.exists(first.path)
+    monkeypatch.setattr(Lease, "_check_server", real)
+    second = Lease(folder, "features::checkfail", ttl=30)
+    second.acquire()  # at once, no wait
+    second.release()
+
+
 def test_distributed_extract_from_an_s3_manifest_into_s3(s3, chula_cells, local_reference):
     """The issue's command: --data s3://.../manifest.parquet --out s3://.../cache.zarr --cluster local:2."""
     _, ref, ref_r = local_reference
