@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from .pipeline import ExtractPlan, ExtractResult, Variant
+    from .sources import CellSource
     from .store import FeatureSet
 
 __all__ = [
@@ -221,12 +222,15 @@ class DaskRun:
 
         job = _job(plan, fs, self)
         inputs = self.client.scatter(
-            [(plan.source, variant.perturbation, variant.subset, self.backbone_future)], broadcast=True, hash=False
+            [(variant.perturbation, variant.subset, self.backbone_future)], broadcast=True, hash=False
         )[0]
-        futures = {
-            self.client.submit(_compute_chunks, job, inputs, [int(c)], retries=TASK_RETRIES, pure=False): int(c)
-            for c in pending
-        }
+        # each task is sent its own chunk's cells (ids, paths), never the whole cell table
+        futures = {}
+        for c in pending:
+            span = fs.chunk_rows(c)
+            cells = plan.source.rows(span.start, span.stop)
+            task = self.client.submit(_compute_chunks, job, inputs, cells, [int(c)], retries=TASK_RETRIES, pure=False)
+            futures[task] = int(c)
         total = sum(fs.chunk_rows(c).stop - fs.chunk_rows(c).start for c in pending)
         name = plan.backbone.spec.name
         bar = progress_bar(total, f"extract {name} → {fs.key} on {self.where}", enabled=plan.progress)
@@ -326,12 +330,12 @@ def _worker_backbone(recipe: BackboneRecipe, shipped: LoadedBackbone | None) -> 
     return bb
 
 
-def _compute_chunks(job: _Job, inputs: tuple, chunks: list[int]) -> dict[str, Any]:
-    """One task: compute, write and mark done ``chunks`` of the job's feature set."""
+def _compute_chunks(job: _Job, inputs: tuple, source: CellSource, chunks: list[int]) -> dict[str, Any]:
+    """One task: compute, write and mark done ``chunks`` of the job's feature set (``source``: their cells)."""
     from .pipeline import ExtractionError, ExtractPlan, ExtractResult, _Cells, _run
     from .store import FeatureSet, open_store
 
-    source, perturbation, subset, shipped = inputs
+    perturbation, subset, shipped = inputs
     dev = _worker_device(job.device_type)
     if dev.type == "cpu":
         torch.set_num_threads(1)  # the cluster's processes are the parallelism

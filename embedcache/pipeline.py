@@ -549,7 +549,6 @@ def _run(plan: ExtractPlan, cells: _Cells, fs: FeatureSet, pending: Sequence[int
         model = model.to(memory_format=torch.channels_last)
     if plan.compile:
         model = _Compiled(model)
-    ids = source.table["id"].to_numpy()
     writer = _ChunkWriter(fs)
     writer.start()
     arrays = plan.arrays
@@ -568,9 +567,9 @@ def _run(plan: ExtractPlan, cells: _Cells, fs: FeatureSet, pending: Sequence[int
             outside = np.array([e == OUTSIDE for e in errors])
             if plan.on_error == "fail" and not (ok | outside).all():
                 j = int(np.flatnonzero(~ok & ~outside)[0])
-                where = source.table["path"].iat[rows_b[j]] or ids[rows_b[j]]
+                cell = source.cell_id(rows_b[j])
                 raise ExtractionError(
-                    f"cannot read cell {ids[rows_b[j]]} ({where}): {errors[j]}; "
+                    f"cannot read cell {cell} ({source.cell_path(rows_b[j]) or cell}): {errors[j]}; "
                     "use --on-error skip to record it and go on"
                 )
             feats = {p: np.zeros((len(rows_b), *shape), dtype=dt) for p, (shape, dt) in arrays.items()}
@@ -599,12 +598,13 @@ def _run(plan: ExtractPlan, cells: _Cells, fs: FeatureSet, pending: Sequence[int
                     bad = ~np.isfinite(values).all(axis=1)
                     if bad.any():
                         raise ExtractionError(
-                            f"non-finite '{p}' features for cell {ids[rows_b[order[np.flatnonzero(bad)[0]]]]}: "
+                            f"non-finite '{p}' features for cell "
+                            f"{source.cell_id(rows_b[order[np.flatnonzero(bad)[0]]])}: "
                             "try --dtype float32 and --store-dtype float32"
                         )
                     feats[p][order] = values
             for bad_j in np.flatnonzero(~ok & ~outside):
-                result.skipped.append((str(ids[rows_b[bad_j]]), errors[bad_j]))
+                result.skipped.append((source.cell_id(rows_b[bad_j]), errors[bad_j]))
             assembler.add(rows_b, feats, ok, errors)
             result.cells_computed += int((~outside).sum())
             bar.advance(len(rows_b))

@@ -65,6 +65,26 @@ class CellSource:
             return to_rgb_uint8(np.asarray(self.images[i]))
         return read_image(self.table["path"].iat[i], max_pixels=max_pixels)
 
+    def cell_id(self, i: int) -> str:
+        """The id of cell ``i``."""
+        return str(self.table["id"].iat[i])
+
+    def cell_path(self, i: int) -> str:
+        """The image path (or URL) of cell ``i`` ("" for in-memory arrays)."""
+        return str(self.table["path"].iat[i])
+
+    def rows(self, start: int, stop: int) -> SourceRows:
+        """Cells ``start .. stop - 1`` alone (ids, paths and images; no other metadata), still indexed by
+        their row in this source: what one Dask task of a distributed extraction is sent."""
+        return SourceRows(
+            name=self.name,
+            kind=self.kind,
+            origin=self.origin,
+            table=self.table.iloc[start:stop][["id", "path"]].reset_index(drop=True),
+            images=None if self.images is None else self.images[start:stop],
+            start=start,
+        )
+
     def digest(self) -> str:
         """Digest of the cell list (ids and image paths), not of the labels.
 
@@ -77,6 +97,29 @@ class CellSource:
         """:meth:`digest`, then the digest of the same cells under the ids an earlier version gave them."""
         old = [] if self.legacy_ids is None else [_digest(self.legacy_ids, self.table["path"].tolist())]
         return [self.digest(), *old]
+
+
+@dataclass
+class SourceRows(CellSource):
+    """Rows ``start .. start + len(table) - 1`` of a :class:`CellSource` (:meth:`CellSource.rows`), indexed by
+    their row numbers in the whole source; only what loading them needs."""
+
+    start: int = 0
+
+    def load(self, i: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+        return super().load(self._local(i), max_pixels)
+
+    def cell_id(self, i: int) -> str:
+        return super().cell_id(self._local(i))
+
+    def cell_path(self, i: int) -> str:
+        return super().cell_path(self._local(i))
+
+    def _local(self, i: int) -> int:
+        j = int(i) - self.start
+        if not 0 <= j < len(self.table):
+            raise IndexError(f"row {i} is not among rows {self.start}..{self.start + len(self.table) - 1}")
+        return j
 
 
 def _digest(ids: list[str], paths: list[str]) -> str:

@@ -207,3 +207,26 @@ def test_cuda_driver_asks_dask_cuda_for_one_gpu_per_worker(monkeypatch):
     assert made["n_workers"] == 3 and made["threads_per_worker"] == 1
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # not installed: import fails
     assert dist._cuda_cluster(3) is None
+
+
+def test_a_task_is_sent_its_own_cells_only(chula_cells, tmp_path):
+    """What one Dask task gets: its chunk's ids, paths (and images), indexed by row numbers in the whole
+    source, so a 10^7-cell table is never sent whole to every worker; rows outside it are refused."""
+    import pickle
+
+    from embedcache.sources import open_source
+
+    chula_cells.to_csv(tmp_path / "cells.csv", index=False)
+    whole = open_source(tmp_path / "cells.csv", label_column="label_name")
+    part = whole.rows(16, 24)
+    assert list(part.table.columns) == ["id", "path"] and len(part) == 8
+    for i in (16, 20, 23):
+        assert part.cell_id(i) == whole.cell_id(i) and part.cell_path(i) == whole.cell_path(i)
+        np.testing.assert_array_equal(part.load(i), whole.load(i))
+    for outside in (15, 24):
+        with pytest.raises(IndexError, match="not among rows 16..23"):
+            part.load(outside)
+    assert len(pickle.dumps(part)) < len(pickle.dumps(whole)) / 20
+    images = np.random.default_rng(0).integers(0, 255, size=(10, 8, 8, 3), dtype=np.uint8)
+    arrays = open_source(images)
+    np.testing.assert_array_equal(arrays.rows(5, 10).load(7), arrays.load(7))
