@@ -330,6 +330,8 @@ def ensemble(
     device: str = DEVICE(),
     test_size: float = TEST_SIZE(),
     scheduler: Optional[str] = SCHEDULER(),
+    out_of_core: str = OUT_OF_CORE(),
+    max_memory: Optional[str] = MAX_MEMORY(),
     quiet: bool = QUIET(),
 ) -> None:
     """Per-class F1 of every head (best marked) and the override / majority / mean ensembles."""
@@ -355,6 +357,8 @@ def ensemble(
             quiet=quiet,
             show=True,
             scheduler=scheduler,
+            out_of_core=out_of_core,
+            max_memory=max_memory,
         )
     except Exception as e:  # noqa: BLE001
         fail(e)
@@ -376,6 +380,8 @@ def calibrate(
     device: str = DEVICE(),
     test_size: float = TEST_SIZE(),
     scheduler: Optional[str] = SCHEDULER(),
+    out_of_core: str = OUT_OF_CORE(),
+    max_memory: Optional[str] = MAX_MEMORY(),
     quiet: bool = QUIET(),
 ) -> None:
     """ECE, MCE, Brier, NLL before / after temperature scaling (fitted on validation); reliability diagrams."""
@@ -399,6 +405,8 @@ def calibrate(
             quiet=quiet,
             show=True,
             scheduler=scheduler,
+            out_of_core=out_of_core,
+            max_memory=max_memory,
         )
     except Exception as e:  # noqa: BLE001
         fail(e)
@@ -430,6 +438,8 @@ def selective(
     device: str = DEVICE(),
     test_size: float = TEST_SIZE(),
     scheduler: Optional[str] = SCHEDULER(),
+    out_of_core: str = OUT_OF_CORE(),
+    max_memory: Optional[str] = MAX_MEMORY(),
     quiet: bool = QUIET(),
 ) -> None:
     """Risk-coverage, AURC, scores at coverages, the threshold for a target accuracy, per-class abstention."""
@@ -457,6 +467,8 @@ def selective(
             quiet=quiet,
             show=True,
             scheduler=scheduler,
+            out_of_core=out_of_core,
+            max_memory=max_memory,
         )
     except Exception as e:  # noqa: BLE001
         fail(e)

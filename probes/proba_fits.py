@@ -127,19 +127,22 @@ def fit_proba(job: FitJob, device: str = "auto", make_probe: Callable[..., Any] 
 
     A failure deep inside a library becomes a :class:`ProbeError` naming the fit (cause kept).
     """
+    from .outofcore import for_rows, is_chunked, predict_blocks, proba_blocks
+
     where = f"probe '{job.probe}' on {job.backbone}, seed {job.seed}"
     classes = job.tag.classes
     try:
-        est = _constructor(make_probe)(job.probe, seed=job.seed, device=device)
+        est = for_rows(_constructor(make_probe)(job.probe, seed=job.seed, device=device), job.probe, job.x_train)
         if not callable(getattr(est, "predict_proba", None)):
             raise ProbeError(f"probe '{job.probe}' gives no class probabilities (no predict_proba)")
         t0 = time.perf_counter()
         est.fit(job.x_train, job.y_train)
         cols = proba_columns(est, classes)
-        probas = [np.asarray(est.predict_proba(x), dtype=np.float64)[:, cols] for x in job.x_tests]
-        preds = [np.asarray(est.predict(x)).astype(str) for x in job.x_tests]
+        probas = [np.asarray(proba_blocks(est, x), dtype=np.float64)[:, cols] for x in job.x_tests]
+        preds = [np.asarray(predict_blocks(est, x)).astype(str) for x in job.x_tests]
         seconds = time.perf_counter() - t0
         info = fit_info(est)
+        info["features"] = "out-of-core" if is_chunked(job.x_train) else "in-memory"
     except ProbeError:
         raise
     except Exception as e:  # a library failing deep inside: say where, keep the cause

@@ -78,6 +78,8 @@ def calibrate(
     device: str = "auto",
     test_size: float = TEST_SIZE,
     scheduler: str | None = None,
+    out_of_core: str | None = None,
+    max_memory: str | int | None = None,
     quiet: bool = False,
     show: bool | None = None,
     probe: str | Sequence[str] | None = None,
@@ -91,9 +93,10 @@ def calibrate(
     ``val_fraction`` validation part; the temperature sees only that part. Writes
     ``results.csv/.parquet``, ``summary.csv``, ``reliability.csv``, ``fits.csv``, ``exclusions.csv``,
     ``reliability-<backbone>-<probe>.png`` (test cells of every seed pooled) and ``study.json``.
-    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results.
+    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
     """
-    with study_runtime(scheduler):
+    with study_runtime(scheduler, out_of_core, max_memory):
         seed_list = parse_seeds(seeds)
         if int(n_bins) < 1:
             raise ProbeError(f"n_bins must be at least 1, got {n_bins}")

@@ -110,6 +110,8 @@ def ensemble(
     device: str = "auto",
     test_size: float = TEST_SIZE,
     scheduler: str | None = None,
+    out_of_core: str | None = None,
+    max_memory: str | int | None = None,
     quiet: bool = False,
     show: bool | None = None,
     make_probe: Callable[..., Any] | None = None,
@@ -122,9 +124,10 @@ def ensemble(
     most on the validation part (a stratified ``val_fraction`` of the training cells; the heads are
     fitted on the rest). Writes ``results.csv/.parquet``, ``specialisation.csv``, ``summary.csv``,
     ``pairs.csv``, ``fits.csv``, ``exclusions.csv``, ``specialisation-<backbone>.png`` and ``study.json``.
-    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results.
+    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
     """
-    with study_runtime(scheduler):
+    with study_runtime(scheduler, out_of_core, max_memory):
         seed_list = parse_seeds(seeds)
         head_list, primary = check_heads(heads, primary)
         auto = isinstance(pairs, str) and pairs.strip().lower() == "auto"

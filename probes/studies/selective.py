@@ -126,6 +126,8 @@ def selective(
     device: str = "auto",
     test_size: float = TEST_SIZE,
     scheduler: str | None = None,
+    out_of_core: str | None = None,
+    max_memory: str | int | None = None,
     quiet: bool = False,
     show: bool | None = None,
     probe: str | Sequence[str] | None = None,
@@ -143,9 +145,10 @@ def selective(
     coverage and accuracy are reported, never used to choose. Writes ``results.csv/.parquet``,
     ``summary.csv``, ``thresholds.csv``, ``abstention.csv``, ``curves.csv``, ``fits.csv``,
     ``exclusions.csv``, ``risk_coverage.png`` and ``study.json``.
-    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results.
+    ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
     """
-    with study_runtime(scheduler):
+    with study_runtime(scheduler, out_of_core, max_memory):
         kinds = parse_names(confidence)
         unknown = [k for k in kinds if k not in CONFIDENCES]
         if not kinds or unknown:
