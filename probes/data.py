@@ -89,6 +89,20 @@ class Cells:
             )
         return x
 
+    def features_of_all(self, positions: np.ndarray) -> dict[str, Any]:
+        """:meth:`features` of every backbone, for a study that holds them all at once (the audit): under the
+        ``auto`` policy their *sum* is held against the memory budget, and when it is over, every backbone's
+        rows are read out of core."""
+        from .outofcore import current_policy, memory_policy
+
+        policy = current_policy()
+        widths = [int(self.feature_sets[b].array(self.pool_of(b)).shape[1]) for b in self.backbones]
+        total = sum(widths) * len(positions) * 4
+        if policy.mode == "auto" and len(self.backbones) > 1 and policy.out_of_core(total):
+            with memory_policy("always", policy.max_memory, policy.block_rows):
+                return {b: self.features(b, positions) for b in self.backbones}
+        return {b: self.features(b, positions) for b in self.backbones}
+
     def exclusion_lines(self) -> list[str]:
         """Human-readable lines on what was left out, and on labels that are one number spelt several ways
         (``1``, ``01``, ``1.0``: studied as distinct classes, as stored)."""

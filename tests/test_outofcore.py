@@ -263,3 +263,22 @@ def test_probability_studies_out_of_core_equal_in_memory(store, tmp_path):
         fits = pd.read_csv(tmp_path / f"{name}-ooc" / "fits.csv")
         assert set(fits["features"]) == {"out-of-core"}, name
         assert set(pd.read_csv(tmp_path / f"{name}-mem" / "fits.csv")["features"]) == {"in-memory"}, name
+
+
+def test_an_audit_counts_every_backbone_it_holds_against_the_budget(tmp_path):
+    """Two backbones of 40 KB each under a 64 KB budget: each alone fits, both together do not, so the audit's
+    matrices are all read out of core; under a budget that holds both they stay in memory."""
+    rng = np.random.default_rng(0)
+    cells = pd.DataFrame({"id": [f"c{i}" for i in range(500)], "label": ["a", "b"] * 250})
+    for name in ("one", "two"):
+        embedcache.import_features(
+            tmp_path / "two.zarr", rng.normal(size=(500, 20)).astype(np.float32), cells, backbone=name
+        )
+    both = open_cells(tmp_path / "two.zarr", "one,two")
+    pos = np.arange(500)
+    with memory_policy("auto", max_memory=64_000):
+        assert not hasattr(both.features("one", pos), "blocks")  # 40 KB alone: in memory
+        held = both.features_of_all(pos)
+        assert set(held) == {"one", "two"} and all(hasattr(x, "blocks") for x in held.values())
+    with memory_policy("auto", max_memory=100_000):
+        assert not any(hasattr(x, "blocks") for x in both.features_of_all(pos).values())

@@ -360,7 +360,7 @@ def _audit(
     if cache_path is not None:
         check_writable(cache_path)  # before any fit, not after
     pos = np.arange(len(cells.obs))
-    feats = {b: cells.features(b, pos) for b in cells.backbones}
+    feats = cells.features_of_all(pos)  # held together: their sum against the memory budget
     out = prepare_out(out if out is not None else study_name("audit", cells.backbones))
     res = audit_arrays(
         feats,
