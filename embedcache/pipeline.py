@@ -13,6 +13,7 @@ import platform
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
@@ -548,7 +549,7 @@ def _run(plan: ExtractPlan, cells: _Cells, fs: FeatureSet, pending: Sequence[int
     if plan.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if plan.compile:
-        model = _Compiled(model)
+        model = compiled(model)
     writer = _ChunkWriter(fs)
     writer.start()
     arrays = plan.arrays
@@ -641,6 +642,18 @@ def compute_batch(
             with torch.inference_mode():
                 out = embed_fn(x, pools)
     return {p: v.float().cpu().numpy() for p, v in out.items()}
+
+
+_compiled_models: weakref.WeakKeyDictionary[torch.nn.Module, _Compiled] = weakref.WeakKeyDictionary()
+
+
+def compiled(model: torch.nn.Module) -> _Compiled:
+    """``model`` with ``forward_features`` through ``torch.compile``, made once per model object in this
+    process: a Dask worker's tasks (one per chunk) reuse one compiled backbone instead of compiling for each."""
+    hit = _compiled_models.get(model)
+    if hit is None:
+        hit = _compiled_models[model] = _Compiled(model)
+    return hit
 
 
 class _Compiled(torch.nn.Module):

@@ -230,3 +230,26 @@ def test_a_task_is_sent_its_own_cells_only(chula_cells, tmp_path):
     images = np.random.default_rng(0).integers(0, 255, size=(10, 8, 8, 3), dtype=np.uint8)
     arrays = open_source(images)
     np.testing.assert_array_equal(arrays.rows(5, 10).load(7), arrays.load(7))
+
+
+def test_compile_happens_once_per_backbone_per_process(manifest, tmp_path, monkeypatch):
+    """--compile: a process that computes many chunks (a Dask worker: one task each) or extracts twice with
+    one loaded backbone compiles it once; the features are those of the plain model (the compiler here is a
+    counting stand-in: no C compiler is needed to check when compilation is asked for)."""
+    import torch
+
+    from embedcache.loading import load_backbone
+
+    calls = []
+
+    def counting_compile(fn, **kw):
+        calls.append(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    bb = load_backbone("timm:test_vit", weights="random")
+    done = [_extract(manifest, tmp_path / out, backbone=bb, compile=True, on_error="skip") for out in ("a", "b")]
+    plain = _extract(manifest, tmp_path / "plain", backbone=bb, on_error="skip")
+    assert len(calls) == 1 and calls[0] == {"dynamic": False}
+    got = [open_store(r.store).dataset().feature_set(r.key).to_numpy("cls") for r in (done[0], plain)]
+    np.testing.assert_array_equal(got[0], got[1])
