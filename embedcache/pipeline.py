@@ -202,6 +202,7 @@ def extract(
         token_shape = tail_token_shape(bb, tail_blocks, prep.size)
     store = open_store(out, mode="a")
     ds = store.require_dataset(source, name=dataset)
+    source = source.as_stored(str(ds.attrs["digest"]))  # a store written under older ids: report its ids
     subset_rule, subset = "all", None
     if perturbations and perturb_rows == "test":
         test = source.table["split"].to_numpy() == "test"

@@ -20,7 +20,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -92,6 +92,16 @@ class CellSource:
         whether stored features still belong to these cells.
         """
         return _digest(self.table["id"].tolist(), self.table["path"].tolist())
+
+    def as_stored(self, digest: str) -> CellSource:
+        """This source under the ids of the store dataset whose cell-list digest is ``digest``: itself, or, for a
+        dataset written under the ids an earlier version gave these cells (:attr:`legacy_ids`), a copy with those
+        ids, so that what an extraction reports (skipped cells, errors) names cells as the store does."""
+        if self.legacy_ids is None or digest == self.digest():
+            return self
+        table = self.table.copy()
+        table["id"] = self.legacy_ids
+        return replace(self, table=table, legacy_ids=None)
 
     def accepted_digests(self) -> list[str]:
         """:meth:`digest`, then the digest of the same cells under the ids an earlier version gave them."""

@@ -4,6 +4,7 @@ per-backbone pooling, imports beside extracted cells, limit notes, hints naming 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -281,6 +282,28 @@ def test_manifest_of_absolute_paths_gets_short_ids_and_old_stores_still_match(tm
     embedcache.open_store(tmp_path / "old.zarr", mode="a").require_dataset(old, name="cells")
     ds = embedcache.open_store(tmp_path / "old.zarr", mode="a").require_dataset(src, name="cells")
     assert ds.obs["id"].tolist() == df["path"].tolist()  # the store's own ids stay
+    # extracting into the old store reports cells by the store's ids (here: the one it cannot read)
+    broken = df.copy()
+    gone = str(Path(broken["path"].iat[2]).with_name("no_such_cell.jpg"))  # in the same folder: short ids
+    broken.loc[broken.index[2], "path"] = gone
+    broken.to_csv(tmp_path / "broken.csv", index=False)
+    moved = embedcache.open_source(tmp_path / "broken.csv")
+    old_moved = embedcache.open_source(tmp_path / "broken.csv")
+    old_moved.table["id"] = broken["path"].tolist()
+    embedcache.open_store(tmp_path / "old2.zarr", mode="a").require_dataset(old_moved, name="cells")
+    res = embedcache.extract(
+        "timm:test_vit",
+        moved,
+        tmp_path / "old2.zarr",
+        dataset="cells",
+        weights="random",
+        input_size=32,
+        on_error="skip",
+        progress=False,
+        num_workers=0,
+    )
+    assert moved.cell_id(2) == "no_such_cell.jpg" and moved.legacy_ids is not None
+    assert [cell for cell, _ in res.skipped] == [gone]
     other = embedcache.open_source(tmp_path / "cells.csv")
     other.table["id"] = [f"x{i}" for i in range(6)]
     other.legacy_ids = None
