@@ -18,7 +18,7 @@ Two heads fit on such rows with results equal to their in-memory fits on data th
   its full-batch L-BFGS, one objective evaluation per pass. In memory and out of core it runs on the
   same fixed blocks of rows (:mod:`probes.heads.blocks`), with the same sums in the same order, so its
   coefficients are the in-memory fit's bit for bit. Its blocks (of
-  :data:`probes.heads.blocks.BLOCK_ROWS` rows, whatever ``block_rows``) are read by position
+  :func:`probes.heads.blocks.block_rows`, whatever ``block_rows``) are read by position
   (:meth:`ChunkedRows.read`): sequential in the store for the sorted positions every study uses,
   each store chunk then read once per pass.
 

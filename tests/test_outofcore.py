@@ -148,7 +148,7 @@ def test_streamed_logistic_equals_the_in_memory_fit_bit_for_bit(data, monkeypatc
     import probes.heads.blocks as blocks
     import probes.heads.logistic as logistic
 
-    monkeypatch.setattr(blocks, "BLOCK_ROWS", BLOCK)  # 600 training rows: 6 blocks, chunks of 128 rows
+    monkeypatch.setattr(blocks, "block_rows", lambda width: BLOCK)  # 600 training rows: 6 blocks, chunks of 128
     monkeypatch.setattr(logistic, "PRECOND_ROWS", 64)  # the preconditioner's sample: one block too
     fs, X, y, train, test = data
     reads: list[int] = []

@@ -173,8 +173,9 @@ class LogisticProbe(ScoresHead):
             fit_idx, val_idx = np.arange(len(codes)), np.arange(0)
         self.mean_, self.scale_ = column_moments(X, dev)
         # blocks of the fit rows, then of the hold-out rows: the sweep runs on the first, the refit on all
-        parts = row_blocks(fit_idx) + row_blocks(val_idx)
-        n_fit = len(row_blocks(fit_idx))
+        width = X.shape[1]
+        parts = row_blocks(fit_idx, width) + row_blocks(val_idx, width)
+        n_fit = len(row_blocks(fit_idx, width))
         rows = RowBlocks(X, codes, parts, self.mean_, self.scale_, dev, X.cache_bytes if streamed else None)
         fitting, val, every = rows.view(range(n_fit)), rows.view(range(n_fit, len(parts))), rows.view(range(len(parts)))
         pc = None
