@@ -11,7 +11,8 @@ flip draws each. For every (dataset, protocol, rate, draw):
 
 * **ours**: :func:`probes.audit_arrays` (probes ``logistic,knn``, 1 seed, 5 folds, group-aware on
   Chula's smears, stratified on BCCD) and the audit's ranking (:mod:`probes.studies.audit.ranking`):
-  cross-fitted temperature per model, calibrated ensemble, cleanlab's confident learning, neighbour
+  cross-fitted temperature per model, calibrated ensemble, cleanlab's confident learning (label
+  quality: self-confidence, optionally blended with cleanlab's normalized margin), neighbour
   disagreement and model disagreement combined by a :class:`~probes.studies.audit.ranking.Ranking`;
 * **cleanlab (same OOF)**: ``cleanlab.filter.find_label_issues`` on the *same* out-of-fold
   probabilities, averaged over the same models, uncalibrated (its flagged cells first, ranked by
@@ -22,7 +23,8 @@ flip draws each. For every (dataset, protocol, rate, draw):
 
 Each backbone alone and both combined. Figures: precision at n (n = flipped cells), recall at 2n,
 AUROC. The ranking is chosen from the fixed set :data:`~probes.studies.audit.ranking.CANDIDATES`
-by **leave-one-dataset-out**: for each dataset, the candidate with the best mean precision at n on
+(calibration x flags first x neighbour weight x consensus weight x margin share) by
+**leave-one-dataset-out**: for each dataset, the candidate with the best mean precision at n on
 the *other two* datasets (all protocols, rates, draws and backbone sets; ties: recall at 2n, then
 the simpler candidate) is the one reported on it. The rule applied to all three datasets is the
 audit's shipped default (``DEFAULT_RANKING``), recorded in the JSON with the figures that chose it.
@@ -255,7 +257,7 @@ def score_setting(
             evid[cal] = (ens, *confident_learning(ens.proba, y))
         for c in CANDIDATES:
             ens, quality, flagged = evid[c.calibrate]
-            score = combine(quality, flagged, nd, ens.consensus, c)
+            score = combine(quality, flagged, nd, ens.consensus, c, proba=ens.proba, labels=y)
             row.update({f"cand:{c.name}:{m}": v for m, v in figures(order_of(score), score, flipped).items()})
         if len(bset) == 1:  # each model's calibration, raw and calibrated, against the noisy and the clean labels
             ens = evid[True][0]

@@ -39,8 +39,8 @@ def audit(
     k: int = K(10, "neighbours per cell for the neighbour-disagreement evidence"),
     ranking: Optional[str] = typer.Option(
         None,
-        help="score: calibration|order|neighbour weight|consensus weight, e.g. 'cal|all|n0.2|c0' "
-        "(default: the one the label-noise benchmark chose)",
+        help="score: calibration|order|neighbour weight|consensus weight[|margin share], e.g. 'cal|all|n0.2|c0' "
+        "or 'raw|all|n0.2|c0.15|m0.2' (default: the one the label-noise benchmark chose)",
     ),
     top: int = typer.Option(50, help="suspects in the report, contact sheet and corrections template"),
     dataset: Optional[str] = DATASET(),

@@ -175,3 +175,76 @@ def test_report_sorts_and_filters_in_the_browser_with_per_cell_evidence(flipped_
         js.write_text(script.group(1))
         r = subprocess.run(["node", "--check", str(js)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+
+
+# -- the margin share of the label quality ---------------------------------------------------------
+def test_margin_share_ranks_a_cell_with_one_clear_other_class_above_a_diffuse_one():
+    """Cell 0 (label a): 0.25 on a, 0.70 on b, the shape a flip to a neighbouring class leaves. Cell 1 (label
+    a): 0.20 on a, the rest spread over b, c, d, a hard cell. Self-confidence alone ranks the diffuse cell
+    first; a margin share of 0.3 (normalized margins 0.275 against 0.45) ranks the clear one first, and the
+    score is the documented blend."""
+    from probes.studies.audit.ranking import combine, label_quality, normalized_margin
+
+    p = np.array([[0.25, 0.70, 0.05, 0.0], [0.20, 0.30, 0.25, 0.25], [0.9, 0.05, 0.05, 0.0]])
+    y = np.array([0, 0, 0])
+    sc = p[np.arange(3), y]
+    np.testing.assert_allclose(normalized_margin(p, y), [0.275, 0.45, 0.925])
+    zeros, no = np.zeros(3), np.zeros(3, dtype=bool)
+    plain = combine(sc, no, zeros, zeros, Ranking(False, False, 0.0, 0.0, 0.0), proba=p, labels=y)
+    assert plain[1] > plain[0] > plain[2]
+    weak = combine(sc, no, zeros, zeros, Ranking(False, False, 0.0, 0.0, 0.1), proba=p, labels=y)
+    assert weak[1] > weak[0]  # 0.1 is not enough to reorder these two (the switch is at 2/9)
+    blended = combine(sc, no, zeros, zeros, Ranking(False, False, 0.0, 0.0, 0.3), proba=p, labels=y)
+    assert blended[0] > blended[1] > blended[2]
+    np.testing.assert_allclose(blended, 1 - (0.7 * sc + 0.3 * np.array([0.275, 0.45, 0.925])))
+    # with neighbour and consensus weights: (1 - w_n - w_c)(1 - q) + w_n nbr + w_c consensus
+    nd, cons = np.array([0.5, 0.1, 0.0]), np.array([1.0, 0.5, 0.0])
+    rk = Ranking(False, False, 0.2, 0.15, 0.2)
+    q = label_quality(sc, p, y, 0.2)
+    np.testing.assert_allclose(q, 0.8 * sc + 0.2 * normalized_margin(p, y))
+    np.testing.assert_allclose(
+        combine(sc, no, nd, cons, rk, proba=p, labels=y), 0.65 * (1 - q) + 0.2 * nd + 0.15 * cons
+    )
+    # a margin share needs the ensemble it blends with; without one the self-confidence is used as given
+    with pytest.raises(ProbeError, match="margin share"):
+        combine(sc, no, zeros, zeros, rk)
+    np.testing.assert_allclose(combine(sc, no, zeros, zeros, Ranking(False, False, 0.0, 0.0)), 1 - sc)
+
+
+def test_evidence_scores_with_the_margin_share_and_keeps_self_confidence_as_a_column(flipped_audit):
+    res, mask, _ = flipped_audit
+    labels = res.obs["label"].to_numpy()
+    nd = res.table.sort_index()["neighbor_disagreement"].to_numpy()
+    rk = Ranking(True, False, 0.2, 0.15, 0.3)
+    ev = evidence(res.oofs, labels, res.classes, nd, rk.name)
+    ens = ev.attrs["ensemble"]
+    y = pd.Index(res.classes).get_indexer(labels)
+    p = ens.proba / ens.proba.sum(1, keepdims=True)
+    sc = p[np.arange(len(y)), y]
+    np.testing.assert_allclose(ev["self_confidence"], sc, rtol=1e-9)  # the column stays the self-confidence
+    other = p.copy()
+    other[np.arange(len(y)), y] = -1
+    nm = (sc - other.max(1) + 1) / 2
+    q = 0.7 * sc + 0.3 * nm
+    np.testing.assert_allclose(ev["score"], 0.65 * (1 - q) + 0.2 * nd + 0.15 * ev["consensus"], rtol=1e-9)
+    # and it differs from the score without the margin share
+    ev0 = evidence(res.oofs, labels, res.classes, nd, Ranking(True, False, 0.2, 0.15))
+    assert not np.allclose(ev0["score"], ev["score"])
+
+
+def test_margin_ranking_names_round_trip_and_old_names_mean_no_margin():
+    assert Ranking.parse("cal|all|n0.1|c0.15") == Ranking(True, False, 0.1, 0.15, 0.0)
+    assert Ranking(True, False, 0.1, 0.15).name == "cal|all|n0.1|c0.15"  # no margin, no 5th part
+    r = Ranking.parse("raw|all|n0.2|c0.15|m0.2")
+    assert r == Ranking(False, False, 0.2, 0.15, 0.2) and r.name == "raw|all|n0.2|c0.15|m0.2"
+    assert "0.8 × cleanlab self-confidence + 0.2 × cleanlab normalized margin" in r.formula()
+    assert "normalized margin" not in Ranking(True, False, 0.1, 0.15).formula()
+    assert {c.margin for c in CANDIDATES} == {0.0, 0.1, 0.2, 0.3}
+    assert len(CANDIDATES) == 128 and all(Ranking.parse(c.name) == c for c in CANDIDATES)
+    # the 32 candidates without a margin share come first, in their old order (ties go to the earlier one)
+    assert [c.margin for c in CANDIDATES[:32]] == [0.0] * 32
+    for bad in ("raw|all|n0.2|c0.15|x0.2", "raw|all|n0.2|c0.15|m0.2|z", "raw|all|n0.2"):
+        with pytest.raises(ProbeError, match="margin share"):
+            Ranking.parse(bad)
+    with pytest.raises(ProbeError, match=r"\[0, 1\]"):
+        Ranking(True, False, 0.1, 0.15, 1.5)

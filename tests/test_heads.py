@@ -584,3 +584,30 @@ def test_linear_is_the_papers_name_for_the_logistic_head():
     from probes.heads.logistic import LogisticProbe
 
     assert isinstance(make_probe("linear"), LogisticProbe) and "linear" in PROBES
+
+
+def test_logistic_sweep_by_log_loss_picks_the_c_with_the_best_hold_out_likelihood(data):
+    """``select="log_loss"``: the sweep scores each C by minus the hold-out's mean log-loss, computed here
+    again from a refit on the same fit rows (sklearn's log_loss), and keeps the best; the audit uses it."""
+    from sklearn.metrics import log_loss
+
+    from probes.heads.base import stratified_holdout
+    from probes.studies.audit.run import audit_probe
+
+    Xtr, ytr, _, _ = data
+    Cs = (0.001, 0.01, 0.1, 1.0)
+    by_ll = make_probe("logistic", seed=0, device="cpu", Cs=Cs, patience=None, select="log_loss").fit(Xtr, ytr)
+    assert list(by_ll.val_f1_) == list(Cs) and all(v < 0 for v in by_ll.val_f1_.values())
+    assert by_ll.C_ == max(Cs, key=lambda c: (by_ll.val_f1_[c], -c))
+    codes = np.searchsorted(by_ll.classes_, ytr)
+    fit_idx, val_idx = stratified_holdout(codes, 0.1, 0)
+    for C in (0.01, 1.0):
+        one = make_probe("logistic", seed=0, device="cpu", Cs=(C,)).fit(Xtr[fit_idx], ytr[fit_idx])
+        ll = log_loss(ytr[val_idx], one.predict_proba(Xtr[val_idx]), labels=one.classes_)
+        assert -by_ll.val_f1_[C] == pytest.approx(ll, rel=2e-2)  # the same C on the same rows (another path)
+    by_f1 = make_probe("logistic", seed=0, device="cpu", Cs=Cs, patience=None).fit(Xtr, ytr)
+    assert all(0 <= v <= 1 for v in by_f1.val_f1_.values())
+    with pytest.raises(ValueError, match="select="):
+        make_probe("logistic", seed=0, device="cpu", select="accuracy").fit(Xtr, ytr)
+    assert audit_probe("logistic", seed=0, device="cpu").select == "log_loss"
+    assert audit_probe("knn", seed=0, device="cpu").get_params() == make_probe("knn", seed=0, device="cpu").get_params()

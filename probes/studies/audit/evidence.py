@@ -97,7 +97,7 @@ def evidence(
     proposed = pick.argmax(1)
     quality, flagged = confident_learning(ens.proba, y)
     disagreement = np.asarray(disagreement, dtype=np.float64)
-    score = combine(quality, flagged, disagreement, ens.consensus, rk)
+    score = combine(quality, flagged, disagreement, ens.consensus, rk, proba=ens.proba, labels=y)
     df = pd.DataFrame(
         {
             "given_label": labels,

@@ -101,6 +101,18 @@ class AuditResult:
         return np.stack([o.proba for o in self.oofs])
 
 
+# what the audit changes in a head's defaults: it ranks cells by their probabilities, so the logistic
+# probe's C sweep picks by hold-out log-loss (a proper scoring rule), not by macro-F1 (a decision metric)
+AUDIT_PROBE_PARAMS: dict[str, dict[str, Any]] = {"logistic": {"select": "log_loss"}, "linear": {"select": "log_loss"}}
+
+
+def audit_probe(name: str, **kw: Any) -> Any:
+    """:func:`probes.heads.make_probe` with the audit's defaults (:data:`AUDIT_PROBE_PARAMS`)."""
+    from ...heads import make_probe as heads_make_probe
+
+    return heads_make_probe(name, **{**AUDIT_PROBE_PARAMS.get(name, {}), **kw})
+
+
 def audit_arrays(
     features: dict[str, np.ndarray],
     labels: Sequence[str] | np.ndarray,
@@ -127,7 +139,6 @@ def audit_arrays(
     if split not in SCHEMES:
         raise ProbeError(f"unknown fold scheme '{split}'; use one of {', '.join(SCHEMES)}")
     from ...heads import PROBES
-    from ...heads import make_probe as heads_make_probe
 
     labels = np.asarray(labels, dtype=object).astype(str)
     n = len(labels)
@@ -159,7 +170,7 @@ def audit_arrays(
         unknown = [p for p in probe_list if p not in PROBES]
         if unknown:
             raise ProbeError(f"unknown probe(s) {', '.join(unknown)}; choose from {', '.join(PROBES)}")
-        make_probe = heads_make_probe
+        make_probe = audit_probe
     seed_list = parse_seeds(seeds)
     if int(k) < 1:
         raise ProbeError(f"k must be at least 1, got {k}")
