@@ -456,8 +456,11 @@ def report(rows: pd.DataFrame, datasets, info, args, names, flip_seeds, t0, tall
         },
         "models_fitted_reused": list(tally),
         "summary": s.to_dict(orient="records"),
+        # per setting: ours and the baselines; each candidate's figures are kept as per-dataset means
+        # (candidate_means: every dataset has the same number of settings, so they reproduce the choice)
         "rows": [
-            {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows.to_dict("records")
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items() if not k.startswith("cand:")}
+            for r in rows.to_dict("records")
         ],
     }
     out.write_text(json.dumps(doc, indent=1, default=float))
