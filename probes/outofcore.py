@@ -386,8 +386,7 @@ def exact_search(
         if ex is not None:  # the query's own row
             local = np.where(pos[local] == ex, -1, local)
         # exact similarities pair by pair, as the in-memory searches re-score theirs: the same answer
-        D, I = rescored_topk(Q, xn, local, k, labels=pos[np.maximum(local, 0)])  # noqa: E741
-        D[I < 0] = -np.inf
+        D, I = rescored_topk(Q, xn, local, k, labels=pos[np.maximum(local, 0)])  # noqa: E741  (missing: -inf)
         sims, idx = merge_topk(sims, idx, D, I, k)
     sims = sims.copy()
     idx = idx.copy()

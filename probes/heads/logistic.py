@@ -181,8 +181,8 @@ class LogisticProbe(ScoresHead):
         self.mean_, self.scale_ = column_moments(X, dev)
         # blocks of the fit rows, then of the hold-out rows: the sweep runs on the first, the refit on all
         width = X.shape[1]
-        parts = row_blocks(fit_idx, width) + row_blocks(val_idx, width)
-        n_fit = len(row_blocks(fit_idx, width))
+        fit_parts = row_blocks(fit_idx, width)
+        parts, n_fit = fit_parts + row_blocks(val_idx, width), len(fit_parts)
         rows = RowBlocks(X, codes, parts, self.mean_, self.scale_, dev, X.cache_bytes if streamed else None)
         fitting, val, every = rows.view(range(n_fit)), rows.view(range(n_fit, len(parts))), rows.view(range(len(parts)))
         pc = None
