@@ -42,6 +42,11 @@ def audit(
         help="score: calibration|order|neighbour weight|consensus weight[|margin share], e.g. 'cal|all|n0.2|c0' "
         "or 'raw|all|n0.2|c0.15|m0.2' (default: the one the label-noise benchmark chose)",
     ),
+    joint: bool = typer.Option(
+        True,
+        "--joint/--no-joint",
+        help="add the joint member: a plain logistic (C=1) on every backbone's features side by side, per seed",
+    ),
     top: int = typer.Option(50, help="suspects in the report, contact sheet and corrections template"),
     dataset: Optional[str] = DATASET(),
     pool: Optional[str] = POOL(),
@@ -79,6 +84,7 @@ def audit(
             folds_by=folds_by,
             k=k,
             ranking=ranking,
+            joint=joint,
             out_of_core=out_of_core,
             max_memory=max_memory,
             scheduler=scheduler,

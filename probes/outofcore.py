@@ -323,6 +323,86 @@ class _Source:
         return block[store_rows - span.start].astype(np.float32)
 
 
+class SideBySide:
+    """The same cells' features of several backbones side by side (columns one backbone after the
+    other), read block by block: each part is a :class:`ChunkedRows` or an in-memory array, so the
+    joined matrix is never held whole. It reads (:meth:`read`), indexes, cuts into :meth:`blocks` and
+    pickles like a :class:`ChunkedRows`; the logistic probe streams it (the audit's joint member)."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, parts: list[Any]):
+        if not parts:
+            raise ValueError("SideBySide needs at least one part")
+        n = {len(p) for p in parts}
+        if len(n) != 1:
+            raise ValueError(f"parts of SideBySide have different row counts {sorted(n)}")
+        self.parts = list(parts)
+        self.width = sum(int(p.shape[1]) for p in self.parts)
+        chunked = [p for p in self.parts if is_chunked(p)]
+        self.block_rows = min([p.block_rows for p in chunked] or [current_policy().rows_per_block(self.width)])
+        self.cache_bytes = min([p.cache_bytes for p in chunked] or [int(current_policy().budget * CACHE_FRACTION)])
+        self.ids = next((p.ids for p in chunked if p.ids is not None), None)
+        # store order of the first part read from the store: blocks read its chunks in sequence
+        self._order = np.argsort(chunked[0].rows, kind="stable") if chunked else np.arange(len(self))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.parts[0]), self.width)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.width * 4
+
+    def __repr__(self) -> str:
+        return f"SideBySide({', '.join(type(p).__name__ for p in self.parts)}; {len(self)} x {self.width})"
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise ProbeError(
+            f"{len(self)} x {self.width} side-by-side features ({gib(self.nbytes)}) are read block by block; "
+            "this step needs them in memory: raise --max-memory"
+        )
+
+    def __getitem__(self, index: Any) -> SideBySide:
+        if isinstance(index, tuple) or np.ndim(index) == 0 and not isinstance(index, slice):
+            raise TypeError("SideBySide takes a slice, integer positions or a boolean mask (rows only)")
+        return SideBySide([p[index] for p in self.parts])
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at ``positions`` in memory, float32, every part's columns in turn."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return np.concatenate(
+            [p.read(positions) if is_chunked(p) else np.asarray(p[positions], dtype=np.float32) for p in self.parts],
+            axis=1,
+        )
+
+    def blocks(self, block_rows: int | None = None, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(positions, X)``: every row once, in blocks of ``block_rows`` rows (default :attr:`block_rows`)."""
+        size = int(block_rows or self.block_rows)
+        for i in range(start * size, len(self), size):
+            pos = self._order[i : i + size]
+            yield pos, self.read(pos)
+
+    def to_numpy(self) -> np.ndarray:
+        return self.read(np.arange(len(self)))
+
+
+def side_by_side(parts: list[Any]) -> Any:
+    """The features of ``parts`` (the same cells) side by side: ``parts[0]`` itself when alone; an
+    in-memory array when every part is in memory and the joined matrix fits the memory budget;
+    else a :class:`SideBySide` read block by block."""
+    if len(parts) == 1:
+        return parts[0]
+    nbytes = sum(len(p) * int(p.shape[1]) * 4 for p in parts)
+    if any(is_chunked(p) for p in parts) or current_policy().out_of_core(nbytes):
+        return SideBySide(parts)
+    return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts], axis=1)
+
+
 def chunked_if_large(fs: Any, pool: str, rows: np.ndarray, ids: np.ndarray | None = None) -> ChunkedRows | None:
     """``rows`` of ``fs`` as a :class:`ChunkedRows` when the policy reads them out of core, else None."""
     width = int(fs.array(pool).shape[1]) if pool in fs.pools else 0
@@ -332,8 +412,8 @@ def chunked_if_large(fs: Any, pool: str, rows: np.ndarray, ids: np.ndarray | Non
 
 
 def is_chunked(x: Any) -> bool:
-    """True for out-of-core rows (:class:`ChunkedRows`)."""
-    return isinstance(x, ChunkedRows)
+    """True for out-of-core rows (:class:`ChunkedRows`, :class:`SideBySide`)."""
+    return isinstance(x, (ChunkedRows, SideBySide))
 
 
 # -- exact chunked kNN ------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ from probes.studies.audit import (
     read_oof_cache,
     relabel,
 )
+from probes.studies.audit import run as audit_run
+from probes.studies.audit.folds import oof_proba
+from probes.studies.audit.run import JOINT_PROBE
 
 RESNET = "timm:test_resnet"
 VIT = "timm:test_vit"
@@ -180,20 +183,22 @@ def test_evidence_pieces_and_score_formula():
 
 
 # -- out-of-fold predictions never come from a model that saw the cell ---------------------------
-def test_oof_predictions_never_from_a_model_trained_on_the_cell(built):
+def test_oof_predictions_never_from_a_model_trained_on_the_cell(built, monkeypatch):
     cells = open_cells(built, RESNET, pool="mean")
     x = cells.features(RESNET, np.arange(len(cells.obs)))
     labels, groups = cells.labels, cells.obs["group"].to_numpy()
     rowid = {x[i].tobytes(): i for i in range(len(x))}
     assert len(rowid) == len(x)  # every cell's feature row is distinct, so rows identify cells
     log = []
+    joint_head = audit_run.joint_probe
 
     def recording(name, seed=0, device="auto"):
-        est = make_probe(name, seed=seed, device=device)
+        head = joint_head if name == JOINT_PROBE else lambda **kw: make_probe(name, **kw)
+        est = head(seed=seed, device=device)
         fit, proba = est.fit, est.predict_proba
 
         def rec_fit(X, y):
-            log.append({"seed": seed, "train": {rowid[r.tobytes()] for r in X}, "test": set()})
+            log.append({"model": name, "seed": seed, "train": {rowid[r.tobytes()] for r in X}, "test": set()})
             return fit(X, y)
 
         def rec_proba(X):
@@ -203,6 +208,8 @@ def test_oof_predictions_never_from_a_model_trained_on_the_cell(built):
         est.fit, est.predict_proba = rec_fit, rec_proba
         return est
 
+    # the joint member (one backbone: a plain logistic on its features) is recorded as well
+    monkeypatch.setattr(audit_run, "joint_probe", lambda **kw: recording(JOINT_PROBE, **kw))
     res = audit_arrays(
         {RESNET: x},
         labels,
@@ -214,9 +221,12 @@ def test_oof_predictions_never_from_a_model_trained_on_the_cell(built):
         make_probe=recording,
         threads=1,
     )
-    assert res.params["scheme"] == "group" and len(log) == 2 * 4 and res.fits == 8
-    for seed, o in zip([1, 2], res.oofs):
-        fits = [f for f in log if f["seed"] == seed]
+    models = [(o.key["probe"], o.key["seed"]) for o in res.oofs]
+    assert models == [("knn", 1), ("knn", 2), (JOINT_PROBE, 1), (JOINT_PROBE, 2)]
+    assert res.params["scheme"] == "group" and len(log) == 4 * 4 and res.fits == 16
+    for o in res.oofs:
+        fits = [f for f in log if f["seed"] == o.key["seed"] and f["model"] == o.key["probe"]]
+        assert len(fits) == 4
         predicted = np.zeros(len(x), dtype=int)
         for f, entry in enumerate(fits):
             assert not entry["train"] & entry["test"]  # never predicts a cell it was trained on
@@ -239,7 +249,8 @@ def test_oof_predictions_never_from_a_model_trained_on_the_cell(built):
 def test_second_audit_reuses_the_cache_and_refits_nothing(store, tmp_path):
     calls: list = []
     one = counted_audit(store, calls, probes="knn,logistic", seeds=2, folds=3, out=tmp_path / "one")
-    assert one.computed == 4 and one.reused == 0 and len(calls) == 4 * 3 == one.fits
+    # 2 probes x 2 seeds counted through make_probe, and the joint member per seed (its own head)
+    assert one.computed == 6 and one.reused == 0 and len(calls) == 4 * 3 and one.fits == 6 * 3
     cache = default_cache(str(store), "chula")
     # side data lives beside the store, outside its Zarr tree
     assert one.files["oof"] == cache == f"{store}.embedcache/probes/audit-oof-chula.parquet"
@@ -248,13 +259,13 @@ def test_second_audit_reuses_the_cache_and_refits_nothing(store, tmp_path):
     assert embedcache.open_store(store).dataset().feature_keys()  # the store still opens and lists its sets
     calls.clear()
     two = counted_audit(store, calls, probes="knn,logistic", seeds=2, folds=3, out=tmp_path / "two")
-    assert calls == [] and two.computed == 0 and two.reused == 4 and two.fits == 0
+    assert calls == [] and two.computed == 0 and two.reused == 6 and two.fits == 0
     pd.testing.assert_frame_equal(one.table, two.table)
     # one more seed: only its models are fitted; the others still come from the cache
     three = counted_audit(store, calls, probes="knn,logistic", seeds=3, folds=3, out=tmp_path / "three")
-    assert three.reused == 4 and three.computed == 2 and len(calls) == 2 * 3
+    assert three.reused == 6 and three.computed == 3 and len(calls) == 2 * 3
     cached = read_oof_cache(cache, one.obs["id"])
-    assert len(cached) == 6
+    assert len(cached) == 9
     # other folds or an explicit cache file are other keys / files
     calls.clear()
     counted_audit(store, calls, probes="knn", seeds=1, folds=4, out=tmp_path / "four")
@@ -267,19 +278,19 @@ def test_second_audit_reuses_the_cache_and_refits_nothing(store, tmp_path):
 def test_a_cache_left_inside_an_old_store_is_still_read(store, tmp_path):
     calls: list = []
     one = counted_audit(store, calls, probes="knn", seeds=1, folds=3, out=tmp_path / "one")
-    assert one.computed == 1 and len(calls) == 3
+    assert one.computed == 2 and len(calls) == 3  # knn and the joint member
     legacy = store / ".probes" / "audit-oof-chula.parquet"  # where earlier versions kept it
     legacy.parent.mkdir()
     shutil.move(one.files["oof"], legacy)
     calls.clear()
     two = counted_audit(store, calls, probes="knn", seeds=1, folds=3, out=tmp_path / "two")
-    assert calls == [] and two.reused == 1 and two.computed == 0
+    assert calls == [] and two.reused == 2 and two.computed == 0
     pd.testing.assert_frame_equal(one.table, two.table)
     # a new model is written to the new place, the legacy file's models carried over with it
     three = counted_audit(store, calls, probes="knn", seeds=2, folds=3, out=tmp_path / "three")
-    assert three.reused == 1 and three.computed == 1 and len(calls) == 3
+    assert three.reused == 2 and three.computed == 2 and len(calls) == 3
     assert three.files["oof"] == default_cache(str(store), "chula")
-    assert len(read_oof_cache(three.files["oof"], one.obs["id"])) == 2
+    assert len(read_oof_cache(three.files["oof"], one.obs["id"])) == 4
 
 
 def test_cache_notices_changed_features(tmp_path, built):
@@ -440,7 +451,7 @@ def test_relabel_round_trip_keeps_history(store, tmp_path):
         threads=1,
         make_probe=counting_probe(calls),
     )
-    assert res2.computed == 1 and len(calls) == 2 * n_fits
+    assert res2.computed == 2 and len(calls) == 2 * n_fits  # knn and the joint member refitted
     assert res2.table.set_index("id")["given_label"][ids[0]] == old[0]
 
 
@@ -498,8 +509,11 @@ def test_several_backbones_give_per_backbone_evidence(store, tmp_path):
         quiet=True,
         threads=1,
     )
-    assert res.params["n_models"] == 4 and set(res.neighbors) == {RESNET, VIT}
-    assert {o.key["backbone"] for o in res.oofs} == {RESNET, VIT}
+    assert res.params["n_models"] == 6 and set(res.neighbors) == {RESNET, VIT}
+    # knn per backbone and seed; the joint member (a logistic on both side by side) per seed
+    assert [(o.key["backbone"], o.key["probe"]) for o in res.oofs] == [(RESNET, "knn")] * 2 + [(VIT, "knn")] * 2 + [
+        (f"{RESNET}+{VIT}", JOINT_PROBE)
+    ] * 2
     cols = [f"neighbor_disagreement:{RESNET}", f"neighbor_disagreement:{VIT}"]
     np.testing.assert_allclose(res.table["neighbor_disagreement"], res.table[cols].mean(axis=1))
     # each backbone's disagreement is the fraction of its own 5 nearest cells with another label
@@ -510,6 +524,46 @@ def test_several_backbones_give_per_backbone_evidence(store, tmp_path):
     csv = pd.read_csv(tmp_path / "two" / "suspects.csv")
     assert set(cols) <= set(csv.columns)
     assert "nbr. timm:test_vit" in (tmp_path / "two" / "report.html").read_text(encoding="utf-8")
+
+
+def test_joint_member_is_a_plain_logistic_on_the_backbones_side_by_side(store, tmp_path):
+    from probes.heads.logistic import LogisticProbe
+    from probes.outofcore import SideBySide, memory_policy, side_by_side
+    from probes.threads import limit_threads
+
+    cells = open_cells(store, f"{RESNET},{VIT}", pool="mean")
+    pos = np.arange(len(cells.obs))
+    feats = {b: cells.features(b, pos) for b in (RESNET, VIT)}
+    kw = dict(ids=cells.obs["id"], groups=cells.obs["group"], probes="knn", seeds=[7], folds=3, k=5, threads=1)
+    res = audit_arrays(feats, cells.labels, **kw)
+    (joint,) = [o for o in res.oofs if o.key["probe"] == JOINT_PROBE]
+    assert joint.key["backbone"] == f"{RESNET}+{VIT}" and res.params["joint"].startswith(f"{RESNET}+{VIT}")
+    # its probabilities: out of fold (the audit's folds), logistic at C=1 without a sweep, on both side by side
+    side = np.concatenate([feats[RESNET], feats[VIT]], axis=1)
+    with limit_threads(1):  # as the audit fits (threads=1): the same reductions
+        expected = oof_proba(
+            side, cells.labels, joint.fold, res.classes, lambda: LogisticProbe(Cs=(1.0,), seed=7), "logistic"
+        )
+    np.testing.assert_array_equal(joint.proba, expected)
+    # the why column names it beside the backbones' own models
+    assert res.table["models_disagreeing"].str.contains(f"test_resnet+test_vit/{JOINT_PROBE}", regex=False).any()
+    # out of core: the side-by-side matrix is read block by block, to the same probabilities bit for bit
+    with memory_policy("always"):
+        streamed = side_by_side(list(feats.values()))
+        assert isinstance(streamed, SideBySide) and streamed.shape == side.shape
+        np.testing.assert_array_equal(streamed.read(np.array([5, 0, 9])), side[[5, 0, 9]])
+        np.testing.assert_array_equal(np.concatenate([x for _, x in streamed.blocks(7)]), side)
+        ooc = audit_arrays(feats, cells.labels, **kw)
+    np.testing.assert_array_equal([o for o in ooc.oofs if o.key["probe"] == JOINT_PROBE][0].proba, joint.proba)
+    pd.testing.assert_frame_equal(ooc.table, res.table)
+    # from the store with both backbones read out of core: parts of the side-by-side matrix are ChunkedRows
+    kw_store = dict(pool="mean", probes="knn", seeds=[7], folds=3, k=5, threads=1, quiet=True, html=False, cache=False)
+    a = audit(store, f"{RESNET},{VIT}", out=tmp_path / "mem", **kw_store)
+    b = audit(store, f"{RESNET},{VIT}", out=tmp_path / "ooc", out_of_core="always", **kw_store)
+    pd.testing.assert_frame_equal(a.table, b.table)
+    # without it: only the backbones' own models
+    plain = audit_arrays(feats, cells.labels, joint=False, **kw)
+    assert [o.key["probe"] for o in plain.oofs] == ["knn", "knn"] and plain.params["joint"] is None
 
 
 # -- the CLI -------------------------------------------------------------------------------------
@@ -547,13 +601,15 @@ def test_cli_audit_neighbors_relabel(store, tmp_path):
             "1",
             "--ranking",
             "cal|flag|n0.2|c0",
+            "--no-joint",
             "--out",
             str(out),
         ],
     )
     assert r.exit_code == 0, r.output
     assert "label audit" in r.output and (out / "suspects.csv").is_file() and (out / "report.html").is_file()
-    assert pd.read_json(out / "audit.json", typ="series")["ranking"] == "cal|flag|n0.2|c0"
+    meta = pd.read_json(out / "audit.json", typ="series")
+    assert meta["ranking"] == "cal|flag|n0.2|c0" and meta["n_models"] == 1 and meta["joint"] is None
     first = pd.read_csv(out / "suspects.csv", keep_default_na=False)["id"].iat[0]
 
     r = runner.invoke(

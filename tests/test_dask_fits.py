@@ -148,5 +148,5 @@ def test_audit_on_dask_equals_the_local_run(store, cluster, tmp_path):
     local = audit(store, MODEL, out=tmp_path / "local", **kw)
     with Client(cluster) as client, get_task_stream(client=client) as stream:
         remote = audit(store, MODEL, out=tmp_path / "dask", scheduler=cluster, **kw)
-    assert sum("_oof_one" in str(t["key"]) for t in stream.data) == 2  # logistic and knn, one seed
+    assert sum("_oof_one" in str(t["key"]) for t in stream.data) == 3  # logistic, knn and the joint member, one seed
     pd.testing.assert_frame_equal(local.table, remote.table)

@@ -115,8 +115,9 @@ def evidence(
 
 
 def _short(name: str) -> str:
-    """``timm:test_vit`` -> ``test_vit`` (the part after the last ``:`` or ``/``)."""
-    return name.replace("/", ":").rsplit(":", 1)[-1]
+    """``timm:test_vit`` -> ``test_vit`` (the part after the last ``:`` or ``/``); the joint member's
+    ``timm:test_vit+timm:test_resnet`` -> ``test_vit+test_resnet``."""
+    return "+".join(part.replace("/", ":").rsplit(":", 1)[-1] for part in name.split("+"))
 
 
 def why_columns(

@@ -1,13 +1,15 @@
 """The label audit's orchestration: :func:`audit` (a store) and :func:`audit_arrays` (in-memory features).
 
 Skeleton steps: inputs (cells of every backbone, options) -> folds per seed (:mod:`.folds`) -> a plan
-of one out-of-fold model per backbone x probe x seed, each read from the cache (:mod:`.cache`) or
-fitted -> evidence and score per cell (:mod:`.evidence`) -> outputs and console (:mod:`.outputs`).
+of one out-of-fold model per backbone x probe x seed (and the joint member per seed: a plain logistic
+on every backbone side by side), each read from the cache (:mod:`.cache`) or fitted -> evidence and
+score per cell (:mod:`.evidence`) -> outputs and console (:mod:`.outputs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import pandas as pd
 
 from ...dask_fits import current_scheduler
 from ...data import ProbeError, open_cells, parse_names
-from ...outofcore import is_chunked
+from ...outofcore import is_chunked, side_by_side
 from ...reporting.console import progress
 from ...reporting.tables import prepare_out
 from ...sampling import parse_seeds, sort_labels
@@ -54,6 +56,10 @@ class AuditOptions:
     :func:`probes.heads.make_probe`; ``threads`` caps BLAS/OpenMP/torch threads during the fits.
     ``ranking``: how the evidence becomes the score (a :class:`~.ranking.Ranking` or its name such
     as ``cal|all|n0.2|c0``; None: :data:`~.ranking.DEFAULT_RANKING`, chosen by the label-noise benchmark).
+    ``joint``: add the **joint member** to the ensemble, per seed: one plain logistic regression
+    (``C = 1``, scikit-learn's default strength, no sweep) on every backbone's features side by side
+    (:data:`JOINT_PROBE`; with one backbone, on its features). The label-noise benchmark chose it
+    (leave-one-dataset-out, like the ranking).
     """
 
     probes: str | Sequence[str] = DEFAULT_PROBES
@@ -70,6 +76,7 @@ class AuditOptions:
     make_probe: Callable[..., Any] | None = None
     threads: int | None = None
     quiet: bool = True
+    joint: bool = True
 
 
 @dataclass
@@ -111,6 +118,31 @@ def audit_probe(name: str, **kw: Any) -> Any:
     from ...heads import make_probe as heads_make_probe
 
     return heads_make_probe(name, **{**AUDIT_PROBE_PARAMS.get(name, {}), **kw})
+
+
+# the joint member: a plain logistic regression on every backbone's features side by side
+JOINT_PROBE = "joint-logistic"
+JOINT_PROBE_PARAMS: dict[str, Any] = {"Cs": (1.0,)}
+JOINT_SEPARATOR = "+"
+
+
+def joint_probe(**kw: Any) -> Any:
+    """The joint member's head: :class:`probes.heads.logistic.LogisticProbe` at ``C = 1`` (no sweep)."""
+    from ...heads import make_probe as heads_make_probe
+
+    return heads_make_probe("logistic", **{**JOINT_PROBE_PARAMS, **kw})
+
+
+def member_probe(make_probe: Callable[..., Any], name: str, **kw: Any) -> Any:
+    """The head of one ensemble member: :func:`joint_probe` for :data:`JOINT_PROBE`, else ``make_probe(name)``."""
+    return joint_probe(**kw) if name == JOINT_PROBE else make_probe(name, **kw)
+
+
+def joint_digest(digests: Sequence[str]) -> str:
+    """The feature digest of backbones side by side: one backbone's own, else a digest of theirs in order."""
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("\x1f".join(digests).encode()).hexdigest()[:16]
 
 
 def audit_arrays(
@@ -185,6 +217,15 @@ def audit_arrays(
     reused = computed = fits = 0
     keys = feature_keys or {}
     todo = [(b, p, s) for b in features for p in probe_list for s in seed_list]
+    members = dict(features)  # what each member fits: a backbone's features, or all side by side (joint)
+    make_member = partial(member_probe, make_probe)
+    if opt.joint:
+        joint = JOINT_SEPARATOR.join(features)  # one backbone: its own name (longer than any one name otherwise)
+        members[joint] = side_by_side(list(features.values()))
+        f_digest[joint] = joint_digest([f_digest[b] for b in features])
+        keys = {**keys, joint: JOINT_SEPARATOR.join(keys.get(b, b) for b in features)}
+        impl[JOINT_PROBE] = probe_signature(JOINT_PROBE, make_member)
+        todo += [(joint, JOINT_PROBE, s) for s in seed_list]
     planned: list[tuple[dict[str, Any], np.ndarray, OOF | None]] = []
     for b, p, s in todo:
         if s not in fold_cache:
@@ -209,13 +250,13 @@ def audit_arrays(
     scheduler = current_scheduler()
     with progress(len(missing), quiet) as advance, limit_threads(threads):
         if scheduler and missing:
-            probas = _oof_on_dask(scheduler, missing, features, labels, classes, make_probe, device, advance)
+            probas = _oof_on_dask(scheduler, missing, members, labels, classes, make_member, device, advance)
         else:
             probas = []
             for key, fold in missing:
                 advance(f"{key['backbone']} · {key['probe']} · seed {key['seed']}")
-                x = features[key["backbone"]]
-                probas.append(_oof_one(x, labels, fold, classes, make_probe, key, device))
+                x = members[key["backbone"]]
+                probas.append(_oof_one(x, labels, fold, classes, make_member, key, device))
     computed_oofs = iter(OOF(key, classes, proba, fold) for (key, fold), proba in zip(missing, probas))
     for _, fold, hit in planned:
         oofs.append(hit if hit is not None else next(computed_oofs))
@@ -248,6 +289,7 @@ def audit_arrays(
         feature_keys={b: keys.get(b, b) for b in features},
         pool=pool,
         probes=probe_list,
+        joint=JOINT_SEPARATOR.join(features) + f" ({JOINT_PROBE}: logistic, C=1)" if opt.joint else None,
         probe_impl=impl,
         seeds=seed_list,
         folds=int(folds),
@@ -292,6 +334,7 @@ def audit(
     cache: str | os.PathLike | bool | None = None,
     top: int = 50,
     ranking: Ranking | str | None = None,
+    joint: bool = True,
     device: str = "auto",
     threads: int | None = None,
     make_probe: Callable[..., Any] | None = None,
@@ -315,18 +358,19 @@ def audit(
     cached in the store (beside it: :func:`probes.studies.audit.cache.default_cache`; a cache an
     earlier version left in ``<store>/.probes/`` is still read) or in ``cache`` (a file path or
     URL); ``cache=False`` turns the cache off. ``folds_by``: the fold scheme and ``ranking`` the
-    score (see :class:`AuditOptions`). ``out_of_core`` / ``max_memory``: features above the budget are read
-    in store chunks (kNN and logistic fit them there; the neighbour search merges chunks to the exact top-k;
-    :mod:`probes.runtime`); ``scheduler`` (``tcp://host:port``, ``local:N``) fits each backbone x probe x seed as
-    one Dask task, to the local run's probabilities. ``quiet`` hides the progress bar and the summary;
-    ``show`` prints the summary regardless.
+    score, ``joint`` the joint member (see :class:`AuditOptions`). ``out_of_core`` / ``max_memory``:
+    features above the budget are read in store chunks (kNN and logistic fit them there; the neighbour
+    search merges chunks to the exact top-k; :mod:`probes.runtime`); ``scheduler`` (``tcp://host:port``,
+    ``local:N``) fits each backbone x probe x seed as one Dask task, to the local run's probabilities.
+    ``quiet`` hides the progress bar and the summary; ``show`` prints the summary regardless.
     """
     from ...runtime import study_runtime
 
     with study_runtime(scheduler, out_of_core, max_memory):
         return _audit(
             store, model, probes=probes, folds=folds, seeds=seeds, folds_by=folds_by, k=k, dataset=dataset,
-            pool=pool, out=out, cache=cache, top=top, ranking=ranking, device=device, threads=threads,
+            pool=pool, out=out, cache=cache, top=top, ranking=ranking, joint=joint, device=device,
+            threads=threads,
             make_probe=make_probe, html=html, quiet=quiet, show=show,
         )  # fmt: skip
 
@@ -346,6 +390,7 @@ def _audit(
     cache: str | os.PathLike | bool | None,
     top: int,
     ranking: Ranking | str | None,
+    joint: bool,
     device: str,
     threads: int | None,
     make_probe: Callable[..., Any] | None,
@@ -387,6 +432,7 @@ def _audit(
             folds_by=folds_by,
             k=k,
             ranking=ranking,
+            joint=joint,
             pool=cells.pool,
             cache=cache_path,
             cache_lock=lock,
