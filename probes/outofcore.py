@@ -393,12 +393,12 @@ class SideBySide:
 
 def side_by_side(parts: list[Any]) -> Any:
     """The features of ``parts`` (the same cells) side by side: ``parts[0]`` itself when alone; an
-    in-memory array when every part is in memory and the joined matrix fits the memory budget;
-    else a :class:`SideBySide` read block by block."""
+    in-memory array when every part is in memory and the parts and their joined copy together fit the
+    memory budget; else a :class:`SideBySide` read block by block (no copy)."""
     if len(parts) == 1:
         return parts[0]
     nbytes = sum(len(p) * int(p.shape[1]) * 4 for p in parts)
-    if any(is_chunked(p) for p in parts) or current_policy().out_of_core(nbytes):
+    if any(is_chunked(p) for p in parts) or current_policy().out_of_core(2 * nbytes):
         return SideBySide(parts)
     return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts], axis=1)
 

@@ -547,6 +547,11 @@ def test_joint_member_is_a_plain_logistic_on_the_backbones_side_by_side(store, t
     np.testing.assert_array_equal(joint.proba, expected)
     # the why column names it beside the backbones' own models
     assert res.table["models_disagreeing"].str.contains(f"test_resnet+test_vit/{JOINT_PROBE}", regex=False).any()
+    # joined in memory only when the parts and their copy fit the budget
+    with memory_policy("auto", max_memory=int(1.5 * side.nbytes)):
+        assert isinstance(side_by_side(list(feats.values())), SideBySide)
+    with memory_policy("auto", max_memory=3 * side.nbytes):
+        np.testing.assert_array_equal(side_by_side(list(feats.values())), side)
     # out of core: the side-by-side matrix is read block by block, to the same probabilities bit for bit
     with memory_policy("always"):
         streamed = side_by_side(list(feats.values()))
