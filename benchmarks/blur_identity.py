@@ -1,7 +1,7 @@
 """Does PIL's Gaussian blur leave a small cell unchanged at small sigma?
 
 Resizes real Chula RBC-12 cells to the working size (40x40, as ``extract --working-size 40``),
-applies ``blur-post:sigma`` exactly as embedcache does (``embedcache.perturb.apply``) and reports
+applies ``blur-post:sigma`` exactly as embedcache does (``embedcache.inputs.perturb.apply``) and reports
 per sigma: the largest |delta| in 8-bit levels over all cells, the share of unchanged pixel values,
 and the share of cells left bit-identical, with the Pillow version. Prints a table, saves JSON.
 
@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import PIL
 
-from embedcache.images import read_image
-from embedcache.perturb import Perturbation, apply
+from embedcache.inputs.images import read_image
+from embedcache.inputs.perturb import Perturbation, apply
 
 REPO = Path(__file__).resolve().parents[1]
 

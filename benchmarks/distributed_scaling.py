@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import embedcache  # noqa: E402
-from embedcache.devices import cpu_model  # noqa: E402
+from embedcache.backbones.devices import cpu_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EMBEDCACHE_SHARED_DATA", REPO.parent / "shared" / "data"))

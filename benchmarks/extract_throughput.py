@@ -7,7 +7,7 @@
     default DataLoader, fp32, ``np.save`` per batch.
 
 Prints cells/s and the ratios b/a and b/c, and writes JSON (CPU named, native bf16 or not) to
-benchmarks/results/. ``--dtype auto`` resolves as ``extract`` does (:func:`embedcache.precision.choose_dtype`).
+benchmarks/results/. ``--dtype auto`` resolves as ``extract`` does (:func:`embedcache.backbones.precision.choose_dtype`).
 
     python benchmarks/extract_throughput.py --model timm:vit_small_patch16_224 --n 1024
     python benchmarks/extract_throughput.py --model timm:vit_large_patch16_224 --n 20000 --batch-size 256   # GPU
@@ -31,12 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import embedcache  # noqa: E402
-from embedcache.devices import cpu_has_native_bf16, cpu_model  # noqa: E402
-from embedcache.loading import load_backbone  # noqa: E402
-from embedcache.pipeline import is_cnn, resolve_device  # noqa: E402
-from embedcache.pooling import embed  # noqa: E402
-from embedcache.precision import choose_dtype  # noqa: E402
-from embedcache.preprocess import Preprocessing, to_model_input  # noqa: E402
+from embedcache.backbones.devices import cpu_has_native_bf16, cpu_model  # noqa: E402
+from embedcache.backbones.loading import load_backbone  # noqa: E402
+from embedcache.extraction.pipeline import is_cnn, resolve_device  # noqa: E402
+from embedcache.backbones.pooling import embed  # noqa: E402
+from embedcache.backbones.precision import choose_dtype  # noqa: E402
+from embedcache.backbones.preprocess import Preprocessing, to_model_input  # noqa: E402
 
 SHARED = Path(os.environ.get("EMBEDCACHE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -49,7 +49,7 @@ def image_manifest(n: int, workdir: Path) -> tuple[Path, str]:
         df["path"] = [str(chula / p) for p in df["path"]]
         origin = f"chula_rbc12 (first {len(df)} real cells, 64x64 JPEG)"
     else:
-        from embedcache.demo import DEMO_CLASSES, make_synthetic_cells
+        from cli.demo import DEMO_CLASSES, make_synthetic_cells
 
         root = make_synthetic_cells(workdir / "cells", n_per_class=-(-n // len(DEMO_CLASSES)))
         src = embedcache.open_source(root)
@@ -67,7 +67,7 @@ def sync(dev: torch.device) -> None:
 
 def ceiling(bb, manifest: Path, n: int, batch: int, dev: torch.device, dtype: torch.dtype, pools) -> float:
     """cells/s of the forward pass alone on one batch of real cells, preprocessed once, already on the device."""
-    from embedcache.images import read_image
+    from embedcache.inputs.images import read_image
 
     spec = bb.spec
     prep = Preprocessing(size=spec.input_size, interpolation=spec.interpolation, mean=spec.mean, std=spec.std)

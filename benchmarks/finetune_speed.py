@@ -122,9 +122,9 @@ def main() -> None:
 
     import torch
 
-    from embedcache.loading import load_backbone
-    from embedcache.preprocess import Preprocessing
-    from embedcache.tail import tail_bytes_per_cell, tail_tokens
+    from embedcache.backbones.loading import load_backbone
+    from embedcache.backbones.preprocess import Preprocessing
+    from embedcache.backbones.tail import tail_bytes_per_cell, tail_tokens
     from probes.finetune import ArrayTokens, FineTuneProbe
     from probes.finetune.augment import CellImages
     from probes.heads.base import cpu_has_native_bf16, resolve_device

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import faiss
 
-    from embedcache.devices import cpu_has_native_bf16, cpu_model
+    from embedcache.backbones.devices import cpu_has_native_bf16, cpu_model
     from probes.ann import AnnParams
     from probes.neighbors import ApproxNeighborIndex, NeighborIndex
 

@@ -29,7 +29,7 @@ def models(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the table as CSV"),
 ) -> None:
     """List the backbone registry; with --cost, measure parameters, GFLOPs, speed and memory of each."""
-    from embedcache.costs import models as run_models
+    from embedcache.backbones.costs import models as run_models
 
     try:
         table = run_models(cost=cost, model=model, device=device, dtype=dtype, out=out)
@@ -108,7 +108,7 @@ def check_precision(
     record: bool = typer.Option(True, "--record/--no-record", help="save the result where --dtype auto reads it"),
 ) -> None:
     """Compare compute dtypes with float32 on your cells; the recorded result steers extract --dtype auto."""
-    from embedcache.precision import check_precision as run_check
+    from embedcache.backbones.precision import check_precision as run_check
 
     try:
         table = run_check(
@@ -218,7 +218,7 @@ def extract(
     import warnings
 
     from embedcache import extract as run_extract
-    from embedcache.sources import LabelSpellingWarning
+    from embedcache.inputs.sources import LabelSpellingWarning
 
     try:
         with warnings.catch_warnings():
@@ -327,7 +327,7 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="also check every chunk's checksum (reads all data)"),
 ) -> None:
     """Show datasets, feature sets, shapes, status, damage, skipped cells and provenance."""
-    from embedcache.describe import describe, provenance_line
+    from embedcache.store.describe import describe, provenance_line
 
     try:
         summary = describe(store, verify=verify)
@@ -427,7 +427,7 @@ def demo(
     progress: bool = typer.Option(True, "--progress/--no-progress", " /--quiet", " /-q", help="progress bars"),
 ) -> None:
     """Run the main job on bundled synthetic cells: generate, extract, show the store, probe it."""
-    from embedcache.demo import demo as run_demo
+    from cli.demo import demo as run_demo
 
     def show(step: str, value) -> None:
         if step == "cells":
@@ -472,7 +472,7 @@ def export(
     ),
 ) -> None:
     """Export a dataset for single-cell tools (scanpy): the cell table and every feature set in one .h5ad."""
-    from embedcache.export import export_anndata
+    from embedcache.store.export import export_anndata
 
     try:
         path = export_anndata(store, anndata, dataset=dataset, model=model)

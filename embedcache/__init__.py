@@ -5,7 +5,7 @@ Python API (the CLI ``embedcache`` is a thin skin over these):
 * :func:`extract` — images in, a resumable, chunked Zarr feature set out;
 * :func:`import_features` — embeddings computed elsewhere, written into a store beside extracted ones;
   :func:`import_features_file` — the same from a ``.npy`` / ``.npz`` file (``embedcache import``);
-* :func:`embedcache.demo.demo` — the bundled demo (``embedcache demo``): synthetic cells, extract, probes;
+* :func:`cli.demo.demo` — the bundled demo (``embedcache demo``): synthetic cells, extract, probes;
 * :func:`open_store` — read a store: datasets, the cell table, features as numpy / dask;
 * :func:`verify` — check every written chunk against its checksum, and mark damaged ones for recompute;
 * :func:`list_models` / :func:`load_backbone` — the backbone registry; :func:`models` — it as a table, and with
@@ -24,40 +24,39 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "extract": "pipeline",
-    "ExtractResult": "pipeline",
-    "ExtractionError": "pipeline",
-    "import_features": "importing",
-    "ImportResult": "importing",
-    "import_features_file": "import_files",
-    "load_features": "import_files",
-    "DemoResult": "demo",
-    "resolve_device": "devices",
-    "resolve_dtype": "devices",
-    "open_store": "store",
-    "Store": "store",
-    "Dataset": "store",
-    "FeatureSet": "store",
-    "StoreError": "store",
-    "StoreBusyError": "store",
-    "FeatureSetConflict": "store",
-    "ChunkDamaged": "store",
-    "verify": "integrity",
-    "VerifyReport": "integrity",
-    "open_source": "sources",
-    "CellSource": "sources",
-    "SourceError": "sources",
-    "list_models": "registry",
-    "get_spec": "registry",
-    "register": "registry",
-    "BackboneSpec": "registry",
-    "models": "costs",
-    "check_precision": "precision",
-    "export_anndata": "export",
-    "choose_dtype": "precision",
-    "load_backbone": "loading",
-    "LoadedBackbone": "loading",
-    "WeightsUnavailable": "loading",
+    "extract": "extraction.pipeline",
+    "ExtractResult": "extraction.pipeline",
+    "ExtractionError": "extraction.pipeline",
+    "import_features": "extraction.importing",
+    "ImportResult": "extraction.importing",
+    "import_features_file": "extraction.import_files",
+    "load_features": "extraction.import_files",
+    "resolve_device": "backbones.devices",
+    "resolve_dtype": "backbones.devices",
+    "open_store": "store.store",
+    "Store": "store.store",
+    "Dataset": "store.store",
+    "FeatureSet": "store.store",
+    "StoreError": "store.store",
+    "StoreBusyError": "store.store",
+    "FeatureSetConflict": "store.store",
+    "ChunkDamaged": "store.store",
+    "verify": "store.verify",
+    "VerifyReport": "store.verify",
+    "open_source": "inputs.sources",
+    "CellSource": "inputs.sources",
+    "SourceError": "inputs.sources",
+    "list_models": "backbones.registry",
+    "get_spec": "backbones.registry",
+    "register": "backbones.registry",
+    "BackboneSpec": "backbones.registry",
+    "models": "backbones.costs",
+    "check_precision": "backbones.precision",
+    "export_anndata": "store.export",
+    "choose_dtype": "backbones.precision",
+    "load_backbone": "backbones.loading",
+    "LoadedBackbone": "backbones.loading",
+    "WeightsUnavailable": "backbones.loading",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -65,5 +64,5 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        return getattr(importlib.import_module(f"embedcache.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'embedcache' has no attribute {name!r}")

@@ -14,20 +14,20 @@ import signal
 ENV = "EMBEDCACHE_KILL_AT"
 
 POINTS = (
-    # label corrections (embedcache.labels.commit)
+    # label corrections (embedcache.store.labels.commit)
     "relabel:version-created",
     "relabel:current-written",
     "relabel:history-column",
     "relabel:before-switch",
     "relabel:after-switch",
-    # metadata of groups (embedcache.store)
+    # metadata of groups (embedcache.store.store)
     "dataset:obs-written",
     "feature-set:arrays-created",
-    # chunk writes (embedcache.store.FeatureSet.write_chunk)
+    # chunk writes (embedcache.store.store.FeatureSet.write_chunk)
     "chunk:data-written",
     "chunk:checksums-written",
     "chunk:done",
-    # distributed extraction (embedcache.distributed): the driver after a task's chunk is written and flagged
+    # distributed extraction (embedcache.extraction.distributed): the driver after a task's chunk is written and flagged
     "distributed:chunk-finished",
 )
 

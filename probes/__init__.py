@@ -25,16 +25,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .data import ProbeError
-from .labels import relabel
-from .neighbors import NeighborIndex, neighbors
-from .studies.audit import AuditResult, audit, audit_arrays
-from .studies.calibrate import calibrate
-from .studies.ensemble import ensemble
-from .studies.evaluate import evaluate
-from .studies.robustness import robustness
-from .studies.scale import scale
-from .studies.selective import selective
+from probes.data import ProbeError
+from probes.labels import relabel
+from probes.neighbors import NeighborIndex, neighbors
+from probes.studies.audit import AuditResult, audit, audit_arrays
+from probes.studies.calibrate import calibrate
+from probes.studies.ensemble import ensemble
+from probes.studies.evaluate import evaluate
+from probes.studies.robustness import robustness
+from probes.studies.scale import scale
+from probes.studies.selective import selective
 
 _LAZY = {"make_probe": "probes.heads", "PROBES": "probes.heads"}
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .metrics import score
+from probes.metrics import score
 
 CONFIDENCES = ("msp", "margin", "entropy", "agreement")
 COVERAGES = (1.0, 0.9, 0.8, 0.67, 0.5)

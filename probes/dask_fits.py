@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import ProbeError
+from probes.data import ProbeError
 
 IN_FLIGHT_PER_WORKER = 2  # jobs submitted ahead per worker (bounds the matrices held for them)
 
@@ -103,8 +103,8 @@ def fit_remote(
 ) -> Any:
     """A worker's task: ``fit(job, device, make_probe)`` (default :func:`probes.skeleton.fit_predict`) with the
     job's matrices passed apart (resolved by Dask); returns its result without the matrices."""
-    from .skeleton import fit_predict
-    from .threads import limit_threads
+    from probes.skeleton import fit_predict
+    from probes.threads import limit_threads
 
     if threads is None:
         from distributed import get_worker

@@ -67,7 +67,7 @@ class Cells:
         rows = self.obs["row"].to_numpy()[positions]
         fs = feature_set if feature_set is not None else self.feature_sets[backbone]
         pool = self.pool_of(backbone)
-        from .outofcore import chunked_if_large
+        from probes.outofcore import chunked_if_large
 
         lazy = chunked_if_large(fs, pool, rows, self.obs["id"].to_numpy()[positions])
         if lazy is not None:
@@ -93,7 +93,7 @@ class Cells:
         """:meth:`features` of every backbone, for a study that holds them all at once (the audit): under the
         ``auto`` policy their *sum* is held against the memory budget, and when it is over, every backbone's
         rows are read out of core."""
-        from .outofcore import current_policy, memory_policy
+        from probes.outofcore import current_policy, memory_policy
 
         policy = current_policy()
         widths = [int(self.feature_sets[b].array(self.pool_of(b)).shape[1]) for b in self.backbones]
@@ -106,7 +106,7 @@ class Cells:
     def exclusion_lines(self) -> list[str]:
         """Human-readable lines on what was left out, and on labels that are one number spelt several ways
         (``1``, ``01``, ``1.0``: studied as distinct classes, as stored)."""
-        from embedcache.sources import label_collisions
+        from embedcache.inputs.sources import label_collisions
 
         out = []
         for k, v in self.excluded.items():
@@ -157,7 +157,7 @@ def parse_pool(pool: str | None, backbones: Sequence[str]) -> tuple[str | None, 
     ``"timm:test_resnet=mean,cls"``: mean for that backbone, cls for the others;
     ``"timm:a=cls,timm:b=mean"``: per backbone, the others at their default.
     """
-    from embedcache.store import safe_key
+    from embedcache.store.store import safe_key
 
     default: str | None = None
     named: dict[str, str] = {}
@@ -212,7 +212,7 @@ def open_cells(
     (neighbour search in a store extracted with ``--no-labels``).
     """
     import embedcache
-    from embedcache.store import Store
+    from embedcache.store.store import Store
 
     backbones = parse_names(model)
     if not backbones:

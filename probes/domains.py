@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .data import Cells, ProbeError, parse_names
-from .metrics import MAIN_METRIC
-from .reporting.console import Col, Panel
-from .sampling import Split, sort_labels
+from probes.data import Cells, ProbeError, parse_names
+from probes.metrics import MAIN_METRIC
+from probes.reporting.console import Col, Panel
+from probes.sampling import Split, sort_labels
 
 TestSet = tuple[str, bool, np.ndarray, list[str]]  # (test_domain, in_domain, positions, classes)
 

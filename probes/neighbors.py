@@ -4,7 +4,7 @@ large sets, an approximate FAISS index whose candidates are re-ranked exactly (:
 Features are L2-normalised float32, so inner product = cosine similarity and the search is
 exact (brute force, BLAS). :class:`NeighborIndex` is built once and answers batched queries:
 by cell position or id (the cell itself left out), by feature vectors, or by new images
-embedded exactly as the stored set was made (:func:`embedcache.query.embed_images`).
+embedded exactly as the stored set was made (:func:`embedcache.extraction.query.embed_images`).
 :func:`neighbors` is the one-call form behind ``probes neighbors``.
 
 The index holds every readable cell of the feature set (``ok``), labelled or not: a store
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import ann as _ann
-from .data import ProbeError, open_cells, parse_names
-from .vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, rescored_topk
+from probes import ann as _ann
+from probes.data import ProbeError, open_cells, parse_names
+from probes.vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, rescored_topk
 
 NEIGHBOR_COLUMNS = ["query", "rank", "id", "label", "similarity", "path"]
 QUERY_BATCH = 4096  # query rows per FAISS call: bounds the (batch, k) answer and BLAS scratch memory
@@ -251,7 +251,7 @@ class NeighborIndex:
             raise ProbeError(
                 "this index was built from bare features; build it with NeighborIndex.from_store to query images"
             )
-        from embedcache.query import embed_images
+        from embedcache.extraction.query import embed_images
 
         try:
             return embed_images(self.feature_set, list(images), pool=self.pool, device=device)
@@ -540,8 +540,8 @@ def neighbors(
         recall=measured,
     )
     if out is not None:
-        from .reporting.contact import neighbor_sheet
-        from .reporting.tables import write_files
+        from probes.reporting.contact import neighbor_sheet
+        from probes.reporting.tables import write_files
 
         res.out = Path(out)
         res.files = write_files(
@@ -556,7 +556,7 @@ def neighbors(
 
 def print_neighbors(res: NeighborResult, console: Any = None) -> None:
     """One table per query: rank, id, label, similarity and path of each neighbour."""
-    from .reporting.console import Col, Panel, print_report
+    from probes.reporting.console import Col, Panel, print_report
 
     panels = []
     for q, g in res.table.groupby("query", sort=False):

@@ -5,7 +5,7 @@ A study reads its features into memory (:meth:`probes.data.Cells.features`) unle
 physical RAM; ``mode="always"`` forces, ``"never"`` forbids the out-of-core path). Above it they come
 as a :class:`ChunkedRows`: the store rows of the cells, read on demand, one block of at most
 ``block_rows`` rows at a time (float16 -> float32 per block, every store chunk checked against its
-checksum as :meth:`embedcache.store.FeatureSet.to_numpy` does). Store chunks are read in store
+checksum as :meth:`embedcache.store.store.FeatureSet.to_numpy` does). Store chunks are read in store
 order, each once per pass.
 
 Two heads fit on such rows with results equal to their in-memory fits on data that fits:
@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import ProbeError
-from .heads.knn import KNNProbe
-from .vectors import RESCORE_EXTRA, l2_normalize, rescored_topk
+from probes.data import ProbeError
+from probes.heads.knn import KNNProbe
+from probes.vectors import RESCORE_EXTRA, l2_normalize, rescored_topk
 
 MEMORY_FRACTION = 0.5  # of the physical RAM: the default budget for one study's feature matrix
 MODES = ("auto", "always", "never")
@@ -288,7 +288,7 @@ class ChunkedRows:
 class _Source:
     """The store array one :class:`ChunkedRows` and the readers indexed from it read: the set is
     checked complete once, and each store chunk against its checksum the first time it is read
-    (:meth:`embedcache.store.FeatureSet.to_numpy`); later passes read the chunk directly. The last
+    (:meth:`embedcache.store.store.FeatureSet.to_numpy`); later passes read the chunk directly. The last
     chunk read is kept, so that blocks read by position that share a chunk read it once."""
 
     def __init__(self, fs: Any, pool: str):
@@ -502,9 +502,8 @@ class ChunkedKNNProbe(KNNProbe):
         if not is_chunked(X):
             super().fit(X, y)
             return self
-        from embedcache.devices import resolve_device
-
-        from .heads.base import encode_labels
+        from embedcache.backbones.devices import resolve_device
+        from probes.heads.base import encode_labels
 
         if self.k < 1 or self.temperature <= 0:
             raise ValueError(f"k must be >= 1 and temperature > 0 (got k={self.k}, T={self.temperature})")
@@ -538,7 +537,7 @@ def for_rows(est: Any, name: str, x_train: Any) -> Any:
     (logistic), the chunked kNN for kNN; other heads on :class:`ChunkedRows` raise a :class:`ProbeError`."""
     if not is_chunked(x_train):
         return est
-    from .heads.logistic import LogisticProbe
+    from probes.heads.logistic import LogisticProbe
 
     if isinstance(est, ChunkedKNNProbe) or isinstance(est, LogisticProbe):
         return est

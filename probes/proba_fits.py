@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .data import Cells, ProbeError
-from .reporting.console import progress
-from .sampling import Sampler, Split
-from .skeleton import FitJob, Fitted, fit_info
-from .split_fits import split_exclusions, split_notes
+from probes.data import Cells, ProbeError
+from probes.reporting.console import progress
+from probes.sampling import Sampler, Split
+from probes.skeleton import FitJob, Fitted, fit_info
+from probes.split_fits import split_exclusions, split_notes
 
 VAL_FRACTION = 0.2
 
@@ -61,7 +61,7 @@ def held_out_splits(
     cells: Cells, seeds: Sequence[int], *, split: str, val: str, test_size: float, val_fraction: float
 ) -> tuple[dict[int, HeldOut], list[str], pd.DataFrame]:
     """Per seed the uncapped split and its fit / validation parts; the split notes and exclusions table."""
-    from .heads.base import stratified_holdout
+    from probes.heads.base import stratified_holdout
 
     if not 0 < val_fraction < 1:
         raise ProbeError(
@@ -94,7 +94,7 @@ def held_out_splits(
 def _constructor(make_probe: Callable[..., Any] | None) -> Callable[..., Any]:
     if make_probe is not None:
         return make_probe
-    from .heads import make_probe as default
+    from probes.heads import make_probe as default
 
     return default
 
@@ -127,7 +127,7 @@ def fit_proba(job: FitJob, device: str = "auto", make_probe: Callable[..., Any] 
 
     A failure deep inside a library becomes a :class:`ProbeError` naming the fit (cause kept).
     """
-    from .outofcore import for_rows, is_chunked, predict_blocks, proba_blocks
+    from probes.outofcore import for_rows, is_chunked, predict_blocks, proba_blocks
 
     where = f"probe '{job.probe}' on {job.backbone}, seed {job.seed}"
     classes = job.tag.classes
@@ -164,7 +164,7 @@ def fit_probas(
     """Every probe on every backbone x seed: fitted on the fit part, predicting the validation part and
     the test cells (features read once per backbone, matrices once per seed). Under ``--scheduler``
     (:func:`probes.dask_fits.current_scheduler`) each fit is a Dask task; results come back in the same order."""
-    from .dask_fits import current_scheduler, run_on_dask
+    from probes.dask_fits import current_scheduler, run_on_dask
 
     total = len(cells.backbones) * len(held) * len(probes)
     scheduler = current_scheduler()
@@ -225,7 +225,7 @@ def score_rows(
 ) -> list[dict[str, Any]]:
     """Tidy rows of every metric of :func:`probes.metrics.score` (accuracy, macro and weighted P/R/F1...)
     and the per-class F1 (``class_f1``), each ``{**base, **key, metric, class, value}``."""
-    from .metrics import CLASS_METRIC, score
+    from probes.metrics import CLASS_METRIC, score
 
     sc = score(y_true, y_pred, classes)
     rows = [{**base, **key, "metric": m, "class": "", "value": v} for m, v in sc.values.items()]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import ProbeError
+from probes.data import ProbeError
 
 PROTOCOL_SEED = 42
 SPLITS = ("stratified", "column", "group")

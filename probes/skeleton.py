@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .data import ProbeError, parse_names
-from .reporting.console import Panel, print_report, progress
-from .reporting.tables import write_files
+from probes.data import ProbeError, parse_names
+from probes.reporting.console import Panel, print_report, progress
+from probes.reporting.tables import write_files
 
 FIT_COLUMNS = [
     "backbone",
@@ -77,10 +77,10 @@ EPOCH_COLUMNS = ["backbone", "probe", "limit", "seed", "epoch", "train_loss", "v
 def check_probes(probes: str | Sequence[str]) -> list[str]:
     """The probe names of ``probes`` (comma list or list), each one of :data:`probes.heads.PROBES`."""
     try:
-        from .heads import PROBES
+        from probes.heads import PROBES
     except ImportError as e:
         raise ProbeError(f"the probe heads (probes.heads) cannot be imported: {e}") from e
-    from .finetune.study_inputs import TUNE_PROBES
+    from probes.finetune.study_inputs import TUNE_PROBES
 
     names = parse_names(probes)
     known = [*PROBES, *TUNE_PROBES]
@@ -198,11 +198,11 @@ def fit_predict(job: FitJob, device: str = "auto", make_probe: Callable[..., Any
     ``info["features"]`` says which path ran (``in-memory`` / ``out-of-core``). A failure deep inside
     a library becomes a :class:`ProbeError` naming the fit (cause kept).
     """
-    from .outofcore import for_rows, is_chunked, predict_blocks
+    from probes.outofcore import for_rows, is_chunked, predict_blocks
 
     make: Callable[..., Any]
     if make_probe is None:  # the heads, and the fine-tunes (lp, ft-last, lora, scratch-vit)
-        from .finetune.study_inputs import make_tune_probe
+        from probes.finetune.study_inputs import make_tune_probe
 
         make = make_tune_probe
     else:
@@ -244,7 +244,7 @@ def run_plan(
     ``scheduler`` (default: :func:`probes.dask_fits.current_scheduler`, which ``--scheduler`` sets):
     ``tcp://HOST:PORT`` or ``local:N`` runs each job as a Dask task (:mod:`probes.dask_fits`); the
     results come back in the plan's order, so every table is the local run's."""
-    from .dask_fits import current_scheduler, run_on_dask
+    from probes.dask_fits import current_scheduler, run_on_dask
 
     scheduler = scheduler or current_scheduler()
     with progress(total, quiet) as advance:
@@ -271,7 +271,7 @@ def fit_table(rows: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
         )
     ooc = table[table["features"] == "out-of-core"]
     if len(ooc):
-        from .outofcore import current_policy, gib
+        from probes.outofcore import current_policy, gib
 
         notes.append(
             f"{len(ooc)} of {len(table)} fits read their features out of core (from the store in row blocks, "

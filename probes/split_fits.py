@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .data import Cells, ProbeError, exclusion_reason
-from .domains import DomainPlan, TestSet, evaluations
-from .metrics import CLASS_METRIC, score
-from .sampling import Sampler, Split, flag_min
-from .skeleton import FitJob, epoch_table, fit_table, run_plan
+from probes.data import Cells, ProbeError, exclusion_reason
+from probes.domains import DomainPlan, TestSet, evaluations
+from probes.metrics import CLASS_METRIC, score
+from probes.sampling import Sampler, Split, flag_min
+from probes.skeleton import FitJob, epoch_table, fit_table, run_plan
 
 RESULT_COLUMNS = [
     "study",
@@ -126,7 +126,7 @@ def fit_splits(
     confusion: list[dict] = []
     fit_rows: list[dict] = []
     epoch_rows: list[dict] = []
-    from .finetune.study_inputs import TUNE_PROBES, TuneInputs, TuneOptions  # torch: imported when fitting
+    from probes.finetune.study_inputs import TUNE_PROBES, TuneInputs, TuneOptions  # torch: imported when fitting
 
     if inputs is None and any(p in TUNE_PROBES for p in probes):
         inputs = TuneInputs(cells, TuneOptions())  # the fine-tunes' defaults (lp on pooled features)

@@ -93,7 +93,7 @@ def chula_subset(tmp_path, chula_cells):
 
 @pytest.fixture(scope="session")
 def tiny_vit():
-    from embedcache.loading import load_backbone
+    from embedcache.backbones.loading import load_backbone
 
     return load_backbone("timm:test_vit", weights="random")
 

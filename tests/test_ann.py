@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 import embedcache
-from embedcache.store import side_url
+from embedcache.store.store import side_url
 from probes import ann
 from probes.data import ProbeError
 from probes.neighbors import ApproxNeighborIndex, NeighborIndex, neighbors

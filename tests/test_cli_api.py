@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import embedcache
 from cli import embedcache_app as cli
-from embedcache.demo import DemoResult, demo
+from cli.demo import DemoResult, demo
 
 
 def _params(fn) -> set[str]:

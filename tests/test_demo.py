@@ -1,12 +1,12 @@
-"""embedcache.demo: deterministic, decodable, separable synthetic cells."""
+"""cli.demo: deterministic, decodable, separable synthetic cells."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from embedcache.demo import DEMO_CLASSES, make_synthetic_cells, synthetic_cell
-from embedcache.images import read_image
+from cli.demo import DEMO_CLASSES, make_synthetic_cells, synthetic_cell
+from embedcache.inputs.images import read_image
 
 
 def _load(root, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import pytest
 
 import embedcache
 from embedcache import open_store
-from embedcache.distributed import ClusterError, parse_cluster
+from embedcache.extraction.distributed import ClusterError, parse_cluster
 
 from .conftest import REPO
 
@@ -170,7 +170,7 @@ def test_workers_pin_one_gpu_each(monkeypatch):
     import distributed
     import torch
 
-    from embedcache import distributed as dist
+    from embedcache.extraction import distributed as dist
 
     assert dist._worker_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -194,7 +194,7 @@ def test_cuda_driver_asks_dask_cuda_for_one_gpu_per_worker(monkeypatch):
     worker); without it, None (the caller then starts a LocalCluster)."""
     import types
 
-    from embedcache import distributed as dist
+    from embedcache.extraction import distributed as dist
 
     made = {}
 
@@ -214,7 +214,7 @@ def test_a_task_is_sent_its_own_cells_only(chula_cells, tmp_path):
     source, so a 10^7-cell table is never sent whole to every worker; rows outside it are refused."""
     import pickle
 
-    from embedcache.sources import open_source
+    from embedcache.inputs.sources import open_source
 
     chula_cells.to_csv(tmp_path / "cells.csv", index=False)
     whole = open_source(tmp_path / "cells.csv", label_column="label_name")
@@ -238,7 +238,7 @@ def test_compile_happens_once_per_backbone_per_process(manifest, tmp_path, monke
     counting stand-in: no C compiler is needed to check when compilation is asked for)."""
     import torch
 
-    from embedcache.loading import load_backbone
+    from embedcache.backbones.loading import load_backbone
 
     calls = []
 

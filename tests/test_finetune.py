@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from embedcache.loading import load_backbone, state_dict_sha256
-from embedcache.pooling import embed
-from embedcache.preprocess import Preprocessing
-from embedcache.tail import TailError, tail_tokens
+from embedcache.backbones.loading import load_backbone, state_dict_sha256
+from embedcache.backbones.pooling import embed
+from embedcache.backbones.preprocess import Preprocessing
+from embedcache.backbones.tail import TailError, tail_tokens
 from probes.finetune import (
     AdapterError,
     ArrayTokens,

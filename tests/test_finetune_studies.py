@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 import embedcache
 import probes
-from embedcache.loading import load_backbone
-from embedcache.preprocess import Preprocessing
-from embedcache.store import open_store, tokens_name
-from embedcache.tail import tail_tokens
+from embedcache.backbones.loading import load_backbone
+from embedcache.backbones.preprocess import Preprocessing
+from embedcache.store.store import open_store, tokens_name
+from embedcache.backbones.tail import tail_tokens
 from probes.data import ProbeError
 from probes.finetune import load_adapter, read_adapter_meta
 from probes.finetune.augment import CellImages, augment_image, parse_augment
@@ -52,7 +52,7 @@ def _extract(root, df, name="cache.zarr"):
 
 def add_tail_tokens(store_path, k: int, poison_row: int | None = None) -> np.ndarray:
     """Cache the tokens entering the last ``k`` blocks in the store's feature set, computed from the real cells
-    by :func:`embedcache.tail.tail_tokens` (what ``embedcache extract --tail-blocks k`` stores)."""
+    by :func:`embedcache.backbones.tail.tail_tokens` (what ``embedcache extract --tail-blocks k`` stores)."""
     ds = open_store(store_path, "a").dataset()
     fs = ds.find_feature_set(MODEL)
     prov = fs.attrs["provenance"]

@@ -1,4 +1,4 @@
-"""embedcache.images: every PIL mode / numpy layout to (H, W, 3) uint8, and bad files."""
+"""embedcache.inputs.images: every PIL mode / numpy layout to (H, W, 3) uint8, and bad files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from embedcache.images import ImageDecodeError, read_image, to_rgb_uint8
+from embedcache.inputs.images import ImageDecodeError, read_image, to_rgb_uint8
 
 from .conftest import bundled
 

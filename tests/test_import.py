@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 import embedcache
-from embedcache.importing import NON_FINITE
-from embedcache.store import FeatureSetConflict, StoreBusyError, StoreError
+from embedcache.extraction.importing import NON_FINITE
+from embedcache.store.store import FeatureSetConflict, StoreBusyError, StoreError
 from probes import evaluate
 from probes.data import open_cells
 
@@ -86,7 +86,7 @@ _PAUSED_IMPORT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     import embedcache
-    from embedcache.store import FeatureSet
+    from embedcache.store.store import FeatureSet
 
     features, cells, out, marker = sys.argv[1:5]
     write = FeatureSet.write_chunk
@@ -181,7 +181,7 @@ def test_bad_imports_are_clear_errors(tmp_path):
 
 
 def test_imported_features_cannot_embed_new_images(extracted, tmp_path):
-    from embedcache.query import embed_images
+    from embedcache.extraction.query import embed_images
 
     _, X, obs = extracted
     embedcache.import_features(tmp_path / "s.zarr", X, obs, backbone="mine")

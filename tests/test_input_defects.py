@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import embedcache
 from embedcache import ExtractionError, open_source, open_store
-from embedcache.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, read_image
-from embedcache.sources import LabelSpellingWarning, label_collisions
+from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, read_image
+from embedcache.inputs.sources import LabelSpellingWarning, label_collisions
 
 from .conftest import bundled
 

@@ -22,7 +22,7 @@ import pytest
 import zarr
 
 import embedcache
-from embedcache.store import ChunkDamaged, StoreError, open_store, side_url
+from embedcache.store.store import ChunkDamaged, StoreError, open_store, side_url
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "timm-test_vit@random/32-bicubic/clean"
@@ -409,7 +409,7 @@ def test_older_stores_with_side_folders_inside_are_migrated(store_copy):
 
 
 def test_tail_tokens_are_stored_in_checksummed_subchunks_and_read_by_random_rows(tmp_path):
-    from embedcache.store import token_subchunk, tokens_name
+    from embedcache.store.store import token_subchunk, tokens_name
 
     store = open_store(tmp_path / "cache.zarr", "a")
     src = embedcache.open_source(np.zeros((64, 8, 8, 3), dtype=np.uint8), labels=["a"] * 64, name="cells")

@@ -40,7 +40,7 @@ def _run(app, args):
 
 
 def test_models_table_keeps_every_hub_id_when_piped():
-    from embedcache.registry import list_models
+    from embedcache.backbones.registry import list_models
 
     out = _run(embedcache_app, ["models"])
     for s in list_models():
@@ -156,7 +156,9 @@ def test_several_clean_sets_say_how_to_select_one(store, tmp_path):
         num_workers=0,
     )
     ds = embedcache.open_store(copy).dataset()
-    with pytest.raises(embedcache.store.StoreError, match=r"2 clean feature sets.*--model timm-test_vit@random/32"):
+    with pytest.raises(
+        embedcache.store.store.StoreError, match=r"2 clean feature sets.*--model timm-test_vit@random/32"
+    ):
         ds.find_feature_set("timm:test_vit")
     assert ds.find_feature_set("timm:test_vit@random/32-bicubic-ws40").key.endswith("ws40/clean")
     assert ds.find_feature_set("timm-test_vit@random/32-bicubic").key == "timm-test_vit@random/32-bicubic/clean"
@@ -229,7 +231,7 @@ def test_import_id_only_cell_list_goes_beside_the_extracted_cells(store, tmp_pat
 
 def test_export_anndata_obs_labels_and_obsm_shapes(store, tmp_path):
     anndata = pytest.importorskip("anndata")
-    from embedcache.export import obsm_name
+    from embedcache.store.export import obsm_name
 
     _run(embedcache_app, ["export", store, "--anndata", tmp_path / "cells.h5ad"])
     a = anndata.read_h5ad(tmp_path / "cells.h5ad")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedcache.images import read_image
-from embedcache.perturb import Perturbation, apply, parse_perturbations
+from embedcache.inputs.images import read_image
+from embedcache.inputs.perturb import Perturbation, apply, parse_perturbations
 
 from .conftest import bundled
 

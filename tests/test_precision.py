@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import embedcache
-from embedcache import devices, precision
-from embedcache.pipeline import ExtractionError
+from embedcache.backbones import devices, precision
+from embedcache.extraction.pipeline import ExtractionError
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def test_cost_table_columns_and_units(tmp_path):
     table = embedcache.models(
         cost=True, model="timm:test_vit", device="cpu", batch_sizes=(1, 4), min_time=0.05, out=csv
     )
-    from embedcache.costs import COST_COLUMNS
+    from embedcache.backbones.costs import COST_COLUMNS
 
     assert list(table.columns) == list(COST_COLUMNS) and csv.exists()
     r = table.iloc[0]

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from embedcache.devices import DeviceUnavailable, resolve_device, resolve_dtype
+from embedcache.backbones.devices import DeviceUnavailable, resolve_device, resolve_dtype
 from embedcache.progress import Progress, format_seconds
 
 LINE = re.compile(r"^extract timm:test_vit: (\d+)/1000 cells, ([\d,]+) cells/s, (\d+:\d\d) elapsed(, \d+:\d\d left)?$")
@@ -103,7 +103,7 @@ def test_resolve_device(monkeypatch):
 
 
 def test_resolve_dtype(monkeypatch):
-    import embedcache.devices as devices
+    import embedcache.backbones.devices as devices
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
@@ -118,8 +118,8 @@ def test_resolve_dtype(monkeypatch):
 
 
 def test_pipeline_uses_the_shared_resolver():
-    import embedcache.pipeline as pipeline
-    import embedcache.query as query
+    import embedcache.extraction.pipeline as pipeline
+    import embedcache.extraction.query as query
 
     assert pipeline.resolve_device is resolve_device and pipeline.resolve_dtype is resolve_dtype
     assert query.resolve_device is resolve_device

@@ -18,8 +18,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from embedcache import loading, registry
-from embedcache.loading import (
+from embedcache.backbones import loading, registry
+from embedcache.backbones.loading import (
     LoadedBackbone,
     WeightsMismatch,
     WeightsUnavailable,
@@ -29,7 +29,7 @@ from embedcache.loading import (
     normalise_state_dict,
     sha256_file,
 )
-from embedcache.registry import IN_MEAN, IN_STD, BackboneSpec, get_spec, list_models, register
+from embedcache.backbones.registry import IN_MEAN, IN_STD, BackboneSpec, get_spec, list_models, register
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = [
@@ -324,8 +324,8 @@ def test_hub_env_vars_in_fresh_process(tmp_path):
     make_hub_repo(cache, "embedcache-test/env-vit", {"model.safetensors": src}, commit)
     code = textwrap.dedent(f"""
         import json
-        from embedcache.registry import BackboneSpec, register, IN_MEAN, IN_STD
-        from embedcache.loading import load_backbone
+        from embedcache.backbones.registry import BackboneSpec, register, IN_MEAN, IN_STD
+        from embedcache.backbones.loading import load_backbone
         register(BackboneSpec(name="env-vit", arch="test_vit", hub_id="embedcache-test/env-vit",
                               filenames=("model.safetensors",), kwargs={{"img_size": {IMG}}}, input_size={IMG},
                               interpolation="bicubic", mean=IN_MEAN, std=IN_STD, width=64, licence="t"))
@@ -780,9 +780,9 @@ def toy():
 
 def test_hook_backbone_extracts_end_to_end(tmp_path, toy, chula_subset):
     import embedcache
-    from embedcache.images import read_image
-    from embedcache.pipeline import compute_batch
-    from embedcache.preprocess import Preprocessing
+    from embedcache.inputs.images import read_image
+    from embedcache.extraction.pipeline import compute_batch
+    from embedcache.backbones.preprocess import Preprocessing
 
     manifest = chula_subset(20)
     out = tmp_path / "c.zarr"

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import embedcache
 from embedcache import StoreBusyError, open_store
-from embedcache.leases import Lease
+from embedcache.store.locking.lease import Lease
 
 BUCKET = "lab"
 KW = dict(weights="random", input_size=32, chunk_size=16, batch_size=8, pool="cls,mean", progress=False)
@@ -227,12 +227,12 @@ def test_a_writer_that_lost_its_lease_stops_before_flagging_chunks(s3, local_ref
     """Another writer takes the lease over while the extraction runs (after a stall past its expiry): the next
     chunk write stops before its checksums and done flag; once that writer's lease expires, the rerun finishes
     the set, equal to a local run."""
-    from embedcache import leases
+    from embedcache.store.locking import lease as leases
 
     manifest, ref, _ = local_reference
     url = f"s3://{BUCKET}/lost.zarr"
     writes = {"n": 0}
-    real_write = embedcache.store.FeatureSet.write_chunk
+    real_write = embedcache.store.store.FeatureSet.write_chunk
 
     def write_and_lose(self, c, *a, **kw):
         writes["n"] += 1
@@ -243,10 +243,10 @@ def test_a_writer_that_lost_its_lease_stops_before_flagging_chunks(s3, local_ref
                 held._renew()  # its next renewal finds out
         return real_write(self, c, *a, **kw)
 
-    monkeypatch.setattr(embedcache.store.FeatureSet, "write_chunk", write_and_lose)
+    monkeypatch.setattr(embedcache.store.store.FeatureSet, "write_chunk", write_and_lose)
     with pytest.raises(Exception, match="taken over by pid 7 on elsewhere"), pytest.warns(RuntimeWarning):
         _extract(manifest, url)
-    monkeypatch.setattr(embedcache.store.FeatureSet, "write_chunk", real_write)
+    monkeypatch.setattr(embedcache.store.store.FeatureSet, "write_chunk", real_write)
     st = open_store(url)
     key = st.dataset().feature_keys()[0]
     fs = st.dataset().feature_set(key)
@@ -261,7 +261,7 @@ def test_two_writers_taking_over_one_expired_lease_one_wins(s3):
     """If-Match on the expired lease's ETag: of two writers taking it over at once, exactly one gets it."""
     import threading
 
-    from embedcache.leases import LeaseBusy
+    from embedcache.store.locking.lease import LeaseBusy
 
     folder = f"s3://{BUCKET}/race.embedcache/leases"
     first = Lease(folder, "features::race", ttl=30)
@@ -301,7 +301,7 @@ def test_lease_taken_when_the_object_changes_under_the_writer(s3, monkeypatch):
     retried at once. A lease that keeps changing under it ends as busy, with a name, never as taken."""
     import errno
 
-    from embedcache.leases import LeaseBusy
+    from embedcache.store.locking.lease import LeaseBusy
 
     folder = f"s3://{BUCKET}/changing.embedcache/leases"
     gone = Lease(folder, "features::changing", ttl=30)
@@ -360,7 +360,7 @@ def test_a_failed_server_check_leaves_no_lease_behind(s3, monkeypatch):
     the object back before the error propagates: the next writer is not kept waiting for its expiry."""
     import errno
 
-    from embedcache import leases
+    from embedcache.store.locking import lease as leases
 
     folder = f"s3://{BUCKET}/checkfail.embedcache/leases"
     monkeypatch.setattr(leases, "_checked_servers", set())  # this process has not checked the server yet
@@ -401,7 +401,7 @@ def test_distributed_extract_from_an_s3_manifest_into_s3(s3, chula_cells, local_
 def test_best_effort_lease_where_there_are_no_conditional_writes():
     """A file system embedcache has no conditional writes for (here fsspec's memory://) gets a lease that is
     written, read back, refused to a second writer while fresh, taken over once expired; info says so."""
-    from embedcache.leases import LeaseBusy, guarantee
+    from embedcache.store.locking.lease import LeaseBusy, guarantee
 
     folder = "memory://best-effort.embedcache/leases"
     first = Lease(folder, "features::x", ttl=30)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from embedcache.sources import SourceError, open_source
+from embedcache.inputs.sources import SourceError, open_source
 
 from .conftest import bundled
 
@@ -116,7 +116,7 @@ def test_urls_carrying_credentials_are_refused_before_anything_is_stored(tmp_pat
     """A presigned URL or user:password@ would be written into the store's obs/path and into logs."""
     import pandas as pd
 
-    from embedcache.sources import SourceError, open_source
+    from embedcache.inputs.sources import SourceError, open_source
 
     signed = "https://bucket.s3.amazonaws.com/cells/a.png?X-Amz-Credential=AKIA123&X-Amz-Signature=abc"
     for bad in (signed, "https://user:hunter2@example.org/cells/a.png"):

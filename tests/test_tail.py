@@ -8,10 +8,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from embedcache.images import read_image
-from embedcache.pooling import embed
-from embedcache.preprocess import Preprocessing, to_model_input
-from embedcache.tail import (
+from embedcache.inputs.images import read_image
+from embedcache.backbones.pooling import embed
+from embedcache.backbones.preprocess import Preprocessing, to_model_input
+from embedcache.backbones.tail import (
     TailError,
     TailModule,
     tail_bytes_per_cell,

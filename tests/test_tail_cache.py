@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import embedcache
-from embedcache.store import open_store
-from embedcache.tail import TailError, TailModule
+from embedcache.store.store import open_store
+from embedcache.backbones.tail import TailError, TailModule
 
 REPO = Path(__file__).resolve().parents[1]
 KW = dict(weights="random", input_size=32, chunk_size=16, batch_size=8, num_workers=0, progress=False)
@@ -63,7 +63,7 @@ def test_tokens_are_added_to_an_existing_feature_set(tmp_path, cells, capsys):
     assert "KB per cell" in capsys.readouterr().err  # the size is said before starting
     fs = open_store(tmp_path / "c.zarr").dataset().feature_set(first.key)
     assert np.allclose(fs.to_numpy("cls", dtype=np.float16), before, atol=2e-3)
-    assert fs.tokens(1).shape[1:] == embedcache.tail.tail_token_shape(
+    assert fs.tokens(1).shape[1:] == embedcache.backbones.tail.tail_token_shape(
         embedcache.load_backbone("timm:test_vit", weights="random"), 1, 32
     )
 
@@ -112,7 +112,7 @@ def test_killed_tail_token_extraction_resumes_to_the_uninterrupted_result(tmp_pa
 def test_a_saved_adapter_embeds_new_images_into_its_own_feature_set_and_answers_image_queries(tmp_path, cells):
     """The tuned model is usable: fine-tune on cached tokens, save the adapter, extract new cells with it,
     and query the tuned feature set by image."""
-    from embedcache.query import embed_images
+    from embedcache.extraction.query import embed_images
     from probes.finetune import FineTuneProbe
 
     r = embedcache.extract("timm:test_vit", cells, tmp_path / "c.zarr", tail_blocks=1, **KW)

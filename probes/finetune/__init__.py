@@ -10,16 +10,16 @@ The package is also the study: ``probes.finetune(store, model, method="lora", bl
 import sys
 import types
 
-from .adapter import (
+from probes.finetune.adapter import (
     Adapter,
     AdapterError,
     load_adapter,
     read_adapter_meta,
     save_adapter,
 )
-from .estimator import DEFAULTS, METHODS, FineTuneProbe, TrainingDiverged
-from .nets import FullBackboneModule, TunedNet, inject_lora, merge_lora
-from .readers import ArrayTokens, ImageReader, TokenReader
+from probes.finetune.estimator import DEFAULTS, METHODS, FineTuneProbe, TrainingDiverged
+from probes.finetune.nets import FullBackboneModule, TunedNet, inject_lora, merge_lora
+from probes.finetune.readers import ArrayTokens, ImageReader, TokenReader
 
 __all__ = [
     "DEFAULTS",
@@ -45,7 +45,7 @@ class _CallableModule(types.ModuleType):
     """``probes.finetune(...)`` runs the study; ``probes.finetune.FineTuneProbe`` etc. stay the package's."""
 
     def __call__(self, *args, **kwargs):
-        from ..studies.finetune import finetune
+        from probes.studies.finetune import finetune
 
         return finetune(*args, **kwargs)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..heads.tokens import make_token_head
-from .nets import inject_lora, merge_lora, tail_key_to_backbone, tail_of
+from probes.finetune.nets import inject_lora, merge_lora, tail_key_to_backbone, tail_of
+from probes.heads.tokens import make_token_head
 
 FORMAT = "embedcache-adapter/1"
 FILES = ("adapter.safetensors", "head.safetensors", "adapter.json")
@@ -33,7 +33,7 @@ def save_adapter(probe, directory: str | os.PathLike) -> Path:
     """Write ``probe``'s (a fitted :class:`FineTuneProbe`) adapter files to ``directory``; returns it."""
     from safetensors.torch import save_file
 
-    from embedcache.loading import sha256_file
+    from embedcache.backbones.loading import sha256_file
 
     if not hasattr(probe, "net_"):
         raise RuntimeError("the fine-tune is not fitted; call fit first")
@@ -118,7 +118,7 @@ def read_adapter_meta(directory: str | os.PathLike) -> dict:
 
 
 def _load_base(meta: dict):
-    from embedcache.loading import load_backbone
+    from embedcache.backbones.loading import load_backbone
 
     w = meta["weights"]
     if w["source"] == "random":
@@ -137,8 +137,8 @@ def load_adapter(directory: str | os.PathLike, backbone=None, inplace: bool = Fa
     """
     from safetensors.torch import load_file
 
-    from embedcache.loading import LoadedBackbone
-    from embedcache.tail import TailModule
+    from embedcache.backbones.loading import LoadedBackbone
+    from embedcache.backbones.tail import TailModule
 
     d = Path(directory)
     meta = read_adapter_meta(d)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from .readers import ImageReader
+from probes.finetune.readers import ImageReader
 
 AUGMENTATIONS = ("flip", "rot90", "color", "blur")
 
@@ -79,13 +79,13 @@ class CellImages(ImageReader):
         self._calls = 0
 
     def _images(self, rows: np.ndarray) -> list[np.ndarray]:
-        from embedcache.images import read_image
-        from embedcache.perturb import apply
+        from embedcache.inputs.images import read_image
+        from embedcache.inputs.perturb import apply
 
         return [apply(read_image(self.paths[int(r)]), self.working_size, None, row=int(r)) for r in rows]
 
     def _to_input(self, images: list[np.ndarray]) -> np.ndarray:
-        from embedcache.preprocess import to_model_input
+        from embedcache.backbones.preprocess import to_model_input
 
         groups: list[list[torch.Tensor]] = []
         for im in (torch.from_numpy(np.ascontiguousarray(i)) for i in images):  # same-shape runs keep the order

@@ -27,11 +27,11 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import f1_score
 
-from ..heads.base import encode_labels, resolve_device, seeded, stratified_holdout
-from ..heads.tokens import make_token_head
-from ..losses import make_loss
-from .nets import FullBackboneModule, TunedNet, inject_lora, tail_of
-from .readers import check_reader, reader_kind
+from probes.finetune.nets import FullBackboneModule, TunedNet, inject_lora, tail_of
+from probes.finetune.readers import check_reader, reader_kind
+from probes.heads.base import encode_labels, resolve_device, seeded, stratified_holdout
+from probes.heads.tokens import make_token_head
+from probes.losses import make_loss
 
 METHODS = ("lp", "ft-last", "lora")
 DEFAULTS = {"lp": (5e-4, 0.0), "ft-last": (1e-4, 0.01), "lora": (1e-4, 0.01)}  # (lr, weight decay)
@@ -142,7 +142,7 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
                 "the reader holds pooled features (N, D): use method 'lp' without a backbone, "
                 "or pass tail tokens (extract --tail-blocks K)"
             )
-        from embedcache.tail import TailModule
+        from embedcache.backbones.tail import TailModule
 
         pool = self.pool or bb.spec.default_pool[0]
         trunk = FullBackboneModule(bb, self.k, pool) if kind == "images" else TailModule(bb, self.k, pool, copy=True)
@@ -321,7 +321,7 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
 
     def save_adapter(self, directory) -> None:
         """Write the trained tail / LoRA adapters and head (safetensors) with provenance JSON to ``directory``."""
-        from .adapter import save_adapter
+        from probes.finetune.adapter import save_adapter
 
         save_adapter(self, directory)
 

@@ -1,6 +1,6 @@
 """The networks a fine-tune trains: trunk (tail on tokens, or frozen prefix + tail on images) + head, LoRA.
 
-``TailModule`` (:mod:`embedcache.tail`) runs the last ``k`` blocks on cached tokens;
+``TailModule`` (:mod:`embedcache.backbones.tail`) runs the last ``k`` blocks on cached tokens;
 :class:`FullBackboneModule` runs the same tail after the frozen prefix on images, each step, so a
 fine-tune from images trains exactly the parameters a fine-tune from cached tokens trains.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from embedcache.tail import TailModule, tail_tokens
+from embedcache.backbones.tail import TailModule, tail_tokens
 
 LORA_TARGETS = ("qkv", "q_proj", "k_proj", "v_proj", "proj")
 

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..data import ProbeError
-from .study_inputs import make_tune_probe
+from probes.data import ProbeError
+from probes.finetune.study_inputs import make_tune_probe
 
 SAVABLE = ("lp", "ft-last", "lora")
 
@@ -34,7 +34,7 @@ class AdapterKeeper:
 
     def save(self) -> list[str]:
         """Write every kept fit's adapter; returns one note line per directory written."""
-        from .adapter import save_adapter
+        from probes.finetune.adapter import save_adapter
 
         fitted = [(n, s, e) for n, s, e in self.kept if hasattr(e, "net_")]
         notes = []

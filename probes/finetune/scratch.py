@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .estimator import FineTuneProbe
-from .nets import TunedNet
+from probes.finetune.estimator import FineTuneProbe
+from probes.finetune.nets import TunedNet
 
 SCRATCH_VIT = {
     "img_size": 40,

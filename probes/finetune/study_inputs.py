@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Cells, ProbeError
-from .readers import reader_kind
+from probes.data import Cells, ProbeError
+from probes.finetune.readers import reader_kind
 
 TUNE_PROBES = ("lp", "ft-last", "lora", "scratch-vit")
 POOLED_HEADS = ("linear", "mlp")
@@ -53,9 +53,9 @@ class TuneOptions:
     scratch_size: int = 40
 
     def __post_init__(self) -> None:
-        from ..heads.tokens import TOKEN_HEADS
-        from ..losses import LOSSES, load_hierarchy
-        from .augment import parse_augment
+        from probes.finetune.augment import parse_augment
+        from probes.heads.tokens import TOKEN_HEADS
+        from probes.losses import LOSSES, load_hierarchy
 
         if self.head not in TOKEN_HEADS:
             raise ProbeError(f"unknown head {self.head!r}; choose from {', '.join(TOKEN_HEADS)}")
@@ -157,7 +157,7 @@ class RowsReader:
 
 def backbone_from_provenance(fs) -> Any:
     """The backbone ``fs`` (a FeatureSet) was extracted with, loaded afresh and checked against its sha256."""
-    from embedcache.loading import load_backbone
+    from embedcache.backbones.loading import load_backbone
 
     prov = fs.attrs.get("provenance") or {}
     name = (prov.get("backbone") or {}).get("name")
@@ -209,7 +209,7 @@ class TuneInputs:
         return "tokens"
 
     def k(self, backbone: str) -> int:
-        from embedcache.tail import tail_depth
+        from embedcache.backbones.tail import tail_depth
 
         o = self.options
         if o.blocks == "all":
@@ -221,7 +221,7 @@ class TuneInputs:
 
     def backbone(self, name: str) -> Any:
         if name not in self._backbones:
-            from ..heads.base import resolve_device
+            from probes.heads.base import resolve_device
 
             bb = backbone_from_provenance(self.cells.feature_sets[name])
             bb.model.to(resolve_device(self.device))  # the frozen prefix of image fine-tunes runs there too
@@ -230,7 +230,7 @@ class TuneInputs:
 
     def check(self, probes: list[str]) -> None:
         """Fail before any fit: tail depth, cached tokens, images present, heads that fit the input."""
-        from embedcache.tail import TailError, check_k
+        from embedcache.backbones.tail import TailError, check_k
 
         o = self.options
         if o.hierarchy is not None:  # a class the file names but the data lacks: an error naming the line
@@ -279,7 +279,7 @@ class TuneInputs:
         return self._readers[key]
 
     def _images(self, name: str, probe: str, store_rows: np.ndarray) -> Any:
-        from embedcache.preprocess import Preprocessing
+        from embedcache.backbones.preprocess import Preprocessing
 
         prov = self.cells.feature_sets[name].attrs.get("provenance") or {}
         paths = self.cells.obs["path"].astype(str).tolist()
@@ -313,7 +313,7 @@ class TuneInputs:
 
     def pooled(self, probe: str, x: np.ndarray) -> Any:
         """Pooled features as a fine-tune reads them (``lp`` with a pooled head); other probes take ``x``."""
-        from .readers import ArrayTokens
+        from probes.finetune.readers import ArrayTokens
 
         return ArrayTokens(x) if probe in TUNE_PROBES else x
 
@@ -336,13 +336,13 @@ class _ImagesBySeed:
     kind = "images"
 
     def __init__(self, paths, prep, working_size, augment):
-        from .augment import CellImages
+        from probes.finetune.augment import CellImages
 
         self._first = CellImages(paths, prep, working_size, augment, seed=0, check=True)
         self.paths, self.prep, self.working_size, self.augment = paths, prep, working_size, augment
 
     def seeded(self, seed: int):
-        from .augment import CellImages
+        from probes.finetune.augment import CellImages
 
         return CellImages(self.paths, self.prep, self.working_size, self.augment, seed=seed, check=False)
 
@@ -370,14 +370,14 @@ def study_inputs(
 def make_tune_probe(name: str, *, seed: int = 0, device: str = "auto", **params: Any) -> Any:
     """:func:`probes.heads.make_probe`, plus the fine-tunes (:data:`TUNE_PROBES`) with the job's keywords."""
     if name == "scratch-vit":
-        from .scratch import ScratchViTProbe
+        from probes.finetune.scratch import ScratchViTProbe
 
         return ScratchViTProbe(seed=seed, device=device, **params)
     if name in TUNE_PROBES:
-        from .estimator import FineTuneProbe
+        from probes.finetune.estimator import FineTuneProbe
 
         return FineTuneProbe(method=name, seed=seed, device=device, **params)
-    from ..heads import make_probe
+    from probes.heads import make_probe
 
     return make_probe(name, seed=seed, device=device, **params)
 

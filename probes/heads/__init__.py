@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ProbeBase, ScoresHead, resolve_device
-from .ensemble import EnsembleProbe  # noqa: E402  parameterised names: ensemble:<head>+<head>+<head>
-from .knn import KNNProbe  # noqa: E402
+from probes.heads.base import ProbeBase, ScoresHead, resolve_device
+from probes.heads.ensemble import EnsembleProbe  # noqa: E402  parameterised names: ensemble:<head>+<head>+<head>
+from probes.heads.knn import KNNProbe  # noqa: E402
 
 # importing the head modules registers them; this order is the order PROBES lists them in
-from .logistic import LogisticProbe  # noqa: E402, I001
-from .nets import CosineProbe, MLPProbe  # noqa: E402
-from .registry import PROBES, register_probe
-from .svm import LinearSVMProbe, RBFSVMProbe  # noqa: E402
+from probes.heads.logistic import LogisticProbe  # noqa: E402, I001
+from probes.heads.nets import CosineProbe, MLPProbe  # noqa: E402
+from probes.heads.registry import PROBES, register_probe
+from probes.heads.svm import LinearSVMProbe, RBFSVMProbe  # noqa: E402
 
 
 def make_probe(name: str, *, seed: int = 0, device: str = "auto", **params: Any) -> ProbeBase:

@@ -1,4 +1,4 @@
-"""Shared pieces of the probe heads: device choice (:func:`embedcache.devices.resolve_device`, the
+"""Shared pieces of the probe heads: device choice (:func:`embedcache.backbones.devices.resolve_device`, the
 project's one), input checks, label coding, standardisation, the seeded stratified hold-out split,
 the estimator base class and :class:`ScoresHead` (``decision_function`` and ``predict_proba`` from
 one ``_decision`` method)."""
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from embedcache.devices import (
+from embedcache.backbones.devices import (
     cpu_has_native_bf16,  # noqa: F401  the one detector; heads import it from here
     resolve_device,
 )

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ..ensemble_rules import MIN_OVERRIDE_HEADS, RULES, auto_pairs, combine, parse_pairs
-from .base import ProbeBase, check_X, encode_labels, stratified_holdout
-from .registry import PROBES, register_probe_family
+from probes.ensemble_rules import MIN_OVERRIDE_HEADS, RULES, auto_pairs, combine, parse_pairs
+from probes.heads.base import ProbeBase, check_X, encode_labels, stratified_holdout
+from probes.heads.registry import PROBES, register_probe_family
 
 
 # -- the estimator ------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ class EnsembleProbe(ProbeBase):
         self.device = device
 
     def _members(self) -> list[Any]:
-        from . import make_probe
+        from probes.heads import make_probe
 
         out = []
         for name in self.heads:

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, pair_dots, rescored_topk
-from .base import BF16_MIN_WORK, CHUNK, ProbeBase, cpu_has_native_bf16, importable
-from .registry import register_probe
+from probes.heads.base import BF16_MIN_WORK, CHUNK, ProbeBase, cpu_has_native_bf16, importable
+from probes.heads.registry import register_probe
+from probes.vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, pair_dots, rescored_topk
 
 BACKENDS = ("auto", "faiss", "torch")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -229,7 +229,7 @@ class KNNProbe(ProbeBase):
 
     def kneighbors(self, X) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities and training-row indices of the ``k`` nearest rows, best first."""
-        from .base import check_X
+        from probes.heads.base import check_X
 
         self._check_fitted()
         Q = l2_normalize(check_X(X, self.n_features_in_))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from .base import (
+from probes.heads.base import (
     BF16_MIN_WORK,
     ScoresHead,
     cpu_has_native_bf16,
@@ -19,8 +19,8 @@ from .base import (
     resolve_device,
     stratified_holdout,
 )
-from .blocks import RowBlocks, column_moments, read_rows, row_blocks, standardized_t
-from .lbfgs import (
+from probes.heads.blocks import RowBlocks, column_moments, read_rows, row_blocks, standardized_t
+from probes.heads.lbfgs import (
     Curvature,
     LinearFit,
     Preconditioner,
@@ -30,7 +30,7 @@ from .lbfgs import (
     sample_columns,
     targets,
 )
-from .registry import register_probe
+from probes.heads.registry import register_probe
 
 BACKENDS = ("auto", "torch", "cuml")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -154,7 +154,7 @@ class LogisticProbe(ScoresHead):
         (:class:`probes.outofcore.ChunkedRows`; torch backend only): each objective evaluation is then a
         pass over the blocks. Rows in memory and rows out of core go through the same blocks, sums and
         order (:mod:`probes.heads.blocks`), so the coefficients are the same bit for bit."""
-        from ..outofcore import is_chunked
+        from probes.outofcore import is_chunked
 
         streamed = is_chunked(X)
         if streamed:

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
-from .base import CHUNK, ScoresHead, seeded, standardize, stratified_holdout
-from .registry import register_probe
+from probes.heads.base import CHUNK, ScoresHead, seeded, standardize, stratified_holdout
+from probes.heads.registry import register_probe
 
 
 class CosineLinear(nn.Module):

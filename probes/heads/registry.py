@@ -1,5 +1,5 @@
 """The probe registry: each head class registers its CLI name(s) with :func:`register_probe`
-(as :mod:`embedcache.perturb`'s perturbations do), so adding a head is one decorated class.
+(as :mod:`embedcache.inputs.perturb`'s perturbations do), so adding a head is one decorated class.
 
 A *family* registered with :func:`register_probe_family` answers to parameterised names
 ``<prefix>:<argument>`` (``ensemble:mlp+logistic+cosine``): :data:`PROBES` builds their constructor

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import ScoresHead, decision_to_2d, importable, require, standardize, standardize_t
-from .lbfgs import LinearFit, Preconditioner, fit_linear, linear_scores, targets
-from .registry import register_probe
+from probes.heads.base import ScoresHead, decision_to_2d, importable, require, standardize, standardize_t
+from probes.heads.lbfgs import LinearFit, Preconditioner, fit_linear, linear_scores, targets
+from probes.heads.registry import register_probe
 
 
 class _StandardisedScores(ScoresHead):

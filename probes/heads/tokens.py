@@ -1,7 +1,7 @@
 """Heads over a backbone's final tokens (B, T, D) or a pooled vector (B, D), for the fine-tunes.
 
 ``num_prefix_tokens`` (class + register tokens) separates prefix from patch tokens: ``cls`` is token 0,
-``mean`` averages the patch tokens only, as :func:`embedcache.pooling.embed` does. Heads with
+``mean`` averages the patch tokens only, as :func:`embedcache.backbones.pooling.embed` does. Heads with
 ``input == "pooled"`` (``linear``, ``mlp``) also take an already pooled (B, D) vector; ``tokens`` heads
 (``linear-cls-mean``, ``decoder``) need the token sequence. A CNN feature map (B, C, H, W) is read as
 H*W tokens without prefix.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .text import one_line
+from probes.reporting.text import one_line
 
 
 @dataclass

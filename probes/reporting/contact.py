@@ -3,7 +3,7 @@
 Every row starts with the cell in question (outlined red) followed by its neighbours; each
 tile carries the cell's label (and, for neighbours, the cosine similarity). Neighbours whose
 label differs from the query's given label are outlined orange. Images are read from
-``obs.path`` through :func:`embedcache.images.read_image`; a missing file becomes a grey tile.
+``obs.path`` through :func:`embedcache.inputs.images.read_image`; a missing file becomes a grey tile.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from .text import one_line
+from probes.reporting.text import one_line
 
 TILE = 96
 CAPTION = 30
@@ -50,7 +50,7 @@ def thumbnail(path: str | os.PathLike, size: int = TILE) -> Image.Image:
     """The cell image fitted into a ``size`` square (aspect kept, white margin); grey when unreadable."""
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
     try:
-        from embedcache.images import read_image
+        from embedcache.inputs.images import read_image
 
         im = Image.fromarray(read_image(path))
     except Exception:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .plots import DPI, palette, pyplot, save
+from probes.reporting.plots import DPI, palette, pyplot, save
 
 
 def plot_specialisation(table: pd.DataFrame, path: Path, *, title: str = "") -> Path:

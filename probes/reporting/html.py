@@ -10,8 +10,8 @@ from typing import Any
 
 import pandas as pd
 
-from .contact import encode, render, suspect_rows
-from .text import one_line
+from probes.reporting.contact import encode, render, suspect_rows
+from probes.reporting.text import one_line
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#222;max-width:1400px}

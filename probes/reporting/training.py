@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .plots import DPI, palette, pyplot, save
+from probes.reporting.plots import DPI, palette, pyplot, save
 
 
 def plot_training_curves(epochs: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:

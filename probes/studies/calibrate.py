@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..calibration import N_BINS, calibration_metrics, ece, fit_temperature, nll, reliability, scale_temperature
-from ..data import ProbeError, open_cells
-from ..proba_fits import (
+from probes.calibration import N_BINS, calibration_metrics, ece, fit_temperature, nll, reliability, scale_temperature
+from probes.data import ProbeError, open_cells
+from probes.proba_fits import (
     VAL_FRACTION,
     base_row,
     class_codes,
@@ -35,12 +35,12 @@ from ..proba_fits import (
     seed_summary,
     slug,
 )
-from ..reporting.console import Col, Panel
-from ..reporting.decision_plots import plot_reliability
-from ..reporting.tables import prepare_out, study_document
-from ..runtime import study_runtime
-from ..sampling import TEST_SIZE, parse_seeds
-from ..skeleton import check_probes, either, finish, fit_table, show_summary, study_name
+from probes.reporting.console import Col, Panel
+from probes.reporting.decision_plots import plot_reliability
+from probes.reporting.tables import prepare_out, study_document
+from probes.runtime import study_runtime
+from probes.sampling import TEST_SIZE, parse_seeds
+from probes.skeleton import check_probes, either, finish, fit_table, show_summary, study_name
 
 CALIBRATION_METRICS = ("ece_width", "ece_mass", "mce_width", "mce_mass", "brier", "nll")
 KEYS = ["backbone", "feature_key", "pool", "probe"]

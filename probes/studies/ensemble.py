@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..data import ProbeError, open_cells
-from ..ensemble_rules import MIN_OVERRIDE_HEADS, auto_pairs, combine, parse_pairs
-from ..metrics import CLASS_METRIC
-from ..proba_fits import (
+from probes.data import ProbeError, open_cells
+from probes.ensemble_rules import MIN_OVERRIDE_HEADS, auto_pairs, combine, parse_pairs
+from probes.metrics import CLASS_METRIC
+from probes.proba_fits import (
     VAL_FRACTION,
     FittedProba,
     base_row,
@@ -38,12 +38,12 @@ from ..proba_fits import (
     seed_summary,
     slug,
 )
-from ..reporting.console import Bold, Col, Panel
-from ..reporting.decision_plots import plot_specialisation
-from ..reporting.tables import prepare_out, study_document
-from ..runtime import study_runtime
-from ..sampling import TEST_SIZE, parse_seeds, sort_labels
-from ..skeleton import check_probes, finish, fit_table, show_summary, study_name
+from probes.reporting.console import Bold, Col, Panel
+from probes.reporting.decision_plots import plot_specialisation
+from probes.reporting.tables import prepare_out, study_document
+from probes.runtime import study_runtime
+from probes.sampling import TEST_SIZE, parse_seeds, sort_labels
+from probes.skeleton import check_probes, finish, fit_table, show_summary, study_name
 
 RULE_NAMES = {"override": "ensemble", "majority": "ensemble-vote", "mean": "ensemble-mean"}  # -> registry prefix
 KEYS = ["backbone", "feature_key", "pool", "kind", "method", "probe"]

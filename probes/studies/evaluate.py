@@ -14,17 +14,25 @@ from typing import Any
 
 import pandas as pd
 
-from ..data import open_cells
-from ..domains import DomainPlan, domain_gaps, domain_panels
-from ..metrics import CLASS_METRIC
-from ..reporting.console import Col, Panel
-from ..reporting.plots import plot_confusion
-from ..reporting.tables import prepare_out, study_document
-from ..reporting.training import training_plots
-from ..runtime import study_runtime
-from ..sampling import TEST_SIZE, parse_seeds
-from ..skeleton import check_probes, either, finish, show_summary, study_name
-from ..split_fits import CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
+from probes.data import open_cells
+from probes.domains import DomainPlan, domain_gaps, domain_panels
+from probes.metrics import CLASS_METRIC
+from probes.reporting.console import Col, Panel
+from probes.reporting.plots import plot_confusion
+from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.training import training_plots
+from probes.runtime import study_runtime
+from probes.sampling import TEST_SIZE, parse_seeds
+from probes.skeleton import check_probes, either, finish, show_summary, study_name
+from probes.split_fits import (
+    CURVE_KEYS,
+    StudyResult,
+    common_tables,
+    confusion_matrices,
+    default_out,
+    fit_splits,
+    over_seeds,
+)
 
 PRINTED = [
     ("accuracy", "acc"),
@@ -109,7 +117,7 @@ def evaluate(
             device=device,
             test_size=test_size,
         )
-        from ..finetune.study_inputs import study_inputs
+        from probes.finetune.study_inputs import study_inputs
 
         inputs, tune_params = study_inputs(
             cells,
@@ -135,7 +143,7 @@ def evaluate(
         if plan is not None:
             params.update(train_domain=plan.train, test_domain=plan.test)
         folder = prepare_out(default_out(name, out))
-        from ..finetune.saving import AdapterKeeper  # torch: imported when fitting
+        from probes.finetune.saving import AdapterKeeper  # torch: imported when fitting
 
         keeper = AdapterKeeper(save_adapter, probe_list) if save_adapter is not None else None
         fits = fit_splits(

@@ -13,15 +13,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..data import ProbeError, open_cells
-from ..domains import DomainPlan, domain_gaps, domain_panels
-from ..metrics import MAIN_METRIC
-from ..reporting.console import Col, Panel
-from ..reporting.tables import prepare_out, study_document
-from ..reporting.training import training_plots
-from ..sampling import TEST_SIZE, parse_seeds
-from ..skeleton import finish, show_summary, study_name
-from ..split_fits import StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
+from probes.data import ProbeError, open_cells
+from probes.domains import DomainPlan, domain_gaps, domain_panels
+from probes.metrics import MAIN_METRIC
+from probes.reporting.console import Col, Panel
+from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.training import training_plots
+from probes.sampling import TEST_SIZE, parse_seeds
+from probes.skeleton import finish, show_summary, study_name
+from probes.split_fits import StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
 
 METHODS = ("lora", "ft-last", "lp", "scratch-vit")
 SHOWN = [("accuracy", "acc"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
@@ -73,8 +73,8 @@ def finetune(
     Writes the tables of :func:`probes.evaluate` plus ``epochs.csv`` and ``training_curves.png`` to
     ``out`` (default ``finetune-<models>-<method>-<date>``); ``save_adapter`` DIR as in :func:`probes.evaluate`.
     """
-    from ..finetune.saving import AdapterKeeper
-    from ..finetune.study_inputs import TuneInputs, TuneOptions
+    from probes.finetune.saving import AdapterKeeper
+    from probes.finetune.study_inputs import TuneInputs, TuneOptions
 
     if method not in METHODS:
         raise ProbeError(f"unknown fine-tune method {method!r}; choose from {', '.join(METHODS)}")

@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..data import Cells, ProbeError, open_cells, parse_names, require_complete
-from ..metrics import MAIN_METRIC, score
-from ..reporting.console import Col, Panel
-from ..reporting.plots import plot_robustness
-from ..reporting.tables import prepare_out, study_document
-from ..runtime import study_runtime
-from ..sampling import TEST_SIZE, Sampler, Split, parse_seeds
-from ..skeleton import FitJob, check_probes, either, finish, run_plan, show_summary, study_name
+from probes.data import Cells, ProbeError, open_cells, parse_names, require_complete
+from probes.metrics import MAIN_METRIC, score
+from probes.reporting.console import Col, Panel
+from probes.reporting.plots import plot_robustness
+from probes.reporting.tables import prepare_out, study_document
+from probes.runtime import study_runtime
+from probes.sampling import TEST_SIZE, Sampler, Split, parse_seeds
+from probes.skeleton import FitJob, check_probes, either, finish, run_plan, show_summary, study_name
 
 RESULT_COLUMNS = [
     "study",
@@ -72,7 +72,7 @@ def drop_slope(sigmas: Sequence[float], scores: Sequence[float]) -> float:
 
 def perturbed_sets(cells: Cells, backbone: str, families: Sequence[str]) -> dict[str, list[tuple[float, Any]]]:
     """``{family: [(sigma, FeatureSet), ...]}`` beside ``backbone``'s clean set, sorted by σ."""
-    from embedcache.perturb import perturbation_kinds
+    from embedcache.inputs.perturb import perturbation_kinds
 
     clean = cells.feature_sets[backbone]
     if not clean.key.endswith("/clean"):

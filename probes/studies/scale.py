@@ -14,17 +14,25 @@ from typing import Any
 
 import pandas as pd
 
-from ..data import open_cells
-from ..domains import DomainPlan, domain_gaps, domain_panels
-from ..metrics import MAIN_METRIC
-from ..reporting.console import Bold, Col, Panel
-from ..reporting.plots import plot_scaling
-from ..reporting.tables import prepare_out, study_document
-from ..reporting.training import training_plots
-from ..runtime import study_runtime
-from ..sampling import TEST_SIZE, limits_note, parse_limits, parse_seeds
-from ..skeleton import check_probes, finish, show_summary, study_name
-from ..split_fits import CURVE_KEYS, StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
+from probes.data import open_cells
+from probes.domains import DomainPlan, domain_gaps, domain_panels
+from probes.metrics import MAIN_METRIC
+from probes.reporting.console import Bold, Col, Panel
+from probes.reporting.plots import plot_scaling
+from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.training import training_plots
+from probes.runtime import study_runtime
+from probes.sampling import TEST_SIZE, limits_note, parse_limits, parse_seeds
+from probes.skeleton import check_probes, finish, show_summary, study_name
+from probes.split_fits import (
+    CURVE_KEYS,
+    StudyResult,
+    common_tables,
+    confusion_matrices,
+    default_out,
+    fit_splits,
+    over_seeds,
+)
 
 
 def scale(
@@ -103,7 +111,7 @@ def scale(
             test_size=test_size,
             fraction=fraction,
         )
-        from ..finetune.study_inputs import study_inputs
+        from probes.finetune.study_inputs import study_inputs
 
         inputs, tune_params = study_inputs(
             cells,

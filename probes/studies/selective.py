@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..confidence import (
+from probes.confidence import (
     CONFIDENCES,
     COVERAGES,
     MIN_AGREEMENT_VOTERS,
@@ -35,10 +35,10 @@ from ..confidence import (
     risk_on_grid,
     scores_at_coverages,
 )
-from ..confidence import confidence as confidence_of
-from ..data import ProbeError, open_cells, parse_names
-from ..metrics import score
-from ..proba_fits import (
+from probes.confidence import confidence as confidence_of
+from probes.data import ProbeError, open_cells, parse_names
+from probes.metrics import score
+from probes.proba_fits import (
     VAL_FRACTION,
     FittedProba,
     base_row,
@@ -48,12 +48,12 @@ from ..proba_fits import (
     require_probabilities,
     seed_summary,
 )
-from ..reporting.console import Col, Panel
-from ..reporting.decision_plots import plot_risk_coverage
-from ..reporting.tables import prepare_out, study_document
-from ..runtime import study_runtime
-from ..sampling import TEST_SIZE, parse_seeds
-from ..skeleton import check_probes, either, finish, fit_table, show_summary, study_name
+from probes.reporting.console import Col, Panel
+from probes.reporting.decision_plots import plot_risk_coverage
+from probes.reporting.tables import prepare_out, study_document
+from probes.runtime import study_runtime
+from probes.sampling import TEST_SIZE, parse_seeds
+from probes.skeleton import check_probes, either, finish, fit_table, show_summary, study_name
 
 AGREE_WITH = ("heads", "backbones")
 GRID = np.round(np.linspace(0.01, 1.0, 100), 2)

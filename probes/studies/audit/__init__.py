@@ -13,13 +13,35 @@ Relabelling (a store mutation) is :func:`probes.labels.relabel`; thread caps are
 
 from __future__ import annotations
 
-from ...labels import relabel
-from .cache import KEY_COLUMNS, default_cache, legacy_cache, read_oof_cache, write_oof_cache
-from .evidence import EVIDENCE_COLUMNS, as_ranking, evidence, formula, neighbor_disagreement, why_columns
-from .folds import OOF, SCHEMES, feature_digest, label_digest, make_folds, oof_proba, probe_signature
-from .outputs import print_summary, suspect_neighbors, write_outputs
-from .ranking import CANDIDATES, DEFAULT_RANKING, Ranking, calibrate_oof, confident_learning, ensemble_proba
-from .run import DEFAULT_PROBES, AuditOptions, AuditResult, audit, audit_arrays
+from probes.labels import relabel
+from probes.studies.audit.cache import KEY_COLUMNS, default_cache, legacy_cache, read_oof_cache, write_oof_cache
+from probes.studies.audit.evidence import (
+    EVIDENCE_COLUMNS,
+    as_ranking,
+    evidence,
+    formula,
+    neighbor_disagreement,
+    why_columns,
+)
+from probes.studies.audit.folds import (
+    OOF,
+    SCHEMES,
+    feature_digest,
+    label_digest,
+    make_folds,
+    oof_proba,
+    probe_signature,
+)
+from probes.studies.audit.outputs import print_summary, suspect_neighbors, write_outputs
+from probes.studies.audit.ranking import (
+    CANDIDATES,
+    DEFAULT_RANKING,
+    Ranking,
+    calibrate_oof,
+    confident_learning,
+    ensemble_proba,
+)
+from probes.studies.audit.run import DEFAULT_PROBES, AuditOptions, AuditResult, audit, audit_arrays
 
 __all__ = [
     "AuditOptions",

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...data import ProbeError
-from ...neighbors import NeighborIndex
-from .folds import OOF
-from .ranking import DEFAULT_RANKING, Ranking, combine, confident_learning, ensemble_proba
+from probes.data import ProbeError
+from probes.neighbors import NeighborIndex
+from probes.studies.audit.folds import OOF
+from probes.studies.audit.ranking import DEFAULT_RANKING, Ranking, combine, confident_learning, ensemble_proba
 
 EVIDENCE_COLUMNS = [
     "rank",
@@ -36,7 +36,7 @@ EVIDENCE_COLUMNS = [
 def neighbor_disagreement(features: Any, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(disagreement (N,), neighbour positions (N, k), similarities (N, k)) over one backbone; features read
     out of core (:class:`probes.outofcore.ChunkedRows`) are searched chunk by chunk to the exact top-k."""
-    from ...outofcore import all_neighbors, is_chunked
+    from probes.outofcore import all_neighbors, is_chunked
 
     if is_chunked(features):
         sims, idx = all_neighbors(features, k)

@@ -9,10 +9,10 @@ from typing import Any
 
 import pandas as pd
 
-from ...reporting.console import Col, Panel, print_report
-from ...reporting.contact import suspect_sheet
-from ...reporting.html import audit_html
-from ...reporting.tables import write_files
+from probes.reporting.console import Col, Panel, print_report
+from probes.reporting.contact import suspect_sheet
+from probes.reporting.html import audit_html
+from probes.reporting.tables import write_files
 
 
 def write_outputs(res: Any, *, top: int = 50, html: bool = True) -> dict[str, Path]:

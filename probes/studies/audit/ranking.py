@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...calibration import fit_temperature, scale_temperature
-from ...data import ProbeError
+from probes.calibration import fit_temperature, scale_temperature
+from probes.data import ProbeError
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ...dask_fits import current_scheduler
-from ...data import ProbeError, open_cells, parse_names
-from ...outofcore import is_chunked, side_by_side
-from ...reporting.console import progress
-from ...reporting.tables import prepare_out
-from ...sampling import parse_seeds, sort_labels
-from ...skeleton import show_summary, study_name
-from ...threads import limit_threads
-from .cache import (
+from probes.dask_fits import current_scheduler
+from probes.data import ProbeError, open_cells, parse_names
+from probes.outofcore import is_chunked, side_by_side
+from probes.reporting.console import progress
+from probes.reporting.tables import prepare_out
+from probes.sampling import parse_seeds, sort_labels
+from probes.skeleton import show_summary, study_name
+from probes.studies.audit.cache import (
     KEY_COLUMNS,
     adopt_legacy,
     cache_to_read,
@@ -38,9 +37,18 @@ from .cache import (
     read_oof_cache,
     write_cache,
 )
-from .evidence import as_ranking, evidence, neighbor_disagreement, why_columns
-from .folds import OOF, SCHEMES, feature_digest, label_digest, make_folds, oof_proba, probe_signature
-from .ranking import Ranking
+from probes.studies.audit.evidence import as_ranking, evidence, neighbor_disagreement, why_columns
+from probes.studies.audit.folds import (
+    OOF,
+    SCHEMES,
+    feature_digest,
+    label_digest,
+    make_folds,
+    oof_proba,
+    probe_signature,
+)
+from probes.studies.audit.ranking import Ranking
+from probes.threads import limit_threads
 
 DEFAULT_PROBES = "logistic,knn,mlp"
 
@@ -115,7 +123,7 @@ AUDIT_PROBE_PARAMS: dict[str, dict[str, Any]] = {"logistic": {"select": "log_los
 
 def audit_probe(name: str, **kw: Any) -> Any:
     """:func:`probes.heads.make_probe` with the audit's defaults (:data:`AUDIT_PROBE_PARAMS`)."""
-    from ...heads import make_probe as heads_make_probe
+    from probes.heads import make_probe as heads_make_probe
 
     return heads_make_probe(name, **{**AUDIT_PROBE_PARAMS.get(name, {}), **kw})
 
@@ -128,7 +136,7 @@ JOINT_SEPARATOR = "+"
 
 def joint_probe(**kw: Any) -> Any:
     """The joint member's head: :class:`probes.heads.logistic.LogisticProbe` at ``C = 1`` (no sweep)."""
-    from ...heads import make_probe as heads_make_probe
+    from probes.heads import make_probe as heads_make_probe
 
     return heads_make_probe("logistic", **{**JOINT_PROBE_PARAMS, **kw})
 
@@ -170,7 +178,7 @@ def audit_arrays(
     threads, quiet = opt.threads, opt.quiet
     if split not in SCHEMES:
         raise ProbeError(f"unknown fold scheme '{split}'; use one of {', '.join(SCHEMES)}")
-    from ...heads import PROBES
+    from probes.heads import PROBES
 
     labels = np.asarray(labels, dtype=object).astype(str)
     n = len(labels)
@@ -364,7 +372,7 @@ def audit(
     ``local:N``) fits each backbone x probe x seed as one Dask task, to the local run's probabilities.
     ``quiet`` hides the progress bar and the summary; ``show`` prints the summary regardless.
     """
-    from ...runtime import study_runtime
+    from probes.runtime import study_runtime
 
     with study_runtime(scheduler, out_of_core, max_memory):
         return _audit(
@@ -399,8 +407,7 @@ def _audit(
     show: bool | None,
 ) -> AuditResult:
     import embedcache
-
-    from .outputs import print_summary, write_outputs
+    from probes.studies.audit.outputs import print_summary, write_outputs
 
     cells = open_cells(store, model, dataset=dataset, pool=pool)
     lock, legacy = None, None
@@ -485,7 +492,7 @@ def _oof_on_dask(
 ) -> list[np.ndarray]:
     """Every missing model as one Dask task (``--scheduler``); results in ``missing``'s order, equal to a
     local run's (each task fits the same folds with the same seeds)."""
-    from ...dask_fits import dask_client
+    from probes.dask_fits import dask_client
 
     with dask_client(spec) as (client, threads):
         shipped = {

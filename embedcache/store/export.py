@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import StoreError, open_store
+from embedcache.store.store import StoreError, open_store
 
 __all__ = ["export_anndata", "obsm_name"]
 

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .images import is_url
-from .sources import OBS_COLUMNS, CellSource, SourceError, _table
-from .store import STORE_DTYPES, FeatureSet, StoreError, WriteResult, open_store, safe_key
+from embedcache.inputs.images import is_url
+from embedcache.inputs.sources import OBS_COLUMNS, CellSource, SourceError, _table
+from embedcache.store.store import STORE_DTYPES, FeatureSet, StoreError, WriteResult, open_store, safe_key
 
 NON_FINITE = "non-finite feature values (NaN or inf)"
 
@@ -233,7 +233,7 @@ def _features_digest(pools: dict[str, np.ndarray]) -> str:
 
 
 def _provenance(backbone: str, pools: list[str], store_dtype: str, digest: str, source: str) -> dict[str, Any]:
-    from . import __version__
+    from embedcache import __version__
 
     return {
         "backbone": {"name": backbone},

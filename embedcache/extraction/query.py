@@ -9,13 +9,13 @@ from typing import cast
 import numpy as np
 import torch
 
-from .images import read_image
-from .importing import check_embeddable
-from .loading import LoadedBackbone, load_backbone
-from .perturb import apply as perturb_apply
-from .pipeline import compute_batch, resolve_device
-from .preprocess import Preprocessing
-from .store import FeatureSet, StoreError
+from embedcache.inputs.images import read_image
+from embedcache.extraction.importing import check_embeddable
+from embedcache.backbones.loading import LoadedBackbone, load_backbone
+from embedcache.inputs.perturb import apply as perturb_apply
+from embedcache.extraction.pipeline import compute_batch, resolve_device
+from embedcache.backbones.preprocess import Preprocessing
+from embedcache.store.store import FeatureSet, StoreError
 
 
 def backbone_for(fs: FeatureSet) -> LoadedBackbone:

@@ -102,7 +102,7 @@ def default_dtype(device: torch.device) -> str:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Compute dtype: ``"auto"`` is :func:`default_dtype` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32);
     an explicit name is checked against the device (no fp16 on the CPU). A backbone's own policy (forbidden or
-    failed dtypes) is applied by :func:`embedcache.precision.choose_dtype`."""
+    failed dtypes) is applied by :func:`embedcache.backbones.precision.choose_dtype`."""
     if dtype == "auto":
         return DTYPES[default_dtype(device)]
     if dtype not in DTYPES:

@@ -12,7 +12,7 @@ Supported:
 * timm ``ResNet`` (ResNet-RS50 and friends): the "blocks" are the 4 stages ``layer1..layer4``; tokens
   are the feature map ``(B, C, H, W)`` entering stage ``layer{5-k}`` (``k=1``: the input of ``layer4``).
 
-Pools are those of :func:`embedcache.pooling.embed`: ``cls`` (first token after the final norm),
+Pools are those of :func:`embedcache.backbones.pooling.embed`: ``cls`` (first token after the final norm),
 ``mean`` (patch tokens only; for ResNets the model's own global pool), plus ``head``: the model's own
 ``forward_head(pre_logits=True)`` (its ``global_pool``, ``attn_pool``, ``fc_norm``).
 """
@@ -238,7 +238,7 @@ class TailModule(nn.Module):
         return self.norm(x)
 
     def pooled(self, feats: torch.Tensor, pools: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Pool :meth:`forward_features` output as :func:`embedcache.pooling.embed` does (+ ``head``)."""
+        """Pool :meth:`forward_features` output as :func:`embedcache.backbones.pooling.embed` does (+ ``head``)."""
         out: dict[str, torch.Tensor] = {}
         for p in pools:
             if p not in POOLS:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, is_url, read_image, to_rgb_uint8
+from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, is_url, read_image, to_rgb_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 OBS_COLUMNS = ("id", "path", "label", "split", "domain", "group")

@@ -3,8 +3,8 @@
 Local stores use ``flock`` on files in the store's side folder (``<store>.embedcache/locks/``,
 outside the Zarr tree so that zarr, xarray and dask never meet them); the OS releases a flock
 when its holder dies, SIGKILL included. ``memory://`` stores use in-process locks. Other fsspec
-stores (``s3://``...) use leases with expiry (:mod:`embedcache.leases`); see
-:meth:`embedcache.store.Store.write_guarantee` for what each guarantees.
+stores (``s3://``...) use leases with expiry (:mod:`embedcache.store.locking.lease`); see
+:meth:`embedcache.store.store.Store.write_guarantee` for what each guarantees.
 
 A lock either waits (``wait`` seconds, polling) or is refused at once with the holder named.
 """

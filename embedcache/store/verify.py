@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from .store import FeatureSet
+    from embedcache.store.store import FeatureSet
 
 MISSING_CRC = -1  # fill value of the checksum arrays: no checksum was recorded for that chunk
 
@@ -102,7 +102,7 @@ def check_chunk(fs: FeatureSet, c: int, arrays: list[str] | None = None) -> list
 def verify(store_url: str, *, repair: bool = False) -> VerifyReport:
     """Check every done row-chunk of every feature set in the store; ``repair`` clears the done
     flags of damaged chunks so that rerunning the same extract / import recomputes them."""
-    from .store import open_store
+    from embedcache.store.store import open_store
 
     store = open_store(store_url, mode="a" if repair else "r")
     report = VerifyReport(store.url, incomplete_groups=store.incomplete_groups())

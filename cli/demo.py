@@ -173,8 +173,8 @@ def demo(
     model); ``None`` takes the hub's. ``on_step(step, value)`` is called after each step with
     ``("cells", path)``, ``("extract", ExtractResult)``, ``("store", url)`` and ``("probes", result)``.
     """
-    from .pipeline import extract
-    from .store import open_store
+    from embedcache.extraction.pipeline import extract
+    from embedcache.store.store import open_store
 
     def step(name: str, value: Any) -> None:
         if on_step is not None:

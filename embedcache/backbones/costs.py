@@ -8,7 +8,7 @@ normalised input tensors (the model alone, as the pipeline's ceiling):
   by ``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions, attention; 2 FLOPs per
   multiply-add; element-wise ops not counted);
 * ``ms_per_cell_batch1`` and ``cells_per_s_best`` at ``best_batch`` (the fastest of ``batch_sizes``), under
-  the compute dtype ``dtype`` resolves to for that backbone (:func:`embedcache.precision.choose_dtype`);
+  the compute dtype ``dtype`` resolves to for that backbone (:func:`embedcache.backbones.precision.choose_dtype`);
 * ``peak_mem_mb``: CUDA ``max_memory_allocated`` over the timed runs (weights included); CPU the weights
   plus the peak rise of resident memory during the timed runs over just before them (sampled every
   millisecond, freed heap returned to the OS first): activations and allocator slack.
@@ -76,7 +76,7 @@ def models(
     default: the registry without ``cost``, :data:`DEFAULT_COST_MODELS` (seconds on a CPU) with it. Each
     timing repeats for at least ``min_time`` seconds after one warm-up call. ``out`` writes the table as CSV.
     """
-    from .registry import get_spec, list_models
+    from embedcache.backbones.registry import get_spec, list_models
 
     if model is None:
         names = [s.name for s in list_models()] if not cost else list(DEFAULT_COST_MODELS)
@@ -105,10 +105,10 @@ def models(
 def _cost_row(name: str, device: str, dtype: str, batch_sizes: Sequence[int] | None, min_time: float) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .devices import cpu_model, resolve_device
-    from .loading import load_backbone
-    from .pooling import embed
-    from .precision import choose_dtype
+    from embedcache.backbones.devices import cpu_model, resolve_device
+    from embedcache.backbones.loading import load_backbone
+    from embedcache.backbones.pooling import embed
+    from embedcache.backbones.precision import choose_dtype
 
     dev = resolve_device(device)
     batches = tuple(batch_sizes or BATCHES.get(dev.type, BATCHES["cpu"]))

@@ -2,7 +2,7 @@
 
 Entries follow /work/shared/REGISTRY_REFERENCE.md, checked against the installed timm. Any
 ``timm:<arch>[.<tag>]`` name also resolves, from timm's own ``pretrained_cfg``. Nothing here
-downloads anything; :mod:`embedcache.loading` builds models and fetches weights.
+downloads anything; :mod:`embedcache.backbones.loading` builds models and fetches weights.
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ HO_STD = (0.211883, 0.230117, 0.177517)
 POOLS = ("cls", "mean")
 INTERPOLATIONS = ("bicubic", "bilinear")
 TIMM_PREFIX = "timm:"
-COMPUTE_DTYPES = ("float16", "bfloat16", "float32")  # names as in embedcache.devices.DTYPES (no torch import here)
+COMPUTE_DTYPES = (
+    "float16",
+    "bfloat16",
+    "float32",
+)  # names as in embedcache.backbones.devices.DTYPES (no torch import here)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +32,7 @@ class BackboneSpec:
     """How to build one backbone, where its weights live and how to feed it; every field is a keyword.
 
     Like timm's ``pretrained_cfg``, a spec is data. By default the model is ``timm.create_model(arch,
-    pretrained=False, **kwargs, **layers)`` and pooled by :func:`embedcache.pooling.embed`; a backbone
+    pretrained=False, **kwargs, **layers)`` and pooled by :func:`embedcache.backbones.pooling.embed`; a backbone
     timm cannot build gives ``build(spec) -> nn.Module`` (its module may set ``num_prefix_tokens``), and
     one whose output is not timm-shaped gives ``embed(model, x, pools, num_prefix_tokens) -> {pool:
     (N, width) tensor}``. Weights then load as for any entry (hub, ``--weights PATH`` or ``random``).

@@ -23,17 +23,17 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from .devices import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, StorageFetchError
-from .loading import LoadedBackbone, load_backbone
-from .perturb import Perturbation, parse_perturbations
-from .perturb import apply as perturb_apply
-from .pooling import check_pools, embed, parse_pools
-from .precision import DtypeChoice, choose_dtype
-from .preprocess import Preprocessing, to_model_input
-from .progress import progress as progress_bar
-from .sources import CellSource, label_collisions, open_source
-from .store import (
+from embedcache.backbones.devices import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
+from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, StorageFetchError
+from embedcache.backbones.loading import LoadedBackbone, load_backbone
+from embedcache.inputs.perturb import Perturbation, parse_perturbations
+from embedcache.inputs.perturb import apply as perturb_apply
+from embedcache.backbones.pooling import check_pools, embed, parse_pools
+from embedcache.backbones.precision import DtypeChoice, choose_dtype
+from embedcache.backbones.preprocess import Preprocessing, to_model_input
+from embedcache.progress import progress as progress_bar
+from embedcache.inputs.sources import CellSource, label_collisions, open_source
+from embedcache.store.store import (
     OUTSIDE_SUBSET,
     STORE_DTYPES,
     Dataset,
@@ -46,8 +46,8 @@ from .store import (
 )
 
 if TYPE_CHECKING:
-    from .distributed import DaskRun
-    from .tail import TailModule
+    from embedcache.extraction.distributed import DaskRun
+    from embedcache.backbones.tail import TailModule
 
 ON_ERROR = ("fail", "skip")
 __all__ = [
@@ -139,7 +139,7 @@ def extract(
     with its own key.
 
     ``dtype="auto"`` takes the fastest compute dtype that passes on this device
-    (:func:`embedcache.precision.choose_dtype`: never one the registry entry forbids or whose recorded
+    (:func:`embedcache.backbones.precision.choose_dtype`: never one the registry entry forbids or whose recorded
     check failed). A feature set started in one dtype is always continued in it: under ``auto`` the stored
     dtype is adopted (said in ``result.notes``), or the run is refused when this device cannot compute it;
     an explicit other ``dtype`` is refused. ``compile=True`` runs the backbone's ``forward_features``
@@ -150,7 +150,7 @@ def extract(
     call (a LocalCUDACluster, one GPU per worker, when dask-cuda is installed and the device is CUDA);
     ``scheduler="tcp://host:8786"`` on a running Dask cluster. Each worker loads the backbone once, writes
     its chunks and flips their done flags; the result is bitwise equal to a single-process run, a killed
-    worker's chunks are retried, and a rerun computes only missing chunks (:mod:`embedcache.distributed`).
+    worker's chunks are retried, and a rerun computes only missing chunks (:mod:`embedcache.extraction.distributed`).
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -159,7 +159,7 @@ def extract(
     if max_image_pixels is not None and max_image_pixels < 1:
         raise ValueError(f"max_image_pixels must be positive or None, got {max_image_pixels}")
     if cluster is not None or scheduler is not None:
-        from .distributed import check_cluster_args
+        from embedcache.extraction.distributed import check_cluster_args
 
         check_cluster_args(cluster, scheduler, str(out))  # before any model is loaded
     if isinstance(data, CellSource):
@@ -179,7 +179,7 @@ def extract(
         raise ValueError("--compile works for timm-pooled backbones without an embed hook and without --tail-blocks")
     token_shape = None
     if tail_blocks is not None:
-        from .tail import check_k, tail_token_shape
+        from embedcache.backbones.tail import check_k, tail_token_shape
 
         check_k(bb, tail_blocks)  # beyond the depth: a clear error before anything is written
     pools = parse_pools(pool, spec.default_pool)
@@ -236,7 +236,7 @@ def extract(
     base = f"{safe_key(bb.key_name)}/{prep_tag}"
     with contextlib.ExitStack() as stack:
         if cluster is not None or scheduler is not None:
-            from .distributed import BackboneRecipe, DaskRun
+            from embedcache.extraction.distributed import BackboneRecipe, DaskRun
 
             recipe = BackboneRecipe.of(model, weights, revision, adapter, bb)
             plan = replace(
@@ -557,7 +557,7 @@ def _run(plan: ExtractPlan, cells: _Cells, fs: FeatureSet, pending: Sequence[int
     assembler = _ChunkAssembler(fs, arrays, writer.put)
     tail = None
     if plan.tail_blocks is not None:
-        from .tail import TailModule
+        from embedcache.backbones.tail import TailModule
 
         tail = TailModule(bb, plan.tail_blocks, pool=pools[0]).to(dev).eval()
     bar = progress_bar(len(rows), f"extract {bb.spec.name} → {fs.key}", enabled=plan.progress)
@@ -673,7 +673,7 @@ def compute_batch_with_tokens(
 ) -> dict[str, np.ndarray]:
     """Pooled features and the tokens entering the last k blocks, from one forward pass: the frozen
     prefix gives the tokens, the backbone's own tail turns them into the pooled features."""
-    from .tail import tail_tokens
+    from embedcache.backbones.tail import tail_tokens
 
     assert plan.tail_blocks is not None
     x = to_model_input(groups, plan.prep, dev)
@@ -724,7 +724,7 @@ def default_workers(device: torch.device) -> int:
 def _provenance(plan: ExtractPlan, variant: Variant) -> dict[str, Any]:
     import timm
 
-    from . import __version__
+    from embedcache import __version__
 
     bb, dev = plan.backbone, plan.device
     spec = bb.spec

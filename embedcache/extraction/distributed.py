@@ -30,17 +30,17 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from .faults import checkpoint
-from .leases import check_held
-from .loading import LoadedBackbone, load_backbone
-from .progress import progress as progress_bar
+from embedcache.faults import checkpoint
+from embedcache.store.locking.lease import check_held
+from embedcache.backbones.loading import LoadedBackbone, load_backbone
+from embedcache.progress import progress as progress_bar
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from .pipeline import ExtractPlan, ExtractResult, Variant
-    from .sources import CellSource
-    from .store import FeatureSet
+    from embedcache.extraction.pipeline import ExtractPlan, ExtractResult, Variant
+    from embedcache.inputs.sources import CellSource
+    from embedcache.store.store import FeatureSet
 
 __all__ = [
     "DaskRun",
@@ -218,7 +218,7 @@ class DaskRun:
         """Compute ``pending`` chunks of ``fs`` as one task each; count into ``result``; progress over all."""
         from distributed import as_completed
 
-        from .pipeline import ExtractionError
+        from embedcache.extraction.pipeline import ExtractionError
 
         job = _job(plan, fs, self)
         inputs = self.client.scatter(
@@ -332,8 +332,8 @@ def _worker_backbone(recipe: BackboneRecipe, shipped: LoadedBackbone | None) -> 
 
 def _compute_chunks(job: _Job, inputs: tuple, source: CellSource, chunks: list[int]) -> dict[str, Any]:
     """One task: compute, write and mark done ``chunks`` of the job's feature set (``source``: their cells)."""
-    from .pipeline import ExtractionError, ExtractPlan, ExtractResult, _Cells, _run
-    from .store import FeatureSet, open_store
+    from embedcache.extraction.pipeline import ExtractionError, ExtractPlan, ExtractResult, _Cells, _run
+    from embedcache.store.store import FeatureSet, open_store
 
     perturbation, subset, shipped = inputs
     dev = _worker_device(job.device_type)
@@ -348,7 +348,7 @@ def _compute_chunks(job: _Job, inputs: tuple, source: CellSource, chunks: list[i
     store = open_store(job.store_url, mode="a")
     ds = store.dataset(job.dataset)
     fs = FeatureSet(ds, job.key)
-    from .devices import DTYPES
+    from embedcache.backbones.devices import DTYPES
 
     plan = ExtractPlan(
         source=source,

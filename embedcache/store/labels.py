@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .faults import checkpoint
+from embedcache.faults import checkpoint
 
 HISTORY_COLUMNS = ("id", "old", "new", "time", "source", "note")
 

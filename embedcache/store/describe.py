@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .store import open_store
+from embedcache.store.store import open_store
 
 __all__ = ["describe", "provenance_line"]
 

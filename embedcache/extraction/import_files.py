@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .importing import ImportResult, import_features
+from embedcache.extraction.importing import ImportResult, import_features
 
 __all__ = ["load_features", "import_features_file"]
 

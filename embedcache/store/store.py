@@ -5,7 +5,7 @@ Layout (one store, many datasets, backbones and perturbations)::
     cache.zarr/                          attrs: schema_version
       <dataset>/                         attrs: kind=dataset, source, digest, n
         obs/  id path label split domain group      (1-D string arrays, one row per cell)
-        labels/                          corrections, one atomic pointer (see embedcache.labels)
+        labels/                          corrections, one atomic pointer (see embedcache.store.labels)
         features/<backbone>/<prep>/<perturbation>/  attrs: kind=feature_set, provenance, fingerprint
           cls, mean        (N, D) float16, chunks (C, D)
           ok               (N,) bool      False where the image could not be read
@@ -18,7 +18,7 @@ A row-chunk is written, read back and compared, its checksums recorded, and only
 ``done_<pool>`` flag set. Each flag is its own object, so a killed run leaves every unfinished
 chunk ``False`` and a rerun redoes exactly those; writers of different chunks never touch the
 same object. Completion is derived from the flags, never stored separately. Reading a done
-chunk checks its checksum (:mod:`embedcache.integrity`): damage is an error, never data.
+chunk checks its checksum (:mod:`embedcache.store.verify`): damage is an error, never data.
 
 A group's attributes are written in one metadata write, last: a group without them is an
 interrupted creation, listed by :meth:`Store.incomplete_groups` and redone by the next writer.
@@ -43,13 +43,13 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 
-from . import labels as _labels
-from .faults import checkpoint
-from .integrity import MISSING_CRC, crc_rows, crc_values
-from .leases import LeaseBusy, check_held, lease
-from .leases import guarantee as lease_guarantee
-from .locks import LockBusy, file_lock, memory_lock, remove_stale
-from .sources import OBS_COLUMNS, CellSource
+from embedcache.store import labels as _labels
+from embedcache.faults import checkpoint
+from embedcache.store.verify import MISSING_CRC, crc_rows, crc_values
+from embedcache.store.locking.lease import LeaseBusy, check_held, lease
+from embedcache.store.locking.lease import guarantee as lease_guarantee
+from embedcache.store.locking.flock import LockBusy, file_lock, memory_lock, remove_stale
+from embedcache.inputs.sources import OBS_COLUMNS, CellSource
 
 SCHEMA_VERSION = 1
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
@@ -225,7 +225,7 @@ class Store:
 
         Local stores use ``flock`` in the side folder (released by the OS even on SIGKILL);
         ``memory://`` stores use an in-process lock; other fsspec stores (``s3://``...) a lease object
-        with expiry in the side folder (:mod:`embedcache.leases`). :meth:`write_guarantee` says which.
+        with expiry in the side folder (:mod:`embedcache.store.locking.lease`). :meth:`write_guarantee` says which.
         """
         with self._lock(name, wait=wait):
             yield
@@ -372,7 +372,7 @@ class Dataset:
 
         The original labels stay in ``obs/label``; the current labels and an append-only
         history live under ``labels/`` and change together in one atomic step
-        (:mod:`embedcache.labels`): a killed run leaves the old state or the new one, and
+        (:mod:`embedcache.store.labels`): a killed run leaves the old state or the new one, and
         rerunning the same corrections converges. Unknown ids or empty labels are a clear
         error and nothing is written. Returns the number of labels that changed.
         """
@@ -894,7 +894,7 @@ class FeatureSet:
         prov = self.attrs.get("provenance", {})
         pools = {p: f"{int(self.done(p).sum())}/{self.n_chunks} chunks" for p in self.pools}
         if verify:
-            from .integrity import check_chunk
+            from embedcache.store.verify import check_chunk
 
             damage = [str(d) for c in self.done_chunks() for d in check_chunk(self, c)]
         else:

@@ -9,7 +9,7 @@ Where checks are recorded: one JSON file, ``precision.json`` in the user's cache
 (``$EMBEDCACHE_CACHE_DIR``, else ``$XDG_CACHE_HOME/embedcache``, else ``~/.cache/embedcache``), one entry per
 (backbone name, weights SHA-256, device type): a check of random-init weights says nothing about pretrained
 ones. :func:`choose_dtype` (what ``extract --dtype auto`` uses) takes the fastest dtype for the device at hand
-(:func:`embedcache.devices.dtype_candidates`) that is neither forbidden nor failed in the recorded check; the
+(:func:`embedcache.backbones.devices.dtype_candidates`) that is neither forbidden nor failed in the recorded check; the
 feature set's provenance keeps the choice, the reason and the check it relied on.
 """
 
@@ -27,11 +27,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .devices import DTYPES, cpu_has_native_bf16, dtype_candidates, resolve_device, resolve_dtype
+from embedcache.backbones.devices import DTYPES, cpu_has_native_bf16, dtype_candidates, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
-    from .loading import LoadedBackbone
-    from .sources import CellSource
+    from embedcache.backbones.loading import LoadedBackbone
+    from embedcache.inputs.sources import CellSource
 
 __all__ = ["check_precision", "choose_dtype", "DtypeChoice", "recorded_check", "record_path", "THRESHOLD"]
 
@@ -135,7 +135,7 @@ def _failed(check: dict[str, Any] | None) -> dict[str, str]:
 def choose_dtype(dtype: str, device: torch.device, backbone: LoadedBackbone) -> DtypeChoice:
     """The compute dtype for ``backbone`` on ``device``.
 
-    ``"auto"``: the fastest of :func:`~embedcache.devices.dtype_candidates` that the registry entry does not
+    ``"auto"``: the fastest of :func:`~embedcache.backbones.devices.dtype_candidates` that the registry entry does not
     forbid and whose recorded check did not fail. An explicit dtype is checked against the device and refused
     (``ValueError`` with the reason) when the entry forbids it; one that failed a recorded check is used as
     asked, with the failure in the reason.
@@ -179,7 +179,7 @@ def _sample_rows(source: CellSource, n_cells: int) -> np.ndarray:
 def _embed_all(
     bb: LoadedBackbone, images: list[np.ndarray], prep: Any, dev: torch.device, dt: torch.dtype, pools, batch: int
 ) -> dict[str, np.ndarray]:
-    from .pipeline import compute_batch
+    from embedcache.extraction.pipeline import compute_batch
 
     bb.model.to(dev).eval()
     parts: dict[str, list[np.ndarray]] = {p: [] for p in pools}
@@ -262,11 +262,11 @@ def check_precision(
     result is saved where ``auto`` finds it (:func:`record_path`), replacing an older check of the same
     backbone, weights and device type. ``df.attrs`` holds the threshold, the data and the record path.
     """
-    from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError
-    from .loading import load_backbone
-    from .pooling import check_pools, parse_pools
-    from .preprocess import Preprocessing
-    from .sources import CellSource, open_source
+    from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError
+    from embedcache.backbones.loading import load_backbone
+    from embedcache.backbones.pooling import check_pools, parse_pools
+    from embedcache.backbones.preprocess import Preprocessing
+    from embedcache.inputs.sources import CellSource, open_source
 
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")

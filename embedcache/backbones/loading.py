@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import pooling
-from .registry import BackboneSpec, get_spec
+from embedcache.backbones import pooling
+from embedcache.backbones.registry import BackboneSpec, get_spec
 
 RANDOM_SEED = 0
 _CONTAINERS = ("teacher", "state_dict", "model", "module")  # unwrapped in this order
@@ -78,7 +78,7 @@ def resolve_layers(layers: Mapping[str, str]) -> dict[str, Any]:
     out = {}
     for kwarg, name in layers.items():
         if name == "ConvStem":
-            from .ctranspath import ConvStem
+            from embedcache.backbones.ctranspath import ConvStem
 
             out[kwarg] = ConvStem
         elif callable(getattr(timm.layers, name, None)):
