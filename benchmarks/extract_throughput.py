@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import embedcache  # noqa: E402
 from embedcache.backbones.devices import cpu_has_native_bf16, cpu_model  # noqa: E402
 from embedcache.backbones.loading import load_backbone  # noqa: E402
-from embedcache.extraction.pipeline import is_cnn, resolve_device  # noqa: E402
 from embedcache.backbones.pooling import embed  # noqa: E402
 from embedcache.backbones.precision import choose_dtype  # noqa: E402
 from embedcache.backbones.preprocess import Preprocessing, to_model_input  # noqa: E402
+from embedcache.extraction.pipeline import is_cnn, resolve_device  # noqa: E402
 
 SHARED = Path(os.environ.get("EMBEDCACHE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

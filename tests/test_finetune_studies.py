@@ -17,8 +17,8 @@ import embedcache
 import probes
 from embedcache.backbones.loading import load_backbone
 from embedcache.backbones.preprocess import Preprocessing
-from embedcache.store.store import open_store, tokens_name
 from embedcache.backbones.tail import tail_tokens
+from embedcache.store.store import open_store, tokens_name
 from probes.data import ProbeError
 from probes.finetune import load_adapter, read_adapter_meta
 from probes.finetune.augment import CellImages, augment_image, parse_augment

@@ -8,7 +8,6 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from embedcache.inputs.images import read_image
 from embedcache.backbones.pooling import embed
 from embedcache.backbones.preprocess import Preprocessing, to_model_input
 from embedcache.backbones.tail import (
@@ -19,6 +18,7 @@ from embedcache.backbones.tail import (
     tail_token_shape,
     tail_tokens,
 )
+from embedcache.inputs.images import read_image
 
 SIZE = 64
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import embedcache
-from embedcache.store.store import open_store
 from embedcache.backbones.tail import TailError, TailModule
+from embedcache.store.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 KW = dict(weights="random", input_size=32, chunk_size=16, batch_size=8, num_workers=0, progress=False)

@@ -262,10 +262,10 @@ def check_precision(
     result is saved where ``auto`` finds it (:func:`record_path`), replacing an older check of the same
     backbone, weights and device type. ``df.attrs`` holds the threshold, the data and the record path.
     """
-    from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError
     from embedcache.backbones.loading import load_backbone
     from embedcache.backbones.pooling import check_pools, parse_pools
     from embedcache.backbones.preprocess import Preprocessing
+    from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError
     from embedcache.inputs.sources import CellSource, open_source
 
     if not 0.0 < threshold <= 1.0:

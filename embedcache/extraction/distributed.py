@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from embedcache.faults import checkpoint
-from embedcache.store.locking.lease import check_held
 from embedcache.backbones.loading import LoadedBackbone, load_backbone
+from embedcache.faults import checkpoint
 from embedcache.progress import progress as progress_bar
+from embedcache.store.locking.lease import check_held
 
 if TYPE_CHECKING:
     from distributed import Client

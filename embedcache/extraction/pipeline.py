@@ -24,15 +24,15 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from embedcache.backbones.devices import DTYPES, cpu_has_native_bf16, resolve_device, resolve_dtype
-from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, StorageFetchError
 from embedcache.backbones.loading import LoadedBackbone, load_backbone
-from embedcache.inputs.perturb import Perturbation, parse_perturbations
-from embedcache.inputs.perturb import apply as perturb_apply
 from embedcache.backbones.pooling import check_pools, embed, parse_pools
 from embedcache.backbones.precision import DtypeChoice, choose_dtype
 from embedcache.backbones.preprocess import Preprocessing, to_model_input
-from embedcache.progress import progress as progress_bar
+from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, StorageFetchError
+from embedcache.inputs.perturb import Perturbation, parse_perturbations
+from embedcache.inputs.perturb import apply as perturb_apply
 from embedcache.inputs.sources import CellSource, label_collisions, open_source
+from embedcache.progress import progress as progress_bar
 from embedcache.store.store import (
     OUTSIDE_SUBSET,
     STORE_DTYPES,
@@ -46,8 +46,8 @@ from embedcache.store.store import (
 )
 
 if TYPE_CHECKING:
-    from embedcache.extraction.distributed import DaskRun
     from embedcache.backbones.tail import TailModule
+    from embedcache.extraction.distributed import DaskRun
 
 ON_ERROR = ("fail", "skip")
 __all__ = [

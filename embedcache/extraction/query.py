@@ -9,12 +9,12 @@ from typing import cast
 import numpy as np
 import torch
 
-from embedcache.inputs.images import read_image
-from embedcache.extraction.importing import check_embeddable
 from embedcache.backbones.loading import LoadedBackbone, load_backbone
-from embedcache.inputs.perturb import apply as perturb_apply
-from embedcache.extraction.pipeline import compute_batch, resolve_device
 from embedcache.backbones.preprocess import Preprocessing
+from embedcache.extraction.importing import check_embeddable
+from embedcache.extraction.pipeline import compute_batch, resolve_device
+from embedcache.inputs.images import read_image
+from embedcache.inputs.perturb import apply as perturb_apply
 from embedcache.store.store import FeatureSet, StoreError
 
 

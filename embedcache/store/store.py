@@ -43,13 +43,13 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 
-from embedcache.store import labels as _labels
 from embedcache.faults import checkpoint
-from embedcache.store.verify import MISSING_CRC, crc_rows, crc_values
+from embedcache.inputs.sources import OBS_COLUMNS, CellSource
+from embedcache.store import labels as _labels
+from embedcache.store.locking.flock import LockBusy, file_lock, memory_lock, remove_stale
 from embedcache.store.locking.lease import LeaseBusy, check_held, lease
 from embedcache.store.locking.lease import guarantee as lease_guarantee
-from embedcache.store.locking.flock import LockBusy, file_lock, memory_lock, remove_stale
-from embedcache.inputs.sources import OBS_COLUMNS, CellSource
+from embedcache.store.verify import MISSING_CRC, crc_rows, crc_values
 
 SCHEMA_VERSION = 1
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")

@@ -107,8 +107,8 @@ class ImageReader:
         return len(self.paths)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        from embedcache.inputs.images import read_image
         from embedcache.backbones.preprocess import to_model_input
+        from embedcache.inputs.images import read_image
 
         imgs = [torch.from_numpy(read_image(self.paths[int(r)])) for r in rows]
         groups: list[list[torch.Tensor]] = []
