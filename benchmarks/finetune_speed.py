@@ -1,6 +1,6 @@
 """FT_last (and LoRA) from cached tail tokens vs through the full backbone from images: seconds per epoch.
 
-The same fine-tune (:class:`probes.finetune.FineTuneProbe`, same cells, model, seed, hold-out, batches) runs
+The same fine-tune (:class:`probes.tuning.FineTuneProbe`, same cells, model, seed, hold-out, batches) runs
 
 (a) on the tokens entering the last ``k`` blocks, computed once (the ``embedcache extract --tail-blocks k``
     cost, reported separately as ``cache_build_s``) and held as float16 (what the store holds);
@@ -125,9 +125,9 @@ def main() -> None:
     from embedcache.backbones.loading import load_backbone
     from embedcache.backbones.preprocess import Preprocessing
     from embedcache.backbones.tail import tail_bytes_per_cell, tail_tokens
-    from probes.finetune import ArrayTokens, FineTuneProbe
-    from probes.finetune.augment import CellImages
     from probes.heads.base import cpu_has_native_bf16, resolve_device
+    from probes.tuning import ArrayTokens, FineTuneProbe
+    from probes.tuning.augment import CellImages
 
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)

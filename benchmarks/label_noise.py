@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import embedcache  # noqa: E402
 from probes.calibration import calibration_metrics  # noqa: E402
+from probes.engine.threads import limit_threads  # noqa: E402
 from probes.studies.audit import AuditOptions, audit_arrays  # noqa: E402
 from probes.studies.audit.ranking import (  # noqa: E402
     CANDIDATES,
@@ -78,7 +79,6 @@ from probes.studies.audit.ranking import (  # noqa: E402
     ensemble_proba,
 )
 from probes.studies.audit.run import JOINT_PROBE  # noqa: E402
-from probes.threads import limit_threads  # noqa: E402
 
 SHARED = Path(os.environ.get("EMBEDCACHE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     import faiss
 
     from embedcache.backbones.devices import cpu_has_native_bf16, cpu_model
-    from probes.ann import AnnParams
-    from probes.neighbors import ApproxNeighborIndex, NeighborIndex
+    from probes.search.ann import AnnParams
+    from probes.search.index import ApproxNeighborIndex, NeighborIndex
 
     if args.threads:
         faiss.omp_set_num_threads(args.threads)

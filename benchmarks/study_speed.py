@@ -197,7 +197,7 @@ def main() -> None:
 
     import embedcache
     import probes
-    from probes.data import open_cells
+    from probes.features.cells import open_cells
     from probes.heads import resolve_device
 
     torch.set_num_threads(args.threads)

@@ -1,5 +1,5 @@
 """``probes audit``, ``probes neighbors``, ``probes relabel``: thin calls of :func:`probes.audit`,
-:func:`probes.neighbors` and :func:`probes.relabel` with the same parameter names. Plain functions
+:func:`probes.search.index` and :func:`probes.relabel` with the same parameter names. Plain functions
 with Typer options (:mod:`cli.common`); :mod:`cli.probes_app` registers them."""
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ The Python API has the CLI's names (the ``probes`` CLI is a thin skin over these
 * :func:`make_probe` / :data:`PROBES` — the heads, scikit-learn shaped (imported lazily: torch).
 
 Layout: :mod:`probes.heads` (the estimators), :mod:`probes.studies` (one module per study, each
-filling :mod:`probes.skeleton`), :mod:`probes.reporting` (files, plots, console, HTML, contact
-sheets); beside them the shared inputs: :mod:`probes.data` (cells), :mod:`probes.sampling`
-(splits), :mod:`probes.domains`, :mod:`probes.metrics`, :mod:`probes.neighbors` (the index),
-:mod:`probes.labels` (relabel). No function here shares its name with a module of this package.
+filling :mod:`probes.engine.skeleton`), :mod:`probes.reporting` (files, plots, console, HTML, contact
+sheets); beside them the shared inputs: :mod:`probes.features.cells` (cells), :mod:`probes.sampling`
+(splits), :mod:`probes.domains`, :mod:`probes.metrics`, :mod:`probes.search.index` (the index),
+:mod:`probes.studies.relabel` (relabel). No function here shares its name with a module of this package.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from probes.data import ProbeError
-from probes.labels import relabel
-from probes.neighbors import NeighborIndex, neighbors
+from probes.errors import ProbeError
+from probes.search.index import NeighborIndex, neighbors
 from probes.studies.audit import AuditResult, audit, audit_arrays
 from probes.studies.calibrate import calibrate
 from probes.studies.ensemble import ensemble
 from probes.studies.evaluate import evaluate
+from probes.studies.finetune import finetune
+from probes.studies.relabel import relabel
 from probes.studies.robustness import robustness
 from probes.studies.scale import scale
 from probes.studies.selective import selective
@@ -40,8 +41,6 @@ _LAZY = {"make_probe": "probes.heads", "PROBES": "probes.heads"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "finetune":  # the fine-tune package, callable as the study: probes.finetune(store, model, ...)
-        return importlib.import_module("probes.finetune")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'probes' has no attribute {name!r}")
@@ -54,6 +53,7 @@ __all__ = [
     "ensemble",
     "calibrate",
     "selective",
+    "finetune",
     "audit",
     "audit_arrays",
     "AuditResult",

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from probes.data import Cells, ProbeError, parse_names
+from probes.errors import ProbeError
+from probes.features.cells import Cells, parse_names
 from probes.metrics import MAIN_METRIC
 from probes.reporting.console import Col, Panel
 from probes.sampling import Split, sort_labels

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from probes.data import ProbeError
+from probes.errors import ProbeError
 
 PROTOCOL_SEED = 42
 SPLITS = ("stratified", "column", "group")

@@ -1,4 +1,4 @@
-"""Approximate neighbour look-ups (probes.ann, ApproxNeighborIndex, `probes neighbors --index`): candidates
+"""Approximate neighbour look-ups (probes.search.ann, ApproxNeighborIndex, `probes neighbors --index`): candidates
 re-ranked exactly, recall measured and kept, the index kept beside the store and reused, rebuilt when the
 features change, exact search unchanged, the CLI flags.
 
@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 import embedcache
 from embedcache.store.store import side_url
-from probes import ann
-from probes.data import ProbeError
-from probes.neighbors import ApproxNeighborIndex, NeighborIndex, neighbors
-from probes.vectors import l2_normalize
+from probes.errors import ProbeError
+from probes.search import ann
+from probes.search.index import ApproxNeighborIndex, NeighborIndex, neighbors
+from probes.search.vectors import l2_normalize
 
 N, D, MODEL = 3000, 64, "synthetic"
 

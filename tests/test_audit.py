@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 
 import embedcache
 import probes
-from probes.data import ProbeError, open_cells
+from probes.errors import ProbeError
+from probes.features.cells import open_cells
 from probes.heads import make_probe
-from probes.neighbors import NeighborIndex, neighbors
+from probes.search.index import NeighborIndex, neighbors
 from probes.studies.audit import (
     EVIDENCE_COLUMNS,
     audit,
@@ -527,9 +528,10 @@ def test_several_backbones_give_per_backbone_evidence(store, tmp_path):
 
 
 def test_joint_member_is_a_plain_logistic_on_the_backbones_side_by_side(store, tmp_path):
+    from probes.engine.threads import limit_threads
+    from probes.features.chunked import SideBySide, side_by_side
+    from probes.features.policy import memory_policy
     from probes.heads.logistic import LogisticProbe
-    from probes.outofcore import SideBySide, memory_policy, side_by_side
-    from probes.threads import limit_threads
 
     cells = open_cells(store, f"{RESNET},{VIT}", pool="mean")
     pos = np.arange(len(cells.obs))

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probes.data import ProbeError
+from probes.errors import ProbeError
 from probes.studies.audit import (
     CANDIDATES,
     DEFAULT_RANKING,

@@ -23,7 +23,7 @@ from probes.calibration import (
     reliability,
     scale_temperature,
 )
-from probes.data import ProbeError
+from probes.errors import ProbeError
 from probes.heads import make_probe
 
 from .conftest import REPO

@@ -1,4 +1,4 @@
-"""A study's fits as Dask tasks (probes.dask_fits, --scheduler): the tables of a local run, exactly.
+"""A study's fits as Dask tasks (probes.engine.dask_fits, --scheduler): the tables of a local run, exactly.
 
 A LocalCluster of 2 worker processes on the 832 bundled Chula cells (tiny random-init ViT)."""
 
@@ -12,9 +12,9 @@ import pytest
 
 import embedcache
 from probes import scale
-from probes.dask_fits import fit_scheduler, parse_scheduler
-from probes.data import ProbeError
-from probes.outofcore import memory_policy
+from probes.engine.dask_fits import fit_scheduler, parse_scheduler
+from probes.errors import ProbeError
+from probes.features.policy import memory_policy
 
 from .conftest import REPO
 

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from probes import ensemble, evaluate
-from probes.data import ProbeError
-from probes.ensemble_rules import auto_pairs, combine, override, parse_pairs
+from probes.engine.skeleton import check_probes
+from probes.errors import ProbeError
 from probes.heads import PROBES, make_probe
-from probes.skeleton import check_probes
+from probes.heads.ensemble_rules import auto_pairs, combine, override, parse_pairs
 
 from .conftest import REPO
 from .decision_stores import column_split, decision_store, permute_test_labels

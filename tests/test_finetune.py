@@ -12,7 +12,7 @@ from embedcache.backbones.loading import load_backbone, state_dict_sha256
 from embedcache.backbones.pooling import embed
 from embedcache.backbones.preprocess import Preprocessing
 from embedcache.backbones.tail import TailError, tail_tokens
-from probes.finetune import (
+from probes.tuning import (
     AdapterError,
     ArrayTokens,
     FineTuneProbe,
@@ -20,7 +20,7 @@ from probes.finetune import (
     TrainingDiverged,
     load_adapter,
 )
-from probes.finetune.nets import tail_key_to_backbone
+from probes.tuning.nets import tail_key_to_backbone
 
 SIZE = 64
 FAST = {"epochs": 2, "batch_size": 64, "device": "cpu"}

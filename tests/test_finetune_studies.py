@@ -19,12 +19,12 @@ from embedcache.backbones.loading import load_backbone
 from embedcache.backbones.preprocess import Preprocessing
 from embedcache.backbones.tail import tail_tokens
 from embedcache.store.store import open_store, tokens_name
-from probes.data import ProbeError
-from probes.finetune import load_adapter, read_adapter_meta
-from probes.finetune.augment import CellImages, augment_image, parse_augment
-from probes.finetune.scratch import scratch_vit
-from probes.finetune.study_inputs import RowsReader
+from probes.errors import ProbeError
 from probes.studies.finetune import finetune
+from probes.tuning import load_adapter, read_adapter_meta
+from probes.tuning.augment import CellImages, augment_image, parse_augment
+from probes.tuning.scratch import scratch_vit
+from probes.tuning.study_inputs import RowsReader
 
 MODEL = "timm:test_vit"
 SIZE = 64
@@ -264,7 +264,7 @@ def test_augmentations_are_seeded_and_change_only_training_reads(chula_cells):
 
 def test_rows_reader_restricts_and_keeps_the_order():
     base = np.arange(20, dtype=np.float32).reshape(10, 2)
-    from probes.finetune import ArrayTokens
+    from probes.tuning import ArrayTokens
 
     view = RowsReader(ArrayTokens(base), np.array([7, 2, 9, 2]))
     assert len(view) == 4 and view.kind == "tokens"
@@ -410,8 +410,8 @@ def test_cli_parameters_are_the_python_names():
 def test_hierarchy_naming_an_unknown_class_is_refused_with_its_line_and_restricted_per_fit(
     store, tmp_path, chula_cells
 ):
-    from probes.finetune.study_inputs import restrict_hierarchy
-    from probes.losses import load_hierarchy
+    from probes.tuning.losses import load_hierarchy
+    from probes.tuning.study_inputs import restrict_hierarchy
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("lineages:\n  a: [normal, blast]\nsmoothing: 0.1\n")

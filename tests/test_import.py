@@ -18,7 +18,7 @@ import embedcache
 from embedcache.extraction.importing import NON_FINITE
 from embedcache.store.store import FeatureSetConflict, StoreBusyError, StoreError
 from probes import evaluate
-from probes.data import open_cells
+from probes.features.cells import open_cells
 
 from .conftest import REPO
 

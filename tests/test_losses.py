@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from probes.losses import (
+from probes.tuning.losses import (
     HierarchyError,
     class_weights,
     focal_loss,

@@ -114,7 +114,8 @@ def test_scale_summary_keeps_every_number_per_backbone_pooling_and_limit_note(st
 
 
 def test_pool_per_backbone_form(store, tmp_path):
-    from probes.data import ProbeError, open_cells, parse_pool
+    from probes.errors import ProbeError
+    from probes.features.cells import open_cells, parse_pool
 
     cells = open_cells(store, "timm:test_resnet,timm:test_vit", pool="timm:test_resnet=mean,cls")
     assert cells.pools == {"timm:test_resnet": "mean", "timm:test_vit": "cls"}

@@ -1,4 +1,4 @@
-"""Out-of-core probes (probes.outofcore): rows read from the store in blocks give the in-memory results.
+"""Out-of-core probes (probes.features.chunked, probes.heads.rows): rows read from the store in blocks give the in-memory results.
 
 Real features: the 832 bundled Chula RBC-12 cells through a tiny random-init ViT, stored in chunks of
 128 rows; blocks of 100 rows so that blocks and store chunks never line up."""
@@ -12,21 +12,14 @@ import torch
 
 import embedcache
 from probes import scale
-from probes.data import ProbeError, open_cells
-from probes.heads.knn import KNNProbe
+from probes.errors import ProbeError
+from probes.features.cells import open_cells
+from probes.features.chunked import ChunkedRows, predict_blocks, proba_blocks
+from probes.features.policy import MemoryPolicy, memory_policy, parse_memory
+from probes.heads.knn import ChunkedKNNProbe, KNNProbe
 from probes.heads.logistic import LogisticProbe
-from probes.neighbors import NeighborIndex
-from probes.outofcore import (
-    ChunkedKNNProbe,
-    ChunkedRows,
-    MemoryPolicy,
-    all_neighbors,
-    exact_search,
-    memory_policy,
-    parse_memory,
-    predict_blocks,
-    proba_blocks,
-)
+from probes.search.exact import all_neighbors, exact_search
+from probes.search.index import NeighborIndex
 
 MODEL = "timm:test_vit"
 BLOCK = 100
@@ -248,7 +241,7 @@ def test_ties_between_distinct_store_rows_follow_positions_not_store_order(tmp_p
 def test_probability_studies_out_of_core_equal_in_memory(store, tmp_path):
     """calibrate above the memory budget (logistic streamed, kNN searched in blocks) gives the in-memory tables
     exactly, and fits.csv says which path the fits took. ensemble and selective fit through the same function
-    (probes.proba_fits.fit_proba), so this covers their fits too."""
+    (probes.engine.proba_fits.fit_proba), so this covers their fits too."""
     from probes import calibrate
 
     kw = dict(probes="logistic,knn", quiet=True)

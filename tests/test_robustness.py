@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import embedcache
 from cli.probes_app import app
 from probes import robustness
-from probes.data import ProbeError
+from probes.errors import ProbeError
 from probes.studies.robustness import drop_slope
 
 MODEL = "timm:test_vit"

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probes.data import ProbeError
+from probes.errors import ProbeError
 from probes.sampling import Sampler, flag_min, parse_limits, parse_seeds, sort_labels
 
 

@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 
 from probes import selective
-from probes.confidence import (
+from probes.errors import ProbeError
+from probes.heads import make_probe
+from probes.studies.confidence import (
     abstention_by_class,
     agreement,
     aurc,
@@ -28,8 +30,6 @@ from probes.confidence import (
     risks_at_k,
     scores_at_coverages,
 )
-from probes.data import ProbeError
-from probes.heads import make_probe
 
 from .conftest import REPO
 from .decision_stores import column_split, decision_store, permute_test_labels

@@ -15,9 +15,10 @@ import zarr
 
 import embedcache
 from probes import evaluate, scale
-from probes.data import ProbeError, open_cells
+from probes.engine.split_fits import RESULT_COLUMNS
+from probes.errors import ProbeError
+from probes.features.cells import open_cells
 from probes.sampling import Sampler
-from probes.split_fits import RESULT_COLUMNS
 
 from .conftest import REPO
 

@@ -113,7 +113,7 @@ def test_a_saved_adapter_embeds_new_images_into_its_own_feature_set_and_answers_
     """The tuned model is usable: fine-tune on cached tokens, save the adapter, extract new cells with it,
     and query the tuned feature set by image."""
     from embedcache.extraction.query import embed_images
-    from probes.finetune import FineTuneProbe
+    from probes.tuning import FineTuneProbe
 
     r = embedcache.extract("timm:test_vit", cells, tmp_path / "c.zarr", tail_blocks=1, **KW)
     ds = open_store(tmp_path / "c.zarr").dataset()

@@ -318,7 +318,7 @@ def _worker_backbone(recipe: BackboneRecipe, shipped: LoadedBackbone | None) -> 
     if bb is None:
         bb = load_backbone(recipe.model, weights=recipe.weights, revision=recipe.revision)
         if recipe.adapter is not None:
-            from probes.finetune.adapter import load_adapter
+            from probes.tuning.adapter import load_adapter
 
             bb = cast(LoadedBackbone, load_adapter(recipe.adapter, backbone=bb).backbone)
         _backbones[recipe.cache_key] = bb

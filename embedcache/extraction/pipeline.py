@@ -170,7 +170,7 @@ def extract(
     resolve_dtype(dtype, dev)  # a bad name fails before any model is built
     bb = backbone or load_backbone(model, weights=weights, revision=revision)
     if adapter is not None:
-        from probes.finetune.adapter import load_adapter  # the format belongs with the fine-tunes that write it
+        from probes.tuning.adapter import load_adapter  # the format belongs with the fine-tunes that write it
 
         bb = cast(LoadedBackbone, load_adapter(adapter, backbone=bb).backbone)  # Adapter.backbone is typed object
     spec = bb.spec

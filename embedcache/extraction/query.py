@@ -36,7 +36,7 @@ def backbone_for(fs: FeatureSet) -> LoadedBackbone:
         )
     adapter = w.get("adapter")
     if adapter:  # a feature set made with a fine-tuned model: apply the same adapter again
-        from probes.finetune.adapter import load_adapter  # the format belongs with the fine-tunes that write it
+        from probes.tuning.adapter import load_adapter  # the format belongs with the fine-tunes that write it
 
         tuned = cast(LoadedBackbone, load_adapter(adapter["path"], backbone=bb).backbone)
         if tuned.weights.get("adapter", {}).get("sha256") != adapter.get("sha256"):

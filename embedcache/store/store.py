@@ -937,7 +937,7 @@ class FeatureSet:
 class TailTokens:
     """Reads cached tail tokens by rows, each stored sub-chunk checked against its checksum.
 
-    The reader protocol of :mod:`probes.finetune` (``__len__``, ``read(rows)``, ``kind``,
+    The reader protocol of :mod:`probes.tuning` (``__len__``, ``read(rows)``, ``kind``,
     ``digest``): minibatches are read from the store, so the tokens need not fit in memory."""
 
     kind = "tokens"

@@ -1,6 +1,6 @@
 """The standardised, transposed rows a linear fit runs on, in fixed blocks of rows: one code path for
 features in memory and for features read from the store block by block
-(:class:`probes.outofcore.ChunkedRows`).
+(:class:`probes.features.chunked.ChunkedRows`).
 
 Both paths cut the same positions into the same blocks of rows (:func:`block_rows`), compute the
 column moments with the same float64 sums block by block, standardise each block the same way and
@@ -41,7 +41,7 @@ def row_blocks(positions: np.ndarray, width: int) -> list[np.ndarray]:
 
 
 def read_rows(X: Any, positions: np.ndarray) -> np.ndarray:
-    """Float32 rows of ``X`` at ``positions``: an in-memory array, or :class:`probes.outofcore.ChunkedRows`
+    """Float32 rows of ``X`` at ``positions``: an in-memory array, or :class:`probes.features.chunked.ChunkedRows`
     (read from the store)."""
     if hasattr(X, "read"):
         return X.read(positions)

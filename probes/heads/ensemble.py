@@ -1,5 +1,5 @@
 """Head-diverse ensembles as an estimator: several probe heads on one set of features, combined by a
-rule of :mod:`probes.ensemble_rules` (the paper's ``override``, ``majority``, ``mean``).
+rule of :mod:`probes.heads.ensemble_rules` (the paper's ``override``, ``majority``, ``mean``).
 
 :class:`EnsembleProbe` is registered as the parameterised probe names ``ensemble:<head>+<head>+<head>``
 (override, primary = the first head, pairs chosen on a hold-out of the training cells),
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from probes.ensemble_rules import MIN_OVERRIDE_HEADS, RULES, auto_pairs, combine, parse_pairs
 from probes.heads.base import ProbeBase, check_X, encode_labels, stratified_holdout
+from probes.heads.ensemble_rules import MIN_OVERRIDE_HEADS, RULES, auto_pairs, combine, parse_pairs
 from probes.heads.registry import PROBES, register_probe_family
 
 

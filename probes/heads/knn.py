@@ -23,9 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from probes.heads.base import BF16_MIN_WORK, CHUNK, ProbeBase, cpu_has_native_bf16, importable
+from embedcache.backbones.devices import resolve_device
+from probes.features.chunked import is_chunked
+from probes.heads.base import BF16_MIN_WORK, CHUNK, ProbeBase, cpu_has_native_bf16, encode_labels, importable
 from probes.heads.registry import register_probe
-from probes.vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, pair_dots, rescored_topk
+from probes.search.exact import exact_search
+from probes.search.vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, pair_dots, rescored_topk
 
 BACKENDS = ("auto", "faiss", "torch")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -38,7 +41,7 @@ def _exact_dots_torch(q: torch.Tensor, train: torch.Tensor, cand: torch.Tensor) 
 
 
 def _exact_dots_faiss(q: torch.Tensor, train: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """The same with faiss's fused per-pair products (:func:`probes.vectors.pair_dots`; CPU)."""
+    """The same with faiss's fused per-pair products (:func:`probes.search.vectors.pair_dots`; CPU)."""
     return torch.from_numpy(pair_dots(q.numpy(), train.numpy(), cand.numpy()))
 
 
@@ -159,7 +162,7 @@ class KNNProbe(ProbeBase):
                     index = faiss.index_cpu_to_gpu(self._gpu_res, dev.index or 0, index)
                 index.add(l2_normalize(self.train_))
                 # on the CPU the candidates are re-scored pair by pair: the same neighbours, order and
-                # similarities as the out-of-core search in blocks (probes.vectors.rescored_topk)
+                # similarities as the out-of-core search in blocks (probes.search.vectors.rescored_topk)
                 base = flat_vectors(index) if dev.type == "cpu" else None
                 m = min(self.k_ + RESCORE_EXTRA, self._n_train) if base is not None else self.k_
 
@@ -253,3 +256,40 @@ class KNNProbe(ProbeBase):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._index = None
+
+
+class ChunkedKNNProbe(KNNProbe):
+    """:class:`probes.heads.knn.KNNProbe` whose training rows stay in the store (a :class:`ChunkedRows`):
+    each query batch is answered by :func:`exact_search` (exact float32 FAISS per block, merged); the
+    vote and the probabilities are the in-memory probe's. In-memory training rows fit the in-memory
+    way. ``backend`` / ``precision`` must be ``auto``, ``faiss`` / ``float32`` on chunked rows."""
+
+    def fit(self, X, y) -> ChunkedKNNProbe:
+        """Keep the row reader and class codes; nothing is read until the first query."""
+        if not is_chunked(X):
+            super().fit(X, y)
+            return self
+        if self.k < 1 or self.temperature <= 0:
+            raise ValueError(f"k must be >= 1 and temperature > 0 (got k={self.k}, T={self.temperature})")
+        if self.backend not in ("auto", "faiss") or self.precision not in ("auto", "float32"):
+            raise ValueError(
+                f"the out-of-core kNN search is exact float32 FAISS; backend={self.backend!r}, "
+                f"precision={self.precision!r} cannot run on rows read from the store"
+            )
+        self.classes_, codes = encode_labels(y, len(X))
+        self.n_features_in_ = X.width
+        self.device_ = resolve_device(self.device)
+        self._n_train, self._n_features = X.shape
+        self.backend_, self.precision_ = "faiss-chunked", "float32"
+        self.train_ = X
+        self.labels_ = torch.from_numpy(codes).to(self.device_)
+        self.k_ = min(int(self.k), len(X))
+        self._index = None
+        return self
+
+    def _search_batches(self, Q: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not is_chunked(self.train_):
+            yield from super()._search_batches(Q)
+            return
+        sims, idx = exact_search(Q, self.train_, self.k_, normalized=True)  # every query in one pass over the rows
+        yield torch.from_numpy(sims).to(self.device_), torch.from_numpy(idx).to(self.device_)

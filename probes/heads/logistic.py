@@ -151,10 +151,10 @@ class LogisticProbe(ScoresHead):
         """Standardise, sweep ``Cs`` on the hold-out, refit the chosen ``C`` on all rows.
 
         ``X`` may be rows read from the store block by block, never all at once
-        (:class:`probes.outofcore.ChunkedRows`; torch backend only): each objective evaluation is then a
+        (:class:`probes.features.chunked.ChunkedRows`; torch backend only): each objective evaluation is then a
         pass over the blocks. Rows in memory and rows out of core go through the same blocks, sums and
         order (:mod:`probes.heads.blocks`), so the coefficients are the same bit for bit."""
-        from probes.outofcore import is_chunked
+        from probes.features.chunked import is_chunked
 
         streamed = is_chunked(X)
         if streamed:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from probes.data import ProbeError
+from probes.errors import ProbeError
 
 
 def prepare_out(out: str | os.PathLike) -> Path:

@@ -1,4 +1,4 @@
-"""The studies, one module each, every one filling :mod:`probes.skeleton`'s shape.
+"""The studies, one module each, every one filling :mod:`probes.engine.skeleton`'s shape.
 
 * :mod:`.scale` — macro-F1 against cells per class (``probes scale``);
 * :mod:`.evaluate` — one fit on the full training split (``probes eval``);

@@ -1,8 +1,8 @@
 """``calibrate``: how well a probe's probabilities match its accuracy, before and after temperature scaling.
 
 Skeleton steps: inputs (cells, probes with probabilities, seeds) -> per seed the uncapped split, its
-training cells cut into a fit part and a validation part (:func:`probes.proba_fits.held_out_splits`)
--> fits on the fit part (:func:`probes.proba_fits.fit_probas`) -> per fit a temperature ``T`` fitted on
+training cells cut into a fit part and a validation part (:func:`probes.engine.proba_fits.held_out_splits`)
+-> fits on the fit part (:func:`probes.engine.proba_fits.fit_probas`) -> per fit a temperature ``T`` fitted on
 the validation part (minimum NLL, :func:`probes.calibration.fit_temperature`) and applied to the test
 cells; ECE (equal-width and equal-mass bins), MCE, Brier and NLL on the test cells before and after, and
 the labels' accuracy, macro and weighted P/R/F1 (a temperature changes no label) -> ``results``,
@@ -22,8 +22,7 @@ import numpy as np
 import pandas as pd
 
 from probes.calibration import N_BINS, calibration_metrics, ece, fit_temperature, nll, reliability, scale_temperature
-from probes.data import ProbeError, open_cells
-from probes.proba_fits import (
+from probes.engine.proba_fits import (
     VAL_FRACTION,
     base_row,
     class_codes,
@@ -35,12 +34,14 @@ from probes.proba_fits import (
     seed_summary,
     slug,
 )
+from probes.engine.runtime import study_runtime
+from probes.engine.skeleton import check_probes, either, finish, fit_table, show_summary, study_name
+from probes.errors import ProbeError
+from probes.features.cells import open_cells
 from probes.reporting.console import Col, Panel
 from probes.reporting.decision_plots import plot_reliability
 from probes.reporting.tables import prepare_out, study_document
-from probes.runtime import study_runtime
 from probes.sampling import TEST_SIZE, parse_seeds
-from probes.skeleton import check_probes, either, finish, fit_table, show_summary, study_name
 
 CALIBRATION_METRICS = ("ece_width", "ece_mass", "mce_width", "mce_mass", "brier", "nll")
 KEYS = ["backbone", "feature_key", "pool", "probe"]
@@ -94,7 +95,7 @@ def calibrate(
     ``results.csv/.parquet``, ``summary.csv``, ``reliability.csv``, ``fits.csv``, ``exclusions.csv``,
     ``reliability-<backbone>-<probe>.png`` (test cells of every seed pooled) and ``study.json``.
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
     """
     with study_runtime(scheduler, out_of_core, max_memory):
         seed_list = parse_seeds(seeds)

@@ -2,10 +2,10 @@
 
 Skeleton steps: inputs (cells, three or more heads with probabilities, the primary head, the confusion
 pairs, seeds) -> per seed the uncapped split, its training cells cut into a fit part and a validation
-part (:func:`probes.proba_fits.held_out_splits`) -> every head fitted on the fit part
-(:func:`probes.proba_fits.fit_probas`) -> per backbone x seed: the pairs (given, or the primary head's
+part (:func:`probes.engine.proba_fits.held_out_splits`) -> every head fitted on the fit part
+(:func:`probes.engine.proba_fits.fit_probas`) -> per backbone x seed: the pairs (given, or the primary head's
 top confusions on the **validation part**, never on test), the override ensemble
-(:func:`probes.ensemble_rules.combine`: the primary's prediction inside a pair is replaced only when
+(:func:`probes.heads.ensemble_rules.combine`: the primary's prediction inside a pair is replaced only when
 every other head agrees on the pair's other class), majority and probability-averaging ensembles; every
 head and ensemble scored on the same test cells -> ``results``, ``specialisation`` (per-class F1 of
 every head, mean ± std over seeds, the best head per class marked), ``summary``, ``pairs``, ``fits``,
@@ -23,10 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.data import ProbeError, open_cells
-from probes.ensemble_rules import MIN_OVERRIDE_HEADS, auto_pairs, combine, parse_pairs
-from probes.metrics import CLASS_METRIC
-from probes.proba_fits import (
+from probes.engine.proba_fits import (
     VAL_FRACTION,
     FittedProba,
     base_row,
@@ -38,12 +35,16 @@ from probes.proba_fits import (
     seed_summary,
     slug,
 )
+from probes.engine.runtime import study_runtime
+from probes.engine.skeleton import check_probes, finish, fit_table, show_summary, study_name
+from probes.errors import ProbeError
+from probes.features.cells import open_cells
+from probes.heads.ensemble_rules import MIN_OVERRIDE_HEADS, auto_pairs, combine, parse_pairs
+from probes.metrics import CLASS_METRIC
 from probes.reporting.console import Bold, Col, Panel
 from probes.reporting.decision_plots import plot_specialisation
 from probes.reporting.tables import prepare_out, study_document
-from probes.runtime import study_runtime
 from probes.sampling import TEST_SIZE, parse_seeds, sort_labels
-from probes.skeleton import check_probes, finish, fit_table, show_summary, study_name
 
 RULE_NAMES = {"override": "ensemble", "majority": "ensemble-vote", "mean": "ensemble-mean"}  # -> registry prefix
 KEYS = ["backbone", "feature_key", "pool", "kind", "method", "probe"]
@@ -125,7 +126,7 @@ def ensemble(
     fitted on the rest). Writes ``results.csv/.parquet``, ``specialisation.csv``, ``summary.csv``,
     ``pairs.csv``, ``fits.csv``, ``exclusions.csv``, ``specialisation-<backbone>.png`` and ``study.json``.
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
     """
     with study_runtime(scheduler, out_of_core, max_memory):
         seed_list = parse_seeds(seeds)

@@ -1,6 +1,6 @@
 """``evaluate``: one fit per backbone x probe x seed on the full training split (no cap, no FlagMin).
 
-Skeleton steps: inputs -> the uncapped split per seed -> fits (:func:`probes.split_fits.fit_splits`)
+Skeleton steps: inputs -> the uncapped split per seed -> fits (:func:`probes.engine.split_fits.fit_splits`)
 -> tidy results and the mean ± std of every metric -> the same tables as ``scale`` (``limit`` empty),
 a confusion-matrix PNG per backbone x probe (x test domain), a console table with per-class F1.
 """
@@ -14,17 +14,10 @@ from typing import Any
 
 import pandas as pd
 
-from probes.data import open_cells
 from probes.domains import DomainPlan, domain_gaps, domain_panels
-from probes.metrics import CLASS_METRIC
-from probes.reporting.console import Col, Panel
-from probes.reporting.plots import plot_confusion
-from probes.reporting.tables import prepare_out, study_document
-from probes.reporting.training import training_plots
-from probes.runtime import study_runtime
-from probes.sampling import TEST_SIZE, parse_seeds
-from probes.skeleton import check_probes, either, finish, show_summary, study_name
-from probes.split_fits import (
+from probes.engine.runtime import study_runtime
+from probes.engine.skeleton import check_probes, either, finish, show_summary, study_name
+from probes.engine.split_fits import (
     CURVE_KEYS,
     StudyResult,
     common_tables,
@@ -33,6 +26,13 @@ from probes.split_fits import (
     fit_splits,
     over_seeds,
 )
+from probes.features.cells import open_cells
+from probes.metrics import CLASS_METRIC
+from probes.reporting.console import Col, Panel
+from probes.reporting.plots import plot_confusion
+from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.training import training_plots
+from probes.sampling import TEST_SIZE, parse_seeds
 
 PRINTED = [
     ("accuracy", "acc"),
@@ -90,7 +90,7 @@ def evaluate(
     ``lp`` / ``ft-last`` / ``lora`` (adapter or unfrozen blocks and head, safetensors, with provenance: base
     backbone, weights sha256, method, data digest) to DIR, or to DIR/<backbone>-<probe>-seed<seed> when
     there are several fits; ``embedcache extract --adapter DIR`` embeds with it.
-    Fine-tune probes (``lp``, ``ft-last``, ``lora``, ``scratch-vit``; :mod:`probes.finetune.study_inputs`)
+    Fine-tune probes (``lp``, ``ft-last``, ``lora``, ``scratch-vit``; :mod:`probes.tuning.study_inputs`)
     sit beside the others in every table: ``tail_blocks`` K trains the last K blocks on the tokens cached by
     ``embedcache extract --tail-blocks K``; ``head`` (``linear``, ``linear-cls-mean``, ``mlp``, ``decoder``),
     ``loss`` (``ce``, ``focal``, ``weighted-ce``, ``weighted-focal``, ``hierarchical-focal`` with ``gamma`` and a
@@ -98,7 +98,7 @@ def evaluate(
     (hold-out choosing the best epoch), ``patience`` (early stopping), ``lora_rank`` / ``lora_alpha`` /
     ``lora_dropout``. Their per-epoch loss and hold-out macro-F1 go to ``epochs.csv`` and ``training_curves.png``.
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
     """
     with study_runtime(scheduler, out_of_core, max_memory):
         seed_list = parse_seeds(seeds)
@@ -117,7 +117,7 @@ def evaluate(
             device=device,
             test_size=test_size,
         )
-        from probes.finetune.study_inputs import study_inputs
+        from probes.tuning.study_inputs import study_inputs
 
         inputs, tune_params = study_inputs(
             cells,
@@ -143,7 +143,7 @@ def evaluate(
         if plan is not None:
             params.update(train_domain=plan.train, test_domain=plan.test)
         folder = prepare_out(default_out(name, out))
-        from probes.finetune.saving import AdapterKeeper  # torch: imported when fitting
+        from probes.tuning.saving import AdapterKeeper  # torch: imported when fitting
 
         keeper = AdapterKeeper(save_adapter, probe_list) if save_adapter is not None else None
         fits = fit_splits(

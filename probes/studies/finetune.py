@@ -1,7 +1,7 @@
 """``finetune``: the papers' fine-tunes from the images (LoRA on every block, FT_last, scratch-vit).
 
 Skeleton steps: inputs (cells, method, options; images, depth and hierarchy checked up front) -> the
-uncapped split per seed (or one ``limit``) -> fits (:func:`probes.split_fits.fit_splits` with the
+uncapped split per seed (or one ``limit``) -> fits (:func:`probes.engine.split_fits.fit_splits` with the
 fine-tune's image readers: the images re-read from the store's paths, augmented when asked) -> the
 same results / fits / confusion tables as ``scale`` and ``evaluate``, ``epochs.csv``,
 ``training_curves.png``, optionally the adapter -> a console table.
@@ -13,15 +13,16 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from probes.data import ProbeError, open_cells
 from probes.domains import DomainPlan, domain_gaps, domain_panels
+from probes.engine.skeleton import finish, show_summary, study_name
+from probes.engine.split_fits import StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
+from probes.errors import ProbeError
+from probes.features.cells import open_cells
 from probes.metrics import MAIN_METRIC
 from probes.reporting.console import Col, Panel
 from probes.reporting.tables import prepare_out, study_document
 from probes.reporting.training import training_plots
 from probes.sampling import TEST_SIZE, parse_seeds
-from probes.skeleton import finish, show_summary, study_name
-from probes.split_fits import StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
 
 METHODS = ("lora", "ft-last", "lp", "scratch-vit")
 SHOWN = [("accuracy", "acc"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
@@ -73,8 +74,8 @@ def finetune(
     Writes the tables of :func:`probes.evaluate` plus ``epochs.csv`` and ``training_curves.png`` to
     ``out`` (default ``finetune-<models>-<method>-<date>``); ``save_adapter`` DIR as in :func:`probes.evaluate`.
     """
-    from probes.finetune.saving import AdapterKeeper
-    from probes.finetune.study_inputs import TuneInputs, TuneOptions
+    from probes.tuning.saving import AdapterKeeper
+    from probes.tuning.study_inputs import TuneInputs, TuneOptions
 
     if method not in METHODS:
         raise ProbeError(f"unknown fine-tune method {method!r}; choose from {', '.join(METHODS)}")

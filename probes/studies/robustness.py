@@ -20,14 +20,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.data import Cells, ProbeError, open_cells, parse_names, require_complete
+from probes.engine.runtime import study_runtime
+from probes.engine.skeleton import FitJob, check_probes, either, finish, run_plan, show_summary, study_name
+from probes.errors import ProbeError
+from probes.features.cells import Cells, open_cells, parse_names, require_complete
 from probes.metrics import MAIN_METRIC, score
 from probes.reporting.console import Col, Panel
 from probes.reporting.plots import plot_robustness
 from probes.reporting.tables import prepare_out, study_document
-from probes.runtime import study_runtime
 from probes.sampling import TEST_SIZE, Sampler, Split, parse_seeds
-from probes.skeleton import FitJob, check_probes, either, finish, run_plan, show_summary, study_name
 
 RESULT_COLUMNS = [
     "study",
@@ -134,7 +135,7 @@ def robustness(
     ``stratified``. Writes ``results.csv/.parquet``, ``summary.csv``, ``slopes.csv``,
     ``robustness.png`` and ``study.json`` to ``out`` (default ``robustness-<models>-<date>``).
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
     """
     with study_runtime(scheduler, out_of_core, max_memory):
         families = parse_names(perturb)

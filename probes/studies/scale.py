@@ -1,7 +1,7 @@
 """``scale``: macro-F1 (and the rest) against cells per class (FlagLimit curves), per backbone x probe.
 
 Skeleton steps: inputs (cells, probes, seeds, limits) -> splits at every limit and seed (same cells
-for every backbone) -> fits (:func:`probes.split_fits.fit_splits`) -> tidy results, curves over seeds
+for every backbone) -> fits (:func:`probes.engine.split_fits.fit_splits`) -> tidy results, curves over seeds
 and the smallest limit reaching a fraction of each curve's best -> ``results``, ``curves``,
 ``summary``, ``exclusions``, ``confusion``, ``fits`` (+ ``domains``) tables, ``scaling.png``, a console table.
 """
@@ -14,17 +14,10 @@ from typing import Any
 
 import pandas as pd
 
-from probes.data import open_cells
 from probes.domains import DomainPlan, domain_gaps, domain_panels
-from probes.metrics import MAIN_METRIC
-from probes.reporting.console import Bold, Col, Panel
-from probes.reporting.plots import plot_scaling
-from probes.reporting.tables import prepare_out, study_document
-from probes.reporting.training import training_plots
-from probes.runtime import study_runtime
-from probes.sampling import TEST_SIZE, limits_note, parse_limits, parse_seeds
-from probes.skeleton import check_probes, finish, show_summary, study_name
-from probes.split_fits import (
+from probes.engine.runtime import study_runtime
+from probes.engine.skeleton import check_probes, finish, show_summary, study_name
+from probes.engine.split_fits import (
     CURVE_KEYS,
     StudyResult,
     common_tables,
@@ -33,6 +26,13 @@ from probes.split_fits import (
     fit_splits,
     over_seeds,
 )
+from probes.features.cells import open_cells
+from probes.metrics import MAIN_METRIC
+from probes.reporting.console import Bold, Col, Panel
+from probes.reporting.plots import plot_scaling
+from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.training import training_plots
+from probes.sampling import TEST_SIZE, limits_note, parse_limits, parse_seeds
 
 
 def scale(
@@ -81,7 +81,7 @@ def scale(
     mean), ``exclusions.csv``, ``confusion.csv/.json``, ``fits.csv``, ``scaling.png`` and ``study.json``
     to ``out`` (default ``scale-<models>-<date>``). ``quiet`` hides the progress bar and the printed
     summary; ``show`` prints the summary regardless (the CLI's ``--quiet`` keeps it).
-    Fine-tune probes (``lp``, ``ft-last``, ``lora``, ``scratch-vit``; :mod:`probes.finetune.study_inputs`)
+    Fine-tune probes (``lp``, ``ft-last``, ``lora``, ``scratch-vit``; :mod:`probes.tuning.study_inputs`)
     sit beside the others in every table: ``tail_blocks`` K trains the last K blocks on the tokens cached by
     ``embedcache extract --tail-blocks K``; ``head`` (``linear``, ``linear-cls-mean``, ``mlp``, ``decoder``),
     ``loss`` (``ce``, ``focal``, ``weighted-ce``, ``weighted-focal``, ``hierarchical-focal`` with ``gamma`` and a
@@ -89,7 +89,7 @@ def scale(
     (hold-out choosing the best epoch), ``patience`` (early stopping), ``lora_rank`` / ``lora_alpha`` /
     ``lora_dropout``. Their per-epoch loss and hold-out macro-F1 go to ``epochs.csv`` and ``training_curves.png``.
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
     """
     with study_runtime(scheduler, out_of_core, max_memory):
         limit_list = parse_limits(limits)
@@ -111,7 +111,7 @@ def scale(
             test_size=test_size,
             fraction=fraction,
         )
-        from probes.finetune.study_inputs import study_inputs
+        from probes.tuning.study_inputs import study_inputs
 
         inputs, tune_params = study_inputs(
             cells,

@@ -2,8 +2,8 @@
 
 Skeleton steps: inputs (cells, probes with probabilities, confidences, the target accuracy, seeds) ->
 per seed the uncapped split, its training cells cut into a fit part and a validation part
-(:func:`probes.proba_fits.held_out_splits`) -> fits on the fit part (the probes, plus the voting heads
-when a confidence is ``agreement``; :func:`probes.proba_fits.fit_probas`) -> per fit x confidence: the
+(:func:`probes.engine.proba_fits.held_out_splits`) -> fits on the fit part (the probes, plus the voting heads
+when a confidence is ``agreement``; :func:`probes.engine.proba_fits.fit_probas`) -> per fit x confidence: the
 risk-coverage curve, AURC and E-AURC, accuracy and macro / weighted P/R/F1 at fixed coverages (test
 cells), the threshold reaching the target accuracy **on the validation part** and what it keeps **on
 the test cells**, the abstention rate per true class -> ``results``, ``summary``, ``thresholds``,
@@ -22,7 +22,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.confidence import (
+from probes.engine.proba_fits import (
+    VAL_FRACTION,
+    FittedProba,
+    base_row,
+    fit_probas,
+    held_out_splits,
+    pm,
+    require_probabilities,
+    seed_summary,
+)
+from probes.engine.runtime import study_runtime
+from probes.engine.skeleton import check_probes, either, finish, fit_table, show_summary, study_name
+from probes.errors import ProbeError
+from probes.features.cells import open_cells, parse_names
+from probes.metrics import score
+from probes.reporting.console import Col, Panel
+from probes.reporting.decision_plots import plot_risk_coverage
+from probes.reporting.tables import prepare_out, study_document
+from probes.sampling import TEST_SIZE, parse_seeds
+from probes.studies.confidence import (
     CONFIDENCES,
     COVERAGES,
     MIN_AGREEMENT_VOTERS,
@@ -35,25 +54,7 @@ from probes.confidence import (
     risk_on_grid,
     scores_at_coverages,
 )
-from probes.confidence import confidence as confidence_of
-from probes.data import ProbeError, open_cells, parse_names
-from probes.metrics import score
-from probes.proba_fits import (
-    VAL_FRACTION,
-    FittedProba,
-    base_row,
-    fit_probas,
-    held_out_splits,
-    pm,
-    require_probabilities,
-    seed_summary,
-)
-from probes.reporting.console import Col, Panel
-from probes.reporting.decision_plots import plot_risk_coverage
-from probes.reporting.tables import prepare_out, study_document
-from probes.runtime import study_runtime
-from probes.sampling import TEST_SIZE, parse_seeds
-from probes.skeleton import check_probes, either, finish, fit_table, show_summary, study_name
+from probes.studies.confidence import confidence as confidence_of
 
 AGREE_WITH = ("heads", "backbones")
 GRID = np.round(np.linspace(0.01, 1.0, 100), 2)
@@ -135,7 +136,7 @@ def selective(
 ) -> SelectiveResult:
     """Risk-coverage of each probe under each confidence (``msp``, ``margin``, ``entropy``, ``agreement``).
 
-    ``confidence``: a comma list of :data:`probes.confidence.CONFIDENCES`.
+    ``confidence``: a comma list of :data:`probes.studies.confidence.CONFIDENCES`.
     ``agreement``: the fraction of voters predicting what the probe predicts; the voters are the probe
     and ``heads`` on the same backbone (``agree_with="heads"``) or the same probe on every backbone of
     ``model`` (``agree_with="backbones"``); at least three voters. ``coverages``: where accuracy and F1
@@ -146,7 +147,7 @@ def selective(
     ``summary.csv``, ``thresholds.csv``, ``abstention.csv``, ``curves.csv``, ``fits.csv``,
     ``exclusions.csv``, ``risk_coverage.png`` and ``study.json``.
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
     """
     with study_runtime(scheduler, out_of_core, max_memory):
         kinds = parse_names(confidence)

@@ -7,13 +7,12 @@
 * :mod:`.run` — :func:`audit` / :func:`audit_arrays` with :class:`AuditOptions`;
 * :mod:`.outputs` — files and the printed summary.
 
-Relabelling (a store mutation) is :func:`probes.labels.relabel`; thread caps are
-:func:`probes.threads.limit_threads`.
+Relabelling (a store mutation) is :func:`probes.studies.relabel.relabel`; thread caps are
+:func:`probes.engine.threads.limit_threads`.
 """
 
 from __future__ import annotations
 
-from probes.labels import relabel
 from probes.studies.audit.cache import KEY_COLUMNS, default_cache, legacy_cache, read_oof_cache, write_oof_cache
 from probes.studies.audit.evidence import (
     EVIDENCE_COLUMNS,
@@ -42,6 +41,7 @@ from probes.studies.audit.ranking import (
     ensemble_proba,
 )
 from probes.studies.audit.run import DEFAULT_PROBES, AuditOptions, AuditResult, audit, audit_arrays
+from probes.studies.relabel import relabel
 
 __all__ = [
     "AuditOptions",

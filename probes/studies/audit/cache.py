@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.data import ProbeError
+from probes.errors import ProbeError
 from probes.studies.audit.folds import OOF
 
 KEY_COLUMNS = [

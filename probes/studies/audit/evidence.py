@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.data import ProbeError
-from probes.neighbors import NeighborIndex
+from probes.errors import ProbeError
+from probes.search.index import NeighborIndex
 from probes.studies.audit.folds import OOF
 from probes.studies.audit.ranking import DEFAULT_RANKING, Ranking, combine, confident_learning, ensemble_proba
 
@@ -35,8 +35,9 @@ EVIDENCE_COLUMNS = [
 
 def neighbor_disagreement(features: Any, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(disagreement (N,), neighbour positions (N, k), similarities (N, k)) over one backbone; features read
-    out of core (:class:`probes.outofcore.ChunkedRows`) are searched chunk by chunk to the exact top-k."""
-    from probes.outofcore import all_neighbors, is_chunked
+    out of core (:class:`probes.features.chunked.ChunkedRows`) are searched chunk by chunk to the exact top-k."""
+    from probes.features.chunked import is_chunked
+    from probes.search.exact import all_neighbors
 
     if is_chunked(features):
         sims, idx = all_neighbors(features, k)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.data import ProbeError
+from probes.errors import ProbeError
 
 SCHEMES = ("auto", "group", "stratified")
 
@@ -32,8 +32,8 @@ def label_digest(
 
 def feature_digest(x: Any) -> str:
     """sha256 (16 hex) of a feature matrix as float32 (shape included); an out-of-core matrix
-    (:class:`probes.outofcore.ChunkedRows`) is read block by block, to the same digest."""
-    from probes.outofcore import is_chunked
+    (:class:`probes.features.chunked.ChunkedRows`) is read block by block, to the same digest."""
+    from probes.features.chunked import is_chunked
 
     h = hashlib.sha256(repr(tuple(x.shape)).encode())
     if is_chunked(x):
@@ -126,9 +126,10 @@ def oof_proba(
     """(N, C) out-of-fold probabilities: fold ``f`` is predicted by a probe fit on every other fold.
 
     A class absent from a fold's training cells gets probability 0 for that fold's cells. ``x`` may be
-    read out of core (:class:`probes.outofcore.ChunkedRows`): kNN and logistic (``name``) fit it there.
+    read out of core (:class:`probes.features.chunked.ChunkedRows`): kNN and logistic (``name``) fit it there.
     """
-    from probes.outofcore import for_rows, predict_blocks, proba_blocks
+    from probes.features.chunked import predict_blocks, proba_blocks
+    from probes.heads.rows import for_rows
 
     idx = {c: i for i, c in enumerate(classes)}
     proba = np.full((len(labels), len(classes)), np.nan, dtype=np.float32)

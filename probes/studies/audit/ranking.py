@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from probes.calibration import fit_temperature, scale_temperature
-from probes.data import ProbeError
+from probes.errors import ProbeError
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.dask_fits import current_scheduler
-from probes.data import ProbeError, open_cells, parse_names
-from probes.outofcore import is_chunked, side_by_side
+from probes.engine.dask_fits import current_scheduler
+from probes.engine.skeleton import show_summary, study_name
+from probes.engine.threads import limit_threads
+from probes.errors import ProbeError
+from probes.features.cells import open_cells, parse_names
+from probes.features.chunked import is_chunked, side_by_side
 from probes.reporting.console import progress
 from probes.reporting.tables import prepare_out
 from probes.sampling import parse_seeds, sort_labels
-from probes.skeleton import show_summary, study_name
 from probes.studies.audit.cache import (
     KEY_COLUMNS,
     adopt_legacy,
@@ -48,7 +50,6 @@ from probes.studies.audit.folds import (
     probe_signature,
 )
 from probes.studies.audit.ranking import Ranking
-from probes.threads import limit_threads
 
 DEFAULT_PROBES = "logistic,knn,mlp"
 
@@ -368,11 +369,11 @@ def audit(
     URL); ``cache=False`` turns the cache off. ``folds_by``: the fold scheme and ``ranking`` the
     score, ``joint`` the joint member (see :class:`AuditOptions`). ``out_of_core`` / ``max_memory``:
     features above the budget are read in store chunks (kNN and logistic fit them there; the neighbour
-    search merges chunks to the exact top-k; :mod:`probes.runtime`); ``scheduler`` (``tcp://host:port``,
+    search merges chunks to the exact top-k; :mod:`probes.engine.runtime`); ``scheduler`` (``tcp://host:port``,
     ``local:N``) fits each backbone x probe x seed as one Dask task, to the local run's probabilities.
     ``quiet`` hides the progress bar and the summary; ``show`` prints the summary regardless.
     """
-    from probes.runtime import study_runtime
+    from probes.engine.runtime import study_runtime
 
     with study_runtime(scheduler, out_of_core, max_memory):
         return _audit(
@@ -492,7 +493,7 @@ def _oof_on_dask(
 ) -> list[np.ndarray]:
     """Every missing model as one Dask task (``--scheduler``); results in ``missing``'s order, equal to a
     local run's (each task fits the same folds with the same seeds)."""
-    from probes.dask_fits import dask_client
+    from probes.engine.dask_fits import dask_client
 
     with dask_client(spec) as (client, threads):
         shipped = {

@@ -2,9 +2,9 @@
 ``evaluate`` (and of any study that reports the same results, fits and confusion tables).
 
 :func:`fit_splits` makes the splits (:class:`probes.sampling.Sampler`, over a domain plan's
-training cells when there is one), plans one :class:`probes.skeleton.FitJob` per backbone x split x
+training cells when there is one), plans one :class:`probes.engine.skeleton.FitJob` per backbone x split x
 probe (features read once per backbone, test matrices once per split), runs them
-(:func:`probes.skeleton.run_plan`) and returns tidy tables in a :class:`SplitFits`.
+(:func:`probes.engine.skeleton.run_plan`) and returns tidy tables in a :class:`SplitFits`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.data import Cells, ProbeError, exclusion_reason
 from probes.domains import DomainPlan, TestSet, evaluations
+from probes.engine.skeleton import FitJob, epoch_table, fit_table, run_plan
+from probes.errors import ProbeError
+from probes.features.cells import Cells, exclusion_reason
 from probes.metrics import CLASS_METRIC, score
 from probes.sampling import Sampler, Split, flag_min
-from probes.skeleton import FitJob, epoch_table, fit_table, run_plan
 
 RESULT_COLUMNS = [
     "study",
@@ -78,12 +79,12 @@ class SplitFits:
 
     results: pd.DataFrame  # RESULT_COLUMNS
     confusion: pd.DataFrame  # CONFUSION_COLUMNS
-    fits: pd.DataFrame  # probes.skeleton.FIT_COLUMNS
+    fits: pd.DataFrame  # probes.engine.skeleton.FIT_COLUMNS
     exclusions: pd.DataFrame
     notes: list[str]
     splits: dict[tuple[int | None, int], Split]
     evaluations: dict[tuple[int | None, int], list[TestSet]]
-    epochs: pd.DataFrame | None = None  # probes.skeleton.EPOCH_COLUMNS
+    epochs: pd.DataFrame | None = None  # probes.engine.skeleton.EPOCH_COLUMNS
 
 
 def fit_splits(
@@ -104,7 +105,7 @@ def fit_splits(
 ) -> SplitFits:
     """Every probe on every backbone's (limit, seed) split, scored on the split's test sets.
 
-    ``inputs`` (a :class:`probes.finetune.study_inputs.TuneInputs`) gives the fine-tune probes their
+    ``inputs`` (a :class:`probes.tuning.study_inputs.TuneInputs`) gives the fine-tune probes their
     token / image readers and backbones; checked before any fit."""
     inside = np.flatnonzero(plan.train_mask) if plan is not None else np.arange(len(cells.obs))
     if len(inside) == 0:
@@ -126,7 +127,7 @@ def fit_splits(
     confusion: list[dict] = []
     fit_rows: list[dict] = []
     epoch_rows: list[dict] = []
-    from probes.finetune.study_inputs import TUNE_PROBES, TuneInputs, TuneOptions  # torch: imported when fitting
+    from probes.tuning.study_inputs import TUNE_PROBES, TuneInputs, TuneOptions  # torch: imported when fitting
 
     if inputs is None and any(p in TUNE_PROBES for p in probes):
         inputs = TuneInputs(cells, TuneOptions())  # the fine-tunes' defaults (lp on pooled features)

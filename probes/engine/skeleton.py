@@ -3,7 +3,7 @@
 A study is one module in :mod:`probes.studies` with one public function (``scale``, ``robustness``...)
 that goes through six steps, each with its helper here or in :mod:`probes.reporting`:
 
-1. **inputs**: the usable cells of the store (:func:`probes.data.open_cells`), the probe names
+1. **inputs**: the usable cells of the store (:func:`probes.features.cells.open_cells`), the probe names
    (:func:`check_probes`), seeds (:func:`probes.sampling.parse_seeds`), the output folder
    (:func:`probes.reporting.tables.prepare_out`, created before any fit) and its name (:func:`study_name`);
 2. **cells and splits**: a :class:`probes.sampling.Sampler` and, for domain studies, a
@@ -18,7 +18,7 @@ that goes through six steps, each with its helper here or in :mod:`probes.report
    writer (:func:`probes.reporting.tables.write_files`) and prints :class:`probes.reporting.console.Panel`
    objects through the one printer.
 
-A new study imports from here, :mod:`probes.data`, :mod:`probes.sampling`, :mod:`probes.metrics`
+A new study imports from here, :mod:`probes.features.cells`, :mod:`probes.sampling`, :mod:`probes.metrics`
 and :mod:`probes.reporting`, never from another study.
 """
 
@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.data import ProbeError, parse_names
+from probes.errors import ProbeError
+from probes.features.cells import parse_names
 from probes.reporting.console import Panel, print_report, progress
 from probes.reporting.tables import write_files
 
@@ -80,7 +81,7 @@ def check_probes(probes: str | Sequence[str]) -> list[str]:
         from probes.heads import PROBES
     except ImportError as e:
         raise ProbeError(f"the probe heads (probes.heads) cannot be imported: {e}") from e
-    from probes.finetune.study_inputs import TUNE_PROBES
+    from probes.tuning.study_inputs import TUNE_PROBES
 
     names = parse_names(probes)
     known = [*PROBES, *TUNE_PROBES]
@@ -113,7 +114,7 @@ class FitJob:
     """One fit: ``probe`` with ``seed`` on ``x_train`` / ``y_train``, predicting every ``x_tests`` matrix.
 
     ``x_train`` / ``x_tests`` are feature matrices, or for fine-tunes token / image readers of the job's
-    cells (:class:`probes.finetune.study_inputs.RowsReader`); ``params`` are extra probe keywords (a
+    cells (:class:`probes.tuning.study_inputs.RowsReader`); ``params`` are extra probe keywords (a
     fine-tune's backbone and k). ``tag`` carries whatever the study needs to turn the predictions into
     rows (its split, its test sets).
     """
@@ -193,16 +194,17 @@ def fit_info(est: Any) -> dict[str, Any]:
 def fit_predict(job: FitJob, device: str = "auto", make_probe: Callable[..., Any] | None = None) -> Fitted:
     """Fit ``job``'s probe and predict each test matrix; seconds cover the fit and every prediction.
 
-    Matrices read out of core (:class:`probes.outofcore.ChunkedRows`) are fitted by the heads that
+    Matrices read out of core (:class:`probes.features.chunked.ChunkedRows`) are fitted by the heads that
     stream them (kNN, logistic; others raise a :class:`ProbeError`) and predicted block by block;
     ``info["features"]`` says which path ran (``in-memory`` / ``out-of-core``). A failure deep inside
     a library becomes a :class:`ProbeError` naming the fit (cause kept).
     """
-    from probes.outofcore import for_rows, is_chunked, predict_blocks
+    from probes.features.chunked import is_chunked, predict_blocks
+    from probes.heads.rows import for_rows
 
     make: Callable[..., Any]
     if make_probe is None:  # the heads, and the fine-tunes (lp, ft-last, lora, scratch-vit)
-        from probes.finetune.study_inputs import make_tune_probe
+        from probes.tuning.study_inputs import make_tune_probe
 
         make = make_tune_probe
     else:
@@ -241,10 +243,10 @@ def run_plan(
 ) -> Iterator[Fitted]:
     """Fit every job in turn under one progress bar (``total`` fits; none shown when ``quiet``).
 
-    ``scheduler`` (default: :func:`probes.dask_fits.current_scheduler`, which ``--scheduler`` sets):
-    ``tcp://HOST:PORT`` or ``local:N`` runs each job as a Dask task (:mod:`probes.dask_fits`); the
+    ``scheduler`` (default: :func:`probes.engine.dask_fits.current_scheduler`, which ``--scheduler`` sets):
+    ``tcp://HOST:PORT`` or ``local:N`` runs each job as a Dask task (:mod:`probes.engine.dask_fits`); the
     results come back in the plan's order, so every table is the local run's."""
-    from probes.dask_fits import current_scheduler, run_on_dask
+    from probes.engine.dask_fits import current_scheduler, run_on_dask
 
     scheduler = scheduler or current_scheduler()
     with progress(total, quiet) as advance:
@@ -271,7 +273,7 @@ def fit_table(rows: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, list[str]]:
         )
     ooc = table[table["features"] == "out-of-core"]
     if len(ooc):
-        from probes.outofcore import current_policy, gib
+        from probes.features.policy import current_policy, gib
 
         notes.append(
             f"{len(ooc)} of {len(table)} fits read their features out of core (from the store in row blocks, "

@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-
-class ProbeError(ValueError):
-    """A probe study cannot run as asked; the message says what to change."""
+from probes.errors import ProbeError
 
 
 @dataclass
@@ -59,15 +57,15 @@ class Cells:
 
         Only those rows are read from the store, from ``backbone``'s feature set or from
         ``feature_set`` (e.g. a perturbed one of the same dataset). Non-finite values raise
-        :class:`ProbeError` naming the cells. Above the memory budget (:mod:`probes.outofcore`:
+        :class:`ProbeError` naming the cells. Above the memory budget (:mod:`probes.features.policy`:
         ``--max-memory``, ``--out-of-core``) nothing is read here: the rows come as a
-        :class:`probes.outofcore.ChunkedRows`, read (and checked) block by block by the fits.
+        :class:`probes.features.chunked.ChunkedRows`, read (and checked) block by block by the fits.
         """
         positions = np.asarray(positions, dtype=np.int64)
         rows = self.obs["row"].to_numpy()[positions]
         fs = feature_set if feature_set is not None else self.feature_sets[backbone]
         pool = self.pool_of(backbone)
-        from probes.outofcore import chunked_if_large
+        from probes.features.chunked import chunked_if_large
 
         lazy = chunked_if_large(fs, pool, rows, self.obs["id"].to_numpy()[positions])
         if lazy is not None:
@@ -93,7 +91,7 @@ class Cells:
         """:meth:`features` of every backbone, for a study that holds them all at once (the audit): under the
         ``auto`` policy their *sum* is held against the memory budget, and when it is over, every backbone's
         rows are read out of core."""
-        from probes.outofcore import current_policy, memory_policy
+        from probes.features.policy import current_policy, memory_policy
 
         policy = current_policy()
         widths = [int(self.feature_sets[b].array(self.pool_of(b)).shape[1]) for b in self.backbones]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from probes.data import ProbeError
+from probes.errors import ProbeError
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

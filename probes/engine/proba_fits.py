@@ -6,7 +6,7 @@ made on validation cells and only reported on test cells.
 :func:`held_out_splits` makes the uncapped split per seed (:class:`probes.sampling.Sampler`, as
 ``evaluate``) and cuts its training cells into a fit part and a stratified, seeded ``val_fraction``
 validation part (every class keeps a fit cell); :func:`fit_probas` plans one
-:class:`probes.skeleton.FitJob` per backbone x seed x probe and runs them under the one progress bar,
+:class:`probes.engine.skeleton.FitJob` per backbone x seed x probe and runs them under the one progress bar,
 returning :class:`FittedProba` (probabilities with columns in the split's class order).
 """
 
@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.data import Cells, ProbeError
+from probes.engine.skeleton import FitJob, Fitted, fit_info
+from probes.engine.split_fits import split_exclusions, split_notes
+from probes.errors import ProbeError
+from probes.features.cells import Cells
 from probes.reporting.console import progress
 from probes.sampling import Sampler, Split
-from probes.skeleton import FitJob, Fitted, fit_info
-from probes.split_fits import split_exclusions, split_notes
 
 VAL_FRACTION = 0.2
 
@@ -127,7 +128,8 @@ def fit_proba(job: FitJob, device: str = "auto", make_probe: Callable[..., Any] 
 
     A failure deep inside a library becomes a :class:`ProbeError` naming the fit (cause kept).
     """
-    from probes.outofcore import for_rows, is_chunked, predict_blocks, proba_blocks
+    from probes.features.chunked import is_chunked, predict_blocks, proba_blocks
+    from probes.heads.rows import for_rows
 
     where = f"probe '{job.probe}' on {job.backbone}, seed {job.seed}"
     classes = job.tag.classes
@@ -163,8 +165,8 @@ def fit_probas(
 ) -> Iterator[FittedProba]:
     """Every probe on every backbone x seed: fitted on the fit part, predicting the validation part and
     the test cells (features read once per backbone, matrices once per seed). Under ``--scheduler``
-    (:func:`probes.dask_fits.current_scheduler`) each fit is a Dask task; results come back in the same order."""
-    from probes.dask_fits import current_scheduler, run_on_dask
+    (:func:`probes.engine.dask_fits.current_scheduler`) each fit is a Dask task; results come back in the same order."""
+    from probes.engine.dask_fits import current_scheduler, run_on_dask
 
     total = len(cells.backbones) * len(held) * len(probes)
     scheduler = current_scheduler()

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from probes.data import ProbeError
-from probes.vectors import l2_normalize
+from probes.errors import ProbeError
+from probes.search.vectors import l2_normalize
 
 INDEX_KINDS = ("auto", "exact", "ivf", "hnsw")
 ANN_KINDS = ("ivf", "hnsw")

@@ -1,5 +1,5 @@
 """Cosine nearest neighbours over a backbone's cached features: exact (FAISS ``IndexFlatIP``) or, for
-large sets, an approximate FAISS index whose candidates are re-ranked exactly (:mod:`probes.ann`).
+large sets, an approximate FAISS index whose candidates are re-ranked exactly (:mod:`probes.search.ann`).
 
 Features are L2-normalised float32, so inner product = cosine similarity and the search is
 exact (brute force, BLAS). :class:`NeighborIndex` is built once and answers batched queries:
@@ -10,7 +10,7 @@ embedded exactly as the stored set was made (:func:`embedcache.extraction.query.
 The index holds every readable cell of the feature set (``ok``), labelled or not: a store
 extracted with ``--no-labels`` can be searched too (the label column is then empty).
 
-``index="auto"`` (the default) searches exactly below :data:`probes.ann.AUTO_EXACT_BELOW` cells
+``index="auto"`` (the default) searches exactly below :data:`probes.search.ann.AUTO_EXACT_BELOW` cells
 (200,000) and through an IVF-PQ index from there on (:class:`ApproxNeighborIndex`): built on the
 first look-up, kept beside the store keyed by the features' digest, loaded by the next ones; its
 candidates are re-scored by exact cosine, and its recall@k against exact search is measured on a
@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes import ann as _ann
-from probes.data import ProbeError, open_cells, parse_names
-from probes.vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, rescored_topk
+from probes.errors import ProbeError
+from probes.features.cells import open_cells, parse_names
+from probes.search import ann as _ann
+from probes.search.vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, rescored_topk
 
 NEIGHBOR_COLUMNS = ["query", "rank", "id", "label", "similarity", "path"]
 QUERY_BATCH = 4096  # query rows per FAISS call: bounds the (batch, k) answer and BLAS scratch memory
@@ -182,7 +183,7 @@ class NeighborIndex:
         q, k, exclude = self._checked(queries, k, exclude)
         sims_out = np.full((len(q), k), np.nan, dtype=np.float32)
         idx_out = np.full((len(q), k), -1, dtype=np.int64)
-        # FAISS's candidates re-scored pair by pair (probes.vectors.rescored_topk): the answer does not
+        # FAISS's candidates re-scored pair by pair (probes.search.vectors.rescored_topk): the answer does not
         # depend on how the search was cut into BLAS blocks, and equals the out-of-core search's
         kk = min(k + (exclude is not None) + RESCORE_EXTRA, self.n)
         base = flat_vectors(self.index)
@@ -284,14 +285,14 @@ class NeighborIndex:
 
 
 class ApproxNeighborIndex(NeighborIndex):
-    """Approximate search (``ivf`` or ``hnsw``, :mod:`probes.ann`) with exact re-ranking, same API as
+    """Approximate search (``ivf`` or ``hnsw``, :mod:`probes.search.ann`) with exact re-ranking, same API as
     :class:`NeighborIndex`.
 
     Keeps ``features`` as given (the store's float16: half the memory of the exact index's float32
     copy); the ANN index proposes ``rerank`` candidates per query and each is scored by exact cosine
     against its feature row, so similarities equal the exact index's and only which cells are found
-    can differ: :meth:`measure_recall` says how often. ``ann`` is a built :class:`~probes.ann.AnnIndex`
-    or the :class:`~probes.ann.AnnParams` (or kind name) to build one with. ``recall_sample`` cells
+    can differ: :meth:`measure_recall` says how often. ``ann`` is a built :class:`~probes.search.ann.AnnIndex`
+    or the :class:`~probes.search.ann.AnnParams` (or kind name) to build one with. ``recall_sample`` cells
     (0: none) are searched both ways right after a build to measure recall@20.
     """
 

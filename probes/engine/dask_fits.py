@@ -1,13 +1,13 @@
-"""A study's fits as Dask tasks: one task per :class:`probes.skeleton.FitJob`, results as a local run's.
+"""A study's fits as Dask tasks: one task per :class:`probes.engine.skeleton.FitJob`, results as a local run's.
 
 ``scheduler`` (``probes scale ... --scheduler``): ``tcp://head:8786`` (a running
 ``dask scheduler``; its workers need this package and, for out-of-core rows, the store at the same
 URL) or ``local:N`` (a :class:`distributed.LocalCluster` of N worker processes on this machine,
-started for the study and closed after it). :func:`probes.skeleton.run_plan` sends each job's
+started for the study and closed after it). :func:`probes.engine.skeleton.run_plan` sends each job's
 fit and predictions to a worker (:func:`fit_remote`) and yields the results **in the plan's
 order**, so every table is built exactly as in a local run. In-memory feature matrices are
 scattered once per job window (shared by the probes of a split); out-of-core rows
-(:class:`probes.outofcore.ChunkedRows`) travel as the store's URL and are read on the worker.
+(:class:`probes.features.chunked.ChunkedRows`) travel as the store's URL and are read on the worker.
 
 Each task runs with the torch / BLAS thread count of the submitting process for ``local:N`` (the
 same arithmetic as the local run, so the same numbers) and with the worker's own thread count
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.data import ProbeError
+from probes.errors import ProbeError
 
 IN_FLIGHT_PER_WORKER = 2  # jobs submitted ahead per worker (bounds the matrices held for them)
 
@@ -101,10 +101,10 @@ def fit_remote(
     threads: int | None,
     fit: Callable[..., Any] | None = None,
 ) -> Any:
-    """A worker's task: ``fit(job, device, make_probe)`` (default :func:`probes.skeleton.fit_predict`) with the
+    """A worker's task: ``fit(job, device, make_probe)`` (default :func:`probes.engine.skeleton.fit_predict`) with the
     job's matrices passed apart (resolved by Dask); returns its result without the matrices."""
-    from probes.skeleton import fit_predict
-    from probes.threads import limit_threads
+    from probes.engine.skeleton import fit_predict
+    from probes.engine.threads import limit_threads
 
     if threads is None:
         from distributed import get_worker
@@ -128,9 +128,9 @@ def run_on_dask(
     ship_tag: bool = False,
 ) -> Iterator[Any]:
     """Every job as a task on ``spec``'s workers: ``fit(job, device, make_probe)`` (default
-    :func:`probes.skeleton.fit_predict`), results in job order. ``ship_tag`` sends the job's ``tag`` along
-    (a fit that reads it, e.g. :func:`probes.proba_fits.fit_proba`'s classes); otherwise it stays here."""
-    if hasattr(make_probe, "kept"):  # probes.finetune.saving.AdapterKeeper: keeps the fitted estimators here
+    :func:`probes.engine.skeleton.fit_predict`), results in job order. ``ship_tag`` sends the job's ``tag`` along
+    (a fit that reads it, e.g. :func:`probes.engine.proba_fits.fit_proba`'s classes); otherwise it stays here."""
+    if hasattr(make_probe, "kept"):  # probes.tuning.saving.AdapterKeeper: keeps the fitted estimators here
         raise ProbeError("--save-adapter keeps the fitted fine-tunes in this process; run it without --scheduler")
     with dask_client(spec) as (client, threads):
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
-from probes.finetune.nets import inject_lora, merge_lora, tail_key_to_backbone, tail_of
 from probes.heads.tokens import make_token_head
+from probes.tuning.nets import inject_lora, merge_lora, tail_key_to_backbone, tail_of
 
 FORMAT = "embedcache-adapter/1"
 FILES = ("adapter.safetensors", "head.safetensors", "adapter.json")

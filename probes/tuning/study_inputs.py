@@ -1,7 +1,7 @@
 """Fine-tunes as study probes: what each fine-tune reads for a job, and the probe it builds.
 
-The study skeleton (:mod:`probes.split_fits`) fits ``lp``, ``ft-last``, ``lora`` and ``scratch-vit``
-like any probe; for them a :class:`~probes.skeleton.FitJob` carries, instead of a feature matrix, a
+The study skeleton (:mod:`probes.engine.split_fits`) fits ``lp``, ``ft-last``, ``lora`` and ``scratch-vit``
+like any probe; for them a :class:`~probes.engine.skeleton.FitJob` carries, instead of a feature matrix, a
 :class:`RowsReader`: a view of a token / image reader restricted to the job's cells, read in minibatches.
 
 * ``lp`` with a pooled head (``linear`` / ``mlp``): the store's pooled features, no backbone;
@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from probes.data import Cells, ProbeError
-from probes.finetune.readers import reader_kind
+from probes.errors import ProbeError
+from probes.features.cells import Cells
+from probes.tuning.readers import reader_kind
 
 TUNE_PROBES = ("lp", "ft-last", "lora", "scratch-vit")
 POOLED_HEADS = ("linear", "mlp")
@@ -53,9 +54,9 @@ class TuneOptions:
     scratch_size: int = 40
 
     def __post_init__(self) -> None:
-        from probes.finetune.augment import parse_augment
         from probes.heads.tokens import TOKEN_HEADS
-        from probes.losses import LOSSES, load_hierarchy
+        from probes.tuning.augment import parse_augment
+        from probes.tuning.losses import LOSSES, load_hierarchy
 
         if self.head not in TOKEN_HEADS:
             raise ProbeError(f"unknown head {self.head!r}; choose from {', '.join(TOKEN_HEADS)}")
@@ -313,7 +314,7 @@ class TuneInputs:
 
     def pooled(self, probe: str, x: np.ndarray) -> Any:
         """Pooled features as a fine-tune reads them (``lp`` with a pooled head); other probes take ``x``."""
-        from probes.finetune.readers import ArrayTokens
+        from probes.tuning.readers import ArrayTokens
 
         return ArrayTokens(x) if probe in TUNE_PROBES else x
 
@@ -336,13 +337,13 @@ class _ImagesBySeed:
     kind = "images"
 
     def __init__(self, paths, prep, working_size, augment):
-        from probes.finetune.augment import CellImages
+        from probes.tuning.augment import CellImages
 
         self._first = CellImages(paths, prep, working_size, augment, seed=0, check=True)
         self.paths, self.prep, self.working_size, self.augment = paths, prep, working_size, augment
 
     def seeded(self, seed: int):
-        from probes.finetune.augment import CellImages
+        from probes.tuning.augment import CellImages
 
         return CellImages(self.paths, self.prep, self.working_size, self.augment, seed=seed, check=False)
 
@@ -370,11 +371,11 @@ def study_inputs(
 def make_tune_probe(name: str, *, seed: int = 0, device: str = "auto", **params: Any) -> Any:
     """:func:`probes.heads.make_probe`, plus the fine-tunes (:data:`TUNE_PROBES`) with the job's keywords."""
     if name == "scratch-vit":
-        from probes.finetune.scratch import ScratchViTProbe
+        from probes.tuning.scratch import ScratchViTProbe
 
         return ScratchViTProbe(seed=seed, device=device, **params)
     if name in TUNE_PROBES:
-        from probes.finetune.estimator import FineTuneProbe
+        from probes.tuning.estimator import FineTuneProbe
 
         return FineTuneProbe(method=name, seed=seed, device=device, **params)
     from probes.heads import make_probe

@@ -7,15 +7,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from probes.data import ProbeError
-from probes.finetune.study_inputs import make_tune_probe
+from probes.errors import ProbeError
+from probes.tuning.study_inputs import make_tune_probe
 
 SAVABLE = ("lp", "ft-last", "lora")
 
 
 class AdapterKeeper:
-    """A ``make_probe`` for :func:`probes.split_fits.fit_splits` that remembers the fine-tunes it builds;
-    :meth:`save` writes each one's adapter (:func:`probes.finetune.adapter.save_adapter`) under ``directory``."""
+    """A ``make_probe`` for :func:`probes.engine.split_fits.fit_splits` that remembers the fine-tunes it builds;
+    :meth:`save` writes each one's adapter (:func:`probes.tuning.adapter.save_adapter`) under ``directory``."""
 
     def __init__(self, directory: str | os.PathLike, probes: list[str]):
         self.directory = Path(directory)
@@ -34,7 +34,7 @@ class AdapterKeeper:
 
     def save(self) -> list[str]:
         """Write every kept fit's adapter; returns one note line per directory written."""
-        from probes.finetune.adapter import save_adapter
+        from probes.tuning.adapter import save_adapter
 
         fitted = [(n, s, e) for n, s, e in self.kept if hasattr(e, "net_")]
         notes = []

@@ -1,138 +1,25 @@
-"""Out-of-core probes: features larger than memory, read from the store in row blocks.
+"""Features larger than memory, read from the store in row blocks (:class:`ChunkedRows`).
 
-A study reads its features into memory (:meth:`probes.data.Cells.features`) unless they exceed the
-**memory budget** (:class:`MemoryPolicy`: ``max_memory`` bytes, default :data:`MEMORY_FRACTION` of the
-physical RAM; ``mode="always"`` forces, ``"never"`` forbids the out-of-core path). Above it they come
-as a :class:`ChunkedRows`: the store rows of the cells, read on demand, one block of at most
-``block_rows`` rows at a time (float16 -> float32 per block, every store chunk checked against its
-checksum as :meth:`embedcache.store.store.FeatureSet.to_numpy` does). Store chunks are read in store
-order, each once per pass.
-
-Two heads fit on such rows with results equal to their in-memory fits on data that fits:
-
-* ``knn`` / ``knn1``: :class:`ChunkedKNNProbe`, an exact float32 search: a FAISS ``IndexFlatIP`` per
-  database block, each query's top-k merged across blocks (:func:`exact_search`) into the exact
-  global top-k; among equal similarities the lower row position wins (deterministic ties).
-  :func:`all_neighbors` is the audit's form (every row's k nearest other rows).
-* ``logistic`` / ``linear``: :class:`probes.heads.logistic.LogisticProbe` streams the rows through
-  its full-batch L-BFGS, one objective evaluation per pass. In memory and out of core it runs on the
-  same fixed blocks of rows (:mod:`probes.heads.blocks`), with the same sums in the same order, so its
-  coefficients are the in-memory fit's bit for bit. Its blocks (of
-  :func:`probes.heads.blocks.block_rows`, whatever ``block_rows``) are read by position
-  (:meth:`ChunkedRows.read`): sequential in the store for the sorted positions every study uses,
-  each store chunk then read once per pass.
-
-Other heads refuse out-of-core input with a :class:`probes.data.ProbeError` (never a silent read
-of everything). Predictions of any fitted head on a :class:`ChunkedRows` go block by block
-(:func:`predict_blocks`).
+Above the memory budget (:mod:`probes.features.policy`) a study's features come as a :class:`ChunkedRows`:
+the store rows of the cells, read on demand, one block of at most ``block_rows`` rows at a time (float16 ->
+float32 per block, every store chunk checked against its checksum as
+:meth:`embedcache.store.FeatureSet.to_numpy` does). Store chunks are read in store order, each once per
+pass. :class:`SideBySide` joins several backbones' rows without a copy. Two heads fit on such rows with
+results equal to their in-memory fits (:mod:`probes.heads.rows`); every head predicts on them block by
+block (:func:`predict_blocks`). Other heads refuse them with a :class:`probes.errors.ProbeError` (never a
+silent read of everything).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from probes.data import ProbeError
-from probes.heads.knn import KNNProbe
-from probes.vectors import RESCORE_EXTRA, l2_normalize, rescored_topk
-
-MEMORY_FRACTION = 0.5  # of the physical RAM: the default budget for one study's feature matrix
-MODES = ("auto", "always", "never")
-CACHE_FRACTION = 0.5  # of the budget: standardised blocks a streamed fit keeps between its passes
-BLOCK_COPIES = 8  # room a block leaves for its working copies (standardised, transposed, scores)
-MIN_BLOCK_ROWS, MAX_BLOCK_ROWS = 1024, 1 << 20
-OUT_OF_CORE_PROBES = ("knn", "knn1", "logistic", "linear")
-
-
-# -- the memory budget ------------------------------------------------------------------------------
-def physical_memory() -> int:
-    """Bytes of physical RAM (``sysconf``)."""
-    return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-
-
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def parse_memory(value: str | int | float | None) -> int | None:
-    """``"8GB"``, ``"512MiB"``, ``"2e9"`` or an int -> bytes; ``None`` / ``""`` -> None (the default)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float)):
-        n = float(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(value).lower())
-        if m is None:
-            raise ProbeError(f"--max-memory '{value}' is not a size; write e.g. 8GB, 512MiB or a byte count")
-        n = float(m.group(1)) * _UNITS[m.group(2) or ""]
-    if n <= 0:
-        raise ProbeError(f"--max-memory must be positive, got {value}")
-    return int(n)
-
-
-@dataclass(frozen=True)
-class MemoryPolicy:
-    """When a study's features are read out of core: ``mode`` ``auto`` (above ``max_memory`` bytes;
-    None: :data:`MEMORY_FRACTION` of the RAM), ``always`` or ``never``; ``block_rows`` (None: from the
-    budget) the rows read at a time."""
-
-    mode: str = "auto"
-    max_memory: int | None = None
-    block_rows: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ProbeError(f"out-of-core mode '{self.mode}'; one of {', '.join(MODES)}")
-        if self.block_rows is not None and self.block_rows < 1:
-            raise ProbeError(f"block_rows must be at least 1, got {self.block_rows}")
-
-    @property
-    def budget(self) -> int:
-        """The memory budget in bytes."""
-        return self.max_memory if self.max_memory is not None else int(MEMORY_FRACTION * physical_memory())
-
-    def out_of_core(self, nbytes: int) -> bool:
-        """Read ``nbytes`` of float32 features out of core?"""
-        return self.mode == "always" or (self.mode == "auto" and nbytes > self.budget)
-
-    def rows_per_block(self, width: int) -> int:
-        """Rows per block for features of ``width`` columns."""
-        if self.block_rows is not None:
-            return int(self.block_rows)
-        rows = self.budget // max(1, BLOCK_COPIES * 4 * width)
-        return int(min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, rows)))
-
-
-_POLICY: contextvars.ContextVar[MemoryPolicy | None] = contextvars.ContextVar("probes_memory_policy", default=None)
-
-
-def current_policy() -> MemoryPolicy:
-    """The policy studies follow now (:func:`memory_policy` sets it; default: ``auto`` at the default budget)."""
-    return _POLICY.get() or MemoryPolicy()
-
-
-@contextlib.contextmanager
-def memory_policy(
-    mode: str = "auto", max_memory: str | int | None = None, block_rows: int | None = None
-) -> Iterator[MemoryPolicy]:
-    """Run the block with this out-of-core policy (``max_memory``: bytes or ``"8GB"``)."""
-    policy = MemoryPolicy(mode, parse_memory(max_memory), block_rows)
-    token = _POLICY.set(policy)
-    try:
-        yield policy
-    finally:
-        _POLICY.reset(token)
-
-
-def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
+from probes.errors import ProbeError
+from probes.features.policy import CACHE_FRACTION, OUT_OF_CORE_PROBES, current_policy, gib
 
 
 # -- rows read from the store -----------------------------------------------------------------------
@@ -414,140 +301,6 @@ def chunked_if_large(fs: Any, pool: str, rows: np.ndarray, ids: np.ndarray | Non
 def is_chunked(x: Any) -> bool:
     """True for out-of-core rows (:class:`ChunkedRows`, :class:`SideBySide`)."""
     return isinstance(x, (ChunkedRows, SideBySide))
-
-
-# -- exact chunked kNN ------------------------------------------------------------------------------
-def merge_topk(
-    sims: np.ndarray, idx: np.ndarray, more_sims: np.ndarray, more_idx: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The best ``k`` of two candidate lists per query (q, *), best first; equal similarities go
-    lower index first (invalid entries: similarity -inf)."""
-    S = np.concatenate([sims, more_sims], axis=1)
-    I = np.concatenate([idx, more_idx], axis=1)  # noqa: E741
-    order = np.lexsort((I, -S))[:, :k]  # by similarity descending, then index ascending
-    return np.take_along_axis(S, order, 1), np.take_along_axis(I, order, 1)
-
-
-def exact_search(
-    queries: np.ndarray,
-    database: ChunkedRows,
-    k: int,
-    exclude: np.ndarray | None = None,
-    normalized: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-``k`` of each query among the rows of ``database``, read block by block:
-    ``(sims (q, k) float32, positions (q, k) int64)``, best first.
-
-    ``queries`` (q, d) are L2-normalised here (unless ``normalized`` says they are); each database
-    block is normalised, indexed in a FAISS ``IndexFlatIP`` and searched, and every query's answers
-    are merged with those of the blocks before (:func:`merge_topk`): the result is the exact global
-    top-k, ties to the lower position. ``exclude[i]`` (a position or -1) leaves that row out of
-    query ``i``'s answer (the query itself); missing answers are position -1, similarity NaN."""
-    import faiss
-
-    Q = np.ascontiguousarray(queries, dtype=np.float32) if normalized else l2_normalize(np.atleast_2d(queries))
-    if Q.shape[1] != database.width:
-        raise ProbeError(f"queries have width {Q.shape[1]}, the database {database.width}")
-    if k < 1:
-        raise ProbeError(f"k must be at least 1, got {k}")
-    ex = None if exclude is None else np.asarray(exclude, dtype=np.int64).reshape(-1, 1)
-    if ex is not None and len(ex) != len(Q):
-        raise ProbeError(f"exclude has {len(ex)} entries for {len(Q)} queries")
-    sims = np.full((len(Q), 0), -np.inf, dtype=np.float32)
-    idx = np.full((len(Q), 0), -1, dtype=np.int64)
-    for pos, x in database.blocks():
-        order = np.argsort(pos, kind="stable")  # local index order = position order (ties: lower position)
-        pos, x = pos[order], x[order]
-        xn = l2_normalize(x)
-        index = faiss.IndexFlatIP(database.width)
-        index.add(xn)
-        kb = min(k + (ex is not None) + RESCORE_EXTRA, len(x))
-        _, local = index.search(Q, kb)
-        if ex is not None:  # the query's own row
-            local = np.where(pos[local] == ex, -1, local)
-        # exact similarities pair by pair, as the in-memory searches re-score theirs: the same answer
-        D, I = rescored_topk(Q, xn, local, k, labels=pos[np.maximum(local, 0)])  # noqa: E741  (missing: -inf)
-        sims, idx = merge_topk(sims, idx, D, I, k)
-    sims = sims.copy()
-    idx = idx.copy()
-    missing = ~np.isfinite(sims) | (idx < 0)
-    sims[missing], idx[missing] = np.nan, -1
-    if sims.shape[1] < k:  # fewer rows than k
-        pad = k - sims.shape[1]
-        sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=np.nan)
-        idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
-    return sims, idx
-
-
-def all_neighbors(database: ChunkedRows, k: int, query_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's ``k`` nearest other rows (itself excluded), exact: ``(sims, positions)``, each (N, k);
-    the out-of-core form of :meth:`probes.neighbors.NeighborIndex.all_neighbors`. Queries go
-    ``query_rows`` at a time (default: the database's block size), each batch one pass."""
-    n = len(database)
-    sims = np.empty((n, k), dtype=np.float32)
-    idx = np.empty((n, k), dtype=np.int64)
-    for pos, x in database.blocks(query_rows):
-        sims[pos], idx[pos] = exact_search(x, database, k, exclude=pos)
-    return sims, idx
-
-
-class ChunkedKNNProbe(KNNProbe):
-    """:class:`probes.heads.knn.KNNProbe` whose training rows stay in the store (a :class:`ChunkedRows`):
-    each query batch is answered by :func:`exact_search` (exact float32 FAISS per block, merged); the
-    vote and the probabilities are the in-memory probe's. In-memory training rows fit the in-memory
-    way. ``backend`` / ``precision`` must be ``auto``, ``faiss`` / ``float32`` on chunked rows."""
-
-    def fit(self, X, y) -> ChunkedKNNProbe:
-        """Keep the row reader and class codes; nothing is read until the first query."""
-        if not is_chunked(X):
-            super().fit(X, y)
-            return self
-        from embedcache.backbones.devices import resolve_device
-        from probes.heads.base import encode_labels
-
-        if self.k < 1 or self.temperature <= 0:
-            raise ValueError(f"k must be >= 1 and temperature > 0 (got k={self.k}, T={self.temperature})")
-        if self.backend not in ("auto", "faiss") or self.precision not in ("auto", "float32"):
-            raise ValueError(
-                f"the out-of-core kNN search is exact float32 FAISS; backend={self.backend!r}, "
-                f"precision={self.precision!r} cannot run on rows read from the store"
-            )
-        self.classes_, codes = encode_labels(y, len(X))
-        self.n_features_in_ = X.width
-        self.device_ = resolve_device(self.device)
-        self._n_train, self._n_features = X.shape
-        self.backend_, self.precision_ = "faiss-chunked", "float32"
-        self.train_ = X
-        self.labels_ = torch.from_numpy(codes).to(self.device_)
-        self.k_ = min(int(self.k), len(X))
-        self._index = None
-        return self
-
-    def _search_batches(self, Q: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if not is_chunked(self.train_):
-            yield from super()._search_batches(Q)
-            return
-        sims, idx = exact_search(Q, self.train_, self.k_, normalized=True)  # every query in one pass over the rows
-        yield torch.from_numpy(sims).to(self.device_), torch.from_numpy(idx).to(self.device_)
-
-
-# -- a study's fits on out-of-core rows ------------------------------------------------------------
-def for_rows(est: Any, name: str, x_train: Any) -> Any:
-    """The estimator that fits ``x_train``: ``est`` itself on in-memory rows or when it streams
-    (logistic), the chunked kNN for kNN; other heads on :class:`ChunkedRows` raise a :class:`ProbeError`."""
-    if not is_chunked(x_train):
-        return est
-    from probes.heads.logistic import LogisticProbe
-
-    if isinstance(est, ChunkedKNNProbe) or isinstance(est, LogisticProbe):
-        return est
-    if type(est) is KNNProbe:
-        return ChunkedKNNProbe(**est.get_params())
-    raise ProbeError(
-        f"probe '{name}' has no out-of-core path, and its {len(x_train)} x {x_train.width} training features "
-        f"({gib(x_train.nbytes)}) are above the memory budget ({gib(current_policy().budget)}); "
-        f"raise --max-memory or use {', '.join(OUT_OF_CORE_PROBES)}"
-    )
 
 
 def rowwise(fn: Callable[[np.ndarray], np.ndarray], X: Any) -> np.ndarray:

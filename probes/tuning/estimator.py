@@ -10,7 +10,7 @@ Methods (the small-patch paper's protocol; every value an option):
   blocks plus the head; every other weight stays bit-identical (Adam, lr 1e-4, weight decay 0.01).
 
 The reader's rows are tail tokens (``kind="tokens"``) or images (``kind="images"``: the frozen prefix
-runs each step, :class:`~probes.finetune.nets.FullBackboneModule`). The best epoch (hold-out
+runs each step, :class:`~probes.tuning.nets.FullBackboneModule`). The best epoch (hold-out
 macro-F1 on a stratified ``val_fraction`` of the training cells) is kept; ``patience`` stops early;
 ``history_`` holds one dict per epoch; a non-finite loss stops with :class:`TrainingDiverged`
 naming the epoch, the best state so far kept.
@@ -27,11 +27,11 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import f1_score
 
-from probes.finetune.nets import FullBackboneModule, TunedNet, inject_lora, tail_of
-from probes.finetune.readers import check_reader, reader_kind
 from probes.heads.base import encode_labels, resolve_device, seeded, stratified_holdout
 from probes.heads.tokens import make_token_head
-from probes.losses import make_loss
+from probes.tuning.losses import make_loss
+from probes.tuning.nets import FullBackboneModule, TunedNet, inject_lora, tail_of
+from probes.tuning.readers import check_reader, reader_kind
 
 METHODS = ("lp", "ft-last", "lora")
 DEFAULTS = {"lp": (5e-4, 0.0), "ft-last": (1e-4, 0.01), "lora": (1e-4, 0.01)}  # (lr, weight decay)
@@ -51,8 +51,8 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
 
     ``k``: tail blocks (stages for ResNets); ``head``: a :data:`probes.heads.tokens.TOKEN_HEADS` name with
     ``head_kwargs``; ``pool``: the pooled vector pooled heads see (``cls`` / ``mean`` / ``head``; default
-    the backbone's default pool); ``loss``: a :data:`probes.losses.LOSSES` name (``gamma``,
-    ``class_weights``, ``hierarchy`` as in :func:`probes.losses.make_loss`); ``lr`` / ``weight_decay``
+    the backbone's default pool); ``loss``: a :data:`probes.tuning.losses.LOSSES` name (``gamma``,
+    ``class_weights``, ``hierarchy`` as in :func:`probes.tuning.losses.make_loss`); ``lr`` / ``weight_decay``
     None: the method's defaults.
     """
 
@@ -321,7 +321,7 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
 
     def save_adapter(self, directory) -> None:
         """Write the trained tail / LoRA adapters and head (safetensors) with provenance JSON to ``directory``."""
-        from probes.finetune.adapter import save_adapter
+        from probes.tuning.adapter import save_adapter
 
         save_adapter(self, directory)
 

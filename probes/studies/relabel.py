@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from probes.data import ProbeError
+from probes.errors import ProbeError
 from probes.sampling import sort_labels
 
 

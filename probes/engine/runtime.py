@@ -18,8 +18,8 @@ def study_runtime(
     """Run the fits inside under ``scheduler`` (``tcp://host:port``, ``local:N``) with features read out of core
     per ``out_of_core`` (``auto``: above ``max_memory``, default half the RAM; ``always``; ``never``). A None
     keeps what an enclosing block (or the default: this process, ``auto``) set."""
-    from probes.dask_fits import fit_scheduler
-    from probes.outofcore import current_policy, memory_policy
+    from probes.engine.dask_fits import fit_scheduler
+    from probes.features.policy import current_policy, memory_policy
 
     with contextlib.ExitStack() as stack:
         if out_of_core is not None or max_memory is not None:

@@ -2,7 +2,7 @@
 
 40 x 40 input, 8 x 8 patches (25 tokens + a class token), width 160, 6 blocks, 4 heads, MLP 640,
 dropout 0.2: 1.89 M parameters with 20 classes (timm ``VisionTransformer``). It reads images at the
-working size (:class:`probes.finetune.augment.CellImages`), with the same training loop, hold-out
+working size (:class:`probes.tuning.augment.CellImages`), with the same training loop, hold-out
 epoch choice, early stopping, losses and augmentations as the fine-tunes.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from probes.finetune.estimator import FineTuneProbe
-from probes.finetune.nets import TunedNet
+from probes.tuning.estimator import FineTuneProbe
+from probes.tuning.nets import TunedNet
 
 SCRATCH_VIT = {
     "img_size": 40,

@@ -1,7 +1,7 @@
 """Training augmentations on uint8 cell images, and the image reader that applies them (seeded).
 
 Augmentations act on the decoded uint8 (H, W, 3) image *before* resizing and normalisation, and only
-on training minibatches (:meth:`CellImages.read_train`, which :class:`~probes.finetune.FineTuneProbe`
+on training minibatches (:meth:`CellImages.read_train`, which :class:`~probes.tuning.FineTuneProbe`
 calls when a reader has it); hold-out and test reads (:meth:`CellImages.read`) are never augmented.
 
 * ``flip``: horizontal and vertical flips, each with probability 1/2;
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from probes.finetune.readers import ImageReader
+from probes.tuning.readers import ImageReader
 
 AUGMENTATIONS = ("flip", "rot90", "color", "blur")
 
