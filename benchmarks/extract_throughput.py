@@ -7,7 +7,8 @@
     default DataLoader, fp32, ``np.save`` per batch.
 
 Prints cells/s and the ratios b/a and b/c, and writes JSON (CPU named, native bf16 or not) to
-benchmarks/results/. ``--dtype auto`` resolves as ``extract`` does (:func:`embedcache.backbones.precision.choose_dtype`).
+benchmarks/results/. ``--dtype auto`` resolves as ``extract`` does
+(:func:`embedcache.backbones.precision.choose_dtype`).
 
     python benchmarks/extract_throughput.py --model timm:vit_small_patch16_224 --n 1024
     python benchmarks/extract_throughput.py --model timm:vit_large_patch16_224 --n 20000 --batch-size 256   # GPU
@@ -31,12 +32,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import embedcache  # noqa: E402
-from embedcache.backbones.devices import cpu_has_native_bf16, cpu_model  # noqa: E402
+from embedcache.backbones.devices import (  # noqa: E402
+    cpu_has_native_bf16,
+    cpu_model,
+    resolve_device,  # noqa: E402
+)
+from embedcache.backbones.forward import is_cnn  # noqa: E402
 from embedcache.backbones.loading import load_backbone  # noqa: E402
 from embedcache.backbones.pooling import embed  # noqa: E402
 from embedcache.backbones.precision import choose_dtype  # noqa: E402
 from embedcache.backbones.preprocess import Preprocessing, to_model_input  # noqa: E402
-from embedcache.extraction.pipeline import is_cnn, resolve_device  # noqa: E402
 
 SHARED = Path(os.environ.get("EMBEDCACHE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -49,7 +54,7 @@ def image_manifest(n: int, workdir: Path) -> tuple[Path, str]:
         df["path"] = [str(chula / p) for p in df["path"]]
         origin = f"chula_rbc12 (first {len(df)} real cells, 64x64 JPEG)"
     else:
-        from cli.demo import DEMO_CLASSES, make_synthetic_cells
+        from embedcache_cli.demo import DEMO_CLASSES, make_synthetic_cells
 
         root = make_synthetic_cells(workdir / "cells", n_per_class=-(-n // len(DEMO_CLASSES)))
         src = embedcache.open_source(root)

@@ -1,18 +1,18 @@
-"""What every CLI command shares: :func:`fail` (one clear error line) and the Typer options the
-probes commands repeat, declared once (``STORE``, ``MODEL``...). Each option's parameter name is
-the Python API's (``probes.scale(store, model, probes=..., seeds=...)``)."""
+"""What every CLI command shares: :func:`fail` / :func:`run` (one clear error line), the console, and the
+Typer options the probes commands repeat, as ``Annotated`` aliases (``Store``, ``Model``...). Each option's
+parameter name is the Python API's (``probes.scale(store, model, probes=..., seeds=...)``); the options of a
+job are generated from its options object (:mod:`embedcache_cli.options`)."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table as _RichTable
 
-PROBE_NAMES = "logistic, knn, knn1, svm, svm-rbf, mlp, cosine"
-
+from probes.heads.registry import PROBES
 
 LOG_WIDTH = 1000  # off a terminal: wide enough that no table of ours is ever squeezed
 
@@ -44,91 +44,22 @@ def fail(e: Exception) -> NoReturn:
     raise typer.Exit(code=1)
 
 
-def STORE() -> typer.models.OptionInfo:  # noqa: N802 - a declaration, read like a constant
-    return typer.Option(..., "--store", "-s", help="store path or fsspec URL, e.g. cache.zarr")
+def run(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call the library function ``fn``; any error becomes one clear line (:func:`fail`)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
+        fail(e)
 
 
-def MODEL(help: str = "backbone name(s) as given to embedcache extract, comma separated") -> typer.models.OptionInfo:  # noqa: N802, A002
-    return typer.Option(..., "--model", "-m", help=help)
-
-
-def PROBES(default: str = "logistic") -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(default, "--probes", "--probe", help=f"probe or comma list of probes: {PROBE_NAMES}")
-
-
-def SEEDS(default: str) -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(default, help="a count N (seeds 42..42+N-1) or a comma list of seeds")
-
-
-def DATASET() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(None, help="dataset in the store (default: the only one)")
-
-
-def POOL() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(
-        None,
-        help="cls or mean for every backbone, or per backbone: timm:test_resnet=mean,cls "
-        "(default: each backbone's own, the first pooling it was extracted with)",
-    )
-
-
-def OUT(help: str) -> typer.models.OptionInfo:  # noqa: N802, A002
-    return typer.Option(None, "--out", "-o", help=help)
-
-
-def DEVICE(help: str = "device for the probes: auto, cpu, cuda") -> typer.models.OptionInfo:  # noqa: N802, A002
-    return typer.Option("auto", help=help)
-
-
-def QUIET() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(False, "--quiet", "-q", help="no progress bar (the summary is still printed)")
-
-
-def K(default: int, help: str) -> typer.models.OptionInfo:  # noqa: N802, A002
-    return typer.Option(default, "-k", "--k", help=help)
-
-
-def TEST_SIZE() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(0.2, help="test fraction (the protocol: 0.2)")
-
-
-def SPLIT(default: str, help: str) -> typer.models.OptionInfo:  # noqa: N802, A002
-    return typer.Option(default, help=help)
-
-
-def VAL() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(
-        "train", help="with --split column: 'train' counts val cells as training cells, 'exclude' leaves them out"
-    )
-
-
-def TRAIN_DOMAIN() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(
-        None, help="train (and in-domain test) on these domain(s) of the store's domain column, comma separated"
-    )
-
-
-def TEST_DOMAIN() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(
-        None, help="score on every cell of these unseen domain(s) (default with --train-domain: all others)"
-    )
-
-
-def SCHEDULER() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(
-        None,
-        help="run each fit as a Dask task: tcp://HOST:PORT (a running dask scheduler; its workers need the "
-        "store at the same URL) or local:N (N worker processes here); the tables are a local run's",
-    )
-
-
-def OUT_OF_CORE() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(
-        "auto",
-        help="read the features from the store in row blocks (knn, logistic fit them there): auto (when "
-        "they exceed --max-memory), always, never",
-    )
-
-
-def MAX_MEMORY() -> typer.models.OptionInfo:  # noqa: N802
-    return typer.Option(None, help="memory budget for a study's features, e.g. 8GB or 512MiB (default: half the RAM)")
+# the options every probes command spells the same way (the Python API's names)
+Store = Annotated[str, typer.Option("--store", "-s", help="store path or fsspec URL, e.g. cache.zarr")]
+Model = Annotated[
+    str, typer.Option("--model", "-m", help="backbone name(s) as given to embedcache extract, comma separated")
+]
+OneModel = Annotated[str, typer.Option("--model", "-m", help="one backbone name (or full feature key)")]
+Probes = Annotated[
+    str, typer.Option("--probes", "--probe", help=f"probe or comma list of probes: {PROBES.help_text()}")
+]
+Seeds = Annotated[str, typer.Option(help="a count N (seeds 42..42+N-1) or a comma list of seeds")]
+Dataset = Annotated[Optional[str], typer.Option(help="dataset in the store (default: the only one)")]

@@ -173,8 +173,8 @@ def demo(
     model); ``None`` takes the hub's. ``on_step(step, value)`` is called after each step with
     ``("cells", path)``, ``("extract", ExtractResult)``, ``("store", url)`` and ``("probes", result)``.
     """
-    from embedcache.extraction.pipeline import extract
-    from embedcache.store.store import open_store
+    from embedcache.extraction.runner import extract
+    from embedcache.store import open_store
 
     def step(name: str, value: Any) -> None:
         if on_step is not None:
@@ -193,7 +193,7 @@ def demo(
 
         result.eval_out = root / "eval"
         result.evaluation = evaluate(
-            store, r.key, probe="logistic,knn", out=result.eval_out, show=show, quiet=not progress
+            store, r.key, probes="logistic,knn", out=result.eval_out, show=show, quiet=not progress
         )
         step("probes", result.evaluation)
     return result

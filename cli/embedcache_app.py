@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
+from embedcache_cli.common import Table, fail, make_console
+from embedcache_cli.options import with_options
 
-from cli.common import Table, fail, make_console
+from embedcache.extraction.options import ExtractOptions
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Cache frozen foundation-model embeddings of single cells."
@@ -150,69 +152,20 @@ def check_precision(
 
 
 @app.command()
+@with_options()
 def extract(
-    model: str = typer.Option(..., "--model", "-m", help="registry name (embedcache models) or timm:<name>"),
-    data: str = typer.Option(
-        ..., "--data", "-d", help="ImageFolder, .csv/.parquet manifest (a path or URL, e.g. s3://...), or .npz"
-    ),
-    out: str = typer.Option(..., "--out", "-o", help="store path or fsspec URL, e.g. cache.zarr or s3://lab/c.zarr"),
-    dataset: Optional[str] = typer.Option(None, help="dataset name inside the store (default: from the data path)"),
-    weights: Optional[str] = typer.Option(
-        None, help="local .safetensors / torch checkpoint, or 'random' (tests and demos)"
-    ),
-    revision: Optional[str] = typer.Option(None, help="hub revision (branch, tag or commit)"),
-    pool: Optional[str] = typer.Option(None, help="cls, mean or cls,mean (default: the backbone's)"),
-    input_size: Optional[int] = typer.Option(None, help="model input size (default: the backbone's)"),
-    interpolation: Optional[str] = typer.Option(None, help="bicubic or bilinear (default: the backbone's)"),
-    fit: str = typer.Option("squash", help="non-square cells: squash, crop (shorter side + centre crop) or pad"),
-    batch_size: int = typer.Option(64, help="cells per forward pass"),
-    num_workers: Optional[int] = typer.Option(
-        None, "--num-workers", "--workers", help="decode workers (default: by device)"
-    ),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
-    dtype: str = typer.Option(
-        "auto",
-        help="compute dtype: auto (fastest that passes: fp16/bf16 on CUDA, bf16 on CPUs with native bf16, else "
-        "fp32; see check-precision), bfloat16, float32, float16",
-    ),
-    store_dtype: str = typer.Option("float16", help="stored feature dtype: float16 or float32"),
-    chunk_size: int = typer.Option(1024, help="cells per stored row-chunk (the unit of resume)"),
-    on_error: str = typer.Option("fail", help="unreadable image: fail (stop, naming it) or skip (record and go on)"),
-    label_column: str = typer.Option("label", help="manifest column holding the labels"),
-    no_labels: bool = typer.Option(False, "--no-labels", help="the manifest has no labels"),
-    working_size: Optional[int] = typer.Option(
-        None, help="resize every cell to S×S first (the small-patch protocol uses 40)"
-    ),
-    perturb: Optional[list[str]] = typer.Option(
-        None, help="kind:values, repeatable, e.g. blur-post:0.4,0.8 (kinds: blur-pre, blur-post, jpeg, noise)"
-    ),
-    perturb_rows: str = typer.Option(
-        "test", help="perturb the test split's cells (test; all cells when there is no split) or all"
-    ),
-    max_image_pixels: int = typer.Option(
-        50_000_000,
-        help="refuse larger images (read from the header, before decoding); a recorded skip under --on-error skip",
-    ),
-    tail_blocks: Optional[int] = typer.Option(
-        None,
-        help="also cache the tokens entering the last k blocks (for "
-        "probes ft-last / lora); prints the store size first",
-    ),
-    adapter: Optional[Path] = typer.Option(None, help="embed with a fine-tuned model saved by --save-adapter DIR"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the backbone (slow first batch; opt-in)"),
-    cluster: Optional[str] = typer.Option(
-        None, "--cluster", help="run on a Dask LocalCluster started for the job: local:N (N worker processes)"
-    ),
-    scheduler: Optional[str] = typer.Option(
-        None, "--scheduler", help="run on a running Dask cluster, e.g. tcp://head:8786 (workers must see --out)"
-    ),
-    progress: bool = typer.Option(
-        True,
-        "--progress/--no-progress",
-        " /--quiet",
-        " /-q",
-        help="progress bar (plain lines when not a terminal); --quiet or -q: none",
-    ),
+    model: Annotated[str, typer.Option("--model", "-m", help="registry name (embedcache models) or timm:<name>")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", "-d", help="ImageFolder, .csv/.parquet manifest (a path or URL, e.g. s3://...), or .npz"
+        ),
+    ],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="store path or fsspec URL, e.g. cache.zarr or s3://lab/c.zarr")
+    ],
+    no_labels: Annotated[bool, typer.Option("--no-labels", help="the manifest has no labels")] = False,
+    options: ExtractOptions = ExtractOptions(),
 ) -> None:
     """Extract pooled features of every cell into a resumable Zarr store."""
     import warnings
@@ -223,36 +176,9 @@ def extract(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", LabelSpellingWarning)  # printed below from r.notes
-            r = run_extract(
-                model,
-                data,
-                out,
-                dataset=dataset,
-                weights=weights,
-                revision=revision,
-                pool=pool,
-                input_size=input_size,
-                interpolation=interpolation,
-                fit=fit,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                device=device,
-                dtype=dtype,
-                store_dtype=store_dtype,
-                chunk_size=chunk_size,
-                on_error=on_error,
-                label_column=None if no_labels else label_column,
-                working_size=working_size,
-                perturb=perturb,
-                perturb_rows=perturb_rows,
-                progress=progress,
-                max_image_pixels=max_image_pixels,
-                tail_blocks=tail_blocks,
-                adapter=adapter,
-                compile=compile,
-                cluster=cluster,
-                scheduler=scheduler,
-            )
+            if no_labels:
+                options = options.replace(label_column=None)
+            r = run_extract(model, data, out, options=options)
     except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
         fail(e)
     for v in [r, *r.variants]:
@@ -427,7 +353,7 @@ def demo(
     progress: bool = typer.Option(True, "--progress/--no-progress", " /--quiet", " /-q", help="progress bars"),
 ) -> None:
     """Run the main job on bundled synthetic cells: generate, extract, show the store, probe it."""
-    from cli.demo import demo as run_demo
+    from embedcache_cli.demo import demo as run_demo
 
     def show(step: str, value) -> None:
         if step == "cells":

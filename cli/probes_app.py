@@ -1,550 +1,273 @@
-"""``probes``: each command is a thin call of the same-named function of :mod:`probes` with the same
-parameter names (``probes eval`` calls :func:`probes.evaluate`); options are declared in :mod:`cli.common`."""
+"""``probes``: each command is a thin call of the same-named function of :mod:`probes` with the same parameter
+names (``probes eval`` calls :func:`probes.evaluate`). The options every study shares
+(:class:`~probes.engine.options.StudyOptions`), the fine-tunes' (:class:`~probes.tuning.options.TuneOptions`),
+the audit's and the neighbour search's are generated from their options objects (:mod:`.options`)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
+from embedcache_cli.common import Dataset, Model, OneModel, Probes, Seeds, Store, make_console, run
+from embedcache_cli.options import with_options
 
-from cli.common import (
-    DATASET,
-    DEVICE,
-    MAX_MEMORY,
-    MODEL,
-    OUT,
-    OUT_OF_CORE,
-    POOL,
-    PROBES,
-    QUIET,
-    SCHEDULER,
-    SEEDS,
-    SPLIT,
-    STORE,
-    TEST_DOMAIN,
-    TEST_SIZE,
-    TRAIN_DOMAIN,
-    VAL,
-    fail,
-)
+from probes.engine.options import DOMAIN_OPTIONS, StudyOptions
+from probes.search.options import SearchOptions
+from probes.studies.audit.options import AuditOptions
+from probes.tuning.options import TuneOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Probe studies on an embedcache feature store.")
 
-_SPLIT_HELP = (
-    "stratified (cap, then 80/20; the protocol), column (the store's split column: test vs train), "
-    "group (no group on both sides)"
-)
+NO_DOMAINS = {"hide": DOMAIN_OPTIONS}
+NO_SPLITS = {"hide": ("split", "val", "test_size", *DOMAIN_OPTIONS)}
+ValFraction = Annotated[
+    float,
+    typer.Option(
+        help="share of the training cells held out as the validation part (the probes are fitted on the rest; "
+        "choices are made on it, never on test)"
+    ),
+]
 
 
-# -- fine-tune options (lp, ft-last, lora, scratch-vit beside the probes; probes finetune) -------------------
-TUNE = (
-    "tail_blocks",
-    "head",
-    "loss",
-    "gamma",
-    "hierarchy",
-    "epochs",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "val_fraction",
-    "patience",
-    "lora_rank",
-    "lora_alpha",
-    "lora_dropout",
-)
+def _api():
+    import probes  # deferred: the studies import the heads when they run, not when the CLI starts
 
-
-def _tune(values: dict) -> dict:
-    """The fine-tune keywords of a command's arguments (same names as the Python functions')."""
-    return {k: values[k] for k in TUNE if k in values}
-
-
-def TAIL_BLOCKS():  # noqa: N802
-    return typer.Option(
-        None,
-        help="fine-tunes (ft-last, lora) train the last K blocks on the tokens cached by "
-        "embedcache extract --tail-blocks K",
-    )
-
-
-def HEAD():  # noqa: N802
-    return typer.Option("linear", help="fine-tune head: linear, linear-cls-mean, mlp, decoder")
-
-
-def LOSS():  # noqa: N802
-    return typer.Option("ce", help="fine-tune loss: ce, focal, weighted-ce, weighted-focal, hierarchical-focal")
-
-
-def GAMMA():  # noqa: N802
-    return typer.Option(None, help="focal loss gamma (default 2; the hierarchy file's for hierarchical-focal)")
-
-
-def HIERARCHY():  # noqa: N802
-    return typer.Option(None, help="YAML of lineages and penalties for --loss hierarchical-focal")
-
-
-def EPOCHS(default: int = 50):  # noqa: N802
-    return typer.Option(default, help="fine-tune epochs (best epoch kept by hold-out macro-F1)")
-
-
-def BATCH_SIZE():  # noqa: N802
-    return typer.Option(256, help="fine-tune minibatch size")
-
-
-def LR():  # noqa: N802
-    return typer.Option(None, help="learning rate (default: lp 5e-4, ft-last / lora 1e-4, scratch-vit 1e-3)")
-
-
-def WEIGHT_DECAY():  # noqa: N802
-    return typer.Option(None, help="weight decay (default: lp 0, ft-last / lora 0.01, scratch-vit 0.05)")
-
-
-def VAL_FRACTION():  # noqa: N802
-    return typer.Option(0.1, help="fine-tunes: stratified hold-out of the training cells choosing the best epoch")
-
-
-def PATIENCE():  # noqa: N802
-    return typer.Option(None, help="fine-tunes: stop after this many epochs without a better hold-out macro-F1")
-
-
-def LORA_RANK():  # noqa: N802
-    return typer.Option(8, help="LoRA rank")
-
-
-def LORA_ALPHA():  # noqa: N802
-    return typer.Option(16.0, help="LoRA alpha")
-
-
-def LORA_DROPOUT():  # noqa: N802
-    return typer.Option(0.0, help="LoRA dropout")
+    return probes
 
 
 @app.command()
+@with_options()
 def scale(
-    store: str = STORE(),
-    model: str = MODEL(),
-    limits: str = typer.Option("256..16384", help="cells per class: 256..16384 (powers of two) or a comma list"),
-    probes: str = PROBES(),
-    seeds: str = SEEDS("5"),
-    split: str = SPLIT("stratified", _SPLIT_HELP),
-    val: str = VAL(),
-    dataset: Optional[str] = DATASET(),
-    pool: Optional[str] = POOL(),
-    out: Optional[str] = OUT("output folder (default: scale-<models>-<date>)"),
-    device: str = DEVICE(),
-    test_size: float = TEST_SIZE(),
-    fraction: float = typer.Option(0.95, help="summary: the smallest limit reaching this fraction of the best"),
-    train_domain: Optional[str] = TRAIN_DOMAIN(),
-    test_domain: Optional[str] = TEST_DOMAIN(),
-    tail_blocks: Optional[int] = TAIL_BLOCKS(),
-    head: str = HEAD(),
-    loss: str = LOSS(),
-    gamma: Optional[float] = GAMMA(),
-    hierarchy: Optional[str] = HIERARCHY(),
-    epochs: int = EPOCHS(),
-    batch_size: int = BATCH_SIZE(),
-    lr: Optional[float] = LR(),
-    weight_decay: Optional[float] = WEIGHT_DECAY(),
-    val_fraction: float = VAL_FRACTION(),
-    patience: Optional[int] = PATIENCE(),
-    lora_rank: int = LORA_RANK(),
-    lora_alpha: float = LORA_ALPHA(),
-    lora_dropout: float = LORA_DROPOUT(),
-    scheduler: Optional[str] = SCHEDULER(),
-    out_of_core: str = OUT_OF_CORE(),
-    max_memory: Optional[str] = MAX_MEMORY(),
-    quiet: bool = QUIET(),
+    store: Store,
+    model: Model,
+    limits: Annotated[str, typer.Option(help="cells per class: 256..16384 (powers of two) or a comma list")] = (
+        "256..16384"
+    ),
+    probes: Probes = "logistic",
+    seeds: Seeds = "5",
+    fraction: Annotated[float, typer.Option(help="summary: the smallest limit reaching this fraction of the best")] = (
+        0.95
+    ),
+    options: Optional[StudyOptions] = None,
+    tune: Optional[TuneOptions] = None,
 ) -> None:
     """Macro-F1 against cells per class (FlagLimit), per backbone x probe, over seeds."""
-    import probes as api
-
-    try:
-        api.scale(
-            store,
-            model,
-            limits=limits,
-            probes=probes,
-            seeds=seeds,
-            split=split,
-            val=val,
-            dataset=dataset,
-            pool=pool,
-            out=out,
-            device=device,
-            test_size=test_size,
-            fraction=fraction,
-            train_domain=train_domain,
-            test_domain=test_domain,
-            quiet=quiet,
-            show=True,
-            **_tune(locals()),
-            scheduler=scheduler,
-            out_of_core=out_of_core,
-            max_memory=max_memory,
-        )
-    except Exception as e:  # noqa: BLE001  every library error reaches the user as one clear line
-        fail(e)
+    run(_api().scale, store, model, limits=limits, probes=probes, seeds=seeds, fraction=fraction, **_shown(options),
+        tune=tune)  # fmt: skip
 
 
 @app.command("eval")
+@with_options()
 def evaluate(
-    store: str = STORE(),
-    model: str = MODEL(),
-    probes: str = PROBES(),
-    seeds: str = SEEDS("1"),
-    split: str = SPLIT("stratified", _SPLIT_HELP),
-    val: str = VAL(),
-    dataset: Optional[str] = DATASET(),
-    pool: Optional[str] = POOL(),
-    out: Optional[str] = OUT("output folder (default: eval-<models>-<probe>-<date>)"),
-    device: str = DEVICE(),
-    test_size: float = TEST_SIZE(),
-    train_domain: Optional[str] = TRAIN_DOMAIN(),
-    test_domain: Optional[str] = TEST_DOMAIN(),
-    tail_blocks: Optional[int] = TAIL_BLOCKS(),
-    head: str = HEAD(),
-    loss: str = LOSS(),
-    gamma: Optional[float] = GAMMA(),
-    hierarchy: Optional[str] = HIERARCHY(),
-    epochs: int = EPOCHS(),
-    batch_size: int = BATCH_SIZE(),
-    lr: Optional[float] = LR(),
-    weight_decay: Optional[float] = WEIGHT_DECAY(),
-    val_fraction: float = VAL_FRACTION(),
-    patience: Optional[int] = PATIENCE(),
-    lora_rank: int = LORA_RANK(),
-    lora_alpha: float = LORA_ALPHA(),
-    lora_dropout: float = LORA_DROPOUT(),
-    save_adapter: Optional[str] = typer.Option(
-        None,
-        help="write the fitted fine-tune's adapter (safetensors + "
-        "provenance) to DIR, for embedcache extract --adapter DIR",
-    ),
-    scheduler: Optional[str] = SCHEDULER(),
-    out_of_core: str = OUT_OF_CORE(),
-    max_memory: Optional[str] = MAX_MEMORY(),
-    quiet: bool = QUIET(),
+    store: Store,
+    model: Model,
+    probes: Probes = "logistic",
+    seeds: Seeds = "1",
+    save_adapter: Annotated[
+        Optional[str],
+        typer.Option(
+            help="write the fitted fine-tune's adapter (safetensors + provenance) to DIR, for embedcache extract "
+            "--adapter DIR"
+        ),
+    ] = None,
+    options: Optional[StudyOptions] = None,
+    tune: Optional[TuneOptions] = None,
 ) -> None:
     """One fit on the full training split: all metrics, per-class F1, confusion matrix."""
-    import probes as api
-
-    try:
-        api.evaluate(
-            store,
-            model,
-            probes=probes,
-            seeds=seeds,
-            split=split,
-            val=val,
-            dataset=dataset,
-            pool=pool,
-            out=out,
-            device=device,
-            test_size=test_size,
-            train_domain=train_domain,
-            test_domain=test_domain,
-            quiet=quiet,
-            show=True,
-            save_adapter=save_adapter,
-            **_tune(locals()),
-            scheduler=scheduler,
-            out_of_core=out_of_core,
-            max_memory=max_memory,
-        )
-    except Exception as e:  # noqa: BLE001
-        fail(e)
+    run(_api().evaluate, store, model, probes=probes, seeds=seeds, save_adapter=save_adapter, **_shown(options),
+        tune=tune)  # fmt: skip
 
 
 @app.command()
+@with_options(hide=("val", *DOMAIN_OPTIONS))
 def robustness(
-    store: str = STORE(),
-    model: str = MODEL(),
-    perturb: str = typer.Option(
-        "blur-pre,blur-post", help="perturbation families extracted with embedcache extract --perturb"
-    ),
-    probes: str = PROBES(),
-    seeds: str = SEEDS("1"),
-    split: str = SPLIT("auto", "auto (the split column when it has test cells, else stratified), column, stratified"),
-    dataset: Optional[str] = DATASET(),
-    pool: Optional[str] = POOL(),
-    out: Optional[str] = OUT("output folder (default: robustness-<models>-<date>)"),
-    device: str = DEVICE(),
-    test_size: float = TEST_SIZE(),
-    scheduler: Optional[str] = SCHEDULER(),
-    out_of_core: str = OUT_OF_CORE(),
-    max_memory: Optional[str] = MAX_MEMORY(),
-    quiet: bool = QUIET(),
+    store: Store,
+    model: Model,
+    perturb: Annotated[
+        str, typer.Option(help="perturbation families extracted with embedcache extract --perturb")
+    ] = "blur-pre,blur-post",
+    probes: Probes = "logistic",
+    seeds: Seeds = "1",
+    options: Optional[StudyOptions] = None,
 ) -> None:
     """Train on clean features; macro-F1, Δ and drop slope on every perturbed version of the test cells."""
-    import probes as api
-
-    try:
-        api.robustness(
-            store,
-            model,
-            perturb=perturb,
-            probes=probes,
-            seeds=seeds,
-            split=split,
-            dataset=dataset,
-            pool=pool,
-            out=out,
-            device=device,
-            test_size=test_size,
-            quiet=quiet,
-            show=True,
-            scheduler=scheduler,
-            out_of_core=out_of_core,
-            max_memory=max_memory,
-        )
-    except Exception as e:  # noqa: BLE001
-        fail(e)
-
-
-_VAL_FRACTION = typer.Option(
-    0.2,
-    help="share of the training cells held out as the validation part (the probes "
-    "are fitted on the rest; choices are made on it, never on test)",
-)
+    run(_api().robustness, store, model, perturb=perturb, probes=probes, seeds=seeds, **_shown(options))
 
 
 @app.command()
+@with_options(**NO_DOMAINS)
 def ensemble(
-    store: str = STORE(),
-    model: str = MODEL(),
-    heads: str = typer.Option("mlp,logistic,cosine", help="three or more heads (probes), comma separated"),
-    primary: Optional[str] = typer.Option(None, help="the primary head of the override rule (default: the first)"),
-    pairs: str = typer.Option(
-        "auto",
-        help="confusion pairs 'A:B,C:D' (unordered), or auto: the primary head's top confusions on the validation part",
-    ),
-    n_pairs: int = typer.Option(4, help="with --pairs auto: how many pairs"),
-    seeds: str = SEEDS("5"),
-    val_fraction: float = _VAL_FRACTION,
-    split: str = SPLIT("stratified", _SPLIT_HELP),
-    val: str = VAL(),
-    dataset: Optional[str] = DATASET(),
-    pool: Optional[str] = POOL(),
-    out: Optional[str] = OUT("output folder (default: ensemble-<models>-<heads>-<date>)"),
-    device: str = DEVICE(),
-    test_size: float = TEST_SIZE(),
-    scheduler: Optional[str] = SCHEDULER(),
-    out_of_core: str = OUT_OF_CORE(),
-    max_memory: Optional[str] = MAX_MEMORY(),
-    quiet: bool = QUIET(),
+    store: Store,
+    model: Model,
+    heads: Annotated[str, typer.Option(help="three or more heads (probes), comma separated")] = "mlp,logistic,cosine",
+    primary: Annotated[
+        Optional[str], typer.Option(help="the primary head of the override rule (default: the first)")
+    ] = None,
+    pairs: Annotated[
+        str,
+        typer.Option(
+            help="confusion pairs 'A:B,C:D' (unordered), or auto: the primary head's top confusions on the "
+            "validation part"
+        ),
+    ] = "auto",
+    n_pairs: Annotated[int, typer.Option(help="with --pairs auto: how many pairs")] = 4,
+    seeds: Seeds = "5",
+    val_fraction: ValFraction = 0.2,
+    options: Optional[StudyOptions] = None,
 ) -> None:
     """Per-class F1 of every head (best marked) and the override / majority / mean ensembles."""
-    import probes as api
-
-    try:
-        api.ensemble(
-            store,
-            model,
-            heads=heads,
-            primary=primary,
-            pairs=pairs,
-            n_pairs=n_pairs,
-            seeds=seeds,
-            val_fraction=val_fraction,
-            split=split,
-            val=val,
-            dataset=dataset,
-            pool=pool,
-            out=out,
-            device=device,
-            test_size=test_size,
-            quiet=quiet,
-            show=True,
-            scheduler=scheduler,
-            out_of_core=out_of_core,
-            max_memory=max_memory,
-        )
-    except Exception as e:  # noqa: BLE001
-        fail(e)
+    run(_api().ensemble, store, model, heads=heads, primary=primary, pairs=pairs, n_pairs=n_pairs, seeds=seeds,
+        val_fraction=val_fraction, **_shown(options))  # fmt: skip
 
 
 @app.command()
+@with_options(**NO_DOMAINS)
 def calibrate(
-    store: str = STORE(),
-    model: str = MODEL(),
-    probes: str = PROBES(),
-    seeds: str = SEEDS("1"),
-    n_bins: int = typer.Option(15, help="confidence bins of ECE / MCE and the reliability diagram"),
-    val_fraction: float = _VAL_FRACTION,
-    split: str = SPLIT("stratified", _SPLIT_HELP),
-    val: str = VAL(),
-    dataset: Optional[str] = DATASET(),
-    pool: Optional[str] = POOL(),
-    out: Optional[str] = OUT("output folder (default: calibrate-<models>-<probes>-<date>)"),
-    device: str = DEVICE(),
-    test_size: float = TEST_SIZE(),
-    scheduler: Optional[str] = SCHEDULER(),
-    out_of_core: str = OUT_OF_CORE(),
-    max_memory: Optional[str] = MAX_MEMORY(),
-    quiet: bool = QUIET(),
+    store: Store,
+    model: Model,
+    probes: Probes = "logistic",
+    seeds: Seeds = "1",
+    n_bins: Annotated[int, typer.Option(help="confidence bins of ECE / MCE and the reliability diagram")] = 15,
+    val_fraction: ValFraction = 0.2,
+    options: Optional[StudyOptions] = None,
 ) -> None:
     """ECE, MCE, Brier, NLL before / after temperature scaling (fitted on validation); reliability diagrams."""
-    import probes as api
-
-    try:
-        api.calibrate(
-            store,
-            model,
-            probes=probes,
-            seeds=seeds,
-            n_bins=n_bins,
-            val_fraction=val_fraction,
-            split=split,
-            val=val,
-            dataset=dataset,
-            pool=pool,
-            out=out,
-            device=device,
-            test_size=test_size,
-            quiet=quiet,
-            show=True,
-            scheduler=scheduler,
-            out_of_core=out_of_core,
-            max_memory=max_memory,
-        )
-    except Exception as e:  # noqa: BLE001
-        fail(e)
+    run(_api().calibrate, store, model, probes=probes, seeds=seeds, n_bins=n_bins, val_fraction=val_fraction,
+        **_shown(options))  # fmt: skip
 
 
 @app.command()
+@with_options(**NO_DOMAINS)
 def selective(
-    store: str = STORE(),
-    model: str = MODEL(),
-    probes: str = PROBES(),
-    confidence: str = typer.Option(
-        "msp,margin,entropy", help="confidences, comma separated: msp, margin, entropy, agreement"
-    ),
-    target_accuracy: float = typer.Option(
-        0.995, help="the threshold (chosen on validation) keeps cells up to this accuracy; in (0, 1]"
-    ),
-    agree_with: str = typer.Option(
-        "heads", help="agreement between: heads (--heads on one backbone) or backbones (the probe on every --model)"
-    ),
-    heads: str = typer.Option("logistic,mlp,cosine", help="the heads voting for --confidence agreement"),
-    coverages: str = typer.Option("1,0.9,0.8,0.67,0.5", help="coverages at which accuracy and F1 are reported"),
-    seeds: str = SEEDS("1"),
-    val_fraction: float = _VAL_FRACTION,
-    split: str = SPLIT("stratified", _SPLIT_HELP),
-    val: str = VAL(),
-    dataset: Optional[str] = DATASET(),
-    pool: Optional[str] = POOL(),
-    out: Optional[str] = OUT("output folder (default: selective-<models>-<probes>-<date>)"),
-    device: str = DEVICE(),
-    test_size: float = TEST_SIZE(),
-    scheduler: Optional[str] = SCHEDULER(),
-    out_of_core: str = OUT_OF_CORE(),
-    max_memory: Optional[str] = MAX_MEMORY(),
-    quiet: bool = QUIET(),
+    store: Store,
+    model: Model,
+    probes: Probes = "logistic",
+    confidence: Annotated[
+        str, typer.Option(help="confidences, comma separated: msp, margin, entropy, agreement")
+    ] = "msp,margin,entropy",
+    target_accuracy: Annotated[
+        float, typer.Option(help="the threshold (chosen on validation) keeps cells up to this accuracy; in (0, 1]")
+    ] = 0.995,
+    agree_with: Annotated[
+        str,
+        typer.Option(
+            help="agreement between: heads (--heads on one backbone) or backbones (the probe on every --model)"
+        ),
+    ] = "heads",
+    heads: Annotated[str, typer.Option(help="the heads voting for --confidence agreement")] = "logistic,mlp,cosine",
+    coverages: Annotated[
+        str, typer.Option(help="coverages at which accuracy and F1 are reported")
+    ] = "1,0.9,0.8,0.67,0.5",
+    seeds: Seeds = "1",
+    val_fraction: ValFraction = 0.2,
+    options: Optional[StudyOptions] = None,
 ) -> None:
     """Risk-coverage, AURC, scores at coverages, the threshold for a target accuracy, per-class abstention."""
-    import probes as api
-
-    try:
-        api.selective(
-            store,
-            model,
-            probes=probes,
-            confidence=confidence,
-            target_accuracy=target_accuracy,
-            agree_with=agree_with,
-            heads=heads,
-            coverages=coverages,
-            seeds=seeds,
-            val_fraction=val_fraction,
-            split=split,
-            val=val,
-            dataset=dataset,
-            pool=pool,
-            out=out,
-            device=device,
-            test_size=test_size,
-            quiet=quiet,
-            show=True,
-            scheduler=scheduler,
-            out_of_core=out_of_core,
-            max_memory=max_memory,
-        )
-    except Exception as e:  # noqa: BLE001
-        fail(e)
+    run(_api().selective, store, model, probes=probes, confidence=confidence, target_accuracy=target_accuracy,
+        agree_with=agree_with, heads=heads, coverages=coverages, seeds=seeds, val_fraction=val_fraction,
+        **_shown(options))  # fmt: skip
 
 
 @app.command()
+@with_options()
 def finetune(
-    store: str = STORE(),
-    model: str = MODEL(),
-    method: str = typer.Option(
-        "lora", help="lora, ft-last, lp, or scratch-vit (the small-patch paper's ViT from scratch at the working size)"
-    ),
-    blocks: str = typer.Option("all", help="train the last K blocks, or all (LoRA on every block's attention)"),
-    augment: Optional[str] = typer.Option(None, help="training augmentations: flip,rot90,color,blur"),
-    head: str = HEAD(),
-    loss: str = LOSS(),
-    gamma: Optional[float] = GAMMA(),
-    hierarchy: Optional[str] = HIERARCHY(),
-    epochs: int = EPOCHS(),
-    batch_size: int = BATCH_SIZE(),
-    lr: Optional[float] = LR(),
-    weight_decay: Optional[float] = WEIGHT_DECAY(),
-    val_fraction: float = VAL_FRACTION(),
-    patience: Optional[int] = PATIENCE(),
-    lora_rank: int = LORA_RANK(),
-    lora_alpha: float = LORA_ALPHA(),
-    lora_dropout: float = LORA_DROPOUT(),
-    limit: Optional[int] = typer.Option(None, help="cap each class at this many cells (FlagLimit); default: all"),
-    seeds: str = SEEDS("1"),
-    split: str = SPLIT("stratified", _SPLIT_HELP),
-    val: str = VAL(),
-    dataset: Optional[str] = DATASET(),
-    pool: Optional[str] = POOL(),
-    out: Optional[str] = OUT("output folder (default: finetune-<models>-<method>-<date>)"),
-    device: str = DEVICE("device for the fine-tune: auto, cpu, cuda"),
-    test_size: float = TEST_SIZE(),
-    train_domain: Optional[str] = TRAIN_DOMAIN(),
-    test_domain: Optional[str] = TEST_DOMAIN(),
-    save_adapter: Optional[str] = typer.Option(None, help="write the adapter (safetensors + provenance) to DIR"),
-    quiet: bool = QUIET(),
+    store: Store,
+    model: Model,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="lora, ft-last, lp, or scratch-vit (the small-patch paper's ViT from scratch at the working size)"
+        ),
+    ] = "lora",
+    blocks: Annotated[
+        str, typer.Option(help="train the last K blocks, or all (LoRA on every block's attention)")
+    ] = "all",
+    augment: Annotated[Optional[str], typer.Option(help="training augmentations: flip,rot90,color,blur")] = None,
+    limit: Annotated[
+        Optional[int], typer.Option(help="cap each class at this many cells (FlagLimit); default: all")
+    ] = None,
+    seeds: Seeds = "1",
+    save_adapter: Annotated[
+        Optional[str], typer.Option(help="write the adapter (safetensors + provenance) to DIR")
+    ] = None,
+    options: Optional[StudyOptions] = None,
+    tune: Optional[TuneOptions] = None,
 ) -> None:
     """Fine-tune from the images in the store (LoRA on all blocks, FT_last, scratch-vit), augmentations optional."""
-    import probes as api
-
-    try:
-        api.finetune(
-            store,
-            model,
-            method=method,
-            blocks=blocks,
-            augment=augment,
-            limit=limit,
-            seeds=seeds,
-            split=split,
-            val=val,
-            dataset=dataset,
-            pool=pool,
-            out=out,
-            device=device,
-            test_size=test_size,
-            train_domain=train_domain,
-            test_domain=test_domain,
-            save_adapter=save_adapter,
-            quiet=quiet,
-            show=True,
-            **_tune(locals()),
-        )
-    except Exception as e:  # noqa: BLE001
-        fail(e)
+    run(_api().finetune, store, model, method=method, blocks=blocks, augment=augment, limit=limit, seeds=seeds,
+        save_adapter=save_adapter, **_shown(options), tune=tune)  # fmt: skip
 
 
-from cli.probes_audit_cmds import audit, neighbors, relabel  # noqa: E402
+@app.command()
+@with_options(**NO_SPLITS)
+def audit(
+    store: Store,
+    model: Model,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="neither read nor write out-of-fold predictions")
+    ] = False,
+    options: Optional[StudyOptions] = None,
+    audit_options: Optional[AuditOptions] = None,
+) -> None:
+    """Rank cells by how likely their label is wrong: confident learning on calibrated models, neighbours."""
+    assert audit_options is not None
+    if no_cache:
+        if audit_options.cache:
+            from embedcache_cli.common import fail
 
-app.command("audit")(audit)
-app.command("neighbors")(neighbors)
-app.command("relabel")(relabel)
+            fail(ValueError("--cache and --no-cache exclude each other"))
+        audit_options = audit_options.replace(cache=False)
+    run(_api().audit, store, model, **_shown(options), audit_options=audit_options)
+
+
+@app.command()
+@with_options()
+def neighbors(
+    store: Store,
+    model: OneModel,
+    id: Annotated[  # noqa: A002  the Python API's name
+        Optional[list[str]], typer.Option("--id", help="cell id to look up (repeatable)")
+    ] = None,
+    image: Annotated[
+        Optional[list[str]], typer.Option("--image", help="new image file to embed and look up (repeatable)")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="neighbours per query")] = 12,
+    dataset: Dataset = None,
+    pool: Annotated[Optional[str], typer.Option(help="cls or mean (default: the backbone's own)")] = None,
+    out: Annotated[
+        Optional[str], typer.Option("--out", "-o", help="folder for neighbors.csv and neighbors.png")
+    ] = None,
+    device: Annotated[str, typer.Option(help="device to embed --image with: auto, cpu, cuda")] = "auto",
+    options: Optional[SearchOptions] = None,
+) -> None:
+    """The k nearest cells (cosine) of stored cells or new images: a table and a contact sheet."""
+    run(_api().neighbors, store, model, id=id or None, image=image or None, k=k, dataset=dataset, pool=pool, out=out,
+        device=device, show=True, options=options)  # fmt: skip
+
+
+@app.command()
+def relabel(
+    store: Store,
+    corrections: Annotated[str, typer.Option("--corrections", "-c", help="CSV with columns id,new_label[,note]")],
+    dataset: Dataset = None,
+    source: Annotated[
+        Optional[str], typer.Option(help="who or what made the corrections (default: the file path)")
+    ] = None,
+    allow_new_labels: Annotated[
+        bool, typer.Option("--allow-new-labels", help="accept labels no cell carries yet")
+    ] = False,
+) -> None:
+    """Apply reviewed label corrections; history is kept and original labels never change."""
+    n = run(_api().relabel, store, corrections, dataset=dataset, source=source, allow_new_labels=allow_new_labels)
+    make_console().print(
+        f"{n} label(s) changed (history kept, original labels unchanged); "
+        "every later study and audit reads the new labels"
+    )
+
+
+def _shown(options: StudyOptions | None) -> dict[str, StudyOptions]:
+    """The study's options as the CLI runs it: the summary always printed (``--quiet`` hides the bar only)."""
+    return {"options": (options or StudyOptions()).replace(show=True)}
 
 
 def main() -> None:

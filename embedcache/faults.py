@@ -23,7 +23,7 @@ POINTS = (
     # metadata of groups (embedcache.store.store)
     "dataset:obs-written",
     "feature-set:arrays-created",
-    # chunk writes (embedcache.store.store.FeatureSet.write_chunk)
+    # chunk writes (embedcache.store.FeatureSet.write_chunk)
     "chunk:data-written",
     "chunk:checksums-written",
     "chunk:done",

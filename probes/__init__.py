@@ -25,42 +25,30 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from probes.errors import ProbeError
-from probes.search.index import NeighborIndex, neighbors
-from probes.studies.audit import AuditResult, audit, audit_arrays
-from probes.studies.calibrate import calibrate
-from probes.studies.ensemble import ensemble
-from probes.studies.evaluate import evaluate
-from probes.studies.finetune import finetune
-from probes.studies.relabel import relabel
-from probes.studies.robustness import robustness
-from probes.studies.scale import scale
-from probes.studies.selective import selective
-
-_LAZY = {"make_probe": "probes.heads", "PROBES": "probes.heads"}
+_EXPORTS = {
+    "ProbeError": "probes.errors",
+    "NeighborIndex": "probes.search.index",
+    "AuditResult": "probes.studies.audit",
+    "audit": "probes.studies.audit",
+    "audit_arrays": "probes.studies.audit",
+    "calibrate": "probes.studies.calibrate",
+    "ensemble": "probes.studies.ensemble",
+    "evaluate": "probes.studies.evaluate",
+    "finetune": "probes.studies.finetune",
+    "neighbors": "probes.studies.neighbors",
+    "relabel": "probes.studies.relabel",
+    "robustness": "probes.studies.robustness",
+    "scale": "probes.studies.scale",
+    "selective": "probes.studies.selective",
+    "make_probe": "probes.heads.registry",
+    "PROBES": "probes.heads.registry",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _EXPORTS:  # deferred: a command that fits nothing never imports the heads (torch)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'probes' has no attribute {name!r}")
 
 
-__all__ = [
-    "scale",
-    "evaluate",
-    "robustness",
-    "ensemble",
-    "calibrate",
-    "selective",
-    "finetune",
-    "audit",
-    "audit_arrays",
-    "AuditResult",
-    "neighbors",
-    "NeighborIndex",
-    "relabel",
-    "ProbeError",
-    "make_probe",
-    "PROBES",
-]
+__all__ = list(_EXPORTS)

@@ -16,11 +16,12 @@ import pytest
 from typer.testing import CliRunner
 
 import embedcache
-from embedcache.store.store import side_url
+from embedcache.store import side_url
 from probes.errors import ProbeError
 from probes.search import ann
-from probes.search.index import ApproxNeighborIndex, NeighborIndex, neighbors
+from probes.search.index import ApproxNeighborIndex, NeighborIndex
 from probes.search.vectors import l2_normalize
+from probes.studies.neighbors import neighbors
 
 N, D, MODEL = 3000, 64, "synthetic"
 
@@ -212,11 +213,9 @@ def test_memory_store_keeps_its_index_through_fsspec(tmp_path):
 def test_cli_index_flags(store):
     import inspect
 
-    from cli import probes_app
-    from cli.probes_audit_cmds import neighbors as command
+    from embedcache_cli import probes_app
 
-    assert inspect.signature(command).parameters["exact_below"].default.default == ann.AUTO_EXACT_BELOW
-    assert set(inspect.signature(command).parameters) <= set(inspect.signature(neighbors).parameters)
+    assert inspect.signature(probes_app.neighbors).parameters["exact_below"].default == ann.AUTO_EXACT_BELOW
 
     def run(*extra: str):
         return CliRunner().invoke(

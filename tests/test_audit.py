@@ -22,7 +22,7 @@ import probes
 from probes.errors import ProbeError
 from probes.features.cells import open_cells
 from probes.heads import make_probe
-from probes.search.index import NeighborIndex, neighbors
+from probes.search.index import NeighborIndex
 from probes.studies.audit import (
     EVIDENCE_COLUMNS,
     audit,
@@ -36,6 +36,7 @@ from probes.studies.audit import (
 from probes.studies.audit import run as audit_run
 from probes.studies.audit.folds import oof_proba
 from probes.studies.audit.run import JOINT_PROBE
+from probes.studies.neighbors import neighbors
 
 RESNET = "timm:test_resnet"
 VIT = "timm:test_vit"
@@ -582,7 +583,7 @@ def one_line_error(result) -> str:
 
 
 def test_cli_audit_neighbors_relabel(store, tmp_path):
-    from cli.probes_app import app
+    from embedcache_cli.probes_app import app
 
     runner = CliRunner()
     out = tmp_path / "cli-audit"

@@ -173,13 +173,3 @@ def test_calibrate_bad_input_and_cli(store, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "ECE" in p.stdout and "weighted F1" in p.stdout and "wrote" in p.stdout
     assert (out / "reliability-vit-knn.png").stat().st_size > 0 and len(pd.read_csv(out / "results.csv")) > 0
-
-
-def test_cli_parameters_are_the_python_names():
-    import inspect
-
-    import probes
-    from cli import probes_app
-
-    cli_params = set(inspect.signature(probes_app.calibrate).parameters)
-    assert cli_params <= set(inspect.signature(probes.calibrate).parameters)

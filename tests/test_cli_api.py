@@ -3,31 +3,13 @@
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
+from embedcache_cli import embedcache_app as cli
+from embedcache_cli.demo import DemoResult, demo
 from typer.testing import CliRunner
 
 import embedcache
-from cli import embedcache_app as cli
-from cli.demo import DemoResult, demo
-
-
-def _params(fn) -> set[str]:
-    return set(inspect.signature(fn).parameters)
-
-
-@pytest.mark.parametrize(
-    "command, function, cli_only",
-    [
-        (cli.extract, embedcache.extract, {"no_labels"}),  # --no-labels is label_column=None
-        (cli.import_, embedcache.import_features_file, set()),
-        (cli.demo, demo, set()),
-    ],
-)
-def test_cli_parameters_are_the_python_names(command, function, cli_only):
-    assert _params(command) - cli_only <= _params(function), _params(command) - cli_only - _params(function)
 
 
 def _invoke(*args: str):

@@ -124,7 +124,7 @@ def test_probability_studies_on_dask_equal_the_local_run(store, cluster, tmp_pat
     runs = {
         "calibrate": lambda **kw: calibrate(store, MODEL, probes="logistic,knn", seeds=2, quiet=True, **kw),
         "ensemble": lambda **kw: ensemble(store, MODEL, heads="knn,logistic,cosine", seeds=1, quiet=True, **kw),
-        "selective": lambda **kw: selective(store, MODEL, probe="logistic", seeds=1, quiet=True, **kw),
+        "selective": lambda **kw: selective(store, MODEL, probes="logistic", seeds=1, quiet=True, **kw),
     }
     from distributed import Client, get_task_stream
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from embedcache_cli.demo import DEMO_CLASSES, make_synthetic_cells, synthetic_cell
 
-from cli.demo import DEMO_CLASSES, make_synthetic_cells, synthetic_cell
 from embedcache.inputs.images import read_image
 
 
@@ -123,10 +123,10 @@ def test_classes_separable_by_simple_pixel_statistics(demo60):
 def test_demo_command_extracts_and_probes(tmp_path):
     """README's first quickstart command: synthetic cells -> store -> probe table, on a fresh folder."""
     import pandas as pd
+    from embedcache_cli.embedcache_app import app
     from typer.testing import CliRunner
 
     import embedcache
-    from cli.embedcache_app import app
 
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-per-class", "25"])

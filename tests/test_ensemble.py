@@ -249,13 +249,3 @@ def test_ensemble_probe_in_eval_and_the_cli(stores, tmp_path):
         timeout=180,
     )
     assert p.returncode == 1 and p.stderr.startswith("error:") and "nope" in p.stderr and "Traceback" not in p.stderr
-
-
-def test_cli_parameters_are_the_python_names():
-    import inspect
-
-    import probes
-    from cli import probes_app
-
-    cli_params = set(inspect.signature(probes_app.ensemble).parameters)
-    assert cli_params <= set(inspect.signature(probes.ensemble).parameters)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import embedcache
 from embedcache import ExtractionError, StoreBusyError, StoreError, open_store
 from embedcache.backbones.devices import default_dtype
-from embedcache.store.store import FeatureSetConflict
+from embedcache.store import FeatureSetConflict
 
 from .conftest import REPO, bundled
 
@@ -327,7 +327,7 @@ def test_label_corrections_keep_history_and_never_touch_the_original(tmp_path, c
 
 
 def test_embed_images_matches_stored_features(tmp_path, chula_subset):
-    from embedcache.extraction.query import embed_images
+    from embedcache.extraction.new_images import embed_images
 
     m = chula_subset(20)
     out = tmp_path / "c.zarr"

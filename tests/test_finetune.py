@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from embedcache.backbones.adapters import tail_key_to_backbone
 from embedcache.backbones.loading import load_backbone, state_dict_sha256
 from embedcache.backbones.pooling import embed
 from embedcache.backbones.preprocess import Preprocessing
@@ -20,7 +21,6 @@ from probes.tuning import (
     TrainingDiverged,
     load_adapter,
 )
-from probes.tuning.nets import tail_key_to_backbone
 
 SIZE = 64
 FAST = {"epochs": 2, "batch_size": 64, "device": "cpu"}

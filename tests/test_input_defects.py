@@ -33,7 +33,7 @@ def _extract(data, out, **kw):
 
 
 def _cli(*args: str):
-    from cli.embedcache_app import app
+    from embedcache_cli.embedcache_app import app
 
     return CliRunner().invoke(app, list(args))
 

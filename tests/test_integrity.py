@@ -22,7 +22,7 @@ import pytest
 import zarr
 
 import embedcache
-from embedcache.store.store import ChunkDamaged, StoreError, open_store, side_url
+from embedcache.store import ChunkDamaged, StoreError, open_store, side_url
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "timm-test_vit@random/32-bicubic/clean"
@@ -113,9 +113,8 @@ def test_damaged_ok_chunk_is_an_error_not_skipped_cells(store_copy):
 
 
 def test_verify_cli_exit_codes_and_repair(store_copy):
+    from embedcache_cli.embedcache_app import app
     from typer.testing import CliRunner
-
-    from cli.embedcache_app import app
 
     manifest, store, reference, _ = store_copy
     runner = CliRunner()
@@ -409,7 +408,8 @@ def test_older_stores_with_side_folders_inside_are_migrated(store_copy):
 
 
 def test_tail_tokens_are_stored_in_checksummed_subchunks_and_read_by_random_rows(tmp_path):
-    from embedcache.store.store import token_subchunk, tokens_name
+    from embedcache.store import tokens_name
+    from embedcache.store.feature_set import token_subchunk
 
     store = open_store(tmp_path / "cache.zarr", "a")
     src = embedcache.open_source(np.zeros((64, 8, 8, 3), dtype=np.uint8), labels=["a"] * 64, name="cells")

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from embedcache_cli.embedcache_app import app as embedcache_app
+from embedcache_cli.probes_app import app as probes_app
 from typer.testing import CliRunner
 
 import embedcache
-from cli.embedcache_app import app as embedcache_app
-from cli.probes_app import app as probes_app
 
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def test_models_table_keeps_every_hub_id_when_piped():
 
 
 def test_piped_console_is_wide_and_tables_fold():
-    from cli.common import LOG_WIDTH, Table, make_console
+    from embedcache_cli.common import LOG_WIDTH, Table, make_console
 
     assert make_console().width >= LOG_WIDTH  # pytest captures stdout: not a terminal
     t = Table()
@@ -157,9 +157,7 @@ def test_several_clean_sets_say_how_to_select_one(store, tmp_path):
         num_workers=0,
     )
     ds = embedcache.open_store(copy).dataset()
-    with pytest.raises(
-        embedcache.store.store.StoreError, match=r"2 clean feature sets.*--model timm-test_vit@random/32"
-    ):
+    with pytest.raises(embedcache.store.StoreError, match=r"2 clean feature sets.*--model timm-test_vit@random/32"):
         ds.find_feature_set("timm:test_vit")
     assert ds.find_feature_set("timm:test_vit@random/32-bicubic-ws40").key.endswith("ws40/clean")
     assert ds.find_feature_set("timm-test_vit@random/32-bicubic").key == "timm-test_vit@random/32-bicubic/clean"

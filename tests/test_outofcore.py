@@ -1,4 +1,5 @@
-"""Out-of-core probes (probes.features.chunked, probes.heads.rows): rows read from the store in blocks give the in-memory results.
+"""Out-of-core probes (probes.features.chunked, probes.heads.rows): rows read from the store in blocks give
+the in-memory results.
 
 Real features: the 832 bundled Chula RBC-12 cells through a tiny random-init ViT, stored in chunks of
 128 rows; blocks of 100 rows so that blocks and store chunks never line up."""

@@ -10,7 +10,7 @@ import torch
 
 import embedcache
 from embedcache.backbones import devices, precision
-from embedcache.extraction.pipeline import ExtractionError
+from embedcache.extraction.plan import ExtractionError
 
 
 @pytest.fixture(autouse=True)

@@ -60,9 +60,8 @@ def test_format_seconds():
 
 
 def test_cli_extract_piped_prints_plain_progress(tmp_path, chula_subset):
+    from embedcache_cli.embedcache_app import app
     from typer.testing import CliRunner
-
-    from cli.embedcache_app import app
 
     res = CliRunner().invoke(
         app,
@@ -118,8 +117,8 @@ def test_resolve_dtype(monkeypatch):
 
 
 def test_pipeline_uses_the_shared_resolver():
-    import embedcache.extraction.pipeline as pipeline
-    import embedcache.extraction.query as query
+    import embedcache.extraction.new_images as query
+    import embedcache.extraction.runner as pipeline
 
     assert pipeline.resolve_device is resolve_device and pipeline.resolve_dtype is resolve_dtype
     assert query.resolve_device is resolve_device

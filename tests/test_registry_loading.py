@@ -780,8 +780,8 @@ def toy():
 
 def test_hook_backbone_extracts_end_to_end(tmp_path, toy, chula_subset):
     import embedcache
+    from embedcache.backbones.forward import compute_batch
     from embedcache.backbones.preprocess import Preprocessing
-    from embedcache.extraction.pipeline import compute_batch
     from embedcache.inputs.images import read_image
 
     manifest = chula_subset(20)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from embedcache_cli.probes_app import app
 from PIL import Image
 from typer.testing import CliRunner
 
 import embedcache
-from cli.probes_app import app
 from probes import robustness
 from probes.errors import ProbeError
 from probes.studies.robustness import drop_slope
@@ -56,7 +56,7 @@ def test_slope_matches_a_hand_calculation():
 
 def test_robustness_scores_the_same_test_cells_clean_and_perturbed(store, tmp_path):
     res = robustness(
-        store, MODEL, perturb="blur-pre,blur-post", probe="logistic,knn", seeds=2, out=tmp_path / "r", quiet=True
+        store, MODEL, perturb="blur-pre,blur-post", probes="logistic,knn", seeds=2, out=tmp_path / "r", quiet=True
     )
     r = res.results
     assert res.params["split"] == "column"  # the store's split column: the cells the perturbed sets cover

@@ -97,7 +97,7 @@ def test_extract_into_s3_reads_back_verifies_and_says_its_guarantee(s3, local_re
     st = open_store(url)
     g = st.write_guarantee()
     assert g["mechanism"] == "lease-with-expiry" and "Not protected" in g["text"]
-    from cli.embedcache_app import app
+    from embedcache_cli.embedcache_app import app
 
     res = CliRunner().invoke(app, ["info", url])
     assert res.exit_code == 0, res.output
@@ -227,26 +227,26 @@ def test_a_writer_that_lost_its_lease_stops_before_flagging_chunks(s3, local_ref
     """Another writer takes the lease over while the extraction runs (after a stall past its expiry): the next
     chunk write stops before its checksums and done flag; once that writer's lease expires, the rerun finishes
     the set, equal to a local run."""
-    from embedcache.store.locking import lease as leases
+    from embedcache.store.locking import base as locks
 
     manifest, ref, _ = local_reference
     url = f"s3://{BUCKET}/lost.zarr"
     writes = {"n": 0}
-    real_write = embedcache.store.store.FeatureSet.write_chunk
+    real_write = embedcache.store.FeatureSet.write_chunk
 
     def write_and_lose(self, c, *a, **kw):
         writes["n"] += 1
         if writes["n"] == 2:  # between the first and the second chunk, another writer takes the lease over
-            for held in list(leases._held):
+            for held in list(locks._held):  # the leases this process holds
                 thief = {"name": held.name, "holder": "pid 7 on elsewhere", "token": "t", "expires": time.time() + 2}
                 s3.pipe_file(held.path, json.dumps(thief).encode())
                 held._renew()  # its next renewal finds out
         return real_write(self, c, *a, **kw)
 
-    monkeypatch.setattr(embedcache.store.store.FeatureSet, "write_chunk", write_and_lose)
+    monkeypatch.setattr(embedcache.store.FeatureSet, "write_chunk", write_and_lose)
     with pytest.raises(Exception, match="taken over by pid 7 on elsewhere"), pytest.warns(RuntimeWarning):
         _extract(manifest, url)
-    monkeypatch.setattr(embedcache.store.store.FeatureSet, "write_chunk", real_write)
+    monkeypatch.setattr(embedcache.store.FeatureSet, "write_chunk", real_write)
     st = open_store(url)
     key = st.dataset().feature_keys()[0]
     fs = st.dataset().feature_set(key)

@@ -62,8 +62,9 @@ def newline_store(tmp_path_factory, chula_manifest):
 
 
 def test_an_id_with_a_newline_through_neighbors_its_sheet_and_the_audit_html(newline_store, tmp_path):
+    from embedcache_cli.probes_app import app
+
     import probes
-    from cli.probes_app import app
 
     store = tmp_path / "cache.zarr"
     shutil.copytree(newline_store, store)

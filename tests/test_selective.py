@@ -228,13 +228,3 @@ def test_selective_cli(stores, tmp_path):
     bad = [*cmd[:8], "--probe", "knn", "--target-accuracy", "1.5", "--out", str(tmp_path / "bad")]
     p = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert p.returncode == 1 and p.stderr.startswith("error:") and "(0, 1]" in p.stderr
-
-
-def test_cli_parameters_are_the_python_names():
-    import inspect
-
-    import probes
-    from cli import probes_app
-
-    cli_params = set(inspect.signature(probes_app.selective).parameters)
-    assert cli_params <= set(inspect.signature(probes.selective).parameters)

@@ -195,7 +195,7 @@ def test_evaluate_logistic_matches_sklearn(store, keys, tmp_path):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    r = evaluate(store, keys[0], probe="logistic", out=tmp_path, quiet=True)
+    r = evaluate(store, keys[0], probes="logistic", out=tmp_path, quiet=True)
     ours = r.results.query("metric == 'macro_f1'")["value"].iat[0]
     assert r.results["limit"].isna().all()
     pngs = [f for name, f in r.files.items() if name.startswith("confusion-") and name.endswith(".png")]
@@ -363,7 +363,7 @@ def test_domain_study_never_mixes_domains(store, keys, tmp_path):
 
 
 def test_domain_defaults_and_errors(store, keys, tmp_path):
-    res = evaluate(store, keys[0], probe="knn", train_domain="siteB,siteC", out=tmp_path / "d2", quiet=True)
+    res = evaluate(store, keys[0], probes="knn", train_domain="siteB,siteC", out=tmp_path / "d2", quiet=True)
     assert set(res.results["test_domain"]) == {"siteB+siteC", "siteA"}  # default test domains: all others
     with pytest.raises(ProbeError, match="unknown domain.*siteZ.*siteA, siteB, siteC"):
         scale(store, keys[0], limits="32", train_domain="siteZ", out=tmp_path / "e1", quiet=True)

@@ -16,7 +16,7 @@ import torch
 
 import embedcache
 from embedcache.backbones.tail import TailError, TailModule
-from embedcache.store.store import open_store
+from embedcache.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 KW = dict(weights="random", input_size=32, chunk_size=16, batch_size=8, num_workers=0, progress=False)
@@ -112,7 +112,7 @@ def test_killed_tail_token_extraction_resumes_to_the_uninterrupted_result(tmp_pa
 def test_a_saved_adapter_embeds_new_images_into_its_own_feature_set_and_answers_image_queries(tmp_path, cells):
     """The tuned model is usable: fine-tune on cached tokens, save the adapter, extract new cells with it,
     and query the tuned feature set by image."""
-    from embedcache.extraction.query import embed_images
+    from embedcache.extraction.new_images import embed_images
     from probes.tuning import FineTuneProbe
 
     r = embedcache.extract("timm:test_vit", cells, tmp_path / "c.zarr", tail_blocks=1, **KW)

@@ -179,7 +179,7 @@ def _sample_rows(source: CellSource, n_cells: int) -> np.ndarray:
 def _embed_all(
     bb: LoadedBackbone, images: list[np.ndarray], prep: Any, dev: torch.device, dt: torch.dtype, pools, batch: int
 ) -> dict[str, np.ndarray]:
-    from embedcache.extraction.pipeline import compute_batch
+    from embedcache.backbones.forward import compute_batch
 
     bb.model.to(dev).eval()
     parts: dict[str, list[np.ndarray]] = {p: [] for p in pools}

@@ -24,23 +24,25 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from embedcache.backbones.adapters import apply_adapter
 from embedcache.backbones.loading import LoadedBackbone, load_backbone
+from embedcache.extraction.options import ExtractOptions
+from embedcache.extraction.pipeline import Cells, run_chunks
+from embedcache.extraction.plan import Compute, ExtractionError, ExtractPlan, ExtractResult, Variant
 from embedcache.faults import checkpoint
+from embedcache.inputs.sources import CellSource
 from embedcache.progress import progress as progress_bar
-from embedcache.store.locking.lease import check_held
+from embedcache.store import FeatureSet, open_store
+from embedcache.store.locking.base import check_held
 
 if TYPE_CHECKING:
     from distributed import Client
-
-    from embedcache.extraction.pipeline import ExtractPlan, ExtractResult, Variant
-    from embedcache.inputs.sources import CellSource
-    from embedcache.store.store import FeatureSet
 
 __all__ = [
     "DaskRun",
@@ -135,21 +137,7 @@ class _Job:
     dataset: str
     key: str
     recipe: BackboneRecipe
-    pools: tuple[str, ...]
-    prep: Any  # Preprocessing
-    device_type: str
-    compute_dtype: str
-    store_dtype: str
-    chunk_size: int
-    batch_size: int
-    num_workers: int
-    on_error: str
-    working_size: int | None
-    max_image_pixels: int | None
-    tail_blocks: int | None
-    token_shape: tuple[int, ...] | None
-    compile: bool
-    channels_last: bool
+    compute: Compute  # the driver's, with the workers' decode processes and no progress bar
 
 
 @dataclass
@@ -166,18 +154,18 @@ class DaskRun:
     @contextlib.contextmanager
     def open(
         cls,
+        options: ExtractOptions,
         *,
-        cluster: str | None,
-        scheduler: str | None,
         recipe: BackboneRecipe,
         device: torch.device,
-        num_workers: int | None,
         backbone: LoadedBackbone | None = None,
     ) -> Iterator[DaskRun]:
-        """Start ``cluster`` (``local:N``: a LocalCluster of N processes, one thread each; a
-        LocalCUDACluster when dask-cuda is installed and the device is CUDA) or connect to ``scheduler``,
-        yield, then close what was started."""
+        """Start ``options.cluster`` (``local:N``: a LocalCluster of N processes, one thread each; a
+        LocalCUDACluster when dask-cuda is installed and the device is CUDA) or connect to
+        ``options.scheduler``, yield, then close what was started."""
         from distributed import Client, LocalCluster
+
+        cluster, scheduler, num_workers = options.cluster, options.scheduler, options.num_workers
 
         if (cluster is None) == (scheduler is None):
             raise ClusterError("give either cluster (local:N) or scheduler (tcp://host:8786), not both")
@@ -218,9 +206,13 @@ class DaskRun:
         """Compute ``pending`` chunks of ``fs`` as one task each; count into ``result``; progress over all."""
         from distributed import as_completed
 
-        from embedcache.extraction.pipeline import ExtractionError
-
-        job = _job(plan, fs, self)
+        job = _Job(
+            worker_url(plan.store.url),
+            plan.dataset.name,
+            fs.key,
+            self.recipe,
+            replace(plan.compute, options=plan.options.replace(num_workers=self.num_workers or 0, progress=False)),
+        )
         inputs = self.client.scatter(
             [(variant.perturbation, variant.subset, self.backbone_future)], broadcast=True, hash=False
         )[0]
@@ -233,7 +225,7 @@ class DaskRun:
             futures[task] = int(c)
         total = sum(fs.chunk_rows(c).stop - fs.chunk_rows(c).start for c in pending)
         name = plan.backbone.spec.name
-        bar = progress_bar(total, f"extract {name} → {fs.key} on {self.where}", enabled=plan.progress)
+        bar = progress_bar(total, f"extract {name} → {fs.key} on {self.where}", enabled=plan.options.progress)
         skipped: dict[int, list[tuple[str, str]]] = {}
         try:
             for fut in as_completed(futures):
@@ -269,30 +261,6 @@ def _cuda_cluster(n: int) -> Any:
     return LocalCUDACluster(n_workers=n, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR)
 
 
-def _job(plan: ExtractPlan, fs: FeatureSet, run: DaskRun) -> _Job:
-    return _Job(
-        store_url=worker_url(plan.store.url),
-        dataset=plan.dataset.name,
-        key=fs.key,
-        recipe=run.recipe,
-        pools=tuple(plan.pools),
-        prep=plan.prep,
-        device_type=plan.device.type,
-        compute_dtype=str(plan.compute_dtype).replace("torch.", ""),
-        store_dtype=plan.store_dtype,
-        chunk_size=fs.chunk_size,
-        batch_size=plan.batch_size,
-        num_workers=run.num_workers or 0,
-        on_error=plan.on_error,
-        working_size=plan.working_size,
-        max_image_pixels=plan.max_image_pixels,
-        tail_blocks=plan.tail_blocks,
-        token_shape=plan.token_shape,
-        compile=plan.compile,
-        channels_last=plan.channels_last,
-    )
-
-
 # -- on the worker ---------------------------------------------------------------------------------
 
 
@@ -318,9 +286,7 @@ def _worker_backbone(recipe: BackboneRecipe, shipped: LoadedBackbone | None) -> 
     if bb is None:
         bb = load_backbone(recipe.model, weights=recipe.weights, revision=recipe.revision)
         if recipe.adapter is not None:
-            from probes.tuning.adapter import load_adapter
-
-            bb = cast(LoadedBackbone, load_adapter(recipe.adapter, backbone=bb).backbone)
+            bb = apply_adapter(recipe.adapter, bb)
         _backbones[recipe.cache_key] = bb
     if bb.key_name != recipe.key_name or bb.weights.get("sha256") != recipe.sha256:
         raise ClusterError(
@@ -332,14 +298,12 @@ def _worker_backbone(recipe: BackboneRecipe, shipped: LoadedBackbone | None) -> 
 
 def _compute_chunks(job: _Job, inputs: tuple, source: CellSource, chunks: list[int]) -> dict[str, Any]:
     """One task: compute, write and mark done ``chunks`` of the job's feature set (``source``: their cells)."""
-    from embedcache.extraction.pipeline import ExtractionError, ExtractPlan, ExtractResult, _Cells, _run
-    from embedcache.store.store import FeatureSet, open_store
-
     perturbation, subset, shipped = inputs
-    dev = _worker_device(job.device_type)
+    dev = _worker_device(job.compute.device.type)
     if dev.type == "cpu":
         torch.set_num_threads(1)  # the cluster's processes are the parallelism
-    if job.num_workers and multiprocessing.current_process().daemon:
+    opts = job.compute.options
+    if opts.num_workers and multiprocessing.current_process().daemon:
         raise ClusterError(
             "decode workers (--num-workers > 0) need non-daemonic Dask workers: start them with "
             "distributed.worker.daemon: False, or use --num-workers 0"
@@ -348,41 +312,18 @@ def _compute_chunks(job: _Job, inputs: tuple, source: CellSource, chunks: list[i
     store = open_store(job.store_url, mode="a")
     ds = store.dataset(job.dataset)
     fs = FeatureSet(ds, job.key)
-    from embedcache.backbones.devices import DTYPES
-
-    plan = ExtractPlan(
-        source=source,
-        backbone=bb,
-        store=store,
-        dataset=ds,
-        pools=job.pools,
-        prep=job.prep,
-        device=dev,
-        compute_dtype=DTYPES[job.compute_dtype],
-        store_dtype=job.store_dtype,
-        chunk_size=job.chunk_size,
-        batch_size=job.batch_size,
-        num_workers=job.num_workers,
-        on_error=job.on_error,
-        progress=False,
-        working_size=job.working_size,
-        max_image_pixels=job.max_image_pixels,
-        tail_blocks=job.tail_blocks,
-        token_shape=job.token_shape,
-        compile=job.compile,
-        channels_last=job.channels_last,
-    )
-    cells = _Cells(
+    plan = ExtractPlan(source=source, backbone=bb, store=store, dataset=ds, compute=replace(job.compute, device=dev))
+    cells = Cells(
         source,
-        working_size=job.working_size,
+        working_size=opts.working_size,
         perturbation=perturbation,
         subset=subset,
-        max_image_pixels=job.max_image_pixels,
+        max_image_pixels=opts.max_image_pixels,
     )
     result = ExtractResult(store.url, ds.name, job.key, ds.n, cache_hit=False)
     start = time.perf_counter()
     try:
-        _run(plan, cells, fs, chunks, result)
+        run_chunks(plan, cells, fs, chunks, result)
     except ExtractionError as e:  # deterministic (an unreadable cell under fail, non-finite values): no retry
         return {"error": str(e)}
     return {

@@ -30,17 +30,17 @@ def obsm_name(key: str, pool: str) -> str:
 
 def export_anndata(
     store: str | os.PathLike,
-    out: str | os.PathLike,
+    anndata: str | os.PathLike,
     *,
     dataset: str | None = None,
     model: str | Sequence[str] | None = None,
 ) -> Path:
-    """Write ``dataset`` of ``store`` as the AnnData file ``out`` (``.h5ad``); returns its path.
+    """Write ``dataset`` of ``store`` as the AnnData file ``anndata`` (``.h5ad``); returns its path.
 
     ``model``: backbone names or feature keys (a comma list), as ``probes --model`` takes them
     (default: every complete feature set, perturbed ones included)."""
     try:
-        import anndata
+        import anndata as ad
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("export to AnnData needs the anndata package: pip install anndata") from e
     import pandas as pd
@@ -81,9 +81,9 @@ def export_anndata(
     for col in obs.columns:
         if obs[col].dtype == object:
             obs[col] = obs[col].astype(str)
-    adata = anndata.AnnData(obs=obs, obsm=obsm)
+    adata = ad.AnnData(obs=obs, obsm=obsm)
     adata.uns["embedcache"] = {"store": str(store), "dataset": ds.name, "feature_sets": summary}
-    path = Path(out)
+    path = Path(anndata)
     path.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(path)
     return path

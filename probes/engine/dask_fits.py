@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from probes.engine.threads import limit_threads
 from probes.errors import ProbeError
 
 IN_FLIGHT_PER_WORKER = 2  # jobs submitted ahead per worker (bounds the matrices held for them)
@@ -99,12 +100,11 @@ def fit_remote(
     device: str,
     make_probe: Callable[..., Any] | None,
     threads: int | None,
-    fit: Callable[..., Any] | None = None,
+    fit: Callable[..., Any],
 ) -> Any:
-    """A worker's task: ``fit(job, device, make_probe)`` (default :func:`probes.engine.skeleton.fit_predict`) with the
-    job's matrices passed apart (resolved by Dask); returns its result without the matrices."""
-    from probes.engine.skeleton import fit_predict
-    from probes.engine.threads import limit_threads
+    """A worker's task: ``fit(job, device, make_probe)`` (:func:`probes.engine.skeleton.fit_predict`, or
+    :func:`probes.engine.proba_fits.fit_proba`) with the job's matrices passed apart (resolved by Dask);
+    returns its result without the matrices."""
 
     if threads is None:
         from distributed import get_worker
@@ -112,7 +112,7 @@ def fit_remote(
         threads = int(get_worker().state.nthreads)
     full = dataclasses.replace(job, x_train=x_train, x_tests=list(x_tests))
     with limit_threads(threads):
-        done = (fit or fit_predict)(full, device, make_probe)
+        done = fit(full, device, make_probe)
     done.job = job  # the stub: the driver puts its own job (and matrices) back
     return done
 
@@ -124,11 +124,11 @@ def run_on_dask(
     device: str,
     make_probe: Callable[..., Any] | None,
     advance: Callable[[str], None],
-    fit: Callable[..., Any] | None = None,
+    fit: Callable[..., Any],
     ship_tag: bool = False,
 ) -> Iterator[Any]:
-    """Every job as a task on ``spec``'s workers: ``fit(job, device, make_probe)`` (default
-    :func:`probes.engine.skeleton.fit_predict`), results in job order. ``ship_tag`` sends the job's ``tag`` along
+    """Every job as a task on ``spec``'s workers: ``fit(job, device, make_probe)`` (the study's fit function,
+    e.g. :func:`probes.engine.skeleton.fit_predict`), results in job order. ``ship_tag`` sends the job's ``tag`` along
     (a fit that reads it, e.g. :func:`probes.engine.proba_fits.fit_proba`'s classes); otherwise it stays here."""
     if hasattr(make_probe, "kept"):  # probes.tuning.saving.AdapterKeeper: keeps the fitted estimators here
         raise ProbeError("--save-adapter keeps the fitted fine-tunes in this process; run it without --scheduler")

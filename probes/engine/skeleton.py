@@ -38,6 +38,8 @@ import pandas as pd
 
 from probes.errors import ProbeError
 from probes.features.cells import parse_names
+from probes.heads.registry import PROBES
+from probes.heads.registry import make_probe as heads_make_probe
 from probes.reporting.console import Panel, print_report, progress
 from probes.reporting.tables import write_files
 
@@ -76,28 +78,15 @@ EPOCH_COLUMNS = ["backbone", "probe", "limit", "seed", "epoch", "train_loss", "v
 
 # -- 1. inputs ----------------------------------------------------------------------------------
 def check_probes(probes: str | Sequence[str]) -> list[str]:
-    """The probe names of ``probes`` (comma list or list), each one of :data:`probes.heads.PROBES`."""
-    try:
-        from probes.heads import PROBES
-    except ImportError as e:
-        raise ProbeError(f"the probe heads (probes.heads) cannot be imported: {e}") from e
-    from probes.tuning.study_inputs import TUNE_PROBES
-
+    """The probe names of ``probes`` (comma list or list), each one of :data:`probes.heads.registry.PROBES`
+    (the heads and the fine-tunes)."""
     names = parse_names(probes)
-    known = [*PROBES, *TUNE_PROBES]
     if not names:
-        raise ProbeError(f"no probe given; choose from {', '.join(known)}")
-    unknown = [p for p in names if p not in PROBES and p not in TUNE_PROBES]
+        raise ProbeError(f"no probe given; choose from {PROBES.help_text()}")
+    unknown = [p for p in names if p not in PROBES]
     if unknown:
-        raise ProbeError(f"unknown probe(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        raise ProbeError(f"unknown probe(s) {', '.join(unknown)}; choose from {PROBES.help_text()}")
     return names
-
-
-def either(probes: Any, probe: Any, default: str) -> Any:
-    """``probes=`` is the name; ``probe=`` (the older spelling) still works, never both."""
-    if probes is not None and probe is not None:
-        raise ProbeError("give probes= (or its older spelling probe=), not both")
-    return probes if probes is not None else probe if probe is not None else default
 
 
 def study_name(kind: str, parts: Sequence[str], out: Any = None) -> str:
@@ -202,13 +191,7 @@ def fit_predict(job: FitJob, device: str = "auto", make_probe: Callable[..., Any
     from probes.features.chunked import is_chunked, predict_blocks
     from probes.heads.rows import for_rows
 
-    make: Callable[..., Any]
-    if make_probe is None:  # the heads, and the fine-tunes (lp, ft-last, lora, scratch-vit)
-        from probes.tuning.study_inputs import make_tune_probe
-
-        make = make_tune_probe
-    else:
-        make = make_probe
+    make: Callable[..., Any] = make_probe or heads_make_probe  # the heads, and the fine-tunes
     where = (
         f"probe '{job.probe}' on {job.backbone}"
         + (f" at limit {job.limit}" if job.limit is not None else "")
@@ -251,7 +234,9 @@ def run_plan(
     scheduler = scheduler or current_scheduler()
     with progress(total, quiet) as advance:
         if scheduler:
-            yield from run_on_dask(jobs, scheduler, device=device, make_probe=make_probe, advance=advance)
+            yield from run_on_dask(
+                jobs, scheduler, device=device, make_probe=make_probe, advance=advance, fit=fit_predict
+            )
             return
         for job in jobs:
             advance(job.label)
@@ -291,11 +276,6 @@ def epoch_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 # -- 6. outputs ---------------------------------------------------------------------------------
-def show_summary(quiet: bool, show: bool | None) -> bool:
-    """Print the summary? ``show`` decides when given; else unless ``quiet``."""
-    return bool(show) if show is not None else not quiet
-
-
 def finish(
     result: Any,
     *,

@@ -155,7 +155,7 @@ def parse_pool(pool: str | None, backbones: Sequence[str]) -> tuple[str | None, 
     ``"timm:test_resnet=mean,cls"``: mean for that backbone, cls for the others;
     ``"timm:a=cls,timm:b=mean"``: per backbone, the others at their default.
     """
-    from embedcache.store.store import safe_key
+    from embedcache.store import safe_key
 
     default: str | None = None
     named: dict[str, str] = {}
@@ -210,7 +210,7 @@ def open_cells(
     (neighbour search in a store extracted with ``--no-labels``).
     """
     import embedcache
-    from embedcache.store.store import Store
+    from embedcache.store import Store
 
     backbones = parse_names(model)
     if not backbones:

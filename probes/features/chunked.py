@@ -175,7 +175,7 @@ class ChunkedRows:
 class _Source:
     """The store array one :class:`ChunkedRows` and the readers indexed from it read: the set is
     checked complete once, and each store chunk against its checksum the first time it is read
-    (:meth:`embedcache.store.store.FeatureSet.to_numpy`); later passes read the chunk directly. The last
+    (:meth:`embedcache.store.FeatureSet.to_numpy`); later passes read the chunk directly. The last
     chunk read is kept, so that blocks read by position that share a chunk read it once."""
 
     def __init__(self, fs: Any, pool: str):

@@ -16,7 +16,7 @@ import numpy as np
 
 from probes.heads.base import ProbeBase, check_X, encode_labels, stratified_holdout
 from probes.heads.ensemble_rules import MIN_OVERRIDE_HEADS, RULES, auto_pairs, combine, parse_pairs
-from probes.heads.registry import PROBES, register_probe_family
+from probes.heads.registry import PROBES, make_probe
 
 
 # -- the estimator ------------------------------------------------------------------------------
@@ -24,7 +24,7 @@ def _parse_members(arg: str, rule: str) -> dict[str, Any]:
     heads = [h.strip() for h in arg.split("+") if h.strip()]
     if len(heads) != len(set(heads)):
         raise ValueError(f"ensemble members repeat a head: {arg!r}")
-    unknown = [h for h in heads if not dict.__contains__(PROBES, h)]
+    unknown = [h for h in heads if not PROBES.is_plain(h)]
     if unknown:
         raise ValueError(
             f"unknown ensemble member(s) {', '.join(unknown)}; members are plain probes: {', '.join(PROBES)}"
@@ -35,9 +35,21 @@ def _parse_members(arg: str, rule: str) -> dict[str, Any]:
     return {"heads": tuple(heads), "rule": rule}
 
 
-@register_probe_family("ensemble-mean", lambda arg: _parse_members(arg, "mean"))
-@register_probe_family("ensemble-vote", lambda arg: _parse_members(arg, "majority"))
-@register_probe_family("ensemble", lambda arg: _parse_members(arg, "override"))
+def parse_override(arg: str) -> dict[str, Any]:
+    """``ensemble:<heads>``: the override rule, primary = the first head."""
+    return _parse_members(arg, "override")
+
+
+def parse_vote(arg: str) -> dict[str, Any]:
+    """``ensemble-vote:<heads>``: majority vote."""
+    return _parse_members(arg, "majority")
+
+
+def parse_mean(arg: str) -> dict[str, Any]:
+    """``ensemble-mean:<heads>``: probability averaging."""
+    return _parse_members(arg, "mean")
+
+
 class EnsembleProbe(ProbeBase):
     """Heads fitted on the same cells, combined by ``rule`` (:data:`RULES`, see :func:`combine`).
 
@@ -71,8 +83,6 @@ class EnsembleProbe(ProbeBase):
         self.device = device
 
     def _members(self) -> list[Any]:
-        from probes.heads import make_probe
-
         out = []
         for name in self.heads:
             est = make_probe(name, seed=self.seed, device=self.device)

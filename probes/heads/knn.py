@@ -26,7 +26,6 @@ import torch
 from embedcache.backbones.devices import resolve_device
 from probes.features.chunked import is_chunked
 from probes.heads.base import BF16_MIN_WORK, CHUNK, ProbeBase, cpu_has_native_bf16, encode_labels, importable
-from probes.heads.registry import register_probe
 from probes.search.exact import exact_search
 from probes.search.vectors import RESCORE_EXTRA, flat_vectors, l2_normalize, pair_dots, rescored_topk
 
@@ -71,8 +70,6 @@ def vote(sims: torch.Tensor, labels: torch.Tensor, n_classes: int, temperature: 
     return scores / scores.sum(dim=1, keepdim=True)
 
 
-@register_probe("knn1", k=1)
-@register_probe("knn")  # k = 20, similarity-weighted, T = 0.07
 class KNNProbe(ProbeBase):
     """Similarity-weighted cosine kNN (``k=20``, ``temperature=0.07``; ``k=1`` for ``knn1``).
 

@@ -30,7 +30,6 @@ from probes.heads.lbfgs import (
     sample_columns,
     targets,
 )
-from probes.heads.registry import register_probe
 
 BACKENDS = ("auto", "torch", "cuml")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -38,8 +37,6 @@ SELECTS = ("macro_f1", "log_loss")  # what the C sweep picks by
 PRECOND_ROWS = 8192  # rows the preconditioner's covariance is estimated on (Preconditioner.of's default)
 
 
-@register_probe("linear")  # the papers' "linear head": the same softmax-linear model on the features
-@register_probe("logistic")
 class LogisticProbe(ScoresHead):
     """Softmax regression, full-batch L-BFGS in torch (float32, on the device).
 

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from probes.heads.base import CHUNK, ScoresHead, seeded, standardize, stratified_holdout
-from probes.heads.registry import register_probe
 
 
 class CosineLinear(nn.Module):
@@ -111,7 +110,6 @@ class _TorchHead(ScoresHead):
         self.device = device
 
 
-@register_probe("mlp")
 class MLPProbe(_TorchHead):
     """One hidden layer (``hidden`` units, GELU, dropout ``dropout``) on standardised features."""
 
@@ -137,7 +135,6 @@ class MLPProbe(_TorchHead):
         )
 
 
-@register_probe("cosine")
 class CosineProbe(_TorchHead):
     """Cosine classifier: ``s * cos(x, w_k)`` with a learnable scale ``s`` (start 16)."""
 

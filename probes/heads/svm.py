@@ -11,7 +11,6 @@ import torch
 
 from probes.heads.base import ScoresHead, decision_to_2d, importable, require, standardize, standardize_t
 from probes.heads.lbfgs import LinearFit, Preconditioner, fit_linear, linear_scores, targets
-from probes.heads.registry import register_probe
 
 
 class _StandardisedScores(ScoresHead):
@@ -35,7 +34,6 @@ def _external_scores(model, Xs: torch.Tensor, on_device: bool) -> torch.Tensor:
     return torch.from_numpy(decision_to_2d(d)).to(Xs.device)
 
 
-@register_probe("svm")
 class LinearSVMProbe(_StandardisedScores):
     """What ``LinearSVC(C)`` optimises (one-vs-rest squared hinge + L2, C=1 by default), on
     standardised features. ``backend="torch"`` (default): full-batch L-BFGS over all K classes at
@@ -117,7 +115,6 @@ class LinearSVMProbe(_StandardisedScores):
         return _external_scores(self.model_, Xs, self.backend == "cuml")
 
 
-@register_probe("svm-rbf")
 class RBFSVMProbe(_StandardisedScores):
     """Kernel SVM (RBF) on standardised features: ``sklearn.svm.SVC(kernel="rbf")`` on CPU,
     ``cuml.svm.SVC`` on CUDA (``backend="auto"`` picks cuML when the device is CUDA and cuML

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embedcache.options import UNSET
 from probes.calibration import N_BINS, calibration_metrics, ece, fit_temperature, nll, reliability, scale_temperature
+from probes.engine.options import StudyOptions, study_options
 from probes.engine.proba_fits import (
     VAL_FRACTION,
     base_row,
@@ -35,13 +37,13 @@ from probes.engine.proba_fits import (
     slug,
 )
 from probes.engine.runtime import study_runtime
-from probes.engine.skeleton import check_probes, either, finish, fit_table, show_summary, study_name
+from probes.engine.skeleton import check_probes, finish, fit_table, study_name
 from probes.errors import ProbeError
 from probes.features.cells import open_cells
 from probes.reporting.console import Col, Panel
 from probes.reporting.decision_plots import plot_reliability
 from probes.reporting.tables import prepare_out, study_document
-from probes.sampling import TEST_SIZE, parse_seeds
+from probes.sampling import parse_seeds
 
 CALIBRATION_METRICS = ("ece_width", "ece_mass", "mce_width", "mce_mass", "brier", "nll")
 KEYS = ["backbone", "feature_key", "pool", "probe"]
@@ -67,42 +69,49 @@ def calibrate(
     store: str | os.PathLike | Any,
     model: str | Sequence[str],
     *,
-    probes: str | Sequence[str] | None = None,
+    probes: str | Sequence[str] = "logistic",
     seeds: int | str | Sequence[int] = 1,
     n_bins: int = N_BINS,
     val_fraction: float = VAL_FRACTION,
-    split: str = "stratified",
-    val: str = "train",
-    dataset: str | None = None,
-    pool: str | None = None,
-    out: str | os.PathLike | None = None,
-    device: str = "auto",
-    test_size: float = TEST_SIZE,
-    scheduler: str | None = None,
-    out_of_core: str | None = None,
-    max_memory: str | int | None = None,
-    quiet: bool = False,
-    show: bool | None = None,
-    probe: str | Sequence[str] | None = None,
     make_probe: Callable[..., Any] | None = None,
+    split: str | None = UNSET,
+    dataset: str | None = UNSET,
+    pool: str | None = UNSET,
+    out: str | os.PathLike | None = UNSET,
+    device: str = UNSET,
+    quiet: bool = UNSET,
+    options: StudyOptions | None = None,
+    **more: Any,
 ) -> CalibrationResult:
     """ECE (equal-width and equal-mass, ``n_bins`` bins), MCE, Brier, NLL of each probe's test
     probabilities, before and after a temperature fitted on the validation part of the training cells.
 
-    ``probes``: one probe or a comma list (default ``logistic``; ``probe=`` is its older spelling),
+    ``probes``: one probe or a comma list (default ``logistic``),
     each with ``predict_proba``. The probe is fitted on the training cells minus a stratified
     ``val_fraction`` validation part; the temperature sees only that part. Writes
     ``results.csv/.parquet``, ``summary.csv``, ``reliability.csv``, ``fits.csv``, ``exclusions.csv``,
     ``reliability-<backbone>-<probe>.png`` (test cells of every seed pooled) and ``study.json``.
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget
+    (:mod:`probes.engine.runtime`).
     """
-    with study_runtime(scheduler, out_of_core, max_memory):
+    opts, _ = study_options(options, more, split=split, dataset=dataset, pool=pool, out=out, device=device, quiet=quiet)
+    opts.refuse(("train_domain", "test_domain"), "calibrate")
+    split = opts.split_or("stratified")
+    val = opts.val
+    dataset = opts.dataset
+    pool = opts.pool
+    out = opts.out
+    device = opts.device
+    test_size = opts.test_size
+    quiet = opts.quiet
+
+    with study_runtime(**opts.runtime()):
         seed_list = parse_seeds(seeds)
         if int(n_bins) < 1:
             raise ProbeError(f"n_bins must be at least 1, got {n_bins}")
         cells = open_cells(store, model, dataset=dataset, pool=pool)
-        probe_list = check_probes(either(probes, probe, "logistic"))
+        probe_list = check_probes(probes)
         require_probabilities(probe_list, make_probe, what="calibration")
         name = study_name("calibrate", cells.backbones + probe_list, out)
         params: dict[str, Any] = dict(
@@ -178,7 +187,7 @@ def calibrate(
             plots=reliability_plots(pooled, int(n_bins), cells.dataset),
             documents={"study.json": lambda names: study_document("calibrate", name, params, res.notes, names)},
             panels=panels(res),
-            show=show_summary(quiet, show),
+            show=opts.printing(),
         )
         return res
 

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embedcache.options import UNSET
+from probes.engine.options import StudyOptions, study_options
 from probes.engine.proba_fits import (
     VAL_FRACTION,
     FittedProba,
@@ -36,7 +38,7 @@ from probes.engine.proba_fits import (
     slug,
 )
 from probes.engine.runtime import study_runtime
-from probes.engine.skeleton import check_probes, finish, fit_table, show_summary, study_name
+from probes.engine.skeleton import check_probes, finish, fit_table, study_name
 from probes.errors import ProbeError
 from probes.features.cells import open_cells
 from probes.heads.ensemble_rules import MIN_OVERRIDE_HEADS, auto_pairs, combine, parse_pairs
@@ -44,7 +46,7 @@ from probes.metrics import CLASS_METRIC
 from probes.reporting.console import Bold, Col, Panel
 from probes.reporting.decision_plots import plot_specialisation
 from probes.reporting.tables import prepare_out, study_document
-from probes.sampling import TEST_SIZE, parse_seeds, sort_labels
+from probes.sampling import parse_seeds, sort_labels
 
 RULE_NAMES = {"override": "ensemble", "majority": "ensemble-vote", "mean": "ensemble-mean"}  # -> registry prefix
 KEYS = ["backbone", "feature_key", "pool", "kind", "method", "probe"]
@@ -103,19 +105,14 @@ def ensemble(
     n_pairs: int = 4,
     seeds: int | str | Sequence[int] = 5,
     val_fraction: float = VAL_FRACTION,
-    split: str = "stratified",
-    val: str = "train",
-    dataset: str | None = None,
-    pool: str | None = None,
-    out: str | os.PathLike | None = None,
-    device: str = "auto",
-    test_size: float = TEST_SIZE,
-    scheduler: str | None = None,
-    out_of_core: str | None = None,
-    max_memory: str | int | None = None,
-    quiet: bool = False,
-    show: bool | None = None,
     make_probe: Callable[..., Any] | None = None,
+    dataset: str | None = UNSET,
+    pool: str | None = UNSET,
+    out: str | os.PathLike | None = UNSET,
+    device: str = UNSET,
+    quiet: bool = UNSET,
+    options: StudyOptions | None = None,
+    **more: Any,
 ) -> EnsembleResult:
     """Per-class F1 of every head and the override / majority / mean ensembles on the same test cells.
 
@@ -126,9 +123,21 @@ def ensemble(
     fitted on the rest). Writes ``results.csv/.parquet``, ``specialisation.csv``, ``summary.csv``,
     ``pairs.csv``, ``fits.csv``, ``exclusions.csv``, ``specialisation-<backbone>.png`` and ``study.json``.
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget
+    (:mod:`probes.engine.runtime`).
     """
-    with study_runtime(scheduler, out_of_core, max_memory):
+    opts, _ = study_options(options, more, dataset=dataset, pool=pool, out=out, device=device, quiet=quiet)
+    opts.refuse(("train_domain", "test_domain"), "ensemble")
+    split = opts.split_or("stratified")
+    val = opts.val
+    dataset = opts.dataset
+    pool = opts.pool
+    out = opts.out
+    device = opts.device
+    test_size = opts.test_size
+    quiet = opts.quiet
+
+    with study_runtime(**opts.runtime()):
         seed_list = parse_seeds(seeds)
         head_list, primary = check_heads(heads, primary)
         auto = isinstance(pairs, str) and pairs.strip().lower() == "auto"
@@ -260,7 +269,7 @@ def ensemble(
             plots=plots,
             documents={"study.json": lambda names: study_document("ensemble", name, params, res.notes, names)},
             panels=panels(res),
-            show=show_summary(quiet, show),
+            show=opts.printing(),
         )
         return res
 

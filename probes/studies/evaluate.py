@@ -14,9 +14,11 @@ from typing import Any
 
 import pandas as pd
 
+from embedcache.options import UNSET
 from probes.domains import DomainPlan, domain_gaps, domain_panels
+from probes.engine.options import StudyOptions, study_options
 from probes.engine.runtime import study_runtime
-from probes.engine.skeleton import check_probes, either, finish, show_summary, study_name
+from probes.engine.skeleton import check_probes, finish, study_name
 from probes.engine.split_fits import (
     CURVE_KEYS,
     StudyResult,
@@ -32,7 +34,8 @@ from probes.reporting.console import Col, Panel
 from probes.reporting.plots import plot_confusion
 from probes.reporting.tables import prepare_out, study_document
 from probes.reporting.training import training_plots
-from probes.sampling import TEST_SIZE, parse_seeds
+from probes.sampling import parse_seeds
+from probes.tuning.options import TuneOptions
 
 PRINTED = [
     ("accuracy", "acc"),
@@ -48,42 +51,23 @@ def evaluate(
     store: str | os.PathLike | Any,
     model: str | Sequence[str],
     *,
-    probes: str | Sequence[str] | None = None,
+    probes: str | Sequence[str] = "logistic",
     seeds: int | str | Sequence[int] = 1,
-    split: str = "stratified",
-    val: str = "train",
-    dataset: str | None = None,
-    pool: str | None = None,
-    out: str | os.PathLike | None = None,
-    device: str = "auto",
-    test_size: float = TEST_SIZE,
-    train_domain: str | Sequence[str] | None = None,
-    test_domain: str | Sequence[str] | None = None,
-    tail_blocks: int | None = None,
-    head: str = "linear",
-    loss: str = "ce",
-    gamma: float | None = None,
-    hierarchy: str | os.PathLike | None = None,
-    epochs: int = 50,
-    batch_size: int = 256,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    val_fraction: float = 0.1,
-    patience: int | None = None,
-    lora_rank: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    scheduler: str | None = None,
-    out_of_core: str | None = None,
-    max_memory: str | int | None = None,
-    quiet: bool = False,
-    show: bool | None = None,
-    probe: str | Sequence[str] | None = None,
     save_adapter: str | os.PathLike | None = None,
+    split: str | None = UNSET,
+    dataset: str | None = UNSET,
+    pool: str | None = UNSET,
+    out: str | os.PathLike | None = UNSET,
+    device: str = UNSET,
+    quiet: bool = UNSET,
+    show: bool | None = UNSET,
+    options: StudyOptions | None = None,
+    tune: TuneOptions | None = None,
+    **more: Any,
 ) -> StudyResult:
     """One fit per backbone x probe x seed on the full training split (no cap, no FlagMin).
 
-    ``probes``: one probe or a comma list (default ``logistic``; ``probe=`` is its older spelling).
+    ``probes``: one probe or a comma list (default ``logistic``).
     Same splits and outputs as :func:`probes.scale` (``limit`` is empty), plus a confusion-matrix
     PNG per backbone x probe; default ``out`` is ``eval-<models>-<probe>-<date>``.
     ``train_domain`` / ``test_domain``: as in :func:`probes.scale`. ``save_adapter`` DIR: write each fitted
@@ -98,12 +82,37 @@ def evaluate(
     (hold-out choosing the best epoch), ``patience`` (early stopping), ``lora_rank`` / ``lora_alpha`` /
     ``lora_dropout``. Their per-epoch loss and hold-out macro-F1 go to ``epochs.csv`` and ``training_curves.png``.
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget
+    (:mod:`probes.engine.runtime`).
     """
-    with study_runtime(scheduler, out_of_core, max_memory):
+    opts, tune = study_options(
+        options,
+        more,
+        tune=tune,
+        tune_class=TuneOptions,
+        split=split,
+        dataset=dataset,
+        pool=pool,
+        out=out,
+        device=device,
+        quiet=quiet,
+        show=show,
+    )
+    split = opts.split_or("stratified")
+    val = opts.val
+    dataset = opts.dataset
+    pool = opts.pool
+    out = opts.out
+    device = opts.device
+    test_size = opts.test_size
+    train_domain = opts.train_domain
+    test_domain = opts.test_domain
+    quiet = opts.quiet
+
+    with study_runtime(**opts.runtime()):
         seed_list = parse_seeds(seeds)
         cells = open_cells(store, model, dataset=dataset, pool=pool)
-        probe_list = check_probes(either(probes, probe, "logistic"))
+        probe_list = check_probes(probes)
         name = study_name("eval", cells.backbones + probe_list, out)
         params: dict[str, Any] = dict(
             store=str(cells.store_url),
@@ -119,25 +128,7 @@ def evaluate(
         )
         from probes.tuning.study_inputs import study_inputs
 
-        inputs, tune_params = study_inputs(
-            cells,
-            probe_list,
-            device,
-            tail_blocks=tail_blocks,
-            head=head,
-            loss=loss,
-            gamma=gamma,
-            hierarchy=hierarchy,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            val_fraction=val_fraction,
-            patience=patience,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-        )
+        inputs, tune_params = study_inputs(cells, probe_list, device, tune)
         params.update(tune_params)
         plan = DomainPlan.make(cells, train_domain, test_domain)
         if plan is not None:
@@ -191,7 +182,7 @@ def evaluate(
                 "study.json": lambda names: study_document("evaluate", name, params, res.notes, names),
             },
             panels=panels(res),
-            show=show_summary(quiet, show),
+            show=opts.printing(),
         )
         return res
 

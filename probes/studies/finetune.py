@@ -13,8 +13,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from embedcache.options import UNSET
 from probes.domains import DomainPlan, domain_gaps, domain_panels
-from probes.engine.skeleton import finish, show_summary, study_name
+from probes.engine.options import StudyOptions, study_options
+from probes.engine.skeleton import finish, study_name
 from probes.engine.split_fits import StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
 from probes.errors import ProbeError
 from probes.features.cells import open_cells
@@ -22,7 +24,8 @@ from probes.metrics import MAIN_METRIC
 from probes.reporting.console import Col, Panel
 from probes.reporting.tables import prepare_out, study_document
 from probes.reporting.training import training_plots
-from probes.sampling import TEST_SIZE, parse_seeds
+from probes.sampling import parse_seeds
+from probes.tuning.options import TuneOptions
 
 METHODS = ("lora", "ft-last", "lp", "scratch-vit")
 SHOWN = [("accuracy", "acc"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
@@ -35,33 +38,19 @@ def finetune(
     method: str = "lora",
     blocks: int | str = "all",
     augment: str | Sequence[str] | None = None,
-    head: str = "linear",
-    loss: str = "ce",
-    gamma: float | None = None,
-    hierarchy: str | os.PathLike | None = None,
-    epochs: int = 50,
-    batch_size: int = 256,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    val_fraction: float = 0.1,
-    patience: int | None = None,
-    lora_rank: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
     limit: int | None = None,
     seeds: int | str | Sequence[int] = 1,
-    split: str = "stratified",
-    val: str = "train",
-    dataset: str | None = None,
-    pool: str | None = None,
-    out: str | os.PathLike | None = None,
-    device: str = "auto",
-    test_size: float = TEST_SIZE,
-    train_domain: str | Sequence[str] | None = None,
-    test_domain: str | Sequence[str] | None = None,
     save_adapter: str | os.PathLike | None = None,
-    quiet: bool = False,
-    show: bool | None = None,
+    split: str | None = UNSET,
+    dataset: str | None = UNSET,
+    pool: str | None = UNSET,
+    out: str | os.PathLike | None = UNSET,
+    device: str = UNSET,
+    quiet: bool = UNSET,
+    show: bool | None = UNSET,
+    options: StudyOptions | None = None,
+    tune: TuneOptions | None = None,
+    **more: Any,
 ) -> StudyResult:
     """Fine-tune ``model`` from the images recorded in the store, one fit per backbone x seed.
 
@@ -74,31 +63,39 @@ def finetune(
     Writes the tables of :func:`probes.evaluate` plus ``epochs.csv`` and ``training_curves.png`` to
     ``out`` (default ``finetune-<models>-<method>-<date>``); ``save_adapter`` DIR as in :func:`probes.evaluate`.
     """
+    opts, tune = study_options(
+        options,
+        more,
+        tune=tune,
+        tune_class=TuneOptions,
+        split=split,
+        dataset=dataset,
+        pool=pool,
+        out=out,
+        device=device,
+        quiet=quiet,
+        show=show,
+    )
+    split = opts.split_or("stratified")
+    val = opts.val
+    dataset = opts.dataset
+    pool = opts.pool
+    out = opts.out
+    device = opts.device
+    test_size = opts.test_size
+    train_domain = opts.train_domain
+    test_domain = opts.test_domain
+    quiet = opts.quiet
+
     from probes.tuning.saving import AdapterKeeper
-    from probes.tuning.study_inputs import TuneInputs, TuneOptions
+    from probes.tuning.study_inputs import TuneInputs
 
     if method not in METHODS:
         raise ProbeError(f"unknown fine-tune method {method!r}; choose from {', '.join(METHODS)}")
     seed_list = parse_seeds(seeds)
     cells = open_cells(store, model, dataset=dataset, pool=pool)
-    options = TuneOptions(
-        blocks=None if method == "scratch-vit" else blocks,
-        augment=augment,
-        head=head,
-        loss=loss,
-        gamma=gamma,
-        hierarchy=hierarchy,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        val_fraction=val_fraction,
-        patience=patience,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-    )
-    inputs = TuneInputs(cells, options, device)
+    tune = tune.replace(blocks=None if method == "scratch-vit" else blocks, augment=augment)
+    inputs = TuneInputs(cells, tune, device)
     name = study_name("finetune", cells.backbones + [method], out)
     params: dict[str, Any] = dict(
         store=str(cells.store_url),
@@ -112,7 +109,7 @@ def finetune(
         pool=cells.pool,
         device=device,
         test_size=test_size,
-        finetune=options.as_dict(),
+        finetune=tune.as_dict(),
     )
     plan = DomainPlan.make(cells, train_domain, test_domain)
     if plan is not None:
@@ -165,7 +162,7 @@ def finetune(
             "study.json": lambda names: study_document("finetune", name, params, res.notes, names),
         },
         panels=panels(res),
-        show=show_summary(quiet, show),
+        show=opts.printing(),
     )
     return res
 

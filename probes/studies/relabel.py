@@ -1,5 +1,5 @@
 """Reviewed label corrections into the store: :func:`relabel`, a thin call of
-:meth:`embedcache.store.store.Dataset.apply_corrections` (which owns the label history and its safety)."""
+:meth:`embedcache.store.Dataset.apply_corrections` (which owns the label history and its safety)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ def relabel(
     """Apply reviewed corrections (CSV or table with ``id, new_label[, note]``) to the store's labels.
 
     History is kept and the original labels never change
-    (:meth:`embedcache.store.store.Dataset.apply_corrections`); every later study and audit reads the
+    (:meth:`embedcache.store.Dataset.apply_corrections`); every later study and audit reads the
     new labels. A label no cell carries yet (a typo, usually) is refused unless
     ``allow_new_labels``; an id listed twice is refused. Returns how many labels changed.
     """
     import embedcache
-    from embedcache.store.store import Store
+    from embedcache.store import Store
 
     if not isinstance(corrections, pd.DataFrame):
         path = Path(corrections)

@@ -20,15 +20,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embedcache.options import UNSET
+from probes.engine.options import StudyOptions, study_options
 from probes.engine.runtime import study_runtime
-from probes.engine.skeleton import FitJob, check_probes, either, finish, run_plan, show_summary, study_name
+from probes.engine.skeleton import FitJob, check_probes, finish, run_plan, study_name
 from probes.errors import ProbeError
 from probes.features.cells import Cells, open_cells, parse_names, require_complete
 from probes.metrics import MAIN_METRIC, score
 from probes.reporting.console import Col, Panel
 from probes.reporting.plots import plot_robustness
 from probes.reporting.tables import prepare_out, study_document
-from probes.sampling import TEST_SIZE, Sampler, Split, parse_seeds
+from probes.sampling import Sampler, Split, parse_seeds
 
 RESULT_COLUMNS = [
     "study",
@@ -112,38 +114,48 @@ def robustness(
     model: str | Sequence[str],
     *,
     perturb: str | Sequence[str] = "blur-pre,blur-post",
-    probes: str | Sequence[str] | None = None,
+    probes: str | Sequence[str] = "logistic",
     seeds: int | str | Sequence[int] = 1,
-    split: str = "auto",
-    dataset: str | None = None,
-    pool: str | None = None,
-    out: str | os.PathLike | None = None,
-    device: str = "auto",
-    test_size: float = TEST_SIZE,
-    scheduler: str | None = None,
-    out_of_core: str | None = None,
-    max_memory: str | int | None = None,
-    quiet: bool = False,
-    show: bool | None = None,
-    probe: str | Sequence[str] | None = None,
+    split: str | None = UNSET,
+    dataset: str | None = UNSET,
+    pool: str | None = UNSET,
+    out: str | os.PathLike | None = UNSET,
+    device: str = UNSET,
+    quiet: bool = UNSET,
+    show: bool | None = UNSET,
+    options: StudyOptions | None = None,
+    **more: Any,
 ) -> RobustnessResult:
     """Train on clean features, score clean and every perturbed version of the same test cells.
 
-    ``probes``: one probe or a comma list (default ``logistic``; ``probe=`` is its older spelling).
+    ``probes``: one probe or a comma list (default ``logistic``).
     ``split``: ``auto`` (the store's ``split`` column when it has test cells, the cells the
     perturbed sets cover by default; else a stratified 80/20 split), ``column`` or
     ``stratified``. Writes ``results.csv/.parquet``, ``summary.csv``, ``slopes.csv``,
     ``robustness.png`` and ``study.json`` to ``out`` (default ``robustness-<models>-<date>``).
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget
+    (:mod:`probes.engine.runtime`).
     """
-    with study_runtime(scheduler, out_of_core, max_memory):
+    opts, _ = study_options(
+        options, more, split=split, dataset=dataset, pool=pool, out=out, device=device, quiet=quiet, show=show
+    )
+    opts.refuse(("val", "train_domain", "test_domain"), "robustness")
+    split = opts.split_or("auto")
+    dataset = opts.dataset
+    pool = opts.pool
+    out = opts.out
+    device = opts.device
+    test_size = opts.test_size
+    quiet = opts.quiet
+
+    with study_runtime(**opts.runtime()):
         families = parse_names(perturb)
         if not families:
             raise ProbeError("no perturbation given, e.g. --perturb blur-pre,blur-post")
         seed_list = parse_seeds(seeds)
         cells = open_cells(store, model, dataset=dataset, pool=pool)
-        probe_list = check_probes(either(probes, probe, "logistic"))
+        probe_list = check_probes(probes)
         sets = {b: perturbed_sets(cells, b, families) for b in cells.backbones}
         has_test = (np.char.lower(cells.obs["split"].to_numpy(dtype=str)) == "test").any()
         if split == "auto":
@@ -215,7 +227,7 @@ def robustness(
                 )
             },
             panels=panels(res),
-            show=show_summary(quiet, show),
+            show=opts.printing(),
         )
         return res
 

@@ -14,9 +14,11 @@ from typing import Any
 
 import pandas as pd
 
+from embedcache.options import UNSET
 from probes.domains import DomainPlan, domain_gaps, domain_panels
+from probes.engine.options import StudyOptions, study_options
 from probes.engine.runtime import study_runtime
-from probes.engine.skeleton import check_probes, finish, show_summary, study_name
+from probes.engine.skeleton import check_probes, finish, study_name
 from probes.engine.split_fits import (
     CURVE_KEYS,
     StudyResult,
@@ -32,7 +34,8 @@ from probes.reporting.console import Bold, Col, Panel
 from probes.reporting.plots import plot_scaling
 from probes.reporting.tables import prepare_out, study_document
 from probes.reporting.training import training_plots
-from probes.sampling import TEST_SIZE, limits_note, parse_limits, parse_seeds
+from probes.sampling import limits_note, parse_limits, parse_seeds
+from probes.tuning.options import TuneOptions
 
 
 def scale(
@@ -42,35 +45,17 @@ def scale(
     limits: str | int | Sequence[int] = "256..16384",
     probes: str | Sequence[str] = "logistic",
     seeds: int | str | Sequence[int] = 5,
-    split: str = "stratified",
-    val: str = "train",
-    dataset: str | None = None,
-    pool: str | None = None,
-    out: str | os.PathLike | None = None,
-    device: str = "auto",
-    test_size: float = TEST_SIZE,
     fraction: float = 0.95,
-    train_domain: str | Sequence[str] | None = None,
-    test_domain: str | Sequence[str] | None = None,
-    tail_blocks: int | None = None,
-    head: str = "linear",
-    loss: str = "ce",
-    gamma: float | None = None,
-    hierarchy: str | os.PathLike | None = None,
-    epochs: int = 50,
-    batch_size: int = 256,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    val_fraction: float = 0.1,
-    patience: int | None = None,
-    lora_rank: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    scheduler: str | None = None,
-    out_of_core: str | None = None,
-    max_memory: str | int | None = None,
-    quiet: bool = False,
-    show: bool | None = None,
+    split: str | None = UNSET,
+    dataset: str | None = UNSET,
+    pool: str | None = UNSET,
+    out: str | os.PathLike | None = UNSET,
+    device: str = UNSET,
+    quiet: bool = UNSET,
+    show: bool | None = UNSET,
+    options: StudyOptions | None = None,
+    tune: TuneOptions | None = None,
+    **more: Any,
 ) -> StudyResult:
     """Macro-F1 (and the rest) against cells per class, for each backbone x probe.
 
@@ -89,9 +74,34 @@ def scale(
     (hold-out choosing the best epoch), ``patience`` (early stopping), ``lora_rank`` / ``lora_alpha`` /
     ``lora_dropout``. Their per-epoch loss and hold-out macro-F1 go to ``epochs.csv`` and ``training_curves.png``.
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget
+    (:mod:`probes.engine.runtime`).
     """
-    with study_runtime(scheduler, out_of_core, max_memory):
+    opts, tune = study_options(
+        options,
+        more,
+        tune=tune,
+        tune_class=TuneOptions,
+        split=split,
+        dataset=dataset,
+        pool=pool,
+        out=out,
+        device=device,
+        quiet=quiet,
+        show=show,
+    )
+    split = opts.split_or("stratified")
+    val = opts.val
+    dataset = opts.dataset
+    pool = opts.pool
+    out = opts.out
+    device = opts.device
+    test_size = opts.test_size
+    train_domain = opts.train_domain
+    test_domain = opts.test_domain
+    quiet = opts.quiet
+
+    with study_runtime(**opts.runtime()):
         limit_list = parse_limits(limits)
         seed_list = parse_seeds(seeds)
         cells = open_cells(store, model, dataset=dataset, pool=pool)
@@ -113,25 +123,7 @@ def scale(
         )
         from probes.tuning.study_inputs import study_inputs
 
-        inputs, tune_params = study_inputs(
-            cells,
-            probe_list,
-            device,
-            tail_blocks=tail_blocks,
-            head=head,
-            loss=loss,
-            gamma=gamma,
-            hierarchy=hierarchy,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            val_fraction=val_fraction,
-            patience=patience,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-        )
+        inputs, tune_params = study_inputs(cells, probe_list, device, tune)
         params.update(tune_params)
         plan = DomainPlan.make(cells, train_domain, test_domain)
         if plan is not None:
@@ -183,7 +175,7 @@ def scale(
             },
             panels=panels(res),
             lines=footnotes(res),
-            show=show_summary(quiet, show),
+            show=opts.printing(),
         )
         return res
 

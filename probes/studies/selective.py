@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embedcache.options import UNSET
+from probes.engine.options import StudyOptions, study_options
 from probes.engine.proba_fits import (
     VAL_FRACTION,
     FittedProba,
@@ -33,14 +35,14 @@ from probes.engine.proba_fits import (
     seed_summary,
 )
 from probes.engine.runtime import study_runtime
-from probes.engine.skeleton import check_probes, either, finish, fit_table, show_summary, study_name
+from probes.engine.skeleton import check_probes, finish, fit_table, study_name
 from probes.errors import ProbeError
 from probes.features.cells import open_cells, parse_names
 from probes.metrics import score
 from probes.reporting.console import Col, Panel
 from probes.reporting.decision_plots import plot_risk_coverage
 from probes.reporting.tables import prepare_out, study_document
-from probes.sampling import TEST_SIZE, parse_seeds
+from probes.sampling import parse_seeds
 from probes.studies.confidence import (
     CONFIDENCES,
     COVERAGES,
@@ -111,7 +113,7 @@ def selective(
     store: str | os.PathLike | Any,
     model: str | Sequence[str],
     *,
-    probes: str | Sequence[str] | None = None,
+    probes: str | Sequence[str] = "logistic",
     confidence: str | Sequence[str] = "msp,margin,entropy",
     target_accuracy: float = 0.995,
     agree_with: str = "heads",
@@ -119,20 +121,12 @@ def selective(
     coverages: str | Sequence[float] = COVERAGES,
     seeds: int | str | Sequence[int] = 1,
     val_fraction: float = VAL_FRACTION,
-    split: str = "stratified",
-    val: str = "train",
-    dataset: str | None = None,
-    pool: str | None = None,
-    out: str | os.PathLike | None = None,
-    device: str = "auto",
-    test_size: float = TEST_SIZE,
-    scheduler: str | None = None,
-    out_of_core: str | None = None,
-    max_memory: str | int | None = None,
-    quiet: bool = False,
-    show: bool | None = None,
-    probe: str | Sequence[str] | None = None,
     make_probe: Callable[..., Any] | None = None,
+    dataset: str | None = UNSET,
+    out: str | os.PathLike | None = UNSET,
+    device: str = UNSET,
+    options: StudyOptions | None = None,
+    **more: Any,
 ) -> SelectiveResult:
     """Risk-coverage of each probe under each confidence (``msp``, ``margin``, ``entropy``, ``agreement``).
 
@@ -147,9 +141,21 @@ def selective(
     ``summary.csv``, ``thresholds.csv``, ``abstention.csv``, ``curves.csv``, ``fits.csv``,
     ``exclusions.csv``, ``risk_coverage.png`` and ``study.json``.
     ``scheduler`` (``tcp://host:port`` or ``local:N``) runs each fit as a Dask task, with identical results;
-    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget (:mod:`probes.engine.runtime`).
+    ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget
+    (:mod:`probes.engine.runtime`).
     """
-    with study_runtime(scheduler, out_of_core, max_memory):
+    opts, _ = study_options(options, more, dataset=dataset, out=out, device=device)
+    opts.refuse(("train_domain", "test_domain"), "selective")
+    split = opts.split_or("stratified")
+    val = opts.val
+    dataset = opts.dataset
+    pool = opts.pool
+    out = opts.out
+    device = opts.device
+    test_size = opts.test_size
+    quiet = opts.quiet
+
+    with study_runtime(**opts.runtime()):
         kinds = parse_names(confidence)
         unknown = [k for k in kinds if k not in CONFIDENCES]
         if not kinds or unknown:
@@ -170,7 +176,7 @@ def selective(
             raise ProbeError(f"coverages must lie in (0, 1], got {coverages}")
         seed_list = parse_seeds(seeds)
         cells = open_cells(store, model, dataset=dataset, pool=pool)
-        probe_list = check_probes(either(probes, probe, "logistic"))
+        probe_list = check_probes(probes)
         fit_list, others = (
             voters(probe_list, cells.backbones, agree_with, heads) if "agreement" in kinds else (probe_list, {})
         )
@@ -285,7 +291,7 @@ def selective(
             },
             documents={"study.json": lambda names: study_document("selective", name, params, res.notes, names)},
             panels=panels(res, chosen_mean),
-            show=show_summary(quiet, show),
+            show=opts.printing(),
         )
         return res
 

@@ -7,32 +7,35 @@ line); this package holds the estimators, their networks, readers, losses and ad
     probe.predict(ArrayTokens(test_tokens)); probe.save_adapter("runs/ft"); load_adapter("runs/ft")
 """
 
-from probes.tuning.adapter import (
-    Adapter,
-    AdapterError,
-    load_adapter,
-    read_adapter_meta,
-    save_adapter,
-)
-from probes.tuning.estimator import DEFAULTS, METHODS, FineTuneProbe, TrainingDiverged
-from probes.tuning.nets import FullBackboneModule, TunedNet, inject_lora, merge_lora
-from probes.tuning.readers import ArrayTokens, ImageReader, TokenReader
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULTS",
-    "METHODS",
-    "Adapter",
-    "AdapterError",
-    "ArrayTokens",
-    "FineTuneProbe",
-    "FullBackboneModule",
-    "ImageReader",
-    "TokenReader",
-    "TrainingDiverged",
-    "TunedNet",
-    "inject_lora",
-    "load_adapter",
-    "merge_lora",
-    "read_adapter_meta",
-    "save_adapter",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "inject_lora": "embedcache.backbones.adapters",
+    "merge_lora": "embedcache.backbones.adapters",
+    "Adapter": "probes.tuning.adapter",
+    "AdapterError": "probes.tuning.adapter",
+    "load_adapter": "probes.tuning.adapter",
+    "read_adapter_meta": "probes.tuning.adapter",
+    "save_adapter": "probes.tuning.adapter",
+    "DEFAULTS": "probes.tuning.estimator",
+    "METHODS": "probes.tuning.estimator",
+    "FineTuneProbe": "probes.tuning.estimator",
+    "TrainingDiverged": "probes.tuning.estimator",
+    "FullBackboneModule": "probes.tuning.nets",
+    "TunedNet": "probes.tuning.nets",
+    "ArrayTokens": "probes.tuning.readers",
+    "ImageReader": "probes.tuning.readers",
+    "TokenReader": "probes.tuning.readers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:  # deferred: the estimators import torch and peft
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'probes.tuning' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

@@ -27,10 +27,11 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import f1_score
 
+from embedcache.backbones.adapters import inject_lora
 from probes.heads.base import encode_labels, resolve_device, seeded, stratified_holdout
 from probes.heads.tokens import make_token_head
 from probes.tuning.losses import make_loss
-from probes.tuning.nets import FullBackboneModule, TunedNet, inject_lora, tail_of
+from probes.tuning.nets import FullBackboneModule, TunedNet, tail_of
 from probes.tuning.readers import check_reader, reader_kind
 
 METHODS = ("lp", "ft-last", "lora")

@@ -7,7 +7,6 @@ fine-tune from images trains exactly the parameters a fine-tune from cached toke
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,8 +14,6 @@ import torch
 from torch import nn
 
 from embedcache.backbones.tail import TailModule, tail_tokens
-
-LORA_TARGETS = ("qkv", "q_proj", "k_proj", "v_proj", "proj")
 
 
 class FullBackboneModule(nn.Module):
@@ -88,75 +85,4 @@ def tail_of(trunk: nn.Module) -> TailModule:
     return tail
 
 
-def lora_target_names(tail: TailModule) -> list[str]:
-    """Names (inside ``tail``) of the attention linears LoRA adapts: qkv (or q/k/v) and the output proj."""
-    names = [
-        n
-        for n, m in tail.named_modules()
-        if isinstance(m, nn.Linear) and re.fullmatch(r"blocks\.\d+\.attn\.(" + "|".join(LORA_TARGETS) + ")", n)
-    ]
-    if not names:
-        raise ValueError(
-            f"no attention linears ({', '.join(LORA_TARGETS)}) in the tail of this {tail.family} model: "
-            "LoRA needs transformer blocks (use ft-last for CNN stages)"
-        )
-    return names
-
-
-def inject_lora(tail: TailModule, rank: int, alpha: float, dropout: float) -> list[str]:
-    """Add peft LoRA adapters to the tail's attention (in place); only they are left trainable."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    names = lora_target_names(tail)
-    tail.requires_grad_(False)
-    # peft's annotation says int for lora_alpha; the scale alpha / rank is used as a float either way
-    lora_kwargs: dict[str, Any] = {
-        "r": int(rank),
-        "lora_alpha": float(alpha),
-        "lora_dropout": float(dropout),
-        "target_modules": names,
-        "bias": "none",
-    }
-    inject_adapter_in_model(
-        LoraConfig(**lora_kwargs),
-        tail,
-    )
-    for n, p in tail.named_parameters():
-        p.requires_grad_(".lora_" in n)
-    return names
-
-
-def merge_lora(module: nn.Module) -> int:
-    """Fold every peft LoRA layer in ``module`` into its base linear and put the plain linear back."""
-    from peft.tuners.lora import LoraLayer
-
-    found = [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]
-    for name, layer in found:
-        layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, layer.get_base_layer())
-    return len(found)
-
-
-def tail_key_to_backbone(key: str, tail: TailModule) -> str:
-    """``blocks.i.*`` of a tail -> the backbone's own name (``blocks.{L-k+i}.*`` or ``layer{L-k+i+1}.*``)."""
-    m = re.match(r"^blocks\.(\d+)\.(.*)$", key)
-    if not m:
-        return key
-    j = tail.depth - tail.k + int(m.group(1))
-    return f"layer{j + 1}.{m.group(2)}" if tail.family == "resnet" else f"blocks.{j}.{m.group(2)}"
-
-
-__all__ = [
-    "LORA_TARGETS",
-    "FullBackboneModule",
-    "TunedNet",
-    "inject_lora",
-    "lora_target_names",
-    "merge_lora",
-    "tail_key_to_backbone",
-    "tail_of",
-]
+__all__ = ["FullBackboneModule", "TunedNet", "tail_of"]

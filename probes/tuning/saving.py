@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from probes.errors import ProbeError
-from probes.tuning.study_inputs import make_tune_probe
+from probes.heads.registry import make_probe
 
 SAVABLE = ("lp", "ft-last", "lora")
 
@@ -27,7 +27,7 @@ class AdapterKeeper:
         self.kept: list[tuple[str, int, Any]] = []
 
     def __call__(self, name: str, *, seed: int = 0, device: str = "auto", **params: Any) -> Any:
-        est = make_tune_probe(name, seed=seed, device=device, **params)
+        est = make_probe(name, seed=seed, device=device, **params)
         if name in SAVABLE:
             self.kept.append((name, seed, est))
         return est

@@ -17,95 +17,19 @@ weights' sha256 differs from the one the cache was made with.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from probes.errors import ProbeError
 from probes.features.cells import Cells
+from probes.heads.registry import tune_probes
+from probes.tuning.options import TuneOptions
 from probes.tuning.readers import reader_kind
 
-TUNE_PROBES = ("lp", "ft-last", "lora", "scratch-vit")
+TUNE_PROBES = tuple(tune_probes())  # lp, ft-last, lora, scratch-vit
 POOLED_HEADS = ("linear", "mlp")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # scratch-vit's normalisation
-
-
-@dataclass
-class TuneOptions:
-    """The fine-tunes' options, as the studies and the CLI name them (see :class:`FineTuneProbe`)."""
-
-    tail_blocks: int | None = None
-    blocks: int | str | None = None  # train from images through the backbone: "all" or K last blocks
-    head: str = "linear"
-    loss: str = "ce"
-    gamma: float | None = None
-    hierarchy: Any = None
-    epochs: int = 50
-    batch_size: int = 256
-    lr: float | None = None
-    weight_decay: float | None = None
-    val_fraction: float = 0.1
-    patience: int | None = None
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    augment: Any = None
-    scratch_size: int = 40
-
-    def __post_init__(self) -> None:
-        from probes.heads.tokens import TOKEN_HEADS
-        from probes.tuning.augment import parse_augment
-        from probes.tuning.losses import LOSSES, load_hierarchy
-
-        if self.head not in TOKEN_HEADS:
-            raise ProbeError(f"unknown head {self.head!r}; choose from {', '.join(TOKEN_HEADS)}")
-        if self.loss not in LOSSES:
-            raise ProbeError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
-        if self.tail_blocks is not None and (isinstance(self.tail_blocks, bool) or int(self.tail_blocks) < 1):
-            raise ProbeError(f"--tail-blocks must be >= 1, got {self.tail_blocks!r}")
-        if self.blocks is not None and self.blocks != "all":
-            try:
-                self.blocks = int(self.blocks)
-            except (TypeError, ValueError):
-                raise ProbeError(f"--blocks must be 'all' or a number of last blocks, got {self.blocks!r}") from None
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ProbeError(f"epochs and batch size must be >= 1, got {self.epochs}, {self.batch_size}")
-        try:
-            self.augment = parse_augment(self.augment)
-            if self.hierarchy is not None and not hasattr(self.hierarchy, "matrices"):
-                self.hierarchy = load_hierarchy(self.hierarchy)  # a bad file fails before any fit
-        except ValueError as e:
-            raise ProbeError(str(e)) from e
-        if self.hierarchy is not None and self.loss != "hierarchical-focal":
-            raise ProbeError(f"--hierarchy applies to --loss hierarchical-focal only, not {self.loss!r}")
-        if self.loss == "hierarchical-focal" and self.hierarchy is None:
-            raise ProbeError("--loss hierarchical-focal needs --hierarchy FILE (lineages and penalties, YAML)")
-
-    def probe_params(self) -> dict[str, Any]:
-        """Keywords of :class:`FineTuneProbe` these options set."""
-        return dict(
-            head=self.head,
-            loss=self.loss,
-            gamma=self.gamma,
-            hierarchy=self.hierarchy,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            val_fraction=self.val_fraction,
-            patience=self.patience,
-            lora_rank=self.lora_rank,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """For ``study.json``."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["hierarchy"] = getattr(self.hierarchy, "source", None) if self.hierarchy is not None else None
-        out["augment"] = list(self.augment)
-        return out
 
 
 def restrict_hierarchy(h: Any, classes: Any) -> Any:
@@ -359,28 +283,13 @@ class _ImagesBySeed:
 
 
 def study_inputs(
-    cells: Cells, probes: list[str], device: str = "auto", **options: Any
+    cells: Cells, probes: list[str], device: str = "auto", options: TuneOptions | None = None
 ) -> tuple[TuneInputs | None, dict[str, Any]]:
     """A study's fine-tune inputs (None when it has no fine-tune probe) and the options for ``study.json``."""
-    opts = TuneOptions(**options)
+    opts = options or TuneOptions()
     if not any(p in TUNE_PROBES for p in probes):
         return None, {}
     return TuneInputs(cells, opts, device), {"finetune": opts.as_dict()}
-
-
-def make_tune_probe(name: str, *, seed: int = 0, device: str = "auto", **params: Any) -> Any:
-    """:func:`probes.heads.make_probe`, plus the fine-tunes (:data:`TUNE_PROBES`) with the job's keywords."""
-    if name == "scratch-vit":
-        from probes.tuning.scratch import ScratchViTProbe
-
-        return ScratchViTProbe(seed=seed, device=device, **params)
-    if name in TUNE_PROBES:
-        from probes.tuning.estimator import FineTuneProbe
-
-        return FineTuneProbe(method=name, seed=seed, device=device, **params)
-    from probes.heads import make_probe
-
-    return make_probe(name, seed=seed, device=device, **params)
 
 
 __all__ = [
@@ -390,6 +299,5 @@ __all__ = [
     "TuneInputs",
     "TuneOptions",
     "backbone_from_provenance",
-    "make_tune_probe",
     "study_inputs",
 ]

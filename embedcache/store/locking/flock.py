@@ -1,10 +1,10 @@
-"""Locks that keep two writers out of the same part of a store.
+"""``flock`` locks for local stores, and in-process locks for ``memory://`` stores.
 
 Local stores use ``flock`` on files in the store's side folder (``<store>.embedcache/locks/``,
 outside the Zarr tree so that zarr, xarray and dask never meet them); the OS releases a flock
 when its holder dies, SIGKILL included. ``memory://`` stores use in-process locks. Other fsspec
 stores (``s3://``...) use leases with expiry (:mod:`embedcache.store.locking.lease`); see
-:meth:`embedcache.store.store.Store.write_guarantee` for what each guarantees.
+:meth:`embedcache.store.Store.write_guarantee` for what each guarantees.
 
 A lock either waits (``wait`` seconds, polling) or is refused at once with the holder named.
 """
@@ -22,14 +22,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from embedcache.store.locking.base import LockBusy, LockLost, WriterLock, registered
+
 _memory_locks: dict[str, threading.Lock] = {}
 _memory_guard = threading.Lock()
 _READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 POLL_SECONDS = 0.05
-
-
-class LockBusy(RuntimeError):
-    """Another process holds the lock (the message names it)."""
 
 
 def lock_file(folder: Path, name: str) -> Path:
@@ -63,9 +61,31 @@ def file_lock(folder: Path, name: str, *, wait: float = 0.0, what: str = "") -> 
                 time.sleep(POLL_SECONDS)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode(), 0)
-        yield True
+        with registered(_LockFile(fd, lock_file(folder, name), what or name)):
+            yield True
     finally:
         os.close(fd)  # closing releases the flock
+
+
+class _LockFile:
+    """A held flock's file: lost when the file was deleted (or replaced) while held, e.g. with the side folder,
+    after which another writer could lock a new file of the same name."""
+
+    def __init__(self, fd: int, path: Path, what: str):
+        self.fd, self.path, self.what = fd, path, what
+        self.inode = os.fstat(fd).st_ino
+
+    def check(self) -> None:
+        try:
+            same = os.stat(self.path).st_ino == self.inode
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise LockLost(
+                f"{self.what}: the lock file {self.path} was deleted while this writer held it (was the side "
+                "folder removed?); another writer may now hold the set, so this one stops before its next done "
+                "flag; rerun the same command to finish (it resumes where the chunks stop)"
+            )
 
 
 @contextlib.contextmanager
@@ -99,3 +119,46 @@ def remove_stale(folder: Path) -> None:
             os.close(fd)
     with contextlib.suppress(OSError):
         folder.rmdir()
+
+
+class FlockLock(WriterLock):
+    """``flock`` on files in ``folder`` (the store's side folder ``<store>.embedcache/locks``)."""
+
+    mechanism = "flock"
+    supports_other_processes = True
+    supports_other_hosts = False  # only as far as the file system's flock reaches
+    supports_release_on_death = True  # the OS releases a dead holder's flock at once
+    supports_loss_detection = True  # a deleted lock file is noticed before the next done flag
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def hold(self, name: str, *, wait: float = 0.0, what: str = "") -> contextlib.AbstractContextManager[object]:
+        return file_lock(self.folder, name, wait=wait, what=what)
+
+    def guarantee(self) -> str:
+        return (
+            f"one writer per feature set (and per store/dataset creation): flock on files in {self.folder}, "
+            "released by the OS when a writer dies (SIGKILL too); a writer whose lock file is deleted stops before "
+            "its next done flag. Not protected: a network file system without working flock (some NFSv3, SMB or "
+            "FUSE mounts)"
+        )
+
+
+class MemoryLock(WriterLock):
+    """In-process locks for a ``memory://`` store (which only this process can see)."""
+
+    mechanism = "in-process lock"
+    supports_other_processes = False  # no other process can see a memory:// store anyway
+    supports_other_hosts = False
+    supports_release_on_death = True  # the store dies with its process
+    supports_loss_detection = False  # nothing can take an in-process lock away
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def hold(self, name: str, *, wait: float = 0.0, what: str = "") -> contextlib.AbstractContextManager[object]:
+        return memory_lock(f"{self.prefix}::{name}", wait=wait, what=what)
+
+    def guarantee(self) -> str:
+        return "one process only: a memory:// store lives in it"

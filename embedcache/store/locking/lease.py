@@ -34,7 +34,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Lease", "LeaseBusy", "LeaseError", "lease", "guarantee", "lease_seconds", "LEASE_ENV"]
+from embedcache.store.locking.base import LockBusy, LockLost, WriterLock, registered
+
+__all__ = ["Lease", "LeaseBusy", "LeaseError", "LeaseLock", "lease", "guarantee", "lease_seconds", "LEASE_ENV"]
 
 LEASE_ENV = "EMBEDCACHE_LEASE_SECONDS"
 DEFAULT_TTL_S = 60.0
@@ -48,8 +50,12 @@ class LeaseError(RuntimeError):
     """The lease cannot be used on this store (e.g. the server ignores conditional writes)."""
 
 
-class LeaseBusy(RuntimeError):
+class LeaseBusy(LockBusy):
     """Another writer holds the lease (the message names it and when it expires)."""
+
+
+class LeaseLost(LeaseBusy, LockLost):
+    """A lease this process held was taken over (after a stall past its expiry) or could not be renewed."""
 
 
 def lease_seconds() -> float:
@@ -188,7 +194,7 @@ class Lease:
     def check(self) -> None:
         """Raise :class:`LeaseBusy` if the lease was lost while held (another writer took it over)."""
         if self.lost:
-            raise LeaseBusy(f"{self.what}: {self.lost}")
+            raise LeaseLost(f"{self.what}: {self.lost}")
 
     # -- one attempt ---------------------------------------------------------------------------
     def _doc(self) -> _Doc:
@@ -340,20 +346,6 @@ class Lease:
         self.fs.pipe_file(self.path, self._doc().encode())
 
 
-_held: list[Lease] = []  # leases this process holds now (any thread): what check_held() looks at
-_held_guard = threading.Lock()
-
-
-def check_held() -> None:
-    """Raise :class:`LeaseBusy` if a lease this process holds was lost (taken over by another writer after a
-    stall, or not renewable for its whole lifetime). Chunk writes call it before their checksums and done flags,
-    so a writer that lost its lease stops instead of flagging chunks it no longer owns."""
-    with _held_guard:
-        leases = list(_held)
-    for held in leases:
-        held.check()
-
-
 @contextlib.contextmanager
 def lease(
     folder_url: str, name: str, *, wait: float = 0.0, what: str = "", ttl: float | None = None
@@ -361,11 +353,31 @@ def lease(
     """Hold lease ``name`` in ``folder_url`` for the ``with`` block (see :class:`Lease`)."""
     held = Lease(folder_url, name, ttl=ttl, what=what)
     held.acquire(wait)
-    with _held_guard:
-        _held.append(held)
     try:
-        yield held
+        with registered(held):
+            yield held
     finally:
-        with _held_guard:
-            _held.remove(held)
         held.release()
+
+
+class LeaseLock(WriterLock):
+    """Leases in the folder ``folder_url`` (``<store>.embedcache/leases``): conditional writes on S3, a
+    best-effort lease on other fsspec file systems (:func:`guarantee` says which)."""
+
+    mechanism = "lease-with-expiry"
+    supports_other_processes = True
+    supports_other_hosts = True
+    supports_release_on_death = True  # after the expiry (``EMBEDCACHE_LEASE_SECONDS``)
+    supports_loss_detection = True  # a lease taken over after a stall is noticed at the next renewal
+
+    def __init__(self, folder_url: str, store_url: str):
+        self.folder_url, self.store_url = folder_url, store_url
+
+    def hold(self, name: str, *, wait: float = 0.0, what: str = "") -> contextlib.AbstractContextManager[object]:
+        return lease(self.folder_url, name, wait=wait, what=what)
+
+    def guarantee(self) -> str:
+        return guarantee(self.store_url)["text"]
+
+    def describe(self) -> dict[str, str]:
+        return guarantee(self.store_url)

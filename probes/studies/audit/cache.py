@@ -130,7 +130,7 @@ def write_cache(
     lock: Callable[[], Any] | None = None,
 ) -> str:
     """Write the cache, holding ``lock()`` when given (retried while another audit writes)."""
-    from embedcache.store.store import StoreBusyError
+    from embedcache.store import StoreBusyError
 
     try:
         if lock is None:
@@ -172,7 +172,7 @@ def check_writable(cache: str) -> None:
 def default_cache(store_url: str, dataset: str) -> str:
     """Where a store's audits keep out-of-fold probabilities: beside the store, outside its Zarr tree
     (:func:`embedcache.store.store.side_url`: ``<store>.embedcache/probes/audit-oof-<dataset>.parquet``)."""
-    from embedcache.store.store import side_url
+    from embedcache.store import side_url
 
     return side_url(store_url, "probes", f"audit-oof-{dataset}.parquet")
 

@@ -8,7 +8,6 @@ score per cell (:mod:`.evidence`) -> outputs and console (:mod:`.outputs`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -20,8 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from embedcache.options import UNSET, given, split_options
 from probes.engine.dask_fits import current_scheduler
-from probes.engine.skeleton import show_summary, study_name
+from probes.engine.options import SPLIT_OPTIONS, StudyOptions
+from probes.engine.skeleton import study_name
 from probes.engine.threads import limit_threads
 from probes.errors import ProbeError
 from probes.features.cells import open_cells, parse_names
@@ -39,53 +40,16 @@ from probes.studies.audit.cache import (
     read_oof_cache,
     write_cache,
 )
-from probes.studies.audit.evidence import as_ranking, evidence, neighbor_disagreement, why_columns
+from probes.studies.audit.cell_evidence import as_ranking, evidence, neighbor_disagreement, why_columns
 from probes.studies.audit.folds import (
     OOF,
-    SCHEMES,
     feature_digest,
     label_digest,
     make_folds,
     oof_proba,
     probe_signature,
 )
-from probes.studies.audit.ranking import Ranking
-
-DEFAULT_PROBES = "logistic,knn,mlp"
-
-
-@dataclass
-class AuditOptions:
-    """How an audit runs (the same names as :func:`audit`'s keywords).
-
-    ``folds_by``: fold scheme, ``auto`` (group-aware when the cells have groups), ``group`` or
-    ``stratified``. ``cache``: Parquet file of out-of-fold probabilities read first and updated
-    after (None: none); ``cache_lock()`` is held while it is written and ``cache_legacy`` is read
-    when ``cache`` does not exist yet. ``make_probe(name, seed=, device=)`` replaces
-    :func:`probes.heads.make_probe`; ``threads`` caps BLAS/OpenMP/torch threads during the fits.
-    ``ranking``: how the evidence becomes the score (a :class:`~.ranking.Ranking` or its name such
-    as ``cal|all|n0.2|c0``; None: :data:`~.ranking.DEFAULT_RANKING`, chosen by the label-noise benchmark).
-    ``joint``: add the **joint member** to the ensemble, per seed: one plain logistic regression
-    (``C = 1``, scikit-learn's default strength, no sweep) on every backbone's features side by side
-    (:data:`JOINT_PROBE`; with one backbone, on its features). The label-noise benchmark chose it
-    (leave-one-dataset-out, like the ranking).
-    """
-
-    probes: str | Sequence[str] = DEFAULT_PROBES
-    folds: int = 5
-    seeds: int | str | Sequence[int] = 3
-    folds_by: str = "auto"
-    k: int = 10
-    ranking: Ranking | str | None = None
-    pool: str = "cls"
-    cache: str | os.PathLike | None = None
-    cache_lock: Callable[[], Any] | None = None
-    cache_legacy: str | None = None
-    device: str = "auto"
-    make_probe: Callable[..., Any] | None = None
-    threads: int | None = None
-    quiet: bool = True
-    joint: bool = True
+from probes.studies.audit.options import AuditOptions
 
 
 @dataclass
@@ -162,23 +126,25 @@ def audit_arrays(
     groups: Sequence[str] | np.ndarray | None = None,
     paths: Sequence[str] | np.ndarray | None = None,
     feature_keys: dict[str, str] | None = None,
+    pool: str = "cls",
+    device: str = "auto",
+    quiet: bool = True,
     options: AuditOptions | None = None,
     **overrides: Any,
 ) -> AuditResult:
     """The audit on in-memory features: ``features`` maps a backbone name to an (N, D) array.
 
     ``options`` (an :class:`AuditOptions`), or its fields as keywords (``probes=``, ``folds=``,
-    ``seeds=``, ``folds_by=``, ``k=``, ``cache=``...), which override ``options``.
+    ``seeds=``, ``folds_by=``, ``k=``, ``cache=``...), which override ``options``. ``pool`` names the pooling
+    the features are (recorded), ``device`` where the probes fit, ``quiet`` hides the progress bar.
     """
     try:
-        opt = dataclasses.replace(options or AuditOptions(), **overrides)
+        opt = AuditOptions.build(options, **overrides)
     except TypeError as e:
         raise ProbeError(f"audit_arrays: {e}") from None
     probes, folds, seeds, split, k = opt.probes, opt.folds, opt.seeds, opt.folds_by, opt.k
-    pool, cache, cache_lock, device, make_probe = opt.pool, opt.cache, opt.cache_lock, opt.device, opt.make_probe
-    threads, quiet = opt.threads, opt.quiet
-    if split not in SCHEMES:
-        raise ProbeError(f"unknown fold scheme '{split}'; use one of {', '.join(SCHEMES)}")
+    cache, cache_lock, make_probe, threads = opt.cache, opt.cache_lock, opt.make_probe, opt.threads
+    cache = None if cache is False or cache is True else cache  # True: the default, which has no file here
     from probes.heads import PROBES
 
     labels = np.asarray(labels, dtype=object).astype(str)
@@ -332,27 +298,19 @@ def audit(
     store: Any,
     model: str | Sequence[str],
     *,
-    probes: str | Sequence[str] = DEFAULT_PROBES,
-    folds: int = 5,
-    seeds: int | str | Sequence[int] = 3,
-    folds_by: str = "auto",
-    k: int = 10,
-    dataset: str | None = None,
-    pool: str | None = None,
-    out: str | os.PathLike | None = None,
-    cache: str | os.PathLike | bool | None = None,
-    top: int = 50,
-    ranking: Ranking | str | None = None,
-    joint: bool = True,
-    device: str = "auto",
-    threads: int | None = None,
-    make_probe: Callable[..., Any] | None = None,
-    html: bool = True,
-    out_of_core: str | None = None,
-    max_memory: str | int | None = None,
-    scheduler: str | None = None,
-    quiet: bool = False,
-    show: bool | None = None,
+    probes: str | Sequence[str] = UNSET,
+    folds: int = UNSET,
+    seeds: int | str | Sequence[int] = UNSET,
+    top: int = UNSET,
+    dataset: str | None = UNSET,
+    pool: str | None = UNSET,
+    out: str | os.PathLike | None = UNSET,
+    device: str = UNSET,
+    quiet: bool = UNSET,
+    show: bool | None = UNSET,
+    options: StudyOptions | None = None,
+    audit_options: AuditOptions | None = None,
+    **more: Any,
 ) -> AuditResult:
     """Audit the current labels of a store's cells with one or more backbones' features.
 
@@ -366,52 +324,35 @@ def audit(
     filterable in the browser) and ``audit.json`` (parameters). Out-of-fold probabilities are
     cached in the store (beside it: :func:`probes.studies.audit.cache.default_cache`; a cache an
     earlier version left in ``<store>/.probes/`` is still read) or in ``cache`` (a file path or
-    URL); ``cache=False`` turns the cache off. ``folds_by``: the fold scheme and ``ranking`` the
-    score, ``joint`` the joint member (see :class:`AuditOptions`). ``out_of_core`` / ``max_memory``:
-    features above the budget are read in store chunks (kNN and logistic fit them there; the neighbour
-    search merges chunks to the exact top-k; :mod:`probes.engine.runtime`); ``scheduler`` (``tcp://host:port``,
-    ``local:N``) fits each backbone x probe x seed as one Dask task, to the local run's probabilities.
-    ``quiet`` hides the progress bar and the summary; ``show`` prints the summary regardless.
+    URL); ``cache=False`` turns the cache off. Every field of :class:`AuditOptions` (``folds_by``,
+    ``k``, ``ranking``, ``joint``, ``cache``, ``threads``, ``html``, ``make_probe``) and of
+    :class:`~probes.engine.options.StudyOptions` (``out_of_core``, ``max_memory``, ``scheduler``...) is a
+    keyword too. ``out_of_core`` / ``max_memory``: features above the budget are read in store chunks (kNN
+    and logistic fit them there; the neighbour search merges chunks to the exact top-k); ``scheduler``
+    (``tcp://host:port``, ``local:N``) fits each backbone x probe x seed as one Dask task, to the local
+    run's probabilities. ``quiet`` hides the progress bar and the summary; ``show`` prints it regardless.
     """
     from probes.engine.runtime import study_runtime
 
-    with study_runtime(scheduler, out_of_core, max_memory):
-        return _audit(
-            store, model, probes=probes, folds=folds, seeds=seeds, folds_by=folds_by, k=k, dataset=dataset,
-            pool=pool, out=out, cache=cache, top=top, ranking=ranking, joint=joint, device=device,
-            threads=threads,
-            make_probe=make_probe, html=html, quiet=quiet, show=show,
-        )  # fmt: skip
+    (mine, theirs), rest = split_options(more, AuditOptions, StudyOptions)
+    if rest:
+        raise TypeError(f"audit: unknown keyword(s) {', '.join(sorted(rest))}")
+    opts = StudyOptions.build(
+        options, **given(dataset=dataset, pool=pool, out=out, device=device, quiet=quiet, show=show), **theirs
+    )
+    opts.refuse(SPLIT_OPTIONS, "audit")
+    aopts = AuditOptions.build(audit_options, **given(probes=probes, folds=folds, seeds=seeds, top=top), **mine)
+    with study_runtime(**opts.runtime()):
+        return _audit(store, model, opts, aopts)
 
 
-def _audit(
-    store: Any,
-    model: str | Sequence[str],
-    *,
-    probes: str | Sequence[str],
-    folds: int,
-    seeds: int | str | Sequence[int],
-    folds_by: str,
-    k: int,
-    dataset: str | None,
-    pool: str | None,
-    out: str | os.PathLike | None,
-    cache: str | os.PathLike | bool | None,
-    top: int,
-    ranking: Ranking | str | None,
-    joint: bool,
-    device: str,
-    threads: int | None,
-    make_probe: Callable[..., Any] | None,
-    html: bool,
-    quiet: bool,
-    show: bool | None,
-) -> AuditResult:
+def _audit(store: Any, model: str | Sequence[str], opts: StudyOptions, aopts: AuditOptions) -> AuditResult:
     import embedcache
     from probes.studies.audit.outputs import print_summary, write_outputs
 
-    cells = open_cells(store, model, dataset=dataset, pool=pool)
+    cells = open_cells(store, model, dataset=opts.dataset, pool=opts.pool)
     lock, legacy = None, None
+    cache = aopts.cache
     if cache is None or cache is True:
         cache_path: str | None = default_cache(cells.store_url, cells.dataset)
         st = embedcache.open_store(cells.store_url)
@@ -425,7 +366,7 @@ def _audit(
         check_writable(cache_path)  # before any fit, not after
     pos = np.arange(len(cells.obs))
     feats = cells.features_of_all(pos)  # held together: their sum against the memory budget
-    out = prepare_out(out if out is not None else study_name("audit", cells.backbones))
+    out = prepare_out(opts.out if opts.out is not None else study_name("audit", cells.backbones))
     res = audit_arrays(
         feats,
         cells.labels,
@@ -433,29 +374,18 @@ def _audit(
         groups=cells.obs["group"].to_numpy(),
         paths=cells.obs["path"].to_numpy(),
         feature_keys={b: cells.feature_key(b) for b in cells.backbones},
-        options=AuditOptions(
-            probes=probes,
-            folds=folds,
-            seeds=seeds,
-            folds_by=folds_by,
-            k=k,
-            ranking=ranking,
-            joint=joint,
-            pool=cells.pool,
-            cache=cache_path,
-            cache_lock=lock,
-            cache_legacy=legacy,
-            device=device,
-            make_probe=make_probe,
-            threads=threads,
-            quiet=quiet,
+        pool=cells.pool,
+        device=opts.device,
+        quiet=opts.quiet,
+        options=aopts.replace(
+            cache=cache_path if cache_path is not None else False, cache_lock=lock, cache_legacy=legacy
         ),
     )
     res.params.update(store=str(cells.store_url), dataset=cells.dataset, excluded=cells.exclusion_lines())
     res.out = out
-    res.files.update(write_outputs(res, top=top, html=html))
-    if show_summary(quiet, show):
-        print_summary(res, top=min(top, 15))
+    res.files.update(write_outputs(res, top=aopts.top, html=aopts.html))
+    if opts.printing():
+        print_summary(res, top=min(aopts.top, 15))
     return res
 
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import cast
 
 import numpy as np
 import torch
 
+from embedcache.backbones.adapters import apply_adapter
+from embedcache.backbones.devices import resolve_device
+from embedcache.backbones.forward import compute_batch
 from embedcache.backbones.loading import LoadedBackbone, load_backbone
 from embedcache.backbones.preprocess import Preprocessing
 from embedcache.extraction.importing import check_embeddable
-from embedcache.extraction.pipeline import compute_batch, resolve_device
 from embedcache.inputs.images import read_image
 from embedcache.inputs.perturb import apply as perturb_apply
-from embedcache.store.store import FeatureSet, StoreError
+from embedcache.store import FeatureSet, StoreError
 
 
 def backbone_for(fs: FeatureSet) -> LoadedBackbone:
@@ -36,9 +37,7 @@ def backbone_for(fs: FeatureSet) -> LoadedBackbone:
         )
     adapter = w.get("adapter")
     if adapter:  # a feature set made with a fine-tuned model: apply the same adapter again
-        from probes.tuning.adapter import load_adapter  # the format belongs with the fine-tunes that write it
-
-        tuned = cast(LoadedBackbone, load_adapter(adapter["path"], backbone=bb).backbone)
+        tuned = apply_adapter(adapter["path"], bb)
         if tuned.weights.get("adapter", {}).get("sha256") != adapter.get("sha256"):
             raise StoreError(f"the adapter at {adapter['path']} is not the one '{fs.key}' was made with")
         return tuned

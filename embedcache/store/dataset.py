@@ -1,0 +1,316 @@
+"""One dataset of a store: its cell table (``obs``), label corrections and feature sets.
+
+Layout::
+
+    <dataset>/                         attrs: kind=dataset, source, digest, n
+      obs/  id path label split domain group      (1-D string arrays, one row per cell)
+      labels/                          corrections, one atomic pointer (:mod:`embedcache.store.labels`)
+      features/<backbone>/<prep>/<perturbation>/  feature sets (:mod:`embedcache.store.feature_set`)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from embedcache.faults import checkpoint
+from embedcache.inputs.sources import OBS_COLUMNS
+from embedcache.store import labels as _labels
+from embedcache.store.checksums import MISSING_CRC
+from embedcache.store.errors import FeatureSetConflict, StoreError
+from embedcache.store.feature_set import FeatureSet, token_dims, token_subchunk
+from embedcache.store.groups import (
+    COMPRESSOR,
+    CREATE_WAIT_S,
+    FEATURE_SET_ATTRS,
+    as_group,
+    attrs_of,
+    complete,
+    digest,
+    quiet_zarr,
+    safe_key,
+    strings,
+)
+
+if TYPE_CHECKING:
+    from embedcache.store.store import Store
+
+__all__ = ["Dataset"]
+
+
+class Dataset:
+    """One set of cells: its table (``obs``) and its feature sets."""
+
+    def __init__(self, store: Store, name: str):
+        self.store = store
+        self.name = name
+        self.group: zarr.Group = as_group(store.root[name])
+        self.attrs = attrs_of(self.group)
+        self.n: int = int(self.attrs["n"])
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """The cell table: id, path, label (current, after corrections), split, domain, group,
+        and ``label_original`` (as extracted; never overwritten)."""
+        g = self.group["obs"]
+        df = pd.DataFrame({c: strings(g[c][:]) for c in OBS_COLUMNS})
+        df["label_original"] = df["label"]
+        current = _labels.read_current(self.group)
+        if current is not None:
+            df["label"] = current
+        return df
+
+    def label_history(self) -> pd.DataFrame:
+        """Every applied label correction, oldest first: id, old, new, time, source, note."""
+        return _labels.read_history(self.group)
+
+    def apply_corrections(self, corrections: pd.DataFrame | str | os.PathLike, source: str | None = None) -> int:
+        """Apply reviewed label corrections (columns ``id`` and ``new_label``, optional ``note``).
+
+        The original labels stay in ``obs/label``; the current labels and an append-only
+        history live under ``labels/`` and change together in one atomic step
+        (:mod:`embedcache.store.labels`): a killed run leaves the old state or the new one, and
+        rerunning the same corrections converges. Unknown ids or empty labels are a clear
+        error and nothing is written. Returns the number of labels that changed.
+        """
+        if not isinstance(corrections, pd.DataFrame):
+            source = source or str(corrections)
+            corrections = pd.read_csv(corrections, dtype=str, keep_default_na=False)
+        missing = [c for c in ("id", "new_label") if c not in corrections.columns]
+        if missing:
+            raise StoreError(f"corrections need columns id and new_label (missing: {', '.join(missing)})")
+        corr = corrections.astype(str)
+        if self.store.mode == "r":
+            return self.store.reopen("a").dataset(self.name).apply_corrections(corr, source=source)
+        with self.store.lock(f"labels-{self.name}", wait=60):
+            obs = self.obs
+            index = pd.Series(np.arange(len(obs)), index=obs["id"])
+            unknown = sorted(set(corr["id"]) - set(index.index))
+            if unknown:
+                raise StoreError(
+                    f"{len(unknown)} correction ids are not cells of '{self.name}': {', '.join(map(repr, unknown[:5]))}"
+                )
+            empty = corr["new_label"].str.strip() == ""
+            if empty.any():
+                raise StoreError(f"correction row {int(np.flatnonzero(empty.to_numpy())[0]) + 1}: new_label is empty")
+            current = obs["label"].to_numpy(dtype=object).copy()
+            rows = index[corr["id"]].to_numpy()
+            new = corr["new_label"].str.strip().to_numpy(dtype=object)
+            changed = current[rows] != new
+            if not changed.any():
+                _labels.remove_leftovers(self.group)  # a killed earlier commit may have left a version
+                return 0
+            old = current[rows][changed]
+            current[rows[changed]] = new[changed]
+            k = int(changed.sum())
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            note = corr["note"].to_numpy(dtype=object)[changed] if "note" in corr.columns else np.full(k, "")
+            entries = {
+                "id": corr["id"].to_numpy(dtype=object)[changed],
+                "old": old,
+                "new": new[changed],
+                "time": np.full(k, stamp),
+                "source": np.full(k, source or "python"),
+                "note": note,
+            }
+            _labels.commit(self.group, current.astype(str), entries)
+            return k
+
+    def feature_keys(self) -> list[str]:
+        """Keys of all (completely created) feature sets, e.g. ``uni/224-bicubic/clean``."""
+        feats = self.group["features"]
+        with quiet_zarr():
+            return sorted(
+                path
+                for path, node in feats.members(max_depth=None)
+                if isinstance(node, zarr.Group) and complete(node.attrs, FEATURE_SET_ATTRS, "feature_set")
+            )
+
+    def feature_set(self, key: str) -> FeatureSet:
+        if key not in self.feature_keys():
+            raise StoreError(
+                f"no feature set '{key}' in dataset '{self.name}' (has: {', '.join(self.feature_keys()) or 'none'})"
+            )
+        return FeatureSet(self, key)
+
+    def find_feature_set(self, backbone: str) -> FeatureSet:
+        """The feature set for a backbone name (``timm:test_vit``), a key prefix (``timm-test_vit@random/160-bicubic``)
+        or a full key. A name picks its clean set; perturbed sets (``extract --perturb``) are for robustness and
+        are only picked by their full key. Several clean sets (different preprocessing or weights) are an error
+        naming the keys that select each."""
+        keys = self.feature_keys()
+        typed = backbone
+        backbone = safe_key(backbone).strip("/")
+        if backbone in keys:
+            return FeatureSet(self, backbone)
+        if "/" in backbone:  # a key prefix: backbone/preprocessing
+            matches = [k for k in keys if k.startswith(backbone + "/")]
+        else:
+            matches = [k for k in keys if k.split("/")[0] == backbone or k.split("/")[0].split("@")[0] == backbone]
+        clean = [k for k in matches if k.endswith("/clean")]
+        if len(clean) == 1:
+            return FeatureSet(self, clean[0])
+        if not matches:
+            raise StoreError(
+                f"no features for '{typed}' in dataset '{self.name}' (has: {', '.join(keys) or 'none'}); "
+                f"run: embedcache extract --model {typed} ..."
+            )
+        if len(clean) > 1:
+            choices = ", ".join(k[: -len("/clean")] for k in clean)
+            raise StoreError(
+                f"'{typed}' has {len(clean)} clean feature sets in dataset '{self.name}' (different preprocessing or "
+                f"weights: {choices}); select one with --model <one of these> (backbone/preprocessing, e.g. "
+                f"--model {clean[0][: -len('/clean')]})"
+            )
+        if len(matches) == 1:
+            return FeatureSet(self, matches[0])
+        raise StoreError(
+            f"'{typed}' has only perturbed feature sets in dataset '{self.name}' ({', '.join(matches)}); "
+            f"extract its clean set (embedcache extract --model {typed} ... without --perturb) or give a full key"
+        )
+
+    def require_feature_set(
+        self,
+        key: str,
+        *,
+        width: int,
+        pools: Sequence[str],
+        chunk_size: int,
+        dtype: str,
+        provenance: dict[str, Any],
+        fingerprint: dict[str, Any],
+        tokens: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> FeatureSet:
+        """Create the feature set, or check that an existing one was made the same way.
+
+        ``tokens`` maps ``tokens_k<k>`` to the shape of one cell's cached tail tokens, e.g.
+        ``(197, 1024)``; they are stored float16, in sub-chunks of a few cells (random minibatch
+        reads stay cheap) with a checksum per sub-chunk, and one done flag per row-chunk.
+
+        Call it holding the feature set's lock. A group left without attributes by a killed
+        creation is created afresh; its attributes are written last, in one step."""
+        fp_digest = digest(fingerprint)
+        feats = self.group["features"]
+        if key in self.feature_keys():
+            fs = FeatureSet(self, key)
+            if fs.attrs["fingerprint"] != fp_digest:
+                theirs, ours = fs.attrs.get("fingerprint_fields", {}), fingerprint
+                diff = {
+                    k: (theirs.get(k), ours.get(k)) for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)
+                }
+                raise FeatureSetConflict(
+                    f"feature set '{key}' exists but was made differently: "
+                    + "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+                )
+            if all(p in fs.group.array_keys() for p in [*pools, *(tokens or {})]):
+                return fs  # nothing to create: a read-only store can still serve a cache hit
+            g, chunk_size, fresh = fs.group, fs.chunk_size, False  # an existing set keeps its chunking
+        else:
+            with self.store.lock(f"structure-{self.name}", wait=CREATE_WAIT_S):  # parent groups are shared
+                g = feats.create_group(key, overwrite=True)
+            fresh = True
+        n = self.n
+        n_chunks = -(-n // chunk_size)
+        for pool in pools:
+            if pool not in g.array_keys():
+                g.create_array(
+                    pool,
+                    shape=(n, width),
+                    dtype=dtype,
+                    chunks=(chunk_size, width),
+                    compressors=COMPRESSOR,
+                    fill_value=0,
+                    dimension_names=("cell", "feature"),
+                )
+                g.create_array(
+                    f"crc_{pool}",
+                    shape=(n_chunks,),
+                    dtype="int64",
+                    chunks=(1,),
+                    fill_value=MISSING_CRC,
+                    compressors=None,
+                    dimension_names=("chunk",),
+                )
+                g.create_array(
+                    f"done_{pool}",
+                    shape=(n_chunks,),
+                    dtype=bool,
+                    chunks=(1,),
+                    fill_value=False,
+                    compressors=None,
+                    dimension_names=("chunk",),
+                )
+        for name, cell_shape in (tokens or {}).items():
+            if name not in g.array_keys():
+                sub = token_subchunk(chunk_size, cell_shape)
+                g.create_array(
+                    name,
+                    shape=(n, *cell_shape),
+                    dtype="float16",
+                    chunks=(sub, *cell_shape),
+                    compressors=COMPRESSOR,
+                    fill_value=0,
+                    dimension_names=token_dims(len(cell_shape)),
+                )
+                g.create_array(
+                    f"crc_{name}",
+                    shape=(-(-n // sub),),
+                    dtype="int64",
+                    chunks=(chunk_size // sub,),
+                    fill_value=MISSING_CRC,
+                    compressors=None,
+                    dimension_names=("subchunk",),
+                )
+                g.create_array(
+                    f"done_{name}",
+                    shape=(n_chunks,),
+                    dtype=bool,
+                    chunks=(1,),
+                    fill_value=False,
+                    compressors=None,
+                    dimension_names=("chunk",),
+                )
+        if fresh:
+            g.create_array(
+                "ok", shape=(n,), dtype=bool, chunks=(chunk_size,), fill_value=False, dimension_names=("cell",)
+            )
+            g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_size,), dimension_names=("cell",))
+            g.create_array(
+                "crc_rows",
+                shape=(n_chunks,),
+                dtype="int64",
+                chunks=(1,),
+                fill_value=MISSING_CRC,
+                compressors=None,
+                dimension_names=("chunk",),
+            )
+            checkpoint("feature-set:arrays-created")
+            g.update_attributes(
+                {
+                    "kind": "feature_set",
+                    "key": key,
+                    "chunk_size": chunk_size,
+                    "width": width,
+                    "dtype": dtype,
+                    "fingerprint": fp_digest,
+                    "fingerprint_fields": fingerprint,
+                    "provenance": provenance,
+                }
+            )
+        return FeatureSet(self, key)
+
+    def info(self, verify: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": self.n, "source": self.attrs.get("source"), "feature_sets": {}}
+        obs = self.obs
+        if (obs["label"] != "").any():
+            out["classes"] = int(obs.loc[obs["label"] != "", "label"].nunique())
+        out["label_corrections"] = len(self.label_history())
+        for key in self.feature_keys():
+            out["feature_sets"][key] = FeatureSet(self, key).info(verify=verify)
+        return out
