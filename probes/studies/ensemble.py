@@ -110,7 +110,6 @@ def ensemble(
     pool: str | None = UNSET,
     out: str | os.PathLike | None = UNSET,
     device: str = UNSET,
-    quiet: bool = UNSET,
     options: StudyOptions | None = None,
     **more: Any,
 ) -> EnsembleResult:
@@ -126,7 +125,7 @@ def ensemble(
     ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget
     (:mod:`probes.engine.runtime`).
     """
-    opts, _ = study_options(options, more, dataset=dataset, pool=pool, out=out, device=device, quiet=quiet)
+    opts, _ = study_options(options, more, dataset=dataset, pool=pool, out=out, device=device)
     opts.refuse(("train_domain", "test_domain"), "ensemble")
     split = opts.split_or("stratified")
     val = opts.val

@@ -60,7 +60,6 @@ def evaluate(
     out: str | os.PathLike | None = UNSET,
     device: str = UNSET,
     quiet: bool = UNSET,
-    show: bool | None = UNSET,
     options: StudyOptions | None = None,
     tune: TuneOptions | None = None,
     **more: Any,
@@ -96,7 +95,6 @@ def evaluate(
         out=out,
         device=device,
         quiet=quiet,
-        show=show,
     )
     split = opts.split_or("stratified")
     val = opts.val

@@ -41,13 +41,10 @@ def finetune(
     limit: int | None = None,
     seeds: int | str | Sequence[int] = 1,
     save_adapter: str | os.PathLike | None = None,
-    split: str | None = UNSET,
     dataset: str | None = UNSET,
     pool: str | None = UNSET,
     out: str | os.PathLike | None = UNSET,
     device: str = UNSET,
-    quiet: bool = UNSET,
-    show: bool | None = UNSET,
     options: StudyOptions | None = None,
     tune: TuneOptions | None = None,
     **more: Any,
@@ -68,13 +65,10 @@ def finetune(
         more,
         tune=tune,
         tune_class=TuneOptions,
-        split=split,
         dataset=dataset,
         pool=pool,
         out=out,
         device=device,
-        quiet=quiet,
-        show=show,
     )
     split = opts.split_or("stratified")
     val = opts.val

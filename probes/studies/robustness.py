@@ -122,7 +122,6 @@ def robustness(
     out: str | os.PathLike | None = UNSET,
     device: str = UNSET,
     quiet: bool = UNSET,
-    show: bool | None = UNSET,
     options: StudyOptions | None = None,
     **more: Any,
 ) -> RobustnessResult:
@@ -137,9 +136,7 @@ def robustness(
     ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget
     (:mod:`probes.engine.runtime`).
     """
-    opts, _ = study_options(
-        options, more, split=split, dataset=dataset, pool=pool, out=out, device=device, quiet=quiet, show=show
-    )
+    opts, _ = study_options(options, more, split=split, dataset=dataset, pool=pool, out=out, device=device, quiet=quiet)
     opts.refuse(("val", "train_domain", "test_domain"), "robustness")
     split = opts.split_or("auto")
     dataset = opts.dataset

@@ -52,7 +52,6 @@ def scale(
     out: str | os.PathLike | None = UNSET,
     device: str = UNSET,
     quiet: bool = UNSET,
-    show: bool | None = UNSET,
     options: StudyOptions | None = None,
     tune: TuneOptions | None = None,
     **more: Any,
@@ -88,7 +87,6 @@ def scale(
         out=out,
         device=device,
         quiet=quiet,
-        show=show,
     )
     split = opts.split_or("stratified")
     val = opts.val

@@ -122,7 +122,6 @@ def selective(
     seeds: int | str | Sequence[int] = 1,
     val_fraction: float = VAL_FRACTION,
     make_probe: Callable[..., Any] | None = None,
-    dataset: str | None = UNSET,
     out: str | os.PathLike | None = UNSET,
     device: str = UNSET,
     options: StudyOptions | None = None,
@@ -144,7 +143,7 @@ def selective(
     ``out_of_core`` / ``max_memory`` read features in store chunks when they exceed the budget
     (:mod:`probes.engine.runtime`).
     """
-    opts, _ = study_options(options, more, dataset=dataset, out=out, device=device)
+    opts, _ = study_options(options, more, out=out, device=device)
     opts.refuse(("train_domain", "test_domain"), "selective")
     split = opts.split_or("stratified")
     val = opts.val
