@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from embedcache_cli.common import Table, fail, make_console
-from embedcache_cli.options import with_options
 
 from embedcache.extraction.options import ExtractOptions
+from embedcache_cli.common import Table, fail, make_console
+from embedcache_cli.options import with_options
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Cache frozen foundation-model embeddings of single cells."

@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import typer
-from embedcache_cli.common import fail
 
 from embedcache.options import Options, option_fields, resolved_types
+from embedcache_cli.common import fail
 
 __all__ = ["with_options", "typer_parameter"]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+
 from embedcache_cli.common import Dataset, Model, OneModel, Probes, Seeds, Store, make_console, run
 from embedcache_cli.options import with_options
-
 from probes.engine.options import DOMAIN_OPTIONS, StudyOptions
 from probes.search.options import SearchOptions
 from probes.studies.audit.options import AuditOptions

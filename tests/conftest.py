@@ -18,7 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO as _REPO
+
+REPO = _REPO
 DATA = Path(__file__).resolve().parent / "data"
 SHARED_DATA = Path(os.environ.get("EMBEDCACHE_SHARED_DATA", REPO.parent / "shared" / "data"))
 

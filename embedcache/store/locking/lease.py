@@ -248,6 +248,7 @@ class Lease:
         doc, _ = self._read()
         if doc is not None and doc.expires > time.time() and doc.token != self.token:
             return doc
+        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)  # file systems with real folders need it
         self.fs.pipe_file(self.path, self._doc().encode())
         time.sleep(SETTLE_SECONDS)
         doc, _ = self._read()
