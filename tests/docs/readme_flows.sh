@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# README's flows top to bottom on bundled real cells (tests/test_readme_flows.py runs it and checks that
-# every embedcache/probes command line of README's bash blocks has a counterpart here).
+# README's and docs/*.md's flows top to bottom on bundled real cells (tests/docs/test_readme_flows.py runs it and
+# checks that every embedcache/probes command line of the bash blocks of README.md and docs/*.md has a counterpart
+# here: the same command with every flag it uses, where a flag that cannot run here is recorded in a
+# '# skipped: <command> <flags> (why)' line).
 # Substitutions: uni / dinobloom-b / dinov2-l -> timm:test_vit / timm:test_resnet with --weights random at
 # 32 px; cells/ -> a bundled BCCD ImageFolder; manifest.csv -> 104 bundled Chula cells.
 # skipped: embedcache extract --model uni --weights ~/ckpt/uni.safetensors --out s3://  (no object store offline)
-# skipped: embedcache extract --model timm:vit_small_patch14_dinov2 --data bloodmnist.npz  (hub weights; .npz is in test_sources.py)
-# skipped: probes finetune --hierarchy --loss hierarchical-focal  (hierarchy files: tests/test_losses.py)
-# skipped: embedcache extract --data s3:// --out s3:// --scheduler  (an object store and a running Dask scheduler: tests/test_s3.py, tests/test_distributed.py)
+# skipped: embedcache extract --model timm:vit_small_patch14_dinov2 --data bloodmnist.npz  (hub weights; .npz is in tests/embedcache/inputs/test_sources.py)
+# skipped: probes finetune --hierarchy --loss hierarchical-focal  (hierarchy files: tests/probes/tuning/test_losses.py)
+# skipped: embedcache extract --data s3:// --out s3:// --scheduler  (an object store and a running Dask scheduler: tests/embedcache/store/test_s3.py, tests/embedcache/extraction/test_distributed.py)
 set -euo pipefail
 DATA=${1:?usage: readme_flows.sh TESTS_DATA_DIR WORKDIR}
 cd "${2:?}"
