@@ -124,16 +124,23 @@ def apply_adapter(directory: str | os.PathLike, backbone: LoadedBackbone | None 
 
 
 def lora_target_names(tail: TailModule) -> list[str]:
-    """Names (inside ``tail``) of the attention linears LoRA adapts: qkv (or q/k/v) and the output proj."""
-    names = [
-        n
-        for n, m in tail.named_modules()
-        if isinstance(m, nn.Linear) and re.fullmatch(r"blocks\.\d+\.attn\.(" + "|".join(LORA_TARGETS) + ")", n)
-    ]
+    """Names (inside ``tail``) of the layers LoRA adapts: a transformer's attention linears (qkv or q/k/v, and
+    the output proj); a CNN's 1x1 convolutions (EfficientNet: each block's expansion and projection, and the
+    head convolution), which carry most of its weights (the depthwise 3x3 / 5x5 ones are per channel)."""
+    if tail.family == "efficientnet":
+        names = [
+            n for n, m in tail.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+        ]
+    else:
+        names = [
+            n
+            for n, m in tail.named_modules()
+            if isinstance(m, nn.Linear) and re.fullmatch(r"blocks\.\d+\.attn\.(" + "|".join(LORA_TARGETS) + ")", n)
+        ]
     if not names:
         raise ValueError(
             f"no attention linears ({', '.join(LORA_TARGETS)}) in the tail of this {tail.family} model: "
-            "LoRA needs transformer blocks (use ft-last for CNN stages)"
+            "LoRA needs transformer blocks or an EfficientNet's 1x1 convolutions (use ft-last for ResNet stages)"
         )
     return names
 

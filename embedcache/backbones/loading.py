@@ -131,7 +131,14 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, revision:
         prov = _provenance("random", sha256=state_dict_sha256(model.state_dict()), seed=RANDOM_SEED)
         # random features never share a key with pretrained ones
         return LoadedBackbone(model, spec, prov, f"{spec.name}@random", num_prefix_tokens(model))
-    if weights is None:
+    if weights is None and spec.packaged is not None:
+        if revision:
+            raise ValueError(f"{spec.name!r} takes its weights from an installed package: there is no revision")
+        found, extra = spec.packaged(spec)
+        path = Path(found)
+        prov = _provenance("package", filename=path.name, path=str(path), sha256=sha256_file(path), **extra)
+        key_name = spec.name
+    elif weights is None:
         path, prov = _hub_file(spec, revision)
         key_name = spec.name
     else:
@@ -141,7 +148,11 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, revision:
         prov = _provenance("file", filename=path.name, path=str(path.resolve()), sha256=sha256_file(path))
         key_name = f"{spec.name}@{prov['sha256'][:8]}"
     model = build_model(spec)
-    state = normalise_state_dict(read_state_dict(path), model)
+    state = read_state_dict(path)
+    own = model.state_dict()
+    if spec.convert is not None and not any(k in own for k in state):  # a checkpoint in another naming
+        state = spec.convert(state, model, f"{spec.name} weights {prov.get('package') or path.name}")
+    state = normalise_state_dict(state, model)
     load_state_dict_strict(model, state, f"{spec.name} ({spec.arch})")
     return LoadedBackbone(model.eval(), spec, prov, key_name, num_prefix_tokens(model))
 

