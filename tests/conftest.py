@@ -129,3 +129,29 @@ def chula_features(tmp_path_factory, chula_cells):
     fs = ds.find_feature_set("timm:test_vit")
     assert fs.ok().all()
     return fs.to_numpy("cls"), ds.obs["label"].to_numpy(dtype=str)
+
+
+@pytest.fixture(scope="session")
+def real_store(tmp_path_factory, chula_cells) -> Path:
+    """A store of the 832 bundled Chula cells extracted with real ImageNet weights (EfficientNet-Lite0, from
+    its package: no network), with the cells' smear as group and the tokens entering the last stage cached
+    (``--tail-blocks 1``). For tests whose meaning depends on feature quality; ~15 s once per session."""
+    import embedcache
+
+    root = tmp_path_factory.mktemp("real")
+    manifest = root / "chula.csv"
+    chula_cells.assign(group=chula_cells["smear"], label=chula_cells["label_name"]).to_csv(manifest, index=False)
+    out = root / "cache.zarr"
+    embedcache.extract("efficientnet-lite0", manifest, out, progress=False, chunk_size=512, tail_blocks=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_features(real_store) -> tuple:
+    """``(X float32 (832, 1280), y str (832,))``: EfficientNet-Lite0 ImageNet features of the bundled Chula cells."""
+    import embedcache
+
+    ds = embedcache.open_store(real_store).dataset()
+    fs = ds.find_feature_set("efficientnet-lite0")
+    assert fs.ok().all()
+    return fs.to_numpy("mean"), ds.obs["label"].to_numpy(dtype=str)

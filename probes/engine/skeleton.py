@@ -73,7 +73,18 @@ FIT_ATTRS = (
     "best_epoch_",
     "n_trainable_",
 )
-EPOCH_COLUMNS = ["backbone", "probe", "limit", "seed", "epoch", "train_loss", "val_macro_f1", "best", "seconds"]
+EPOCH_COLUMNS = [
+    "backbone",
+    "probe",
+    "limit",
+    "seed",
+    "epoch",
+    "train_loss",
+    "val_macro_f1",
+    "val_loss",
+    "best",
+    "seconds",
+]
 
 
 # -- 1. inputs ----------------------------------------------------------------------------------

@@ -40,22 +40,47 @@ def pool_tokens(x: torch.Tensor, pool: str, num_prefix_tokens: int) -> torch.Ten
     raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
 
 
+class Standardize(nn.Module):
+    """``(x - mean) / std`` per feature with fixed moments (buffers, saved with the head): what a linear probe's
+    input needs to learn at any feature scale, like the non-affine BatchNorm of MAE's linear probe but with the
+    training cells' moments set once (:meth:`set_moments`), so training and prediction see the same map."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("inv_std", torch.ones(dim))
+
+    @torch.no_grad()
+    def set_moments(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.inv_std.copy_(1.0 / std.clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.inv_std
+
+
 class _PooledHead(nn.Module):
     input = "pooled"
 
-    def __init__(self, net: nn.Module, dim: int, pool: str, num_prefix_tokens: int):
+    def __init__(self, net: nn.Module, dim: int, pool: str, num_prefix_tokens: int, standardize: bool = False):
         super().__init__()
         self.net, self.dim, self.pool, self.num_prefix_tokens = net, dim, pool, num_prefix_tokens
+        self.standardize = Standardize(dim) if standardize else None
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The vector the head reads (before standardisation)."""
+        return pool_tokens(x, self.pool, self.num_prefix_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(pool_tokens(x, self.pool, self.num_prefix_tokens))
+        v = self.pooled(x)
+        return self.net(self.standardize(v) if self.standardize is not None else v)
 
 
 class LinearHead(_PooledHead):
     """One linear layer on the pooled vector (CLS by default; ``mean`` for models without one)."""
 
-    def __init__(self, dim: int, n_classes: int, num_prefix_tokens: int, pool: str = "cls"):
-        super().__init__(nn.Linear(dim, n_classes), dim, pool, num_prefix_tokens)
+    def __init__(self, dim: int, n_classes: int, num_prefix_tokens: int, pool: str = "cls", standardize: bool = False):
+        super().__init__(nn.Linear(dim, n_classes), dim, pool, num_prefix_tokens, standardize)
 
 
 class MLPHead(_PooledHead):
@@ -69,9 +94,10 @@ class MLPHead(_PooledHead):
         pool: str = "cls",
         hidden: int = 512,
         dropout: float = 0.2,
+        standardize: bool = False,
     ):
         net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
-        super().__init__(net, dim, pool, num_prefix_tokens)
+        super().__init__(net, dim, pool, num_prefix_tokens, standardize)
 
 
 class ClsMeanLinearHead(nn.Module):
@@ -143,6 +169,7 @@ def make_token_head(
         return LinearHead(dim, n_classes, num_prefix_tokens, pool, **kwargs)
     if name == "mlp":
         return MLPHead(dim, n_classes, num_prefix_tokens, pool, **kwargs)
+    kwargs.pop("standardize", None)  # the token heads normalise inside (LayerNorm)
     if pool != ("cls" if num_prefix_tokens > 0 else "mean"):
         raise ValueError(f"head {name!r} reads all tokens; pool={pool!r} does not apply to it")
     if name == "linear-cls-mean":
@@ -158,6 +185,7 @@ __all__ = [
     "DecoderHead",
     "LinearHead",
     "MLPHead",
+    "Standardize",
     "as_tokens",
     "make_token_head",
     "pool_tokens",

@@ -62,7 +62,7 @@ def save_adapter(probe, directory: str | os.PathLike) -> Path:
         "pool": net.pool,
         "head": {
             "name": probe.head,
-            "kwargs": probe.head_kwargs or {},
+            "kwargs": probe.head_params(),
             "dim": int(head.dim),
             "num_prefix_tokens": int(getattr(head, "num_prefix_tokens", 0)),
             "pool": getattr(head, "pool", None),

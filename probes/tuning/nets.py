@@ -70,13 +70,17 @@ class TunedNet(nn.Module):
             self.trunk.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the trunk's ``pool`` vector for pooled heads, its final tokens for token heads
+        (the input itself without a trunk)."""
         if self.trunk is None:
-            return self.head(x.float())
+            return x.float()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_trunk):
             feats = self.trunk.forward_features(x)
-            z = self.trunk.pooled(feats, (self.pool,))[self.pool] if self.head.input == "pooled" else feats
-        return self.head(z)
+            return self.trunk.pooled(feats, (self.pool,))[self.pool] if self.head.input == "pooled" else feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 def tail_of(trunk: nn.Module) -> TailModule:

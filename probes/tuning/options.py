@@ -35,7 +35,12 @@ class TuneOptions(Options):
         None, "focal loss gamma (default 2; the hierarchy file's for hierarchical-focal)", check=Interval(float, 0)
     )
     hierarchy: Any = option(None, "YAML of lineages and penalties for --loss hierarchical-focal")
-    epochs: int = option(50, "fine-tune epochs (best epoch kept by hold-out macro-F1)", check=Interval(int, 1))
+    epochs: int | None = option(
+        None,
+        "fine-tune epochs (default 50, the papers'; lp on small data: enough for 1,000 steps); the epoch with the "
+        "lowest hold-out log-loss is kept",
+        check=Interval(int, 1),
+    )
     batch_size: int = option(256, "fine-tune minibatch size", check=Interval(int, 1))
     lr: float | None = option(
         None,

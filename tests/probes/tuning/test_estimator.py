@@ -146,7 +146,7 @@ def test_nan_loss_stops_naming_the_epoch_and_keeps_the_best_state(cells):
     bb, y, tok = cells["bb"], cells["y"], cells["tokens"][1]
     p = FineTuneProbe(bb, method="ft-last", k=1, epochs=3, batch_size=64, device="cpu")
     with pytest.raises(TrainingDiverged, match="at epoch 2; kept the best state \\(epoch 1\\)") as err:
-        p.fit(Poisoned(tok, after=1 + 2 + 1), y)  # shape probe, epoch 1 (2 batches), its hold-out
+        p.fit(Poisoned(tok, after=1 + 2 + 2 + 1), y)  # shape probe, head moments, epoch 1 (2 batches each), hold-out
     assert err.value.epoch == 2
     ref = FineTuneProbe(bb, method="ft-last", k=1, epochs=1, batch_size=64, device="cpu").fit(ArrayTokens(tok), y)
     np.testing.assert_array_equal(p.predict_proba(ArrayTokens(tok)), ref.predict_proba(ArrayTokens(tok)))
