@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from embedcache.extraction.options import ExtractOptions
-from embedcache_cli.common import Table, fail, make_console
+from embedcache_cli.common import Table, fail, make_console, run
 from embedcache_cli.options import with_options
 
 app = typer.Typer(
@@ -343,49 +343,49 @@ def verify(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo_out"), help="folder for the synthetic cells and the store"),
-    model: str = typer.Option("timm:test_vit", help="backbone to extract with"),
-    weights: Optional[str] = typer.Option(
-        "random", help="'random' (no download needed) or a local weights file; '' for the hub"
+    out: Path = typer.Option(Path("demo_out"), help="folder for the store and the probe study"),
+    data: Optional[Path] = typer.Option(
+        None, help="cells to use (default: the 832 real Chula RBC-12 cells bundled in tests/data)"
     ),
-    n_per_class: int = typer.Option(60, help="synthetic cells per class"),
+    model: str = typer.Option("efficientnet-lite0", help="backbone to extract with (real ImageNet weights)"),
+    compare_random: bool = typer.Option(
+        True, "--compare-random/--no-compare-random", help="also extract the same network at random init"
+    ),
     probe: bool = typer.Option(True, help="then fit logistic and kNN probes on the cache (probes eval)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", " /--quiet", " /-q", help="progress bars"),
 ) -> None:
-    """Run the main job on bundled synthetic cells: generate, extract, show the store, probe it."""
+    """Run the main job on real cells: extract with a pretrained backbone and its random-init copy, probe both."""
     from embedcache_cli.demo import demo as run_demo
 
     def show(step: str, value) -> None:
         if step == "cells":
-            console.print(f"synthetic cells in {value}")
-            if weights == "random":
-                console.print(
-                    "[yellow]note:[/] random-init weights (hubs are unreachable offline): features show "
-                    "the pipeline, not a pretrained model",
-                    soft_wrap=True,
-                )
-        elif step == "extract":
+            console.print(f"real cells: {value}")
+        elif step in ("extract", "extract-random"):
             console.print(
                 f"{'cache hit' if value.cache_hit else 'wrote'} {value.dataset}/{value.key} ({value.n_cells} cells)"
             )
         elif step == "store":
             info(value, as_json=False, verify=False)
 
-    try:
-        run_demo(
-            out,
-            model=model,
-            weights=weights or None,
-            n_per_class=n_per_class,
-            probe=probe,
-            progress=progress,
-            show=True,
-            on_step=show,
-        )
-    except typer.Exit:  # a step's own printer already said what failed
-        raise
-    except Exception as e:  # noqa: BLE001
-        fail(e)
+    result = run(
+        run_demo,
+        out,
+        data=data,
+        model=model,
+        compare_random=compare_random,
+        probe=probe,
+        progress=progress,
+        show=True,
+        on_step=show,
+    )
+    scores = result.macro_f1()
+    if result.random is not None and scores:
+        t = Table(title="why the cache is worth having: macro-F1 on the same test cells")
+        for col in ("probe", f"{result.extract.key} (ImageNet)", f"{result.random.key} (random init)"):
+            t.add_column(col)
+        for p in ("logistic", "knn"):
+            t.add_row(p, f"{scores[(result.extract.key, p)]:.3f}", f"{scores[(result.random.key, p)]:.3f}")
+        console.print(t)
 
 
 @app.command()

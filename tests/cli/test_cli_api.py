@@ -1,5 +1,5 @@
 """The embedcache CLI is a thin skin: same-named Python functions with the same parameter names, and what
-`embedcache import` (a features file) and `embedcache demo` (four steps) do is callable from Python."""
+`embedcache import` (a features file) does is callable from Python."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 import embedcache
 from embedcache_cli import embedcache_app as cli
-from embedcache_cli.demo import DemoResult, demo
 
 
 def _invoke(*args: str):
@@ -81,15 +80,3 @@ def test_cli_import_takes_backbone_and_the_readme_model_spelling(features):
         assert ds.feature_keys() == ["theirs/imported/clean"]
     bad = _invoke("import", "--features", str(root / "missing.npy"), "--backbone", "x", "--out", str(root / "x.zarr"))
     assert bad.exit_code == 1 and "error:" in bad.output and "features file not found" in bad.output
-
-
-def test_demo_from_python(tmp_path):
-    steps: list[str] = []
-    r = demo(tmp_path / "d", n_per_class=4, probe=False, progress=False, on_step=lambda s, v: steps.append(s))
-    assert isinstance(r, DemoResult) and steps == ["cells", "extract", "store"]
-    assert r.extract.n_cells == 16 and not r.extract.cache_hit and r.random_weights and r.evaluation is None
-    assert sorted(p.name for p in r.cells.iterdir()) == ["elongated", "nucleated", "round", "small"]
-    assert r.info["datasets"]["cells"]["n"] == 16
-    fs = embedcache.open_store(r.store).dataset().feature_set(r.extract.key)
-    assert fs.to_numpy("cls").shape == (16, 64) and fs.ok().all()
-    assert demo(tmp_path / "d", n_per_class=4, probe=False, progress=False).extract.cache_hit
