@@ -270,7 +270,15 @@ def info(
         console.print(
             f"[yellow]incomplete:[/] {group}: its creation was interrupted; rerun the same command to redo it"
         )
+    for line in summary.get("lost", []):
+        console.print(f"[red]damaged:[/] {line}", soft_wrap=True)
     for name, ds in summary["datasets"].items():
+        if "damage" in ds:
+            for d in ds["damage"]:
+                console.print(f"[red]damaged:[/] dataset {name}: {d}", soft_wrap=True)
+            continue
+        for line in ds.get("lost", []):
+            console.print(f"[red]damaged:[/] {name}/{line}", soft_wrap=True)
         classes = f", {ds['classes']} classes" if "classes" in ds else ""
         fixes = f", {ds.get('label_corrections', 0)} label corrections (probes relabel history)"
         console.print(
@@ -282,6 +290,9 @@ def info(
         for col in heads:
             t.add_column(col)
         for key, fs in ds["feature_sets"].items():
+            if "weights" not in fs:  # damaged before it could be described
+                t.add_row(key, fs["status"], *["-"] * 7)
+                continue
             w = fs["weights"]
             where = w.get("hub_id") or w.get("path") or ""
             wdesc = f"{w.get('source', '?')} {where} sha256:{str(w.get('sha256', ''))[:12]}"
@@ -323,10 +334,14 @@ def verify(
     else:
         console.print(
             f"checked {report.chunks_checked} chunks in {report.store}: "
-            + ("no damage" if report.ok else f"{len(report.damaged)} damaged")
+            + ("no damage" if report.ok else f"{len(report.damaged) + len(report.metadata)} damaged")
         )
+        for line in report.metadata:
+            console.print(f"[red]damaged:[/] {line}", soft_wrap=True)
         for d in report.damaged:
             console.print(f"[red]damaged:[/] {d}")
+        for line in report.restored:
+            console.print(f"restored from its record: {line}")
         for key in report.unverifiable:
             console.print(
                 f"[yellow]no checksums:[/] {key} (written by an older embedcache; only missing chunks are found)"

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from embedcache.backbones.loading import LoadedBackbone, load_backbone
+from embedcache.backbones.loading import LoadedBackbone, load_backbone, sha256_file
 from embedcache.backbones.tail import TailModule
 
 __all__ = [
@@ -47,15 +47,36 @@ class AdapterError(ValueError):
     """An adapter directory that is incomplete, or made for other backbone weights."""
 
 
-def read_adapter_meta(directory: str | os.PathLike) -> dict:
-    """The provenance JSON of an adapter directory, checked for completeness."""
+REQUIRED_META = ("format", "backbone", "weights", "method", "k", "head", "classes", "sha256")
+
+
+def read_adapter_meta(directory: str | os.PathLike, check_files: bool = True) -> dict:
+    """The provenance JSON of an adapter directory, checked for completeness, and (``check_files``) its tensor
+    files against the sha256 it records: an emptied or modified adapter is an error, never base-model features
+    filed under the tuned key."""
     d = Path(directory)
     missing = [f for f in FILES if not (d / f).is_file()]
     if missing:
         raise AdapterError(f"{str(d)!r} is not a complete adapter directory: missing {', '.join(missing)}")
-    meta = json.loads((d / "adapter.json").read_text())
+    try:
+        meta = json.loads((d / "adapter.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{str(d)!r}: adapter.json cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{str(d)!r}: adapter.json holds a {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{str(d)!r}: unknown adapter format {meta.get('format')!r} (expected {FORMAT})")
+    lacking = [k for k in REQUIRED_META if k not in meta]
+    if lacking:
+        raise AdapterError(f"{str(d)!r}: adapter.json lacks {', '.join(lacking)} (written by another tool, or edited)")
+    if check_files:
+        recorded = meta["sha256"] if isinstance(meta["sha256"], dict) else {}
+        for name in FILES[:2]:
+            if recorded.get(name) != sha256_file(d / name):
+                raise AdapterError(
+                    f"{str(d / name)!r} does not match the sha256 its adapter.json records "
+                    f"({str(recorded.get(name))[:12]}...): the adapter was modified or damaged; save it again"
+                )
     return meta
 
 
@@ -93,6 +114,13 @@ def apply_adapter(directory: str | os.PathLike, backbone: LoadedBackbone | None 
         stray = [k for k in tensors if k not in own]
         if stray:
             raise AdapterError(f"adapter keys not in {meta['backbone']}: {', '.join(stray[:5])}")
+        tuned = TailModule(model, int(meta["k"]))  # every tensor of the tuned tail must be in the adapter
+        wanted = {tail_key_to_backbone(k, tuned) for k in tuned.state_dict()}
+        lacking = sorted(wanted - set(tensors))
+        if lacking:
+            raise AdapterError(
+                f"adapter {str(d)!r} lacks {len(lacking)} tensors of the tuned tail (e.g. {lacking[0]}): incomplete"
+            )
         own.update(tensors)
         model.load_state_dict(own, strict=True)
     elif meta["method"] == "lora":

@@ -91,7 +91,7 @@ class CellSource:
         Labels are metadata that may be corrected later; the cell list decides
         whether stored features still belong to these cells.
         """
-        return _digest(self.table["id"].tolist(), self.table["path"].tolist())
+        return cell_list_digest(self.table["id"].tolist(), self.table["path"].tolist())
 
     def as_stored(self, digest: str) -> CellSource:
         """This source under the ids of the store dataset whose cell-list digest is ``digest``: itself, or, for a
@@ -105,7 +105,7 @@ class CellSource:
 
     def accepted_digests(self) -> list[str]:
         """:meth:`digest`, then the digest of the same cells under the ids an earlier version gave them."""
-        old = [] if self.legacy_ids is None else [_digest(self.legacy_ids, self.table["path"].tolist())]
+        old = [] if self.legacy_ids is None else [cell_list_digest(self.legacy_ids, self.table["path"].tolist())]
         return [self.digest(), *old]
 
 
@@ -132,7 +132,8 @@ class SourceRows(CellSource):
         return j
 
 
-def _digest(ids: list[str], paths: list[str]) -> str:
+def cell_list_digest(ids: list[str], paths: list[str]) -> str:
+    """The digest a dataset records of its cell list (ids and paths, in order)."""
     h = hashlib.sha256()
     for values in (ids, paths):
         h.update("\x1f".join(values).encode())

@@ -20,23 +20,26 @@ import pandas as pd
 import zarr
 
 from embedcache.faults import checkpoint
-from embedcache.inputs.sources import OBS_COLUMNS
+from embedcache.inputs.sources import OBS_COLUMNS, cell_list_digest
 from embedcache.store import labels as _labels
-from embedcache.store.checksums import MISSING_CRC
-from embedcache.store.errors import FeatureSetConflict, StoreError
+from embedcache.store.checksums import MISSING_CRC, crc_problem, crc_values
+from embedcache.store.errors import ChunkDamaged, FeatureSetConflict, StoreError
 from embedcache.store.feature_set import FeatureSet, token_dims, token_subchunk
 from embedcache.store.groups import (
     COMPRESSOR,
     CREATE_WAIT_S,
     FEATURE_SET_ATTRS,
+    as_array,
     as_group,
     attrs_of,
     complete,
     digest,
+    fresh_attrs,
     quiet_zarr,
     safe_key,
     strings,
 )
+from embedcache.store.records import MetadataLost, array_record, check_array, node_exists
 
 if TYPE_CHECKING:
     from embedcache.store.store import Store
@@ -57,18 +60,52 @@ class Dataset:
     @property
     def obs(self) -> pd.DataFrame:
         """The cell table: id, path, label (current, after corrections), split, domain, group,
-        and ``label_original`` (as extracted; never overwritten)."""
+        and ``label_original`` (as extracted; never overwritten).
+
+        Every column is checked against the metadata and CRC-32 its writer recorded, and the ids and paths
+        against the dataset's digest: an altered, swapped or lost cell-table value is an error, never cells
+        attached to other cells' features."""
         g = self.group["obs"]
-        df = pd.DataFrame({c: strings(g[c][:]) for c in OBS_COLUMNS})
+        records, crcs = self.attrs.get("arrays") or {}, self.attrs.get("obs_crc") or {}
+        cols = {}
+        for c in OBS_COLUMNS:
+            where = f"the cell-table column '{self.name}/obs/{c}'"
+            try:
+                arr = as_array(g[c])
+            except Exception as e:  # noqa: BLE001  a lost or unreadable zarr.json
+                raise MetadataLost(f"{where} has lost its metadata ({type(e).__name__}); {self._repair}") from e
+            if c in records:
+                check_array(arr, records[c], where, self._repair)
+            try:
+                values = strings(arr[:])
+            except Exception as e:  # noqa: BLE001  undecodable bytes
+                raise ChunkDamaged(f"{where} cannot be decoded ({type(e).__name__}: {e}); {self._repair}") from e
+            if len(values) != self.n:
+                raise ChunkDamaged(f"{where} has {len(values)} values for the dataset's {self.n} cells")
+            if c in crcs:
+                problem = crc_problem(int(crcs[c]), crc_values(values))
+                if problem:
+                    raise ChunkDamaged(f"{where}: {problem}; the values written at extraction are lost")
+            cols[c] = values
+        if cell_list_digest(cols["id"].tolist(), cols["path"].tolist()) != self.attrs["digest"]:
+            raise ChunkDamaged(
+                f"the cells of dataset '{self.name}' (ids and paths) do not match its recorded digest: rows were "
+                "swapped or edited, which would attach cells to other cells' features"
+            )
+        df = pd.DataFrame(cols)
         df["label_original"] = df["label"]
-        current = _labels.read_current(self.group)
+        current = _labels.read_current(self.group, self.n)
         if current is not None:
             df["label"] = current
         return df
 
+    @property
+    def _repair(self) -> str:
+        return f"run `embedcache verify {self.store.url} --repair`"
+
     def label_history(self) -> pd.DataFrame:
         """Every applied label correction, oldest first: id, old, new, time, source, note."""
-        return _labels.read_history(self.group)
+        return _labels.read_history(self.group, check=True)
 
     def apply_corrections(self, corrections: pd.DataFrame | str | os.PathLike, source: str | None = None) -> int:
         """Apply reviewed label corrections (columns ``id`` and ``new_label``, optional ``note``).
@@ -208,10 +245,11 @@ class Dataset:
                     f"feature set '{key}' exists but was made differently: "
                     + "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
                 )
-            if all(p in fs.group.array_keys() for p in [*pools, *(tokens or {})]):
+            if all(p in fs._written_arrays() for p in [*pools, *(tokens or {})]):
                 return fs  # nothing to create: a read-only store can still serve a cache hit
             g, chunk_size, fresh = fs.group, fs.chunk_size, False  # an existing set keeps its chunking
         else:
+            self._refuse_to_overwrite(key)
             with self.store.lock(f"structure-{self.name}", wait=CREATE_WAIT_S):  # parent groups are shared
                 g = feats.create_group(key, overwrite=True)
             fresh = True
@@ -280,6 +318,9 @@ class Dataset:
             g.create_array(
                 "ok", shape=(n,), dtype=bool, chunks=(chunk_size,), fill_value=False, dimension_names=("cell",)
             )
+            g.create_array(  # per cell: a fingerprint of its input (file size and mtime), checked on resume
+                "inputs", shape=(n,), dtype="int64", chunks=(chunk_size,), fill_value=0, dimension_names=("cell",)
+            )
             g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_size,), dimension_names=("cell",))
             g.create_array(
                 "crc_rows",
@@ -291,26 +332,78 @@ class Dataset:
                 dimension_names=("chunk",),
             )
             checkpoint("feature-set:arrays-created")
-            g.update_attributes(
-                {
-                    "kind": "feature_set",
-                    "key": key,
-                    "chunk_size": chunk_size,
-                    "width": width,
-                    "dtype": dtype,
-                    "fingerprint": fp_digest,
-                    "fingerprint_fields": fingerprint,
-                    "provenance": provenance,
-                }
-            )
+            attrs = {
+                "kind": "feature_set",
+                "key": key,
+                "chunk_size": chunk_size,
+                "width": width,
+                "dtype": dtype,
+                "fingerprint": fp_digest,
+                "fingerprint_fields": fingerprint,
+                "provenance": provenance,
+                "arrays": {name: array_record(a) for name, a in g.arrays()},  # compared on open
+            }
+            g.update_attributes(attrs)
+        else:  # an existing set gained arrays (tokens, a pooling): its record grows with them
+            attrs = {**attrs_of(g), "arrays": {name: array_record(a) for name, a in g.arrays()}}
+            g.update_attributes({"arrays": attrs["arrays"]})
+        self.record_feature_set(key, attrs)
         return FeatureSet(self, key)
+
+    def record_feature_set(self, key: str, attrs: dict[str, Any]) -> None:
+        """Record feature set ``key``'s attributes in this dataset's (and the dataset's in the store root's), so
+        that a lost ``zarr.json`` is damage to repair, never a set to create afresh."""
+        with self.store.lock(f"structure-{self.name}", wait=CREATE_WAIT_S):
+            fresh = fresh_attrs(self.group)
+            records = dict(fresh.get("feature_sets") or {})
+            records[key] = attrs
+            self.group.update_attributes({"feature_sets": records})
+            self.attrs = {**fresh, "feature_sets": records}
+        self.store.record_dataset(self.name, {k: v for k, v in self.attrs.items() if k != "feature_sets"})
+
+    def lost_feature_sets(self) -> list[str]:
+        """Feature sets this dataset records whose ``zarr.json`` is gone or unreadable (damage)."""
+        present = set(self.feature_keys())
+        return sorted(k for k in (self.attrs.get("feature_sets") or {}) if k not in present)
+
+    def _refuse_to_overwrite(self, key: str) -> None:
+        """Never create a feature set over one whose metadata is lost: damage to repair, not a fresh start."""
+        if key in (self.attrs.get("feature_sets") or {}):
+            raise MetadataLost(
+                f"feature set '{self.name}/{key}' in {self.store.url} has lost its metadata (zarr.json gone or "
+                f"unreadable) but is recorded: {self._repair} (it writes the recorded metadata back), then rerun"
+            )
+        feats = as_group(self.group["features"])
+        if not node_exists(feats, key):
+            return
+        try:
+            g = as_group(feats[key])
+        except Exception:  # noqa: BLE001  unreadable: treat as data
+            g = None
+        if g is not None:
+            for name in g.array_keys():
+                if name.startswith("done_") and np.asarray(g[name][:]).any():
+                    raise MetadataLost(
+                        f"feature set '{self.name}/{key}' has no attributes but holds written chunks: refusing to "
+                        f"create it afresh over them; {self._repair}"
+                    )
 
     def info(self, verify: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n, "source": self.attrs.get("source"), "feature_sets": {}}
-        obs = self.obs
+        try:
+            obs = self.obs
+        except StoreError as e:
+            out["damage"] = [str(e)]
+            return out
         if (obs["label"] != "").any():
             out["classes"] = int(obs.loc[obs["label"] != "", "label"].nunique())
         out["label_corrections"] = len(self.label_history())
         for key in self.feature_keys():
-            out["feature_sets"][key] = FeatureSet(self, key).info(verify=verify)
+            try:
+                out["feature_sets"][key] = FeatureSet(self, key).info(verify=verify)
+            except StoreError as e:
+                out["feature_sets"][key] = {"status": "damaged", "damage": [str(e)]}
+        lost = self.lost_feature_sets()
+        if lost:
+            out["lost"] = [f"{key} (feature set): metadata lost; run embedcache verify --repair" for key in lost]
         return out

@@ -33,6 +33,7 @@ from embedcache.store.checksums import crc_problem, crc_rows, crc_values
 from embedcache.store.errors import ChunkDamaged, StoreError
 from embedcache.store.groups import OUTSIDE_SUBSET, as_array, as_group, attrs_of, chunk_exists, strings
 from embedcache.store.locking.base import check_held
+from embedcache.store.records import MetadataLost, check_array
 
 if TYPE_CHECKING:
     from embedcache.store.dataset import Dataset
@@ -69,6 +70,9 @@ class FeatureSet:
         self.chunk_size: int = int(self.attrs["chunk_size"])
         self.n = dataset.n
         self.n_chunks = -(-self.n // self.chunk_size)
+        # what the writer recorded of every array (None: written before records existed)
+        self.recorded: dict[str, Any] | None = self.attrs.get("arrays")
+        self._checked: dict[str, zarr.Array] = {}
 
     @property
     def pools(self) -> list[str]:
@@ -81,7 +85,7 @@ class FeatureSet:
         return [k for k in self._written_arrays() if k.startswith(TOKENS_PREFIX)]
 
     def _written_arrays(self) -> list[str]:
-        keys = set(self.group.array_keys())
+        keys = set(self.recorded) if self.recorded is not None else set(self.group.array_keys())
         return sorted(k for k in keys if f"done_{k}" in keys)
 
     def tokens(self, k: int) -> TailTokens:
@@ -99,14 +103,15 @@ class FeatureSet:
     @property
     def has_checksums(self) -> bool:
         """False for sets written before chunk checksums existed (they cannot be verified)."""
-        return "crc_rows" in self.group.array_keys()
+        keys = self.recorded if self.recorded is not None else self.group.array_keys()
+        return "crc_rows" in keys
 
     def chunk_rows(self, c: int) -> slice:
         return slice(c * self.chunk_size, min((c + 1) * self.chunk_size, self.n))
 
     def done(self, pool: str) -> np.ndarray:
         """Which row-chunks of ``pool`` are written and verified."""
-        return np.asarray(self.group[f"done_{pool}"][:], dtype=bool)
+        return np.asarray(self._array(f"done_{pool}")[:], dtype=bool)
 
     def done_chunks(self) -> list[int]:
         """Row-chunks that at least one pool has finished."""
@@ -130,13 +135,13 @@ class FeatureSet:
         mark it done."""
         rows = self.chunk_rows(c)
         error = np.asarray(error).astype(str)
-        self.group["ok"][rows] = ok
-        self.group["error"][rows] = error
+        self._array("ok")[rows] = ok
+        self._array("error")[rows] = error
         for pool, values in features.items():
-            self.group[pool][rows] = values
+            self._array(pool)[rows] = values
         checkpoint("chunk:data-written")
         for pool, values in features.items():
-            back = np.asarray(self.group[pool][rows])
+            back = np.asarray(self._array(pool)[rows])
             if not np.array_equal(back, values, equal_nan=back.dtype.kind == "f"):
                 raise StoreError(
                     f"verification failed for chunk {c} of '{self.key}/{pool}': the store returned other values"
@@ -146,26 +151,26 @@ class FeatureSet:
             raise StoreError(f"verification failed for chunk {c} of '{self.key}/ok'")
         check_held()  # a writer whose lease was taken over stops before it records checksums or flags
         if self.has_checksums:
-            self.group["crc_rows"][c] = crc_rows(ok, error)
+            self._array("crc_rows")[c] = crc_rows(ok, error)
             for pool, values in features.items():
-                values = np.asarray(values, dtype=self.group[pool].dtype)
+                values = np.asarray(values, dtype=self._array(pool).dtype)
                 if pool.startswith(TOKENS_PREFIX):
-                    sub = self.group[pool].chunks[0]
+                    sub = self._array(pool).chunks[0]
                     first = rows.start // sub
                     crcs = [crc_values(values[j : j + sub]) for j in range(0, len(values), sub)]
-                    self.group[f"crc_{pool}"][first : first + len(crcs)] = np.asarray(crcs, dtype=np.int64)
+                    self._array(f"crc_{pool}")[first : first + len(crcs)] = np.asarray(crcs, dtype=np.int64)
                 else:
-                    self.group[f"crc_{pool}"][c] = crc_values(values)
+                    self._array(f"crc_{pool}")[c] = crc_values(values)
         checkpoint("chunk:checksums-written")
         check_held()
         for pool in features:
-            self.group[f"done_{pool}"][c] = True
+            self._array(f"done_{pool}")[c] = True
         checkpoint("chunk:done")
 
     def clear_done(self, chunks: Sequence[int]) -> None:
         """Mark ``chunks`` unwritten in every pool (the next extract / import redoes them)."""
         for pool in self._written_arrays():
-            flags = self.group[f"done_{pool}"]
+            flags = self._array(f"done_{pool}")
             for c in chunks:
                 flags[int(c)] = False
 
@@ -175,12 +180,42 @@ class FeatureSet:
         return self._array(pool)
 
     def _array(self, name: str) -> zarr.Array:
-        """Member array ``name`` (zarr types a group's members as ``Array | Group``)."""
-        return as_array(self.group[name])
+        """Member array ``name``, its metadata compared with the record its writer made (once per object).
+
+        A recorded array whose ``zarr.json`` is gone or unreadable is :class:`MetadataLost`; one whose dtype,
+        shape, chunks or codecs differ from the record is :class:`MetadataAltered` (never values served
+        through edited metadata)."""
+        hit = self._checked.get(name)
+        if hit is not None:
+            return hit
+        record = (self.recorded or {}).get(name)
+        where = f"'{self.dataset.name}/{self.key}/{name}'"
+        try:
+            node = self.group[name]
+        except Exception as e:  # noqa: BLE001  missing (KeyError) or unreadable (truncated JSON...)
+            if record is not None:
+                raise MetadataLost(f"array {where} has lost its metadata ({type(e).__name__}); {self._repair}") from e
+            raise StoreError(
+                f"'{self.key}' has no array '{name}' (has: {', '.join(sorted(self.group.array_keys()))})"
+            ) from e
+        arr = as_array(node)
+        if record is not None:
+            check_array(arr, record, f"array {where}", self._repair)
+        self._checked[name] = arr
+        return arr
+
+    def check_metadata(self) -> None:
+        """Every recorded array against its record (:class:`MetadataLost` / :class:`MetadataAltered` on damage)."""
+        for name in self.recorded or ():
+            self._array(name)
+
+    @property
+    def _repair(self) -> str:
+        return f"run `embedcache verify {self.dataset.store.url} --repair` (it writes the recorded metadata back)"
 
     def _read(self, name: str, selection: Any = slice(None)) -> np.ndarray:
         """``group[name][selection]`` as numpy (zarr types reads as a union of scalars and arrays)."""
-        return np.asarray(self.group[name][selection])
+        return np.asarray(self._array(name)[selection])
 
     def chunk_problem(self, c: int, name: str) -> str:
         """Why done row-chunk ``c`` of pool ``name`` (or ``"rows"``: ok/error) is damaged, or ''.
@@ -193,7 +228,7 @@ class FeatureSet:
         if not self.has_checksums:
             if name == "rows":
                 return ""
-            ok = np.asarray(self.group["ok"][rows], dtype=bool)
+            ok = np.asarray(self._array("ok")[rows], dtype=bool)
             return "chunk object missing" if ok.any() and not chunk_exists(self._array(name), c) else ""
         if name.startswith(TOKENS_PREFIX):
             arr = self._array(name)
@@ -206,7 +241,7 @@ class FeatureSet:
             return ""
         if name == "rows":
             stored = int(self._read("crc_rows", c))
-            actual = crc_rows(np.asarray(self.group["ok"][rows], dtype=bool), strings(self.group["error"][rows]))
+            actual = crc_rows(np.asarray(self._array("ok")[rows], dtype=bool), strings(self._array("error")[rows]))
         else:
             stored = int(self._read(f"crc_{name}", c))
             actual = crc_values(self._read(name, rows))
@@ -245,8 +280,8 @@ class FeatureSet:
     def _rows(self) -> tuple[np.ndarray, np.ndarray]:
         """``ok`` and ``error`` of every cell, each done chunk checked against its checksum."""
         try:
-            ok = np.asarray(self.group["ok"][:], dtype=bool)
-            error = strings(self.group["error"][:])
+            ok = np.asarray(self._array("ok")[:], dtype=bool)
+            error = strings(self._array("error")[:])
         except Exception as e:  # noqa: BLE001
             bad = next((c for c in range(self.n_chunks) if _undecodable(self, c)), None)
             if bad is None:
@@ -255,7 +290,7 @@ class FeatureSet:
                 self._damage_message(bad, "ok/error", f"cannot be decoded ({type(e).__name__}: {e})")
             ) from e
         if self.has_checksums:
-            crcs = np.asarray(self.group["crc_rows"][:])
+            crcs = np.asarray(self._array("crc_rows")[:])
             for c in self.done_chunks():
                 r = self.chunk_rows(c)
                 reason = crc_problem(int(crcs[c]), crc_rows(ok[r], error[r]))
@@ -336,16 +371,16 @@ class FeatureSet:
         width = int(self.attrs["width"])
         for pool in self.pools:
             done = self.done(pool)
-            crcs = np.asarray(self.group[f"crc_{pool}"][:]) if self.has_checksums else None
+            crcs = np.asarray(self._array(f"crc_{pool}")[:]) if self.has_checksums else None
             for c in np.flatnonzero(done):
                 if chunk_exists(self._array(pool), int(c)):
                     continue
                 r = self.chunk_rows(int(c))
                 if crcs is not None:
-                    empty = crc_values(np.zeros((r.stop - r.start, width), dtype=self.group[pool].dtype))
+                    empty = crc_values(np.zeros((r.stop - r.start, width), dtype=self._array(pool).dtype))
                     if int(crcs[c]) != empty:
                         out.append(f"{pool} chunk {c}")
-                elif np.asarray(self.group["ok"][r], dtype=bool).any():
+                elif np.asarray(self._array("ok")[r], dtype=bool).any():
                     out.append(f"{pool} chunk {c}")
         return out
 
@@ -364,9 +399,9 @@ class FeatureSet:
             "checksums": "per chunk" if self.has_checksums else "none (written by an older embedcache)",
             "tail_tokens": {
                 t: {
-                    "shape": list(self.group[t].shape),
+                    "shape": list(self._array(t).shape),
                     "chunks": f"{int(self.done(t).sum())}/{self.n_chunks} chunks",
-                    "bytes_per_cell": 2 * int(np.prod(self.group[t].shape[1:])),
+                    "bytes_per_cell": 2 * int(np.prod(self._array(t).shape[1:])),
                 }
                 for t in self.token_sets
             },
@@ -415,7 +450,7 @@ class TailTokens:
     @property
     def digest(self) -> str:
         """Names these tokens: the feature set's fingerprint, k, and the sub-chunk checksums."""
-        crcs = np.asarray(self.fs.group[f"crc_{self.name}"][:])
+        crcs = np.asarray(self.fs._array(f"crc_{self.name}")[:])
         return hashlib.sha256(f"{self.fs.attrs['fingerprint']}|{self.name}|".encode() + crcs.tobytes()).hexdigest()
 
     def read(self, rows: np.ndarray) -> np.ndarray:
@@ -468,15 +503,15 @@ def _delayed_chunk(fs: FeatureSet, pool: str, c: int):
 
     @dask.delayed(pure=True)
     def load() -> np.ndarray:
-        return fs.to_numpy(pool, rows=fs.chunk_rows(c), dtype=fs.group[pool].dtype)
+        return fs.to_numpy(pool, rows=fs.chunk_rows(c), dtype=fs._array(pool).dtype)
 
     return load()
 
 
 def _undecodable(fs: FeatureSet, c: int) -> bool:
     try:
-        fs.group["ok"][fs.chunk_rows(c)]
-        fs.group["error"][fs.chunk_rows(c)]
+        fs._array("ok")[fs.chunk_rows(c)]
+        fs._array("error")[fs.chunk_rows(c)]
         return False
     except Exception:  # noqa: BLE001
         return True

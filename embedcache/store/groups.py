@@ -80,3 +80,8 @@ def quiet_zarr() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Object at .* is not recognized")
         yield
+
+
+def fresh_attrs(group: zarr.Group) -> dict[str, Any]:
+    """``group``'s attributes as stored now (another writer may have changed them since it was opened)."""
+    return attrs_of(zarr.open_group(store=group.store, path=group.path, mode="r"))

@@ -26,6 +26,8 @@ import pandas as pd
 import zarr
 
 from embedcache.faults import checkpoint
+from embedcache.store.checksums import crc_problem, crc_values
+from embedcache.store.errors import ChunkDamaged
 
 HISTORY_COLUMNS = ("id", "old", "new", "time", "source", "note")
 
@@ -61,23 +63,57 @@ def _state_group(labels: zarr.Group) -> zarr.Group | None:
     return None
 
 
-def read_current(dataset_group: zarr.Group) -> np.ndarray | None:
-    """Current labels of every cell, or None when no correction was ever committed."""
+def read_current(dataset_group: zarr.Group, n: int | None = None) -> np.ndarray | None:
+    """Current labels of every cell (``n`` of them, when given), or None when no correction was ever committed;
+    checked against the CRC-32 the commit recorded."""
     labels = _labels_group(dataset_group)
     state = None if labels is None else _state_group(labels)
     if state is None:
         return None
-    return _strings(state["current"][:])
+    assert labels is not None
+    current = _read(state, "current", labels)
+    if n is not None and len(current) != n:
+        raise ChunkDamaged(
+            f"the current labels ({labels.path}) hold {len(current)} values for {n} cells: the label store is damaged; "
+            "the original labels are intact in obs/label"
+        )
+    _check_crc(labels, "current", current)
+    return current
 
 
-def read_history(dataset_group: zarr.Group) -> pd.DataFrame:
-    """Every committed correction, oldest first."""
+def _read(state: zarr.Group, name: str, labels: zarr.Group) -> np.ndarray:
+    try:
+        return _strings(state[name][:])
+    except Exception as e:  # noqa: BLE001  a lost zarr.json, undecodable bytes
+        raise ChunkDamaged(
+            f"label store '{labels.path}/{name}' cannot be read ({type(e).__name__}: {e}); the original labels are "
+            "intact in obs/label"
+        ) from e
+
+
+def _check_crc(labels: zarr.Group, name: str, values: np.ndarray) -> None:
+    recorded: Any = (labels.attrs.get("crc") or {}).get(name)
+    if recorded is None:
+        return  # committed before label checksums existed
+    problem = crc_problem(int(recorded), crc_values(values))
+    if problem:
+        raise ChunkDamaged(
+            f"label store '{labels.path}' {name}: {problem}; the original labels are intact in obs/label"
+        )
+
+
+def read_history(dataset_group: zarr.Group, check: bool = True) -> pd.DataFrame:
+    """Every committed correction, oldest first (each column checked against the CRC-32 the commit recorded)."""
     labels = _labels_group(dataset_group)
     state = None if labels is None else _state_group(labels)
     if state is None or "history" not in state:
         return pd.DataFrame(columns=list(HISTORY_COLUMNS))
+    assert labels is not None
     h = _group(state, "history")
-    cols = {c: _strings(h[c][:]) if c in h else np.array([], dtype=str) for c in HISTORY_COLUMNS}
+    cols = {c: _read(h, c, labels) if c in h else np.array([], dtype=str) for c in HISTORY_COLUMNS}
+    if check:
+        for c, values in cols.items():
+            _check_crc(labels, f"history/{c}", values)
     lengths = {len(v) for v in cols.values()}
     if len(lengths) > 1:  # only the old layout can get here: its history was appended column by column
         n = min(lengths)
@@ -93,7 +129,7 @@ def read_history(dataset_group: zarr.Group) -> pd.DataFrame:
 def commit(dataset_group: zarr.Group, current: np.ndarray, entries: Mapping[str, np.ndarray]) -> None:
     """Write ``current`` labels and the history extended by ``entries`` as one transaction."""
     n = len(current)
-    history = read_history(dataset_group)
+    history = read_history(dataset_group, check=False)  # a damaged history is caught on read, not re-committed
     new_history = {c: np.concatenate([history[c].to_numpy(dtype=str), _strings(entries[c])]) for c in HISTORY_COLUMNS}
     labels = dataset_group.require_group("labels")
     old_version = _version(labels)
@@ -118,7 +154,8 @@ def commit(dataset_group: zarr.Group, current: np.ndarray, entries: Mapping[str,
     ):
         raise RuntimeError("label commit: the store returned other values than were written; nothing was switched")
     checkpoint("relabel:before-switch")
-    labels.update_attributes({"kind": "labels", "version": version})  # the one atomic step
+    crc = {"current": crc_values(_strings(current)), **{f"history/{c}": crc_values(v) for c, v in new_history.items()}}
+    labels.update_attributes({"kind": "labels", "version": version, "crc": crc})  # the one atomic step
     checkpoint("relabel:after-switch")
     remove_leftovers(dataset_group)
 

@@ -33,10 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from embedcache.faults import checkpoint
 from embedcache.inputs.sources import OBS_COLUMNS, CellSource
+from embedcache.store.checksums import crc_values
 from embedcache.store.dataset import Dataset
 from embedcache.store.errors import StoreBusyError, StoreError
 from embedcache.store.groups import (
@@ -49,11 +52,13 @@ from embedcache.store.groups import (
     as_group,
     check_name,
     complete,
+    fresh_attrs,
     quiet_zarr,
 )
 from embedcache.store.locking.base import LockBusy, WriterLock
 from embedcache.store.locking.flock import FlockLock, MemoryLock, remove_stale
 from embedcache.store.locking.lease import LeaseLock
+from embedcache.store.records import MetadataLost, array_record, node_exists
 
 __all__ = ["open_store", "Store", "WriteResult", "side_url", "writer_lock_for"]
 
@@ -130,6 +135,27 @@ class Store:
         with quiet_zarr():
             return sorted(k for k in self.root.group_keys() if complete(self.root[k].attrs, DATASET_ATTRS, "dataset"))
 
+    @property
+    def records(self) -> dict[str, Any]:
+        """What the root records of each dataset (its attributes; :mod:`embedcache.store.records`)."""
+        records: Any = self.root.attrs.get("datasets") or {}
+        return dict(records)
+
+    def lost_datasets(self) -> list[str]:
+        """Datasets the root records whose metadata (``zarr.json``) is gone or unreadable: damage, which
+        ``embedcache verify --repair`` rebuilds from the record (never a dataset to create afresh)."""
+        present = set(self.datasets())
+        return sorted(name for name in self.records if name not in present)
+
+    def record_dataset(self, name: str, attrs: dict[str, Any]) -> None:
+        """Record ``attrs`` of dataset ``name`` in the root's attributes (under the store's attributes lock:
+        writers of other datasets update the same record)."""
+        with self.lock("store-attributes", wait=CREATE_WAIT_S):
+            fresh = fresh_attrs(self.root)  # the newest record, not this object's copy
+            records = dict(fresh.get("datasets") or {})
+            records[name] = attrs
+            self.root.update_attributes({"datasets": records})
+
     def incomplete_groups(self) -> list[str]:
         """Datasets and feature sets whose creation was interrupted (attributes not written);
         the next extract or import into them redoes the creation."""
@@ -173,22 +199,60 @@ class Store:
         with self.lock(f"dataset-{name}", wait=CREATE_WAIT_S):
             if name in self.datasets():
                 return self._matching(Dataset(self, name), source, digest)
-            # absent, or an interrupted creation (no attributes): write it afresh
+            self._refuse_to_overwrite(name)
+            # absent, or an interrupted creation (no attributes, no features): write it afresh
             g = self.root.create_group(name, overwrite=True)
             obs = g.create_group("obs")
             n = len(source)
+            arrays, crcs = {}, {}
             for col in OBS_COLUMNS:
                 a = obs.create_array(
                     col, shape=(n,), dtype=str, chunks=(max(1, min(n, 65536)),), dimension_names=("cell",)
                 )
-                a[:] = source.table[col].to_numpy(dtype=str)
+                values = source.table[col].to_numpy(dtype=str)
+                a[:] = values
+                arrays[col], crcs[col] = array_record(a), crc_values(values)
             g.create_group("features")
             checkpoint("dataset:obs-written")
             # attributes last, in one write: a dataset without them is an unfinished creation
-            g.update_attributes(
-                {"kind": "dataset", "source": {"kind": source.kind, "origin": source.origin}, "digest": digest, "n": n}
-            )
+            attrs = {
+                "kind": "dataset",
+                "source": {"kind": source.kind, "origin": source.origin},
+                "digest": digest,
+                "n": n,
+                "arrays": arrays,  # the cell table's metadata and checksums, compared on read
+                "obs_crc": crcs,
+            }
+            g.update_attributes(attrs)
+            self.record_dataset(name, attrs)
             return Dataset(self, name)
+
+    def _refuse_to_overwrite(self, name: str) -> None:
+        """A dataset whose metadata is lost but whose data is there is damage to repair, never a group to
+        create afresh over it (which would delete its feature sets and label history)."""
+        if name in self.records:
+            raise MetadataLost(
+                f"dataset '{name}' in {self.url} has lost its metadata (its zarr.json is gone or unreadable) but its "
+                f"data is recorded: run `embedcache verify {self.url} --repair` (it writes the recorded metadata "
+                "back), then rerun; nothing was written"
+            )
+        try:
+            g = self.root[name] if node_exists(self.root, name) else None
+        except Exception:  # noqa: BLE001  an unreadable zarr.json: its data is what matters here
+            g = None
+        if g is None and _has_keys(self.root, name):
+            raise MetadataLost(
+                f"'{name}' in {self.url} holds data but no readable zarr.json (a dataset whose metadata is lost, "
+                f"written before metadata records): refusing to create a dataset over it; restore its zarr.json or "
+                "give another --dataset name"
+            )
+        if isinstance(g, zarr.Group) and "features" in g:
+            for _, node in as_group(g["features"]).members(max_depth=None):
+                if isinstance(node, zarr.Array) and node.basename.startswith("done_") and np.asarray(node[:]).any():
+                    raise MetadataLost(
+                        f"dataset '{name}' in {self.url} has no attributes but holds written features: refusing to "
+                        "create it afresh over them; restore its zarr.json (embedcache verify --repair)"
+                    )
 
     def _matching(self, ds: Dataset, source: CellSource, digest: str) -> Dataset:
         if ds.attrs["digest"] != digest and ds.attrs["digest"] not in source.accepted_digests():
@@ -273,6 +337,9 @@ class Store:
         incomplete = self.incomplete_groups()
         if incomplete:
             out["incomplete"] = incomplete
+        lost = self.lost_datasets()
+        if lost:
+            out["lost"] = [f"{name} (dataset): metadata lost; run embedcache verify --repair" for name in lost]
         for name in self.datasets():
             out["datasets"][name] = self.dataset(name).info(verify=verify)
         return out
@@ -310,3 +377,15 @@ def writer_lock_for(path: str) -> WriterLock:
     if path.startswith("memory://"):
         return MemoryLock(path)
     return LeaseLock(side_url(path, "leases"), path)
+
+
+def _has_keys(group: zarr.Group, name: str) -> bool:
+    """Whether anything is stored under ``group/name`` (chunks, arrays), with or without its ``zarr.json``."""
+    prefix = f"{group.path}/{name}/" if group.path else f"{name}/"
+
+    async def first() -> bool:
+        async for _ in group.store.list_prefix(prefix):
+            return True
+        return False
+
+    return bool(sync(first()))

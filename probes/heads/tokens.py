@@ -45,6 +45,9 @@ class Standardize(nn.Module):
     input needs to learn at any feature scale, like the non-affine BatchNorm of MAE's linear probe but with the
     training cells' moments set once (:meth:`set_moments`), so training and prediction see the same map."""
 
+    mean: torch.Tensor
+    inv_std: torch.Tensor
+
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))

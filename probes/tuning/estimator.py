@@ -337,14 +337,15 @@ class FineTuneProbe(ClassifierMixin, BaseEstimator):
     def _set_head_moments(self, net: TunedNet, X, fit_idx: np.ndarray) -> None:
         """Give a pooled head's :class:`~probes.heads.tokens.Standardize` the moments of the vectors it reads on
         the training cells (the trunk as it starts; float64 sums)."""
-        norm = getattr(net.head, "standardize", None)
+        head: Any = net.head  # a pooled head (its own methods are called)
+        norm = getattr(head, "standardize", None)
         if norm is None:
             return
         net.eval()
         total = sq = None
         for i in range(0, len(fit_idx), self.batch_size):
             xb = torch.from_numpy(np.asarray(X.read(np.sort(fit_idx[i : i + self.batch_size])))).to(self.device_)
-            v = net.head.pooled(net.features(xb)).double()
+            v = head.pooled(net.features(xb)).double()
             total = v.sum(0) if total is None else total + v.sum(0)
             sq = (v * v).sum(0) if sq is None else sq + (v * v).sum(0)
         assert total is not None and sq is not None

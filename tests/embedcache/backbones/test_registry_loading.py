@@ -64,6 +64,7 @@ PREFIX = {
     "dinov3-b": 5,
     "dinov3-l": 5,
     **{f"dino{v}-{s}": 1 for v in ("bloom", "v2") for s in "sblg"},
+    **{f"efficientnet-lite{i}": 0 for i in range(3)},
 }
 IMG = 32  # tiny test_vit: 2x2 patches of 16
 

@@ -23,6 +23,8 @@ import zarr
 
 import embedcache
 from embedcache.store import ChunkDamaged, StoreError, open_store, side_url
+from embedcache.store.records import MetadataLost
+from embedcache.store.verify import verify
 from tests.paths import REPO as _REPO
 
 REPO = _REPO
@@ -260,14 +262,23 @@ def test_kill_during_metadata_or_chunk_writes_opens_says_what_is_incomplete_and_
     assert embedcache.verify(str(tmp_path / "cache.zarr")).ok
 
 
-def test_half_written_attributes_of_an_older_version_are_reported_and_repaired(tmp_path):
-    """Older versions wrote attributes key by key: a kill could leave ``kind`` without ``n``."""
+def test_half_written_attributes_are_damage_repaired_from_the_record_never_a_dataset_recreated(tmp_path):
+    """Older versions wrote attributes key by key: a kill could leave ``kind`` without ``n``. A dataset that holds
+    written features is never created afresh over them (that deleted its feature sets and label history):
+    it is damage, which ``verify --repair`` writes back from the store's record; then the rerun is a cache hit."""
     _import_store(tmp_path / "cache.zarr")
     meta = json.loads((tmp_path / "cache.zarr" / "cells" / "zarr.json").read_text())
     meta["attributes"] = {"kind": "dataset"}  # what the old attrs.update left after its first key
     (tmp_path / "cache.zarr" / "cells" / "zarr.json").write_text(json.dumps(meta))
     summary = open_store(tmp_path / "cache.zarr").info()
     assert summary["incomplete"] == ["cells (dataset)"] and summary["datasets"] == {}
+    assert summary["lost"] == ["cells (dataset): metadata lost; run embedcache verify --repair"]
+    with pytest.raises(MetadataLost, match="verify .*--repair"):
+        _import_store(tmp_path / "cache.zarr")
+    report = verify(str(tmp_path / "cache.zarr"))
+    assert not report.ok and any("dataset 'cells'" in line for line in report.metadata)
+    repaired = verify(str(tmp_path / "cache.zarr"), repair=True)
+    assert repaired.restored and verify(str(tmp_path / "cache.zarr")).ok
     feats, labels = _import_store(tmp_path / "cache.zarr")
     fs = open_store(tmp_path / "cache.zarr").dataset("cells").feature_set("toy/imported/clean")
     assert np.array_equal(fs.to_numpy("cls"), feats.astype(np.float16).astype(np.float32))

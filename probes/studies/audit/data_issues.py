@@ -1,0 +1,818 @@
+"""Data-set issues found on cached features: near-duplicates, leaks across a split, outliers.
+
+What cleanlab's Datalab (``near_duplicate``, ``outlier``) and FiftyOne's brain do, but exact and in
+bounded memory: every search is an exhaustive FAISS ``IndexFlatIP`` over L2-normalised rows (cosine
+similarity), queries :data:`QUERY_ROWS` at a time; features read out of core
+(:class:`probes.features.chunked.ChunkedRows`, :class:`~probes.features.chunked.SideBySide`) are indexed
+one database block at a time and give the same answer as in memory.
+
+**Near-duplicates** (:func:`near_duplicates`). Every pair of cells with cosine >= ``threshold``, from
+FAISS range searches (no ANN, no top-k cap: a cell with 500 copies has 500 pairs). Candidates come from a
+slightly lower radius and are re-scored one pair at a time (:func:`probes.search.vectors.pair_dots`,
+whose value depends only on the two rows, not on how the search was cut into blocks), so the in-memory
+and the out-of-core searches return the same pairs with the same similarities. A pair counts when its
+similarity is >= ``threshold - SIM_TOLERANCE`` (float32 round-off of a unit-vector dot product), so
+``threshold=1`` finds identical features. Pairs are joined into duplicate *sets* (connected components:
+union-find on the pair graph, i.e. transitively: a ~ b and b ~ c puts a, b, c in one set).
+
+Default :data:`DEFAULT_THRESHOLD` = 0.96, measured on EfficientNet-Lite0 ImageNet features ("mean" pool)
+of 3,000 random Chula RBC-12 cells (64 px JPEG crops) plus 10 altered copies of 200 of them: the nearest
+*distinct* cell scores median 0.894, 99.9th percentile 0.967, max 0.973 (and the five pairs above 0.958
+are not distinct at all: shifted re-crops of the same cells filed under two smear ids, e.g.
+``272_047``/``278_052``, pixel difference < 1 grey level after a 1 px shift). Copies score: identical
+pixels 1.000; a 1 px shift median 0.993 (min 0.968); a 2 px shift median 0.978; a horizontal flip median
+0.981 (min 0.952); a JPEG re-encode at quality 90 only median 0.956 (min 0.886), quality 50 median 0.816.
+These features are *not* invariant to re-encoding at 64 px, so no threshold separates every altered copy
+from every distinct cell. 0.99 (cleanlab-like) would find none of the re-crops found in Chula and only
+73 % of 1 px shifts; 0.96 still lies above every distinct pair seen at 3,000 cells, and finds
+1 px shifts (99 %), 2 px shifts and flips (~90 %), the real re-crops, and the closest re-encodes.
+Copies whose pixels are identical are caught regardless by the pixel hash (:func:`pixel_hash`,
+:func:`pixel_duplicates`), merged with the feature evidence by :func:`merge_duplicates`.
+
+**Leaks** (:func:`split_leaks`). A duplicate set with cells in more than one part of a split, and a group
+(smear, patient) with cells in more than one part; cells without a part ("") or group ("") take no part.
+
+**Outliers** (:func:`outlier_scores`). Per cell, the mean cosine distance (1 - cosine) to its ``k``
+nearest other cells (cleanlab's choice: the mean of k is steadier than the k-th alone, which is reported
+too), exact. The cell's own duplicate set is left out of its neighbours: a copied outlier would otherwise
+have a neighbour at distance ~0 and look typical; being copied is the duplicate issue's finding, not
+evidence that the cell is typical. The score is made relative to the cell's class: ``score = d /
+median(d over the class)``, since classes differ in how spread they are (a "normal" red cell sits among
+thousands, a rare class among few) and a ratio is scale-free ("3.1x its class median"); classes with
+fewer than :data:`MIN_CLASS_CELLS` cells, and every cell when no labels are given (the unconditional
+variant, also reported as ``global_score``), are measured against all cells. A cell is flagged when the
+robust z of its log distance within the reference, ``log(score) / (1.4826 * MAD(log d))``, exceeds
+:data:`OUTLIER_Z` = 3: kNN distances are positive and right-skewed, roughly symmetric in log, so a
+median/MAD z is calibrated without being pulled by the outliers themselves; and unlike "above the 99th
+percentile" it does not flag a fixed share of every class when the class is clean.
+
+Rows with NaN/inf features (or all zeros: no direction) are left out of every search and counted
+(``excluded_nonfinite``) instead of failing. Every result has per cell a ``score``, a boolean ``flag`` and
+a short ``why`` naming cells by their ``ids``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import chain, islice
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from probes.errors import ProbeError
+
+DEFAULT_THRESHOLD = 0.96  # cosine: see the module docstring for the measurements behind it
+DEFAULT_K = 10  # neighbours of the outlier score
+OUTLIER_Z = 3.0  # robust z (log distance, within the class) above which a cell is flagged an outlier
+MIN_CLASS_CELLS = 10  # classes with fewer cells are measured against all cells
+QUERY_ROWS = 4096  # queries per FAISS search (bounds the result buffers)
+SIM_TOLERANCE = 1e-6  # float32 round-off of a unit-vector dot product: a pair at threshold - 1e-6 counts
+MAX_PAIRS = 20_000_000  # above this many pairs (~320 MB) the threshold is too low for a duplicate search
+_CANDIDATE_MARGIN = 1e-4  # range-search radius below the threshold: BLAS vs pair-by-pair round-off
+_MAD_TO_SIGMA = 1.4826
+
+
+# -- results ------------------------------------------------------------------------------------------
+@dataclass
+class Duplicates:
+    """Duplicate pairs and sets.
+
+    ``pairs``: one row per pair, ``i < j`` (positions), ``id_i, id_j``, ``similarity`` (cosine, NaN for
+    a pixel pair the feature search did not see), ``evidence`` ("pixel": same decoded pixels; "near":
+    cosine >= threshold). ``cells``: per cell ``id, duplicate_set`` (-1: none), ``set_size`` (1: none),
+    ``max_similarity`` (the highest cosine among its pairs, NaN: none), ``partner`` (id of its closest
+    duplicate, pixel evidence first), ``evidence``, ``score`` (1.0 for a pixel duplicate, else
+    ``max_similarity``, 0.0 for none), ``flag``, ``why``."""
+
+    pairs: pd.DataFrame
+    cells: pd.DataFrame
+    threshold: float | None
+    excluded_nonfinite: int = 0
+    missing_hash: int = 0
+
+    @property
+    def n_sets(self) -> int:
+        return int(self.cells["duplicate_set"].max()) + 1 if len(self.cells) else 0
+
+
+@dataclass
+class Leaks:
+    """Leaks across a split. ``sets``: duplicate sets whose cells lie in more than one part (``duplicate_set,
+    size, parts, counts, cells, cell_parts``); ``groups``: groups in more than one part (``group, size,
+    n_parts`` and one count column per part); ``cells``: per cell ``id, part, group, leak_duplicate,
+    leak_group, score`` (cells of its set or group in another part), ``flag``, ``why``. ``note`` is "no
+    groups" when no cell has a group."""
+
+    sets: pd.DataFrame
+    groups: pd.DataFrame
+    cells: pd.DataFrame
+    note: str = ""
+
+
+@dataclass
+class Outliers:
+    """Outlier scores. ``cells`` (rows in the input's order): ``id, label, knn_distance`` (mean cosine
+    distance to the k nearest distinct cells), ``kth_distance, nearest`` (id of the nearest),
+    ``reference`` (the median knn_distance it is measured against), ``score`` (knn_distance /
+    reference), ``global_score`` (against all cells), ``z`` (robust z of the log distance), ``flag,
+    rank`` (1 = most outlying; 0 for excluded cells), ``why``. ``neighbors`` / ``similarities`` (n, k):
+    the positions (-1: none) and cosines of each cell's neighbours."""
+
+    cells: pd.DataFrame
+    k: int
+    z_threshold: float
+    neighbors: np.ndarray
+    similarities: np.ndarray
+    excluded_nonfinite: int = 0
+    by_class: bool = True
+
+    def ranking(self) -> pd.DataFrame:
+        """The scored cells, most outlying first."""
+        return self.cells[self.cells["rank"] > 0].sort_values("rank")
+
+
+@dataclass
+class DataIssues:
+    """The three audits of one data set (:func:`data_issues`)."""
+
+    duplicates: Duplicates
+    outliers: Outliers | None
+    leaks: Leaks | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> pd.DataFrame:
+        """One row per cell: ``id`` and ``<issue>_score``, ``<issue>_flag``, ``<issue>_why`` for each issue
+        (duplicate, leak, outlier) that was audited."""
+        out = pd.DataFrame({"id": self.duplicates.cells["id"]})
+        parts: list[tuple[str, pd.DataFrame | None]] = [
+            ("duplicate", self.duplicates.cells),
+            ("leak", None if self.leaks is None else self.leaks.cells),
+            ("outlier", None if self.outliers is None else self.outliers.cells),
+        ]
+        for name, cells in parts:
+            if cells is not None:
+                for col in ("score", "flag", "why"):
+                    out[f"{name}_{col}"] = cells[col].to_numpy()
+        return out
+
+
+# -- pixel hash ---------------------------------------------------------------------------------------
+def pixel_hash(image: Any) -> str:
+    """SHA-1 (40 hex digits) of a decoded image: its shape, dtype and C-order pixel bytes.
+
+    Pass the decoded array the backbone sees before any resize (uint8 RGB, (H, W, 3)); a PIL image is
+    converted with ``np.asarray``. Identical hashes mean identical pixels (same size, same values), whatever
+    the file's format or name; one changed pixel gives another hash."""
+    a = np.ascontiguousarray(np.asarray(image))
+    head = f"{'x'.join(map(str, a.shape))}:{a.dtype.str}:".encode()
+    return hashlib.sha1(head + a.tobytes()).hexdigest()
+
+
+# -- checks ---------------------------------------------------------------------------------------------
+def _check_threshold(threshold: float) -> float:
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise ProbeError(f"threshold must be a number in (0, 1], got {threshold!r}") from None
+    if not (0.0 < t <= 1.0):  # NaN fails too
+        raise ProbeError(f"threshold must be in (0, 1] (a cosine similarity), got {threshold!r}")
+    return t
+
+
+def _check_len(name: str, values: Any, n: int) -> np.ndarray:
+    a = np.asarray(values)
+    if a.ndim != 1 or len(a) != n:
+        shape = len(a) if a.ndim == 1 else a.shape
+        raise ProbeError(f"{name} has {shape} entries for {n} cells (one per cell needed)")
+    return a
+
+
+def _ids(ids: Any, n: int) -> np.ndarray:
+    if ids is None:
+        return np.arange(n).astype(str)
+    return _check_len("ids", ids, n).astype(str)
+
+
+def _labels(values: Any, n: int, name: str) -> np.ndarray:
+    """Per-cell strings, missing values (None, NaN) as ""."""
+    a = pd.Series(_check_len(name, values, n), dtype=object)
+    return a.where(a.notna(), "").astype(str).to_numpy()
+
+
+# -- rows in blocks (in memory or out of core) ----------------------------------------------------
+def _unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows scaled to unit length, float32 C-contiguous; usable: finite and not all zero). The norm is
+    summed in float64 row by row, so a row's unit vector does not depend on the block it was read in."""
+    x = np.asarray(x, dtype=np.float32)
+    ok = np.isfinite(x).all(axis=1)
+    norm = np.sqrt(np.square(x, dtype=np.float64).sum(axis=1))
+    ok &= norm > 0
+    out = np.zeros(x.shape, dtype=np.float32)
+    out[ok] = (x[ok] / norm[ok, None]).astype(np.float32)
+    return np.ascontiguousarray(out), ok
+
+
+def _read_raw(X: Any, positions: np.ndarray) -> np.ndarray:
+    """Float32 rows of out-of-core features *without* the finite check of ``ChunkedRows.read`` (which
+    raises on NaN rows; here they are excluded and counted)."""
+    from probes.features.chunked import ChunkedRows, SideBySide
+
+    if isinstance(X, ChunkedRows):
+        return X._read_store(X.rows[positions])
+    if isinstance(X, SideBySide):
+        return np.concatenate([_read_raw(p, positions) for p in X.parts], axis=1)
+    return np.asarray(X[positions], dtype=np.float32)
+
+
+def _store_order(X: Any) -> np.ndarray:
+    from probes.features.chunked import ChunkedRows, SideBySide
+
+    if isinstance(X, ChunkedRows):
+        return np.argsort(X.rows, kind="stable")
+    if isinstance(X, SideBySide):
+        return X._order
+    return np.arange(len(X))
+
+
+class _Rows:
+    """Unit-length usable rows of features, in blocks: ``(positions ascending, unit rows)``. In memory: one
+    block (normalised once); out of core: blocks of the source's ``block_rows`` in store order, read
+    again on every pass."""
+
+    def __init__(self, X: Any, block_rows: int | None = None):
+        from probes.features.chunked import is_chunked
+
+        self.chunked = is_chunked(X)
+        if self.chunked:
+            self.X = X
+            self.n, self.width = len(X), int(X.shape[1])
+            self.block_rows = int(block_rows or X.block_rows)
+            self._valid: np.ndarray | None = None
+        else:
+            a = np.asarray(X, dtype=np.float32)
+            if a.ndim != 2:
+                raise ProbeError(f"features must be 2-D (cells, dims), got shape {a.shape}")
+            self.n, self.width = a.shape
+            xn, ok = _unit_rows(a)
+            self._valid = ok
+            self._pos = np.flatnonzero(ok)
+            self._xn = xn if ok.all() else np.ascontiguousarray(xn[ok])
+            self._index: Any = None
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Per cell: finite, non-zero features (one pass over out-of-core rows, the first time)."""
+        if self._valid is None:
+            for _ in self.blocks():
+                pass
+        assert self._valid is not None
+        return self._valid
+
+    @property
+    def excluded(self) -> int:
+        return int(self.n - self.valid.sum())
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if not self.chunked:
+            yield self._pos, self._xn
+            return
+        order = _store_order(self.X)
+        seen = np.zeros(self.n, dtype=bool) if self._valid is None else None
+        for s in range(0, self.n, self.block_rows):
+            pos = np.sort(order[s : s + self.block_rows])
+            xn, ok = _unit_rows(_read_raw(self.X, pos))
+            if seen is not None:
+                seen[pos[ok]] = True
+            yield pos[ok], np.ascontiguousarray(xn[ok])
+        if seen is not None:
+            self._valid = seen
+
+    def index(self, xn: np.ndarray) -> Any:
+        """A FAISS ``IndexFlatIP`` of a block (the in-memory block's is built once)."""
+        import faiss
+
+        if not self.chunked and self._index is not None:
+            return self._index
+        index = faiss.IndexFlatIP(self.width)
+        index.add(xn)
+        if not self.chunked:
+            self._index = index
+        return index
+
+
+# -- sets from pairs ----------------------------------------------------------------------------------
+def duplicate_sets(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Per cell the id of its duplicate set (connected component of the pairs ``(i, j)`` with at least two
+    cells), -1 for cells in no pair; sets are numbered 0, 1, ... in order of their first cell."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    size = np.bincount(comp)
+    first = np.full(len(size), n, dtype=np.int64)
+    np.minimum.at(first, comp, np.arange(n))
+    multi = size >= 2
+    new_id = np.full(len(size), -1, dtype=np.int64)
+    new_id[np.flatnonzero(multi)[np.argsort(first[multi], kind="stable")]] = np.arange(int(multi.sum()))
+    return new_id[comp]
+
+
+def _duplicate_cells(n: int, pairs: pd.DataFrame, ids: np.ndarray) -> pd.DataFrame:
+    """Per-cell columns of :class:`Duplicates` from its pairs."""
+    i, j = pairs["i"].to_numpy(np.int64), pairs["j"].to_numpy(np.int64)
+    sets = duplicate_sets(n, i, j)
+    size = np.ones(n, dtype=np.int64)
+    inset = sets >= 0
+    size[inset] = np.bincount(sets[inset])[sets[inset]]
+    # each pair from both ends; the best partner: pixel evidence first, then the highest cosine
+    a, b = np.concatenate([i, j]), np.concatenate([j, i])
+    sim = np.tile(pairs["similarity"].to_numpy(np.float64), 2)
+    pixel = np.tile(pairs["evidence"].to_numpy(str) == "pixel", 2)
+    order = np.lexsort((b, -np.nan_to_num(sim, nan=-np.inf), ~pixel, a))
+    firsts = order[np.unique(a[order], return_index=True)[1]]
+    partner = np.full(n, "", dtype=object)
+    evidence = np.full(n, "", dtype=object)
+    best_sim = np.full(n, np.nan)
+    partner[a[firsts]] = ids[b[firsts]]
+    evidence[a[firsts]] = np.where(pixel[firsts], "pixel", "near")
+    best_sim[a[firsts]] = sim[firsts]
+    max_sim = np.full(n, np.nan)
+    has_sim = ~np.isnan(sim)
+    np.fmax.at(max_sim, a[has_sim], sim[has_sim])
+    score = np.where(evidence == "pixel", 1.0, np.nan_to_num(max_sim, nan=0.0))
+    cells = pd.DataFrame(
+        {
+            "id": ids,
+            "duplicate_set": sets,
+            "set_size": size,
+            "max_similarity": max_sim,
+            "partner": partner,
+            "evidence": evidence,
+            "score": score,
+            "flag": inset,
+        }
+    )
+    tail = " (set " + pd.Series(sets).astype(str) + " of " + pd.Series(size).astype(str) + " cells)"
+    sim_text = pd.Series(best_sim).map(lambda s: f"{s:.3f}")
+    why = np.where(
+        evidence == "pixel",
+        "same decoded pixels as cell " + pd.Series(partner).astype(str) + tail,
+        "cosine " + sim_text + " to " + pd.Series(partner).astype(str) + tail,
+    )
+    cells["why"] = np.where(inset, why, "")
+    return cells
+
+
+def _pairs_frame(i: np.ndarray, j: np.ndarray, sim: np.ndarray, evidence: np.ndarray, ids: np.ndarray) -> pd.DataFrame:
+    order = np.lexsort((j, i))
+    i, j = i[order], j[order]
+    return pd.DataFrame(
+        {
+            "i": i,
+            "j": j,
+            "id_i": ids[i],
+            "id_j": ids[j],
+            "similarity": sim[order].astype(np.float64),
+            "evidence": evidence[order].astype(object),
+        }
+    )
+
+
+# -- near duplicates ----------------------------------------------------------------------------------
+def _rescore(q: np.ndarray, xb: np.ndarray, qi: np.ndarray, local: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Exact cosine of the pairs ``(q[qi], xb[local])``, a pair at a time (a value of the two rows only),
+    ``chunk`` pairs per call (bounded copies)."""
+    from probes.search.vectors import pair_dots
+
+    out = np.empty(len(qi), dtype=np.float32)
+    for s in range(0, len(qi), chunk):
+        out[s : s + chunk] = pair_dots(q[qi[s : s + chunk]], xb, local[s : s + chunk, None])[:, 0]
+    return out
+
+
+def near_duplicate_pairs(
+    X: Any,
+    threshold: float = DEFAULT_THRESHOLD,
+    *,
+    query_rows: int = QUERY_ROWS,
+    block_rows: int | None = None,
+    max_pairs: int = MAX_PAIRS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Every pair of cells with cosine >= ``threshold`` (exact FAISS range searches): ``(i, j, similarity,
+    excluded_nonfinite)``, ``i < j`` positions sorted by ``(i, j)``, similarity float32 (re-scored pair by
+    pair). ``X``: (n, d) features of any scale, or out-of-core rows (``blocks()`` of ``block_rows``; each
+    database block is indexed once and searched by itself and every block before it)."""
+    t = _check_threshold(threshold)
+    rows = _Rows(X, block_rows)
+    radius = t - SIM_TOLERANCE - _CANDIDATE_MARGIN
+    found_i: list[np.ndarray] = []
+    found_j: list[np.ndarray] = []
+    found_s: list[np.ndarray] = []
+    total = 0
+    for b, (pb, xb) in enumerate(rows.blocks()):
+        if not len(pb):
+            continue
+        index = rows.index(xb)
+        # the query blocks: every block before this one (read again, one at a time), then this one
+        earlier = islice(rows.blocks(), b) if rows.chunked else iter(())
+        queries = chain(((False, blk) for blk in earlier), [(True, (pb, xb))])
+        for diagonal, (pa, xa) in queries:
+            for s in range(0, len(pa), query_rows):
+                q, qp = xa[s : s + query_rows], pa[s : s + query_rows]
+                lims, _, local = index.range_search(q, radius)
+                qi = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
+                i, j = qp[qi], pb[local]
+                keep = i < j if diagonal else np.ones(len(i), dtype=bool)
+                qi, local, i, j = qi[keep], local[keep], i[keep], j[keep]
+                sim = _rescore(q, xb, qi, local)
+                hit = sim >= t - SIM_TOLERANCE
+                found_i.append(np.minimum(i[hit], j[hit]))
+                found_j.append(np.maximum(i[hit], j[hit]))
+                found_s.append(np.minimum(sim[hit], np.float32(1.0)))
+                total += int(hit.sum())
+                if total > max_pairs:
+                    raise ProbeError(
+                        f"more than {max_pairs:,} pairs of cells have cosine >= {t}: that is not a duplicate "
+                        "search any more; raise the threshold (or max_pairs)"
+                    )
+    if not found_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), rows.excluded
+    i, j, sim = np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
+    order = np.lexsort((j, i))
+    return i[order], j[order], sim[order], rows.excluded
+
+
+def near_duplicates(
+    X: Any,
+    ids: Any = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    *,
+    query_rows: int = QUERY_ROWS,
+    block_rows: int | None = None,
+    max_pairs: int = MAX_PAIRS,
+) -> Duplicates:
+    """Near-duplicate pairs (cosine >= ``threshold``) and sets of ``X`` (:func:`near_duplicate_pairs`);
+    ``ids`` (one per cell, default the positions) name cells in ``why``."""
+    n = len(X)
+    names = _ids(ids, n)
+    i, j, s, excluded = near_duplicate_pairs(
+        X, threshold, query_rows=query_rows, block_rows=block_rows, max_pairs=max_pairs
+    )
+    pairs = _pairs_frame(i, j, s, np.full(len(i), "near", dtype=object), names)
+    return Duplicates(pairs, _duplicate_cells(n, pairs, names), float(threshold), excluded_nonfinite=excluded)
+
+
+def pixel_duplicates(hashes: Any, ids: Any = None) -> Duplicates:
+    """Cells with the same pixel hash (:func:`pixel_hash`; strings or integers), as duplicate sets. Cells
+    with no hash (None, NaN, "") are left out and counted (``missing_hash``). Each set's pairs are its
+    cells paired with its first cell (identity is transitive: the other pairs follow)."""
+    h = pd.Series(np.asarray(hashes, dtype=object))
+    n = len(h)
+    _check_len("hashes", h.to_numpy(), n)
+    names = _ids(ids, n)
+    missing = h.isna().to_numpy() | (h.astype(str).str.strip() == "").to_numpy()
+    codes, _ = pd.factorize(h.where(~missing, None))  # missing: -1
+    codes = np.where(missing, -1, codes)
+    has = np.flatnonzero(codes >= 0)
+    first = np.full(int(codes.max()) + 1 if len(has) else 0, n, dtype=np.int64)
+    np.minimum.at(first, codes[has], has)
+    head = first[codes[has]]
+    member = has[has != head]  # every cell but the first of its hash, paired with the first
+    i, j = head[has != head], member
+    pairs = _pairs_frame(
+        np.minimum(i, j),
+        np.maximum(i, j),
+        np.full(len(i), np.nan),
+        np.full(len(i), "pixel", dtype=object),
+        names,
+    )
+    return Duplicates(pairs, _duplicate_cells(n, pairs, names), None, missing_hash=int(missing.sum()))
+
+
+def merge_duplicates(near: Duplicates, pixel: Duplicates) -> Duplicates:
+    """One set assignment from feature (``near``) and pixel (``pixel``) evidence: the union of their pairs
+    (a pair found by both keeps its cosine and is marked "pixel"; a pair the feature search did not see,
+    e.g. of excluded rows, has similarity NaN), sets the connected components of that union."""
+    n = len(near.cells)
+    if len(pixel.cells) != n:
+        raise ProbeError(f"near-duplicates cover {n} cells, pixel duplicates {len(pixel.cells)}")
+    names = near.cells["id"].to_numpy(str)
+    pix_set = pixel.cells["duplicate_set"].to_numpy(np.int64)
+    both = pd.concat([near.pairs[["i", "j", "similarity"]], pixel.pairs[["i", "j", "similarity"]]])
+    both = both.groupby(["i", "j"], as_index=False, sort=True)["similarity"].max()  # max skips NaN
+    i, j = both["i"].to_numpy(np.int64), both["j"].to_numpy(np.int64)
+    same_pixels = (pix_set[i] >= 0) & (pix_set[i] == pix_set[j])
+    evidence = np.where(same_pixels, "pixel", "near").astype(object)
+    pairs = _pairs_frame(i, j, both["similarity"].to_numpy(np.float64), evidence, names)
+    return Duplicates(
+        pairs,
+        _duplicate_cells(n, pairs, names),
+        near.threshold,
+        excluded_nonfinite=near.excluded_nonfinite,
+        missing_hash=pixel.missing_hash,
+    )
+
+
+def duplicates(
+    X: Any,
+    ids: Any = None,
+    hashes: Any = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    **search: Any,
+) -> Duplicates:
+    """Near-duplicates of ``X``, merged with pixel duplicates of ``hashes`` when given."""
+    near = near_duplicates(X, ids, threshold, **search)
+    return near if hashes is None else merge_duplicates(near, pixel_duplicates(hashes, ids))
+
+
+# -- leaks across a split -------------------------------------------------------------------------------
+def _and_list(names: Sequence[str]) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def split_leaks(
+    duplicate_set: Any,
+    parts: Any,
+    groups: Any = None,
+    ids: Any = None,
+) -> Leaks:
+    """Leaks of a split: duplicate sets (``duplicate_set`` per cell, -1: none; or a :class:`Duplicates`)
+    whose cells lie in more than one part, and groups (``groups`` per cell, "" / None: none) whose cells
+    lie in more than one part. ``parts``: each cell's part ("train", "test", any string; "" or None:
+    in no part, never a leak). Parts are named in order of size (largest first)."""
+    if isinstance(duplicate_set, Duplicates):
+        if ids is None:
+            ids = duplicate_set.cells["id"].to_numpy()
+        duplicate_set = duplicate_set.cells["duplicate_set"].to_numpy()
+    sets = _check_len("duplicate_set", duplicate_set, len(duplicate_set)).astype(np.int64)
+    n = len(sets)
+    part = _labels(parts, n, "parts")
+    group = np.full(n, "", dtype=object) if groups is None else _labels(groups, n, "groups")
+    names = _ids(ids, n)
+    sizes = pd.Series(part[part != ""]).value_counts()
+    rank = {p: r for r, p in enumerate(sorted(sizes.index, key=lambda p: (-sizes[p], p)))}
+    df = pd.DataFrame({"id": names, "part": part, "group": group, "set": sets})
+    df["part_rank"] = df["part"].map(rank).fillna(-1).astype(int)
+    placed = df[df["part"] != ""]
+
+    # (a) duplicate sets in more than one part
+    in_set = placed[placed["set"] >= 0]
+    n_parts = in_set.groupby("set")["part"].nunique()
+    leaky_sets = n_parts.index[n_parts > 1].to_numpy(np.int64)
+    rows = df[df["set"].isin(leaky_sets)].sort_values(["set", "part_rank", "id"])
+    set_table = (
+        rows.groupby("set", sort=True)
+        .agg(size=("id", "size"), cells=("id", list), cell_parts=("part", list))
+        .reset_index()
+        .rename(columns={"set": "duplicate_set"})
+    )
+    span = rows[rows["part"] != ""].groupby(["set", "part_rank", "part"]).size().reset_index(name="count")
+    set_parts = span.groupby("set")["part"].agg(list)
+    set_counts = (span["part"] + " " + span["count"].astype(str)).groupby(span["set"]).agg(", ".join)
+    set_table["parts"] = set_table["duplicate_set"].map(set_parts.map(", ".join))
+    set_table["counts"] = set_table["duplicate_set"].map(set_counts)
+    set_table = set_table[["duplicate_set", "size", "parts", "counts", "cells", "cell_parts"]]
+    set_why = set_parts.map(lambda ps: " spans " + _and_list(ps))
+
+    # (b) groups in more than one part
+    note = ""
+    grouped = placed[placed["group"] != ""]
+    if groups is None or not (group != "").any():
+        note = "no groups"
+        group_table = pd.DataFrame(columns=["group", "size", "n_parts"])
+        group_why = pd.Series(dtype=object)
+    else:
+        counts = pd.crosstab(grouped["group"], grouped["part"])
+        counts = counts[sorted(counts.columns, key=rank.__getitem__)]
+        n_parts_g = (counts > 0).sum(axis=1)
+        leaky = counts[n_parts_g > 1]
+        group_table = leaky.reset_index()
+        group_table.columns.name = None
+        group_table.insert(1, "size", leaky.sum(axis=1).to_numpy())
+        group_table.insert(2, "n_parts", n_parts_g[n_parts_g > 1].to_numpy())
+        group_why = leaky.apply(
+            lambda r: f"group {r.name} in " + _and_list([f"{p} ({c})" for p, c in r.items() if c > 0]), axis=1
+        )
+
+    leak_dup = df["set"].isin(leaky_sets).to_numpy() & (part != "")
+    leak_grp = df["group"].isin(group_why.index).to_numpy() & (part != "") if len(group_why) else np.zeros(n, bool)
+    # score: cells sharing this cell's set or group that lie in another part
+    other = _linked_elsewhere(df)
+    why_set = np.where(leak_dup, "set " + df["set"].astype(str) + df["set"].map(set_why).fillna("").astype(str), "")
+    why_grp = np.where(leak_grp, df["group"].map(group_why).fillna("").astype(str), "")
+    why = pd.Series(why_set).str.cat(pd.Series(why_grp), sep="; ").str.strip("; ").to_numpy()
+    cells = pd.DataFrame(
+        {
+            "id": names,
+            "part": part,
+            "group": group,
+            "leak_duplicate": leak_dup,
+            "leak_group": leak_grp,
+            "score": np.where(leak_dup | leak_grp, other, 0),
+            "flag": leak_dup | leak_grp,
+            "why": why,
+        }
+    )
+    return Leaks(set_table.reset_index(drop=True), group_table.reset_index(drop=True), cells, note)
+
+
+def _linked_elsewhere(df: pd.DataFrame) -> np.ndarray:
+    """Per cell: cells of its duplicate set or its group (union) that lie in another part (placed only)."""
+    placed = df["part"] != ""
+    s_key = np.where((df["set"] >= 0) & placed, df["set"].astype(str), "")
+    g_key = np.where((df["group"] != "") & placed, df["group"].astype(str), "")
+    # |set ∪ group| - |(set ∪ group) ∩ own part|, each by inclusion-exclusion over counts
+    k = pd.DataFrame({"s": s_key, "g": g_key, "p": df["part"].to_numpy()})
+
+    def count(cols: list[str], mask: np.ndarray) -> np.ndarray:
+        c = k.groupby(cols)["p"].transform("size").to_numpy()
+        return np.where(mask, c, 0)
+
+    has_s, has_g = s_key != "", g_key != ""
+    total = count(["s"], has_s) + count(["g"], has_g) - count(["s", "g"], has_s & has_g)
+    here = count(["s", "p"], has_s) + count(["g", "p"], has_g) - count(["s", "g", "p"], has_s & has_g)
+    return (total - here).astype(np.int64)
+
+
+# -- outliers -------------------------------------------------------------------------------------------
+def knn(
+    X: Any,
+    k: int = DEFAULT_K,
+    duplicate_set: Any = None,
+    *,
+    query_rows: int = QUERY_ROWS,
+    block_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Exact cosine ``k`` nearest neighbours of every cell among the other usable cells, leaving out the
+    cell itself and the cells of its duplicate set (``duplicate_set``, -1: none): ``(similarities (n, k)
+    float32, positions (n, k) int64, excluded_nonfinite)``, best first, ties to the lower position; rows
+    of excluded cells (and answers missing when a large set leaves fewer than k cells) are NaN / -1."""
+    from probes.search.exact import merge_topk
+    from probes.search.vectors import RESCORE_EXTRA, rescored_topk
+
+    rows = _Rows(X, block_rows)
+    n = rows.n
+    sets = np.full(n, -1, np.int64) if duplicate_set is None else _check_len("duplicate_set", duplicate_set, n)
+    sets = sets.astype(np.int64)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ProbeError(f"k must be a positive integer, got {k!r}")
+    valid = rows.valid
+    usable = int(valid.sum())
+    if k > usable - 1:
+        raise ProbeError(
+            f"k={k} is too large: {usable} cells with usable features allow at most k={max(usable - 1, 0)}"
+            + (f" ({n - usable} excluded for NaN/inf or all-zero features)" if usable < n else "")
+        )
+    own = np.ones(n, np.int64)  # cells each query leaves out: itself, or its whole duplicate set
+    inset = (sets >= 0) & valid
+    own[inset] = np.bincount(sets[inset])[sets[inset]]
+    sims = np.full((n, k), np.nan, dtype=np.float32)
+    idx = np.full((n, k), -1, dtype=np.int64)
+    for pa, xa in rows.blocks():
+        for s in range(0, len(pa), query_rows):
+            q, qp = xa[s : s + query_rows], pa[s : s + query_rows]
+            best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+            best_i = np.full((len(q), 0), -1, dtype=np.int64)
+            for pb, xb in rows.blocks() if rows.chunked else [(pa, xa)]:
+                if not len(pb):
+                    continue
+                kb = min(k + int(own[qp].max()) + RESCORE_EXTRA, len(pb))
+                _, local = rows.index(xb).search(q, kb)
+                cand = pb[np.maximum(local, 0)]
+                same = (cand == qp[:, None]) | ((sets[cand] == sets[qp][:, None]) & (sets[qp][:, None] >= 0))
+                local = np.where((local < 0) | same, -1, local)
+                D, I = rescored_topk(q, xb, local, k, labels=pb[np.maximum(local, 0)])  # noqa: E741
+                best_s, best_i = merge_topk(best_s, best_i, D, I, k)
+            found = np.isfinite(best_s) & (best_i >= 0)
+            sims[qp, : best_s.shape[1]] = np.where(found, best_s, np.nan)
+            idx[qp, : best_i.shape[1]] = np.where(found, best_i, -1)
+    return sims, idx, rows.excluded
+
+
+def _robust(logd: np.ndarray) -> tuple[float, float]:
+    """(median, MAD-sigma) of log distances; the spread floored so a degenerate class flags nothing odd."""
+    med = float(np.median(logd))
+    mad = float(np.median(np.abs(logd - med))) * _MAD_TO_SIGMA
+    return med, max(mad, 1e-6)
+
+
+def outlier_scores(
+    X: Any,
+    labels: Any = None,
+    ids: Any = None,
+    k: int = DEFAULT_K,
+    duplicate_set: Any = None,
+    *,
+    z: float = OUTLIER_Z,
+    min_class_cells: int = MIN_CLASS_CELLS,
+    query_rows: int = QUERY_ROWS,
+    block_rows: int | None = None,
+) -> Outliers:
+    """Outlier score of every cell (see the module docstring): the mean cosine distance to its ``k``
+    nearest distinct cells (its duplicate set, from ``duplicate_set`` or a :class:`Duplicates`, left
+    out) divided by the median of that distance over its class (``labels``; None: over all cells),
+    flagged where the robust z of the log distance exceeds ``z``; with ``rank`` (1 = most outlying)."""
+    n = len(X)
+    if isinstance(duplicate_set, Duplicates):
+        if ids is None:
+            ids = duplicate_set.cells["id"].to_numpy()
+        duplicate_set = duplicate_set.cells["duplicate_set"].to_numpy()
+    names = _ids(ids, n)
+    label = None if labels is None else _labels(labels, n, "labels")
+    if not (isinstance(z, (int, float)) and math.isfinite(z) and z > 0):
+        raise ProbeError(f"z must be a positive number, got {z!r}")
+    sims, idx, excluded = knn(X, k, duplicate_set, query_rows=query_rows, block_rows=block_rows)
+    dist = np.clip(1.0 - sims.astype(np.float64), 0.0, 2.0)
+    scored = ~np.isnan(dist[:, 0])
+    knn_d = np.full(n, np.nan)
+    knn_d[scored] = np.nanmean(dist[scored], axis=1)
+    kth = dist[:, k - 1]
+    logd = np.log(np.maximum(knn_d, 1e-12))
+
+    # reference: all cells; per class where the class has enough scored cells
+    g_med, g_mad = _robust(logd[scored]) if scored.any() else (0.0, 1.0)
+    ref_log = np.full(n, g_med)
+    spread = np.full(n, g_mad)
+    against = np.full(n, "all cells", dtype=object)
+    if label is not None:
+        frame = pd.DataFrame({"c": label[scored], "l": logd[scored]})
+        stats = frame.groupby("c")["l"].agg(["size", "median"])
+        stats["mad"] = frame.assign(a=lambda f: (f["l"] - f["c"].map(stats["median"])).abs()).groupby("c")["a"].median()
+        stats = stats[stats["size"] >= min_class_cells]
+        own = pd.Series(label).isin(stats.index).to_numpy() & scored
+        ref_log[own] = pd.Series(label[own]).map(stats["median"]).to_numpy()
+        spread[own] = np.maximum(pd.Series(label[own]).map(stats["mad"]).to_numpy() * _MAD_TO_SIGMA, 1e-6)
+        against[own] = "class: " + pd.Series(label[own]).astype(str).to_numpy()
+        small = ~own & scored
+        against[small] = "all cells; class " + pd.Series(label[small]).astype(str).to_numpy() + " too small"
+    score = np.exp(logd - ref_log)
+    robust_z = (logd - ref_log) / spread
+    score[~scored], robust_z[~scored] = np.nan, np.nan
+    flag = scored & (robust_z > z)
+    order = np.lexsort((np.arange(n), -np.nan_to_num(score, nan=-np.inf)))
+    rank = np.zeros(n, dtype=np.int64)
+    rank[order[: int(scored.sum())]] = np.arange(1, int(scored.sum()) + 1)
+    by_class = np.char.startswith(against.astype(str), "class:")
+    versus = np.where(by_class, "its class median (" + against + ")", "the median of all cells")
+    versus = np.where(by_class | (against == "all cells"), versus, versus + " (" + against + ")")
+    ratio = pd.Series(score).map(lambda v: f"{v:.1f}").to_numpy(dtype=object)
+    why = np.where(flag, f"mean distance to its {k} nearest cells " + ratio + "x " + versus, "")
+    why = np.where(scored, why, "features not finite: excluded")
+    nearest = np.where(idx[:, 0] >= 0, names[np.maximum(idx[:, 0], 0)], "")
+    cells = pd.DataFrame(
+        {
+            "id": names,
+            "label": label if label is not None else "",
+            "knn_distance": knn_d,
+            "kth_distance": kth,
+            "nearest": nearest,
+            "reference": np.exp(ref_log),
+            "score": score,
+            "global_score": np.exp(logd - g_med),
+            "z": robust_z,
+            "flag": flag,
+            "rank": rank,
+            "why": why,
+        }
+    )
+    cells.loc[~scored, ["reference", "global_score"]] = np.nan
+    return Outliers(cells, int(k), float(z), idx, sims, excluded, by_class=label is not None)
+
+
+# -- all three --------------------------------------------------------------------------------------------
+def data_issues(
+    X: Any,
+    ids: Any = None,
+    *,
+    labels: Any = None,
+    parts: Any = None,
+    groups: Any = None,
+    hashes: Any = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    k: int | None = DEFAULT_K,
+    z: float = OUTLIER_Z,
+    query_rows: int = QUERY_ROWS,
+    block_rows: int | None = None,
+) -> DataIssues:
+    """Duplicates (features, and pixels when ``hashes`` are given), leaks (when ``parts`` are given) and
+    outliers (``k`` neighbours, None: skipped; the duplicate sets left out of each cell's neighbours)."""
+    dup = duplicates(X, ids, hashes, threshold, query_rows=query_rows, block_rows=block_rows)
+    names = dup.cells["id"].to_numpy()
+    notes = []
+    if dup.excluded_nonfinite:
+        notes.append(f"{dup.excluded_nonfinite} cell(s) with NaN/inf or all-zero features excluded")
+    leaks = None if parts is None else split_leaks(dup, parts, groups, names)
+    if leaks is not None and leaks.note:
+        notes.append(leaks.note)
+    out = None
+    if k is not None:
+        sets = dup.cells["duplicate_set"].to_numpy()
+        out = outlier_scores(X, labels, names, k, sets, z=z, query_rows=query_rows, block_rows=block_rows)
+    return DataIssues(dup, out, leaks, notes)
