@@ -20,10 +20,10 @@ POINTS = (
     "relabel:history-column",
     "relabel:before-switch",
     "relabel:after-switch",
-    # metadata of groups (embedcache.store.store)
+    # metadata of groups (embedcache.store.store, embedcache.store.dataset)
     "dataset:obs-written",
     "feature-set:arrays-created",
-    # chunk writes (embedcache.store.FeatureSet.write_chunk)
+    # chunk writes (embedcache.store.feature_set.FeatureSet.write_chunk)
     "chunk:data-written",
     "chunk:checksums-written",
     "chunk:done",

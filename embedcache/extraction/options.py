@@ -68,6 +68,12 @@ class ExtractOptions(Options):
         "refuse larger images (read from the header, before decoding); a recorded skip under --on-error skip",
         check=Interval(int, 1),
     )
+    on_input_change: str = option(
+        "fail",
+        "a resumed set whose done chunks' images changed since they were written (size or mtime): fail (naming "
+        "the cells) or recompute (those chunks again)",
+        check=OneOf(("fail", "recompute")),
+    )
     tail_blocks: int | None = option(
         None,
         "also cache the tokens entering the last k blocks (for probes ft-last / lora); prints the store size first",

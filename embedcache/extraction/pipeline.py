@@ -54,34 +54,38 @@ class Cells(TorchDataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, j: int) -> tuple[int, np.ndarray | None, str]:
+    def __getitem__(self, j: int) -> tuple[int, np.ndarray | None, str, int]:
+        """``(row, image or None, error, input fingerprint)``: the fingerprint is taken before the read, so a file
+        that changes while it is read is seen as changed on the next resume."""
         i = int(self.rows[j])
         if self.subset is not None and not self.subset[i]:
-            return i, None, OUTSIDE_SUBSET
+            return i, None, OUTSIDE_SUBSET, 0
+        fp = self.source.fingerprint(i)
         try:
             image = self.source.load(i, max_pixels=self.max_image_pixels)
-            return i, perturb_apply(image, self.working_size, self.perturbation, row=i), ""
+            return i, perturb_apply(image, self.working_size, self.perturbation, row=i), "", fp
         except ImageDecodeError as e:
-            return i, None, e.reason
+            return i, None, e.reason, fp
         except StorageFetchError:  # not the image's fault: fail the batch (a task retry, or the rerun, refetches)
             raise
         except Exception as e:  # noqa: BLE001  anything a decoder throws is recorded, never swallowed
-            return i, None, f"{type(e).__name__}: {e}"
+            return i, None, f"{type(e).__name__}: {e}", fp
 
 
-def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> dict[str, Any]:
+def _collate(items: list[tuple[int, np.ndarray | None, str, int]]) -> dict[str, Any]:
     """Group readable images by shape into uint8 NHWC tensors (one resize call per shape)."""
-    rows = torch.tensor([i for i, _, _ in items], dtype=torch.long)
-    errors = [e for _, _, e in items]
+    rows = torch.tensor([it[0] for it in items], dtype=torch.long)
+    errors = [it[2] for it in items]
+    fps = np.array([it[3] for it in items], dtype=np.int64)
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for j, (_, img, _) in enumerate(items):
+    for j, (_, img, _, _) in enumerate(items):
         if img is not None:
             by_shape.setdefault(img.shape, []).append(j)
     groups = [
         (torch.tensor(js), torch.from_numpy(np.stack([items[j][1] for j in js])))  # type: ignore[misc]
         for js in by_shape.values()
     ]  # (only readable images are grouped)
-    return {"rows": rows, "errors": errors, "groups": groups}
+    return {"rows": rows, "errors": errors, "groups": groups, "inputs": fps}
 
 
 def _worker_init(_: int) -> None:
@@ -131,7 +135,9 @@ class _ChunkAssembler:
         self.fs, self.arrays, self.emit = fs, arrays, emit
         self.buffers: dict[int, dict[str, Any]] = {}
 
-    def add(self, rows: np.ndarray, feats: dict[str, np.ndarray], ok: np.ndarray, errors: list[str]) -> None:
+    def add(
+        self, rows: np.ndarray, feats: dict[str, np.ndarray], ok: np.ndarray, errors: list[str], inputs: np.ndarray
+    ) -> None:
         chunk_ids = rows // self.fs.chunk_size
         for c in np.unique(chunk_ids):
             sel = chunk_ids == c
@@ -143,6 +149,7 @@ class _ChunkAssembler:
                     "feats": {p: np.zeros((m, *shape), dtype=dt) for p, (shape, dt) in self.arrays.items()},
                     "ok": np.zeros(m, dtype=bool),
                     "error": np.full(m, "", dtype=object),
+                    "inputs": np.zeros(m, dtype=np.int64),
                     "filled": 0,
                 }
                 self.buffers[int(c)] = buf
@@ -151,10 +158,11 @@ class _ChunkAssembler:
                 buf["feats"][p][pos] = feats[p][sel]
             buf["ok"][pos] = ok[sel]
             buf["error"][pos] = np.asarray(errors, dtype=object)[sel]
+            buf["inputs"][pos] = inputs[sel]
             buf["filled"] += int(sel.sum())
             if buf["filled"] == rng.stop - rng.start:
                 del self.buffers[int(c)]
-                self.emit((int(c), buf["feats"], buf["ok"], buf["error"].astype(str)))
+                self.emit((int(c), buf["feats"], buf["ok"], buf["error"].astype(str), buf["inputs"]))
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -236,7 +244,7 @@ def run_chunks(plan: ExtractPlan, cells: Cells, fs: FeatureSet, pending: Sequenc
                     feats[p][order] = values
             for bad_j in np.flatnonzero(~ok & ~outside):
                 result.skipped.append((source.cell_id(rows_b[bad_j]), errors[bad_j]))
-            assembler.add(rows_b, feats, ok, errors)
+            assembler.add(rows_b, feats, ok, errors, batch["inputs"])
             result.cells_computed += int((~outside).sum())
             bar.advance(len(rows_b))
     finally:

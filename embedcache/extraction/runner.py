@@ -37,9 +37,10 @@ from embedcache.extraction.plan import (
     stored_dtype,
 )
 from embedcache.inputs.perturb import parse_perturbations
-from embedcache.inputs.sources import CellSource, label_collisions, open_source
+from embedcache.inputs.sources import CellSource, SourceError, label_collisions, open_source
+from embedcache.inputs.urls import refuse_credentials
 from embedcache.options import UNSET, given
-from embedcache.store import open_store, safe_key
+from embedcache.store import FeatureSet, StoreError, open_store, safe_key
 
 __all__ = ["extract", "ExtractResult", "ExtractionError", "ExtractOptions"]
 
@@ -96,6 +97,9 @@ def extract(
         ),
         **more,
     )
+    refuse_credentials(str(out), "store", StoreError)  # before any library (fsspec, botocore) sees or prints it
+    if isinstance(data, (str, os.PathLike)):
+        refuse_credentials(str(data), "data", SourceError)
     if opts.cluster is not None or opts.scheduler is not None:
         check_cluster_args(opts.cluster, opts.scheduler, str(out))  # before any model is loaded
     if isinstance(data, CellSource):
@@ -183,6 +187,8 @@ def _extract_variant(plan: ExtractPlan, variant: Variant, dask: DaskRun | None) 
             fingerprint=fingerprint(plan, variant),
         )
         pending = fs.pending_chunks(list(c.arrays))
+        if pending and len(pending) < fs.n_chunks:  # a resume: the done chunks must still be of these images
+            pending = _check_inputs(plan, fs, pending)
         result = ExtractResult(store.url, ds.name, variant.key, ds.n, cache_hit=not pending)
         result.notes += [note] if note else []
         if not pending:
@@ -203,3 +209,28 @@ def _extract_variant(plan: ExtractPlan, variant: Variant, dask: DaskRun | None) 
             run_chunks(plan, cells, fs, pending, result)
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_inputs(plan: ExtractPlan, fs: FeatureSet, pending: list[int]) -> list[int]:
+    """Compare the done chunks' recorded input fingerprints with the inputs now; a change fails naming the cells
+    (``on_input_change="fail"``) or sends those chunks back to be computed (``"recompute"``)."""
+    if not fs.records_inputs:
+        return pending  # written before input fingerprints existed
+    done = [c for c in range(fs.n_chunks) if c not in set(pending)]
+    rows = np.concatenate([np.arange(fs.chunk_rows(c).start, fs.chunk_rows(c).stop) for c in done])
+    recorded = fs.input_fingerprints(rows)
+    known = recorded != 0  # 0: not fingerprinted (outside a perturbed subset, URLs)
+    now = np.array([plan.source.fingerprint(int(i)) if k else 0 for i, k in zip(rows, known)], dtype=np.int64)
+    changed = rows[known & (now != recorded)]
+    if not len(changed):
+        return pending
+    if plan.options.on_input_change == "recompute":
+        again = sorted({int(i) // fs.chunk_size for i in changed})
+        fs.clear_done(again)
+        return sorted(set(pending) | set(again))
+    shown = ", ".join(plan.source.cell_id(int(i)) for i in changed[:5]) + (" ..." if len(changed) > 5 else "")
+    raise ExtractionError(
+        f"the images of {len(changed)} cells changed since their chunks of '{fs.key}' were written (e.g. {shown}): "
+        "resuming would mix features of the old and the new images in one set. Rerun with --on-input-change "
+        "recompute (on_input_change='recompute') to compute those chunks again, or restore the images"
+    )

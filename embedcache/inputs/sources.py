@@ -17,7 +17,6 @@ import hashlib
 import io
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, is_url, read_image, to_rgb_uint8
+from embedcache.inputs.urls import carries_secret, refuse_credentials
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 OBS_COLUMNS = ("id", "path", "label", "split", "domain", "group")
@@ -64,6 +64,21 @@ class CellSource:
         if self.images is not None:
             return to_rgb_uint8(np.asarray(self.images[i]))
         return read_image(self.table["path"].iat[i], max_pixels=max_pixels)
+
+    def fingerprint(self, i: int) -> int:
+        """A 63-bit fingerprint of cell ``i``'s input as it is now: of a local file its size and modification
+        time (one ``stat``, no read: a changed image is caught when its size or mtime changes), of an in-memory
+        image its bytes; 0 for URLs (not checked: a HEAD request per cell would cost more than it saves)."""
+        if self.images is not None:
+            return _fp(np.ascontiguousarray(self.images[i]).tobytes())
+        path = self.table["path"].iat[i]
+        if is_url(path):
+            return 0
+        try:
+            st = os.stat(path)
+        except OSError:
+            return -1  # gone: differs from any recorded fingerprint
+        return _fp(f"{st.st_size}:{st.st_mtime_ns}".encode())
 
     def cell_id(self, i: int) -> str:
         """The id of cell ``i``."""
@@ -122,6 +137,9 @@ class SourceRows(CellSource):
     def cell_id(self, i: int) -> str:
         return super().cell_id(self._local(i))
 
+    def fingerprint(self, i: int) -> int:
+        return super().fingerprint(self._local(i))
+
     def cell_path(self, i: int) -> str:
         return super().cell_path(self._local(i))
 
@@ -130,6 +148,11 @@ class SourceRows(CellSource):
         if not 0 <= j < len(self.table):
             raise IndexError(f"row {i} is not among rows {self.start}..{self.start + len(self.table) - 1}")
         return j
+
+
+def _fp(data: bytes) -> int:
+    """A positive 63-bit digest of ``data`` (0 and -1 mean unknown and gone)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1 | 1
 
 
 def cell_list_digest(ids: list[str], paths: list[str]) -> str:
@@ -212,23 +235,13 @@ _SECRET_URL = (
     "written into the store and into logs: give plain URLs and the credentials through the environment "
     "(AWS_* variables, ~/.aws, fsspec's configuration)"
 )
-_SECRET_QUERY = re.compile(r"(x-amz-(signature|credential|security-token)|signature=|sig=|token=|access_token=)", re.I)
-
-
-def _carries_secret(url: str) -> bool:
-    """True for URLs with user info (``https://user:pass@host``) or a signed / token query string."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return "@" in parts.netloc or bool(_SECRET_QUERY.search(parts.query))
 
 
 def _open_url(url: str, *, label_column: str | None, name: str | None) -> CellSource:
     """A manifest or ``.npz`` at an fsspec URL (``s3://lab/cells/manifest.parquet``)."""
     import fsspec
 
-    if _carries_secret(url):
-        raise SourceError(f"{url.split('?')[0]}: {_SECRET_URL}")
+    refuse_credentials(url, "data", SourceError)
 
     fs, where = fsspec.url_to_fs(url)
     if not fs.exists(where):
@@ -343,7 +356,7 @@ def _from_manifest(path: Path | str, label_column: str | None, name: str) -> Cel
         url_base = path.rsplit("/", 1)[0]
         abs_paths = [p if is_url(p) else f"{url_base}/{p.lstrip('/')}" for p in paths]
     for row, p in enumerate(abs_paths):
-        if is_url(p) and _carries_secret(p):
+        if is_url(p) and carries_secret(p):
             raise SourceError(f"{line(row)}: {_SECRET_URL}")
     legacy_ids = None
     if "id" in df.columns:

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from embedcache.store.store import StoreError, open_store
+from embedcache.store.errors import StoreError
+from embedcache.store.store import open_store, refuse_inside_store
 
 __all__ = ["export_anndata", "obsm_name"]
 
@@ -45,6 +46,7 @@ def export_anndata(
         raise ImportError("export to AnnData needs the anndata package: pip install anndata") from e
     import pandas as pd
 
+    refuse_inside_store(anndata, "the AnnData file")
     ds = open_store(store).dataset(dataset)
     if model is None:
         sets = [ds.feature_set(k) for k in ds.feature_keys()]
@@ -85,5 +87,10 @@ def export_anndata(
     adata.uns["embedcache"] = {"store": str(store), "dataset": ds.name, "feature_sets": summary}
     path = Path(anndata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a killed export leaves the previous file intact
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -33,7 +33,7 @@ from embedcache.store.checksums import crc_problem, crc_rows, crc_values
 from embedcache.store.errors import ChunkDamaged, StoreError
 from embedcache.store.groups import OUTSIDE_SUBSET, as_array, as_group, attrs_of, chunk_exists, strings
 from embedcache.store.locking.base import check_held
-from embedcache.store.records import MetadataLost, check_array
+from embedcache.store.records import MetadataAltered, MetadataLost, check_array
 
 if TYPE_CHECKING:
     from embedcache.store.dataset import Dataset
@@ -73,6 +73,15 @@ class FeatureSet:
         # what the writer recorded of every array (None: written before records existed)
         self.recorded: dict[str, Any] | None = self.attrs.get("arrays")
         self._checked: dict[str, zarr.Array] = {}
+        ok = (self.recorded or {}).get("ok")
+        if ok is not None:  # the attributes that cut rows into chunks must agree with the arrays they describe
+            shape, chunks = ok["shape"][0], ok["chunk_grid"]["configuration"]["chunk_shape"][0]
+            if (shape, chunks) != (self.n, self.chunk_size):
+                raise MetadataAltered(
+                    f"'{dataset.name}/{key}': its attributes say {self.n} cells in chunks of {self.chunk_size}, its "
+                    f"arrays hold {shape} in chunks of {chunks} (the attributes n / chunk_size were edited); "
+                    f"run `embedcache verify {dataset.store.url} --repair`"
+                )
 
     @property
     def pools(self) -> list[str]:
@@ -130,13 +139,22 @@ class FeatureSet:
     def is_complete(self, pools: Sequence[str] | None = None) -> bool:
         return not self.pending_chunks(pools or self.pools)
 
-    def write_chunk(self, c: int, features: dict[str, np.ndarray], ok: np.ndarray, error: np.ndarray) -> None:
+    def write_chunk(
+        self,
+        c: int,
+        features: dict[str, np.ndarray],
+        ok: np.ndarray,
+        error: np.ndarray,
+        inputs: np.ndarray | None = None,
+    ) -> None:
         """Write row-chunk ``c``, read it back and compare, record its checksums, and only then
-        mark it done."""
+        mark it done. ``inputs``: each cell's input fingerprint (checked when a killed run resumes)."""
         rows = self.chunk_rows(c)
         error = np.asarray(error).astype(str)
         self._array("ok")[rows] = ok
         self._array("error")[rows] = error
+        if inputs is not None and self.records_inputs:
+            self._array("inputs")[rows] = np.asarray(inputs, dtype=np.int64)
         for pool, values in features.items():
             self._array(pool)[rows] = values
         checkpoint("chunk:data-written")
@@ -203,6 +221,15 @@ class FeatureSet:
             check_array(arr, record, f"array {where}", self._repair)
         self._checked[name] = arr
         return arr
+
+    @property
+    def records_inputs(self) -> bool:
+        """Whether this set keeps each cell's input fingerprint (sets written before it existed do not)."""
+        return "inputs" in (self.recorded or ())
+
+    def input_fingerprints(self, rows: np.ndarray) -> np.ndarray:
+        """The input fingerprints recorded for ``rows`` (0: not recorded)."""
+        return np.asarray(self._array("inputs").get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
 
     def check_metadata(self) -> None:
         """Every recorded array against its record (:class:`MetadataLost` / :class:`MetadataAltered` on damage)."""
@@ -298,9 +325,21 @@ class FeatureSet:
                     raise ChunkDamaged(self._damage_message(c, "ok/error", reason))
         return ok, error
 
-    def to_numpy(self, pool: str = "cls", rows: np.ndarray | slice | None = None, dtype=np.float32) -> np.ndarray:
-        """Features as numpy (only ``rows`` are read when given); refuses unfinished chunks and
-        damaged ones (every chunk read is checked against its checksum)."""
+    @property
+    def default_pool(self) -> str:
+        """The pooling this set was extracted with first (the backbone's default unless ``--pool`` said
+        otherwise), else its first stored one."""
+        for p in (self.attrs.get("provenance") or {}).get("pools") or []:
+            if p in self.pools:
+                return str(p)
+        if not self.pools:
+            raise StoreError(f"'{self.key}' holds no pooled features")
+        return self.pools[0]
+
+    def to_numpy(self, pool: str | None = None, rows: np.ndarray | slice | None = None, dtype=np.float32) -> np.ndarray:
+        """Features as numpy (``pool`` default: :attr:`default_pool`; only ``rows`` are read when given); refuses
+        unfinished chunks and damaged ones (every chunk read is checked against its checksum)."""
+        pool = pool or self.default_pool
         self._check_complete(pool)
         arr = self.array(pool)
         if rows is None:
@@ -340,23 +379,29 @@ class FeatureSet:
         if reason:
             raise ChunkDamaged(self._damage_message(c, pool, reason))
 
-    def to_dask(self, pool: str = "cls"):
-        """Features as a lazy dask array chunked like the store (each block checked on compute)."""
+    def to_dask(self, pool: str | None = None, dtype: Any = np.float32):
+        """Features as a lazy dask array chunked like the store (each block checked on compute), as ``dtype``
+        (float32 by default: sums of many float16 values overflow float16 to inf / NaN; pass
+        ``dtype=None`` for the stored dtype)."""
         import dask.array as da
 
+        pool = pool or self.default_pool
         self._check_complete(pool)
         arr = self.array(pool)
+        out_dtype = np.dtype(arr.dtype if dtype is None else dtype)
         blocks = [
             da.from_delayed(
-                _delayed_chunk(self, pool, c),
+                _delayed_chunk(self, pool, c, out_dtype),
                 shape=(self.chunk_rows(c).stop - self.chunk_rows(c).start, arr.shape[1]),
-                dtype=arr.dtype,
+                dtype=out_dtype,
             )
             for c in range(self.n_chunks)
         ]
-        return da.concatenate(blocks, axis=0) if blocks else da.from_zarr(arr)
+        return da.concatenate(blocks, axis=0) if blocks else da.from_zarr(arr).astype(out_dtype)
 
     def _check_complete(self, pool: str) -> None:
+        if pool not in self._written_arrays():
+            raise StoreError(f"'{self.key}' has no '{pool}' features (has: {', '.join(self.pools)})")
         missing = int((~self.done(pool)).sum())
         if missing:
             raise StoreError(
@@ -498,12 +543,12 @@ def token_dims(ndim: int) -> tuple[str, ...]:
     return ("cell", "token", "feature") if ndim == 2 else ("cell", "channel", "y", "x")[: ndim + 1]
 
 
-def _delayed_chunk(fs: FeatureSet, pool: str, c: int):
+def _delayed_chunk(fs: FeatureSet, pool: str, c: int, dtype: np.dtype):
     import dask
 
     @dask.delayed(pure=True)
     def load() -> np.ndarray:
-        return fs.to_numpy(pool, rows=fs.chunk_rows(c), dtype=fs._array(pool).dtype)
+        return fs.to_numpy(pool, rows=fs.chunk_rows(c), dtype=dtype)
 
     return load()
 

@@ -27,6 +27,7 @@ interrupted creation, listed by :meth:`Store.incomplete_groups` and redone by th
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from zarr.core.sync import sync
 
 from embedcache.faults import checkpoint
 from embedcache.inputs.sources import OBS_COLUMNS, CellSource
+from embedcache.inputs.urls import refuse_credentials
 from embedcache.store.checksums import crc_values
 from embedcache.store.dataset import Dataset
 from embedcache.store.errors import StoreBusyError, StoreError
@@ -60,7 +62,7 @@ from embedcache.store.locking.flock import FlockLock, MemoryLock, remove_stale
 from embedcache.store.locking.lease import LeaseLock
 from embedcache.store.records import MetadataLost, array_record, node_exists
 
-__all__ = ["open_store", "Store", "WriteResult", "side_url", "writer_lock_for"]
+__all__ = ["open_store", "Store", "WriteResult", "side_url", "writer_lock_for", "refuse_inside_store", "store_holding"]
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Store:
     """A feature cache holding one or more datasets."""
 
     def __init__(self, url: str, mode: str = "r"):
+        refuse_credentials(url, "store", StoreError)  # before fsspec or botocore can print it
         self.url = url
         self.mode = mode
         path = url[len("file://") :] if url.startswith("file://") else url
@@ -115,6 +118,11 @@ class Store:
                 self._check_schema()
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise StoreError(f"no embedcache store at {url}") from e
+        except ValueError as e:  # JSONDecodeError: a truncated or edited root zarr.json
+            raise StoreError(
+                f"the store's root metadata ({url}/zarr.json) cannot be read ({type(e).__name__}: {e}): truncated or "
+                f"edited; run `embedcache verify {url} --repair` (it rebuilds it from the datasets' own metadata)"
+            ) from e
         if local is not None and mode != "r":
             self._move_legacy_side_data(local)
 
@@ -131,9 +139,29 @@ class Store:
 
     # -- datasets ---------------------------------------------------------------------------
     def datasets(self) -> list[str]:
-        """Names of the (completely written) datasets in the store."""
+        """Names of the (completely written, readable) datasets in the store."""
+        return sorted(name for name, g in self._groups() if complete(g.attrs, DATASET_ATTRS, "dataset"))
+
+    def _groups(self) -> list[tuple[str, zarr.Group]]:
+        """The root's child groups that can be read (an unreadable zarr.json is reported by :meth:`lost_datasets`)."""
+        out = []
         with quiet_zarr():
-            return sorted(k for k in self.root.group_keys() if complete(self.root[k].attrs, DATASET_ATTRS, "dataset"))
+            for name in self._child_names():
+                try:
+                    node = self.root[name]
+                except Exception:  # noqa: BLE001  a truncated or edited zarr.json
+                    continue
+                if isinstance(node, zarr.Group):
+                    out.append((name, node))
+        return out
+
+    def _child_names(self) -> list[str]:
+        """Every name under the root (listing the store, not parsing the children's metadata)."""
+
+        async def names() -> list[str]:
+            return [n async for n in self.root.store.list_dir(self.root.path)]
+
+        return sorted(n for n in sync(names()) if n != "zarr.json" and not n.startswith("."))
 
     @property
     def records(self) -> dict[str, Any]:
@@ -161,8 +189,7 @@ class Store:
         the next extract or import into them redoes the creation."""
         out = []
         with quiet_zarr():
-            for name in sorted(self.root.group_keys()):
-                g = as_group(self.root[name])
+            for name, g in self._groups():
                 if not complete(g.attrs, DATASET_ATTRS, "dataset"):
                     if g.attrs.get("kind") == "dataset" or "obs" in g:
                         out.append(f"{name} (dataset)")
@@ -389,3 +416,34 @@ def _has_keys(group: zarr.Group, name: str) -> bool:
         return False
 
     return bool(sync(first()))
+
+
+def store_holding(path: str | os.PathLike) -> Path | None:
+    """The embedcache store (or its side folder's store) that local ``path`` lies in, or is; None when it lies
+    in none. What is written there would be written into the Zarr tree (or over its metadata)."""
+    p = Path(path).expanduser().resolve()
+    for folder in (p, *p.parents):
+        owner = folder.with_name(folder.name[: -len(SIDE_SUFFIX)]) if folder.name.endswith(SIDE_SUFFIX) else None
+        if owner is not None and (owner / "zarr.json").exists():
+            return owner
+        meta = folder / "zarr.json"
+        if meta.is_file():
+            try:
+                attrs = json.loads(meta.read_text()).get("attributes", {})
+            except (OSError, ValueError):
+                continue
+            if "schema_version" in attrs and attrs.get("created_by") == "embedcache":
+                return folder
+    return None
+
+
+def refuse_inside_store(path: str | os.PathLike, what: str) -> None:
+    """A :class:`StoreError` when ``path`` (a local output) lies inside an embedcache store."""
+    if "://" in str(path):
+        return
+    found = store_holding(path)
+    if found is not None:
+        raise StoreError(
+            f"{what} {path} lies inside the embedcache store {found}: writing there would put foreign files into "
+            "its Zarr tree (or over its metadata); give a path outside the store"
+        )

@@ -11,15 +11,18 @@ embedcache: they are reported, with what still holds them (the source manifest, 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from embedcache.inputs.sources import cell_list_digest
 from embedcache.store.errors import StoreError
 from embedcache.store.feature_set import Damage
-from embedcache.store.groups import as_array, as_group, attrs_of, fresh_attrs, strings
+from embedcache.store.groups import SCHEMA_VERSION, as_array, as_group, attrs_of, fresh_attrs, strings
 from embedcache.store.records import MetadataAltered, check_array, group_document, restore
 from embedcache.store.store import Store, open_store
 
@@ -60,8 +63,16 @@ def verify(store: str, *, repair: bool = False) -> VerifyReport:
     """Check the store's metadata against its records, every cell table and label store, and every done
     row-chunk; ``repair`` writes lost or edited metadata back from the records and clears the done flags of
     damaged chunks so that rerunning the same extract / import recomputes them."""
-    st = open_store(store, mode="a" if repair else "r")
-    report = VerifyReport(st.url, incomplete_groups=st.incomplete_groups())
+    restored_root = []
+    try:
+        st = open_store(store, mode="a" if repair else "r")
+    except StoreError as e:
+        if not (repair and "root metadata" in str(e)):
+            raise
+        _restore_root(str(store))  # rebuilt from the datasets' own attributes
+        restored_root = ["the store's root metadata (rebuilt from its datasets' own attributes)"]
+        st = open_store(store, mode="a")
+    report = VerifyReport(st.url, incomplete_groups=st.incomplete_groups(), restored=restored_root)
     _metadata(st, report, repair)
     if report.restored:
         st = open_store(store, mode="a")  # what was written back opens now
@@ -199,3 +210,28 @@ def _rebuild_dataset_attrs(root: zarr.Group, name: str) -> dict[str, Any] | None
         "n": len(ids),
         "feature_sets": _present_feature_sets(root, name),
     }
+
+
+def _restore_root(store: str) -> None:
+    """Write a store's unreadable root ``zarr.json`` back: the schema, and each readable dataset's attributes as
+    the root's record of it."""
+    path = store[len("file://") :] if store.startswith("file://") else store
+    storage = zarr.storage.LocalStore(path) if "://" not in path else zarr.storage.FsspecStore.from_url(path)
+
+    async def names() -> list[str]:
+        return [n async for n in storage.list_dir("")]
+
+    records: dict[str, Any] = {}
+    for name in sync(names()):
+        if name == "zarr.json" or name.startswith("."):
+            continue
+        try:
+            attrs = attrs_of(as_group(zarr.open_group(storage, path=name, mode="r")))
+        except Exception:  # noqa: BLE001  not a readable group: left for the rest of verify
+            continue
+        if attrs.get("kind") == "dataset":
+            records[name] = {k: v for k, v in attrs.items() if k != "feature_sets"}
+    document = group_document({"schema_version": SCHEMA_VERSION, "created_by": "embedcache", "datasets": records})
+    sync(
+        storage.set("zarr.json", default_buffer_prototype().buffer.from_bytes(json.dumps(document, indent=2).encode()))
+    )

@@ -19,8 +19,15 @@ from probes.errors import ProbeError
 
 
 def prepare_out(out: str | os.PathLike) -> Path:
-    """Create the output folder now (before any fit), or say why it cannot be."""
+    """Create the output folder now (before any fit), or say why it cannot be (never inside a store)."""
+    from embedcache.store.errors import StoreError
+    from embedcache.store.store import refuse_inside_store
+
     path = Path(out)
+    try:
+        refuse_inside_store(path, "the output folder")
+    except StoreError as e:
+        raise ProbeError(str(e)) from None
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

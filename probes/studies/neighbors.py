@@ -105,9 +105,9 @@ def neighbors(
     )
     if out is not None:
         from probes.reporting.contact import neighbor_sheet
-        from probes.reporting.tables import write_files
+        from probes.reporting.tables import prepare_out, write_files
 
-        res.out = Path(out)
+        res.out = prepare_out(out)
         res.files = write_files(
             res.out,
             tables={"neighbors.csv": res.table},

@@ -284,6 +284,12 @@ def _parse_penalties(node, h: Hierarchy) -> None:
         if t == p:
             raise HierarchyError(f"{h.source}, line {_line(item)}: a penalty needs two different classes, got {t!r}")
         w = _number(fields["weight"], h.source, "penalty weight", 0.0)
+        earlier = next((pen for pen in h.penalties if pen[0] == t and pen[1] == p), None)
+        if earlier is not None:
+            raise HierarchyError(
+                f"{h.source}, line {_line(item)}: the penalty {t!r} -> {p!r} is declared twice (first on line "
+                f"{earlier[3]}); one weight per pair"
+            )
         h.penalties.append((t, p, w, _line(fields["true"]), _line(fields["pred"])))
 
 

@@ -1,11 +1,17 @@
 """The audit's out-of-fold cache: a Parquet file, one row per model x cell, keyed by
-:data:`KEY_COLUMNS`, read before and updated after an audit (beside the store by default)."""
+:data:`KEY_COLUMNS`, read before and updated after an audit (beside the store by default).
+
+Each model's rows carry a CRC-32 of its probabilities, folds, cell ids and classes (``crc``): an entry whose
+values no longer match it (edited, damaged), or that has none (written before checksums), is not reused but
+refitted, with a warning naming it."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,6 +60,7 @@ def read_oof_cache(path: str | os.PathLike | None, ids: Sequence[str] | np.ndarr
     keys = table.select(KEY_COLUMNS).to_pandas()
     out: dict[tuple, OOF] = {}
     ids = np.asarray(ids, dtype=str)
+    has_crc = "crc" in table.column_names
     for key, rows in keys.groupby(KEY_COLUMNS, sort=False).indices.items():
         if len(rows) != len(ids):
             continue
@@ -63,8 +70,33 @@ def read_oof_cache(path: str | os.PathLike | None, ids: Sequence[str] | np.ndarr
         classes = json.loads(sub.column("classes")[0].as_py())
         proba = sub.column("proba").combine_chunks().flatten().to_numpy().reshape(len(rows), len(classes))
         k = {c: (v.item() if hasattr(v, "item") else v) for c, v in zip(KEY_COLUMNS, key)}
-        out[tuple(k[c] for c in KEY_COLUMNS)] = OOF(k, classes, proba.astype(np.float32), sub.column("fold").to_numpy())
+        fold = sub.column("fold").to_numpy()
+        proba32 = proba.astype(np.float32)
+        recorded = int(sub.column("crc")[0].as_py()) if has_crc else None
+        if recorded != entry_crc(proba32, fold, ids, classes):
+            why = "has no checksum (written by an older embedcache)" if recorded is None else "fails its checksum"
+            warnings.warn(
+                f"the out-of-fold cache {path}: the entry of {k['backbone']} / {k['probe']} / seed {k['seed']} {why}: "
+                "it is refitted, not reused",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        out[tuple(k[c] for c in KEY_COLUMNS)] = OOF(k, classes, proba32, fold)
     return out
+
+
+def entry_crc(proba: np.ndarray, fold: np.ndarray, ids: np.ndarray, classes: Sequence[str]) -> int:
+    """CRC-32 of one model's cache entry: its float32 probabilities, folds, cell ids and classes."""
+    from embedcache.store.checksums import crc_values
+
+    parts = (
+        crc_values(np.ascontiguousarray(proba, dtype=np.float32)),
+        crc_values(np.asarray(fold, dtype=np.int64)),
+        crc_values(np.asarray(ids, dtype=str)),
+        crc_values(np.asarray(list(classes), dtype=str)),
+    )
+    return zlib.crc32(":".join(map(str, parts)).encode())
 
 
 def write_oof_cache(path: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[str] | np.ndarray) -> str:
@@ -98,6 +130,7 @@ def write_oof_cache(path: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[
         cols["seed"] = pa.array([int(o.key["seed"])] * n, pa.int64())
         cols["folds"] = pa.array([int(o.key["folds"])] * n, pa.int64())
         cols.update(
+            crc=pa.array([entry_crc(o.proba, o.fold, ids, o.classes)] * n, pa.int64()),
             id=pa.array(ids),
             fold=pa.array(o.fold.astype(np.int64)),
             classes=pa.array([json.dumps(o.classes)] * n),

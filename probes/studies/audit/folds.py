@@ -73,6 +73,13 @@ def make_folds(
         raise ProbeError(f"--folds must be at least 2, got {n_folds}")
     if len(y) < n_folds:
         raise ProbeError(f"{len(y)} cells are too few for {n_folds} folds")
+    classes, counts = np.unique(y, return_counts=True)
+    if counts.max() < n_folds:
+        raise ProbeError(
+            f"every class has fewer cells than --folds {n_folds} (the largest, {classes[counts.argmax()]!r}, has "
+            f"{counts.max()}): a label audit compares each cell with other cells of its class; label at least "
+            f"{n_folds} cells of a class, or use fewer folds"
+        )
     if scheme == "auto":
         scheme = "group" if _has_groups(groups) else "stratified"
     fold = np.full(len(y), -1, dtype=np.int64)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +28,7 @@ from probes.engine.threads import limit_threads
 from probes.errors import ProbeError
 from probes.features.cells import open_cells, parse_names
 from probes.features.chunked import is_chunked, side_by_side
+from probes.features.policy import current_policy
 from probes.reporting.console import progress
 from probes.reporting.tables import prepare_out
 from probes.sampling import parse_seeds, sort_labels
@@ -71,6 +73,7 @@ class AuditResult:
     fits: int = 0  # probe fits made now (computed x folds)
     out: Path | None = None
     files: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the audit could not do (e.g. write its cache)
 
     def suspects(self, top: int = 50) -> pd.DataFrame:
         """The ``top`` most suspicious cells."""
@@ -181,6 +184,19 @@ def audit_arrays(
     seed_list = parse_seeds(seeds)
     if int(k) < 1:
         raise ProbeError(f"k must be at least 1, got {k}")
+    if int(k) >= n:
+        raise ProbeError(
+            f"-k {k} neighbours per cell needs more than {k} cells; the audit has {n} (use -k {n - 1} or less)"
+        )
+    n_models = len(features) * len(probe_list) * len(seed_list) + (len(seed_list) if opt.joint else 0)
+    need = n * len(classes) * 4 * (n_models + 4)  # float32 out-of-fold probabilities of every model + working copies
+    budget = current_policy().budget
+    if need > budget:
+        raise ProbeError(
+            f"this audit would hold about {need / 2**30:.1f} GiB of probabilities ({n:,} cells x {len(classes):,} "
+            f"classes x {n_models} models, float32), above the memory budget of {budget / 2**30:.1f} GiB "
+            "(--max-memory): audit fewer cells or classes, fewer seeds or probes, or raise --max-memory"
+        )
     rk = as_ranking(opt.ranking)
     digest = label_digest(ids, labels, groups)
     f_digest = {b: feature_digest(x) for b, x in features.items()}
@@ -288,9 +304,13 @@ def audit_arrays(
     )
     res = AuditResult(table, oofs, classes, params, nbrs, obs, reused, computed, fits)
     if cache is not None and computed:
-        if read_from != str(cache) and read_from is not None:  # only the legacy file exists: carry it over
-            adopt_legacy(str(cache), read_from)
-        res.files["oof"] = write_cache(cache, oofs, ids, cache_lock)
+        try:
+            if read_from != str(cache) and read_from is not None:  # only the legacy file exists: carry it over
+                adopt_legacy(str(cache), read_from)
+            res.files["oof"] = write_cache(cache, oofs, ids, cache_lock)
+        except ProbeError as e:  # a full disk must not throw away a finished audit: its results still go out
+            warnings.warn(f"{e}; the audit's results are written, but the next audit refits these models", stacklevel=2)
+            res.notes.append(f"the out-of-fold cache was not written: {e}")
     return res
 
 

@@ -126,3 +126,31 @@ def test_urls_carrying_credentials_are_refused_before_anything_is_stored(tmp_pat
     with pytest.raises(SourceError, match="carries credentials") as e:
         open_source("s3://bucket/manifest.csv?X-Amz-Security-Token=SECRETTOKEN")
     assert "SECRETTOKEN" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "flag, url",
+    [
+        ("--data", "s3://u:SECRETKEY123@lab/m.csv"),
+        ("--out", "s3://u:SECRETKEY123@lab/cache.zarr"),
+        ("--data", "https://host/m.csv?X-Amz-Signature=SECRETKEY123"),
+    ],
+)
+def test_credentials_in_any_url_are_refused_and_never_printed(flag, url, tmp_path):
+    """The refusal names the URL with the secret replaced (the old code printed it; botocore too, for --out)."""
+    from typer.testing import CliRunner
+
+    from embedcache_cli.embedcache_app import app
+
+    args = {"--data": str(tmp_path / "m.csv"), "--out": str(tmp_path / "c.zarr"), flag: url}
+    res = CliRunner().invoke(app, ["extract", "-m", "timm:test_vit", "--weights", "random", *sum(args.items(), ())])
+    assert res.exit_code == 1 and "carries credentials" in res.output, res.output
+    assert "SECRETKEY123" not in res.output and "***" in res.output
+
+
+def test_a_store_url_with_credentials_is_refused_redacted():
+    from embedcache.store import StoreError, open_store
+
+    with pytest.raises(StoreError, match=r"s3://\*\*\*@lab/c.zarr carries credentials") as e:
+        open_store("s3://u:SECRETKEY123@lab/c.zarr")
+    assert "SECRETKEY123" not in str(e.value)

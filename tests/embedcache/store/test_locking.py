@@ -180,3 +180,61 @@ def test_a_lease_released_twice_is_harmless(tmp_path):
         pass
     with lease(f"file://{tmp_path}/leases", "x"):
         pass
+
+
+PAUSED_IMPORT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    import embedcache
+    from embedcache.store import FeatureSet
+
+    out, marker, go = sys.argv[1:4]
+    write = FeatureSet.write_chunk
+
+    def write_after_a_pause(self, c, *a, **k):
+        if c == 2:
+            Path(marker).touch()
+            while not Path(go).exists():
+                time.sleep(0.02)
+        write(self, c, *a, **k)
+
+    FeatureSet.write_chunk = write_after_a_pause
+    x = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
+    embedcache.import_features(out, x, labels=["a", "b"] * 128, backbone="mine", chunk_size=64)
+""")
+
+
+@pytest.mark.slow  # two processes
+def test_a_writer_whose_side_folder_is_deleted_stops_before_its_next_done_flag(tmp_path):
+    """Issue 26, case 9: with <store>.embedcache removed mid-import, a second writer of the same set could lock
+    a new lock file and both wrote and exited 0. Now the first finds its lock file gone and stops, naming why."""
+    import shutil
+
+    import numpy as np
+
+    import embedcache
+
+    out, marker, go = tmp_path / "c.zarr", tmp_path / "paused", tmp_path / "go"
+    first = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_IMPORT, str(out), str(marker), str(go)],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.02)
+        shutil.rmtree(f"{out}.embedcache")  # the side folder, and the first writer's lock file with it
+        x = np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32)
+        second = embedcache.import_features(out, x, labels=["a", "b"] * 128, backbone="mine", chunk_size=64)
+        assert second.chunks_written == 2  # chunks 2-3; the first had flagged 0-1
+        go.touch()
+        _, err = first.communicate(timeout=120)
+    finally:
+        go.touch()
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode != 0 and "was deleted while this writer held it" in err

@@ -14,6 +14,7 @@ import pytest
 import zarr
 
 import embedcache
+from embedcache.store.checksums import crc_values
 from probes import evaluate, scale
 from probes.engine.split_fits import RESULT_COLUMNS
 from probes.errors import ProbeError
@@ -220,10 +221,13 @@ def broken(store, tmp_path_factory):
     ok[:10] = False
     error = np.where(ok, "", "unreadable image (test)")
     fs.write_chunk(0, {p: fs.group[p][rows] for p in fs.pools}, ok, error)
-    g = zarr.open_group(str(path), mode="a")[ds.name]["obs"]["label"]
+    group = zarr.open_group(str(path), mode="a")[ds.name]
+    g = group["obs"]["label"]
     labels = np.asarray(g[:], dtype=object).astype(str)
     labels[10:15] = ""
     g[:] = labels
+    # the cell table is checksummed: record the new labels' CRC as a writer of unlabelled cells would have
+    group.update_attributes({"obs_crc": {**group.attrs["obs_crc"], "label": crc_values(labels)}})
     return path, fs
 
 

@@ -98,6 +98,12 @@ def test_class_weights_from_train_frequencies_and_given():
         ("lineages:\n  ab: [A, B]\n  ba: [B]\n", 3, "already in a lineage \\(line 2\\)"),
         ("lineages: {ab: [A, B]}\npenalties:\n  - {true: A, pred: B}\n", 3, "penalty lacks weight"),
         ("lineages: {ab: A}\n", 1, "must be a list of classes"),
+        (  # a duplicated penalty pair (the old code accepted it and summed nothing: the last one won)
+            "lineages: {ab: [A, B]}\npenalties:\n  - {true: A, pred: B, weight: 2}\n"
+            "  - {true: A, pred: B, weight: 5}\n",
+            4,
+            "declared twice \\(first on line 3\\)",
+        ),
         ("- A\n- B\n", 1, "expected a mapping"),
     ],
 )
