@@ -6,16 +6,38 @@ format (``.csv``, ``.parquet``, ``.json``, anything else: a plot drawn by the ca
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as _dt
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from probes.errors import ProbeError
+
+_CREATED: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("created_out", default=None)
+
+
+@contextlib.contextmanager
+def no_empty_outputs_on_failure() -> Iterator[None]:
+    """A study that fails inside leaves no empty output folder behind: folders :func:`prepare_out`
+    created inside are removed when the block raises and they are still empty (never a folder that
+    existed before, nor one holding files)."""
+    created: list[Path] = []
+    token = _CREATED.set(created)
+    try:
+        yield
+    except BaseException:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only an empty folder goes
+        raise
+    finally:
+        _CREATED.reset(token)
 
 
 def prepare_out(out: str | os.PathLike) -> Path:
@@ -28,10 +50,14 @@ def prepare_out(out: str | os.PathLike) -> Path:
         refuse_inside_store(path, "the output folder")
     except StoreError as e:
         raise ProbeError(str(e)) from None
+    existed = path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ProbeError(f"cannot create the output folder {path}: {e}") from e
+    created = _CREATED.get()
+    if created is not None and not existed:
+        created.append(path)
     return path
 
 

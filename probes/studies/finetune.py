@@ -22,7 +22,7 @@ from probes.errors import ProbeError
 from probes.features.cells import open_cells
 from probes.metrics import MAIN_METRIC
 from probes.reporting.console import Col, Panel
-from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.tables import no_empty_outputs_on_failure, prepare_out, study_document
 from probes.reporting.training import training_plots
 from probes.sampling import parse_seeds
 from probes.tuning.options import TuneOptions
@@ -110,54 +110,55 @@ def finetune(
         params.update(train_domain=plan.train, test_domain=plan.test)
     keeper = AdapterKeeper(save_adapter, [method]) if save_adapter is not None else None
     inputs.check([method])  # images gone, depth, heads: before the output folder is made
-    folder = prepare_out(default_out(name, out))
-    fits = fit_splits(
-        name,
-        cells,
-        [limit],
-        seed_list,
-        [method],
-        split=split,
-        val=val,
-        test_size=test_size,
-        device=device,
-        quiet=quiet,
-        plan=plan,
-        inputs=inputs,
-        make_probe=keeper,
-    )
-    curves = over_seeds(fits.results)
-    main = curves[(curves["metric"] == MAIN_METRIC) & (curves["class"] == "")]
-    res = StudyResult(
-        "finetune",
-        name,
-        params,
-        fits.results,
-        curves,
-        main.reset_index(drop=True),
-        fits.exclusions,
-        fits.confusion,
-        fits.notes,
-        domains=domain_gaps(curves) if plan is not None else None,
-        splits=fits.splits,
-        evaluations=fits.evaluations,
-        fits=fits.fits,
-        epochs=fits.epochs,
-        out=folder,
-    )
-    if keeper is not None:
-        res.notes.extend(keeper.save())
-    finish(
-        res,
-        tables=common_tables(res),
-        plots=training_plots(res.epochs, f"{params['dataset']} · {method}"),
-        documents={
-            "confusion.json": confusion_matrices(res.confusion),
-            "study.json": lambda names: study_document("finetune", name, params, res.notes, names),
-        },
-        panels=panels(res),
-        show=opts.printing(),
-    )
+    with no_empty_outputs_on_failure():
+        folder = prepare_out(default_out(name, out))
+        fits = fit_splits(
+            name,
+            cells,
+            [limit],
+            seed_list,
+            [method],
+            split=split,
+            val=val,
+            test_size=test_size,
+            device=device,
+            quiet=quiet,
+            plan=plan,
+            inputs=inputs,
+            make_probe=keeper,
+        )
+        curves = over_seeds(fits.results)
+        main = curves[(curves["metric"] == MAIN_METRIC) & (curves["class"] == "")]
+        res = StudyResult(
+            "finetune",
+            name,
+            params,
+            fits.results,
+            curves,
+            main.reset_index(drop=True),
+            fits.exclusions,
+            fits.confusion,
+            fits.notes,
+            domains=domain_gaps(curves) if plan is not None else None,
+            splits=fits.splits,
+            evaluations=fits.evaluations,
+            fits=fits.fits,
+            epochs=fits.epochs,
+            out=folder,
+        )
+        if keeper is not None:
+            res.notes.extend(keeper.save())
+        finish(
+            res,
+            tables=common_tables(res),
+            plots=training_plots(res.epochs, f"{params['dataset']} · {method}"),
+            documents={
+                "confusion.json": confusion_matrices(res.confusion),
+                "study.json": lambda names: study_document("finetune", name, params, res.notes, names),
+            },
+            panels=panels(res),
+            show=opts.printing(),
+        )
     return res
 
 

@@ -15,19 +15,21 @@ similarity is >= ``threshold - SIM_TOLERANCE`` (float32 round-off of a unit-vect
 ``threshold=1`` finds identical features. Pairs are joined into duplicate *sets* (connected components:
 union-find on the pair graph, i.e. transitively: a ~ b and b ~ c puts a, b, c in one set).
 
-Default :data:`DEFAULT_THRESHOLD` = 0.96, measured on EfficientNet-Lite0 ImageNet features ("mean" pool)
-of 3,000 random Chula RBC-12 cells (64 px JPEG crops) plus 10 altered copies of 200 of them: the nearest
-*distinct* cell scores median 0.894, 99.9th percentile 0.967, max 0.973 (and the five pairs above 0.958
-are not distinct at all: shifted re-crops of the same cells filed under two smear ids, e.g.
-``272_047``/``278_052``, pixel difference < 1 grey level after a 1 px shift). Copies score: identical
-pixels 1.000; a 1 px shift median 0.993 (min 0.968); a 2 px shift median 0.978; a horizontal flip median
-0.981 (min 0.952); a JPEG re-encode at quality 90 only median 0.956 (min 0.886), quality 50 median 0.816.
-These features are *not* invariant to re-encoding at 64 px, so no threshold separates every altered copy
-from every distinct cell. 0.99 (cleanlab-like) would find none of the re-crops found in Chula and only
-73 % of 1 px shifts; 0.96 still lies above every distinct pair seen at 3,000 cells, and finds
-1 px shifts (99 %), 2 px shifts and flips (~90 %), the real re-crops, and the closest re-encodes.
-Copies whose pixels are identical are caught regardless by the pixel hash (:func:`pixel_hash`,
-:func:`pixel_duplicates`), merged with the feature evidence by :func:`merge_duplicates`.
+Default :data:`DEFAULT_THRESHOLD` = 0.97, measured on EfficientNet-Lite0 ImageNet features ("mean" pool)
+of Chula RBC-12 (64 px JPEG q95 crops). Altered copies of 200 cells against their originals (cosine
+median / share >= 0.97): identical pixels 1.000 / 100 %; re-saved as JPEG q95 or q98 0.999 / 100 %; 1 px
+shift 0.993 / 99.5 %; 1 px shift + JPEG q95 0.983 / 92 %; horizontal flip 0.981 / 89 %; 2 px shift
+0.978 / 80 %; JPEG q90 0.956 / 14 %; 4 px shift 0.951 / 16 %; vertical flip 0.943 / 10 %; 90 degree
+rotation 0.917 / 2 %; JPEG q50 0.816 / 0 %. Distinct cells: the nearest other cell scores median 0.894,
+99.9th percentile 0.967 (3,000 random cells). Over all 22,106 cells, pairs at >= 0.95 / 0.96 / 0.97 /
+0.98 / 0.99 number 1,472 / 365 / 117 / 21 / 2, of which 362 / 222 / 107 / 21 / 2 are the same cell
+(grey-level difference < 3 after aligning by up to 12 px: Chula files re-crops of one field under two
+smear ids), so 0.97 is ~91 % precise (the rest mostly look-alike neighbours), 0.96 only 61 %, while
+0.98 (100 %) misses 4 in 10 flips and 2 px shifts and 0.99 (cleanlab-like) finds 2 pairs in all of
+Chula. These features are not invariant to re-encoding at 64 px (JPEG q90 already costs 0.04), so no
+threshold separates every altered copy from every distinct cell. Copies with identical pixels are
+caught whatever the features by the pixel hash (:func:`pixel_hash`, :func:`pixel_duplicates`), merged
+with the feature evidence by :func:`merge_duplicates`.
 
 **Leaks** (:func:`split_leaks`). A duplicate set with cells in more than one part of a split, and a group
 (smear, patient) with cells in more than one part; cells without a part ("") or group ("") take no part.
@@ -36,15 +38,30 @@ Copies whose pixels are identical are caught regardless by the pixel hash (:func
 nearest other cells (cleanlab's choice: the mean of k is steadier than the k-th alone, which is reported
 too), exact. The cell's own duplicate set is left out of its neighbours: a copied outlier would otherwise
 have a neighbour at distance ~0 and look typical; being copied is the duplicate issue's finding, not
-evidence that the cell is typical. The score is made relative to the cell's class: ``score = d /
-median(d over the class)``, since classes differ in how spread they are (a "normal" red cell sits among
-thousands, a rare class among few) and a ratio is scale-free ("3.1x its class median"); classes with
-fewer than :data:`MIN_CLASS_CELLS` cells, and every cell when no labels are given (the unconditional
-variant, also reported as ``global_score``), are measured against all cells. A cell is flagged when the
+evidence that the cell is typical (other cells' copies are not merged: a copied neighbour counts
+twice, as it does in the data set a model is trained on). The score is made relative to the cell's
+class: ``score = d / median(d over the class)``, since classes differ in how spread they are (a
+"normal" red cell sits among thousands, a rare class among few) and a ratio is scale-free ("3.1x its
+class median"); classes with fewer than :data:`MIN_CLASS_CELLS` cells, and every cell when no labels
+are given (the unconditional variant, also reported as ``global_score``), are measured against all
+cells. A cell is flagged when the
 robust z of its log distance within the reference, ``log(score) / (1.4826 * MAD(log d))``, exceeds
 :data:`OUTLIER_Z` = 3: kNN distances are positive and right-skewed, roughly symmetric in log, so a
 median/MAD z is calibrated without being pulled by the outliers themselves; and unlike "above the 99th
 percentile" it does not flag a fixed share of every class when the class is clean.
+
+Default :data:`DEFAULT_K` = 20, measured with 40 foreign cells (10 each of BCCD platelets, BCCD white
+cells, TECOM neutrophils, BCCD red cells; random Chula labels) among all 22,106 Chula cells: foreign
+cells of one kind are each other's nearest neighbours, so a small k hides such a cluster (k = 5: the 10
+platelets' median rank by the class score ~4,200, none flagged; k = 10: ~420, 3 flagged; k = 20: ~40,
+8 flagged). At k = 20 the class score separates foreign from Chula cells with AUROC 0.984 (0.994 for
+the unconditional one) and flags 33 of the 40 (27 unconditional) and 63 of the 22,106 Chula cells (9
+unconditional): 0.3 %, among them cells that are not red cells at all (an empty field, a scale bar,
+crops padded at the image border).
+
+Cost, in memory, 2 CPU cores, 22,106 x 1280 features: the duplicate search 8-11 s, the outlier scores
+(k = 20) 11 s. Out of core each database block is read once per query block (the duplicate search
+only pairs a block with itself and the blocks before it).
 
 Rows with NaN/inf features (or all zeros: no direction) are left out of every search and counted
 (``excluded_nonfinite``) instead of failing. Every result has per cell a ``score``, a boolean ``flag`` and
@@ -65,8 +82,8 @@ import pandas as pd
 
 from probes.errors import ProbeError
 
-DEFAULT_THRESHOLD = 0.96  # cosine: see the module docstring for the measurements behind it
-DEFAULT_K = 10  # neighbours of the outlier score
+DEFAULT_THRESHOLD = 0.97  # cosine: see the module docstring for the measurements behind it
+DEFAULT_K = 20  # neighbours of the outlier score (see the module docstring)
 OUTLIER_Z = 3.0  # robust z (log distance, within the class) above which a cell is flagged an outlier
 MIN_CLASS_CELLS = 10  # classes with fewer cells are measured against all cells
 QUERY_ROWS = 4096  # queries per FAISS search (bounds the result buffers)
@@ -597,17 +614,22 @@ def split_leaks(
         group_table.columns.name = None
         group_table.insert(1, "size", leaky.sum(axis=1).to_numpy())
         group_table.insert(2, "n_parts", n_parts_g[n_parts_g > 1].to_numpy())
-        group_why = leaky.apply(
-            lambda r: f"group {r.name} in " + _and_list([f"{p} ({c})" for p, c in r.items() if c > 0]), axis=1
+        long = leaky.stack()  # (group, part) -> count, the parts in the columns' order
+        long = long[long > 0]
+        text = pd.Series(
+            long.index.get_level_values(1).astype(str) + " (" + long.astype(str).to_numpy() + ")",
+            index=long.index.get_level_values(0),
         )
+        joined = text.groupby(level=0, sort=False).agg(lambda t: _and_list(list(t)))
+        group_why = ("group " + joined.index.astype(str) + " in " + joined).astype(object)
 
     leak_dup = df["set"].isin(leaky_sets).to_numpy() & (part != "")
     leak_grp = df["group"].isin(group_why.index).to_numpy() & (part != "") if len(group_why) else np.zeros(n, bool)
     # score: cells sharing this cell's set or group that lie in another part
     other = _linked_elsewhere(df)
-    why_set = np.where(leak_dup, "set " + df["set"].astype(str) + df["set"].map(set_why).fillna("").astype(str), "")
-    why_grp = np.where(leak_grp, df["group"].map(group_why).fillna("").astype(str), "")
-    why = pd.Series(why_set).str.cat(pd.Series(why_grp), sep="; ").str.strip("; ").to_numpy()
+    why_set = ("set " + df["set"].astype(str) + df["set"].map(set_why).fillna("").astype(str)).to_numpy(dtype=object)
+    why_grp = df["group"].map(group_why).fillna("").astype(str).to_numpy(dtype=object)
+    why = np.select([leak_dup & leak_grp, leak_dup, leak_grp], [why_set + "; " + why_grp, why_set, why_grp], "")
     cells = pd.DataFrame(
         {
             "id": names,

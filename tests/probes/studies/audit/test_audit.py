@@ -691,3 +691,18 @@ def test_cli_audit_neighbors_relabel(store, tmp_path):
     assert "store" in one_line_error(
         runner.invoke(app, ["neighbors", "--store", str(tmp_path / "none.zarr"), "--model", VIT, "--id", first])
     )
+
+
+def test_a_failed_audit_leaves_no_empty_output_folder(built, tmp_path, monkeypatch):
+    """The default output folder (audit-<models>-<date>, in the working folder) is made before any fit;
+    an audit that then fails removes it again rather than leaving an empty folder per failed try."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ProbeError, match="too few"):
+        audit(built, RESNET, pool="mean", probes="knn", folds=N_CELLS + 1, quiet=True, cache=False)
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "kept"
+    (kept / "note.txt").parent.mkdir()
+    (kept / "note.txt").write_text("mine")
+    with pytest.raises(ProbeError, match="too few"):
+        audit(built, RESNET, pool="mean", probes="knn", folds=N_CELLS + 1, quiet=True, cache=False, out=kept)
+    assert (kept / "note.txt").read_text() == "mine"
