@@ -57,6 +57,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
 METRIC_NAMES = ("macro_f1", "accuracy", "weighted_f1")
+COMPARE_COLUMNS = [
+    *("a", "b", "macro_f1_a", "macro_f1_b", "diff", "diff_low", "diff_high", "p_bootstrap", "p_bootstrap_holm"),
+    *("accuracy_a", "accuracy_b", "mcnemar_b", "mcnemar_c", "p_mcnemar", "p_mcnemar_holm"),
+]
 _CHUNK_CELLS = 2**22  # drawn cells (and confusion entries) per chunk of resamples: ~16-32 MB per array
 _EXACT_MCNEMAR_BELOW = 25  # b + c below this: exact binomial test
 
@@ -78,12 +82,16 @@ def confusion(y_true_codes: ArrayLike, y_pred_codes: ArrayLike, n_classes: int) 
     return np.bincount(true * k + pred, minlength=k * k).reshape(k, k)
 
 
-def metrics_from_confusion(conf: ArrayLike, *, present_only: bool = False) -> dict[str, np.ndarray]:
+def metrics_from_confusion(
+    conf: ArrayLike, *, present_only: bool = False, scored: int | None = None
+) -> dict[str, np.ndarray]:
     """Macro-F1, accuracy and weighted F1 of confusion matrices ``(..., K, K)``, each of shape ``(...)``.
 
     Equal to scikit-learn's ``f1_score(labels=range(K), average=..., zero_division=0)`` and
     ``accuracy_score`` on the cells the matrix counts. ``present_only=True`` averages macro-F1 over
     the classes that are true or predicted at least once (scikit-learn's ``labels=None``).
+    ``scored``: macro-F1 averages over the first ``scored`` classes only (the others are predictions
+    outside the test set's classes, errors that score no F1 of their own, as :func:`probes.metrics.score`).
     """
     c = np.asarray(conf)
     if c.ndim < 2 or c.shape[-1] != c.shape[-2] or c.shape[-1] == 0:
@@ -95,15 +103,17 @@ def metrics_from_confusion(conf: ArrayLike, *, present_only: bool = False) -> di
     n = n_true.sum(axis=-1)
     denom = n_true + n_pred
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+    if scored is not None:
+        f1 = f1[..., :scored]
     if present_only:
-        present = (denom > 0).sum(axis=-1)
+        present = (denom[..., : f1.shape[-1]] > 0).sum(axis=-1)
         macro = np.divide(f1.sum(axis=-1), present, out=np.zeros_like(n), where=present > 0)
     else:
         macro = f1.mean(axis=-1)
     return {
         "macro_f1": macro,
         "accuracy": np.divide(tp.sum(axis=-1), n, out=np.zeros_like(n), where=n > 0),
-        "weighted_f1": np.divide((f1 * n_true).sum(axis=-1), n, out=np.zeros_like(n), where=n > 0),
+        "weighted_f1": np.divide((f1 * n_true[..., : f1.shape[-1]]).sum(axis=-1), n, out=np.zeros_like(n), where=n > 0),
     }
 
 
@@ -234,9 +244,127 @@ def compare_all(
     table = pd.DataFrame([{"a": names[i], "b": names[j], **row} for (i, j), row in rows.items()])
     table["p_bootstrap_holm"] = holm(table["p_bootstrap"].to_numpy())
     table["p_mcnemar_holm"] = holm(table["p_mcnemar"].to_numpy())
-    columns = ["a", "b", "macro_f1_a", "macro_f1_b", "diff", "diff_low", "diff_high", "p_bootstrap"]
-    columns += ["p_bootstrap_holm", "accuracy_a", "accuracy_b", "mcnemar_b", "mcnemar_c", "p_mcnemar"]
-    return table[[*columns, "p_mcnemar_holm"]]
+    return table[COMPARE_COLUMNS]
+
+
+@dataclass
+class GroupBootstrap:
+    """Scores of several prediction vectors on the same test cells, resampled together.
+
+    ``intervals[name][metric]``: the score and its percentile interval; ``replicates[name][metric]``:
+    the ``(B,)`` resampled scores (resample ``r`` is the same cells for every name, so differences and
+    means over names are paired); ``comparisons``: :func:`compare_all`'s table (None with one vector).
+    """
+
+    intervals: dict[str, dict[str, Interval]]
+    replicates: dict[str, dict[str, np.ndarray]]
+    comparisons: pd.DataFrame | None
+
+
+def bootstrap_group(
+    y_true: ArrayLike,
+    predictions: Mapping[str, ArrayLike],
+    labels: Sequence[Any] | np.ndarray | None = None,
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    stratified: bool = True,
+    others: str = "error",
+) -> GroupBootstrap:
+    """:func:`bootstrap_ci` of every named vector and :func:`compare_all` of every two, from one set of resamples.
+
+    What a study needs per test set: each vector's cells are counted once (the cost of one
+    :func:`bootstrap_ci` per vector), and the pairs reuse those resampled scores. ``others="wrong"``
+    (with ``labels``): a prediction outside ``labels`` is an error that scores no F1 of its own, as
+    :func:`probes.metrics.score` counts a prediction of a class the test set lacks; ``"error"`` refuses it.
+    """
+    import pandas as pd
+
+    names = list(predictions)
+    if not names:
+        raise ProbeError("bootstrap_group needs at least one prediction vector")
+    if others not in ("error", "wrong"):
+        raise ProbeError(f"others must be 'error' or 'wrong', got {others!r}")
+    _check_resampling(n_resamples, level)
+    scored = None
+    if others == "wrong" and labels is not None:
+        classes = [str(c) for c in labels]
+        seen = np.unique(np.concatenate([np.asarray(predictions[n]).astype(str) for n in names]))
+        extra = sorted(set(seen.tolist()) - set(classes))
+        labels, scored = classes + extra, len(classes)
+    k, true, preds, present_only = _encode(y_true, {str(n): predictions[n] for n in names}, labels)
+    points = [
+        metrics_from_confusion(_full_confusion(true, p, k), present_only=present_only, scored=scored) for p in preds
+    ]
+    resampled = _resampled_metrics(true, preds, k, n_resamples, seed, stratified, present_only, scored)
+    intervals = {
+        name: {m: Interval(float(point[m]), *_percentile_interval(values[m], level)) for m in METRIC_NAMES}
+        for name, point, values in zip(names, points, resampled)
+    }
+    comparisons = None
+    if len(names) > 1:
+        rows = _pair_rows(true, preds, points, resampled, level)
+        comparisons = pd.DataFrame([{"a": names[i], "b": names[j], **row} for (i, j), row in rows.items()])
+        comparisons["p_bootstrap_holm"] = holm(comparisons["p_bootstrap"].to_numpy())
+        comparisons["p_mcnemar_holm"] = holm(comparisons["p_mcnemar"].to_numpy())
+        comparisons = comparisons[COMPARE_COLUMNS]
+    return GroupBootstrap(intervals, dict(zip(names, resampled)), comparisons)
+
+
+def interval_of_mean(replicates: Sequence[np.ndarray], level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of several scores, each resampled independently (``(B,)`` each).
+
+    The mean over seeds of a study: resample ``r`` of the mean is the mean of every seed's resample
+    ``r`` (their test cells are resampled independently, so this is a draw of the mean's bootstrap)."""
+    if not replicates:
+        raise ProbeError("interval_of_mean needs at least one set of replicates")
+    sizes = {np.asarray(r).shape for r in replicates}
+    if len(sizes) != 1:
+        raise ProbeError(f"replicates must share one shape (B,), got {sorted(sizes)}")
+    return _percentile_interval(np.mean(np.stack(replicates), axis=0), level)
+
+
+def bootstrap_kept(
+    y_true: ArrayLike,
+    kept: ArrayLike,
+    correct: ArrayLike,
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    stratified: bool = True,
+) -> dict[str, Interval]:
+    """Intervals over test cells of what a confidence threshold keeps: ``coverage`` (share kept) and
+    ``accuracy`` (share right among the kept), resampled as :func:`bootstrap_ci` (stratified by true class).
+
+    Only the counts of (kept, right) per class matter, so each resample is one multinomial draw of
+    those four counts per class (the exact distribution of resampling the cells): cheap at any size.
+    A resample that keeps no cell has no accuracy and is left out of its interval.
+    """
+    _check_resampling(n_resamples, level)
+    y = np.asarray(y_true)
+    k_, c_ = np.asarray(kept, dtype=bool), np.asarray(correct, dtype=bool)
+    if y.ndim != 1 or y.size == 0 or k_.shape != y.shape or c_.shape != y.shape:
+        raise ProbeError(
+            f"y_true, kept and correct must be 1-D of one non-zero length, got {y.shape}, {k_.shape}, {c_.shape}"
+        )
+    rng = np.random.default_rng(seed)
+    category = k_.astype(np.int64) * 2 + c_.astype(np.int64)  # 0: dropped wrong .. 3: kept right
+    groups = [category[y == v] for v in np.unique(y)] if stratified else [category]
+    counts = np.zeros((n_resamples, 4), dtype=np.int64)
+    for g in groups:
+        counts += rng.multinomial(g.size, np.bincount(g, minlength=4) / g.size, size=n_resamples)
+    n_kept = counts[:, 2] + counts[:, 3]
+    coverage = n_kept / y.size
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = counts[:, 3] / n_kept
+    out = {"coverage": Interval(float(k_.mean()), *_percentile_interval(coverage, level))}
+    finite = accuracy[np.isfinite(accuracy)]
+    point = float(c_[k_].mean()) if k_.any() else float("nan")
+    bounds = _percentile_interval(finite, level) if finite.size else (float("nan"), float("nan"))
+    out["accuracy"] = Interval(point, *bounds)
+    return out
 
 
 def mcnemar(b: int, c: int) -> float:
@@ -400,12 +528,13 @@ def _resampled_metrics(
     seed: int,
     stratified: bool,
     present_only: bool,
+    scored: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Each metric over the resamples, ``(B,)`` per prediction vector, never holding all confusions at once."""
     out = [{name: np.empty(n_resamples) for name in METRIC_NAMES} for _ in preds]
     for rows, confs in _confusion_chunks(true, preds, k, n_resamples, seed, stratified):
         for values, conf in zip(out, confs):
-            for name, v in metrics_from_confusion(conf, present_only=present_only).items():
+            for name, v in metrics_from_confusion(conf, present_only=present_only, scored=scored).items():
                 values[name][rows] = v
     return out
 
@@ -428,10 +557,22 @@ def _compare_pairs(
     """The comparison of every two prediction vectors ``(i, j)``, ``i < j``, on shared resamples."""
     points = [metrics_from_confusion(_full_confusion(true, p, k), present_only=present_only) for p in preds]
     resampled = _resampled_metrics(true, preds, k, n_resamples, seed, stratified, present_only)
+    return _pair_rows(true, preds, points, resampled, level)
+
+
+def _pair_rows(
+    true: np.ndarray,
+    preds: list[np.ndarray],
+    points: list[dict[str, np.ndarray]],
+    resampled: list[dict[str, np.ndarray]],
+    level: float,
+) -> dict[tuple[int, int], dict[str, float | int]]:
+    """Paired bootstrap and McNemar rows of every two vectors from their point scores and shared resamples."""
     correct = [p == true for p in preds]
     out: dict[tuple[int, int], dict[str, float | int]] = {}
     for i, j in combinations(range(len(preds)), 2):
         d = resampled[j]["macro_f1"] - resampled[i]["macro_f1"]
+        n_resamples = d.size
         low, high = _percentile_interval(d, level)
         below, above = int(np.count_nonzero(d <= 0)), int(np.count_nonzero(d >= 0))
         b = int(np.count_nonzero(correct[i] & ~correct[j]))

@@ -19,10 +19,12 @@ import numpy as np
 import pandas as pd
 
 from probes.domains import DomainPlan, TestSet, evaluations
+from probes.engine.intervals import TestedCells, attach_intervals, compare_panel, seed_mean_interval
 from probes.engine.skeleton import FitJob, epoch_table, fit_table, run_plan
 from probes.errors import ProbeError
 from probes.features.cells import Cells, exclusion_reason
 from probes.metrics import CLASS_METRIC, score
+from probes.reporting.console import Panel
 from probes.sampling import Sampler, Split, flag_min
 
 RESULT_COLUMNS = [
@@ -44,11 +46,15 @@ RESULT_COLUMNS = [
     "metric",
     "class",
     "value",
+    "low",
+    "high",
     "seconds",
     "exceeds_data",
 ]
 CONFUSION_COLUMNS = ["backbone", "probe", "limit", "seed", "test_domain", "true", "pred", "count"]
 CURVE_KEYS = ["backbone", "feature_key", "pool", "probe", "test_domain", "in_domain"]
+COMPARE_GROUP = ["limit", "seed", "test_domain"]  # the fits of one test set
+COMPARE_FIT = ["backbone", "probe"]
 
 
 @dataclass
@@ -69,6 +75,7 @@ class StudyResult:
     evaluations: dict = field(default_factory=dict)  # (limit, seed) -> [(test_domain, in_domain, positions, classes)]
     fits: pd.DataFrame | None = None  # one row per fit: chosen C, solver iterations, convergence, precision...
     epochs: pd.DataFrame | None = None  # fine-tunes: one row per fit x epoch (loss, hold-out macro-F1)
+    compare: pd.DataFrame | None = None  # paired comparisons of the fits scored on the same test cells
     out: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -85,6 +92,8 @@ class SplitFits:
     splits: dict[tuple[int | None, int], Split]
     evaluations: dict[tuple[int | None, int], list[TestSet]]
     epochs: pd.DataFrame | None = None  # probes.engine.skeleton.EPOCH_COLUMNS
+    compare: pd.DataFrame | None = None  # paired comparisons per test set (probes.engine.intervals.attach_intervals)
+    replicates: dict = field(default_factory=dict)  # (backbone, probe, limit, test_domain, metric) -> (B,) per seed
 
 
 def fit_splits(
@@ -127,6 +136,7 @@ def fit_splits(
     confusion: list[dict] = []
     fit_rows: list[dict] = []
     epoch_rows: list[dict] = []
+    tested: dict[tuple, TestedCells] = {}  # (limit, seed, test_domain) -> the predictions on those cells
     from probes.tuning.study_inputs import TUNE_PROBES, TuneInputs, TuneOptions  # torch: imported when fitting
 
     if inputs is None and any(p in TUNE_PROBES for p in probes):
@@ -141,6 +151,8 @@ def fit_splits(
         epoch_rows += done.epoch_rows()
         for (test_domain, in_domain, pos, classes), pred in zip(tests, done.predictions):
             sc = score(cells.labels[pos], pred, classes)
+            group = tested.setdefault((sp.limit, sp.seed, test_domain), TestedCells(cells.labels[pos], classes))
+            group.add((job.backbone, job.probe), pred, range(len(rows), len(rows) + len(sc.values) + len(sc.class_f1)))
             base = dict(
                 study=name,
                 dataset=cells.dataset,
@@ -158,15 +170,18 @@ def fit_splits(
                 n_test=len(pos),
                 n_classes=len(classes),
             )
-            extra = dict(seconds=done.seconds, exceeds_data=sp.exceeds_data)
+            extra = dict(low=np.nan, high=np.nan, seconds=done.seconds, exceeds_data=sp.exceeds_data)
             rows += [{**base, "metric": m, "class": "", "value": v, **extra} for m, v in sc.values.items()]
             rows += [{**base, "metric": CLASS_METRIC, "class": c, "value": v, **extra} for c, v in sc.class_f1.items()]
             keys = {k: base[k] for k in ("backbone", "probe", "limit", "seed", "test_domain")}
             for i, t in enumerate(sc.classes):
                 for j, p in enumerate(sc.classes):
                     confusion.append({**keys, "true": t, "pred": p, "count": int(sc.confusion[i, j])})
+    found = attach_intervals(rows, tested, fit_columns=COMPARE_FIT, group_columns=COMPARE_GROUP)
+    compare, replicates = found.compare, found.replicates
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     results["limit"] = results["limit"].astype("Int64")
+    compare["limit"] = compare["limit"].astype("Int64")
     conf = pd.DataFrame(confusion, columns=CONFUSION_COLUMNS)
     conf["limit"] = conf["limit"].astype("Int64")
     fits, fit_notes = fit_table(fit_rows)
@@ -179,6 +194,8 @@ def fit_splits(
         splits,
         evals,
         epochs=epoch_table(epoch_rows) if epoch_rows else None,
+        compare=compare,
+        replicates=replicates,
     )
 
 
@@ -233,8 +250,12 @@ def _lift(sp: Split, inside: np.ndarray) -> Split:
 
 
 # -- tables -------------------------------------------------------------------------------------
-def over_seeds(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std (sample std; 0 with one seed) over seeds per curve x limit x metric x class."""
+def over_seeds(results: pd.DataFrame, replicates: dict | None = None) -> pd.DataFrame:
+    """Mean and std (sample std; 0 with one seed) over seeds per curve x limit x metric x class.
+
+    ``low`` / ``high``: the 95% bootstrap interval over test cells of that mean (from ``replicates``,
+    :attr:`SplitFits.replicates`; each seed's test cells resampled, resample r averaged over seeds),
+    for the aggregate metrics; NaN for per-class rows or without ``replicates``."""
     keys = CURVE_KEYS + ["limit", "metric", "class"]
     g = results.groupby(keys, dropna=False, sort=False)
     out = g.agg(
@@ -248,6 +269,14 @@ def over_seeds(results: pd.DataFrame) -> pd.DataFrame:
         exceeds_data=("exceeds_data", "any"),
     ).reset_index()
     out["std"] = out["std"].fillna(0.0)
+    low, high = np.full(len(out), np.nan), np.full(len(out), np.nan)
+    if replicates:
+        for i, r in enumerate(out[["backbone", "probe", "limit", "test_domain", "metric", "class"]].itertuples(False)):
+            if r[5] == "":
+                key = (r[0], r[1], None if pd.isna(r[2]) else r[2], r[3], r[4])
+                low[i], high[i] = seed_mean_interval(replicates, key)
+    out.insert(out.columns.get_loc("std") + 1, "low", low)
+    out.insert(out.columns.get_loc("low") + 1, "high", high)
     return out
 
 
@@ -282,6 +311,8 @@ def common_tables(res: StudyResult) -> dict[str, pd.DataFrame]:
         "exclusions.csv": res.exclusions,
         "confusion.csv": res.confusion,
     }
+    if res.compare is not None:
+        tables["compare.csv"] = res.compare
     if res.fits is not None:
         tables["fits.csv"] = res.fits
     if res.epochs is not None:
@@ -350,3 +381,18 @@ def split_exclusions(cells: Cells, sampler: Sampler, splits: dict) -> pd.DataFra
     df["limit"] = df["limit"].astype("Int64")
     df["seed"] = df["seed"].astype("Int64")
     return df
+
+
+def study_compare_panel(compare: pd.DataFrame | None) -> list[Panel]:
+    """The printed paired comparisons of a split study: the largest limit's first seed, every test set."""
+    if compare is None or compare.empty:
+        return []
+    lim = compare["limit"].dropna()
+    chosen = compare[compare["limit"].isna()] if lim.empty else compare[compare["limit"] == lim.max()]
+    seed = chosen["seed"].iloc[0]
+    chosen = chosen[chosen["seed"] == seed]
+    where = ("" if lim.empty else f"limit {int(lim.max())}, ") + f"seed {int(seed)}"
+    columns = COMPARE_FIT + (["test_domain"] if (chosen["test_domain"] != "").any() else [])
+    if "test_domain" in columns:
+        chosen = chosen.assign(test_domain_a=chosen["test_domain"], test_domain_b=chosen["test_domain"])
+    return compare_panel(chosen, columns, where)

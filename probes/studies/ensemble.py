@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from embedcache.options import UNSET
+from probes.engine.intervals import TestedCells, attach_intervals, compare_panel, interval_text, seed_mean_interval
 from probes.engine.options import StudyOptions, study_options
 from probes.engine.proba_fits import (
     VAL_FRACTION,
@@ -50,15 +51,7 @@ from probes.sampling import parse_seeds, sort_labels
 
 RULE_NAMES = {"override": "ensemble", "majority": "ensemble-vote", "mean": "ensemble-mean"}  # -> registry prefix
 KEYS = ["backbone", "feature_key", "pool", "kind", "method", "probe"]
-PRINTED = [
-    ("accuracy", "acc"),
-    ("macro_precision", "macro P"),
-    ("macro_recall", "macro R"),
-    ("macro_f1", "macro F1"),
-    ("weighted_precision", "weighted P"),
-    ("weighted_recall", "weighted R"),
-    ("weighted_f1", "weighted F1"),
-]
+PRINTED = [("accuracy", "acc"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]  # the rest: summary.csv
 
 
 @dataclass
@@ -75,6 +68,7 @@ class EnsembleResult:
     exclusions: pd.DataFrame
     notes: list[str] = field(default_factory=list)
     out: Path | None = None
+    compare: pd.DataFrame | None = None  # every two heads / rules on the same test cells (compare.csv)
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -176,16 +170,16 @@ def ensemble(
             fit_rows.append(done.fit_row())
         rows: list[dict] = []
         pair_rows: list[dict] = []
+        tested: dict[tuple, TestedCells] = {}  # (backbone, seed) -> every head and rule on its test cells
         order = [primary, *[h for h in head_list if h != primary]]
         members = "+".join(order)
         for (backbone, seed), by_head in fitted.items():
             h = by_head[primary].job.tag
             y_test = cells.labels[h.test]
             base = base_row(name, cells, by_head[primary], split)
+            group = tested.setdefault((backbone, seed), TestedCells(y_test, h.classes))
             for head in head_list:
-                rows += score_rows(
-                    {**base, "probe": head}, y_test, by_head[head].predictions[1], h.classes, kind="head", method=head
-                )
+                _scored(rows, group, {**base, "probe": head}, by_head[head].predictions[1], kind="head", method=head)
             if auto:
                 ranked = auto_pairs(cells.labels[h.val], by_head[primary].predictions[0], int(n_pairs))
                 chosen, counts, source = [p for p, _ in ranked], dict(ranked), "validation"
@@ -199,13 +193,8 @@ def ensemble(
             labels = {}
             for rule, prefix in RULE_NAMES.items():
                 labels[rule], _ = combine(rule, probas, h.classes, primary=0, pairs=chosen)
-                rows += score_rows(
-                    {**base, "probe": f"{prefix}:{members}"},
-                    y_test,
-                    labels[rule],
-                    h.classes,
-                    kind="ensemble",
-                    method=rule,
+                _scored(
+                    rows, group, {**base, "probe": f"{prefix}:{members}"}, labels[rule], kind="ensemble", method=rule
                 )
             prim = np.asarray(by_head[primary].predictions[1]).astype(str)
             for a, b in chosen:
@@ -227,8 +216,15 @@ def ensemble(
                     f"{backbone}, seed {seed}: no confusion pair ({source}): the override ensemble is the "
                     f"primary head '{primary}'"
                 )
+        found = attach_intervals(rows, tested, fit_columns=["method"], group_columns=["backbone", "seed"])
         results = pd.DataFrame(rows)
         summary = seed_summary(results[results["class"] == ""], KEYS)
+        summary["low"], summary["high"] = zip(
+            *(
+                seed_mean_interval(found.replicates, k)
+                for k in zip(summary["method"], summary["backbone"], summary["metric"])
+            )
+        )
         spec = specialisation(results)
         pair_table = pd.DataFrame(
             pair_rows,
@@ -247,6 +243,7 @@ def ensemble(
             exclusions,
             list(dict.fromkeys(notes + fit_notes)),
             out=folder,
+            compare=found.compare,
         )
         plots = {
             f"specialisation-{slug(b)}.png": (
@@ -262,6 +259,7 @@ def ensemble(
                 "specialisation.csv": spec,
                 "summary.csv": summary,
                 "pairs.csv": pair_table,
+                "compare.csv": res.compare,
                 "fits.csv": fits,
                 "exclusions.csv": exclusions,
             },
@@ -271,6 +269,13 @@ def ensemble(
             show=opts.printing(),
         )
         return res
+
+
+def _scored(rows: list[dict], group: TestedCells, base: dict, pred: np.ndarray, **key: str) -> None:
+    """Score ``pred`` on the group's test cells into ``rows``, and record it for the intervals."""
+    new = score_rows(base, group.truth, pred, group.classes, **key)
+    group.add((key["method"],), pred, range(len(rows), len(rows) + len(new)))
+    rows.extend(new)
 
 
 def specialisation(results: pd.DataFrame) -> pd.DataFrame:
@@ -321,11 +326,21 @@ def panels(res: EnsembleResult) -> list[Panel]:
     cols += [Col(lab) for _, lab in PRINTED]
     rows = []
     for (b, m), g in s.groupby(["backbone", "method"], sort=False):
-        v = {r.metric: (r.mean, r.std) for r in g.itertuples()}
-        rows.append([b, m, *[pm(*v[k], n_seeds) for k, _ in PRINTED]])
+        v = {r.metric: (r.mean, r.std, r.low, r.high) for r in g.itertuples()}
+        rows.append([b, m, *[interval_text(*v[k], n_seeds) for k, _ in PRINTED]])
     out.append(
-        Panel("heads and ensembles (override: the paper's rule; majority; mean: probability averaging)", cols, rows)
+        Panel(
+            "heads and ensembles (override: the paper's rule; majority; mean: probability averaging), "
+            "[95% interval over test cells]",
+            cols,
+            rows,
+            ["macro / weighted precision and recall: summary.csv"],
+        )
     )
+    if res.compare is not None and len(res.compare):
+        c = res.compare[res.compare["seed"] == res.compare["seed"].iloc[0]]
+        c = c.assign(fit_a=c["backbone"] + " · " + c["method_a"], fit_b=c["method_b"])
+        out += compare_panel(c, ["fit"], f"seed {c['seed'].iloc[0]}")
     p = res.pairs
     if len(p):
         agg = (

@@ -12,10 +12,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from embedcache.options import UNSET
 from probes.domains import DomainPlan, domain_gaps, domain_panels
+from probes.engine.intervals import interval_text
 from probes.engine.options import StudyOptions, study_options
 from probes.engine.runtime import study_runtime
 from probes.engine.skeleton import check_probes, finish, study_name
@@ -27,6 +29,7 @@ from probes.engine.split_fits import (
     default_out,
     fit_splits,
     over_seeds,
+    study_compare_panel,
 )
 from probes.features.cells import open_cells
 from probes.metrics import CLASS_METRIC
@@ -37,14 +40,7 @@ from probes.reporting.training import training_plots
 from probes.sampling import parse_seeds
 from probes.tuning.options import TuneOptions
 
-PRINTED = [
-    ("accuracy", "acc"),
-    ("balanced_accuracy", "bal. acc"),
-    ("macro_precision", "macro P"),
-    ("macro_recall", "macro R"),
-    ("macro_f1", "macro F1"),
-    ("weighted_f1", "weighted F1"),
-]
+PRINTED = [("accuracy", "acc"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]  # the rest: summary.csv
 
 
 def evaluate(
@@ -150,7 +146,7 @@ def evaluate(
             inputs=inputs,
             make_probe=keeper,
         )
-        curves = over_seeds(fits.results)
+        curves = over_seeds(fits.results, fits.replicates)
         res = StudyResult(
             "evaluate",
             name,
@@ -166,6 +162,7 @@ def evaluate(
             evaluations=fits.evaluations,
             fits=fits.fits,
             epochs=fits.epochs,
+            compare=fits.compare,
             out=folder,
         )
         if keeper is not None:
@@ -186,10 +183,14 @@ def evaluate(
 
 
 def eval_summary(curves: pd.DataFrame) -> pd.DataFrame:
-    """One row per backbone x probe: mean and std of every aggregate metric."""
+    """One row per backbone x probe: mean, std over seeds and 95% interval over test cells of every aggregate
+    metric (``<metric>_low`` / ``_high``: macro-F1, accuracy and weighted F1)."""
     main = curves[curves["class"] == ""]
-    wide = main.pivot_table(index=CURVE_KEYS, columns="metric", values=["mean", "std"], sort=False)
+    wide = main.pivot_table(
+        index=CURVE_KEYS, columns="metric", values=["mean", "std", "low", "high"], sort=False, dropna=False
+    )
     wide.columns = [f"{m}_{stat}" for stat, m in wide.columns]
+    wide = wide[[c for c in wide.columns if not (c.endswith(("_low", "_high")) and wide[c].isna().all())]]
     extra = main.groupby(CURVE_KEYS, sort=False)[["n_seeds", "n_train", "n_test", "n_classes", "seconds"]].first()
     return wide.join(extra).reset_index()
 
@@ -213,13 +214,17 @@ def panels(res: StudyResult) -> list[Panel]:
         f"{res.name}: one fit on the full training split, {res.params['split']} split, "
         f"{res.params['dataset']} ({res.params['pool']})"
         + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else "")
+        + ", [95% interval over test cells]"
     )
     cols = [Col("backbone", "left", no_wrap=True), Col("probe", "left", no_wrap=True)]
     cols += [Col(c) for c in (*(["tested on"] if domains else []), "train", "test", "classes")]
     cols += [Col(label) for _, label in PRINTED] + [Col("s/fit")]
     rows = []
     for r in s.to_dict("records"):
-        vals = [f"{r[f'{m}_mean']:.3f}" + (f"±{r[f'{m}_std']:.3f}" if n_seeds > 1 else "") for m, _ in PRINTED]
+        vals = [
+            interval_text(r[f"{m}_mean"], r[f"{m}_std"], r.get(f"{m}_low", np.nan), r.get(f"{m}_high", np.nan), n_seeds)
+            for m, _ in PRINTED
+        ]
         where = [f"{r['test_domain']} ({'in' if r['in_domain'] else 'out of'} domain)"] if domains else []
         rows.append(
             [
@@ -233,7 +238,8 @@ def panels(res: StudyResult) -> list[Panel]:
                 f"{r['seconds']:.2f}",
             ]
         )
-    out = [Panel(title, cols, rows), *domain_panels(res.domains)]
+    footer = ["balanced accuracy, macro / weighted precision and recall: summary.csv"]
+    out = [Panel(title, cols, rows, footer), *domain_panels(res.domains), *study_compare_panel(res.compare)]
     pc = res.curves[(res.curves["metric"] == CLASS_METRIC) & res.curves["in_domain"]]
     if len(pc):
         wide = pc.pivot_table(index="class", columns=["backbone", "probe"], values="mean", sort=False)

@@ -15,9 +15,18 @@ from typing import Any
 
 from embedcache.options import UNSET
 from probes.domains import DomainPlan, domain_gaps, domain_panels
+from probes.engine.intervals import interval_text
 from probes.engine.options import StudyOptions, study_options
 from probes.engine.skeleton import finish, study_name
-from probes.engine.split_fits import StudyResult, common_tables, confusion_matrices, default_out, fit_splits, over_seeds
+from probes.engine.split_fits import (
+    StudyResult,
+    common_tables,
+    confusion_matrices,
+    default_out,
+    fit_splits,
+    over_seeds,
+    study_compare_panel,
+)
 from probes.errors import ProbeError
 from probes.features.cells import open_cells
 from probes.metrics import MAIN_METRIC
@@ -127,7 +136,7 @@ def finetune(
             inputs=inputs,
             make_probe=keeper,
         )
-        curves = over_seeds(fits.results)
+        curves = over_seeds(fits.results, fits.replicates)
         main = curves[(curves["metric"] == MAIN_METRIC) & (curves["class"] == "")]
         res = StudyResult(
             "finetune",
@@ -144,6 +153,7 @@ def finetune(
             evaluations=fits.evaluations,
             fits=fits.fits,
             epochs=fits.epochs,
+            compare=fits.compare,
             out=folder,
         )
         if keeper is not None:
@@ -163,7 +173,8 @@ def finetune(
 
 
 def panels(res: StudyResult) -> list[Panel]:
-    """Accuracy and macro / weighted F1 (mean ± std over seeds) per backbone x method x test domain."""
+    """Accuracy and macro / weighted F1 (mean ± std over seeds, [95% interval over test cells]) per backbone x
+    method x test domain."""
     c = res.curves[res.curves["class"] == ""]
     cols = [
         Col("backbone", "left", no_wrap=True),
@@ -176,7 +187,10 @@ def panels(res: StudyResult) -> list[Panel]:
     for (b, p, dom), g in c.groupby(["backbone", "probe", "test_domain"], sort=False):
         by = {r.metric: r for r in g.itertuples()}
         first = next(iter(by.values()))
-        vals = [f"{by[m].mean:.3f}±{by[m].std:.3f}" if m in by else "-" for m, _ in SHOWN]
+        vals = [
+            interval_text(by[m].mean, by[m].std, by[m].low, by[m].high, int(by[m].n_seeds)) if m in by else "-"
+            for m, _ in SHOWN
+        ]
         rows.append([b, p, dom or "in domain", f"{first.n_train:.0f}", f"{first.n_test:.0f}", *vals])
     title = f"{res.name}: {res.params['method']} from the images, {res.params['dataset']}"
-    return [Panel(title, cols, rows), *domain_panels(res.domains)]
+    return [Panel(title, cols, rows), *domain_panels(res.domains), *study_compare_panel(res.compare)]

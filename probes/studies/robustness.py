@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from embedcache.options import UNSET
+from probes.engine.intervals import TestedCells, attach_intervals, compare_panel, seed_mean_interval
 from probes.engine.options import StudyOptions, study_options
 from probes.engine.runtime import study_runtime
 from probes.engine.skeleton import FitJob, check_probes, finish, run_plan, study_name
@@ -46,6 +47,8 @@ RESULT_COLUMNS = [
     "n_test",
     "metric",
     "value",
+    "low",
+    "high",
 ]
 SLOPE_DEFINITION = "least-squares slope of mean macro-F1 against log2(1 + sigma), clean at sigma = 0"
 
@@ -62,6 +65,7 @@ class RobustnessResult:
     notes: list[str] = field(default_factory=list)
     out: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    compare: pd.DataFrame | None = None  # each perturbed level against clean, same fit, same test cells
 
 
 def drop_slope(sigmas: Sequence[float], scores: Sequence[float]) -> float:
@@ -183,12 +187,17 @@ def robustness(
         )
         folder = prepare_out(Path(out) if out is not None else Path(name))
         rows: list[dict] = []
+        tested: dict[tuple, TestedCells] = {}  # (backbone, probe, seed) -> every perturbation on its test cells
         total = len(cells.backbones) * len(seed_list) * len(probe_list)
         for done in run_plan(_jobs(cells, sets, families, splits, probe_list), total, device=device, quiet=quiet):
             job = done.job
             sp, variants = job.tag
+            group = tested.setdefault(
+                (job.backbone, job.probe, sp.seed), TestedCells(cells.labels[sp.test], sp.classes)
+            )
             for (fam, sigma, fs), pred in zip(variants, done.predictions):
                 sc = score(cells.labels[sp.test], pred, sp.classes)
+                group.add((fam, sigma), pred, range(len(rows), len(rows) + len(sc.values)))
                 base = dict(
                     study=name,
                     dataset=cells.dataset,
@@ -202,11 +211,25 @@ def robustness(
                     n_train=len(sp.train),
                     n_test=len(sp.test),
                 )
-                rows += [{**base, "metric": m, "value": v} for m, v in sc.values.items()]
+                rows += [{**base, "metric": m, "value": v, "low": np.nan, "high": np.nan} for m, v in sc.values.items()]
+        found = attach_intervals(
+            rows,
+            tested,
+            fit_columns=["perturbation", "sigma"],
+            group_columns=["backbone", "probe", "seed"],
+            pair=lambda a, b: (a[0] == "clean") != (b[0] == "clean"),  # every perturbed level against clean
+        )
         results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-        summary = summary_table(results, families)
+        summary = summary_table(results, families, found.replicates)
         res = RobustnessResult(
-            name, params, results, summary, slope_table(summary), list(dict.fromkeys(notes)), out=folder
+            name,
+            params,
+            results,
+            summary,
+            slope_table(summary),
+            list(dict.fromkeys(notes)),
+            out=folder,
+            compare=found.compare,
         )
         title = f"{params['dataset']} · {params['split']} split"
         finish(
@@ -216,6 +239,7 @@ def robustness(
                 "results.parquet": results,
                 "summary.csv": summary,
                 "slopes.csv": res.slopes,
+                "compare.csv": res.compare,
             },
             plots={"robustness.png": lambda p: plot_robustness(summary, p, title=title)},
             documents={
@@ -276,9 +300,12 @@ def _jobs(
                 )
 
 
-def summary_table(results: pd.DataFrame, families: Sequence[str]) -> pd.DataFrame:
+def summary_table(results: pd.DataFrame, families: Sequence[str], replicates: dict | None = None) -> pd.DataFrame:
     """Per backbone x probe x perturbation x σ: mean/std of macro-F1 and accuracy over seeds and
-    Δ macro-F1 against clean. The clean row is repeated under each family at σ = 0."""
+    Δ macro-F1 against clean. The clean row is repeated under each family at σ = 0. With ``replicates``
+    (:func:`probes.engine.intervals.attach_intervals`): ``macro_f1_low`` / ``_high``, the 95% interval over
+    test cells of the seed mean, and ``delta_low`` / ``delta_high``, the paired interval of Δ (the same
+    resampled cells scored clean and perturbed)."""
     keys = ["backbone", "probe", "perturbation", "sigma"]
     wide = (
         results[results["metric"].isin([MAIN_METRIC, "accuracy"])]
@@ -301,7 +328,22 @@ def summary_table(results: pd.DataFrame, families: Sequence[str]) -> pd.DataFram
     out = pd.concat(parts, ignore_index=True)
     base = clean.set_index(["backbone", "probe"])["macro_f1"]
     out["delta_macro_f1"] = out["macro_f1"].to_numpy() - base.loc[list(zip(out["backbone"], out["probe"]))].to_numpy()
+    if replicates:
+        bounds = [_bounds(replicates, r) for r in out[["perturbation", "sigma", "backbone", "probe"]].itertuples(False)]
+        out["macro_f1_low"], out["macro_f1_high"], out["delta_low"], out["delta_high"] = map(list, zip(*bounds))
     return out.sort_values(["backbone", "probe", "perturbation", "sigma"], kind="stable").reset_index(drop=True)
+
+
+def _bounds(replicates: dict, row: tuple) -> tuple[float, float, float, float]:
+    """Interval of the seed mean of macro-F1 and of its Δ against clean (clean's own Δ: 0, no interval)."""
+    fam, sigma, backbone, probe = row
+    clean = ("clean", 0.0, backbone, probe, MAIN_METRIC)
+    own = clean if sigma == 0 else (fam, sigma, backbone, probe, MAIN_METRIC)
+    low, high = seed_mean_interval(replicates, own)
+    if sigma == 0 or own not in replicates or clean not in replicates:
+        return low, high, np.nan, np.nan
+    diffs = {("d",): [p - c for p, c in zip(replicates[own], replicates[clean])]}
+    return (low, high, *seed_mean_interval(diffs, ("d",)))
 
 
 def slope_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -343,4 +385,18 @@ def panels(res: RobustnessResult) -> list[Panel]:
         ]
         sl = res.slopes[(res.slopes.backbone == b) & (res.slopes.probe == p) & (res.slopes.perturbation == fam)]
         rows.append([b, p, fam, *cells, f"{sl['slope'].iat[0]:+.3f}"])
-    return [Panel(f"{res.name}: macro-F1 (Δ vs clean), probes trained on clean features", cols, rows)]
+    out = [Panel(f"{res.name}: macro-F1 (Δ vs clean), probes trained on clean features", cols, rows)]
+    if res.compare is not None and len(res.compare):
+        c = res.compare[res.compare["seed"] == res.compare["seed"].iloc[0]]
+        c = c.assign(
+            fit_a=c["backbone"]
+            + " · "
+            + c["probe"]
+            + " · "
+            + c["perturbation_a"]
+            + " σ="
+            + c["sigma_a"].map("{:g}".format),
+            fit_b=c["perturbation_b"] + " σ=" + c["sigma_b"].map("{:g}".format),
+        )
+        out += compare_panel(c, ["fit"], f"seed {c['seed'].iloc[0]}")
+    return out

@@ -27,6 +27,7 @@ from probes.engine.split_fits import (
     default_out,
     fit_splits,
     over_seeds,
+    study_compare_panel,
 )
 from probes.features.cells import open_cells
 from probes.metrics import MAIN_METRIC
@@ -141,7 +142,7 @@ def scale(
             plan=plan,
             inputs=inputs,
         )
-        curves = over_seeds(fits.results)
+        curves = over_seeds(fits.results, fits.replicates)
         res = StudyResult(
             "scale",
             name,
@@ -157,6 +158,7 @@ def scale(
             evaluations=fits.evaluations,
             fits=fits.fits,
             epochs=fits.epochs,
+            compare=fits.compare,
             out=folder,
         )
         title = f"{params['dataset']} · {params['split']} split"
@@ -179,7 +181,8 @@ def scale(
 
 
 def limit_reaching(curves: pd.DataFrame, fraction: float = 0.95, metric: str = MAIN_METRIC) -> pd.DataFrame:
-    """Per curve: its best mean score and the smallest limit whose mean reaches ``fraction`` of it."""
+    """Per curve: its best mean score and the smallest limit whose mean reaches ``fraction`` of it, each with
+    its 95% interval over test cells (``best_low`` / ``best_high``, ``low_at_`` / ``high_at_limit_reaching``)."""
     rows = []
     main = curves[(curves["metric"] == metric) & (curves["class"] == "")]
     for key, c in main.groupby(CURVE_KEYS, sort=False):
@@ -193,11 +196,15 @@ def limit_reaching(curves: pd.DataFrame, fraction: float = 0.95, metric: str = M
                 "best_limit": int(best["limit"]),
                 "best_mean": best["mean"],
                 "best_std": best["std"],
+                "best_low": best["low"],
+                "best_high": best["high"],
                 "fraction": fraction,
                 "threshold": fraction * best["mean"],
                 "limit_reaching": int(reach["limit"]),
                 "mean_at_limit_reaching": reach["mean"],
                 "std_at_limit_reaching": reach["std"],
+                "low_at_limit_reaching": reach["low"],
+                "high_at_limit_reaching": reach["high"],
                 "n_seeds": int(c["n_seeds"].max()),
             }
         )
@@ -215,7 +222,8 @@ def panels(res: StudyResult) -> list[Panel]:
     cols = [Col("backbone", "left", no_wrap=True), Col("probe", "left", no_wrap=True)]
     cols += [Col("tested on", "left", no_wrap=True)] if domains else []
     cols += [Col(f"{lim}{'*' if lim in over else ''}") for lim in limits]
-    cols += [Col(f"{p.get('fraction', 0.95):.0%} at", style="bold")]
+    cols += [Col("best [95% CI]"), Col(f"{p.get('fraction', 0.95):.0%} at", style="bold")]
+    n_seeds = int(main["n_seeds"].max())
     rows = []
     for (b, pr, dom), g in main.groupby(["backbone", "probe", "test_domain"], sort=False):
         by = {int(r.limit): r for r in g.itertuples()}
@@ -226,15 +234,18 @@ def panels(res: StudyResult) -> list[Panel]:
         cells: list[Any] = []
         for lim in limits:
             r = by.get(lim)
-            txt = "-" if r is None else f"{r.mean:.3f}±{r.std:.3f}"
+            txt = "-" if r is None else f"{r.mean:.3f}" + (f"±{r.std:.3f}" if n_seeds > 1 else "")
             cells.append(Bold(txt) if lim == best else txt)
         where = [f"{dom} ({'in' if g['in_domain'].iat[0] else 'out of'} domain)"] if domains else []
-        rows.append([b, pr, *where, *cells, str(int(s["limit_reaching"].iat[0])) if len(s) else "-"])
+        ci = f"[{s['best_low'].iat[0]:.3f}, {s['best_high'].iat[0]:.3f}]" if len(s) else "-"
+        rows.append([b, pr, *where, *cells, ci, str(int(s["limit_reaching"].iat[0])) if len(s) else "-"])
     title = (
-        f"{res.name}: macro-F1, mean ± std over {int(main['n_seeds'].max())} seed(s), {p['split']} split, "
+        f"{res.name}: macro-F1"
+        + (f", mean ± std over {n_seeds} seeds" if n_seeds > 1 else ", one seed")
+        + f", {p['split']} split, "
         f"{p['dataset']} ({p['pool']})"
     )
-    return [Panel(title, cols, rows), *domain_panels(res.domains)]
+    return [Panel(title, cols, rows), *domain_panels(res.domains), *study_compare_panel(res.compare)]
 
 
 def footnotes(res: StudyResult) -> list[str]:

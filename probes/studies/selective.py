@@ -43,6 +43,7 @@ from probes.reporting.console import Col, Panel
 from probes.reporting.decision_plots import plot_risk_coverage
 from probes.reporting.tables import prepare_out, study_document
 from probes.sampling import parse_seeds
+from probes.stats import bootstrap_kept
 from probes.studies.confidence import (
     CONFIDENCES,
     COVERAGES,
@@ -244,12 +245,14 @@ def selective(
                 ]
                 chosen = choose_threshold(conf["val"], correct["val"], target)
                 kept = conf["test"] >= chosen["threshold"]
+                boot = bootstrap_kept(y["test"], kept, correct["test"], seed=seed)
                 thresholds.append(
                     {
                         **key,
                         "target_accuracy": target,
                         **chosen,
                         **_kept_scores(y["test"], pred["test"], kept, h.classes, target),
+                        **{f"test_{m}_{end}": getattr(boot[m], end) for m in boot for end in ("low", "high")},
                     }
                 )
                 ab = abstention_by_class(y["test"], kept, h.classes)
@@ -330,6 +333,9 @@ def threshold_summary(thr: pd.DataFrame) -> pd.DataFrame:
     out.columns = [f"{c}_{s}" for c, s in out.columns]
     out["n_seeds"] = g["seed"].nunique()
     out["met_on_test"] = g["met_on_test"].sum()
+    if "test_accuracy_low" in thr:  # one seed: its 95% interval over test cells (several: see thresholds.csv)
+        for c in ("test_coverage_low", "test_coverage_high", "test_accuracy_low", "test_accuracy_high"):
+            out[c] = g[c].first().where(out["n_seeds"] == 1)
     return out.reset_index().fillna({f"{c}_std": 0.0 for c in cols})
 
 

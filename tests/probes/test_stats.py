@@ -283,3 +283,60 @@ def test_bad_input_raises_clear_errors(cells):
         bootstrap_confusions([0.0, 1.0], [0, 1], 2)
     with pytest.raises(ValueError, match="shape"):
         metrics_from_confusion(np.zeros((3, 4)))
+
+
+# -- what a study calls: one bootstrap per test set ------------------------------------------------------
+def test_bootstrap_group_equals_bootstrap_ci_and_compare_all(cells):
+    y, pred, labels = cells
+    rng = np.random.default_rng(1)
+    other = np.where(rng.random(y.size) < 0.8, y, pred)
+    group = stats.bootstrap_group(y, {"p": pred, "q": other}, labels, n_resamples=500, seed=3)
+    for name, vector in (("p", pred), ("q", other)):
+        assert group.intervals[name] == bootstrap_ci(y, vector, labels, n_resamples=500, seed=3)
+        assert group.replicates[name]["macro_f1"].shape == (500,)
+    assert group.comparisons.equals(compare_all(y, {"p": pred, "q": other}, labels, n_resamples=500, seed=3))
+    assert stats.bootstrap_group(y, {"p": pred}, labels, n_resamples=500).comparisons is None
+
+
+def test_predictions_outside_the_classes_score_as_probes_metrics_score(cells):
+    """A probe may predict a class the test set lacks (out-of-domain tests): with ``others="wrong"`` that is
+    an error with no F1 of its own, as probes.metrics.score counts it; ``"error"`` refuses it."""
+    from probes.metrics import score
+
+    y, pred, _ = cells
+    classes = ["a", "b", "c", "d", "f"]  # "e" is predicted, not a class of the test set
+    expected = score(y, pred, classes).values
+    group = stats.bootstrap_group(y, {"p": pred}, classes, n_resamples=200, others="wrong")
+    for metric in ("macro_f1", "accuracy", "weighted_f1"):
+        assert group.intervals["p"][metric].estimate == pytest.approx(expected[metric], abs=EXACT)
+    with pytest.raises(stats.ProbeError, match="labels lack"):
+        stats.bootstrap_group(y, {"p": pred}, classes, n_resamples=200)
+
+
+def test_interval_of_the_mean_over_seeds():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.8, 0.02, 4000), rng.normal(0.7, 0.02, 4000)
+    low, high = stats.interval_of_mean([a, b])
+    assert low == pytest.approx(0.75 - 1.96 * 0.02 / np.sqrt(2), abs=2e-3)
+    assert high == pytest.approx(0.75 + 1.96 * 0.02 / np.sqrt(2), abs=2e-3)
+    with pytest.raises(stats.ProbeError, match="one shape"):
+        stats.interval_of_mean([a, b[:10]])
+
+
+def test_bootstrap_kept_agrees_with_resampling_the_cells():
+    """The multinomial draw of (kept, right) counts per class is the distribution of resampling the cells:
+    its intervals agree with an index bootstrap (stratified) within Monte-Carlo noise."""
+    rng = np.random.default_rng(5)
+    y = rng.choice(4, size=3000, p=[0.4, 0.3, 0.2, 0.1])
+    kept = rng.random(3000) < np.array([0.9, 0.8, 0.6, 0.5])[y]
+    right = rng.random(3000) < np.where(kept, 0.97, 0.6)
+    ours = stats.bootstrap_kept(y, kept, right, n_resamples=4000, seed=1)
+    idx = bootstrap_indices(y, 4, n_resamples=4000, seed=2)
+    cov = kept[idx].mean(axis=1)
+    acc = (kept & right)[idx].sum(axis=1) / kept[idx].sum(axis=1)
+    assert ours["coverage"].estimate == kept.mean() and ours["accuracy"].estimate == right[kept].mean()
+    for name, values in (("coverage", cov), ("accuracy", acc)):
+        low, high = np.quantile(values, [0.025, 0.975])
+        assert ours[name].low == pytest.approx(low, abs=0.002) and ours[name].high == pytest.approx(high, abs=0.002)
+    none = stats.bootstrap_kept(y, np.zeros(3000, bool), right, n_resamples=100)
+    assert none["coverage"].high == 0 and np.isnan(none["accuracy"].estimate)

@@ -158,6 +158,18 @@ def test_ensemble_study_tables_and_pairs_chosen_on_validation(stores, tmp_path, 
     assert other.pairs[["seed", "pair", "val_confusions"]].equals(res.pairs[["seed", "pair", "val_confusions"]])
     a = res.summary.query("metric == 'accuracy'")["mean"].to_numpy()
     assert not np.allclose(a, other.summary.query("metric == 'accuracy'")["mean"].to_numpy())
+    # every score carries its interval over test cells; compare.csv pairs every two heads / rules per seed
+    agg = r[r["metric"].isin(["macro_f1", "accuracy", "weighted_f1"]) & (r["class"] == "")]
+    assert ((agg["low"] <= agg["value"]) & (agg["value"] <= agg["high"])).all()
+    m = res.summary[res.summary["metric"] == "macro_f1"]
+    assert ((m["low"] <= m["mean"]) & (m["mean"] <= m["high"])).all()
+    compare = pd.read_csv(tmp_path / "e1" / "compare.csv")
+    assert len(compare) == 2 * 15  # seeds x pairs of 6 methods
+    override = compare[(compare["method_a"] == "svm") & (compare["method_b"] == "override")]
+    f1 = r[(r["metric"] == "macro_f1") & (r["class"] == "")].set_index(["seed", "method"])["value"]
+    for row in override.itertuples():
+        assert row.diff == pytest.approx(f1[(row.seed, "override")] - f1[(row.seed, "svm")])
+    assert "paired comparisons" in printed
 
 
 def test_ensemble_study_given_pairs_and_bad_input(stores, tmp_path):

@@ -82,6 +82,24 @@ def test_robustness_scores_the_same_test_cells_clean_and_perturbed(store, tmp_pa
     for f in ("results.csv", "results.parquet", "summary.csv", "slopes.csv", "study.json", "robustness.png"):
         assert (res.out / f).is_file()
     assert Image.open(res.out / "robustness.png").size[0] > 800  # two panels side by side
+    # intervals over test cells: each score's, the seed mean's, and Δ's paired interval
+    agg = r[r.metric.isin(["macro_f1", "accuracy"])]
+    assert ((agg.low <= agg.value) & (agg.value <= agg.high)).all()
+    assert ((s.macro_f1_low <= s.macro_f1) & (s.macro_f1 <= s.macro_f1_high)).all()
+    blurred = s[s.sigma > 0]
+    assert ((blurred.delta_low <= blurred.delta_macro_f1) & (blurred.delta_macro_f1 <= blurred.delta_high)).all()
+    assert s.loc[s.sigma == 0, "delta_low"].isna().all()
+    # compare.csv: every perturbed level against clean, per fit (backbone x probe x seed), nothing else
+    c = pd.read_csv(res.out / "compare.csv")
+    assert len(c) == 2 * 2 * 4 and (c.perturbation_a == "clean").all() and (c.perturbation_b != "clean").all()
+    one = c[(c.probe == "knn") & (c.seed == c.seed.min())]
+    knn = r[(r.probe == "knn") & (r.seed == c.seed.min()) & (r.metric == "macro_f1")].set_index(
+        ["perturbation", "sigma"]
+    )
+    for row in one.itertuples():
+        assert row.diff == pytest.approx(
+            knn.loc[(row.perturbation_b, row.sigma_b), "value"] - knn.loc[("clean", 0.0), "value"]
+        )
 
 
 def test_missing_perturbation_is_a_clear_error(store, tmp_path):

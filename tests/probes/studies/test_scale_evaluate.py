@@ -406,3 +406,77 @@ def test_scores_equal_sklearns(seed):
     _, _, f_each, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, average=None, zero_division=0)
     assert list(s.class_f1.values()) == pytest.approx(list(f_each), abs=1e-12)
     assert np.array_equal(s.confusion, confusion_matrix(y_true, y_pred, labels=classes))
+
+
+# -- 95% intervals over test cells and paired comparisons -------------------------------------------------
+class CentroidProbe:
+    """A deterministic probe (nearest class mean) whose predictions a test can recompute exactly."""
+
+    def __init__(self, **_):
+        pass
+
+    def fit(self, x, y):
+        self.classes_ = np.unique(y)
+        self.means_ = np.stack([x[y == c].mean(axis=0) for c in self.classes_])
+        return self
+
+    def predict(self, x):
+        return self.classes_[((x[:, None, :] - self.means_[None]) ** 2).sum(-1).argmin(1)]
+
+
+def test_intervals_and_comparisons_are_the_bootstrap_of_the_fits_predictions(store, keys):
+    """results' low / high are bootstrap_ci of each fit's own test predictions (seeded by the split's seed);
+    compare.csv is compare_all of the fits on the same test cells; curves' interval is that of the seed mean."""
+    from probes.engine.split_fits import fit_splits, over_seeds
+    from probes.stats import bootstrap_ci, compare_all
+
+    cells = open_cells(store, keys)
+    fits = fit_splits(
+        "t", cells, [None], [42, 43], ["logistic"], split="stratified", val="train", test_size=0.25,
+        device="cpu", quiet=True, make_probe=lambda name, **kw: CentroidProbe(),
+    )  # fmt: skip
+    for seed in (42, 43):
+        sp = fits.splits[(None, seed)]
+        truth = cells.labels[sp.test]
+        preds = {}
+        for key in keys:
+            pred = CentroidProbe().fit(cells.features(key, sp.train), cells.labels[sp.train]).predict(
+                cells.features(key, sp.test)
+            )
+            preds[f"{key} · logistic"] = pred
+            expected = bootstrap_ci(truth, pred, sp.classes, seed=seed)
+            rows = fits.results.query("backbone == @key and seed == @seed and `class` == ''").set_index("metric")
+            for metric, interval in expected.items():
+                assert rows.at[metric, "value"] == pytest.approx(interval.estimate, abs=1e-12)
+                assert (rows.at[metric, "low"], rows.at[metric, "high"]) == (interval.low, interval.high)
+            assert rows.loc[["macro_precision", "balanced_accuracy"], "low"].isna().all()  # no interval asked
+        row = fits.compare.query("seed == @seed").iloc[0]
+        theirs = compare_all(truth, preds, sp.classes, seed=seed).iloc[0]
+        assert (row["backbone_a"], row["backbone_b"]) == tuple(keys)
+        for col in ("diff", "diff_low", "diff_high", "p_bootstrap", "mcnemar_b", "mcnemar_c", "p_mcnemar"):
+            assert row[col] == theirs[col], col
+        # McNemar's discordant cells are the accuracy difference in cells
+        assert row["mcnemar_b"] - row["mcnemar_c"] == round((row["accuracy_a"] - row["accuracy_b"]) * len(truth))
+    curves = over_seeds(fits.results, fits.replicates).query("metric == 'macro_f1'")
+    per_seed = fits.results.query("metric == 'macro_f1'")
+    for key in keys:
+        c = curves[curves["backbone"] == key].iloc[0]
+        p = per_seed[per_seed["backbone"] == key]
+        assert c["low"] < c["mean"] < c["high"]
+        # the mean of two independently resampled test sets is tighter than either seed's own interval
+        assert c["high"] - c["low"] < (p["high"] - p["low"]).min()
+
+
+def test_study_tables_carry_intervals_and_compare_csv(study):
+    """scale: every aggregate score has its interval, summary.csv the best limit's, compare.csv every pair."""
+    res = pd.read_csv(study.out / "results.csv", keep_default_na=False, na_values=[""])
+    agg = res[res["metric"].isin(["macro_f1", "accuracy", "weighted_f1"]) & res["class"].isna()]
+    assert len(agg) and (agg["low"] <= agg["value"]).all() and (agg["value"] <= agg["high"]).all()
+    assert (agg["low"] < agg["high"]).all()
+    summary = pd.read_csv(study.out / "summary.csv")
+    assert ((summary["best_low"] <= summary["best_mean"]) & (summary["best_mean"] <= summary["best_high"])).all()
+    compare = pd.read_csv(study.out / "compare.csv")
+    # two probes on one backbone: one pair per limit x seed, Holm over a family of one changes nothing
+    assert len(compare) == 3 * 2 and set(compare["probe_a"]) == {"logistic"} and set(compare["probe_b"]) == {"knn"}
+    assert (compare["p_bootstrap_holm"] == compare["p_bootstrap"]).all()
+    assert compare[["p_bootstrap", "p_mcnemar"]].stack().between(0, 1).all()

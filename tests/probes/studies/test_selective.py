@@ -141,6 +141,11 @@ def test_selective_study_threshold_is_chosen_on_validation(stores, tmp_path, cap
     assert len(thr) == 2 * 4 and found[thr["confidence"] == "msp"].all()
     assert (thr.loc[found, "val_accuracy"] >= 0.5).all() and thr["test_coverage"].between(0, 1).all()
     assert (thr.loc[~found, "test_coverage"] == 0).all()  # no threshold reaches the target: every cell abstains
+    # what the threshold keeps on test carries its 95% interval over test cells
+    kept_some = thr[thr["n_kept"] > 0]
+    for m in ("coverage", "accuracy"):
+        low, high, v = kept_some[f"test_{m}_low"], kept_some[f"test_{m}_high"], kept_some[f"test_{m}"]
+        assert ((low <= v) & (v <= high)).all() and (low < high).any()
     # shuffling the test labels changes what the threshold scores on test, never the threshold itself
     other = selective(stores[1], "vit", out=tmp_path / "s2", quiet=True, **kw)
     cols = ["seed", "confidence", "threshold", "val_coverage", "val_accuracy", "test_coverage"]
