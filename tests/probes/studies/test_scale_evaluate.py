@@ -440,8 +440,10 @@ def test_intervals_and_comparisons_are_the_bootstrap_of_the_fits_predictions(sto
         truth = cells.labels[sp.test]
         preds = {}
         for key in keys:
-            pred = CentroidProbe().fit(cells.features(key, sp.train), cells.labels[sp.train]).predict(
-                cells.features(key, sp.test)
+            pred = (
+                CentroidProbe()
+                .fit(cells.features(key, sp.train), cells.labels[sp.train])
+                .predict(cells.features(key, sp.test))
             )
             preds[f"{key} · logistic"] = pred
             expected = bootstrap_ci(truth, pred, sp.classes, seed=seed)
