@@ -24,7 +24,8 @@ class TuneOptions(Options):
 
     tail_blocks: int | None = option(
         None,
-        "fine-tunes (ft-last, lora) train the last K blocks on the tokens cached by embedcache extract --tail-blocks K",
+        "fine-tunes (ft-last, lora) train the last K blocks on the tokens cached by embedcache extract "
+        "--tail-blocks K (default: the one depth the store caches)",
     )
     blocks: int | str | None = option(
         None, "train from the images through the backbone: the last K blocks, or all", cli=False

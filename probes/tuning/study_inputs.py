@@ -141,8 +141,18 @@ class TuneInputs:
             return tail_depth(self.backbone(backbone))
         k = o.blocks if o.blocks is not None else o.tail_blocks
         if k is None:
+            k = self.cached_depth(backbone)
+        if k is None:
             raise ValueError("a fine-tune of the tail needs --tail-blocks (or --blocks)")
         return int(k)
+
+    def cached_depth(self, backbone: str) -> int | None:
+        """The tail depth whose tokens the store caches for ``backbone`` when it caches exactly one (what
+        ``--tail-blocks`` defaults to); None when it caches none or several."""
+        from embedcache.store.feature_set import TOKENS_PREFIX
+
+        depths = [int(t[len(TOKENS_PREFIX) :]) for t in self.cells.feature_sets[backbone].token_sets]
+        return depths[0] if len(depths) == 1 else None
 
     def backbone(self, name: str) -> Any:
         if name not in self._backbones:
@@ -167,11 +177,14 @@ class TuneInputs:
             src = self.source(probe)
             if probe == "scratch-vit" and o.head != "linear":
                 raise ProbeError(f"scratch-vit has its own class-token head; --head {o.head} does not apply")
-            if src == "tokens" and o.tail_blocks is None:
+            unknown = [b for b in self.cells.backbones if self.cached_depth(b) is None]
+            if src == "tokens" and o.tail_blocks is None and unknown:
+                have = self.cells.feature_sets[unknown[0]].token_sets
                 raise ProbeError(
-                    f"probe {probe!r} trains the last blocks from cached tail tokens: give "
-                    "--tail-blocks K (tokens cached by embedcache extract --tail-blocks K), or train "
-                    "from the images with probes finetune --blocks K|all"
+                    f"probe {probe!r} trains the last blocks from cached tail tokens and {unknown[0]} caches "
+                    f"{'several depths (' + ', '.join(have) + ')' if have else 'none'}: give --tail-blocks K "
+                    "(tokens cached by embedcache extract --tail-blocks K), or train from the images with "
+                    "probes finetune --blocks K|all"
                 )
             for name in self.cells.backbones:
                 if src in ("tokens", "images") and probe != "scratch-vit":
