@@ -25,7 +25,7 @@ from embedcache.backbones.loading import LoadedBackbone
 from embedcache.backbones.preprocess import to_model_input
 from embedcache.backbones.tail import TailModule, tail_tokens
 from embedcache.extraction.plan import Compute, ExtractionError, ExtractPlan, ExtractResult
-from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, StorageFetchError
+from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, StorageFetchError, pixel_digest
 from embedcache.inputs.perturb import Perturbation
 from embedcache.inputs.perturb import apply as perturb_apply
 from embedcache.inputs.sources import CellSource
@@ -54,38 +54,42 @@ class Cells(TorchDataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, j: int) -> tuple[int, np.ndarray | None, str, int]:
-        """``(row, image or None, error, input fingerprint)``: the fingerprint is taken before the read, so a file
-        that changes while it is read is seen as changed on the next resume."""
+    def __getitem__(self, j: int) -> tuple[int, np.ndarray | None, str, int, int]:
+        """``(row, image or None, error, input fingerprint, pixel digest)``: the fingerprint is taken before the
+        read, so a file that changes while it is read is seen as changed on the next resume; the digest is of
+        the decoded pixels before any perturbation or resize (:func:`embedcache.inputs.images.pixel_digest`,
+        0: not read)."""
         i = int(self.rows[j])
         if self.subset is not None and not self.subset[i]:
-            return i, None, OUTSIDE_SUBSET, 0
+            return i, None, OUTSIDE_SUBSET, 0, 0
         fp = self.source.fingerprint(i)
         try:
             image = self.source.load(i, max_pixels=self.max_image_pixels)
-            return i, perturb_apply(image, self.working_size, self.perturbation, row=i), "", fp
+            digest = pixel_digest(image)
+            return i, perturb_apply(image, self.working_size, self.perturbation, row=i), "", fp, digest
         except ImageDecodeError as e:
-            return i, None, e.reason, fp
+            return i, None, e.reason, fp, 0
         except StorageFetchError:  # not the image's fault: fail the batch (a task retry, or the rerun, refetches)
             raise
         except Exception as e:  # noqa: BLE001  anything a decoder throws is recorded, never swallowed
-            return i, None, f"{type(e).__name__}: {e}", fp
+            return i, None, f"{type(e).__name__}: {e}", fp, 0
 
 
-def _collate(items: list[tuple[int, np.ndarray | None, str, int]]) -> dict[str, Any]:
+def _collate(items: list[tuple[int, np.ndarray | None, str, int, int]]) -> dict[str, Any]:
     """Group readable images by shape into uint8 NHWC tensors (one resize call per shape)."""
     rows = torch.tensor([it[0] for it in items], dtype=torch.long)
     errors = [it[2] for it in items]
     fps = np.array([it[3] for it in items], dtype=np.int64)
+    digests = np.array([it[4] for it in items], dtype=np.int64)
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for j, (_, img, _, _) in enumerate(items):
+    for j, (_, img, _, _, _) in enumerate(items):
         if img is not None:
             by_shape.setdefault(img.shape, []).append(j)
     groups = [
         (torch.tensor(js), torch.from_numpy(np.stack([items[j][1] for j in js])))  # type: ignore[misc]
         for js in by_shape.values()
     ]  # (only readable images are grouped)
-    return {"rows": rows, "errors": errors, "groups": groups, "inputs": fps}
+    return {"rows": rows, "errors": errors, "groups": groups, "inputs": fps, "pixels": digests}
 
 
 def _worker_init(_: int) -> None:
@@ -136,7 +140,13 @@ class _ChunkAssembler:
         self.buffers: dict[int, dict[str, Any]] = {}
 
     def add(
-        self, rows: np.ndarray, feats: dict[str, np.ndarray], ok: np.ndarray, errors: list[str], inputs: np.ndarray
+        self,
+        rows: np.ndarray,
+        feats: dict[str, np.ndarray],
+        ok: np.ndarray,
+        errors: list[str],
+        inputs: np.ndarray,
+        pixels: np.ndarray,
     ) -> None:
         chunk_ids = rows // self.fs.chunk_size
         for c in np.unique(chunk_ids):
@@ -150,6 +160,7 @@ class _ChunkAssembler:
                     "ok": np.zeros(m, dtype=bool),
                     "error": np.full(m, "", dtype=object),
                     "inputs": np.zeros(m, dtype=np.int64),
+                    "pixels": np.zeros(m, dtype=np.int64),
                     "filled": 0,
                 }
                 self.buffers[int(c)] = buf
@@ -159,10 +170,11 @@ class _ChunkAssembler:
             buf["ok"][pos] = ok[sel]
             buf["error"][pos] = np.asarray(errors, dtype=object)[sel]
             buf["inputs"][pos] = inputs[sel]
+            buf["pixels"][pos] = pixels[sel]
             buf["filled"] += int(sel.sum())
             if buf["filled"] == rng.stop - rng.start:
                 del self.buffers[int(c)]
-                self.emit((int(c), buf["feats"], buf["ok"], buf["error"].astype(str), buf["inputs"]))
+                self.emit((int(c), buf["feats"], buf["ok"], buf["error"].astype(str), buf["inputs"], buf["pixels"]))
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -244,7 +256,7 @@ def run_chunks(plan: ExtractPlan, cells: Cells, fs: FeatureSet, pending: Sequenc
                     feats[p][order] = values
             for bad_j in np.flatnonzero(~ok & ~outside):
                 result.skipped.append((source.cell_id(rows_b[bad_j]), errors[bad_j]))
-            assembler.add(rows_b, feats, ok, errors, batch["inputs"])
+            assembler.add(rows_b, feats, ok, errors, batch["inputs"], batch["pixels"])
             result.cells_computed += int((~outside).sum())
             bar.advance(len(rows_b))
     finally:

@@ -321,6 +321,9 @@ class Dataset:
             g.create_array(  # per cell: a fingerprint of its input (file size and mtime), checked on resume
                 "inputs", shape=(n,), dtype="int64", chunks=(chunk_size,), fill_value=0, dimension_names=("cell",)
             )
+            g.create_array(  # per cell: a digest of its decoded pixels (exact duplicates without reading images)
+                "pixels", shape=(n,), dtype="int64", chunks=(chunk_size,), fill_value=0, dimension_names=("cell",)
+            )
             g.create_array("error", shape=(n,), dtype=str, chunks=(chunk_size,), dimension_names=("cell",))
             g.create_array(
                 "crc_rows",

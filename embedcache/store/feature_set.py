@@ -146,15 +146,19 @@ class FeatureSet:
         ok: np.ndarray,
         error: np.ndarray,
         inputs: np.ndarray | None = None,
+        pixels: np.ndarray | None = None,
     ) -> None:
         """Write row-chunk ``c``, read it back and compare, record its checksums, and only then
-        mark it done. ``inputs``: each cell's input fingerprint (checked when a killed run resumes)."""
+        mark it done. ``inputs``: each cell's input fingerprint (checked when a killed run resumes);
+        ``pixels``: each cell's pixel digest (0: not read)."""
         rows = self.chunk_rows(c)
         error = np.asarray(error).astype(str)
         self._array("ok")[rows] = ok
         self._array("error")[rows] = error
         if inputs is not None and self.records_inputs:
             self._array("inputs")[rows] = np.asarray(inputs, dtype=np.int64)
+        if pixels is not None and self.records_pixels:
+            self._array("pixels")[rows] = np.asarray(pixels, dtype=np.int64)
         for pool, values in features.items():
             self._array(pool)[rows] = values
         checkpoint("chunk:data-written")
@@ -230,6 +234,23 @@ class FeatureSet:
     def input_fingerprints(self, rows: np.ndarray) -> np.ndarray:
         """The input fingerprints recorded for ``rows`` (0: not recorded)."""
         return np.asarray(self._array("inputs").get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
+
+    @property
+    def records_pixels(self) -> bool:
+        """Whether this set keeps each cell's pixel digest (sets written before it existed, imports: no)."""
+        return "pixels" in (self.recorded or ())
+
+    def pixel_digests(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The pixel digests recorded for ``rows`` (all rows by default; 0: not recorded or not readable;
+        :func:`embedcache.inputs.images.pixel_digest`). A set that records none raises :class:`StoreError`."""
+        if not self.records_pixels:
+            raise StoreError(
+                f"'{self.key}' records no pixel digests (extracted before they were recorded, or imported)"
+            )
+        arr = self._array("pixels")
+        if rows is None:
+            return np.asarray(arr[:])
+        return np.asarray(arr.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),)))
 
     def check_metadata(self) -> None:
         """Every recorded array against its record (:class:`MetadataLost` / :class:`MetadataAltered` on damage)."""

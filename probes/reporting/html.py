@@ -156,15 +156,55 @@ def _num(v: float, digits: int = 2) -> str:
 
 
 def audit_html(
-    res: Any, path: str | os.PathLike, *, neighbours: pd.DataFrame, top: int = 50, n_neighbours: int = 8, tile: int = 72
+    res: Any,
+    path: str | os.PathLike,
+    *,
+    neighbours: pd.DataFrame | None,
+    top: int = 50,
+    n_neighbours: int = 8,
+    tile: int = 72,
 ) -> Path:
-    """Write the report of an audit result (:class:`probes.AuditResult`) to ``path``: parameters, the
-    score formula, given->proposed counts and the ranked table of the ``top`` suspects, each row with
-    its evidence, why it is suspected (which models disagree, which neighbours carry another label) and
-    an inline strip (JPEG, ``tile`` px per cell) of the cell (red) beside its nearest neighbours
-    (``neighbours``: ``query, rank, id, label, similarity, path`` rows; orange: another label). The
-    table sorts by any column (click its header) and filters by class, evidence and text in the
-    browser (inline script; no server, nothing fetched)."""
+    """Write the report of an audit result (:class:`probes.AuditResult`) to ``path``, one tab per issue
+    audited. Labels: parameters, the score formula, given->proposed counts and the ranked table of the
+    ``top`` suspects, each row with its evidence, why it is suspected (which models disagree, which
+    neighbours carry another label) and an inline strip (JPEG, ``tile`` px per cell) of the cell (red)
+    beside its nearest neighbours (``neighbours``: ``query, rank, id, label, similarity, path`` rows;
+    orange: another label). Duplicates, leaks, outliers: :mod:`probes.reporting.issues_html`. Tables sort
+    by any column (click its header) and filter in the browser (inline script; nothing fetched)."""
+    from probes.reporting import issues_html
+
+    params = res.params
+    wanted = params.get("issues", ["label"])
+    sections = []
+    if "label" in wanted:
+        assert neighbours is not None
+        sections.append(("labels", "Labels", _label_section(res, neighbours, top, n_neighbours, tile)))
+    found = res.issues
+    if found is not None:
+        if "duplicate" in wanted:
+            sections.append(("duplicates", "Duplicates", issues_html.duplicates_section(found, res.obs, top)))
+        if "leak" in wanted:
+            sections.append(("leaks", "Leaks", issues_html.leaks_section(found, res.obs)))
+        if "outlier" in wanted:
+            sections.append(("outliers", "Outliers", issues_html.outliers_section(found, res.obs, top)))
+    notes = "".join(f"<li>{_esc(n)}</li>" for n in params.get("issue_notes", []))
+    doc = f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>Audit: {_esc(params.get("dataset", ""))}</title>
+<style>{_CSS}{issues_html.TABS_CSS}</style></head><body>
+<h1>Audit — {_esc(params.get("dataset", "cells"))}</h1>
+{f"<ul class=note>{notes}</ul>" if notes else ""}
+{issues_html.tabs(sections)}
+<script>{_JS}</script>
+<script>{issues_html.TABS_JS}</script>
+</body></html>
+"""
+    path = Path(path)
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
+def _label_section(res: Any, neighbours: pd.DataFrame, top: int, n_neighbours: int, tile: int) -> str:
+    """The label audit's tab: parameters, score, given -> proposed counts, the ranked suspects."""
     params = res.params
     sus = res.suspects(top)
     nb = neighbours
@@ -216,11 +256,7 @@ def audit_html(
             f"<td class=why>{_esc(r.get('why', ''))}{detail}</td>"
             f"<td><img class=strip alt='cell {_esc(r['id'])} and its neighbours' src='{strip}'></td></tr>"
         )
-    doc = f"""<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>Label audit: {_esc(params.get("dataset", ""))}</title>
-<style>{_CSS}</style></head><body>
-<h1>Label audit — {_esc(params.get("dataset", "cells"))}</h1>
-<p class=note>Cells ranked by how likely their label is wrong. Review the top rows; accept a proposed label by
+    return f"""<p class=note>Cells ranked by how likely their label is wrong. Review the top rows; accept a proposed label by
 keeping its row in <code>corrections-template.csv</code>, then run <code>probes relabel --store … --corrections FILE</code>.</p>
 {_meta(params, res)}
 <h2>Score</h2>
@@ -238,9 +274,4 @@ keeping its row in <code>corrections-template.csv</code>, then run <code>probes 
 <p class=note>Click a column header to sort; filter by class, evidence or text.</p>
 {_controls(sus)}
 <table id=suspects>{head}<tbody>{"".join(body)}</tbody></table>
-<script>{_JS}</script>
-</body></html>
 """
-    path = Path(path)
-    path.write_text(doc, encoding="utf-8")
-    return path

@@ -28,7 +28,8 @@ smear ids), so 0.97 is ~91 % precise (the rest mostly look-alike neighbours), 0.
 0.98 (100 %) misses 4 in 10 flips and 2 px shifts and 0.99 (cleanlab-like) finds 2 pairs in all of
 Chula. These features are not invariant to re-encoding at 64 px (JPEG q90 already costs 0.04), so no
 threshold separates every altered copy from every distinct cell. Copies with identical pixels are
-caught whatever the features by the pixel hash (:func:`pixel_hash`, :func:`pixel_duplicates`), merged
+caught whatever the features by the pixel digest the store records at extraction
+(:func:`embedcache.inputs.images.pixel_digest`, :func:`pixel_duplicates`), merged
 with the feature evidence by :func:`merge_duplicates`.
 
 **Leaks** (:func:`split_leaks`). A duplicate set with cells in more than one part of a split, and a group
@@ -70,7 +71,6 @@ a short ``why`` naming cells by their ``ids``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -178,17 +178,6 @@ class DataIssues:
 
 
 # -- pixel hash ---------------------------------------------------------------------------------------
-def pixel_hash(image: Any) -> str:
-    """SHA-1 (40 hex digits) of a decoded image: its shape, dtype and C-order pixel bytes.
-
-    Pass the decoded array the backbone sees before any resize (uint8 RGB, (H, W, 3)); a PIL image is
-    converted with ``np.asarray``. Identical hashes mean identical pixels (same size, same values), whatever
-    the file's format or name; one changed pixel gives another hash."""
-    a = np.ascontiguousarray(np.asarray(image))
-    head = f"{'x'.join(map(str, a.shape))}:{a.dtype.str}:".encode()
-    return hashlib.sha1(head + a.tobytes()).hexdigest()
-
-
 # -- checks ---------------------------------------------------------------------------------------------
 def _check_threshold(threshold: float) -> float:
     try:
@@ -486,14 +475,15 @@ def near_duplicates(
 
 
 def pixel_duplicates(hashes: Any, ids: Any = None) -> Duplicates:
-    """Cells with the same pixel hash (:func:`pixel_hash`; strings or integers), as duplicate sets. Cells
-    with no hash (None, NaN, "") are left out and counted (``missing_hash``). Each set's pairs are its
-    cells paired with its first cell (identity is transitive: the other pairs follow)."""
+    """Cells with the same pixel hash (:func:`embedcache.inputs.images.pixel_digest`; strings or integers),
+    as duplicate sets. Cells with no hash (None, NaN, "", 0) are left out and counted (``missing_hash``).
+    Each set's pairs are its cells paired with its first cell (identity is transitive: the others follow)."""
     h = pd.Series(np.asarray(hashes, dtype=object))
     n = len(h)
     _check_len("hashes", h.to_numpy(), n)
     names = _ids(ids, n)
-    missing = h.isna().to_numpy() | (h.astype(str).str.strip() == "").to_numpy()
+    text = h.astype(str).str.strip()
+    missing = h.isna().to_numpy() | (text == "").to_numpy() | (text == "0").to_numpy()
     codes, _ = pd.factorize(h.where(~missing, None))  # missing: -1
     codes = np.where(missing, -1, codes)
     has = np.flatnonzero(codes >= 0)

@@ -10,7 +10,9 @@ from typing import Any
 
 from embedcache.options import Interval, OneOf, Options, option
 from probes.errors import ProbeError
+from probes.studies.audit.data_issues import DEFAULT_K, DEFAULT_THRESHOLD
 from probes.studies.audit.folds import SCHEMES
+from probes.studies.audit.issues import LEAK_SPLITS
 from probes.studies.audit.ranking import Ranking
 
 __all__ = ["AuditOptions", "DEFAULT_PROBES"]
@@ -71,6 +73,24 @@ class AuditOptions(Options):
         "BLAS/OpenMP/torch threads for the probe fits (default: the library's; 1 is often much faster on small "
         "or shared CPUs)",
         check=Interval(int, 1),
+    )
+    issues: str | Sequence[str] = option(
+        "all", "what to audit: label,duplicate,leak,outlier (any subset; default all)", flags=("--issues",)
+    )
+    duplicate_threshold: float = option(
+        DEFAULT_THRESHOLD,
+        "near-duplicates: cosine similarity at or above which two cells are one (0, 1]",
+        check=Interval(float, 0.0, 1.0, open_low=True, none_ok=False),
+    )
+    outlier_k: int = option(
+        DEFAULT_K, "outliers: neighbours per cell of the kNN distance", check=Interval(int, 1, none_ok=False)
+    )
+    leak_split: str = option(
+        "auto",
+        "leaks: the split they cross: column (the store's split column), group or stratified (seed 42, 20% test), "
+        "auto (column when it has test cells, else group when cells have groups, else stratified)",
+        flags=("--split",),
+        check=OneOf(LEAK_SPLITS),
     )
     cache_lock: Callable[[], Any] | None = option(None, cli=False)
     cache_legacy: str | None = option(None, cli=False)

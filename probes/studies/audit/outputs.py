@@ -16,8 +16,17 @@ from probes.reporting.tables import write_files
 
 
 def write_outputs(res: Any, *, top: int = 50, html: bool = True) -> dict[str, Path]:
-    """``suspects.csv``, ``corrections-template.csv``, ``suspects.png``, ``audit.json`` and
-    ``report.html`` under ``res.out``."""
+    """``suspects.csv``, ``corrections-template.csv``, ``suspects.png`` (the label audit), ``issues.csv``
+    (every issue audited, one row per cell), ``audit.json`` and ``report.html`` under ``res.out``."""
+    document = {
+        "audit.json": {**res.params, "reused_models": res.reused, "computed_models": res.computed, "fits": res.fits}
+    }
+    issues = {"issues.csv": res.issue_table} if res.issue_table is not None else {}
+    if "label" not in res.params.get("issues", ["label"]):
+        plots: dict[str, Callable[[Path], Any]] = {}
+        if html:
+            plots["report.html"] = lambda p: audit_html(res, p, top=top, neighbours=None)
+        return write_files(res.out, tables=issues, plots=plots, documents=document)
     sus = res.suspects(top)
     corrections = pd.DataFrame(
         {
@@ -32,18 +41,16 @@ def write_outputs(res: Any, *, top: int = 50, html: bool = True) -> dict[str, Pa
     nb = suspect_neighbors(res, top)
     b0 = res.params["backbones"][0]
     title = f"top suspects (red) and their nearest neighbours in {b0} (orange: another label)"
-    plots: dict[str, Callable[[Path], Any]] = {
+    label_plots: dict[str, Callable[[Path], Any]] = {
         "suspects.png": lambda p: suspect_sheet(sus.head(min(top, 24)), nb, p, title=title)
     }
     if html:
-        plots["report.html"] = lambda p: audit_html(res, p, top=top, neighbours=nb)
+        label_plots["report.html"] = lambda p: audit_html(res, p, top=top, neighbours=nb)
     files = write_files(
         res.out,
-        tables={"suspects.csv": res.table, "corrections-template.csv": corrections},
-        plots=plots,
-        documents={
-            "audit.json": {**res.params, "reused_models": res.reused, "computed_models": res.computed, "fits": res.fits}
-        },
+        tables={"suspects.csv": res.table, "corrections-template.csv": corrections, **issues},
+        plots=label_plots,
+        documents=document,
     )
     files["corrections"] = files.pop("corrections-template.csv")  # the key audits always used
     return files
@@ -63,8 +70,14 @@ def suspect_neighbors(res: Any, top: int, backbone: str | None = None) -> pd.Dat
 
 
 def print_summary(res: Any, top: int = 15, console: Any = None) -> None:
-    """The top suspects with their evidence, the score formula, what was excluded, the files."""
+    """The top suspects with their evidence, the score formula, what was excluded, the data-set issues, the files."""
     p = res.params
+    panels = issue_panels(res.issues, top=min(top, 10))
+    lines = [*p.get("issue_notes", [])]
+    if "label" not in p.get("issues", ["label"]):
+        lines += [*p.get("excluded", []), *(f"{name}: {path}" for name, path in res.files.items())]
+        print_report(panels, lines=lines, console=console)
+        return
     cols = [
         Col(c, "left")
         for c in (
@@ -99,8 +112,27 @@ def print_summary(res: Any, top: int = 15, console: Any = None) -> None:
         f"label audit: {p['n_cells']} cells, {p['n_models']} models ({res.reused} reused, {res.computed} fitted), "
         f"{p['scheme']} {p['folds']}-fold"
     )
-    lines = [p["formula"], *p.get("excluded", [])]
+    lines = [p["formula"], *p.get("excluded", []), *lines]
     if p.get("cache"):
         lines.append(f"out-of-fold cache: {p['cache']}")
     lines += [f"{name}: {path}" for name, path in res.files.items() if name != "oof"]
-    print_report([Panel(title, cols, rows)], lines=lines, console=console)
+    print_report([Panel(title, cols, rows), *panels], lines=lines, console=console)
+
+
+def issue_panels(found: Any, top: int = 10) -> list[Panel]:
+    """One printed table per data-set issue: how many cells are flagged and the top ones with their why."""
+    if found is None:
+        return []
+    panels = []
+    parts = [("duplicate", found.duplicates.cells), ("leak", None if found.leaks is None else found.leaks.cells)]
+    parts.append(("outlier", None if found.outliers is None else found.outliers.cells))
+    for name, cells in parts:
+        if cells is None:
+            continue
+        flagged = cells[cells["flag"]].sort_values("score", ascending=False)
+        title = f"{name}s: {len(flagged)} of {len(cells)} cells flagged" + (
+            f" (top {top})" if len(flagged) > top else ""
+        )
+        rows = [[str(r.id), f"{r.score:.3f}", str(r.why)] for r in flagged.head(top).itertuples(index=False)]
+        panels.append(Panel(title, [Col("id", "left"), Col("score"), Col("why", "left")], rows))
+    return panels

@@ -74,6 +74,8 @@ class AuditResult:
     out: Path | None = None
     files: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what the audit could not do (e.g. write its cache)
+    issues: Any = None  # probes.studies.audit.data_issues.DataIssues: duplicates, leaks, outliers (or None)
+    issue_table: pd.DataFrame | None = None  # issues.csv: every issue audited, one row per cell
 
     def suspects(self, top: int = 50) -> pd.DataFrame:
         """The ``top`` most suspicious cells."""
@@ -351,9 +353,17 @@ def audit(
     and logistic fit them there; the neighbour search merges chunks to the exact top-k); ``scheduler``
     (``tcp://host:port``, ``local:N``) fits each backbone x probe x seed as one Dask task, to the local
     run's probabilities. ``quiet`` hides the progress bar and the summary; ``show`` prints it regardless.
+
+    ``issues`` (``label,duplicate,leak,outlier``, default all): besides the labels, the data set itself
+    (:mod:`probes.studies.audit.issues`): near and exact duplicates (``duplicate_threshold``, the pixel digests
+    extraction recorded), leaks of duplicate sets and groups across ``split`` (``column``, ``group``,
+    ``stratified``, ``auto``) and outliers (``outlier_k`` neighbours), into ``issues.csv`` and a tab each of
+    ``report.html``.
     """
     from probes.engine.runtime import study_runtime
 
+    if "split" in more:  # the split leaks are judged against (the CLI's --split): AuditOptions.leak_split
+        more["leak_split"] = more.pop("split")
     (mine, theirs), rest = split_options(more, AuditOptions, StudyOptions)
     if rest:
         raise TypeError(f"audit: unknown keyword(s) {', '.join(sorted(rest))}")
@@ -367,10 +377,37 @@ def audit(
 
 
 def _audit(store: Any, model: str | Sequence[str], opts: StudyOptions, aopts: AuditOptions) -> AuditResult:
-    import embedcache
+    from probes.studies.audit.issues import issue_table, parse_issues, store_issues
     from probes.studies.audit.outputs import print_summary, write_outputs
 
+    wanted = parse_issues(aopts.issues)
     cells = open_cells(store, model, dataset=opts.dataset, pool=opts.pool)
+    pos = np.arange(len(cells.obs))
+    feats = cells.features_of_all(pos)  # held together: their sum against the memory budget
+    out = prepare_out(opts.out if opts.out is not None else study_name("audit", cells.backbones))
+    if "label" in wanted:
+        res = _label_audit(cells, feats, opts, aopts)
+    else:
+        obs = cells.obs[["id", "path", "label", "group"]].reset_index(drop=True)
+        res = AuditResult(pd.DataFrame(), [], sort_labels(cells.labels), {"backbones": cells.backbones}, {}, obs)
+        res.params.update(n_cells=len(obs), n_models=0)
+    res.params.update(store=str(cells.store_url), dataset=cells.dataset, excluded=cells.exclusion_lines())
+    res.params["issues"] = wanted
+    if any(i in wanted for i in ("duplicate", "leak", "outlier")):
+        res.issues, notes = store_issues(cells, feats, wanted, aopts)
+        res.params.update(duplicate_threshold=aopts.duplicate_threshold, outlier_k=aopts.outlier_k, issue_notes=notes)
+    res.issue_table = issue_table(res.table if "label" in wanted else None, res.issues, res.obs)
+    res.out = out
+    res.files.update(write_outputs(res, top=aopts.top, html=aopts.html))
+    if opts.printing():
+        print_summary(res, top=min(aopts.top, 15))
+    return res
+
+
+def _label_audit(cells: Any, feats: dict[str, Any], opts: StudyOptions, aopts: AuditOptions) -> AuditResult:
+    """The label audit of a store's cells: out-of-fold probabilities (cached beside the store), neighbours."""
+    import embedcache
+
     lock, legacy = None, None
     cache = aopts.cache
     if cache is None or cache is True:
@@ -384,10 +421,7 @@ def _audit(store: Any, model: str | Sequence[str], opts: StudyOptions, aopts: Au
         cache_path = str(cache)
     if cache_path is not None:
         check_writable(cache_path)  # before any fit, not after
-    pos = np.arange(len(cells.obs))
-    feats = cells.features_of_all(pos)  # held together: their sum against the memory budget
-    out = prepare_out(opts.out if opts.out is not None else study_name("audit", cells.backbones))
-    res = audit_arrays(
+    return audit_arrays(
         feats,
         cells.labels,
         ids=cells.obs["id"].to_numpy(),
@@ -401,12 +435,6 @@ def _audit(store: Any, model: str | Sequence[str], opts: StudyOptions, aopts: Au
             cache=cache_path if cache_path is not None else False, cache_lock=lock, cache_legacy=legacy
         ),
     )
-    res.params.update(store=str(cells.store_url), dataset=cells.dataset, excluded=cells.exclusion_lines())
-    res.out = out
-    res.files.update(write_outputs(res, top=aopts.top, html=aopts.html))
-    if opts.printing():
-        print_summary(res, top=min(aopts.top, 15))
-    return res
 
 
 def _oof_one(
