@@ -1,8 +1,9 @@
 """``probes audit --issues``: duplicates, leaks and outliers of a store's cells, one report with a tab each.
 
 Real features (EfficientNet-Lite0, ImageNet) of 240 bundled Chula red cells with planted issues: 4 exact copies
-re-saved as PNG (same pixels, other file), 4 copies shifted by one pixel (edge repeated) and re-encoded, each copy on the other side of the
-split column from its original, and 6 BCCD white cells and platelets (another data set) as outliers."""
+re-saved as PNG (same pixels, other file), 4 copies shifted by one pixel (edge repeated) and re-encoded, each
+copy on the other side of the split column from its original, and 6 BCCD white cells and platelets (another
+data set) as outliers."""
 
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def test_the_cli_audits_issues(planted, tmp_path):
     from embedcache_cli.probes_app import app
 
     store, _, _ = planted
-    args = ["audit", "--store", str(store), "--model", MODEL, "--issues", "duplicate,outlier", "--out", str(tmp_path / "c")]
+    args = ["audit", "--store", str(store), "--model", MODEL, "--issues", "duplicate,outlier"]
+    args += ["--out", str(tmp_path / "c")]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "duplicates:" in r.output and "outliers:" in r.output and "leaks:" not in r.output
