@@ -216,8 +216,11 @@ def test_audit_out_of_core_equals_in_memory(store, tmp_path):
     cols = ["id", "score", "self_confidence", "neighbor_disagreement", "proposed_label"]
     pd.testing.assert_frame_equal(mem.table[cols], ooc.table[cols])
     mem2 = audit(store, MODEL, probes="logistic,knn", out=tmp_path / "mem2", **kw)
-    ooc2 = audit(store, MODEL, probes="logistic,knn", out=tmp_path / "ooc2", max_memory="100KB", **kw)
+    ooc2 = audit(store, MODEL, probes="logistic,knn", out=tmp_path / "ooc2", out_of_core="always", **kw)
     pd.testing.assert_frame_equal(mem2.table[cols], ooc2.table[cols], check_exact=True)  # exact fits, same table
+    # the out-of-fold probabilities stay in memory whatever the features do: a budget below them is refused
+    with pytest.raises(ProbeError, match="GiB of probabilities"):
+        audit(store, MODEL, probes="logistic,knn", out=tmp_path / "tiny", max_memory="100KB", **kw)
     with pytest.raises(ProbeError, match="no out-of-core path"):
         audit(store, MODEL, probes="mlp", out=tmp_path / "mlp", out_of_core="always", **kw)
 
