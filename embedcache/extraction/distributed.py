@@ -214,7 +214,9 @@ class DaskRun:
             replace(plan.compute, options=plan.options.replace(num_workers=self.num_workers or 0, progress=False)),
         )
         inputs = self.client.scatter(
-            [(variant.perturbation, variant.subset, self.backbone_future)], broadcast=True, hash=False
+            [(variant.perturbation, variant.subset, variant.working_size, self.backbone_future)],
+            broadcast=True,
+            hash=False,
         )[0]
         # each task is sent its own chunk's cells (ids, paths), never the whole cell table
         futures = {}
@@ -298,7 +300,7 @@ def _worker_backbone(recipe: BackboneRecipe, shipped: LoadedBackbone | None) -> 
 
 def _compute_chunks(job: _Job, inputs: tuple, source: CellSource, chunks: list[int]) -> dict[str, Any]:
     """One task: compute, write and mark done ``chunks`` of the job's feature set (``source``: their cells)."""
-    perturbation, subset, shipped = inputs
+    perturbation, subset, working_size, shipped = inputs
     dev = _worker_device(job.compute.device.type)
     if dev.type == "cpu":
         torch.set_num_threads(1)  # the cluster's processes are the parallelism
@@ -315,7 +317,7 @@ def _compute_chunks(job: _Job, inputs: tuple, source: CellSource, chunks: list[i
     plan = ExtractPlan(source=source, backbone=bb, store=store, dataset=ds, compute=replace(job.compute, device=dev))
     cells = Cells(
         source,
-        working_size=opts.working_size,
+        working_size=working_size,
         perturbation=perturbation,
         subset=subset,
         max_image_pixels=opts.max_image_pixels,

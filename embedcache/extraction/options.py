@@ -52,7 +52,10 @@ class ExtractOptions(Options):
     )
     label_column: str | None = option("label", "manifest column holding the labels (None: no labels)")
     working_size: int | None = option(
-        None, "resize every cell to S×S first (the small-patch protocol uses 40)", check=Interval(int, 4)
+        None,
+        "resize every cell to S×S first (the small-patch protocol uses 40); perturbed sets without it use the "
+        "model's input size",
+        check=Interval(int, 4),
     )
     perturb: tuple[str, ...] | None = option(
         None,

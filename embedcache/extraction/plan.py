@@ -99,6 +99,12 @@ class Variant:
     perturbation: Perturbation | None = None
     subset: np.ndarray | None = None  # rows to compute (None: all)
     subset_rule: str = "all"
+    working_size: int | None = None  # S the cells are resized to first (None: none)
+    working_size_from: str | None = None  # where S came from (WORKING_SIZE_GIVEN / WORKING_SIZE_DEFAULT)
+
+
+WORKING_SIZE_GIVEN = "--working-size / working_size="
+WORKING_SIZE_DEFAULT = "the backbone's input size (default)"
 
 
 def fingerprint(plan: ExtractPlan, variant: Variant) -> dict[str, Any]:
@@ -108,7 +114,7 @@ def fingerprint(plan: ExtractPlan, variant: Variant) -> dict[str, Any]:
         "backbone": bb.key_name,
         "weights_sha256": bb.weights.get("sha256"),
         "preprocessing": c.prep.as_dict(),
-        "working_size": c.options.working_size,
+        "working_size": variant.working_size,
         "perturbation": variant.perturbation.name if variant.perturbation else None,
         "rows": variant.subset_rule,
         "store_dtype": c.options.store_dtype,
@@ -144,7 +150,8 @@ def provenance(plan: ExtractPlan, variant: Variant) -> dict[str, Any]:
         "backbone": backbone,
         "weights": dict(bb.weights),
         "preprocessing": c.prep.as_dict(),
-        "working_size": c.options.working_size,
+        "working_size": variant.working_size,
+        "working_size_from": variant.working_size_from,
         "perturbation": None
         if perturbation is None
         else {"kind": perturbation.kind, "param": perturbation.param, "rows": variant.subset_rule},

@@ -26,6 +26,8 @@ from embedcache.extraction.distributed import BackboneRecipe, DaskRun, check_clu
 from embedcache.extraction.options import ExtractOptions
 from embedcache.extraction.pipeline import Cells, run_chunks, say_token_size
 from embedcache.extraction.plan import (
+    WORKING_SIZE_DEFAULT,
+    WORKING_SIZE_GIVEN,
     Compute,
     ExtractionError,
     ExtractPlan,
@@ -130,6 +132,19 @@ def extract(
         fit=opts.fit,
     )
     perturbations = parse_perturbations(opts.perturb)
+    # The working size S: what the perturbations are measured on (blur-pre blurs before resizing to S,
+    # blur-post after). Without --working-size the perturbed sets use the model's input size, so the two blurs
+    # differ whenever the cells are not already that size; the clean set keeps the model's own resize.
+    if opts.working_size is not None:
+        ws, ws_from = opts.working_size, WORKING_SIZE_GIVEN
+    else:
+        ws, ws_from = prep.size, WORKING_SIZE_DEFAULT
+    if perturbations and opts.working_size is None and prep.fit != "squash":
+        raise ValueError(
+            f"perturbations without --working-size resize each cell to the input size {prep.size}×{prep.size} "
+            f"(squashing non-square cells) while the clean set uses --fit {prep.fit}: pass --working-size "
+            "(working_size=) to resize every set, clean included, the same way"
+        )
     prep_tag = prep.tag() + (f"-ws{opts.working_size}" if opts.working_size else "")
     token_shape = tail_token_shape(bb, opts.tail_blocks, prep.size) if opts.tail_blocks is not None else None
     store = open_store(out, mode="a")
@@ -161,10 +176,27 @@ def extract(
             recipe = BackboneRecipe.of(model, opts.weights, opts.revision, opts.adapter, bb)
             shipped = bb if backbone is not None else None  # as used here: adapter applied
             dask = stack.enter_context(DaskRun.open(opts, recipe=recipe, device=dev, backbone=shipped))
-        result = _extract_variant(plan, Variant(key=f"{base}/clean"), dask)
+        given_ws = opts.working_size is not None
+        clean = Variant(
+            key=f"{base}/clean", working_size=opts.working_size, working_size_from=ws_from if given_ws else None
+        )
+        result = _extract_variant(plan, clean, dask)
         result.notes += label_collisions(source.table["label"])
+        if perturbations and not given_ws:
+            result.notes.append(
+                f"perturbations measured on working size {ws} ({ws}×{ws} cells), the backbone's input size (no "
+                f"--working-size): blur-pre blurs each cell before resizing it to {ws}, blur-post after; "
+                "the clean set keeps the model's own resize"
+            )
         for p in perturbations:
-            variant = Variant(key=f"{base}/{p.name}", perturbation=p, subset=subset, subset_rule=subset_rule)
+            variant = Variant(
+                key=f"{base}/{p.name}",
+                perturbation=p,
+                subset=subset,
+                subset_rule=subset_rule,
+                working_size=ws,
+                working_size_from=ws_from,
+            )
             result.variants.append(_extract_variant(plan, variant, dask))
             result.notes += result.variants[-1].notes
     return result
@@ -201,7 +233,7 @@ def _extract_variant(plan: ExtractPlan, variant: Variant, dask: DaskRun | None) 
         else:
             cells = Cells(
                 plan.source,
-                working_size=c.options.working_size,
+                working_size=variant.working_size,
                 perturbation=variant.perturbation,
                 subset=variant.subset,
                 max_image_pixels=c.options.max_image_pixels,

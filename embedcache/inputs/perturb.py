@@ -2,7 +2,9 @@
 
 A perturbation is ``kind:param`` (e.g. ``blur-post:0.8``); each one is cached as its own
 feature set (``uni/224-bicubic-ws40/blur-post-0.8``). The working size S (``--working-size``)
-resizes every cell to S×S first, as the small-patch protocol does with 40×40 cells.
+resizes every cell to S×S first, as the small-patch protocol does with 40×40 cells. ``extract`` always
+passes an S to the perturbed sets (without ``--working-size``: the backbone's input size), so the two blurs
+below differ; ``apply`` with ``working_size=None`` blurs the image as it is (then both are the same).
 
 * ``blur-post:σ`` — Gaussian blur of standard deviation σ on the S×S image (PIL's
   ``ImageFilter.GaussianBlur``, whose radius is the standard deviation), after resizing.

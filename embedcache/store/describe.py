@@ -36,7 +36,8 @@ def provenance_line(prov: dict[str, Any]) -> str:
     if prep:
         parts.append(f"{prep.get('size')} px {prep.get('interpolation')} {prep.get('fit', '')}".strip())
     if prov.get("working_size"):
-        parts.append(f"working size {prov['working_size']}")
+        where = prov.get("working_size_from")
+        parts.append(f"working size {prov['working_size']}" + (f" ({where})" if where else ""))
     comp = prov.get("compute") or {}
     if comp:
         parts.append(f"{comp.get('device')} {comp.get('device_name', '')} {comp.get('dtype', '')}".strip())

@@ -19,6 +19,7 @@ import embedcache
 from embedcache import ExtractionError, StoreBusyError, StoreError, open_store
 from embedcache.backbones.devices import default_dtype
 from embedcache.store import FeatureSetConflict
+from embedcache.store.describe import provenance_line
 from tests.conftest import REPO, bundled
 
 KEY = "timm-test_vit@random/160-bicubic/clean"
@@ -337,3 +338,35 @@ def test_embed_images_matches_stored_features(tmp_path, chula_subset):
     fs = ds.find_feature_set("timm:test_vit")
     q = embed_images(fs, [ds.obs["path"].iat[3], ds.obs["path"].iat[11]])
     np.testing.assert_array_equal(q, fs.to_numpy()[[3, 11]])
+
+
+def test_blur_pre_and_post_differ_without_working_size_on_the_input_size_grid(tmp_path, chula_subset):
+    """Issue 28: without --working-size both blurs used to blur the 64-px original at σ (bitwise-equal
+    features). S now defaults to the backbone's input size (160), recorded with where it came from."""
+    m = chula_subset(32, split=["train"] * 16 + ["test"] * 16)
+    out = tmp_path / "c.zarr"
+    r = _extract(m, out, chunk_size=16, perturb=["blur-pre:1.6", "blur-post:1.6"])
+    base = "timm-test_vit@random/160-bicubic"
+    assert r.key == f"{base}/clean" and [v.key for v in r.variants] == [f"{base}/blur-pre-1.6", f"{base}/blur-post-1.6"]
+    assert any("working size 160" in n and "input size" in n for n in r.notes), r.notes
+    ds = open_store(out).dataset()
+    test = ds.obs["split"].to_numpy() == "test"
+    pre, post = (ds.feature_set(v.key) for v in r.variants)
+    assert not np.array_equal(pre.to_numpy()[test], post.to_numpy()[test])
+    for fs in (pre, post):
+        prov = fs.attrs["provenance"]
+        assert prov["working_size"] == 160 and prov["working_size_from"] == "the backbone's input size (default)"
+        assert "working size 160 (the backbone's input size (default))" in provenance_line(prov)
+    clean = ds.feature_set(r.key).attrs["provenance"]
+    assert clean["working_size"] is None and clean["working_size_from"] is None  # the clean set is unchanged
+    explicit = _extract(m, tmp_path / "d.zarr", chunk_size=16, working_size=40, perturb=["blur-post:1.6"])
+    prov = open_store(tmp_path / "d.zarr").dataset().feature_set(explicit.variants[0].key).attrs["provenance"]
+    assert prov["working_size"] == 40 and prov["working_size_from"] == "--working-size / working_size="
+
+
+def test_perturbations_without_working_size_refuse_a_non_squash_fit(tmp_path, chula_subset):
+    """The default S squashes each cell to the input size; with --fit crop the clean set would crop: refused."""
+    m = chula_subset(8)
+    with pytest.raises(ValueError, match=r"--fit crop.*--working-size"):
+        _extract(m, tmp_path / "c.zarr", fit="crop", perturb=["blur-post:1"])
+    assert not (tmp_path / "c.zarr").exists()
