@@ -100,6 +100,7 @@ def audit_probe(name: str, **kw: Any) -> Any:
 
 # the joint member: a plain logistic regression on every backbone's features side by side
 JOINT_PROBE = "joint-logistic"
+NO_PROBES = "none"  # --probes none: no per-backbone probe, the joint member alone
 JOINT_PROBE_PARAMS: dict[str, Any] = {"Cs": (1.0,)}
 JOINT_SEPARATOR = "+"
 
@@ -175,9 +176,11 @@ def audit_arrays(
     classes = sort_labels(labels)
     if len(classes) < 2:
         raise ProbeError(f"an audit needs at least two classes; the cells carry only {classes}")
-    probe_list = parse_names(probes)
-    if not probe_list:
-        raise ProbeError("no probes given: e.g. --probes logistic,knn,mlp")
+    probe_list = [p for p in parse_names(probes) if p != NO_PROBES]
+    if not probe_list and not opt.joint:
+        raise ProbeError(
+            f"no probes given: e.g. --probes logistic,knn,mlp (--probes {NO_PROBES} needs the joint member, --joint)"
+        )
     if make_probe is None:
         unknown = [p for p in probe_list if p not in PROBES]
         if unknown:
