@@ -232,10 +232,19 @@ def features(work: Path, truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, f
     import embedcache
 
     t0 = time.perf_counter()
-    r = embedcache.extract(MODEL, work / "cells.csv", work / "cache.zarr", progress=False, chunk_size=512)
+    store = work / "cache.zarr"
+    fs = None
+    if store.exists():  # a complete store is read as it is (extract would load the model to find it complete)
+        with contextlib.suppress(Exception):
+            ds = embedcache.open_store(store).dataset()
+            fs = ds.find_feature_set(MODEL)
+            if len(ds.obs) != len(truth) or not fs.ok().all():
+                fs = None
+    if fs is None:
+        r = embedcache.extract(MODEL, work / "cells.csv", store, progress=False, chunk_size=512)
+        ds = embedcache.open_store(store).dataset(r.dataset)
+        fs = ds.feature_set(r.key)
     seconds = time.perf_counter() - t0
-    ds = embedcache.open_store(work / "cache.zarr").dataset(r.dataset)
-    fs = ds.feature_set(r.key)
     if not fs.ok().all():
         sys.exit(f"{int((~fs.ok()).sum())} cells could not be read: remove {work} and rerun")
     order = pd.Series(np.arange(len(ds.obs)), index=ds.obs["path"].astype(str).to_numpy())
