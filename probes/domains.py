@@ -88,6 +88,13 @@ def evaluations(sp: Split, plan: DomainPlan | None, labels: np.ndarray, notes: l
         if len(classes) < 1:
             notes.append(f"domain {d}: no cell of a trained class; not scored")
             continue
+        absent = [str(c) for c in sp.classes if c not in present]
+        if absent:
+            notes.append(
+                f"domain {d}: training class(es) {', '.join(absent)} absent from {d}; confusion.csv keeps their "
+                "predicted columns (cells predicted as them are errors), and macro averages cover the "
+                f"{len(classes)} classes {d} has"
+            )
         out.append((d, False, pos, classes))
     return out
 

@@ -70,3 +70,28 @@ def score(
         values[f"macro_{name}"] = float(v.mean()) if k else 0.0
         values[f"weighted_{name}"] = float(v @ weights)
     return Scores(values, dict(zip(labels, map(float, f1))), labels, full[:k, :k])
+
+
+def confusion_table(
+    y_true: Sequence[str] | np.ndarray,
+    y_pred: Sequence[str] | np.ndarray,
+    rows: Sequence[str],
+    columns: Sequence[str],
+) -> tuple[list[str], np.ndarray]:
+    """Counts of true ``rows[i]`` predicted ``columns[j]``, as ``(columns, (len(rows), len(columns)) int64)``.
+
+    ``columns`` may hold classes with no true cell (an out-of-domain test set lacking some training classes):
+    every cell of a listed row is counted, so each row sums to that class's cells. A predicted label outside
+    ``columns`` gets a column of its own (appended, sorted), never dropped; a true label outside ``rows`` is
+    not counted."""
+    truth, pred = np.asarray(y_true, dtype=str), np.asarray(y_pred, dtype=str)
+    cols = [str(c) for c in columns]
+    cols += sorted(set(pred.tolist()) - set(cols))
+    r_pos = {str(c): i for i, c in enumerate(rows)}
+    c_pos = {c: j for j, c in enumerate(cols)}
+    out = np.zeros((len(r_pos), len(cols)), dtype=np.int64)
+    for t, p in zip(truth.tolist(), pred.tolist()):
+        i = r_pos.get(t)
+        if i is not None:
+            out[i, c_pos[p]] += 1
+    return cols, out

@@ -23,7 +23,7 @@ from probes.engine.intervals import TestedCells, attach_intervals, compare_panel
 from probes.engine.skeleton import FitJob, epoch_table, fit_table, run_plan
 from probes.errors import ProbeError
 from probes.features.cells import Cells, exclusion_reason
-from probes.metrics import CLASS_METRIC, score
+from probes.metrics import CLASS_METRIC, confusion_table, score
 from probes.reporting.console import Panel
 from probes.sampling import Sampler, Split, flag_min
 
@@ -174,9 +174,12 @@ def fit_splits(
             rows += [{**base, "metric": m, "class": "", "value": v, **extra} for m, v in sc.values.items()]
             rows += [{**base, "metric": CLASS_METRIC, "class": c, "value": v, **extra} for c, v in sc.class_f1.items()]
             keys = {k: base[k] for k in ("backbone", "probe", "limit", "seed", "test_domain")}
+            # columns: every class the probe was trained on, so predictions into a class the test domain
+            # lacks stay in the table (each row sums to that class's test cells)
+            predicted, counts = confusion_table(cells.labels[pos], pred, sc.classes, sp.classes)
             for i, t in enumerate(sc.classes):
-                for j, p in enumerate(sc.classes):
-                    confusion.append({**keys, "true": t, "pred": p, "count": int(sc.confusion[i, j])})
+                for j, p in enumerate(predicted):
+                    confusion.append({**keys, "true": t, "pred": p, "count": int(counts[i, j])})
     found = attach_intervals(rows, tested, fit_columns=COMPARE_FIT, group_columns=COMPARE_GROUP)
     compare, replicates = found.compare, found.replicates
     results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -281,12 +284,14 @@ def over_seeds(results: pd.DataFrame, replicates: dict | None = None) -> pd.Data
 
 
 def confusion_matrices(confusion: pd.DataFrame) -> list[dict]:
-    """The long confusion table as one matrix per fit (rows: true class, columns: predicted)."""
+    """The long confusion table as one matrix per fit (rows: the test set's true classes, ``labels``; columns:
+    every training class, ``predicted``: not square when the test domain lacks some training classes)."""
     out = []
     keys = ["backbone", "probe", "limit", "seed", "test_domain"]
     for (b, p, lim, s, dom), c in confusion.groupby(keys, sort=False, dropna=False):
         labels = list(dict.fromkeys(c["true"]))
-        m = c.pivot(index="true", columns="pred", values="count").reindex(index=labels, columns=labels)
+        predicted = list(dict.fromkeys(c["pred"]))
+        m = c.pivot(index="true", columns="pred", values="count").reindex(index=labels, columns=predicted)
         out.append(
             {
                 "backbone": b,
@@ -294,7 +299,8 @@ def confusion_matrices(confusion: pd.DataFrame) -> list[dict]:
                 "limit": None if pd.isna(lim) else int(lim),
                 "seed": int(s),
                 "test_domain": dom,
-                "labels": labels,
+                "labels": labels,  # rows: the true classes of the test set
+                "predicted": predicted,  # columns: every training class (a test domain may lack some)
                 "matrix": m.to_numpy().astype(int).tolist(),
             }
         )

@@ -106,15 +106,16 @@ def plot_confusion(conf: pd.DataFrame, path: Path, *, title: str = "") -> Path:
     plt = pyplot()
 
     labels = list(dict.fromkeys(conf["true"]))
-    m = conf.groupby(["true", "pred"])["count"].sum().unstack().reindex(index=labels, columns=labels).fillna(0)
+    predicted = list(dict.fromkeys(conf["pred"]))  # every training class: a test domain may lack some
+    m = conf.groupby(["true", "pred"])["count"].sum().unstack().reindex(index=labels, columns=predicted).fillna(0)
     counts = m.to_numpy()
     norm = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    k = len(labels)
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 2), max(3.5, 0.45 * k + 1.5)), dpi=DPI)
+    k, kc = len(labels), len(predicted)
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * kc + 2), max(3.5, 0.45 * k + 1.5)), dpi=DPI)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    if k <= 25:
+    if max(k, kc) <= 25:
         for i in range(k):
-            for j in range(k):
+            for j in range(kc):
                 if counts[i, j]:
                     ax.text(
                         j,
@@ -125,7 +126,7 @@ def plot_confusion(conf: pd.DataFrame, path: Path, *, title: str = "") -> Path:
                         fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black",
                     )
-    ax.set_xticks(range(k), labels, rotation=90, fontsize=8)
+    ax.set_xticks(range(kc), predicted, rotation=90, fontsize=8)
     ax.set_yticks(range(k), labels, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
