@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -176,11 +176,15 @@ class Dataset:
             )
         return FeatureSet(self, key)
 
-    def find_feature_set(self, backbone: str) -> FeatureSet:
+    def find_feature_set(self, backbone: str, *, needs: Callable[[FeatureSet], str | None] | None = None) -> FeatureSet:
         """The feature set for a backbone name (``timm:test_vit``), a key prefix (``timm-test_vit@random/160-bicubic``)
         or a full key. A name picks its clean set; perturbed sets (``extract --perturb``) are for robustness and
-        are only picked by their full key. Several clean sets (different preprocessing or weights) are an error
-        naming the keys that select each."""
+        are only picked by their full key.
+
+        Several clean sets (different preprocessing or weights): ``needs`` (a study's requirements: a clean set
+        -> what it lacks, or None when it has everything, e.g. perturbed sets beside it, a pooling, tail tokens)
+        keeps those that hold what the study needs; exactly one is picked, several are an error naming the keys
+        that select each, none an error saying what each lacks."""
         keys = self.feature_keys()
         typed = backbone
         backbone = safe_key(backbone).strip("/")
@@ -199,10 +203,26 @@ class Dataset:
                 f"run: embedcache extract --model {typed} ..."
             )
         if len(clean) > 1:
+            lacking: dict[str, str] = {}
+            if needs is not None:
+                lacking = {k: lack for k in clean if (lack := needs(FeatureSet(self, k))) is not None}
+                fit = [k for k in clean if k not in lacking]
+                if len(fit) == 1:
+                    return FeatureSet(self, fit[0])
+                if not fit:
+                    each = "; ".join(f"{k[: -len('/clean')]}: {lacking[k]}" for k in clean)
+                    raise StoreError(
+                        f"'{typed}' has {len(clean)} clean feature sets in dataset '{self.name}' and none holds what "
+                        f"the study needs ({each})"
+                    )
+                clean = fit
             choices = ", ".join(k[: -len("/clean")] for k in clean)
+            why = "different preprocessing or weights" + (
+                ", each with what the study needs" if needs is not None else ""
+            )
             raise StoreError(
-                f"'{typed}' has {len(clean)} clean feature sets in dataset '{self.name}' (different preprocessing or "
-                f"weights: {choices}); select one with --model <one of these> (backbone/preprocessing, e.g. "
+                f"'{typed}' has {len(clean)} clean feature sets in dataset '{self.name}' ({why}: {choices}); "
+                f"select one with --model <one of these> (backbone/preprocessing, e.g. "
                 f"--model {clean[0][: -len('/clean')]})"
             )
         if len(matches) == 1:

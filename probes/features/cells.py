@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +192,17 @@ def default_pool(fs: Any) -> str:
     return fs.pools[0] if fs.pools else "cls"
 
 
+def _needs(pool: str | None, needs: Callable[[Any], str | None] | None) -> Callable[[Any], str | None]:
+    """What a clean feature set lacks for a study: the pooling asked for, then the study's own ``needs``."""
+
+    def lacks(fs: Any) -> str | None:
+        if pool is not None and pool not in fs.pools:
+            return f"no '{pool}' pooling (has {', '.join(fs.pools) or 'none'})"
+        return needs(fs) if needs is not None else None
+
+    return lacks
+
+
 def open_cells(
     store: str | os.PathLike | Any,
     model: str | Sequence[str],
@@ -199,6 +210,7 @@ def open_cells(
     dataset: str | None = None,
     pool: str | None = None,
     labelled: bool = True,
+    needs: Callable[[Any], str | None] | None = None,
 ) -> Cells:
     """Open the feature sets of ``model`` (one name, a comma list or a list) in ``store``.
 
@@ -208,6 +220,11 @@ def open_cells(
     flags, never the features. The cells kept were readable for every backbone and, with
     ``labelled`` (studies), carry a label; ``labelled=False`` keeps unlabelled cells too
     (neighbour search in a store extracted with ``--no-labels``).
+
+    A name with several clean feature sets resolves to the one holding what the study needs: the pooling asked
+    for, and whatever ``needs`` (a clean feature set -> what it lacks, or None) asks (robustness: the perturbed
+    sets beside it); it stays ambiguous only when several hold it
+    (:meth:`embedcache.store.Dataset.find_feature_set`).
     """
     import embedcache
     from embedcache.store import Store
@@ -225,7 +242,7 @@ def open_cells(
     pools: dict[str, str] = {}
     for name in backbones:
         try:
-            fs = ds.find_feature_set(name)
+            fs = ds.find_feature_set(name, needs=_needs(named.get(name) or common, needs))
         except Exception as e:
             raise ProbeError(str(e)) from e
         pools[name] = named.get(name) or common or default_pool(fs)

@@ -38,7 +38,7 @@ from probes.reporting.plots import plot_confusion
 from probes.reporting.tables import prepare_out, study_document
 from probes.reporting.training import training_plots
 from probes.sampling import parse_seeds
-from probes.tuning.options import TuneOptions
+from probes.tuning.options import TuneOptions, token_need
 
 PRINTED = [("accuracy", "acc"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]  # the rest: summary.csv
 
@@ -105,7 +105,7 @@ def evaluate(
 
     with study_runtime(**opts.runtime()):
         seed_list = parse_seeds(seeds)
-        cells = open_cells(store, model, dataset=dataset, pool=pool)
+        cells = open_cells(store, model, dataset=dataset, pool=pool, needs=token_need(probes, tune))
         probe_list = check_probes(probes)
         name = study_name("eval", cells.backbones + probe_list, out)
         params: dict[str, Any] = dict(

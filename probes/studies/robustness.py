@@ -77,18 +77,14 @@ def drop_slope(sigmas: Sequence[float], scores: Sequence[float]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def perturbed_sets(cells: Cells, backbone: str, families: Sequence[str]) -> dict[str, list[tuple[float, Any]]]:
-    """``{family: [(sigma, FeatureSet), ...]}`` beside ``backbone``'s clean set, sorted by σ."""
+def _beside(clean: Any, families: Sequence[str]) -> dict[str, list[tuple[float, str]]]:
+    """``{family: [(sigma, key), ...]}``: the perturbed feature keys beside the clean set ``clean``."""
     from embedcache.inputs.perturb import perturbation_kinds
 
-    clean = cells.feature_sets[backbone]
-    if not clean.key.endswith("/clean"):
-        raise ProbeError(f"'{clean.key}' is not a clean feature set; name the backbone or its '/clean' key")
     prefix = clean.key[: -len("clean")]
     kinds = sorted(perturbation_kinds(), key=len, reverse=True)  # longest first: 'blur-pre' before 'blur'
-    ds = clean.dataset
-    found: dict[str, list[tuple[float, Any]]] = {f: [] for f in families}
-    for key in ds.feature_keys():
+    found: dict[str, list[tuple[float, str]]] = {f: [] for f in families}
+    for key in clean.dataset.feature_keys():
         if not key.startswith(prefix) or key == clean.key:
             continue
         tail = key[len(prefix) :]
@@ -99,17 +95,43 @@ def perturbed_sets(cells: Cells, backbone: str, families: Sequence[str]) -> dict
             sigma = float(tail[len(kind) + 1 :])
         except ValueError:
             continue
-        fs = ds.feature_set(key)
-        require_complete(fs, cells.pool_of(backbone), backbone)
-        found[kind].append((sigma, fs))
-    for fam, sets in found.items():
-        if not sets:
+        found[kind].append((sigma, key))
+    return found
+
+
+def perturbation_need(families: Sequence[str]) -> Any:
+    """What a clean set lacks for a robustness study of ``families`` (None: it has every family beside it):
+    what :func:`probes.features.cells.open_cells` resolves a backbone name with."""
+
+    def lacks(clean: Any) -> str | None:
+        if not clean.key.endswith("/clean"):
+            return None
+        missing = [f for f, sets in _beside(clean, families).items() if not sets]
+        return f"no {', '.join(missing)} feature sets beside it" if missing else None
+
+    return lacks
+
+
+def perturbed_sets(cells: Cells, backbone: str, families: Sequence[str]) -> dict[str, list[tuple[float, Any]]]:
+    """``{family: [(sigma, FeatureSet), ...]}`` beside ``backbone``'s clean set, sorted by σ."""
+    clean = cells.feature_sets[backbone]
+    if not clean.key.endswith("/clean"):
+        raise ProbeError(f"'{clean.key}' is not a clean feature set; name the backbone or its '/clean' key")
+    ds = clean.dataset
+    found: dict[str, list[tuple[float, Any]]] = {}
+    for fam, keys in _beside(clean, families).items():
+        if not keys:
             raise ProbeError(
                 f"no '{fam}' feature sets beside '{clean.key}'; extract them first, e.g. "
                 f"embedcache extract --model {backbone} ... --perturb {fam}:0.1,0.2,0.4,0.8,1.6 "
                 "(with the same --working-size as the clean set)"
             )
-        sets.sort(key=lambda t: t[0])
+        sets = []
+        for sigma, key in sorted(keys, key=lambda t: t[0]):
+            fs = ds.feature_set(key)
+            require_complete(fs, cells.pool_of(backbone), backbone)
+            sets.append((sigma, fs))
+        found[fam] = sets
     return found
 
 
@@ -155,7 +177,7 @@ def robustness(
         if not families:
             raise ProbeError("no perturbation given, e.g. --perturb blur-pre,blur-post")
         seed_list = parse_seeds(seeds)
-        cells = open_cells(store, model, dataset=dataset, pool=pool)
+        cells = open_cells(store, model, dataset=dataset, pool=pool, needs=perturbation_need(families))
         probe_list = check_probes(probes)
         sets = {b: perturbed_sets(cells, b, families) for b in cells.backbones}
         has_test = (np.char.lower(cells.obs["split"].to_numpy(dtype=str)) == "test").any()

@@ -36,7 +36,7 @@ from probes.reporting.plots import plot_scaling
 from probes.reporting.tables import prepare_out, study_document
 from probes.reporting.training import training_plots
 from probes.sampling import limits_note, parse_limits, parse_seeds
-from probes.tuning.options import TuneOptions
+from probes.tuning.options import TuneOptions, token_need
 
 
 def scale(
@@ -103,7 +103,7 @@ def scale(
     with study_runtime(**opts.runtime()):
         limit_list = parse_limits(limits)
         seed_list = parse_seeds(seeds)
-        cells = open_cells(store, model, dataset=dataset, pool=pool)
+        cells = open_cells(store, model, dataset=dataset, pool=pool, needs=token_need(probes, tune))
         probe_list = check_probes(probes)
         name = study_name("scale", cells.backbones, out)
         params: dict[str, Any] = dict(

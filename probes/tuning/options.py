@@ -110,3 +110,42 @@ class TuneOptions(Options):
         out["hierarchy"] = getattr(self.hierarchy, "source", None) if self.hierarchy is not None else None
         out["augment"] = list(self.augment)
         return out
+
+
+POOLED_HEADS = ("linear", "mlp")  # heads lp trains on pooled features
+
+
+def source_of(probe: str, o: TuneOptions) -> str:
+    """What ``probe`` reads under the fine-tune options ``o``: ``features``, ``tokens`` or ``images``."""
+    from probes.heads.registry import tune_probes
+
+    if probe not in tune_probes():
+        return "features"
+    if probe == "scratch-vit":
+        return "images"
+    if o.blocks is not None:
+        return "images"
+    if probe == "lp" and o.head in POOLED_HEADS:
+        return "features"
+    return "tokens"
+
+
+def token_need(probes: Any, options: TuneOptions | None) -> Any:
+    """What a clean feature set lacks for ``probes`` that train on cached tail tokens (None: nothing, or no
+    such probe): :func:`probes.features.cells.open_cells` resolves a backbone name with it."""
+    from probes.features.cells import parse_names
+
+    o = options or TuneOptions()
+    if not any(source_of(p, o) == "tokens" for p in parse_names(probes)):
+        return None
+
+    def lacks(fs: Any) -> str | None:
+        if o.tail_blocks is not None:
+            try:
+                fs.tokens(int(o.tail_blocks))  # the set's own check of its cached depths
+            except Exception:  # noqa: BLE001  a StoreError naming the depths it has
+                return f"no tail tokens for {o.tail_blocks} block(s)"
+            return None
+        return None if fs.token_sets else "no cached tail tokens (extract --tail-blocks K)"
+
+    return lacks

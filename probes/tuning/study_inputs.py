@@ -24,11 +24,10 @@ import numpy as np
 from probes.errors import ProbeError
 from probes.features.cells import Cells
 from probes.heads.registry import tune_probes
-from probes.tuning.options import TuneOptions
+from probes.tuning.options import POOLED_HEADS, TuneOptions, source_of
 from probes.tuning.readers import reader_kind
 
 TUNE_PROBES = tuple(tune_probes())  # lp, ft-last, lora, scratch-vit
-POOLED_HEADS = ("linear", "mlp")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # scratch-vit's normalisation
 
 
@@ -122,16 +121,7 @@ class TuneInputs:
     # -- what each probe reads ---------------------------------------------------------------
     def source(self, probe: str) -> str:
         """``features``, ``tokens`` or ``images``."""
-        o = self.options
-        if probe not in TUNE_PROBES:
-            return "features"
-        if probe == "scratch-vit":
-            return "images"
-        if o.blocks is not None:
-            return "images"
-        if probe == "lp" and o.head in POOLED_HEADS:
-            return "features"
-        return "tokens"
+        return source_of(probe, self.options)
 
     def k(self, backbone: str) -> int:
         from embedcache.backbones.tail import tail_depth
