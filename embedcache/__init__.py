@@ -5,7 +5,8 @@ Python API (the CLI ``embedcache`` is a thin skin over these):
 * :func:`extract` — images in, a resumable, chunked Zarr feature set out;
 * :func:`import_features` — embeddings computed elsewhere, written into a store beside extracted ones;
   :func:`import_features_file` — the same from a ``.npy`` / ``.npz`` file (``embedcache import``);
-* :func:`cli.demo.demo` — the bundled demo (``embedcache demo``): synthetic cells, extract, probes;
+* ``embedcache demo`` (:func:`embedcache_cli.demo.demo`) — the bundled real cells through ``efficientnet-lite0``
+  and a random-init copy, logistic and kNN probes on both;
 * :func:`open_store` — read a store: datasets, the cell table, features as numpy / dask;
 * :func:`verify` — check every written chunk against its checksum, and mark damaged ones for recompute;
 * :func:`list_models` / :func:`load_backbone` — the backbone registry; :func:`models` — it as a table, and with
