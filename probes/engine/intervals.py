@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.reporting.console import Bold, Col, Panel
+from probes.reporting.console import Bold, Col, Panel, mean_std
 
 INTERVAL_METRICS = ("macro_f1", "accuracy", "weighted_f1")  # probes.stats.METRIC_NAMES
 N_RESAMPLES = 2000
@@ -119,8 +119,8 @@ def seed_mean_interval(replicates: dict[tuple, list[np.ndarray]], key: tuple) ->
 
 def interval_text(mean: float, std: float, low: float, high: float, n_seeds: int) -> str:
     """``0.812 [0.790, 0.833]`` (with ``±std`` over seeds when there are several; no interval when NaN)."""
-    text = f"{mean:.3f}" + (f"±{std:.3f}" if n_seeds > 1 else "")
-    return text if np.isnan(low) else f"{text} [{low:.3f}, {high:.3f}]"
+    text = mean_std(mean, std, n_seeds)
+    return text if np.isnan(low) or np.isnan(mean) else f"{text} [{low:.3f}, {high:.3f}]"
 
 
 def compare_panel(

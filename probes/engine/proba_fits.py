@@ -24,7 +24,7 @@ from probes.engine.skeleton import FitJob, Fitted, fit_info
 from probes.engine.split_fits import split_exclusions, split_notes
 from probes.errors import ProbeError
 from probes.features.cells import Cells
-from probes.reporting.console import progress
+from probes.reporting.console import mean_std, progress
 from probes.sampling import Sampler, Split
 
 VAL_FRACTION = 0.2
@@ -248,8 +248,8 @@ def seed_summary(results: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
 
 
 def pm(mean: float, std: float, n_seeds: int, digits: int = 3) -> str:
-    """``mean±std`` (just the mean with one seed)."""
-    return f"{mean:.{digits}f}" + (f"±{std:.{digits}f}" if n_seeds > 1 else "")
+    """``mean±std`` (just the mean with one seed; ``-`` for NaN): :func:`probes.reporting.console.mean_std`."""
+    return mean_std(mean, std, n_seeds, digits)
 
 
 def slug(s: str) -> str:

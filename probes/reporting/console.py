@@ -45,6 +45,15 @@ class Panel:
     footer: list[str] = field(default_factory=list)
 
 
+def mean_std(mean: float, std: float, n_seeds: int, digits: int = 3) -> str:
+    """A mean over seeds for a table: ``0.812±0.013`` with several seeds, ``0.812`` with one (a std of one
+    value says nothing), ``-`` when the mean is undefined (NaN: e.g. the accuracy of no kept cell)."""
+    if mean != mean:  # NaN
+        return "-"
+    text = f"{mean:.{digits}f}"
+    return text + (f"±{std:.{digits}f}" if n_seeds > 1 and std == std else "")
+
+
 def make_console(console: Any = None) -> Any:
     """A rich console on stdout; in logs and pipes 1000 columns wide (as the CLIs' ``cli.common.make_console``),
     so no table is squeezed and every number of every column is printed."""

@@ -31,7 +31,7 @@ from probes.engine.split_fits import (
 )
 from probes.features.cells import open_cells
 from probes.metrics import MAIN_METRIC
-from probes.reporting.console import Bold, Col, Panel
+from probes.reporting.console import Bold, Col, Panel, mean_std
 from probes.reporting.plots import plot_scaling
 from probes.reporting.tables import prepare_out, study_document
 from probes.reporting.training import training_plots
@@ -234,7 +234,7 @@ def panels(res: StudyResult) -> list[Panel]:
         cells: list[Any] = []
         for lim in limits:
             r = by.get(lim)
-            txt = "-" if r is None else f"{r.mean:.3f}" + (f"±{r.std:.3f}" if n_seeds > 1 else "")
+            txt = "-" if r is None else mean_std(r.mean, r.std, n_seeds)
             cells.append(Bold(txt) if lim == best else txt)
         where = [f"{dom} ({'in' if g['in_domain'].iat[0] else 'out of'} domain)"] if domains else []
         ci = f"[{s['best_low'].iat[0]:.3f}, {s['best_high'].iat[0]:.3f}]" if len(s) else "-"
