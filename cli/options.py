@@ -38,10 +38,22 @@ def typer_parameter(f: dataclasses.Field, annotation: Any, default: Any = datacl
     cli_type = _cli_type(annotation)
     if value is not None and cli_type is list[str]:  # tuples become repeatable options
         value = list(value)
-    info = typer.Option(*flags, help=meta.get("help") or None)
+    info = typer.Option(*flags, help=_help(meta.get("help") or "", flags) or None)
     return inspect.Parameter(
         f.name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=Annotated[cli_type, info]
     )
+
+
+def _help(text: str, flags: list[str]) -> str:
+    """A field's help, with what a registry generates: ``--probes`` lists every registered probe name and family
+    (:data:`probes.heads.registry.PROBES`), as the studies' own ``--probes`` does."""
+    if "--probes" in flags:
+        from probes.heads.registry import PROBES
+
+        listing = PROBES.help_text()
+        if listing not in text:
+            text = f"{text}: {listing}" if text else listing
+    return text
 
 
 def _cli_type(annotation: Any) -> Any:
