@@ -200,7 +200,7 @@ class Dataset:
         if not matches:
             raise StoreError(
                 f"no features for '{typed}' in dataset '{self.name}' (has: {', '.join(keys) or 'none'}); "
-                f"run: embedcache extract --model {typed} ..."
+                f"run: embedcache extract --model {typed} ... (in Python: embedcache.extract({typed!r}, ...))"
             )
         if len(clean) > 1:
             lacking: dict[str, str] = {}
@@ -220,16 +220,17 @@ class Dataset:
             why = "different preprocessing or weights" + (
                 ", each with what the study needs" if needs is not None else ""
             )
+            first = clean[0][: -len("/clean")]
             raise StoreError(
                 f"'{typed}' has {len(clean)} clean feature sets in dataset '{self.name}' ({why}: {choices}); "
-                f"select one with --model <one of these> (backbone/preprocessing, e.g. "
-                f"--model {clean[0][: -len('/clean')]})"
+                f"select one by its backbone/preprocessing: model={first!r} / --model {first}"
             )
         if len(matches) == 1:
             return FeatureSet(self, matches[0])
         raise StoreError(
             f"'{typed}' has only perturbed feature sets in dataset '{self.name}' ({', '.join(matches)}); "
-            f"extract its clean set (embedcache extract --model {typed} ... without --perturb) or give a full key"
+            f"extract its clean set (embedcache.extract({typed!r}, ...) / embedcache extract --model {typed} ..., "
+            "without perturb) or give a full key"
         )
 
     def require_feature_set(

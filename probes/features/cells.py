@@ -231,7 +231,7 @@ def open_cells(
 
     backbones = parse_names(model)
     if not backbones:
-        raise ProbeError("no model given: name at least one backbone, e.g. --model uni")
+        raise ProbeError("no model given: name at least one backbone, e.g. model='uni' / --model uni")
     try:
         st = store if isinstance(store, Store) else embedcache.open_store(store)
         ds = st.dataset(dataset)
