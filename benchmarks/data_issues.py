@@ -43,7 +43,9 @@ What counts as found:
 * **leaks** (flagged): a cell is a planted leak when it is a copy or the original of one (each pair lies
   across the split). Ours reports the cells of duplicate sets spanning both parts (``Leaks.cells
   .leak_duplicate``); Datalab has no split check, so its leaks are the cells with a near-duplicate (its
-  ``near_duplicate_sets``) in the other part. Precision / recall over cells.
+  ``near_duplicate_sets``) in the other part. Precision / recall over cells; ``precision_verified`` also
+  counts an unplanted reported cell when one of the method's flagged pairs across the split holding it is
+  the same cell (the check below).
 * **outliers**: with m = planted outliers, TP = planted outliers among the m cells ranked most outlying
   (ours: ``score``, the kNN distance over its class median; Datalab: lowest ``outlier_score``), and among
   the cells each flags (ours ``flag``; Datalab ``is_outlier_issue``).
@@ -347,17 +349,27 @@ def score_duplicates(ranked: np.ndarray, flagged: np.ndarray, truth: pd.DataFram
     }
 
 
-def score_leaks(reported: np.ndarray, truth: pd.DataFrame) -> dict:
-    """Cell-level leak figures: ``reported`` a boolean per cell."""
+def score_leaks(reported: np.ndarray, flagged: np.ndarray, truth: pd.DataFrame, verify: Verifier) -> dict:
+    """Cell-level leak figures: ``reported`` a boolean per cell; ``flagged`` the method's duplicate pair keys
+    (an unplanted reported cell counts in ``precision_verified`` when one of its flagged pairs across the split
+    is the same cell by :func:`same_cell`)."""
     copies = truth.index[truth["source"] >= 0].to_numpy()
     planted = np.zeros(len(truth), dtype=bool)
     planted[copies] = True
     planted[truth.loc[copies, "source"].to_numpy(np.int64)] = True
     tp = int((reported & planted).sum())
+    parts = truth["split"].to_numpy()
+    same = np.zeros(len(truth), dtype=bool)
+    for key in np.unique(flagged).tolist():
+        i, j = divmod(int(key), 1 << 32)
+        if parts[i] != parts[j] and not (planted[i] and planted[j]) and verify(np.array([key])):
+            same[[i, j]] = True
+    extra = int((reported & ~planted & same).sum())
     return {
         "planted_cells": int(planted.sum()),
         "reported_cells": int(reported.sum()),
         "precision": proportion(tp, int(reported.sum())),
+        "precision_verified": proportion(tp + extra, int(reported.sum())),
         "recall": proportion(tp, int(planted.sum())),
     }
 
@@ -475,6 +487,7 @@ def table(doc: dict) -> str:
         row(d, f"recall flagged, {kind} copies", lambda r, k=kind: _fmt(r[d]["flagged"]["recall_by_kind"][k]))
     row(lk, "cells reported", lambda r: str(r[lk]["reported_cells"]))
     row(lk, "precision (cells)", lambda r: _fmt(r[lk]["precision"]))
+    row(lk, "precision, same-cell unplanted leaks counted", lambda r: _fmt(r[lk]["precision_verified"]))
     row(lk, "recall (cells)", lambda r: _fmt(r[lk]["recall"]))
     row(o, "precision = recall at m (top m cells)", lambda r: _fmt(r[o]["at_m"]["precision"]))
     for src in ("Platelets", "WBC"):
@@ -564,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
     methods["ours"] = {
         "seconds": ours_s,
         "duplicates": score_duplicates(ranked, flagged, truth, verify),
-        "leaks": score_leaks(res.leaks.cells["leak_duplicate"].to_numpy(bool), truth),
+        "leaks": score_leaks(res.leaks.cells["leak_duplicate"].to_numpy(bool), flagged, truth, verify),
         "outliers": score_outliers(
             res.outliers.ranking().index.to_numpy(), res.outliers.cells["flag"].to_numpy(bool), truth
         ),
@@ -575,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
         methods["datalab"] = {
             "seconds": lab_s,
             "duplicates": score_duplicates(ranked, flagged, truth, verify),
-            "leaks": score_leaks(datalab_leaks(lab, parts), truth),
+            "leaks": score_leaks(datalab_leaks(lab, parts), flagged, truth, verify),
             "outliers": score_outliers(
                 np.argsort(out_issues["outlier_score"].to_numpy(), kind="stable"),
                 out_issues["is_outlier_issue"].to_numpy(bool),
