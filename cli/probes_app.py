@@ -245,6 +245,30 @@ def neighbors(
         device=device, show=True, options=options)  # fmt: skip
 
 
+@app.command("map")
+def embedding_map(
+    store: Store,
+    model: OneModel,
+    out: Annotated[str, typer.Option("--out", "-o", help="folder for map.html, map.png and map.csv")] = "map",
+    dataset: Dataset = None,
+    pool: Annotated[Optional[str], typer.Option(help="cls or mean (default: the backbone's own)")] = None,
+    suspicion: Annotated[
+        Optional[str], typer.Option(help="an audit's output folder (or its suspects.csv): colour by suspicion")
+    ] = None,
+    perplexity: Annotated[float, typer.Option(help="t-SNE perplexity")] = 30.0,
+    thumbnails: Annotated[int, typer.Option(help="cells whose image and neighbours the page keeps")] = 2000,
+    k: Annotated[int, typer.Option("-k", "--k", help="nearest cells listed per kept cell")] = 8,
+    seed: Annotated[int, typer.Option(help="seed of the layout and the thumbnail sample")] = 0,
+) -> None:
+    """A 2-D map of a feature set (t-SNE), coloured by label / split / domain / audit suspicion: one offline HTML
+    page (click a cell: its image and nearest cells) and a PNG."""
+    from probes.studies.embedding_map import describe
+
+    res = run(_api().embedding_map, store, model, out=out, dataset=dataset, pool=pool, suspicion=suspicion,
+              perplexity=perplexity, thumbnails=thumbnails, k=k, seed=seed)  # fmt: skip
+    make_console().print(describe(res))
+
+
 @app.command()
 def relabel(
     store: Store,

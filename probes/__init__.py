@@ -10,6 +10,7 @@ The Python API has the CLI's names (the ``probes`` CLI is a thin skin over these
 * :func:`selective` — risk-coverage, AURC, a threshold for a target accuracy (``probes selective``);
 * :func:`audit` — rank cells by how likely their label is wrong (``probes audit``);
 * :func:`neighbors` — exact cosine nearest cells of stored cells or new images (``probes neighbors``);
+* :func:`embedding_map` — a 2-D map of a feature set, coloured by label / split / domain / suspicion (``probes map``);
 * :func:`relabel` — apply reviewed label corrections, history kept (``probes relabel``);
 * :func:`make_probe` / :data:`PROBES` — the heads, scikit-learn shaped (imported lazily: torch).
 
@@ -36,6 +37,7 @@ _EXPORTS = {
     "evaluate": "probes.studies.evaluate",
     "finetune": "probes.studies.finetune",
     "neighbors": "probes.studies.neighbors",
+    "embedding_map": "probes.studies.embedding_map",
     "relabel": "probes.studies.relabel",
     "robustness": "probes.studies.robustness",
     "scale": "probes.studies.scale",

@@ -43,6 +43,7 @@ FUNCTIONS = {
     ("probes", "audit"): probes.audit,
     ("probes", "neighbors"): probes.neighbors,
     ("probes", "relabel"): probes.relabel,
+    ("probes", "map"): probes.embedding_map,  # map: a Python builtin
 }
 APPS = {"embedcache": embedcache_app.app, "probes": probes_app.app}
 
