@@ -77,5 +77,7 @@ IMAGE=$(python -c "import embedcache; print(embedcache.open_store('cache.zarr').
 probes neighbors --store cache.zarr --model $RES --id "$FIRST" -k 3 --out nb
 probes neighbors --store cache.zarr --model $RES --image "$IMAGE" -k 3 --out nb2
 probes neighbors --store cache.zarr --model $RES --image "$IMAGE" -k 3 --index ivf --nprobe 8 --rerank 50 --recall --out nb3
+probes map --store cache.zarr --model $RES --out map --thumbnails 20 -k 3 --perplexity 5 --seed 1
+probes map --store cache.zarr --model $RES --suspicion audit/ --thumbnails 40 --out map-audit
 probes relabel --store cache.zarr --corrections reviewed.csv
 echo "README flows: all ran"
