@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,7 @@ from probes.studies.audit.ranking import (  # noqa: E402
     combine,
     confident_learning,
     ensemble_proba,
+    label_quality,
 )
 from probes.studies.audit.run import JOINT_PROBE  # noqa: E402
 
@@ -280,6 +282,10 @@ def candidates() -> list[tuple[str, str, Ranking]]:
     return [(co, ms, c) for co, ms in member_sets() for c in RANKINGS]
 
 
+def candidate_names() -> list[str]:
+    return [cand_name(*c) for c in candidates()]
+
+
 def cand_name(cost: str, members: str, ranking: Ranking) -> str:
     return f"{cost}/{members}/{ranking.name}"
 
@@ -372,9 +378,14 @@ def score_setting(
             for cal in sorted({c.calibrate for c in RANKINGS}):
                 ens = ensemble_proba([o.proba for o in oofs], y, [o.fold for o in oofs], calibrate=cal)
                 evid[co, ms, cal] = (ens, *confident_learning(ens.proba, y))
+        margins: dict[tuple, np.ndarray] = {}  # label quality per ensemble and margin share, computed once
         for co, ms, c in candidates():
             ens, quality, flagged = evid[co, ms, c.calibrate]
-            score = combine(quality, flagged, nd, ens.consensus, c, proba=ens.proba, labels=y)
+            mk = (co, ms, c.calibrate, c.margin)
+            if mk not in margins:
+                margins[mk] = label_quality(quality, ens.proba, y, c.margin)
+            # = combine(quality, ..., c, proba=ens.proba, labels=y): the blended quality with no margin left to add
+            score = combine(margins[mk], flagged, nd, ens.consensus, replace(c, margin=0.0))
             name = cand_name(co, ms, c)
             row.update({f"cand:{name}:{m}": v for m, v in figures(order_of(score), score, flipped).items()})
         if len(bset) == 1:  # each model's calibration, raw and calibrated, against the noisy and the clean labels
@@ -446,6 +457,11 @@ def main() -> None:
         f"({BACKBONE_PRESETS['random']}, random init: the earlier rows)",
     )
     ap.add_argument("--extract-only", action="store_true", help="extract (or reuse) the features, fit nothing")
+    ap.add_argument(
+        "--backbones-of",
+        default="",
+        help="per-dataset backbones, e.g. bccd_cells:lite0 (a set whose other extraction did not finish)",
+    )
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--rates", default="0.1")
@@ -454,10 +470,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads of every fit, ours and scikit-learn's")
     ap.add_argument(
         "--full-on",
-        default="bccd_wbc,tecom_wbc",
+        default="",
         help="datasets on which the earlier default (logistic,knn,mlp x 3 seeds + joint) is also timed end to end",
     )
     ap.add_argument("--fit-only", action="store_true", help="fit and cache the out-of-fold models, score nothing")
+    ap.add_argument("--no-report", action="store_true", help="score (rows cached per setting), choose nothing")
+    ap.add_argument(
+        "--scored-only", action="store_true", help="report on the settings already scored; fit nothing (a partial run)"
+    )
     ap.add_argument(
         "--work", default=None, help="work folder (stores + caches; default $TMPDIR/embedcache-label-noise)"
     )
@@ -470,6 +490,7 @@ def main() -> None:
 
     names = [b.strip() for b in BACKBONE_PRESETS.get(args.backbones, args.backbones).split(",") if b.strip()]
     sets = [[b] for b in names] + ([names] if len(names) > 1 else [])
+    of = {d.split(":")[0]: d.split(":")[1].split("+") for d in args.backbones_of.split(",") if ":" in d}
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     flip_seeds = [int(v) for v in args.flip_seeds.split(",")]
     # the models: every option's probes at the first seed with the joint member, then the extra seeds' probes
@@ -489,24 +510,37 @@ def main() -> None:
         counts = df["label"].value_counts()
         info[ds] = {"cells": len(df), "classes": counts.to_dict(), "groups": None if groups is None else "smear"}
         print(f"{ds}: {len(df)} cells, {len(counts)} classes (smallest {counts.min()}), groups: {groups is not None}")
-        feats = extract_features(df, names, work)
+        names_ds = of.get(ds, names)
+        sets_ds = [s_ for s_ in sets if set(s_) <= set(names_ds)]
+        feats = extract_features(df, names_ds, work)
         if args.extract_only:
             continue
         clean = df["label"].to_numpy(dtype=object).astype(str)
         ids = [f"c{i}" for i in range(len(df))]
         data[ds] = (feats, clean, ids, groups, work)
+        # a setting scored before with the same backbones, folds and candidates: its rows are read back
+        proto = json.dumps([names_ds, args.folds, args.k, candidate_names()])
+        proto_key = hashlib.sha256(proto.encode()).hexdigest()[:12]
         for kind in args.kinds.split(","):
             for rate in map(float, args.rates.split(",")):
                 for fs_ in flip_seeds:
                     rng = np.random.default_rng([fs_, int(rate * 1000), kind == "adjacent"])
                     noisy, flipped = flip(clean, rate, kind, ADJACENT[ds], rng)
                     tag = f"{kind}-{rate:g}-{fs_}"
+                    rows_file = work / f"rows-{tag}-{proto_key}.pkl"
+                    if rows_file.is_file() and not args.fit_only:
+                        rows += pd.read_pickle(rows_file).to_dict("records")
+                        print(f"  {ds} {tag}: scored rows read from {rows_file.name}", flush=True)
+                        continue
+                    if args.scored_only:
+                        print(f"  {ds} {tag}: not scored yet, left out (--scored-only)", flush=True)
+                        continue
                     t = time.time()
                     lavg = load()
                     tfile = work / f"times-{tag}.json"
                     times = json.loads(tfile.read_text()) if tfile.is_file() else {}
                     res_by = {}
-                    for bset in sets:  # the audit of each backbone set; its per-backbone models come from the cache
+                    for bset in sets_ds:  # the audit of each backbone set; its per-backbone models come from the cache
                         bkey = "+".join(bset)
                         for i, (p_, s_, joint_) in enumerate(pool):
                             FIT_SECONDS.clear()
@@ -545,15 +579,20 @@ def main() -> None:
                         flush=True,
                     )
                     if args.fit_only:  # the baseline too, timed beside the fits (cached with its seconds)
-                        for bset in sets:
+                        for bset in sets_ds:
                             x = np.concatenate([feats[b] for b in bset], axis=1)
                             classes = res_by["+".join(bset)].classes
                             y = pd.Index(classes).get_indexer(noisy)
                             sklearn_baseline(x, noisy, classes, y, work, tag, "+".join(bset), args.threads)
                         continue
-                    for r in score_setting(res_by, tag, feats, noisy, clean, flipped, sets, work, args.threads, times):
+                    first = len(rows)
+                    scored = score_setting(
+                        res_by, tag, feats, noisy, clean, flipped, sets_ds, work, args.threads, times
+                    )
+                    for r in scored:
                         rows.append({"dataset": ds, "kind": kind, "rate": rate, "flip_seed": fs_, "load": lavg, **r})
-    if args.fit_only or args.extract_only:
+                    pd.DataFrame(rows[first:]).to_pickle(rows_file)
+    if args.fit_only or args.extract_only or args.no_report:
         print(f"done ({time.time() - t0:.0f} s)")
         return
     rows_df = pd.DataFrame(rows)
@@ -807,13 +846,13 @@ def markdown(doc: dict) -> str:
         + "; ".join(f"{d}: `{c}`" for d, c in doc["lodo_choice"].items())
         + f". Shipped default (chosen on all four): `{doc['shipped_default']}`.",
         "",
-        "| dataset | flips | backbones | precision at n | recall at 2n | AUROC | seconds ours / sklearn |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| dataset | flips | backbones | draws | precision at n | recall at 2n | AUROC | seconds ours / sklearn |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in doc["summary"]:
         auroc = " / ".join(f"{r[f'{w}_auroc']:.3f}" for w in METHODS)
         lines.append(
-            f"| {r['dataset']} | {r['kind']} {r['rate']:.0%} | {r['backbones']} | "
+            f"| {r['dataset']} | {r['kind']} {r['rate']:.0%} | {r['backbones']} | {r['draws']} | "
             f"{_cell(r, 'precision_at_n', not r['p_ok'])} | {_cell(r, 'recall_at_2n', not r['r_ok'])} | {auroc} | "
             f"{r['ours_time']:.1f} / {r['sklearn_time']:.1f} |"
         )
