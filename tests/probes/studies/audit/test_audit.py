@@ -68,7 +68,9 @@ def store(built, tmp_path):
 
 
 def counted_audit(store, calls: list, **kw):
-    """A quiet single-thread audit of the mean-pooled test_resnet whose fits are counted in ``calls``."""
+    """A quiet single-thread audit of the mean-pooled test_resnet whose fits are counted in ``calls`` (with the
+    joint member, which the counts below include: it is no longer the default)."""
+    kw.setdefault("joint", True)
     return audit(store, RESNET, pool="mean", make_probe=counting_probe(calls), quiet=True, threads=1, **kw)
 
 
@@ -222,6 +224,7 @@ def test_oof_predictions_never_from_a_model_trained_on_the_cell(built, monkeypat
         folds=4,
         make_probe=recording,
         threads=1,
+        joint=True,  # recorded too (not the default since the four-set benchmark chose by cost)
     )
     models = [(o.key["probe"], o.key["seed"]) for o in res.oofs]
     assert models == [("knn", 1), ("knn", 2), (JOINT_PROBE, 1), (JOINT_PROBE, 2)]
@@ -437,6 +440,7 @@ def test_relabel_round_trip_keeps_history(store, tmp_path):
         quiet=True,
         threads=1,
         make_probe=counting_probe(calls),
+        joint=True,  # counted below
     )
     given = res.table.set_index("id")["given_label"]
     assert given[ids[0]] == "brand-new" and given[ids[1]] == new[1]
@@ -453,6 +457,7 @@ def test_relabel_round_trip_keeps_history(store, tmp_path):
         quiet=True,
         threads=1,
         make_probe=counting_probe(calls),
+        joint=True,
     )
     assert res2.computed == 2 and len(calls) == 2 * n_fits  # knn and the joint member refitted
     assert res2.table.set_index("id")["given_label"][ids[0]] == old[0]
@@ -511,6 +516,7 @@ def test_several_backbones_give_per_backbone_evidence(store, tmp_path):
         out=tmp_path / "two",
         quiet=True,
         threads=1,
+        joint=True,  # its models are listed below
     )
     assert res.params["n_models"] == 6 and set(res.neighbors) == {RESNET, VIT}
     # knn per backbone and seed; the joint member (a logistic on both side by side) per seed
@@ -538,7 +544,9 @@ def test_joint_member_is_a_plain_logistic_on_the_backbones_side_by_side(store, t
     cells = open_cells(store, f"{RESNET},{VIT}", pool="mean")
     pos = np.arange(len(cells.obs))
     feats = {b: cells.features(b, pos) for b in (RESNET, VIT)}
-    kw = dict(ids=cells.obs["id"], groups=cells.obs["group"], probes="knn", seeds=[7], folds=3, k=5, threads=1)
+    kw = dict(
+        ids=cells.obs["id"], groups=cells.obs["group"], probes="knn", seeds=[7], folds=3, k=5, threads=1, joint=True
+    )
     res = audit_arrays(feats, cells.labels, **kw)
     (joint,) = [o for o in res.oofs if o.key["probe"] == JOINT_PROBE]
     assert joint.key["backbone"] == f"{RESNET}+{VIT}" and res.params["joint"].startswith(f"{RESNET}+{VIT}")
@@ -566,13 +574,21 @@ def test_joint_member_is_a_plain_logistic_on_the_backbones_side_by_side(store, t
     np.testing.assert_array_equal([o for o in ooc.oofs if o.key["probe"] == JOINT_PROBE][0].proba, joint.proba)
     pd.testing.assert_frame_equal(ooc.table, res.table)
     # from the store with both backbones read out of core: parts of the side-by-side matrix are ChunkedRows
-    kw_store = dict(pool="mean", probes="knn", seeds=[7], folds=3, k=5, threads=1, quiet=True, html=False, cache=False)
+    kw_store = dict(
+        pool="mean", probes="knn", seeds=[7], folds=3, k=5, threads=1, quiet=True, html=False, cache=False, joint=True
+    )
     a = audit(store, f"{RESNET},{VIT}", out=tmp_path / "mem", **kw_store)
     b = audit(store, f"{RESNET},{VIT}", out=tmp_path / "ooc", out_of_core="always", **kw_store)
     pd.testing.assert_frame_equal(a.table, b.table)
     # without it: only the backbones' own models
-    plain = audit_arrays(feats, cells.labels, joint=False, **kw)
+    plain = audit_arrays(feats, cells.labels, **{**kw, "joint": False})
     assert [o.key["probe"] for o in plain.oofs] == ["knn", "knn"] and plain.params["joint"] is None
+    # --probes none: the joint member alone (one of the label-noise benchmark's cost options); without it, nothing
+    alone = audit_arrays(feats, cells.labels, **{**kw, "probes": "none"})
+    assert [o.key["probe"] for o in alone.oofs] == [JOINT_PROBE] and alone.params["probes"] == []
+    np.testing.assert_array_equal(alone.oofs[0].proba, joint.proba)
+    with pytest.raises(ProbeError, match="needs the joint member"):
+        audit_arrays(feats, cells.labels, **{**kw, "probes": "none", "joint": False})
 
 
 # -- the CLI -------------------------------------------------------------------------------------
