@@ -142,7 +142,8 @@ def test_the_real_duplicate_of_the_bundled_cells_is_found_and_leaks_a_smear_spli
     ids = chula_cells["path"].str.rsplit("/", n=1).str[-1].to_numpy()
     dup = near_duplicates(X, ids)
     assert list(zip(dup.pairs["id_i"], dup.pairs["id_j"])) == [("577_005.jpg", "623_000.jpg")]
-    assert dup.pairs["similarity"].iloc[0] == pytest.approx(0.9749, abs=5e-4)
+    # 0.9749 from bf16 features (dtype auto on a CPU with native bf16), 0.9728 from fp32 (AVX2 only)
+    assert dup.pairs["similarity"].iloc[0] == pytest.approx(0.974, abs=3e-3)
     # a split by smear (the group) keeps smears apart, not this cell: 577 in train, 623 in test
     smear = chula_cells["smear"].to_numpy()
     parts = np.where(smear.astype(int) >= 600, "test", "train")
@@ -157,7 +158,7 @@ def test_threshold_one_finds_identical_features_only(planted):
     i, j, sim, excluded = near_duplicate_pairs(X, 1.0)
     same = [(src, c) for c, (src, how) in zip(_copies(cells)[0], PLANTED) if how == "same"]
     assert sorted(zip(i.tolist(), j.tolist())) == same
-    assert excluded == 0 and (sim == 1.0).all()
+    assert excluded == 0 and np.allclose(sim, 1.0, rtol=0, atol=1e-6)  # float32 dot of equal unit rows
 
 
 def test_out_of_core_rows_give_the_same_pairs_and_neighbours(planted):
