@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import embedcache  # noqa: E402
-from embedcache.backbones.devices import cpu_model  # noqa: E402
+import embedcache
+from embedcache.backbones.devices import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EMBEDCACHE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -127,7 +127,7 @@ class MotoServer:
             try:
                 s3fs.S3FileSystem().mkdir("bench")
                 break
-            except Exception:  # noqa: BLE001  not listening yet
+            except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)

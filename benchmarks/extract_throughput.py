@@ -31,17 +31,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import embedcache  # noqa: E402
-from embedcache.backbones.devices import (  # noqa: E402
+import embedcache
+from embedcache.backbones.devices import (
     cpu_has_native_bf16,
     cpu_model,
-    resolve_device,  # noqa: E402
+    resolve_device,
 )
-from embedcache.backbones.forward import is_cnn  # noqa: E402
-from embedcache.backbones.loading import load_backbone  # noqa: E402
-from embedcache.backbones.pooling import embed  # noqa: E402
-from embedcache.backbones.precision import choose_dtype  # noqa: E402
-from embedcache.backbones.preprocess import Preprocessing, to_model_input  # noqa: E402
+from embedcache.backbones.forward import is_cnn
+from embedcache.backbones.loading import load_backbone
+from embedcache.backbones.pooling import embed
+from embedcache.backbones.precision import choose_dtype
+from embedcache.backbones.preprocess import Preprocessing, to_model_input
 
 SHARED = Path(os.environ.get("EMBEDCACHE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

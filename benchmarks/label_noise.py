@@ -64,11 +64,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import embedcache  # noqa: E402
-from probes.calibration import calibration_metrics  # noqa: E402
-from probes.engine.threads import limit_threads  # noqa: E402
-from probes.studies.audit import AuditOptions, audit_arrays  # noqa: E402
-from probes.studies.audit.ranking import (  # noqa: E402
+import embedcache
+from probes.calibration import calibration_metrics
+from probes.engine.threads import limit_threads
+from probes.studies.audit import AuditOptions, audit_arrays
+from probes.studies.audit.ranking import (
     CANDIDATES,
     DEFAULT_RANKING,
     Ranking,
@@ -78,7 +78,7 @@ from probes.studies.audit.ranking import (  # noqa: E402
     ensemble_proba,
     label_quality,
 )
-from probes.studies.audit.run import JOINT_PROBE  # noqa: E402
+from probes.studies.audit.run import JOINT_PROBE
 
 audit_run = importlib.import_module("probes.studies.audit.run")
 

@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embedcache.backbones.devices import cpu_model  # noqa: E402
+from embedcache.backbones.devices import cpu_model
 
 ROWS = [  # (row name, our probe, our kwargs, sklearn baseline, note)
     (

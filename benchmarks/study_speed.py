@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probe_speed import cpu_model, machine_kind, synthetic, thread_info, versions  # noqa: E402
+from probe_speed import cpu_model, machine_kind, synthetic, thread_info, versions
 
 PROBES = ("logistic", "knn", "svm")
 

@@ -66,7 +66,7 @@ def _cli_type(annotation: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         one = str if len(inner) > 1 else _cli_type(inner[0])
-        return typing.Optional[one] if type(None) in args else one  # noqa: UP045  Typer reads Optional
+        return typing.Optional[one] if type(None) in args else one  # Typer reads Optional
     if origin is tuple:
         return list[str]
     return annotation

@@ -203,7 +203,7 @@ def _probe(make: Any, input_size: int) -> tuple[int, int, bool]:
                 width = int(model.forward_head(feats, pre_logits=True).shape[-1])
             elif feats.ndim == 3:
                 width = int(feats.shape[-1])
-    except Exception:  # some ops have no meta kernel; num_features is the usual answer
+    except Exception:  # noqa: BLE001  some ops have no meta kernel; num_features is the usual answer
         pass
     return width, prefix, has_cls
 

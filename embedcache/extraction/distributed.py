@@ -234,7 +234,7 @@ class DaskRun:
                 c = futures[fut]
                 try:
                     out = fut.result()
-                except Exception as e:  # noqa: BLE001  KilledWorker, a storage error after retries, ...
+                except Exception as e:
                     raise ExtractionError(
                         f"chunk {c} of '{fs.key}' failed on the Dask cluster ({type(e).__name__}: {e}); the chunks "
                         "written so far are kept: rerun the same command to compute only the missing ones"

@@ -180,7 +180,7 @@ def _read_url(url: str, max_pixels: int | None) -> np.ndarray:
         raise ImageDecodeError("missing file", url) from None
     except IsADirectoryError:
         raise ImageDecodeError("unreadable image: is a directory", url) from None
-    except Exception as e:  # noqa: BLE001  credentials, throttling, network: not a property of the image
+    except Exception as e:
         raise StorageFetchError(f"cannot fetch {url}: {type(e).__name__}: {e}; nothing was recorded for it") from e
     if not data:
         raise ImageDecodeError("zero-byte file", url)

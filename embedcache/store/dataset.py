@@ -72,13 +72,13 @@ class Dataset:
             where = f"the cell-table column '{self.name}/obs/{c}'"
             try:
                 arr = as_array(g[c])
-            except Exception as e:  # noqa: BLE001  a lost or unreadable zarr.json
+            except Exception as e:
                 raise MetadataLost(f"{where} has lost its metadata ({type(e).__name__}); {self._repair}") from e
             if c in records:
                 check_array(arr, records[c], where, self._repair)
             try:
                 values = strings(arr[:])
-            except Exception as e:  # noqa: BLE001  undecodable bytes
+            except Exception as e:
                 raise ChunkDamaged(f"{where} cannot be decoded ({type(e).__name__}: {e}); {self._repair}") from e
             if len(values) != self.n:
                 raise ChunkDamaged(f"{where} has {len(values)} values for the dataset's {self.n} cells")

@@ -214,7 +214,7 @@ class FeatureSet:
         where = f"'{self.dataset.name}/{self.key}/{name}'"
         try:
             node = self.group[name]
-        except Exception as e:  # noqa: BLE001  missing (KeyError) or unreadable (truncated JSON...)
+        except Exception as e:
             if record is not None:
                 raise MetadataLost(f"array {where} has lost its metadata ({type(e).__name__}); {self._repair}") from e
             raise StoreError(
@@ -330,7 +330,7 @@ class FeatureSet:
         try:
             ok = np.asarray(self._array("ok")[:], dtype=bool)
             error = strings(self._array("error")[:])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             bad = next((c for c in range(self.n_chunks) if _undecodable(self, c)), None)
             if bad is None:
                 raise
@@ -389,7 +389,7 @@ class FeatureSet:
     def _read_block(self, c: int, pool: str) -> np.ndarray:
         try:
             return self._read(pool, self.chunk_rows(c))
-        except Exception as e:  # noqa: BLE001  undecodable bytes: name the chunk, keep the cause
+        except Exception as e:
             raise ChunkDamaged(self._damage_message(c, pool, f"cannot be decoded ({type(e).__name__}: {e})")) from e
 
     def _check_block(self, c: int, pool: str, block: np.ndarray) -> None:
@@ -526,7 +526,7 @@ class TailTokens:
         full = np.concatenate([np.arange(b * self.sub, min((b + 1) * self.sub, self.fs.n)) for b in blocks])
         try:
             data = np.asarray(self.array.get_orthogonal_selection((full,) + (slice(None),) * (self.array.ndim - 1)))
-        except Exception as e:  # noqa: BLE001  undecodable bytes: name the row-chunk
+        except Exception as e:
             c = int(blocks[0] * self.sub // self.fs.chunk_size)
             raise ChunkDamaged(
                 self.fs._damage_message(c, self.name, f"cannot be decoded ({type(e).__name__}: {e})")

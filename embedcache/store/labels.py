@@ -84,7 +84,7 @@ def read_current(dataset_group: zarr.Group, n: int | None = None) -> np.ndarray 
 def _read(state: zarr.Group, name: str, labels: zarr.Group) -> np.ndarray:
     try:
         return _strings(state[name][:])
-    except Exception as e:  # noqa: BLE001  a lost zarr.json, undecodable bytes
+    except Exception as e:
         raise ChunkDamaged(
             f"label store '{labels.path}/{name}' cannot be read ({type(e).__name__}: {e}); the original labels are "
             "intact in obs/label"

@@ -45,7 +45,7 @@ def importable(module: str) -> bool:
         return False
 
 
-def check_X(X, n_features: int | None = None) -> np.ndarray:
+def check_X(X, n_features: int | None = None) -> np.ndarray:  # noqa: N802  scikit-learn's name
     """Float32, C-contiguous, 2-D and finite; ``n_features`` checks the width at predict time."""
     X = np.asarray(X)
     if X.ndim != 2:

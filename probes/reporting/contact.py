@@ -53,7 +53,7 @@ def thumbnail(path: str | os.PathLike, size: int = TILE) -> Image.Image:
         from embedcache.inputs.images import read_image
 
         im = Image.fromarray(read_image(path))
-    except Exception:
+    except Exception:  # noqa: BLE001  any unreadable image becomes a grey tile, the sheet still renders
         canvas.paste((200, 200, 200), (0, 0, size, size))
         ImageDraw.Draw(canvas).text((6, size // 2 - 6), "no image", fill=(80, 80, 80), font=_font())
         return canvas

@@ -98,7 +98,7 @@ def backbone_from_provenance(fs) -> Any:
             bb = load_backbone(name, weights=w["path"])
         else:
             bb = load_backbone(name, revision=w.get("revision"))
-    except Exception as e:  # noqa: BLE001  weights gone, offline, gated: say which feature set needed them
+    except Exception as e:
         raise ProbeError(f"cannot load the backbone of '{fs.key}' ({name}, weights {w.get('source')}): {e}") from e
     want, got = w.get("sha256"), bb.weights.get("sha256")
     if want != got:

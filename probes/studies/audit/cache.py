@@ -116,7 +116,7 @@ def write_oof_cache(path: str | os.PathLike, oofs: Sequence[OOF], ids: Sequence[
         try:
             with fs.open(p, "rb") as f:
                 old = pq.read_table(f)
-        except Exception:  # an unreadable cache is rebuilt (read_oof_cache already said so)
+        except Exception:  # noqa: BLE001  an unreadable cache is rebuilt (read_oof_cache already said so)
             old = None
         if old is not None and set(KEY_COLUMNS) <= set(old.column_names):
             mk = old.select(model_cols).to_pandas().astype(str)

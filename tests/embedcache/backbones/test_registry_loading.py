@@ -206,7 +206,7 @@ def test_entries_keep_the_reference_values():
 def test_spec_fields_are_keywords_only():
     """A spec is data: no positional construction, so a reordered field cannot shift every entry."""
     with pytest.raises(TypeError):
-        BackboneSpec("x", "test_vit", 64)  # noqa  positional on purpose
+        BackboneSpec("x", "test_vit", 64)  # positional on purpose
     spec = BackboneSpec(name="x", arch="test_vit", width=64)
     assert (spec.input_size, spec.interpolation, spec.default_pool, spec.build, spec.embed) == (
         224,

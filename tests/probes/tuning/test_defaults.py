@@ -19,7 +19,7 @@ def test_lp_with_its_defaults_is_within_two_points_of_logistic_on_real_features(
     for split in range(3):
         tr, te = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=split)
         logistic = make_probe("logistic", seed=split, device="cpu").fit(X[tr], y[tr])
-        with _no_warning():
+        with _NoWarning():
             lp = make_probe("lp", seed=split, device="cpu").fit(ArrayTokens(X[tr]), y[tr])
         f1_log = f1_score(y[te], logistic.predict(X[te]), average="macro")
         f1_lp = f1_score(y[te], lp.predict(ArrayTokens(X[te])), average="macro")
@@ -46,7 +46,7 @@ def test_a_fine_tune_at_chance_warns(real_features):
         make_probe("lp", seed=0, device="cpu", epochs=3).fit(ArrayTokens(X), shuffled)
 
 
-class _no_warning:
+class _NoWarning:
     """Fail on a RuntimeWarning from the fit (a default that learns has nothing to warn about)."""
 
     def __enter__(self):
