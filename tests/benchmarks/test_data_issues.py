@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from tests.conftest import REPO, shared
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_data_issues", REPO / "benchmarks" / "data_issues.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.benchmarks import load_benchmark
+from tests.conftest import shared
 
 
 def test_wilson_interval_brackets_the_proportion():
-    bench = _bench()
+    bench = load_benchmark("data_issues")
     lo, hi = bench.wilson(8, 10)
     assert 0.44 < lo < 0.8 < hi < 0.98  # 0.490, 0.943 by the formula
     assert bench.wilson(0, 10)[0] == 0.0 and bench.wilson(10, 10)[1] == 1.0
@@ -26,7 +18,7 @@ def test_wilson_interval_brackets_the_proportion():
 def test_shift_fills_the_edge_by_reflection():
     import numpy as np
 
-    bench = _bench()
+    bench = load_benchmark("data_issues")
     img = np.arange(5 * 5 * 3, dtype=np.uint8).reshape(5, 5, 3)
     moved = bench._shift(img, 0, 2)
     assert moved.shape == img.shape
@@ -37,7 +29,7 @@ def test_shift_fills_the_edge_by_reflection():
 def test_quick_run_finds_the_planted_copies(tmp_path):
     shared("chula_rbc12")
     shared("bccd_cells")
-    bench = _bench()
+    bench = load_benchmark("data_issues")
     out = tmp_path / "data_issues.json"
     doc = bench.main(["--quick", "--cells", "200", "--work", str(tmp_path / "work"), "--out", str(out)])
     assert out.exists()

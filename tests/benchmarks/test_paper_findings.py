@@ -3,22 +3,13 @@ finding runs through the studies and lands in the JSON and the docs table with f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
 
+from tests.benchmarks import load_benchmark
 from tests.conftest import shared
-from tests.paths import REPO
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("paper_findings", REPO / "benchmarks" / "paper_findings.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def finite_numbers(value) -> list[float]:
@@ -32,7 +23,7 @@ def finite_numbers(value) -> list[float]:
 @pytest.mark.slow
 def test_every_finding_runs_and_is_reported(tmp_path):
     shared("chula_rbc12"), shared("bccd_wbc"), shared("tecom_wbc")  # skip (or fail under CI) without the data
-    bench = load_benchmark()
+    bench = load_benchmark("paper_findings")
     out, doc = tmp_path / "pf.json", tmp_path / "pf.md"
     result = bench.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out), "--doc", str(doc)])
     saved = json.loads(out.read_text())

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.paths import REPO
+from tests.benchmarks import load_benchmark
 
 
 @pytest.mark.slow
 def test_startup_times_every_small_command(tmp_path):
-    spec = importlib.util.spec_from_file_location("startup", REPO / "benchmarks" / "startup.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("startup")
     result = bench.main(["--cells", "300", "--repeats", "1", "--out", str(tmp_path / "s.json")])
     saved = json.loads((tmp_path / "s.json").read_text())
     assert set(saved["commands"]) == set(result["commands"]) and len(saved["commands"]) == 6
