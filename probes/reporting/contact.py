@@ -8,6 +8,7 @@ label differs from the query's given label are outlined orange. Images are read 
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 from collections.abc import Sequence
@@ -120,6 +121,11 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
     else:
         image.save(buf, format="JPEG", quality=88)
     return buf.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    """``data:`` URI of ``data`` (base64), for an image inlined in a page."""
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
 def suspect_rows(suspects: pd.DataFrame, neighbours: pd.DataFrame, n_neighbours: int = 8) -> list[list[Tile]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import os
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from probes.reporting.contact import encode, render, suspect_rows
+from probes.reporting.contact import data_uri, encode, render, suspect_rows
 from probes.reporting.text import one_line
 
 _CSS = """
@@ -78,11 +77,6 @@ _JS = """
   apply();
 })();
 """
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    """``data:`` URI of ``data`` (base64), for an image inlined in the page."""
-    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
 def _esc(v: Any) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from probes.reporting.contact import DIFFERENT_COLOUR, QUERY_COLOUR, SAME_COLOUR, Tile, encode, render
+from probes.reporting.contact import DIFFERENT_COLOUR, QUERY_COLOUR, SAME_COLOUR, Tile, data_uri, encode, render
 from probes.reporting.text import one_line
 
 MAX_STRIP = 8  # cells per strip (a duplicate set, an outlier and its neighbours)
@@ -59,7 +59,6 @@ def _esc(v: Any) -> str:
 
 
 def _strip(tiles: list[Tile], tile: int) -> str:
-    from probes.reporting.html import data_uri
 
     return data_uri(encode(render([tiles[:MAX_STRIP]], tile=tile), "JPEG"), "image/jpeg")
 

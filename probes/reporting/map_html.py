@@ -24,8 +24,7 @@ def _script_json(value: Any) -> str:
 
 
 def _thumbs(paths: list[str]) -> list[str]:
-    from probes.reporting.contact import encode, thumbnail
-    from probes.reporting.html import data_uri
+    from probes.reporting.contact import data_uri, encode, thumbnail
 
     return [data_uri(encode(thumbnail(p, TILE), "JPEG"), "image/jpeg") for p in paths]
 
