@@ -36,7 +36,7 @@ def test_every_finding_runs_and_is_reported(tmp_path):
         assert isinstance(f["holds"], bool) and f["ours"] and f["paper_figure"]
         numbers = finite_numbers(f["figures"])
         assert numbers, f["claim"]
-        assert all(math.isfinite(x) for x in numbers if not math.isnan(x)), f["claim"]
+        assert not any(math.isnan(x) for x in numbers), f["claim"]  # an odds ratio may be inf (no flip elsewhere)
     table = [line for line in doc.read_text().splitlines() if line.startswith("| ") and "---" not in line]
     assert len(table) == 1 + 11  # header + one row per finding
     # the planted flips are all in the enrichment table: flipped cells counted once

@@ -148,7 +148,7 @@ def test_audit_on_dask_equals_the_local_run(store, cluster, tmp_path):
 
     from probes import audit
 
-    kw = dict(probes="logistic,knn", folds=3, seeds=1, k=5, cache=False, html=False, quiet=True)
+    kw = dict(probes="logistic,knn", joint=True, folds=3, seeds=1, k=5, cache=False, html=False, quiet=True)
     local = audit(store, MODEL, out=tmp_path / "local", **kw)
     with Client(cluster) as client, get_task_stream(client=client) as stream:
         remote = audit(store, MODEL, out=tmp_path / "dask", scheduler=cluster, **kw)
