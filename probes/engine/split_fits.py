@@ -79,6 +79,27 @@ class StudyResult:
     out: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
+    @classmethod
+    def of_fits(
+        cls,
+        kind: str,
+        name: str,
+        params: dict[str, Any],
+        fits: SplitFits,
+        curves: pd.DataFrame,
+        summary: pd.DataFrame,
+        *,
+        domains: pd.DataFrame | None,
+        out: Path | None,
+        notes: list[str] | None = None,
+    ) -> StudyResult:
+        """The result of a study whose fits are ``fits`` (``notes`` go before the fits' own)."""
+        return cls(
+            kind, name, params, fits.results, curves, summary, fits.exclusions, fits.confusion,
+            [*(notes or []), *fits.notes], domains=domains, splits=fits.splits, evaluations=fits.evaluations,
+            fits=fits.fits, epochs=fits.epochs, compare=fits.compare, out=out,
+        )  # fmt: skip
+
 
 @dataclass
 class SplitFits:

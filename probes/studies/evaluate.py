@@ -147,22 +147,14 @@ def evaluate(
             make_probe=keeper,
         )
         curves = over_seeds(fits.results, fits.replicates)
-        res = StudyResult(
+        res = StudyResult.of_fits(
             "evaluate",
             name,
             params,
-            fits.results,
+            fits,
             curves,
             eval_summary(curves),
-            fits.exclusions,
-            fits.confusion,
-            fits.notes,
             domains=domain_gaps(curves) if plan is not None else None,
-            splits=fits.splits,
-            evaluations=fits.evaluations,
-            fits=fits.fits,
-            epochs=fits.epochs,
-            compare=fits.compare,
             out=folder,
         )
         if keeper is not None:

@@ -138,22 +138,14 @@ def finetune(
         )
         curves = over_seeds(fits.results, fits.replicates)
         main = curves[(curves["metric"] == MAIN_METRIC) & (curves["class"] == "")]
-        res = StudyResult(
+        res = StudyResult.of_fits(
             "finetune",
             name,
             params,
-            fits.results,
+            fits,
             curves,
             main.reset_index(drop=True),
-            fits.exclusions,
-            fits.confusion,
-            fits.notes,
             domains=domain_gaps(curves) if plan is not None else None,
-            splits=fits.splits,
-            evaluations=fits.evaluations,
-            fits=fits.fits,
-            epochs=fits.epochs,
-            compare=fits.compare,
             out=folder,
         )
         if keeper is not None:

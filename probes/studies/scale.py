@@ -143,23 +143,16 @@ def scale(
             inputs=inputs,
         )
         curves = over_seeds(fits.results, fits.replicates)
-        res = StudyResult(
+        res = StudyResult.of_fits(
             "scale",
             name,
             params,
-            fits.results,
+            fits,
             curves,
             limit_reaching(curves, fraction),
-            fits.exclusions,
-            fits.confusion,
-            [n for n in [limits_note(limits, limit_list)] if n] + list(fits.notes),
             domains=domain_gaps(curves) if plan is not None else None,
-            splits=fits.splits,
-            evaluations=fits.evaluations,
-            fits=fits.fits,
-            epochs=fits.epochs,
-            compare=fits.compare,
             out=folder,
+            notes=[n for n in [limits_note(limits, limit_list)] if n],
         )
         title = f"{params['dataset']} · {params['split']} split"
         finish(
