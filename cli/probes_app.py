@@ -290,8 +290,9 @@ def relabel(
 
 
 def _shown(options: StudyOptions | None) -> dict[str, StudyOptions]:
-    """The study's options as the CLI runs it: the summary always printed (``--quiet`` hides the bar only)."""
-    return {"options": (options or StudyOptions()).replace(show=True)}
+    """The study's options as the CLI runs it: the summary always printed (``--quiet`` hides the bar only) and
+    the files always written (to ``--out``, else ``<study>-<models>-<date>``)."""
+    return {"options": (options or StudyOptions()).replace(show=True, write=True)}
 
 
 def main() -> None:

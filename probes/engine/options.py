@@ -10,6 +10,7 @@ Each ``probes`` command builds its flags from these fields, every study function
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from embedcache.options import Interval, OneOf, Options, option
@@ -54,7 +55,11 @@ class StudyOptions(Options):
     test_domain: str | None = option(
         None, "score on every cell of these unseen domain(s) (default with --train-domain: all others)"
     )
-    out: str | None = option(None, "output folder (default: <study>-<models>-<date>)", flags=("--out", "-o"))
+    out: str | None = option(
+        None,
+        "output folder (default: <study>-<models>-<date>; in Python nothing is written unless out is given)",
+        flags=("--out", "-o"),
+    )
     device: str = option("auto", "device for the probes: auto, cpu, cuda")
     scheduler: str | None = option(
         None,
@@ -71,7 +76,10 @@ class StudyOptions(Options):
         None, "memory budget for a study's features, e.g. 8GB or 512MiB (default: half the RAM)"
     )
     quiet: bool = option(False, "no progress bar (the summary is still printed)", flags=("--quiet", "-q"))
-    show: bool | None = option(None, "print the summary (None: unless quiet)", cli=False)
+    show: bool = option(False, "print the summary (the CLI always does; Python only when asked)", cli=False)
+    write: bool = option(
+        False, "with no out, write to <study>-<models>-<date> (the CLI; Python writes only where out says)", cli=False
+    )
 
     def __post_init__(self) -> None:
         if self.out is not None and not isinstance(self.out, str):
@@ -89,8 +97,17 @@ class StudyOptions(Options):
         return self.split or default
 
     def printing(self) -> bool:
-        """Print the summary? ``show`` decides when given; else unless ``quiet``."""
-        return bool(self.show) if self.show is not None else not self.quiet
+        """Print the summary? Only when ``show`` asks (the CLI sets it; ``quiet`` hides the progress bar only)."""
+        return bool(self.show)
+
+    def folder(self, name: str) -> Path | None:
+        """The study's output folder, created now (before any fit): ``out`` when given, else ``name`` when
+        ``write`` (the CLI's default folder), else None: a Python call writes nothing until ``result.save(out)``."""
+        from probes.reporting.tables import prepare_out
+
+        if self.out is not None:
+            return prepare_out(self.out)
+        return prepare_out(name) if self.write else None
 
     def refuse(self, names: tuple[str, ...], study: str) -> None:
         """A :class:`ProbeError` when one of ``names`` (options ``study`` does not use) was set."""

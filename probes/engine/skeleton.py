@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -287,6 +288,25 @@ def epoch_table(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 # -- 6. outputs ---------------------------------------------------------------------------------
+class Saves:
+    """``save(out)``: write a study's files after the fact. A Python call writes nothing unless given ``out``
+    (the CLI always writes); the result keeps what it would have written."""
+
+    out: Path | None
+    files: dict[str, Path]
+    _writer: Callable[[Path], dict[str, Path]] | None = None
+
+    def save(self, out: str | os.PathLike) -> dict[str, Path]:
+        """Write the study's tables, plots and documents under ``out``; returns ``{file name: path}``."""
+        from probes.reporting.tables import prepare_out
+
+        if self._writer is None:
+            raise ProbeError("this result has nothing to save (it was not built by a study)")
+        self.out = prepare_out(out)
+        self.files = self._writer(self.out)
+        return self.files
+
+
 def finish(
     result: Any,
     *,
@@ -297,9 +317,11 @@ def finish(
     lines: Sequence[str] = (),
     show: bool = True,
 ) -> dict[str, Path]:
-    """Write a study's files under ``result.out`` (setting ``result.files``) and print its panels,
-    ``lines``, ``result.notes`` and where the files went."""
-    result.files = write_files(result.out, tables=tables, plots=plots, documents=documents)
+    """Write a study's files under ``result.out`` when it has one (setting ``result.files``; else
+    ``result.save(out)`` writes them later) and print its panels, ``lines``, ``result.notes`` and where the
+    files went."""
+    result._writer = lambda folder: write_files(folder, tables=tables, plots=plots, documents=documents)
+    result.files = result._writer(result.out) if result.out is not None else {}
     if show:
         print_report(panels, notes=getattr(result, "notes", ()), lines=lines, out=result.out, files=result.files)
     return result.files

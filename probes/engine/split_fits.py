@@ -9,7 +9,6 @@ probe (features read once per backbone, test matrices once per split), runs them
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import pandas as pd
 
 from probes.domains import DomainPlan, TestSet, evaluations
 from probes.engine.intervals import TestedCells, attach_intervals, compare_panel, seed_mean_interval
-from probes.engine.skeleton import FitJob, epoch_table, fit_table, run_plan
+from probes.engine.skeleton import FitJob, Saves, epoch_table, fit_table, run_plan
 from probes.errors import ProbeError
 from probes.features.cells import Cells, exclusion_reason
 from probes.metrics import CLASS_METRIC, confusion_table, score
@@ -58,7 +57,7 @@ COMPARE_FIT = ["backbone", "probe"]
 
 
 @dataclass
-class StudyResult:
+class StudyResult(Saves):
     """What a study produced; the tables are also written under ``out``."""
 
     kind: str  # "scale" | "evaluate"
@@ -347,10 +346,6 @@ def common_tables(res: StudyResult) -> dict[str, pd.DataFrame]:
     if res.domains is not None:
         tables["domains.csv"] = res.domains
     return tables
-
-
-def default_out(name: str, out: str | os.PathLike | None) -> Path:
-    return Path(out) if out is not None else Path(name)
 
 
 def split_notes(cells: Cells, sampler: Sampler, splits: dict) -> list[str]:

@@ -37,12 +37,12 @@ from probes.engine.proba_fits import (
     slug,
 )
 from probes.engine.runtime import study_runtime
-from probes.engine.skeleton import check_probes, finish, fit_table, study_name
+from probes.engine.skeleton import Saves, check_probes, finish, fit_table, study_name
 from probes.errors import ProbeError
 from probes.features.cells import open_cells
 from probes.reporting.console import Col, Panel
 from probes.reporting.decision_plots import plot_reliability
-from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.tables import study_document
 from probes.sampling import parse_seeds
 
 CALIBRATION_METRICS = ("ece_width", "ece_mass", "mce_width", "mce_mass", "brier", "nll")
@@ -50,7 +50,7 @@ KEYS = ["backbone", "feature_key", "pool", "probe"]
 
 
 @dataclass
-class CalibrationResult:
+class CalibrationResult(Saves):
     """Tidy results (one row per fit x stage x metric), their mean ± std, the reliability bins."""
 
     name: str
@@ -128,7 +128,7 @@ def calibrate(
             device=device,
             test_size=test_size,
         )
-        folder = prepare_out(Path(out) if out is not None else Path(name))
+        folder = opts.folder(name)
         held, notes, exclusions = held_out_splits(
             cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
         )

@@ -39,14 +39,14 @@ from probes.engine.proba_fits import (
     slug,
 )
 from probes.engine.runtime import study_runtime
-from probes.engine.skeleton import check_probes, finish, fit_table, study_name
+from probes.engine.skeleton import Saves, check_probes, finish, fit_table, study_name
 from probes.errors import ProbeError
 from probes.features.cells import open_cells
 from probes.heads.ensemble_rules import MIN_OVERRIDE_HEADS, auto_pairs, combine, parse_pairs
 from probes.metrics import CLASS_METRIC
 from probes.reporting.console import Bold, Col, Panel
 from probes.reporting.decision_plots import plot_specialisation
-from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.tables import study_document
 from probes.sampling import parse_seeds, sort_labels
 
 RULE_NAMES = {"override": "ensemble", "majority": "ensemble-vote", "mean": "ensemble-mean"}  # -> registry prefix
@@ -55,7 +55,7 @@ PRINTED = [("accuracy", "acc"), ("macro_f1", "macro F1"), ("weighted_f1", "weigh
 
 
 @dataclass
-class EnsembleResult:
+class EnsembleResult(Saves):
     """Tidy results of every head and ensemble, and the tables derived from them."""
 
     name: str
@@ -159,7 +159,7 @@ def ensemble(
             device=device,
             test_size=test_size,
         )
-        folder = prepare_out(Path(out) if out is not None else Path(name))
+        folder = opts.folder(name)
         held, notes, exclusions = held_out_splits(
             cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
         )

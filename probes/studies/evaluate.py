@@ -26,7 +26,6 @@ from probes.engine.split_fits import (
     StudyResult,
     common_tables,
     confusion_matrices,
-    default_out,
     fit_splits,
     over_seeds,
     study_compare_panel,
@@ -35,7 +34,7 @@ from probes.features.cells import open_cells
 from probes.metrics import CLASS_METRIC
 from probes.reporting.console import Col, Panel
 from probes.reporting.plots import plot_confusion
-from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.tables import study_document
 from probes.reporting.training import training_plots
 from probes.sampling import parse_seeds
 from probes.tuning.options import TuneOptions, token_need
@@ -127,7 +126,7 @@ def evaluate(
         plan = DomainPlan.make(cells, train_domain, test_domain)
         if plan is not None:
             params.update(train_domain=plan.train, test_domain=plan.test)
-        folder = prepare_out(default_out(name, out))
+        folder = opts.folder(name)
         from probes.tuning.saving import AdapterKeeper  # torch: imported when fitting
 
         keeper = AdapterKeeper(save_adapter, probe_list) if save_adapter is not None else None

@@ -22,7 +22,6 @@ from probes.engine.split_fits import (
     StudyResult,
     common_tables,
     confusion_matrices,
-    default_out,
     fit_splits,
     over_seeds,
     study_compare_panel,
@@ -31,7 +30,7 @@ from probes.errors import ProbeError
 from probes.features.cells import open_cells
 from probes.metrics import MAIN_METRIC
 from probes.reporting.console import Col, Panel
-from probes.reporting.tables import no_empty_outputs_on_failure, prepare_out, study_document
+from probes.reporting.tables import no_empty_outputs_on_failure, study_document
 from probes.reporting.training import training_plots
 from probes.sampling import parse_seeds
 from probes.tuning.options import TuneOptions
@@ -120,7 +119,7 @@ def finetune(
     keeper = AdapterKeeper(save_adapter, [method]) if save_adapter is not None else None
     inputs.check([method])  # images gone, depth, heads: before the output folder is made
     with no_empty_outputs_on_failure():
-        folder = prepare_out(default_out(name, out))
+        folder = opts.folder(name)
         fits = fit_splits(
             name,
             cells,

@@ -24,13 +24,13 @@ from embedcache.options import UNSET
 from probes.engine.intervals import TestedCells, attach_intervals, compare_panel, seed_mean_interval
 from probes.engine.options import StudyOptions, study_options
 from probes.engine.runtime import study_runtime
-from probes.engine.skeleton import FitJob, check_probes, finish, run_plan, study_name
+from probes.engine.skeleton import FitJob, Saves, check_probes, finish, run_plan, study_name
 from probes.errors import ProbeError
 from probes.features.cells import Cells, open_cells, parse_names, require_complete
 from probes.metrics import MAIN_METRIC, score
 from probes.reporting.console import Col, Panel
 from probes.reporting.plots import plot_robustness
-from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.tables import study_document
 from probes.sampling import Sampler, Split, parse_seeds
 
 RESULT_COLUMNS = [
@@ -54,7 +54,7 @@ SLOPE_DEFINITION = "least-squares slope of mean macro-F1 against log2(1 + sigma)
 
 
 @dataclass
-class RobustnessResult:
+class RobustnessResult(Saves):
     """Tidy results, the per-σ summary, the slopes, and where the files went."""
 
     name: str
@@ -207,7 +207,7 @@ def robustness(
             seed_list,
             notes,
         )
-        folder = prepare_out(Path(out) if out is not None else Path(name))
+        folder = opts.folder(name)
         rows: list[dict] = []
         tested: dict[tuple, TestedCells] = {}  # (backbone, probe, seed) -> every perturbation on its test cells
         total = len(cells.backbones) * len(seed_list) * len(probe_list)

@@ -24,7 +24,6 @@ from probes.engine.split_fits import (
     StudyResult,
     common_tables,
     confusion_matrices,
-    default_out,
     fit_splits,
     over_seeds,
     study_compare_panel,
@@ -33,7 +32,7 @@ from probes.features.cells import open_cells
 from probes.metrics import MAIN_METRIC
 from probes.reporting.console import Bold, Col, Panel, mean_std
 from probes.reporting.plots import plot_scaling
-from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.tables import study_document
 from probes.reporting.training import training_plots
 from probes.sampling import limits_note, parse_limits, parse_seeds
 from probes.tuning.options import TuneOptions, token_need
@@ -64,8 +63,8 @@ def scale(
     ``column`` or ``group`` (see :mod:`probes.sampling`). Writes ``results.csv/.parquet``,
     ``curves.csv``, ``summary.csv`` (smallest limit reaching ``fraction`` of each curve's best
     mean), ``exclusions.csv``, ``confusion.csv/.json``, ``fits.csv``, ``scaling.png`` and ``study.json``
-    to ``out`` (default ``scale-<models>-<date>``). ``quiet`` hides the progress bar and the printed
-    summary; ``show`` prints the summary regardless (the CLI's ``--quiet`` keeps it).
+    to ``out`` when it is given (the CLI: ``scale-<models>-<date>`` by default), else nothing until
+    ``result.save(out)``. ``show`` prints the summary (the CLI always does); ``quiet`` hides the progress bar.
     Fine-tune probes (``lp``, ``ft-last``, ``lora``, ``scratch-vit``; :mod:`probes.tuning.study_inputs`)
     sit beside the others in every table: ``tail_blocks`` K trains the last K blocks on the tokens cached by
     ``embedcache extract --tail-blocks K``; ``head`` (``linear``, ``linear-cls-mean``, ``mlp``, ``decoder``),
@@ -127,7 +126,7 @@ def scale(
         plan = DomainPlan.make(cells, train_domain, test_domain)
         if plan is not None:
             params.update(train_domain=plan.train, test_domain=plan.test)
-        folder = prepare_out(default_out(name, out))
+        folder = opts.folder(name)
         fits = fit_splits(
             name,
             cells,

@@ -35,13 +35,13 @@ from probes.engine.proba_fits import (
     seed_summary,
 )
 from probes.engine.runtime import study_runtime
-from probes.engine.skeleton import check_probes, finish, fit_table, study_name
+from probes.engine.skeleton import Saves, check_probes, finish, fit_table, study_name
 from probes.errors import ProbeError
 from probes.features.cells import open_cells, parse_names
 from probes.metrics import score
 from probes.reporting.console import Col, Panel
 from probes.reporting.decision_plots import plot_risk_coverage
-from probes.reporting.tables import prepare_out, study_document
+from probes.reporting.tables import study_document
 from probes.sampling import parse_seeds
 from probes.stats import bootstrap_kept
 from probes.studies.confidence import (
@@ -65,7 +65,7 @@ KEYS = ["backbone", "feature_key", "pool", "probe", "confidence"]
 
 
 @dataclass
-class SelectiveResult:
+class SelectiveResult(Saves):
     """Tidy results and the tables derived from them; also written under ``out``."""
 
     name: str
@@ -203,7 +203,7 @@ def selective(
                 else {}
             ),
         )
-        folder = prepare_out(Path(out) if out is not None else Path(name))
+        folder = opts.folder(name)
         held, notes, exclusions = held_out_splits(
             cells, seed_list, split=split, val=val, test_size=test_size, val_fraction=val_fraction
         )

@@ -23,14 +23,13 @@ import pandas as pd
 from embedcache.options import UNSET, given, split_options
 from probes.engine.dask_fits import current_scheduler
 from probes.engine.options import SPLIT_OPTIONS, StudyOptions
-from probes.engine.skeleton import study_name
+from probes.engine.skeleton import Saves, study_name
 from probes.engine.threads import limit_threads
 from probes.errors import ProbeError
 from probes.features.cells import open_cells, parse_names
 from probes.features.chunked import is_chunked, side_by_side
 from probes.features.policy import current_policy
 from probes.reporting.console import progress
-from probes.reporting.tables import prepare_out
 from probes.sampling import parse_seeds, sort_labels
 from probes.studies.audit.cache import (
     KEY_COLUMNS,
@@ -55,7 +54,7 @@ from probes.studies.audit.options import AuditOptions
 
 
 @dataclass
-class AuditResult:
+class AuditResult(Saves):
     """What an audit found.
 
     ``table``: every cell ranked by score (rank 1 = most suspicious); its index is the cell's
@@ -332,7 +331,7 @@ def audit(
     out: str | os.PathLike | None = UNSET,
     device: str = UNSET,
     quiet: bool = UNSET,
-    show: bool | None = UNSET,
+    show: bool = UNSET,
     options: StudyOptions | None = None,
     audit_options: AuditOptions | None = None,
     **more: Any,
@@ -340,12 +339,12 @@ def audit(
     """Audit the current labels of a store's cells with one or more backbones' features.
 
     ``model``: backbone names (or feature keys), a comma list or a list; the cells audited are
-    those readable for every backbone and labelled. Writes to ``out`` (default
-    ``audit-<models>-<date>``): ``suspects.csv`` (every cell, ranked, with its evidence and why it
-    is suspected: the models that disagree, the neighbours with another label),
-    ``corrections-template.csv`` (the ``top`` suspects with their proposed labels, to review
-    and pass to :func:`relabel`), ``suspects.png`` (contact sheet: the top suspects beside their
-    nearest neighbours in the first backbone), ``report.html`` (self-contained, sortable and
+    those readable for every backbone and labelled. Writes to ``out`` when given (the CLI:
+    ``audit-<models>-<date>`` by default; else nothing until ``result.save(out)``): ``suspects.csv`` (every cell,
+    ranked, with its evidence and why it is suspected: the models that disagree, the neighbours with another label),
+    ``corrections-template.csv`` (the ``top`` suspects with their proposed labels, to review and pass to
+    :func:`relabel`), ``suspects.png`` (contact sheet: the top suspects beside their nearest neighbours in the first
+    backbone), ``report.html`` (self-contained, sortable and
     filterable in the browser) and ``audit.json`` (parameters). Out-of-fold probabilities are
     cached in the store (beside it: :func:`probes.studies.audit.cache.default_cache`; a cache an
     earlier version left in ``<store>/.probes/`` is still read) or in ``cache`` (a file path or
@@ -355,7 +354,7 @@ def audit(
     keyword too. ``out_of_core`` / ``max_memory``: features above the budget are read in store chunks (kNN
     and logistic fit them there; the neighbour search merges chunks to the exact top-k); ``scheduler``
     (``tcp://host:port``, ``local:N``) fits each backbone x probe x seed as one Dask task, to the local
-    run's probabilities. ``quiet`` hides the progress bar and the summary; ``show`` prints it regardless.
+    run's probabilities. ``show`` prints the summary (the CLI always does); ``quiet`` hides the progress bar.
 
     ``issues`` (``label,duplicate,leak,outlier``, default all): besides the labels, the data set itself
     (:mod:`probes.studies.audit.issues`): near and exact duplicates (``duplicate_threshold``, the pixel digests
@@ -387,7 +386,7 @@ def _audit(store: Any, model: str | Sequence[str], opts: StudyOptions, aopts: Au
     cells = open_cells(store, model, dataset=opts.dataset, pool=opts.pool)
     pos = np.arange(len(cells.obs))
     feats = cells.features_of_all(pos)  # held together: their sum against the memory budget
-    out = prepare_out(opts.out if opts.out is not None else study_name("audit", cells.backbones))
+    out = opts.folder(study_name("audit", cells.backbones))
     if "label" in wanted:
         res = _label_audit(cells, feats, opts, aopts)
     else:
@@ -401,7 +400,9 @@ def _audit(store: Any, model: str | Sequence[str], opts: StudyOptions, aopts: Au
         res.params.update(duplicate_threshold=aopts.duplicate_threshold, outlier_k=aopts.outlier_k, issue_notes=notes)
     res.issue_table = issue_table(res.table if "label" in wanted else None, res.issues, res.obs)
     res.out = out
-    res.files.update(write_outputs(res, top=aopts.top, html=aopts.html))
+    res._writer = lambda folder: write_outputs(res, top=aopts.top, html=aopts.html)
+    if out is not None:
+        res.files.update(res._writer(out))
     if opts.printing():
         print_summary(res, top=min(aopts.top, 15))
     return res

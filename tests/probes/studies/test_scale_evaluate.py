@@ -482,3 +482,22 @@ def test_study_tables_carry_intervals_and_compare_csv(study):
     assert len(compare) == 3 * 2 and set(compare["probe_a"]) == {"logistic"} and set(compare["probe_b"]) == {"knn"}
     assert (compare["p_bootstrap_holm"] == compare["p_bootstrap"]).all()
     assert compare[["p_bootstrap", "p_mcnemar"]].stack().between(0, 1).all()
+
+
+def test_python_writes_and_prints_only_when_asked_the_cli_always(store, keys, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    res = scale(store, keys[0], limits="16", probes="knn", seeds=1)
+    assert list(tmp_path.iterdir()) == [] and res.out is None and res.files == {}
+    assert capsys.readouterr().out == ""  # a notebook call stays silent
+    files = res.save(tmp_path / "later")
+    assert res.out == tmp_path / "later" and {"results.csv", "scaling.png", "study.json"} <= set(files)
+    assert pd.read_csv(files["results.csv"])["value"].notna().all()
+    ev = evaluate(store, keys[0], probes="knn", show=True)
+    assert "per-class F1" in capsys.readouterr().out and ev.out is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["later"]
+    cmd = [sys.executable, "-m", "embedcache_cli.probes_app", "scale", "--store", str(store), "--model", keys[0]]
+    p = subprocess.run([*cmd, "--limits", "16", "--probes", "knn", "--seeds", "1", "-q"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    written = [d for d in tmp_path.iterdir() if d.name.startswith("scale-")]
+    assert len(written) == 1 and (written[0] / "results.csv").is_file() and "macro-F1" in p.stdout

@@ -722,3 +722,14 @@ def test_a_failed_audit_leaves_no_empty_output_folder(built, tmp_path, monkeypat
     with pytest.raises(ProbeError, match="too few"):
         audit(built, RESNET, pool="mean", probes="knn", folds=N_CELLS + 1, quiet=True, cache=False, out=kept)
     assert (kept / "note.txt").read_text() == "mine"
+
+
+def test_a_python_audit_writes_its_report_only_where_asked(store, tmp_path, monkeypatch, capsys):
+    here = tmp_path / "notebook"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    res = counted_audit(store, [], probes="knn", seeds=1, folds=3, issues="label,outlier")
+    assert list(here.iterdir()) == [] and res.out is None and capsys.readouterr().out == ""
+    files = res.save(here / "report")
+    assert {"suspects.csv", "issues.csv", "report.html", "audit.json"} <= set(files)
+    assert pd.read_csv(files["suspects.csv"])["id"].tolist() == res.table["id"].tolist()
