@@ -14,12 +14,15 @@ __all__ = ["describe", "provenance_line"]
 def describe(store: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
     """The store's summary with, per feature set, ``provenance`` (all of it: backbone, weights,
     preprocessing, perturbation, pools, compute device and dtype, versions, time) and, for a perturbed
-    set, ``perturbed_cells`` (rows holding perturbed features); per dataset ``label_corrections``."""
+    set, ``perturbed_cells`` (rows holding perturbed features); per dataset ``label_corrections`` (how many)
+    and ``label_history`` (every applied correction, oldest first: id, old, new, time, source, note)."""
     st = open_store(store)
     summary = st.info(verify=verify)
     for name, ds_info in summary["datasets"].items():
         ds = st.dataset(name)
-        ds_info["label_corrections"] = len(ds.label_history())
+        history = ds.label_history()
+        ds_info["label_corrections"] = len(history)
+        ds_info["label_history"] = history.astype(str).to_dict("records")
         for key, fs_info in ds_info["feature_sets"].items():
             fs = ds.feature_set(key)
             prov = fs.attrs.get("provenance", {})

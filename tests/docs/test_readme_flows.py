@@ -113,3 +113,18 @@ def test_readme_flows_run_top_to_bottom(tmp_path):
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "README flows: all ran" in r.stdout
+
+
+def test_the_backbone_list_in_the_docs_names_every_registry_entry():
+    from embedcache.backbones.registry import list_models
+
+    text = (DOCS / "extract.md").read_text()
+    listed = text.split("`embedcache models` lists the registry:")[1].split("plus any")[0]
+    names = set()
+    for item in re.findall(r"`([^`]+)`", listed):
+        head, _, tail = item.rpartition("-")
+        first, *others = tail.split("/")  # dinov2-s/b/l/g, efficientnet-lite0/1/2
+        names.update(f"{head}-{v}" if head else v for v in [first, *(first[: len(first) - len(o)] + o for o in others)])
+    registry = {spec.name for spec in list_models()}
+    assert registry - names == set(), f"docs/extract.md does not list: {sorted(registry - names)}"
+    assert names - registry == set(), f"docs/extract.md lists unknown backbones: {sorted(names - registry)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,12 +15,14 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
 import embedcache
 from embedcache import ExtractionError, StoreBusyError, StoreError, open_store
 from embedcache.backbones.devices import default_dtype
 from embedcache.store import FeatureSetConflict
 from embedcache.store.describe import provenance_line
+from embedcache_cli import embedcache_app
 from tests.conftest import REPO, bundled
 
 KEY = "timm-test_vit@random/160-bicubic/clean"
@@ -323,6 +326,10 @@ def test_label_corrections_keep_history_and_never_touch_the_original(tmp_path, c
     hist = open_store(out).dataset().label_history()
     assert hist[["id", "old", "new", "note"]].values.tolist() == [[ids[2], orig[2], "7", "teardrop"]]
     assert hist["source"].iat[0].endswith("fixes.csv")
+    info = json.loads(CliRunner().invoke(embedcache_app.app, ["info", str(out), "--json"]).stdout)
+    (entry,) = info["datasets"][ds.name]["label_history"]  # the history README promises in info --json
+    assert info["datasets"][ds.name]["label_corrections"] == 1
+    assert [entry[k] for k in ("id", "old", "new", "note")] == [ids[2], orig[2], "7", "teardrop"] and entry["time"]
     with pytest.raises(StoreError, match="not cells of"):
         ds.apply_corrections(pd.DataFrame({"id": ["nope"], "new_label": ["1"]}))
     assert len(open_store(out).dataset().label_history()) == 1  # a refused batch writes nothing
