@@ -101,7 +101,8 @@ def _meta(params: dict[str, Any], res: Any) -> str:
         ("folds", f"{params['folds']} ({params['scheme']})"),
         (
             "models",
-            f"{params['n_models']} = backbones × probes × seeds ({res.reused} reused from the cache, {res.computed} fitted)",
+            f"{params['n_models']} (backbone × probe, as each cell's why counts them) × {len(params['seeds'])} seeds = "
+            f"{params['n_runs']} out-of-fold runs ({res.reused} reused from the cache, {res.computed} fitted)",
         ),
         ("cells audited", f"{params['n_cells']} ({params.get('n_classes', '?')} classes)"),
         ("k (neighbours)", params["k"]),
@@ -256,7 +257,7 @@ keeping its row in <code>corrections-template.csv</code>, then run <code>probes 
 <h2>Score</h2>
 <p>ranking <code>{_esc(params.get("ranking", ""))}</code>: <code>{_esc(params["formula"])}</code></p>
 <ul class=note>
-<li><b>self-confidence</b> (label quality): probability of the given label in the ensemble of the {params["n_models"]} out-of-fold models (backbone × probe × seed; each cell predicted by probes trained on folds without it), each model first calibrated (uniform smoothing and a temperature fitted on the other folds' cells, never on the cells it scales);</li>
+<li><b>self-confidence</b> (label quality): probability of the given label in the ensemble of the {params["n_runs"]} out-of-fold runs (backbone × probe × seed; each cell predicted by probes trained on folds without it), each model first calibrated (uniform smoothing and a temperature fitted on the other folds' cells, never on the cells it scales);</li>
 <li><b>CL flag</b>: cleanlab's confident learning (per-class thresholds, the confident joint, prune by noise rate) flags the label as an issue;</li>
 <li><b>consensus</b>: fraction of the models whose top class is not the given label;</li>
 <li><b>neighbour disagreement</b>: fraction of the cell's {params["k"]} nearest neighbours (cosine, FAISS, itself excluded) with another label, averaged over backbones;</li>

@@ -121,6 +121,15 @@ def _short(name: str) -> str:
     return "+".join(part.replace("/", ":").rsplit(":", 1)[-1] for part in name.split("+"))
 
 
+def model_groups(oofs: Sequence[OOF]) -> dict[tuple[str, str], list[int]]:
+    """The audit's *models*: one per backbone x probe (the joint member is one), each the positions in
+    ``oofs`` of its seeds' out-of-fold runs. Every count of models the audit prints is ``len`` of this."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, o in enumerate(oofs):
+        groups.setdefault((str(o.key.get("backbone", "?")), str(o.key.get("probe", "?"))), []).append(i)
+    return groups
+
+
 def why_columns(
     oofs: Sequence[OOF],
     members: np.ndarray,
@@ -139,9 +148,7 @@ def why_columns(
     classes = list(classes)
     y = pd.Index(classes).get_indexer(labels)
     n = len(labels)
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, o in enumerate(oofs):
-        groups.setdefault((str(o.key.get("backbone", "?")), str(o.key.get("probe", "?"))), []).append(i)
+    groups = model_groups(oofs)
     multi_bb = len({b for b, _ in groups}) > 1
     per_model = []
     for (b, p), members_of in groups.items():

@@ -109,7 +109,8 @@ def print_summary(res: Any, top: int = 15, console: Any = None) -> None:
         for r in res.table.head(top).itertuples(index=False)
     ]
     title = (
-        f"label audit: {p['n_cells']} cells, {p['n_models']} models ({res.reused} reused, {res.computed} fitted), "
+        f"label audit: {p['n_cells']} cells, {p['n_models']} models (backbone x probe) x {len(p['seeds'])} seeds = "
+        f"{p['n_runs']} out-of-fold runs ({res.reused} reused, {res.computed} fitted), "
         f"{p['scheme']} {p['folds']}-fold"
     )
     lines = [p["formula"], *p.get("excluded", []), *lines]

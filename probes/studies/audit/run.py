@@ -41,7 +41,13 @@ from probes.studies.audit.cache import (
     read_oof_cache,
     write_cache,
 )
-from probes.studies.audit.cell_evidence import as_ranking, evidence, neighbor_disagreement, why_columns
+from probes.studies.audit.cell_evidence import (
+    as_ranking,
+    evidence,
+    model_groups,
+    neighbor_disagreement,
+    why_columns,
+)
 from probes.studies.audit.folds import (
     OOF,
     feature_digest,
@@ -302,7 +308,8 @@ def audit_arrays(
         label_digest=digest,
         n_cells=n,
         n_classes=len(classes),
-        n_models=len(oofs),
+        n_models=len(model_groups(oofs)),  # backbone x probe (+ the joint member), as each cell's why counts them
+        n_runs=len(oofs),  # x seeds: the out-of-fold runs whose probabilities are averaged
         formula=rk.formula(),
         cache=str(cache) if cache else None,
     )
@@ -392,7 +399,7 @@ def _audit(store: Any, model: str | Sequence[str], opts: StudyOptions, aopts: Au
     else:
         obs = cells.obs[["id", "path", "label", "group"]].reset_index(drop=True)
         res = AuditResult(pd.DataFrame(), [], sort_labels(cells.labels), {"backbones": cells.backbones}, {}, obs)
-        res.params.update(n_cells=len(obs), n_models=0)
+        res.params.update(n_cells=len(obs), n_models=0, n_runs=0)
     res.params.update(store=str(cells.store_url), dataset=cells.dataset, excluded=cells.exclusion_lines())
     res.params["issues"] = wanted
     if any(i in wanted for i in ("duplicate", "leak", "outlier")):

@@ -518,7 +518,14 @@ def test_several_backbones_give_per_backbone_evidence(store, tmp_path):
         threads=1,
         joint=True,  # its models are listed below
     )
-    assert res.params["n_models"] == 6 and set(res.neighbors) == {RESNET, VIT}
+    assert res.params["n_runs"] == 6 and set(res.neighbors) == {RESNET, VIT}
+    # one count of models everywhere: the header's and each cell's why count backbone x probe (3 here)
+    counted = res.table["why"].str.extractall(r"\d+/(\d+) models predict")[0]
+    assert res.params["n_models"] == 3 and len(counted) > 0 and set(counted) == {"3"}
+    page = (tmp_path / "two" / "report.html").read_text()
+    assert "3 (backbone × probe, as each cell&#x27;s why counts them) × 2 seeds = 6 out-of-fold runs" in page or (
+        "3 (backbone × probe, as each cell's why counts them) × 2 seeds = 6 out-of-fold runs" in page
+    )
     # knn per backbone and seed; the joint member (a logistic on both side by side) per seed
     assert [(o.key["backbone"], o.key["probe"]) for o in res.oofs] == [(RESNET, "knn")] * 2 + [(VIT, "knn")] * 2 + [
         (f"{RESNET}+{VIT}", JOINT_PROBE)
@@ -634,7 +641,8 @@ def test_cli_audit_neighbors_relabel(store, tmp_path):
     assert r.exit_code == 0, r.output
     assert "label audit" in r.output and (out / "suspects.csv").is_file() and (out / "report.html").is_file()
     meta = pd.read_json(out / "audit.json", typ="series")
-    assert meta["ranking"] == "cal|flag|n0.2|c0" and meta["n_models"] == 1 and meta["joint"] is None
+    assert meta["ranking"] == "cal|flag|n0.2|c0" and meta["joint"] is None
+    assert meta["n_models"] == 1 and meta["n_runs"] == 1
     first = pd.read_csv(out / "suspects.csv", keep_default_na=False)["id"].iat[0]
 
     r = runner.invoke(
