@@ -89,7 +89,9 @@ def plot_reliability(
     _reliability_panel(axes[0], before, "before", ece_before, colors(0))
     _reliability_panel(axes[1], after, f"after (T = {temperature:.3g})", ece_after, colors(2))
     axes[0].set_ylabel("accuracy")
-    axes[1].legend(fontsize=8, loc="upper left", framealpha=0.9)
+    handles, names = axes[1].get_legend_handles_labels()
+    # below both panels, never over a bar
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.06), frameon=False)
     fig.suptitle(title, fontsize=9)
     return save(fig, path)
 

@@ -34,9 +34,9 @@ def palette() -> Any:
 
 
 def save(fig: Any, path: str | Path) -> Path:
-    """Lay out, write the PNG and free the figure."""
+    """Lay out, write the PNG (a legend placed outside the axes included) and free the figure."""
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     pyplot().close(fig)
     return Path(path)
 
@@ -97,12 +97,14 @@ def plot_scaling(
         title + ("   ★ = smallest limit reaching 95% of the curve's best" if summary is not None else ""), fontsize=9
     )
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    # beside the axes, never over a curve or a fine-tune's point (the PNG grows to hold it)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, framealpha=0.9)
     return save(fig, path)
 
 
 def plot_confusion(conf: pd.DataFrame, path: Path, *, title: str = "") -> Path:
-    """Row-normalised confusion matrix (summed over seeds), counts written in the cells."""
+    """Confusion matrix normalised per true class: each cell the fraction of that class's test cells, pooled
+    over the seeds' fits; each row's label says n (its test cells per fit) and the title how many fits."""
     plt = pyplot()
 
     labels = list(dict.fromkeys(conf["true"]))
@@ -110,8 +112,10 @@ def plot_confusion(conf: pd.DataFrame, path: Path, *, title: str = "") -> Path:
     m = conf.groupby(["true", "pred"])["count"].sum().unstack().reindex(index=labels, columns=predicted).fillna(0)
     counts = m.to_numpy()
     norm = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n_fits = int(conf["seed"].nunique()) if "seed" in conf.columns else 1
+    per_fit = counts.sum(axis=1) / n_fits
     k, kc = len(labels), len(predicted)
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * kc + 2), max(3.5, 0.45 * k + 1.5)), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * kc + 2.8), max(3.5, 0.45 * k + 1.5)), dpi=DPI)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if max(k, kc) <= 25:
         for i in range(k):
@@ -120,17 +124,20 @@ def plot_confusion(conf: pd.DataFrame, path: Path, *, title: str = "") -> Path:
                     ax.text(
                         j,
                         i,
-                        int(counts[i, j]),
+                        f"{norm[i, j]:.2f}".lstrip("0") if norm[i, j] < 1 else "1",
                         ha="center",
                         va="center",
-                        fontsize=7,
+                        fontsize=6.5,
                         color="white" if norm[i, j] > 0.5 else "black",
                     )
     ax.set_xticks(range(kc), predicted, rotation=90, fontsize=8)
-    ax.set_yticks(range(k), labels, fontsize=8)
+    ax.set_yticks(range(k), [f"{lab} (n={v:.0f})" if v == int(v) else f"{lab} (n={v:.1f})" for lab, v in
+                             zip(labels, per_fit)], fontsize=8)  # fmt: skip
     ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("true (n: test cells per fit)")
+    pooled = f"{n_fits} seeds' fits pooled" if n_fits > 1 else "one fit"
+    what = f"fraction of each true class ({pooled})"
+    fig.suptitle(f"{title}\n{what}" if title else what, fontsize=9)  # over the colour bar too, never under it
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     return save(fig, path)
 
