@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 
 from embedcache.inputs.images import DEFAULT_MAX_IMAGE_PIXELS
 from embedcache.options import Interval, OneOf, Options, option
@@ -17,6 +19,15 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 FITS = ("squash", "crop", "pad")
 INTERPOLATIONS = ("bicubic", "bilinear")
 PERTURB_ROWS = ("test", "all")
+SHORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def short_name(name: str, value: Any) -> str | None:
+    """A feature set's short name: letters, digits, '.', '_', '-' (no '/', '@' or ':', which keys and backbone
+    names use), at most 64 characters."""
+    if value is None or (isinstance(value, str) and SHORT_NAME.fullmatch(value)):
+        return None
+    return f"must be letters, digits, '.', '_' or '-' (at most 64, no '/', '@' or ':'), got {value!r}"
 
 
 @dataclass(frozen=True)
@@ -25,6 +36,12 @@ class ExtractOptions(Options):
 
     dataset: str | None = option(None, "dataset name inside the store (default: from the data path)")
     weights: str | None = option(None, "local .safetensors / torch checkpoint, or 'random' (tests and demos)")
+    name: str | None = option(
+        None,
+        "a short name for these features in the store (e.g. lite0-chula for a --weights file): studies take it as "
+        "--model (default: the backbone's name; with --weights FILE, name@<sha256 prefix>)",
+        check=short_name,
+    )
     revision: str | None = option(None, "hub revision (branch, tag or commit)")
     pool: str | None = option(None, "cls, mean or cls,mean (default: the backbone's)")
     input_size: int | None = option(None, "model input size (default: the backbone's)", check=Interval(int, 8))

@@ -147,6 +147,7 @@ def provenance(plan: ExtractPlan, variant: Variant) -> dict[str, Any]:
     perturbation = variant.perturbation
     choice = c.dtype_choice
     return {
+        "name": c.options.name,  # the short name the user gave (the key's first part), else None
         "backbone": backbone,
         "weights": dict(bb.weights),
         "preprocessing": c.prep.as_dict(),

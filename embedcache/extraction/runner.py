@@ -21,6 +21,7 @@ from embedcache.backbones.loading import LoadedBackbone, load_backbone
 from embedcache.backbones.pooling import check_pools, parse_pools
 from embedcache.backbones.precision import choose_dtype
 from embedcache.backbones.preprocess import Preprocessing
+from embedcache.backbones.registry import list_models
 from embedcache.backbones.tail import check_k, tail_token_shape
 from embedcache.extraction.distributed import BackboneRecipe, DaskRun, check_cluster_args
 from embedcache.extraction.options import ExtractOptions
@@ -79,6 +80,9 @@ def extract(
     array of images; ``backbone`` passes an already loaded backbone. Returns the clean feature set's result;
     perturbed ones are in ``result.variants``; ``result.notes`` says what in the input deserves a look.
 
+    ``name`` gives the features a short name in the store's keys, which studies then take as ``model`` (the
+    features of a weights file are otherwise ``<backbone>@<sha256 prefix>``).
+
     ``tail_blocks=k`` also caches the tokens entering the last ``k`` blocks (what ``ft-last`` / ``lora``
     train on). ``dtype="auto"`` takes the fastest compute dtype that passes on this device
     (:func:`embedcache.backbones.precision.choose_dtype`); a feature set started in one dtype is always
@@ -116,6 +120,11 @@ def extract(
 
         bb = apply_adapter(opts.adapter, bb)
     spec = bb.spec
+    if opts.name is not None and opts.name != spec.name and opts.name in {m.name for m in list_models()}:
+        raise ValueError(
+            f"name {opts.name!r} is a registry backbone: studies would take these {spec.name} features for it; "
+            "choose another --name (name=)"
+        )
     choice = choose_dtype(opts.dtype, dev, bb)
     if opts.compile and (spec.embed is not None or opts.tail_blocks is not None):
         raise ValueError("--compile works for timm-pooled backbones without an embed hook and without --tail-blocks")
@@ -169,7 +178,7 @@ def extract(
         token_shape=token_shape,
     )
     plan = ExtractPlan(source=source, backbone=bb, store=store, dataset=ds, compute=compute)
-    base = f"{safe_key(bb.key_name)}/{prep_tag}"
+    base = f"{safe_key(opts.name or bb.key_name)}/{prep_tag}"
     with contextlib.ExitStack() as stack:
         dask = None
         if opts.cluster is not None or opts.scheduler is not None:

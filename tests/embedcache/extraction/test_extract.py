@@ -114,6 +114,18 @@ def test_other_weights_under_the_same_key_conflict(tmp_path, chula_subset):
     assert r.key.startswith("timm-test_vit@")  # a local file gets its own key, beside the random-init one
     with pytest.raises(FeatureSetConflict, match="store_dtype"):
         _extract(m, out, store_dtype="float32")
+    # a short name instead of timm-test_vit@<sha>: studies take it as the model
+    named = _extract(m, out, weights=str(tmp_path / "other.safetensors"), name="vit-plus1")
+    assert named.key == "vit-plus1/160-bicubic/clean"
+    fs = open_store(out).dataset().find_feature_set("vit-plus1")
+    assert fs.key == named.key and fs.attrs["provenance"]["name"] == "vit-plus1"
+    np.testing.assert_array_equal(fs.to_numpy(), open_store(out).dataset().feature_set(r.key).to_numpy())
+    with pytest.raises(FeatureSetConflict):  # the name is taken by other weights
+        _extract(m, out, name="vit-plus1")
+    with pytest.raises(ValueError, match="'uni' is a registry backbone"):
+        _extract(m, out, name="uni")
+    with pytest.raises(ValueError, match="name must be letters, digits"):
+        _extract(m, out, name="lab/vit")
 
 
 def test_bad_images_fail_by_default_and_skip_is_recorded(tmp_path, chula_cells):
