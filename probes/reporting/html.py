@@ -13,7 +13,7 @@ from probes.reporting.contact import data_uri, encode, render, suspect_rows
 from probes.reporting.text import one_line
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#222;max-width:1400px}
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#222;max-width:1800px}
 h1{font-size:22px;margin:0 0 6px} h2{font-size:17px;margin:22px 0 6px}
 table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;padding:3px 6px;vertical-align:middle}
 th{background:#f3f3f3;position:sticky;top:0} td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -22,7 +22,10 @@ code,.mono{font-family:ui-monospace,Menlo,monospace;font-size:12px} .meta td{bor
 img.strip{display:block;image-rendering:auto} .note{color:#555;font-size:13px}
 th.sort{cursor:pointer;user-select:none} th.sort:after{content:" \\2195";color:#aaa}
 th.asc:after{content:" \\25B2";color:#333} th.desc:after{content:" \\25BC";color:#333}
-.controls{margin:8px 0;font-size:13px} .controls label{margin-right:14px} .why{font-size:12px;max-width:380px}
+.controls{margin:8px 0;font-size:13px} .controls label{margin-right:14px} .why{font-size:12px;min-width:260px}
+td.mono{overflow-wrap:break-word;max-width:180px} td.strip{border-top:none;padding-bottom:8px}
+tbody.suspect>tr:first-child>td{border-bottom:none} small.nb{display:block;color:#666;font-size:11px}
+img.strip{max-width:100%;height:auto} .meta td{overflow-wrap:anywhere}
 .why small{display:block;color:#666} td.flag{text-align:center;color:#c00;font-weight:bold}
 """
 
@@ -31,11 +34,10 @@ _JS = """
 (function () {
   var table = document.getElementById("suspects");
   if (!table) return;
-  var body = table.tBodies[0];
-  var rows = Array.prototype.slice.call(body.rows);
+  var rows = Array.prototype.slice.call(table.tBodies);  // one tbody per suspect: numbers row + strip row
   var heads = table.tHead.rows[0].cells;
   function key(row, i) {
-    var cell = row.cells[i], v = cell.getAttribute("data-v");
+    var cell = row.rows[0].cells[i], v = cell.getAttribute("data-v");
     return v === null ? cell.textContent.toLowerCase() : parseFloat(v);
   }
   var state = { col: -1, dir: 1 };
@@ -48,7 +50,7 @@ _JS = """
         var x = key(a, i), y = key(b, i);
         return (x < y ? -1 : x > y ? 1 : 0) * state.dir || (key(a, 0) - key(b, 0));
       });
-      rows.forEach(function (r) { body.appendChild(r); });
+      rows.forEach(function (r) { table.appendChild(r); });
       Array.prototype.forEach.call(heads, function (h) { h.classList.remove("asc", "desc"); });
       th.classList.add(state.dir > 0 ? "asc" : "desc");
     });
@@ -146,6 +148,11 @@ def _controls(sus: pd.DataFrame) -> str:
     )
 
 
+def _short(key: str) -> str:
+    """A feature key's backbone part (``timm-test_vit@random/160-bicubic/clean`` -> ``timm-test_vit@random``)."""
+    return key.split("/")[0]
+
+
 def _num(v: float, digits: int = 2) -> str:
     return f"<td class=num data-v='{float(v):.6g}'>{float(v):.{digits}f}</td>"
 
@@ -217,15 +224,15 @@ def _label_section(res: Any, neighbours: pd.DataFrame, top: int, n_neighbours: i
         ("self-conf.", ""),
         ("CL flag", "d"),
         ("neighbour disagr.", "d"),
-        *[(f"nbr. {c.split(':', 1)[1]}", "d") for c in per_bb],
         ("score", "d"),
         ("why", ""),
     ]
     head = (
         "<thead><tr>"
         + "".join(f"<th class=sort{' data-desc=1' if d else ''}>{_esc(name)}</th>" for name, d in sortable)
-        + f"<th>cell and nearest neighbours ({_esc(params['backbones'][0])})</th></tr></thead>"
+        + "</tr></thead>"
     )
+    strip_title = f"the cell (red) and its nearest neighbours in {params['backbones'][0]} (orange: another label)"
     body = []
     for (_, r), strip in zip(sus.iterrows(), strips):
         cl = bool(r.get("confident_learning", False))
@@ -234,22 +241,28 @@ def _label_section(res: Any, neighbours: pd.DataFrame, top: int, n_neighbours: i
             for label, col in (("models", "models_disagreeing"), ("neighbours", "neighbors_disagreeing"))
             if col in r and str(r[col])
         )
+        # several backbones: each one's share under the mean, its full key on hover (not a wide column each)
+        per_backbone = "".join(
+            f"<small class=nb title='{_esc(c.split(':', 1)[1])}'>{_esc(_short(c.split(':', 1)[1]))} {float(r[c]):.2f}"
+            "</small>"
+            for c in per_bb
+        )
+        nbr = float(r["neighbor_disagreement"])
         body.append(
-            f"<tr data-given='{_esc(r['given_label'])}' data-proposed='{_esc(r['proposed_label'])}' "
-            f"data-cl='{int(cl)}' data-consensus='{float(r['consensus']):.4f}' "
-            f"data-nbr='{float(r['neighbor_disagreement']):.4f}'>"
+            f"<tbody class=suspect data-given='{_esc(r['given_label'])}' data-proposed='{_esc(r['proposed_label'])}' "
+            f"data-cl='{int(cl)}' data-consensus='{float(r['consensus']):.4f}' data-nbr='{nbr:.4f}'><tr>"
             f"<td class=num data-v='{r['rank']}'>{r['rank']}</td><td class=mono>{_esc(r['id'])}</td>"
             f"<td>{_esc(r['given_label'])}</td><td>{_esc(r['proposed_label'])}</td>"
             + _num(r["proposed_votes"])
             + _num(r["consensus"])
             + _num(r["self_confidence"], 3)
             + f"<td class=flag data-v='{int(cl)}'>{'✔' if cl else ''}</td>"
-            + _num(r["neighbor_disagreement"])
-            + "".join(_num(r[c]) for c in per_bb)
+            + f"<td class=num data-v='{nbr:.6g}'>{nbr:.2f}{per_backbone}</td>"
             + f"<td class=num data-v='{float(r['score']):.6g}'><span class=bar style='width:{40 * r['score']:.0f}px'>"
             f"</span> {r['score']:.3f}</td>"
-            f"<td class=why>{_esc(r.get('why', ''))}{detail}</td>"
-            f"<td><img class=strip alt='cell {_esc(r['id'])} and its neighbours' src='{strip}'></td></tr>"
+            f"<td class=why>{_esc(r.get('why', ''))}{detail}</td></tr>"
+            f"<tr><td class=strip colspan={len(sortable)}><img class=strip title='{_esc(strip_title)}' "
+            f"alt='cell {_esc(r['id'])} and its neighbours' src='{strip}'></td></tr></tbody>"
         )
     return f"""<p class=note>Cells ranked by how likely their label is wrong. Review the top rows; accept a proposed label by
 keeping its row in <code>corrections-template.csv</code>, then run <code>probes relabel --store … --corrections FILE</code>.</p>
@@ -268,5 +281,7 @@ keeping its row in <code>corrections-template.csv</code>, then run <code>probes 
 <h2>Top {len(sus)} suspects</h2>
 <p class=note>Click a column header to sort; filter by class, evidence or text.</p>
 {_controls(sus)}
-<table id=suspects>{head}<tbody>{"".join(body)}</tbody></table>
+<p class=note>Under each row: the cell (red) and its nearest neighbours in {_esc(params["backbones"][0])} (orange: another
+label).</p>
+<table id=suspects>{head}{"".join(body)}</table>
 """

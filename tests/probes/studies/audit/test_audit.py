@@ -539,7 +539,8 @@ def test_several_backbones_give_per_backbone_evidence(store, tmp_path):
     np.testing.assert_allclose(res.table.sort_index()[cols[1]], own)
     csv = pd.read_csv(tmp_path / "two" / "suspects.csv")
     assert set(cols) <= set(csv.columns)
-    assert "nbr. timm:test_vit" in (tmp_path / "two" / "report.html").read_text(encoding="utf-8")
+    page = (tmp_path / "two" / "report.html").read_text(encoding="utf-8")
+    assert "<small class=nb title='timm:test_vit'>timm:test_vit " in page  # each backbone's share, under the mean
 
 
 def test_joint_member_is_a_plain_logistic_on_the_backbones_side_by_side(store, tmp_path):

@@ -162,7 +162,7 @@ def test_report_sorts_and_filters_in_the_browser_with_per_cell_evidence(flipped_
     assert script is not None and "<script src" not in html and "http" not in script.group(1)
     for hook in ("f-given", "f-proposed", "f-cl", "f-models", "f-nbrs", "f-text", "id=suspects", "th class=sort"):
         assert hook in html, hook
-    rows = re.findall(r"<tr data-given='([^']*)' data-proposed='([^']*)' data-cl='([01])'", html)
+    rows = re.findall(r"<tbody class=suspect data-given='([^']*)' data-proposed='([^']*)' data-cl='([01])'", html)
     top = res.table.head(20)
     assert [(g, p) for g, p, _ in rows] == list(zip(top["given_label"], top["proposed_label"]))
     assert [int(c) for _, _, c in rows] == top["confident_learning"].astype(int).tolist()
