@@ -2,6 +2,8 @@
 
 Rows (ours, ``probes.heads``)                    scikit-learn counterpart (as the issue names it)
   logistic      LogisticProbe() (C sweep)        LogisticRegression(max_iter=1000)   standardised
+  logistic sweep LogisticProbe() (C sweep)       the same sweep by hand (HoldOutSweep)          standardised
+  logistic prec LogisticProbe(precondition=True) the same (our default before precondition="auto")
   logistic C=1  LogisticProbe(Cs=(1,))           LogisticRegression(max_iter=1000)   standardised
   knn k=20      KNNProbe(k=20)                   KNeighborsClassifier(20)            raw features
   knn exact     KNNProbe(precision="float32")    KNeighborsClassifier(20)            raw features
@@ -26,6 +28,11 @@ near 0.83, not 1.
     python benchmarks/probe_speed.py                         # 50,000 x 1024, 13 classes
     python benchmarks/probe_speed.py --n 20000 --d 768 --timeout 300
     python benchmarks/probe_speed.py --threads 1 --only knn   # one thread each, the kNN rows only
+    python benchmarks/probe_speed.py --sizes 500x1280,1000x1280,2000x1280,5000x1280,10000x1280 --only logistic
+
+``--sizes`` runs the whole comparison once per size, each in a fresh process, and writes one JSON
+(``probe_speed-sizes-<kind>.json``) with every size's rows and a ratio table: small studies carry the fixed
+costs (the C sweep's hold-out, the preconditioner) that a large one hides.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +65,21 @@ ROWS = [  # (row name, our probe, our kwargs, sklearn baseline, note)
         "started, stopping after two values in a row score below the best; then refits the best C on all rows; "
         "bf16 first phase where the CPU has native bf16. The baseline is one fit at C=1, so the sweep is what makes "
         "this row slower than the next",
+    ),
+    (
+        "logistic sweep",
+        "logistic",
+        {},
+        "logistic_sweep",
+        "our default against scikit-learn doing the same work by hand: the same Cs, strongest first, warm-started, "
+        "macro-F1 on a stratified 10% hold-out, stopping after two worse values, the best C refitted on all rows",
+    ),
+    (
+        "logistic prec",
+        "logistic",
+        {"precondition": True},
+        "logistic",
+        "our default before precondition='auto': the sweep always eigen-preconditioned, whatever the rows per feature",
     ),
     (
         "logistic C=1",
@@ -94,6 +117,8 @@ ROWS = [  # (row name, our probe, our kwargs, sklearn baseline, note)
 ]
 SKLEARN_NAMES = {
     "logistic": "LogisticRegression(max_iter=1000) on StandardScaler features",
+    "logistic_sweep": "LogisticRegression(max_iter=1000, warm_start=True) swept over our Cs on a 10% hold-out "
+    "(HoldOutSweep), on StandardScaler features",
     "knn": "KNeighborsClassifier(20) on raw features",
     "knn_cosine": "KNeighborsClassifier(20, metric='cosine', algorithm='brute', weights=exp((1 - d) / 0.07))",
     "svm": "LinearSVC() on StandardScaler features",
@@ -159,6 +184,37 @@ def softmax_objective(W, b, X, y, C: float) -> float:
     return float(-logp[np.arange(len(y)), y].mean() + 0.5 / (C * len(y)) * np.square(W).sum())
 
 
+class HoldOutSweep:
+    """What a user writes to choose C by hand, the same work as our default logistic probe: LogisticRegression at
+    each C of ``Cs`` (strongest first, warm-started) scored by macro-F1 on a stratified 10% hold-out, stopping
+    after ``patience`` worse values in a row; the best C refitted on all rows."""
+
+    def __init__(self, Cs=(0.01, 0.1, 1.0, 10.0, 100.0), patience: int = 2):
+        self.Cs, self.patience = Cs, patience
+
+    def get_params(self, deep: bool = True) -> dict:  # what sklearn.base.clone needs
+        return {"Cs": self.Cs, "patience": self.patience}
+
+    def fit(self, X, y):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import train_test_split
+
+        fit, val = train_test_split(np.arange(len(y)), test_size=0.1, stratify=y, random_state=0)
+        model = LogisticRegression(max_iter=1000, warm_start=True)
+        best, chosen, worse = -1.0, 1.0, 0
+        for C in sorted(self.Cs):
+            f1 = macro_f1(y[val], model.set_params(C=C).fit(X[fit], y[fit]).predict(X[val]))
+            best, chosen, worse = (f1, C, 0) if f1 > best else (best, chosen, worse + 1)
+            if worse >= self.patience:
+                break
+        self.final_ = LogisticRegression(max_iter=1000, C=chosen).fit(X, y)
+        self.n_iter_, self.C = self.final_.n_iter_, chosen
+        return self
+
+    def predict(self, X):
+        return self.final_.predict(X)
+
+
 def sklearn_worker(name: str, data: str, out: str, threads: int, repeats: int = 1) -> None:
     """Child process: fit + predict one scikit-learn baseline and write its figures as JSON."""
     from sklearn.exceptions import ConvergenceWarning
@@ -168,7 +224,8 @@ def sklearn_worker(name: str, data: str, out: str, threads: int, repeats: int = 
 
     z = np.load(data)
     Xtr, ytr, Xte, yte = z["Xtr"], z["ytr"], z["Xte"], z["yte"]
-    if name in ("logistic", "svm"):
+    est: Any
+    if name in ("logistic", "logistic_sweep", "svm"):
         from sklearn.preprocessing import StandardScaler
 
         sc = StandardScaler().fit(Xtr)
@@ -177,6 +234,8 @@ def sklearn_worker(name: str, data: str, out: str, threads: int, repeats: int = 
         from sklearn.linear_model import LogisticRegression
 
         est = LogisticRegression(max_iter=1000)
+    elif name == "logistic_sweep":
+        est = HoldOutSweep()
     elif name == "knn":
         from sklearn.neighbors import KNeighborsClassifier
 
@@ -193,10 +252,13 @@ def sklearn_worker(name: str, data: str, out: str, threads: int, repeats: int = 
         raise SystemExit(f"unknown baseline {name}")
     from sklearn.base import clone
 
+    def fresh(e):
+        return HoldOutSweep(**e.get_params()) if isinstance(e, HoldOutSweep) else clone(e)
+
     Path(out + ".start").write_text(repr(time.time()))  # the parent's lower bound starts here
     times = []
     for _ in range(repeats):  # a fresh estimator each time; the median is its time
-        est = clone(est)
+        est = fresh(est)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             t = time.perf_counter()
@@ -349,8 +411,52 @@ def fmt_s(r: dict) -> str:
     return f"{r['seconds']:.2f}"
 
 
+def sweep_sizes(args: argparse.Namespace) -> None:
+    """``--sizes``: this benchmark once per ``NxD`` size, each in a fresh process; one JSON and one ratio table."""
+    import torch
+
+    from probes.heads import resolve_device
+
+    kind = machine_kind(resolve_device(args.device))
+    path = Path(args.out) if args.out else Path(__file__).parent / "results" / f"probe_speed-sizes-{kind}.json"
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            n, d = (int(v) for v in size.lower().split("x"))
+            out = Path(tmp) / f"{n}x{d}.json"
+            cmd = [sys.executable, __file__, "--n", str(n), "--d", str(d), "--classes", str(args.classes),
+                   "--seed", str(args.seed), "--device", args.device, "--timeout", str(args.timeout),
+                   "--threads", str(args.threads), "--repeats", str(args.repeats), "--out", str(out)]  # fmt: skip
+            cmd += ["--only", args.only] if args.only else []
+            cmd += [] if args.sklearn_single_thread_too else ["--no-sklearn-single-thread-too"]
+            cmd += ["--skip-sklearn-svm"] if args.skip_sklearn_svm else []
+            print(f"== {n} x {d}", flush=True)
+            subprocess.run(cmd, check=True)
+            results.append(json.loads(out.read_text()))
+    print(f"\n{'size':<13}{'probe':<14}{'ours s':>9}{'sklearn s':>11}{'sklearn/ours':>14}{'dF1 pts':>9}")
+    for r in results:
+        for row in r["rows"]:
+            ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
+            dF1 = f"{row['delta_f1_points']:+.2f}" if "delta_f1_points" in row else "-"
+            sk = row["sklearn"]["seconds"] if row.get("sklearn") and "seconds" in row["sklearn"] else float("nan")
+            print(f"{r['n']}x{r['d']:<8}{row['row']:<14}{row['ours']['seconds']:>9.3f}{sk:>11.3f}{ratio:>14}{dF1:>9}")
+    doc = {
+        "benchmark": "probe_speed --sizes",
+        "sizes": args.sizes,
+        "cpu": cpu_model(),
+        "cpu_native_bf16": results[0]["cpu_native_bf16"] if results else None,
+        "torch_threads": torch.get_num_threads(),
+        "runs": results,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    print(f"saved {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=None, help="NxD,NxD...: the comparison once per size, one JSON (see above)")
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--d", type=int, default=1024)
     ap.add_argument("--classes", type=int, default=13)
@@ -382,6 +488,8 @@ def main() -> None:
     args = ap.parse_args()
     if args._worker:
         return sklearn_worker(args._worker, args._data, args._out, args.threads, args.repeats)
+    if args.sizes:
+        return sweep_sizes(args)
 
     import torch
 

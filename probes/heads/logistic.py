@@ -29,6 +29,7 @@ from probes.heads.lbfgs import (
     linear_scores_t,
     sample_columns,
     targets,
+    wants_preconditioner,
 )
 
 BACKENDS = ("auto", "torch", "cuml")
@@ -53,8 +54,9 @@ class LogisticProbe(ScoresHead):
     ``Cs``) is used. ``C_`` is the choice, ``val_f1_`` the sweep's scores (macro-F1, or minus the log-loss).
 
     ``precondition`` (torch backend): L-BFGS on eigen-preconditioned coordinates (see
-    :mod:`probes.heads.lbfgs`); same objective and minimiser, fewer iterations; costs one
-    ``d x d`` eigen-decomposition per fit.
+    :mod:`probes.heads.lbfgs`); same objective and minimiser, fewer iterations; costs one eigen-decomposition
+    per fit (``d x d``, or ``n x n`` with fewer rows than features). ``"auto"`` (default): from 1.5 rows per
+    feature on, where it pays (:func:`probes.heads.lbfgs.wants_preconditioner`).
 
     ``precision`` (torch backend): ``"float32"``; ``"bfloat16"``: each fit first runs on a bfloat16
     copy of the features (matmuls ~4x cheaper where bf16 is native) down to the stopping rule,
@@ -75,7 +77,7 @@ class LogisticProbe(ScoresHead):
         max_iter: int = 300,
         tol: float = 1e-4,
         backend: str = "auto",
-        precondition: bool = True,
+        precondition: bool | str = "auto",
         precision: str = "auto",
         patience: int | None = 2,
         select: str = "macro_f1",
@@ -183,13 +185,19 @@ class LogisticProbe(ScoresHead):
         rows = RowBlocks(X, codes, parts, self.mean_, self.scale_, dev, X.cache_bytes if streamed else None)
         fitting, val, every = rows.view(range(n_fit)), rows.view(range(n_fit, len(parts))), rows.view(range(len(parts)))
         pc = None
-        if self.precondition and torch_fit:  # the covariance of a seeded sample of the rows, in one block
+        if torch_fit and wants_preconditioner(self.precondition, len(codes), X.shape[1]):
+            # the covariance of all rows (a seeded sample of them beyond PRECOND_ROWS), in one block
             order = np.concatenate([fit_idx, val_idx])
             cols = sample_columns(len(order), PRECOND_ROWS, self.seed)
             XT_s = standardized_t(
                 read_rows(X, order if cols is None else order[cols.numpy()]), self.mean_, self.scale_, dev
             )
-            pc = Preconditioner.from_gram((XT_s @ XT_s.T).div_(XT_s.shape[1]))
+            # every row (the sweep's and the refit's): with fewer rows than features, on their span
+            pc = (
+                Preconditioner.of_rows(XT_s)
+                if cols is None
+                else Preconditioner.from_gram((XT_s @ XT_s.T).div_(len(cols)))
+            )
             del XT_s
         bf16 = torch_fit and self._use_bf16(X.shape[1] * len(X), dev)
         self.precision_ = "bfloat16" if bf16 else "float32"

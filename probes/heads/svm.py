@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from probes.heads.base import ScoresHead, decision_to_2d, importable, require, standardize, standardize_t
-from probes.heads.lbfgs import LinearFit, Preconditioner, fit_linear, linear_scores, targets
+from probes.heads.lbfgs import (
+    LinearFit,
+    Preconditioner,
+    fit_linear,
+    linear_scores,
+    targets,
+    wants_preconditioner,
+)
 
 
 class _StandardisedScores(ScoresHead):
@@ -37,7 +44,8 @@ def _external_scores(model, Xs: torch.Tensor, on_device: bool) -> torch.Tensor:
 class LinearSVMProbe(_StandardisedScores):
     """What ``LinearSVC(C)`` optimises (one-vs-rest squared hinge + L2, C=1 by default), on
     standardised features. ``backend="torch"`` (default): full-batch L-BFGS over all K classes at
-    once on the device (eigen-preconditioned when ``precondition``, see :mod:`probes.heads.lbfgs`).
+    once on the device (eigen-preconditioned when ``precondition`` says so: ``"auto"`` from 1.5 rows per
+    feature on; see :mod:`probes.heads.lbfgs`).
 
     ``intercept_scaling``: None (default) leaves the intercept unpenalised; a number ``s``
     penalises it exactly as liblinear does (``LinearSVC(intercept_scaling=s)``; its default is 1),
@@ -55,7 +63,7 @@ class LinearSVMProbe(_StandardisedScores):
         max_iter: int = 300,
         tol: float = 1e-4,
         backend: str = "torch",
-        precondition: bool = True,
+        precondition: bool | str = "auto",
         intercept_scaling: float | None = None,
         seed: int = 0,
         device: str = "auto",
@@ -81,7 +89,12 @@ class LinearSVMProbe(_StandardisedScores):
             yt = torch.from_numpy(codes).to(dev)
             # transposed (d, n): the layout the solver is fast in
             XT, self.mean_, self.scale_ = standardize_t(torch.from_numpy(X).to(dev))
-            precond = Preconditioner.of(XT, seed=self.seed) if self.precondition else None
+            n_rows = XT.shape[1]
+            precond = (
+                Preconditioner.of(XT, seed=self.seed)
+                if wants_preconditioner(self.precondition, n_rows, XT.shape[0])
+                else None
+            )
             self.coef_: LinearFit = fit_linear(
                 XT,
                 targets(yt, K, "squared_hinge"),
