@@ -119,11 +119,15 @@ def main(argv: list[str] | None = None) -> dict:
         ok = "" if name == "python -c pass" else ("ok" if r["median_s"] <= GOAL_S else "MISS")
         heavy = ", ".join(f"{m} {s:.2f}" for m, s in r["heaviest_imports"][:4])
         print(f"{name:<24} {r['median_s']:9.2f} {ok:>6}  {heavy}")
-    kind = "cpu" + str(os.cpu_count())
+    from embedcache.backbones.devices import cpu_has_native_bf16
+
+    native_bf16 = cpu_has_native_bf16()
+    kind = f"cpu{os.cpu_count()}-{'bf16' if native_bf16 else 'fp32'}"  # as probe_speed names its files
     result = {
         "benchmark": "startup",
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "cpu_native_bf16": native_bf16,
         "load": [round(v, 2) for v in os.getloadavg()],
         "cells": args.cells,
         "repeats": args.repeats,
