@@ -26,6 +26,7 @@ th.asc:after{content:" \\25B2";color:#333} th.desc:after{content:" \\25BC";color
 td.mono{overflow-wrap:break-word;max-width:180px} td.strip{border-top:none;padding-bottom:8px}
 tbody.suspect>tr:first-child>td{border-bottom:none} small.nb{display:block;color:#666;font-size:11px}
 img.strip{max-width:100%;height:auto} .meta td{overflow-wrap:anywhere}
+iframe.map{width:100%;height:82vh;border:1px solid #ddd}
 .why small{display:block;color:#666} td.flag{text-align:center;color:#c00;font-weight:bold}
 """
 
@@ -189,6 +190,16 @@ def audit_html(
             sections.append(("leaks", "Leaks", issues_html.leaks_section(found, res.obs)))
         if "outlier" in wanted:
             sections.append(("outliers", "Outliers", issues_html.outliers_section(found, res.obs, top)))
+    if getattr(res, "map_page", ""):  # the embedding map's own page, inline (srcdoc): the report stays one file
+        sections.append(
+            (
+                "map",
+                "Map",
+                "<p class=note>Every audited cell on a 2-D map of the first backbone (probes map); colour by audit "
+                "suspicion to see where the suspects sit.</p>"
+                f"<iframe class=map title='embedding map' srcdoc=\"{html.escape(res.map_page, quote=True)}\"></iframe>",
+            )
+        )
     notes = "".join(f"<li>{_esc(n)}</li>" for n in params.get("issue_notes", []))
     doc = f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>Audit: {_esc(params.get("dataset", ""))}</title>

@@ -35,6 +35,7 @@ class MapResult:
 
     points: pd.DataFrame
     params: dict[str, Any]
+    page: str = ""  # the self-contained map.html (written under out; the audit's Map tab embeds it)
     out: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -158,20 +159,21 @@ def embedding_map(
         "thumbnails": len(sample),
         "k": int(k),
     }
-    res = MapResult(points, params)
+    from probes.reporting.map_html import map_html
+
+    res = MapResult(points, params, map_html(points, sample, nbrs, sims, params))
     if out is not None:
-        from probes.reporting.map_html import map_html, map_png
+        from probes.reporting.map_html import map_png
         from probes.reporting.tables import prepare_out, write_files
 
         res.out = prepare_out(out)
-        page = map_html(points, sample, nbrs, sims, params)
         res.files = write_files(
             res.out,
             tables={"map.csv": points},
             plots={"map.png": lambda p: map_png(points, p, title=f"{cells.dataset} · {params['feature_key']}")},
             documents={"map.json": params},
         )
-        (res.out / "map.html").write_text(page, encoding="utf-8")
+        (res.out / "map.html").write_text(res.page, encoding="utf-8")
         res.files["map.html"] = res.out / "map.html"
     return res
 

@@ -67,7 +67,8 @@ probes ensemble --store cache.zarr --seeds 1 --model $RES --heads knn,logistic,c
 probes calibrate --store cache.zarr --model $RES --probe logistic --split column --out cal -q
 probes selective --store cache.zarr --model $RES --probe logistic --target-accuracy 0.5 --confidence msp,margin \
     --split column --out sel -q
-probes audit --store cache.zarr --model $RES,timm:test_resnet --probes logistic,knn --folds 2 --seeds 1 --out audit -q
+probes audit --store cache.zarr --model $RES,timm:test_resnet --probes logistic,knn --folds 2 --seeds 1 --out audit -q --map
+grep -q "<iframe class=map" audit/report.html  # --map: the Map tab is in the report
 probes audit --store cache.zarr --model $RES --probes logistic,knn --folds 2 --seeds 1 --out-of-core always --out audit-ooc -q
 embedcache extract --model timm:test_vit $W --data manifest.csv --out dist.zarr --cluster local:2 -q
 probes scale --store dist.zarr --seeds 1 --model timm:test_vit --limits 4 --probes knn,logistic --split column \

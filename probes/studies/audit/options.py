@@ -71,6 +71,12 @@ class AuditOptions(Options):
     )
     top: int = option(50, "suspects in the report, contact sheet and corrections template", check=Interval(int, 1))
     html: bool = option(True, "write report.html", flags=("--html/--no-html",))
+    map_tab: bool = option(
+        False,
+        "add a Map tab to report.html: the first backbone's cells laid out by t-SNE (probes map), coloured by label "
+        "and audit suspicion, with thumbnails and neighbours (t-SNE adds ~5 s per 1,000 cells on two cores)",
+        flags=("--map/--no-map",),
+    )
     cache: str | os.PathLike | bool | None = option(
         None,
         "out-of-fold cache file (default: beside the store, <store>.embedcache/probes/audit-oof-<dataset>.parquet)",

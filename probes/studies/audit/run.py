@@ -81,6 +81,7 @@ class AuditResult(Saves):
     notes: list[str] = field(default_factory=list)  # what the audit could not do (e.g. write its cache)
     issues: Any = None  # probes.studies.audit.data_issues.DataIssues: duplicates, leaks, outliers (or None)
     issue_table: pd.DataFrame | None = None  # issues.csv: every issue audited, one row per cell
+    map_page: str = ""  # with map_tab: the embedding map's page, shown in report.html's Map tab
 
     def suspects(self, top: int = 50) -> pd.DataFrame:
         """The ``top`` most suspicious cells."""
@@ -406,6 +407,14 @@ def _audit(store: Any, model: str | Sequence[str], opts: StudyOptions, aopts: Au
         res.issues, notes = store_issues(cells, feats, wanted, aopts)
         res.params.update(duplicate_threshold=aopts.duplicate_threshold, outlier_k=aopts.outlier_k, issue_notes=notes)
     res.issue_table = issue_table(res.table if "label" in wanted else None, res.issues, res.obs)
+    if aopts.map_tab and aopts.html:  # the map of the first backbone, coloured by what the audit found
+        from probes.studies.embedding_map import embedding_map
+
+        b0 = cells.backbones[0]
+        suspicion = res.table[["id", "score"]] if "label" in wanted else None
+        res.map_page = embedding_map(
+            cells.store_url, cells.feature_key(b0), dataset=cells.dataset, pool=cells.pool_of(b0), suspicion=suspicion
+        ).page
     res.out = out
     res._writer = lambda folder: write_outputs(res, top=aopts.top, html=aopts.html)
     if out is not None:

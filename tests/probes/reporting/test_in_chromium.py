@@ -52,7 +52,9 @@ def browser():
 @pytest.fixture(scope="module")
 def pages(real_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("browser")
-    audit = probes.audit(real_store, MODEL, probes="knn", seeds=1, folds=3, top=40, out=out / "audit", cache=False)
+    audit = probes.audit(
+        real_store, MODEL, probes="knn", seeds=1, folds=3, top=40, out=out / "audit", cache=False, map_tab=True
+    )
     mapped = probes.embedding_map(real_store, MODEL, out=out / "map", thumbnails=80, k=5)
     return audit.files["report.html"], mapped.files["map.html"]
 
@@ -79,7 +81,7 @@ def test_report_fits_the_window_on_every_tab_with_no_script_error(browser, pages
     page, errors = _open(browser, report, width)
     tabs = page.locator("button.tab")
     names = [tabs.nth(i).inner_text() for i in range(tabs.count())]
-    assert names == ["Labels", "Duplicates", "Leaks", "Outliers"]
+    assert names == ["Labels", "Duplicates", "Leaks", "Outliers", "Map"]
     for i, name in enumerate(names):
         tabs.nth(i).click()
         assert _horizontal_overflow(page) <= 0, f"{name} tab scrolls sideways at {width} px"
@@ -115,17 +117,32 @@ def test_report_sorts_and_filters_in_the_browser(browser, pages):
     page.close()
 
 
+PAINTED = (
+    "(() => { const c = document.getElementById('map'), d = c.getContext('2d')"
+    ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
+    " for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; })()"
+)
+
+
 @pytest.mark.parametrize("width", WIDTHS)
-def test_map_draws_every_point_and_shows_a_clicked_cell(browser, pages, width):
+def test_map_draws_every_point_with_no_script_error(browser, pages, width):
     _, mapped = pages
     page, errors = _open(browser, mapped, width)
     assert _horizontal_overflow(page) <= 0
     assert page.locator("#legend span").count() == 13  # one entry per class
-    painted = page.evaluate(
-        "(() => { const c = document.getElementById('map'), d = c.getContext('2d')"
-        ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
-        " for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; })()"
-    )
-    assert painted > 1000  # the points are on the canvas
+    assert page.evaluate(PAINTED) > 1000  # the points are on the canvas
+    assert errors == []
+    page.close()
+
+
+def test_the_reports_map_tab_shows_the_map_coloured_by_suspicion(browser, pages):
+    report, _ = pages
+    page, errors = _open(browser, report, 1280)
+    page.locator("button.tab", has_text="Map").click()
+    frame = page.frame_locator("iframe.map")
+    options = frame.locator("#colour option").all_inner_texts()
+    assert "suspicion" in options and "label" in options
+    inner = next(f for f in page.frames if f != page.main_frame)
+    assert inner.evaluate(PAINTED) > 1000 and _horizontal_overflow(page) <= 0
     assert errors == []
     page.close()
