@@ -10,7 +10,7 @@ installed offline with their pip packages, mean pool (``--backbones random``: th
 Backbone sets: each alone and both combined.
 
 Noise protocols: ``uniform`` (a flipped cell gets any other class) and ``adjacent`` (a flipped cell gets a
-morphologically adjacent class, :data:`ADJACENT`), at ``--rates`` (10 % by default), three flip draws each.
+morphologically adjacent class, :data:`ADJACENT`), at ``--rates`` (5, 10 and 20 % by default), three flip draws each.
 For every (dataset, protocol, rate, draw) and backbone set:
 
 * **ours**: the audit's out-of-fold models (:func:`probes.audit_arrays`, 5 folds, group-aware on Chula's
@@ -464,7 +464,7 @@ def main() -> None:
     )
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--rates", default="0.1")
+    ap.add_argument("--rates", default="0.05,0.1,0.2")
     ap.add_argument("--kinds", default="uniform,adjacent")
     ap.add_argument("--flip-seeds", default="0,1,2", help="comma list: each draws its own flips; figures are averaged")
     ap.add_argument("--threads", type=int, default=1, help="threads of every fit, ours and scikit-learn's")
