@@ -84,11 +84,12 @@ PRECOND_ROWS_PER_FEATURE = 1.5  # precondition="auto": from this many rows per f
 
 
 def wants_preconditioner(setting: bool | str, n_rows: int, width: int) -> bool:
-    """Does a fit on ``n_rows`` x ``width`` features precondition? ``setting`` True / False, or ``"auto"``: only
-    from :data:`PRECOND_ROWS_PER_FEATURE` rows per feature on. Below that its eigen-decomposition costs more
-    than the iterations it saves: on 2,400 x 1,280 real EfficientNet-Lite features a C sweep took 0.90 s
-    preconditioned against 1.29 s plain, on 1,280 x 1,280 0.62 s against 0.52 s, at C = 1 on 640 x 1,280
-    0.11 s against 0.07 s (AVX-512 EPYC, 2 threads; benchmarks/probe_speed.py --sizes has the synthetic rows)."""
+    """Does a fit on ``n_rows`` x ``width`` features precondition? ``setting`` True / False, or ``"auto"`` (opt-in):
+    only from :data:`PRECOND_ROWS_PER_FEATURE` rows per feature on, where the eigen-decomposition costs less than
+    the iterations it saves (on 2,400 x 1,280 real EfficientNet-Lite features a C sweep took 0.90 s preconditioned
+    against 1.29 s plain; on 1,280 x 1,280 0.62 s against 0.52 s; AVX-512 EPYC, 2 threads). Not the default:
+    unpreconditioned fits on real features can stall in float32 before meeting the stopping rule (two of the
+    demo's four 665-cell fits did), which a preconditioned fit does not."""
     if setting == "auto":
         return n_rows >= PRECOND_ROWS_PER_FEATURE * width
     if isinstance(setting, bool):

@@ -55,8 +55,10 @@ class LogisticProbe(ScoresHead):
 
     ``precondition`` (torch backend): L-BFGS on eigen-preconditioned coordinates (see
     :mod:`probes.heads.lbfgs`); same objective and minimiser, fewer iterations; costs one eigen-decomposition
-    per fit (``d x d``, or ``n x n`` with fewer rows than features). ``"auto"`` (default): from 1.5 rows per
-    feature on, where it pays (:func:`probes.heads.lbfgs.wants_preconditioner`).
+    per fit (``d x d``, or ``n x n`` with fewer rows than features). ``"auto"``: only from 1.5 rows per feature
+    on (:func:`probes.heads.lbfgs.wants_preconditioner`): faster on small data, but without it the fits on real
+    features can stall in float32 before meeting the stopping rule (the demo's 665-cell sweep did), so the
+    default stays True.
 
     ``precision`` (torch backend): ``"float32"``; ``"bfloat16"``: each fit first runs on a bfloat16
     copy of the features (matmuls ~4x cheaper where bf16 is native) down to the stopping rule,
@@ -77,7 +79,7 @@ class LogisticProbe(ScoresHead):
         max_iter: int = 300,
         tol: float = 1e-4,
         backend: str = "auto",
-        precondition: bool | str = "auto",
+        precondition: bool | str = True,
         precision: str = "auto",
         patience: int | None = 2,
         select: str = "macro_f1",

@@ -44,7 +44,7 @@ def _external_scores(model, Xs: torch.Tensor, on_device: bool) -> torch.Tensor:
 class LinearSVMProbe(_StandardisedScores):
     """What ``LinearSVC(C)`` optimises (one-vs-rest squared hinge + L2, C=1 by default), on
     standardised features. ``backend="torch"`` (default): full-batch L-BFGS over all K classes at
-    once on the device (eigen-preconditioned when ``precondition`` says so: ``"auto"`` from 1.5 rows per
+    once on the device (eigen-preconditioned unless ``precondition`` is False; ``"auto"``: from 1.5 rows per
     feature on; see :mod:`probes.heads.lbfgs`).
 
     ``intercept_scaling``: None (default) leaves the intercept unpenalised; a number ``s``
@@ -63,7 +63,7 @@ class LinearSVMProbe(_StandardisedScores):
         max_iter: int = 300,
         tol: float = 1e-4,
         backend: str = "torch",
-        precondition: bool | str = "auto",
+        precondition: bool | str = True,
         intercept_scaling: float | None = None,
         seed: int = 0,
         device: str = "auto",

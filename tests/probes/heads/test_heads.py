@@ -636,7 +636,7 @@ def test_fewer_rows_than_features_precondition_on_their_span_to_the_same_optimum
         assert softmax_gradient_max(W, b, Xs, codes, 1.0) < 1e-4, setting
         fits[setting] = softmax_objective(W, b, Xs, codes, 1.0)
     assert fits[True] == pytest.approx(fits[False], rel=1e-5)
-    # "auto" (the default) preconditions only from 1.5 rows per feature on, where it pays
+    # "auto" (opt-in) preconditions only from 1.5 rows per feature on, where it pays
     assert not wants_preconditioner("auto", len(X), X.shape[1]) and wants_preconditioner("auto", 96, 64)
     with pytest.raises(ValueError, match="precondition='yes'"):
         wants_preconditioner("yes", 10, 10)
