@@ -99,44 +99,19 @@ def wants_preconditioner(setting: bool | str, n_rows: int, width: int) -> bool:
 
 @dataclass
 class Preconditioner:
-    """``V`` (d, r), ``ev`` (r,): eigenvectors and eigenvalues of the feature covariance ``X^T X / n``
-    (estimated on at most ``max_rows`` rows: a preconditioner need not be exact). ``r = d``, or the rank of
-    the rows when they are fewer than the features (:meth:`of_rows`: L-BFGS then runs on their span)."""
+    """``V`` (d, d), ``ev`` (d,): eigenvectors and eigenvalues of the feature covariance ``X^T X / n``
+    (estimated on at most ``max_rows`` rows: a preconditioner need not be exact)."""
 
     V: torch.Tensor
     ev: torch.Tensor
 
     @classmethod
     def of(cls, XT: torch.Tensor, max_rows: int = 8192, seed: int = 0) -> Preconditioner:
-        """From the transposed features ``XT`` (d, n): every row when ``n <= max_rows`` (then, with fewer rows
-        than features, on their span: :meth:`of_rows`), else a seeded sample of ``max_rows``."""
+        """From the transposed features ``XT`` (d, n)."""
         cols = sample_columns(XT.shape[1], max_rows, seed)
         if cols is not None:
             XT = XT.index_select(1, cols.to(XT.device))
-            return cls.from_gram((XT @ XT.T).div_(XT.shape[1]))
-        return cls.of_rows(XT)
-
-    @classmethod
-    def of_rows(cls, XT: torch.Tensor, rel_eps: float = 1e-6) -> Preconditioner:
-        """From *all* the rows a fit will see, ``XT`` (d, n). With fewer rows than features (n < d) the
-        covariance has rank < d and its eigenvectors of non-zero eigenvalue come from the n x n Gram
-        ``X X^T / n`` (``V = X^T U diag(n ev)^-1/2``): an O(n^2 d + n^3) eigen-decomposition instead of
-        O(n d^2 + d^3), and L-BFGS runs on ``r <= n`` coordinates per class instead of ``d``. The minimiser
-        is unchanged: the L2-regularised weights lie in the span of the rows (``lam W = -X^T G`` at the
-        optimum), so restricting ``W`` to it loses nothing (directions of eigenvalue below ``rel_eps`` x the
-        largest, round-off of the rank, are dropped). Measured on 800 x 1,280 features (AVX-512 EPYC, 2
-        threads, benchmarks/probe_speed.py --sizes): the d x d decomposition alone took 0.17 s of a 0.4 s
-        fit at C = 1. Only valid when the fit's rows are among ``XT``'s (never for a sample of them)."""
-        d, n = XT.shape
-        if n >= d:
-            return cls.from_gram((XT @ XT.T).div_(n))
-        ev, U = torch.linalg.eigh((XT.T @ XT).div_(n))
-        keep = ev > rel_eps * ev.max().clamp_min(torch.finfo(ev.dtype).tiny)
-        ev, U = ev[keep], U[:, keep]
-        # float32 round-off leaves the columns of small eigenvalue slightly non-orthogonal: one QR restores an
-        # orthonormal basis of the same span (R is ~ the identity up to signs, kept so scales stay aligned)
-        Q, R = torch.linalg.qr((XT @ U).div_((ev * n).sqrt()))
-        return cls(Q * torch.sign(torch.diagonal(R)), ev)
+        return cls.from_gram((XT @ XT.T).div_(XT.shape[1]))
 
     @classmethod
     def from_gram(cls, gram: torch.Tensor) -> Preconditioner:
@@ -361,9 +336,8 @@ def fit_linear(
     else:
         P = Pt = s = None
         sb = 1.0
-    r = d if P is None else P.shape[1]  # coordinates per class: d, or the rank of the rows (Preconditioner.of_rows)
     if init is None:
-        Zt, c = torch.zeros(K, r, device=dev), torch.zeros(K, device=dev)
+        Zt, c = torch.zeros(K, d, device=dev), torch.zeros(K, device=dev)
     elif P is None:
         Zt, c = init.W.T.clone(), init.b.clone()
     else:  # Z = P^-1 W = diag(1/s) V^T W
@@ -372,7 +346,7 @@ def fit_linear(
     x = torch.cat([Zt.reshape(-1), c])
 
     def unpack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        Zt, c = x[: K * r].view(K, r), x[K * r :]
+        Zt, c = x[: K * d].view(K, d), x[K * d :]
         return (Zt if Pt is None else Zt @ Pt), c * sb
 
     evals = 0
@@ -393,7 +367,7 @@ def fit_linear(
 
     def gmax(g: torch.Tensor) -> float:
         """The largest gradient entry with respect to (W, b), from the one in the optimised coordinates."""
-        gZt, gc = g[: K * r].view(K, r), g[K * r :]
+        gZt, gc = g[: K * d].view(K, d), g[K * d :]
         if P is None:
             gWt = gZt
         else:
@@ -403,7 +377,7 @@ def fit_linear(
 
     if curvature is not None and curvature.lam is not None and curvature.S:
         dlam = lam - curvature.lam  # the L2 Hessian in these coordinates: lam s^2 on Z, lam_b sb^2 on c
-        z_part = (s * s).repeat(K) if s is not None else torch.ones(K * r, device=dev)
+        z_part = (s * s).repeat(K) if s is not None else torch.ones(K * d, device=dev)
         c_part = torch.full((K,), lam_b / lam * sb * sb if lam else 0.0, device=dev)
         curvature.shift(dlam * torch.cat([z_part, c_part]))
     n_iter = 0

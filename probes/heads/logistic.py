@@ -54,8 +54,8 @@ class LogisticProbe(ScoresHead):
     ``Cs``) is used. ``C_`` is the choice, ``val_f1_`` the sweep's scores (macro-F1, or minus the log-loss).
 
     ``precondition`` (torch backend): L-BFGS on eigen-preconditioned coordinates (see
-    :mod:`probes.heads.lbfgs`); same objective and minimiser, fewer iterations; costs one eigen-decomposition
-    per fit (``d x d``, or ``n x n`` with fewer rows than features). ``"auto"``: only from 1.5 rows per feature
+    :mod:`probes.heads.lbfgs`); same objective and minimiser, fewer iterations; costs one
+    ``d x d`` eigen-decomposition per fit. ``"auto"``: only from 1.5 rows per feature
     on (:func:`probes.heads.lbfgs.wants_preconditioner`): faster on small data, but without it the fits on real
     features can stall in float32 before meeting the stopping rule (the demo's 665-cell sweep did), so the
     default stays True.
@@ -194,12 +194,7 @@ class LogisticProbe(ScoresHead):
             XT_s = standardized_t(
                 read_rows(X, order if cols is None else order[cols.numpy()]), self.mean_, self.scale_, dev
             )
-            # every row (the sweep's and the refit's): with fewer rows than features, on their span
-            pc = (
-                Preconditioner.of_rows(XT_s)
-                if cols is None
-                else Preconditioner.from_gram((XT_s @ XT_s.T).div_(len(cols)))
-            )
+            pc = Preconditioner.from_gram((XT_s @ XT_s.T).div_(XT_s.shape[1]))
             del XT_s
         bf16 = torch_fit and self._use_bf16(X.shape[1] * len(X), dev)
         self.precision_ = "bfloat16" if bf16 else "float32"
