@@ -14,7 +14,9 @@ stays small at 100,000 cells.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,15 @@ class MapResult:
 
     points: pd.DataFrame
     params: dict[str, Any]
-    page: str = ""  # the self-contained map.html (written under out; the audit's Map tab embeds it)
     out: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    build_page: Callable[[], str] | None = field(default=None, repr=False)
+
+    @cached_property
+    def page(self) -> str:
+        """The self-contained map.html (written under out; the audit's Map tab embeds it), built on first use:
+        it reads the thumbnails' images."""
+        return self.build_page() if self.build_page is not None else ""
 
 
 def layout(x: np.ndarray, *, perplexity: float = 30.0, seed: int = 0, threads: int | None = None) -> np.ndarray:
@@ -161,7 +169,7 @@ def embedding_map(
     }
     from probes.reporting.map_html import map_html
 
-    res = MapResult(points, params, map_html(points, sample, nbrs, sims, params))
+    res = MapResult(points, params, build_page=lambda: map_html(points, sample, nbrs, sims, params))
     if out is not None:
         from probes.reporting.map_html import map_png
         from probes.reporting.tables import prepare_out, write_files
